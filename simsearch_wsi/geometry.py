@@ -1,0 +1,126 @@
+"""Coordinate frames and the conversions between them. The only module that converts frames.
+
+Frames used across the project, and the suffix a name carries for each:
+
+``_l0``
+    level-0 pixels of an image (what QuPath and OpenSlide use), origin top-left, x right, y down.
+``_lvl``
+    pixels of one pyramid level ``k``; ``x_l0 = x_lvl * downsample_x[k]``.
+``_um``
+    micrometres; ``x_um = x_l0 * mpp`` where ``mpp`` is level-0 micrometres per pixel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from simsearch_wsi.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BoxL0:
+    """An axis-aligned box in level-0 pixels: top-left corner plus size."""
+
+    x_l0: float
+    y_l0: float
+    width_l0: float
+    height_l0: float
+
+    @property
+    def x1_l0(self) -> float:
+        return self.x_l0 + self.width_l0
+
+    @property
+    def y1_l0(self) -> float:
+        return self.y_l0 + self.height_l0
+
+    @property
+    def center_l0(self) -> tuple[float, float]:
+        return (self.x_l0 + self.width_l0 / 2.0, self.y_l0 + self.height_l0 / 2.0)
+
+    def intersects(self, other: BoxL0) -> bool:
+        """True when the two boxes share a region of positive area."""
+        return (
+            self.x_l0 < other.x1_l0
+            and other.x_l0 < self.x1_l0
+            and self.y_l0 < other.y1_l0
+            and other.y_l0 < self.y1_l0
+        )
+
+
+def l0_to_lvl(value_l0: float, downsample: float) -> float:
+    """Convert a level-0 coordinate or length to level pixels (``value_l0 / downsample``)."""
+    return value_l0 / downsample
+
+
+def lvl_to_l0(value_lvl: float, downsample: float) -> float:
+    """Convert a level coordinate or length to level-0 pixels (``value_lvl * downsample``)."""
+    return value_lvl * downsample
+
+
+def l0_to_um(value_l0: float, mpp: float) -> float:
+    """Convert a level-0 length to micrometres given level-0 ``mpp`` (um per pixel)."""
+    return value_l0 * mpp
+
+
+def um_to_l0(value_um: float, mpp: float) -> float:
+    """Convert micrometres to level-0 pixels given level-0 ``mpp`` (um per pixel)."""
+    return value_um / mpp
+
+
+def area_l0_to_um2(area_l0: float, mpp: float) -> float:
+    """Convert an area in square level-0 pixels to square micrometres."""
+    return area_l0 * mpp * mpp
+
+
+def lvl_to_l0_location(x_lvl: int, downsample: float) -> int:
+    """Integer level-0 coordinate that :meth:`ImageSource.read_region` maps back to ``x_lvl``.
+
+    ``read_region`` converts a level-0 location to level pixels with
+    ``floor(x_l0 / downsample + 0.5)``. For a non-integer downsample (e.g. 4.016) the naive
+    ``round(x_lvl * downsample)`` does not always survive that round trip, so this returns the
+    integer nearest to ``x_lvl * downsample`` among those that do.
+
+    Parameters
+    ----------
+    x_lvl
+        a coordinate (x or y) in pixels of a level; may be negative (a halo outside the image).
+    downsample
+        that level's downsample along the same axis (level-0 pixels per level pixel), >= 1.
+
+    Returns
+    -------
+    int
+        ``x_l0`` with ``floor(x_l0 / downsample + 0.5) == x_lvl``.
+    """
+    if not math.isfinite(downsample) or downsample < 1.0 - 1e-9:
+        raise ConfigError(
+            f"downsample {downsample!r} is below 1; only levels at or coarser than level 0 can "
+            "be addressed in level-0 pixels"
+        )
+    target = x_lvl * downsample
+    centre = round(target)
+    candidates = [
+        c for c in range(centre - 2, centre + 3) if math.floor(c / downsample + 0.5) == x_lvl
+    ]
+    if not candidates:  # pragma: no cover - impossible for downsample >= 1
+        raise ConfigError(f"no level-0 coordinate maps to level coordinate {x_lvl}")
+    return min(candidates, key=lambda c: (abs(c - target), c))
+
+
+# Plausible range for a microscope pixel size. TIFF files written by generic tools often carry
+# 72 or 96 dpi display defaults (352.8 or 264.6 um/px) that are not a calibration.
+MPP_PLAUSIBLE_RANGE_UM = (0.01, 100.0)
+
+
+def validate_mpp(mpp: float, *, source: str) -> float:
+    """Return ``mpp`` as a float, or raise :class:`ConfigError` naming ``source``."""
+    value = float(mpp)
+    lo, hi = MPP_PLAUSIBLE_RANGE_UM
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ConfigError(
+            f"{source}: pixel size {mpp!r} um/px is outside the plausible range {lo}..{hi} um/px; "
+            "pass the pixel size in micrometres per pixel (e.g. --mpp 0.5 for a 20x scan)"
+        )
+    return value

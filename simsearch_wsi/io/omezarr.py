@@ -1,0 +1,296 @@
+"""OME-Zarr (OME-NGFF) multiscale images: versions 0.1-0.4 on Zarr v2 and 0.5 on Zarr v3.
+
+Each NGFF version family is one small class with ``matches(attrs)`` and ``parse(attrs)``; the
+reader picks the first that matches, so a new version is one new class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from simsearch_wsi.errors import CorruptImageError, MetadataError, UnsupportedFormatError
+from simsearch_wsi.geometry import validate_mpp
+from simsearch_wsi.io.base import (
+    ImageMetadata,
+    ImageSource,
+    bit_depth_of,
+    default_modality,
+    levels_from_shapes,
+)
+
+# Units allowed by NGFF for space axes, in micrometres.
+_UNIT_TO_UM = {
+    "angstrom": 1e-4,
+    "nanometer": 1e-3,
+    "micrometer": 1.0,
+    "micron": 1.0,
+    "millimeter": 1e3,
+    "centimeter": 1e4,
+    "meter": 1e6,
+}
+
+
+_Units = tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class Multiscale:
+    """The parts of NGFF ``multiscales[0]`` this project uses."""
+
+    version: str
+    axes: tuple[str, ...]
+    units: tuple[str | None, ...]
+    paths: tuple[str, ...]
+    scales: tuple[tuple[float, ...] | None, ...]
+    channel_labels: tuple[str, ...]
+
+
+class _NgffFormat:
+    """One NGFF version family: where its metadata lives and how axes are written."""
+
+    versions: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def ngff_attrs(cls, attrs: dict[str, Any]) -> dict[str, Any]:
+        return attrs
+
+    @classmethod
+    def matches(cls, attrs: dict[str, Any]) -> bool:
+        ngff = cls.ngff_attrs(attrs)
+        ms = ngff.get("multiscales")
+        if not isinstance(ms, list) or not ms:
+            return False
+        return str(ms[0].get("version", ngff.get("version", ""))) in cls.versions
+
+    @classmethod
+    def parse(cls, attrs: dict[str, Any], where: str) -> Multiscale:
+        ngff = cls.ngff_attrs(attrs)
+        ms = ngff["multiscales"][0]
+        version = str(ms.get("version", ngff.get("version", "")))
+        axes, units = cls.axes_of(ms, where)
+        datasets = ms.get("datasets")
+        if not isinstance(datasets, list) or not datasets:
+            raise MetadataError(f"{where}: OME-Zarr multiscales has no datasets")
+        global_scale = _scale_of(ms.get("coordinateTransformations"), len(axes))
+        scales = []
+        for ds in datasets:
+            s = _scale_of(ds.get("coordinateTransformations"), len(axes))
+            if s is not None and global_scale is not None:
+                s = tuple(a * b for a, b in zip(s, global_scale, strict=True))
+            scales.append(s)
+        omero = ngff.get("omero") or {}
+        labels = tuple(
+            str(ch.get("label", "")) for ch in omero.get("channels", []) if isinstance(ch, dict)
+        )
+        return Multiscale(
+            version=version,
+            axes=axes,
+            units=units,
+            paths=tuple(str(ds["path"]) for ds in datasets),
+            scales=tuple(scales),
+            channel_labels=labels,
+        )
+
+    @classmethod
+    def axes_of(cls, ms: dict[str, Any], where: str) -> tuple[tuple[str, ...], _Units]:
+        axes = ms.get("axes")
+        if not isinstance(axes, list):
+            raise MetadataError(f"{where}: OME-Zarr multiscales has no axes list")
+        names = tuple(str(a["name"]) if isinstance(a, dict) else str(a) for a in axes)
+        units = tuple(a.get("unit") if isinstance(a, dict) else None for a in axes)
+        return names, units
+
+
+class _Ngff01To02(_NgffFormat):
+    """0.1 and 0.2 have no axes metadata: the spec fixes them to (t, c, z, y, x)."""
+
+    versions = ("0.1", "0.2")
+
+    @classmethod
+    def axes_of(cls, ms: dict[str, Any], where: str) -> tuple[tuple[str, ...], _Units]:
+        return ("t", "c", "z", "y", "x"), (None,) * 5
+
+
+class _Ngff03To04(_NgffFormat):
+    """0.3 names axes as strings; 0.4 as objects with type and unit. Zarr v2, ``.zattrs``."""
+
+    versions = ("0.3", "0.4")
+
+
+class _Ngff05(_NgffFormat):
+    """0.5 and later on Zarr v3: metadata under the ``ome`` key of ``zarr.json`` attributes."""
+
+    versions = ("0.5", "0.6")
+
+    @classmethod
+    def ngff_attrs(cls, attrs: dict[str, Any]) -> dict[str, Any]:
+        ome = attrs.get("ome")
+        return ome if isinstance(ome, dict) else {}
+
+
+_FORMATS: tuple[type[_NgffFormat], ...] = (_Ngff05, _Ngff03To04, _Ngff01To02)
+
+
+def _scale_of(transforms: Any, n_axes: int) -> tuple[float, ...] | None:
+    if not isinstance(transforms, list):
+        return None
+    for t in transforms:
+        if isinstance(t, dict) and t.get("type") == "scale" and isinstance(t.get("scale"), list):
+            scale = tuple(float(v) for v in t["scale"])
+            return scale if len(scale) == n_axes else None
+    return None
+
+
+def ngff_attrs_kind(attrs: dict[str, Any]) -> str:
+    """Classify group attributes: ``image``, ``plate``, ``well``, ``bioformats2raw``, ``other``."""
+    ome = attrs.get("ome")
+    ngff: dict[str, Any] = ome if isinstance(ome, dict) else attrs
+    if "plate" in ngff:
+        return "plate"
+    if "well" in ngff:
+        return "well"
+    if "multiscales" in ngff:
+        return "image"
+    if "bioformats2raw.layout" in ngff:
+        return "bioformats2raw"
+    return "other"
+
+
+def open_zarr_group(path: Path) -> Any:
+    """Open a Zarr v2 or v3 group read-only, with a clear error when ``path`` is not one."""
+    import zarr
+
+    try:
+        return zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise UnsupportedFormatError(
+            f"{path}: directory is not a Zarr group (no .zgroup/.zattrs or zarr.json); "
+            "pass an OME-Zarr image or plate folder"
+        ) from exc
+
+
+class OmeZarrSource(ImageSource):
+    """An OME-Zarr multiscale image. The first time point and z plane are read."""
+
+    def __init__(self, path: Path) -> None:
+        group = open_zarr_group(path)
+        attrs = dict(group.attrs)
+        kind = ngff_attrs_kind(attrs)
+        series_note = ""
+        if kind == "plate":
+            raise UnsupportedFormatError(
+                f"{path}: is an OME-Zarr HCS plate, not an image; use open_plate() "
+                "(simsearch-wsi info shows its wells and fields)"
+            )
+        if kind == "well":
+            raise UnsupportedFormatError(
+                f"{path}: is an OME-Zarr plate well; open one of its fields, e.g. {path / '0'}"
+            )
+        if kind == "bioformats2raw":
+            n_series = sum(1 for k in group.group_keys() if k.isdigit())
+            if n_series == 0 or "0" not in group:
+                raise MetadataError(f"{path}: bioformats2raw layout without image series '0'")
+            series_note = f"bioformats2raw layout: opened series 0 of {n_series}"
+            group = group["0"]
+            attrs = dict(group.attrs)
+        fmt_cls = next((f for f in _FORMATS if f.matches(attrs)), None)
+        if fmt_cls is None:
+            if kind == "other":
+                raise UnsupportedFormatError(
+                    f"{path}: Zarr group has no OME-Zarr 'multiscales' metadata; "
+                    "pass the folder of an OME-Zarr image"
+                )
+            ms0 = (_Ngff05.ngff_attrs(attrs) or attrs).get("multiscales", [{}])[0]
+            raise MetadataError(
+                f"{path}: OME-Zarr version {ms0.get('version')!r} is not supported "
+                "(supported: 0.1-0.5)"
+            )
+        ms = fmt_cls.parse(attrs, str(path))
+        if "x" not in ms.axes or "y" not in ms.axes:
+            raise MetadataError(f"{path}: OME-Zarr axes {ms.axes} have no 'y' and 'x'")
+        try:
+            self._arrays = [group[p] for p in ms.paths]
+        except KeyError as exc:
+            raise CorruptImageError(f"{path}: multiscales dataset {exc} is missing") from exc
+        self._axes = ms.axes
+        iy, ix = ms.axes.index("y"), ms.axes.index("x")
+        self._ic = ms.axes.index("c") if "c" in ms.axes else None
+        shapes = [(int(a.shape[iy]), int(a.shape[ix])) for a in self._arrays]
+        n_channels = 1 if self._ic is None else int(self._arrays[0].shape[self._ic])
+        dtype = np.dtype(self._arrays[0].dtype)
+        mpp = _mpp_of(ms, str(path))
+        names = (
+            ms.channel_labels
+            if len(ms.channel_labels) == n_channels and all(ms.channel_labels)
+            else (
+                ("R", "G", "B")
+                if n_channels == 3 and dtype == np.uint8
+                else tuple(f"C{i}" for i in range(n_channels))
+            )
+        )
+        extra: dict[str, Any] = {"ngff_version": ms.version, "axes": "".join(ms.axes)}
+        if series_note:
+            extra["series"] = series_note
+        dropped = [a for a in ms.axes if a not in ("x", "y", "c")]
+        if dropped:
+            extra["dropped_axes"] = "".join(dropped)
+        meta = ImageMetadata(
+            format=f"ome-zarr-{ms.version}",
+            levels=levels_from_shapes(shapes),
+            dtype=dtype,
+            channel_names=tuple(names),
+            modality=default_modality(n_channels, dtype, tuple(names)),
+            mpp=mpp,
+            mpp_source="metadata" if mpp is not None else "unknown",
+            bit_depth=bit_depth_of(dtype),
+            extra=extra,
+        )
+        super().__init__(path, meta)
+
+    def _read_window(self, level: int, x0: int, y0: int, x1: int, y1: int) -> NDArray[Any]:
+        idx: list[Any] = []
+        for a in self._axes:
+            if a == "y":
+                idx.append(slice(y0, y1))
+            elif a == "x":
+                idx.append(slice(x0, x1))
+            elif a == "c":
+                idx.append(slice(None))
+            else:  # first time point / z plane (documented)
+                idx.append(0)
+        try:
+            raw = np.asarray(self._arrays[level][tuple(idx)])
+        except Exception as exc:  # codec and store errors come in many types
+            raise CorruptImageError(
+                f"{self.path}: could not read level {level} pixels x={x0}..{x1}, y={y0}..{y1} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        kept = [a for a in self._axes if a in ("y", "x", "c")]
+        if self._ic is None:
+            raw = raw[..., None]
+            kept.append("c")
+        order = [kept.index("y"), kept.index("x"), kept.index("c")]
+        return np.ascontiguousarray(np.transpose(raw, order))
+
+
+def _mpp_of(ms: Multiscale, where: str) -> float | None:
+    scale0 = ms.scales[0]
+    if scale0 is None:
+        return None
+    values = []
+    for axis in ("y", "x"):
+        i = ms.axes.index(axis)
+        unit = ms.units[i]
+        if unit is None or unit not in _UNIT_TO_UM:
+            return None
+        values.append(scale0[i] * _UNIT_TO_UM[unit])
+    mean = sum(values) / 2.0
+    try:
+        return validate_mpp(mean, source=where)
+    except Exception:
+        return None

@@ -1,0 +1,292 @@
+"""open_image / read_region / open_plate on synthetic files of every supported format."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from simsearch_wsi.errors import (
+    ConfigError,
+    CorruptImageError,
+    ImageNotFoundError,
+    PlateError,
+    RegionError,
+    SimSearchError,
+    UnsupportedFormatError,
+)
+from simsearch_wsi.io import ArraySource, ImageSource, is_plate, open_image, open_plate
+
+
+def _pool2(arr: np.ndarray, factor: int) -> np.ndarray:
+    h, w, c = arr.shape
+    h2, w2 = h // factor, w // factor
+    blocks = arr[: h2 * factor, : w2 * factor].reshape(h2, factor, w2, factor, c)
+    return blocks.astype(np.float64).mean(axis=(1, 3))
+
+
+# --- formats ------------------------------------------------------------------------------------
+def test_pyramidal_tiff(synthetic_slide: Any) -> None:
+    with open_image(synthetic_slide.path) as img:
+        assert img.dimensions == (synthetic_slide.width, synthetic_slide.height)
+        assert img.level_count == 3
+        assert img.level_downsamples == pytest.approx((1.0, 2.0, 4.0), rel=1e-3)
+        assert img.mpp == pytest.approx(synthetic_slide.mpp, rel=1e-3)
+        assert img.channel_names == ("R", "G", "B") and img.modality == "brightfield"
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_read_region_at_level_equals_downsampled_level0(synthetic_slide: Any, level: int) -> None:
+    """Issue 2: read_region at level k equals the downsampled level-0 region within tolerance."""
+    factor = 2**level
+    with open_image(synthetic_slide.path) as img:
+        x_l0, y_l0, size_lvl = 512, 384, 96
+        low = img.read_region((x_l0, y_l0), level, (size_lvl, size_lvl)).astype(np.float64)
+        full = img.read_region((x_l0, y_l0), 0, (size_lvl * factor, size_lvl * factor))
+        pooled = _pool2(full, factor)
+        assert low.shape == pooled.shape
+        # compression and resampling differ slightly; a misaligned read would be far off
+        assert np.abs(low - pooled).mean() < 4.0
+        shifted = _pool2(
+            img.read_region((x_l0 + 3 * factor, y_l0), 0, (size_lvl * factor, size_lvl * factor)),
+            factor,
+        )
+        assert np.abs(low - shifted).mean() > np.abs(low - pooled).mean()
+
+
+def test_fluorescence_ome_tiff(fluorescence_slide: Any) -> None:
+    with open_image(fluorescence_slide.path) as img:
+        assert img.format == "ome-tiff"
+        assert img.channel_names == ("DAPI", "GFP", "Cy5")
+        assert img.dtype == np.uint16 and img.bit_depth == 16
+        assert img.modality == "fluorescence"
+        assert img.mpp == pytest.approx(fluorescence_slide.mpp, rel=1e-3)
+        assert img.level_count == 2
+        region = img.read_region((0, 0), 0, (128, 96))
+        assert region.shape == (96, 128, 3)
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_image_versions(tmp_path: Path, version: str) -> None:
+    from simsearch_wsi.synthetic import write_ome_zarr_image
+
+    rng = np.random.default_rng(3)
+    cyx = rng.integers(0, 4000, size=(2, 300, 200), dtype=np.uint16)
+    path = write_ome_zarr_image(
+        tmp_path / f"img{version}.zarr",
+        cyx,
+        mpp=0.325,
+        channel_names=("DAPI", "GFP"),
+        version=version,
+        n_levels=2,
+    )
+    with open_image(path) as img:
+        assert img.format == f"ome-zarr-{version}"
+        assert img.dimensions == (200, 300)
+        assert img.level_count == 2
+        assert img.mpp == pytest.approx(0.325)
+        assert img.channel_names == ("DAPI", "GFP")
+        region = img.read_region((10, 20), 0, (50, 40))
+        np.testing.assert_array_equal(region, np.moveaxis(cyx[:, 20:60, 10:60], 0, -1))
+
+
+def test_plain_png_and_jpeg(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, size=(40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(rgb[:, :, 0]).save(tmp_path / "gray.png")
+    with open_image(tmp_path / "a.png") as png:
+        assert png.format == "png" and png.mpp is None
+        np.testing.assert_array_equal(png.read_region((0, 0), 0, (60, 40)), rgb)
+    with open_image(tmp_path / "a.jpg", mpp=0.5) as jpg:
+        assert jpg.format == "jpeg" and jpg.mpp == 0.5 and jpg.n_channels == 3
+    with open_image(tmp_path / "gray.png") as gray:
+        assert gray.n_channels == 1 and gray.modality == "fluorescence"
+
+
+def test_plain_16bit_tiff(tmp_path: Path) -> None:
+    arr = (np.arange(30 * 20, dtype=np.uint16).reshape(30, 20) * 50).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "plain.tif", arr)
+    with open_image(tmp_path / "plain.tif") as img:
+        assert img.dtype == np.uint16 and img.n_channels == 1
+        np.testing.assert_array_equal(img.read_region((0, 0), 0, (20, 30))[..., 0], arr)
+
+
+def test_plate_walks_every_field(synthetic_plate: Any) -> None:
+    assert is_plate(synthetic_plate.path)
+    plate = open_plate(synthetic_plate.path)
+    assert plate.rows == ("A", "B") and plate.columns == ("1", "2", "3")
+    assert len(plate.wells) == 6
+    fields = list(plate.fields())
+    assert len(fields) == 6 * 2  # two fields per well: not only the first one
+    assert {f.field_index for f in fields} == {0, 1}
+    ids = [f.image_id for f in fields]
+    assert len(set(ids)) == len(ids)
+    first, second = fields[0], fields[1]
+    with first.open() as a, second.open() as b:
+        assert a.channel_names == ("DAPI", "GFP")
+        assert not np.array_equal(a.read_level(0), b.read_level(0))
+
+
+# --- read_region semantics ----------------------------------------------------------------------
+@pytest.fixture()
+def ramp() -> ArraySource:
+    arr = np.arange(64 * 48 * 2, dtype=np.uint16).reshape(48, 64, 2)
+    return ArraySource(arr, n_levels=3, mpp=0.5)
+
+
+def test_padding_is_deterministic(ramp: ArraySource) -> None:
+    out = ramp.read_region((-10, -5), 0, (20, 10))
+    assert out.shape == (10, 20, 2)
+    assert np.all(out[:5] == 0) and np.all(out[:, :10] == 0)
+    np.testing.assert_array_equal(out[5:, 10:], ramp.read_level(0)[:5, :10])
+    again = ramp.read_region((-10, -5), 0, (20, 10), fill=7)
+    assert np.all(again[:5] == 7)
+
+
+def test_brightfield_pads_white() -> None:
+    img = ArraySource(np.zeros((10, 10, 3), np.uint8))
+    assert img.read_region((5, 5), 0, (10, 10))[9, 9].tolist() == [255, 255, 255]
+
+
+def test_level_location_is_level0(ramp: ArraySource) -> None:
+    lvl2 = ramp.read_level(2)
+    np.testing.assert_array_equal(ramp.read_region((8, 4), 2, (3, 2)), lvl2[1:3, 2:5])
+
+
+@pytest.mark.parametrize(
+    ("location", "level", "size", "message"),
+    [
+        ((0, 0), 0, (0, 10), "must be two positive integers"),
+        ((0, 0), 0, (-5, 10), "must be two positive integers"),
+        ((0, 0), 3, (10, 10), "level 3 does not exist"),
+        ((1000, 0), 0, (10, 10), "lies outside the image"),
+        ((-20, -20), 0, (10, 10), "lies outside the image"),
+    ],
+)
+def test_bad_regions(
+    ramp: ArraySource, location: tuple[int, int], level: int, size: tuple[int, int], message: str
+) -> None:
+    with pytest.raises(RegionError, match=message):
+        ramp.read_region(location, level, size)
+
+
+def test_read_allocates_only_the_region(synthetic_slide: Any) -> None:
+    """A read asks the backend for the in-bounds part of the region only."""
+    with open_image(synthetic_slide.path) as img:
+        seen: list[tuple[int, int, int, int, int]] = []
+        original = img._read_window
+
+        def spy(level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+            seen.append((level, x0, y0, x1, y1))
+            return original(level, x0, y0, x1, y1)
+
+        img._read_window = spy  # type: ignore[method-assign]
+        img.read_region((-16, 100), 1, (64, 32))
+        assert seen == [(1, 0, 50, 56, 82)]
+
+
+def test_sources_pickle_by_path(synthetic_slide: Any, ramp: ArraySource) -> None:
+    with open_image(synthetic_slide.path, mpp=0.4) as img:
+        clone: ImageSource = pickle.loads(pickle.dumps(img))
+        assert clone.mpp == 0.4 and clone.mpp_source == "user"
+        np.testing.assert_array_equal(
+            clone.read_region((100, 100), 0, (32, 32)), img.read_region((100, 100), 0, (32, 32))
+        )
+    clone_mem = pickle.loads(pickle.dumps(ramp))
+    np.testing.assert_array_equal(clone_mem.read_level(1), ramp.read_level(1))
+
+
+def test_shared_source_is_thread_safe(synthetic_slide: Any) -> None:
+    with open_image(synthetic_slide.path) as img:
+        locations = [(x, y) for x in range(0, 1536, 256) for y in range(0, 1024, 256)]
+        expected = {loc: img.read_region(loc, 0, (128, 128)) for loc in locations}
+        errors: list[str] = []
+
+        def worker(offset: int) -> None:
+            for loc in locations[offset:] + locations[:offset]:
+                if not np.array_equal(img.read_region(loc, 0, (128, 128)), expected[loc]):
+                    errors.append(f"mismatch at {loc}")
+
+        threads = [threading.Thread(target=worker, args=(i * 3,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+
+
+# --- bad input ----------------------------------------------------------------------------------
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageNotFoundError, match=r"nope\.svs: no such file"):
+        open_image(tmp_path / "nope.svs")
+    with pytest.raises(FileNotFoundError):  # also a builtin error
+        open_image(tmp_path / "nope.svs")
+
+
+def test_directory_that_is_not_ome_zarr(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedFormatError, match="not an OME-Zarr image"):
+        open_image(tmp_path)
+
+
+def test_zarr_group_without_multiscales(tmp_path: Path) -> None:
+    import zarr
+
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=2)
+    with pytest.raises(UnsupportedFormatError, match="no OME-Zarr 'multiscales'"):
+        open_image(tmp_path / "g.zarr")
+    with pytest.raises(PlateError, match="no OME-Zarr 'plate'"):
+        open_plate(tmp_path / "g.zarr")
+
+
+def test_unknown_bytes_and_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "x.svs").write_bytes(b"hello world, not an image" * 10)
+    with pytest.raises(UnsupportedFormatError, match="unrecognised file format"):
+        open_image(tmp_path / "x.svs")
+    (tmp_path / "empty.tif").write_bytes(b"")
+    with pytest.raises(CorruptImageError, match="empty or truncated"):
+        open_image(tmp_path / "empty.tif")
+
+
+def test_truncated_tiff(tmp_path: Path, synthetic_slide: Any) -> None:
+    """A TIFF cut in half fails with CorruptImageError, at open or at the first bad read."""
+    data = synthetic_slide.path.read_bytes()
+    cut = tmp_path / "truncated.tiff"
+    cut.write_bytes(data[: len(data) // 2])
+    with (
+        pytest.raises(CorruptImageError, match=r"truncated\.tiff: .*(truncated|corrupt)"),
+        open_image(cut) as img,
+    ):
+        for level in range(img.level_count):
+            img.read_level(level)
+
+
+def test_truncated_png(tmp_path: Path) -> None:
+    buf = tmp_path / "full.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)).save(buf)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(buf.read_bytes()[:200])
+    with pytest.raises(SimSearchError, match=r"cut\.png"):
+        open_image(cut)
+
+
+def test_bad_user_mpp(synthetic_slide: Any) -> None:
+    with pytest.raises(ConfigError, match="outside the plausible range"):
+        open_image(synthetic_slide.path, mpp=500.0)
+
+
+def test_plate_with_missing_well(tmp_path: Path, synthetic_plate: Any) -> None:
+    import shutil
+
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(synthetic_plate.path, broken)
+    shutil.rmtree(broken / "B" / "2")
+    with pytest.raises(PlateError, match="well 'B/2' is listed in the plate but missing"):
+        open_plate(broken)
