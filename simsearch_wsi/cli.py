@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from simsearch_wsi import __version__
-from simsearch_wsi.errors import SimSearchError
+from simsearch_wsi.errors import ConfigError, SimSearchError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -101,13 +102,158 @@ def _print_image(console: Any, info: dict[str, Any], indent: str) -> None:
         console.print(f"{indent}{key:<16} {value}", markup=False)
 
 
+# --- engine set-up (the CLI decides device, weights, cache folder) -----------------------------
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "simsearch_wsi" / "features"
+
+
+def _resolve_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def _build_search(args: argparse.Namespace) -> Any:
+    import torch
+
+    from simsearch_wsi.backbones import WeightsUnavailableError, build_trunk
+    from simsearch_wsi.featurecache import FeatureCache
+    from simsearch_wsi.features import FeatureExtractor
+    from simsearch_wsi.search import SearchSettings, SimSearch
+
+    hub_dir = Path(torch.hub.get_dir())
+    weights = args.weights
+    if weights == "auto":
+        try:
+            trunk, spec, info = build_trunk(args.backbone, "imagenet", cache_dir=hub_dir)
+        except WeightsUnavailableError:
+            trunk, spec, info = build_trunk(args.backbone, "random", seed=0)
+            print(
+                "simsearch-wsi: note: ImageNet weights not found in "
+                f"{hub_dir / 'checkpoints'}; using seeded random weights (suggestions are "
+                "weaker). Get them with --weights imagenet (needs internet) or pass "
+                "--weights PATH.",
+                file=sys.stderr,
+            )
+    else:
+        trunk, spec, info = build_trunk(
+            args.backbone, weights, seed=0, cache_dir=hub_dir, allow_download=weights == "imagenet"
+        )
+    device = _resolve_device(args.device)
+    extractor = FeatureExtractor(trunk, spec, info, device=device, autocast=not args.no_autocast)
+    cache = FeatureCache(Path(args.cache) if args.cache else _default_cache_dir())
+    channels = tuple(args.channels.split(",")) if args.channels else None
+    settings = SearchSettings(
+        tile_size=args.tile_size, batch_size=args.batch_size, channels=channels
+    )
+    return SimSearch(extractor, cache, settings)
+
+
+def _parse_thresholds(items: Sequence[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = float(value)
+        except ValueError:
+            raise ConfigError(
+                f"--threshold {item!r}: expected CLASS=VALUE, e.g. --threshold Tumor=0.6"
+            ) from None
+    return out
+
+
+def _patch_size_l0(args: argparse.Namespace, image: Any) -> float:
+    if args.patch_size_um is not None:
+        if image.mpp is None:
+            raise ConfigError(
+                f"{image.path}: --patch-size-um needs the pixel size; pass --mpp or use "
+                "--patch-size-px"
+            )
+        return float(args.patch_size_um / image.mpp)
+    return float(args.patch_size_px)
+
+
+# --- embed --------------------------------------------------------------------------------------
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from simsearch_wsi.io import open_image
+
+    search = _build_search(args)
+    console = _console()
+    with _progress() as progress:
+        for path in args.images:
+            with open_image(path, mpp=args.mpp) as img:
+                patch_l0 = _patch_size_l0(args, img)
+                spec, fmap = search.embed(img, patch_l0, progress=progress)
+                search.pool(spec, fmap, patch_l0, progress=progress)
+                h, w, d = fmap.shape
+                console.print(
+                    f"{path}: {w}x{h} cells x {d} features at level {spec.scale.level} "
+                    f"(resample {spec.scale.resample:.3g}), {int(fmap.computed.sum())}/"
+                    f"{fmap.computed.size} tiles embedded -> {fmap.path}",
+                    markup=False,
+                )
+    return EXIT_OK
+
+
+# --- suggest ------------------------------------------------------------------------------------
+def _cmd_suggest(args: argparse.Namespace) -> int:
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.qupath_geojson import read_annotations, write_feature_collection
+    from simsearch_wsi.search import prototypes_from_annotations
+
+    thresholds = _parse_thresholds(args.threshold)
+    annotations = read_annotations(args.annotations)
+    search = _build_search(args)
+    with open_image(args.image, mpp=args.mpp) as img:
+        prototypes = prototypes_from_annotations(annotations, img, where=str(args.annotations))
+        with _progress() as progress:
+            result = search.suggest(
+                img,
+                prototypes,
+                thresholds=thresholds,
+                n_background=args.background,
+                progress=progress,
+            )
+    write_feature_collection(args.out, result.geojson_features())
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console = _console()
+        counts = ", ".join(f"{c}: {n}" for c, n in summary["suggestions_per_class"].items())
+        console.print(
+            f"{args.out}: {counts}"
+            + (f", background: {len(result.background)}" if args.background else ""),
+            markup=False,
+        )
+        thr = ", ".join(f"{c}={v:.2f}" for c, v in result.thresholds.items())
+        console.print(
+            f"  thresholds {thr}; weights: {result.weights}; embed "
+            f"{result.seconds_embed:.1f} s, query {result.seconds_query:.2f} s",
+            markup=False,
+        )
+        for note in result.notes:
+            console.print(f"  note: {note}", markup=False)
+    return EXIT_OK
+
+
 # --- demo ---------------------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
     from simsearch_wsi.demo import run_demo
 
     console = _console()
+    if args.cache is None:  # keep the demo self-contained
+        args.cache = str(Path(args.out) / "feature_cache")
+    search = _build_search(args)
     with _progress() as progress:
-        result = run_demo(Path(args.out), seed=args.seed, progress=progress)
+        result = run_demo(Path(args.out), seed=args.seed, search=search, progress=progress)
     console.print(result.summary(), markup=False)
     return EXIT_OK
 
@@ -188,12 +334,121 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_info.set_defaults(func=_cmd_info)
 
+    engine = argparse.ArgumentParser(add_help=False)
+    g = engine.add_argument_group("engine")
+    g.add_argument(
+        "--weights",
+        default="auto",
+        help="trunk weights: auto (ImageNet from the torch cache, else seeded random), "
+        "imagenet (download if missing), random, or a .pth file (default: %(default)s)",
+    )
+    g.add_argument(
+        "--backbone", default="resnet18-l3", help="registered backbone (default: %(default)s)"
+    )
+    g.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)"
+    )
+    g.add_argument(
+        "--cache",
+        default=None,
+        help="feature cache folder (default: ~/.cache/simsearch_wsi/features)",
+    )
+    g.add_argument(
+        "--tile-size",
+        type=int,
+        default=1024,
+        help="tile side in analysis pixels, a multiple of 16 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=4, help="tiles per batch (default: %(default)s)"
+    )
+    g.add_argument(
+        "--no-autocast",
+        action="store_true",
+        help="run the trunk in float32 (default: bf16 on CPU, fp16 on CUDA)",
+    )
+    g.add_argument(
+        "--channels",
+        default=None,
+        help="comma-separated channel names or indices to use (default: all)",
+    )
+    g.add_argument(
+        "--mpp",
+        type=_positive_float,
+        default=None,
+        help="level-0 pixel size in um/px when the file has none",
+    )
+
+    p_embed = sub.add_parser(
+        "embed",
+        parents=[engine],
+        help="compute and cache dense features of images",
+        description="Fill the feature cache for each image (foreground tiles only) so that later "
+        "suggest calls with the same patch size answer without re-embedding.",
+    )
+    p_embed.add_argument("images", nargs="+", metavar="IMAGE")
+    size = p_embed.add_mutually_exclusive_group()
+    size.add_argument(
+        "--patch-size-px",
+        type=_positive_float,
+        default=64.0,
+        help="expected prototype size in level-0 pixels; fixes the analysis scale "
+        "(default: %(default)s)",
+    )
+    size.add_argument(
+        "--patch-size-um",
+        type=_positive_float,
+        default=None,
+        help="expected prototype size in micrometres",
+    )
+    p_embed.set_defaults(func=_cmd_embed)
+
+    p_sug = sub.add_parser(
+        "suggest",
+        parents=[engine],
+        help="find patches similar to prototype rectangles",
+        description="Read QuPath annotations (classified rectangles are prototypes), find "
+        "similar patches on the image and write them as QuPath detections with 'similarity' and "
+        "'rank' measurements.",
+    )
+    p_sug.add_argument("image", metavar="IMAGE")
+    p_sug.add_argument(
+        "--annotations",
+        required=True,
+        metavar="IN.geojson",
+        help="QuPath GeoJSON export with the prototype rectangles",
+    )
+    p_sug.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT.geojson",
+        help="where to write the suggestions (QuPath detections)",
+    )
+    p_sug.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="CLASS=VALUE",
+        help="minimum similarity per class (repeatable; default 0.5)",
+    )
+    p_sug.add_argument(
+        "--background",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also propose N most and N least similar unlabelled patches as "
+        "'background' candidates",
+    )
+    p_sug.add_argument("--json", action="store_true", help="print a JSON summary")
+    p_sug.set_defaults(func=_cmd_suggest)
+
     p_demo = sub.add_parser(
         "demo",
+        parents=[engine],
         help="run the pipeline on embedded data and report what it produced",
         description="Generate the embedded demo data (a synthetic H&E-like slide, scikit-image's "
         "IHC sample as a pyramidal TIFF, a fluorescence slide and an OME-Zarr plate) and run "
-        "every pipeline step that exists on it.",
+        "every pipeline step that exists on it, up to similarity search with prototypes.",
     )
     p_demo.add_argument("--out", default="demo_output", help="output folder (default: %(default)s)")
     p_demo.add_argument("--seed", type=int, default=0, help="seed for the synthetic data")

@@ -10,7 +10,10 @@ Inputs (all generated or shipped, nothing downloaded):
 * ``synthetic_plate.ome.zarr``: a 2 x 3-well OME-Zarr HCS plate, 2 fields per well.
 
 Steps per image: open, tissue/foreground mask, foreground tiles, intensity normalisation and the
-inter-channel correlation report; an overview PNG shows the mask and tiles.
+inter-channel correlation report; an overview PNG shows the mask and tiles. Then similarity search
+on the H&E slide: one prototype per class from the ground-truth GeoJSON (as a user would draw
+them), suggestions and background candidates written as QuPath GeoJSON and scored against the
+ground truth.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from numpy.typing import NDArray
 from simsearch_wsi.atomic import atomic_path, write_json_atomic
 from simsearch_wsi.io import ImageSource, open_image, open_plate
 from simsearch_wsi.preprocess import channel_correlation, fit_normalization
+from simsearch_wsi.qupath_geojson import read_annotations, write_feature_collection
+from simsearch_wsi.search import SimSearch, SuggestResult, prototypes_from_annotations
 from simsearch_wsi.synthetic import (
     make_fluorescence_slide,
     make_synthetic_plate,
@@ -118,8 +123,39 @@ def _n_grid(image: ImageSource) -> int:
     return (-(-w // TILE_SIZE)) * (-(-h // TILE_SIZE))
 
 
-def run_demo(out_dir: Path, *, seed: int = 0, progress: ProgressFn | None = None) -> DemoResult:
-    """Generate the embedded inputs under ``out_dir/data`` and run the pipeline on them."""
+def _score(
+    result: SuggestResult, truth: dict[str, list[tuple[float, float]]], radius_l0: float
+) -> dict[str, tuple[int, int, int]]:
+    """(true positives, suggestions, ground-truth objects) per class; a suggestion is a true
+    positive when its centre is within ``radius_l0`` of an unmatched object of its class."""
+    out = {}
+    for cls, centres in truth.items():
+        mine = sorted(
+            (s for s in result.suggestions if s.class_name == cls), key=lambda s: -s.similarity
+        )
+        used: set[int] = set()
+        for s in mine:
+            cx, cy = s.box.center_l0
+            d = [float(np.hypot(cx - x, cy - y)) for x, y in centres]
+            k = int(np.argmin(d)) if d else -1
+            if k >= 0 and d[k] <= radius_l0 and k not in used:
+                used.add(k)
+        out[cls] = (len(used), len(mine), len(centres))
+    return out
+
+
+def run_demo(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    search: SimSearch | None = None,
+    progress: ProgressFn | None = None,
+) -> DemoResult:
+    """Generate the embedded inputs under ``out_dir/data`` and run the pipeline on them.
+
+    ``search`` (weights, device and cache chosen by the caller) enables the similarity-search
+    step; without it only the I/O, masks, tiles and normalisation steps run.
+    """
     from skimage import data as skdata
 
     t0 = time.perf_counter()
@@ -127,14 +163,16 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: ProgressFn | None = None
     data_dir = out_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     result = DemoResult(out_dir=out_dir)
-    steps = ["inputs", "synthetic_he", "skimage_ihc", "synthetic_fluo", "plate"]
+    steps = ["inputs", "synthetic_he", "skimage_ihc", "synthetic_fluo", "plate", "suggest"]
     report = progress or (lambda stage, done, total: None)
 
     report("demo", 0, len(steps))
     slide = make_synthetic_slide(data_dir / "synthetic_he.tiff", seed=seed)
     result.files["synthetic H&E slide"] = slide.path
-    result.files["its prototypes (QuPath GeoJSON)"] = data_dir / "synthetic_he.ground_truth.geojson"
-    slide.to_geojson(result.files["its prototypes (QuPath GeoJSON)"])
+    result.files["its ground truth (QuPath GeoJSON)"] = (
+        data_dir / "synthetic_he.ground_truth.geojson"
+    )
+    slide.to_geojson(result.files["its ground truth (QuPath GeoJSON)"])
     result.files["its ground truth (CSV)"] = slide.to_csv(
         data_dir / "synthetic_he.ground_truth.csv"
     )
@@ -185,6 +223,9 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: ProgressFn | None = None
         f"fields; plate-wide intensity range {ranges}"
     )
     report("demo", 5, len(steps))
+    if search is not None:
+        _demo_suggest(search, slide, data_dir, out_dir, result, progress)
+    report("demo", 6, len(steps))
     result.seconds = time.perf_counter() - t0
     write_json_atomic(
         out_dir / "demo_summary.json",
@@ -196,3 +237,61 @@ def run_demo(out_dir: Path, *, seed: int = 0, progress: ProgressFn | None = None
     )
     result.files["summary"] = out_dir / "demo_summary.json"
     return result
+
+
+def _demo_suggest(
+    search: SimSearch,
+    slide: Any,
+    data_dir: Path,
+    out_dir: Path,
+    result: DemoResult,
+    progress: ProgressFn | None,
+) -> None:
+    """The user's first loop on the H&E slide: one prototype per class -> suggestions."""
+    gt_path = data_dir / "synthetic_he.ground_truth.geojson"
+    annotations = read_annotations(gt_path)
+    firsts: dict[str, Any] = {}
+    for a in annotations:
+        if a.class_name and a.class_name not in firsts:
+            firsts[a.class_name] = a
+    proto_path = write_feature_collection(
+        data_dir / "synthetic_he.prototypes.geojson",
+        [
+            {
+                "type": "Feature",
+                "id": a.id,
+                "properties": a.properties,
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [
+                        [
+                            [a.box.x_l0, a.box.y_l0],
+                            [a.box.x1_l0, a.box.y_l0],
+                            [a.box.x1_l0, a.box.y1_l0],
+                            [a.box.x_l0, a.box.y1_l0],
+                            [a.box.x_l0, a.box.y_l0],
+                        ]
+                    ],
+                },
+            }
+            for a in firsts.values()
+        ],
+    )
+    result.files["prototypes (QuPath GeoJSON)"] = proto_path
+    with open_image(slide.path) as img:
+        protos = prototypes_from_annotations(list(firsts.values()), img, where=str(proto_path))
+        found = search.suggest(img, protos, n_background=5, progress=progress)
+    out = write_feature_collection(
+        out_dir / "synthetic_he.suggestions.geojson", found.geojson_features()
+    )
+    result.files["suggestions (QuPath detections)"] = out
+    truth = {c: [o.center_l0 for o in slide.objects_of(c)[1:]] for c in slide.classes}
+    scores = _score(found, truth, radius_l0=max(p.box.width_l0 for p in protos) / 2)
+    parts = ", ".join(
+        f"{c} {tp}/{n_truth} found, {tp}/{n} correct" for c, (tp, n, n_truth) in scores.items()
+    )
+    result.findings.append(
+        f"suggest on synthetic_he (1 prototype per class, threshold "
+        f"{min(found.thresholds.values()):.2f}): {parts}; embed {found.seconds_embed:.1f} s, "
+        f"query {found.seconds_query:.2f} s; weights: {found.weights}"
+    )

@@ -74,3 +74,131 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "usage: simsearch-wsi" in capsys.readouterr().err
+
+
+# --- embed / suggest ----------------------------------------------------------------------------
+def _one_prototype_per_class(slide: Any, path: Path) -> Path:
+    doc = slide.to_geojson()
+    seen: set[str] = set()
+    feats = []
+    for f in doc["features"]:
+        name = f["properties"]["classification"]["name"]
+        if name not in seen:
+            seen.add(name)
+            feats.append(f)
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return path
+
+
+def test_embed_then_suggest(
+    synthetic_slide: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    common = ["--weights", "random", "--cache", str(cache), "--tile-size", "512"]
+    assert main(["embed", str(synthetic_slide.path), "--patch-size-px", "39", *common]) == 0
+    out = capsys.readouterr().out
+    assert "tiles embedded" in out and len(list(cache.glob("*.zarr"))) == 1
+    protos = _one_prototype_per_class(synthetic_slide, tmp_path / "protos.geojson")
+    result_path = tmp_path / "suggestions.geojson"
+    assert (
+        main(
+            [
+                "suggest",
+                str(synthetic_slide.path),
+                "--annotations",
+                str(protos),
+                "--out",
+                str(result_path),
+                "--threshold",
+                "ring=0.6",
+                "--background",
+                "3",
+                "--json",
+                *common,
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["thresholds"]["ring"] == 0.6 and summary["thresholds"]["cluster"] == 0.5
+    assert summary["seconds_embed"] < 2.0  # the cached map was reused
+    assert len(list(cache.glob("*.zarr"))) == 1
+    doc = json.loads(result_path.read_text())
+    names = {f["properties"]["classification"]["name"] for f in doc["features"]}
+    assert {"ring", "background"} <= names
+    assert (
+        sum(1 for f in doc["features"] if f["properties"]["classification"]["name"] == "background")
+        == 6
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"type": "FeatureCollection", "features": []}', "no prototypes found"),
+        (
+            '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
+            "[[[5000,5000],[5050,5000],[5050,5050],[5000,5050],[5000,5000]]]}, "
+            '"properties": {"objectType": "annotation", "classification": {"name": "A", '
+            '"color": [1,2,3]}}}',
+            "is not inside the image",
+        ),
+        (
+            '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
+            "[[[50,50],[50,50],[50,90],[50,90],[50,50]]]}, "
+            '"properties": {"objectType": "annotation", "classification": "A"}}',
+            "zero area",
+        ),
+    ],
+    ids=["malformed", "empty", "outside", "zero-area"],
+)
+def test_suggest_bad_annotations(
+    synthetic_slide: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str,
+    message: str,
+) -> None:
+    ann = tmp_path / "in.geojson"
+    ann.write_text(content)
+    out = tmp_path / "out.geojson"
+    code = main(
+        [
+            "suggest",
+            str(synthetic_slide.path),
+            "--annotations",
+            str(ann),
+            "--out",
+            str(out),
+            "--weights",
+            "random",
+            "--cache",
+            str(tmp_path / "c"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err
+    assert err.strip().count("\n") == 0
+    assert not out.exists()  # nothing written
+
+
+def test_bad_threshold_syntax(
+    synthetic_slide: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    protos = _one_prototype_per_class(synthetic_slide, tmp_path / "p.geojson")
+    code = main(
+        [
+            "suggest",
+            str(synthetic_slide.path),
+            "--annotations",
+            str(protos),
+            "--out",
+            str(tmp_path / "o.geojson"),
+            "--threshold",
+            "ring:0.5",
+            "--weights",
+            "random",
+        ]
+    )
+    assert code == 1 and "expected CLASS=VALUE" in capsys.readouterr().err

@@ -1,0 +1,405 @@
+"""Dense feature maps: the trunk run once, fully convolutionally, over tiles of an image.
+
+Frames. Features live on the **analysis grid**: pixels of pyramid level ``scale.level`` further
+downsampled by ``scale.resample`` (1 when the level is used as is). Feature cell ``(i, j)``
+(row, column) covers analysis pixels ``[stride*i, stride*(i+1)) x [stride*j, stride*(j+1))``;
+``x_l0 = x_analysis * scale.downsample_x``.
+
+Tiling. Tile cores are ``tile_size`` analysis pixels (a multiple of the stride) starting at
+multiples of the stride, read with a halo of at least half the trunk's receptive field, so the
+stitched map equals one pass over the whole image away from the image border (tested). Every tile
+is read at full size (outside the image is padded by the reader), so tiles batch together.
+
+Channels. Brightfield RGB goes through the trunk as RGB. Any other channel count (1..N
+fluorescence channels) is encoded channel by channel with the same trunk (each channel as a grey
+image) and the per-channel features are concatenated, ``D = 256 * n_channels``: the Microsnoop idea
+of one shared encoder for any channel count, keeping which channel a pattern appeared in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import nn
+
+from simsearch_wsi.backbones import BackboneSpec, WeightsInfo
+from simsearch_wsi.errors import ConfigError, MetadataError
+from simsearch_wsi.geometry import lvl_to_l0_location
+from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.preprocess import ChannelNormalization, resolve_channels
+from simsearch_wsi.tissue import TissueMask
+
+ProgressFn = Callable[[str, int, int], None]
+
+FEATURE_FORMAT_VERSION = 1
+
+# The paper's patches were 48-72 px at the analysis scale; aim for the middle.
+TARGET_PATCH_PX = 64.0
+
+
+@dataclass(frozen=True)
+class AnalysisScale:
+    """Which pyramid level is read, and the extra resampling applied after reading."""
+
+    level: int
+    resample: float
+    downsample_x: float
+    downsample_y: float
+
+    @classmethod
+    def for_level(cls, image: ImageSource, level: int = 0, resample: float = 1.0) -> AnalysisScale:
+        if not 0 <= level < image.level_count:
+            raise ConfigError(
+                f"{image.path}: level {level} does not exist (0..{image.level_count - 1})"
+            )
+        if not resample >= 0.25:
+            raise ConfigError(f"resample must be >= 0.25 (4x upsampling), got {resample}")
+        lv = image.levels[level]
+        return cls(level, float(resample), lv.downsample_x * resample, lv.downsample_y * resample)
+
+    @classmethod
+    def for_patch(
+        cls, image: ImageSource, patch_size_l0: float, *, target_px: float = TARGET_PATCH_PX
+    ) -> AnalysisScale:
+        """Scale at which a patch of ``patch_size_l0`` level-0 pixels (its longer side) is about
+        ``target_px`` analysis pixels: the coarsest pyramid level not coarser than that, then
+        resampling for the rest (none when within 15 %). Patches smaller than ``target_px`` are
+        upsampled from level 0 (at most 4x): the trunk's 16-px stride is coarse for them."""
+        if not patch_size_l0 > 0:
+            raise ConfigError(f"patch size must be > 0 level-0 pixels, got {patch_size_l0}")
+        wanted = max(0.25, patch_size_l0 / target_px)
+        level = image.get_best_level_for_downsample(max(wanted, 1.0))
+        resample = wanted / image.levels[level].downsample
+        if abs(resample - 1.0) < 0.15:
+            resample = 1.0
+        return cls.for_level(image, level, resample)
+
+    def analysis_size(self, image: ImageSource) -> tuple[int, int]:
+        """(width, height) of the whole image on the analysis grid, in analysis pixels."""
+        lv = image.levels[self.level]
+        return (math.ceil(lv.width / self.resample), math.ceil(lv.height / self.resample))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "level": self.level,
+            "resample": self.resample,
+            "downsample_x": self.downsample_x,
+            "downsample_y": self.downsample_y,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnalysisScale:
+        try:
+            return cls(
+                int(d["level"]),
+                float(d["resample"]),
+                float(d["downsample_x"]),
+                float(d["downsample_y"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MetadataError(f"analysis scale record is incomplete: {d!r}") from exc
+
+
+def read_analysis_region(
+    image: ImageSource, scale: AnalysisScale, x_a: int, y_a: int, width_a: int, height_a: int
+) -> NDArray[Any]:
+    """Read analysis pixels ``[y_a, y_a+height_a) x [x_a, x_a+width_a)`` as (H, W, C).
+
+    Outside the image is padded by the reader. With ``resample > 1`` the covering level region
+    is read and resized with antialiasing (float32 result); otherwise the file's dtype.
+    """
+    lv = image.levels[scale.level]
+    r = scale.resample
+    if r == 1.0:
+        loc = (lvl_to_l0_location(x_a, lv.downsample_x), lvl_to_l0_location(y_a, lv.downsample_y))
+        return image.read_region(loc, scale.level, (width_a, height_a))
+    x0, y0 = math.floor(x_a * r), math.floor(y_a * r)
+    x1, y1 = math.ceil((x_a + width_a) * r), math.ceil((y_a + height_a) * r)
+    loc = (lvl_to_l0_location(x0, lv.downsample_x), lvl_to_l0_location(y0, lv.downsample_y))
+    raw = image.read_region(loc, scale.level, (x1 - x0, y1 - y0))
+    t = torch.from_numpy(raw.astype(np.float32)).permute(2, 0, 1)[None]
+    small = F.interpolate(
+        t, size=(height_a, width_a), mode="bilinear", antialias=True, align_corners=False
+    )
+    return small[0].permute(1, 2, 0).numpy()
+
+
+class FeatureExtractor:
+    """A trunk on a device, turning [0, 1] (N, H, W, C) batches into (N, D, H/s, W/s) features.
+
+    Parameters
+    ----------
+    trunk, spec, weights
+        from :func:`simsearch_wsi.backbones.build_trunk`.
+    device
+        where to run; the caller decides (the CLI's ``--device``).
+    autocast
+        run in bfloat16 (CPU) / float16 (CUDA) autocast. On CPU bf16 was measured 2.5-5x faster
+        than fp32 for this trunk and rank-preserving (docs/benchmarks.md).
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        spec: BackboneSpec,
+        weights: WeightsInfo,
+        *,
+        device: torch.device | str = "cpu",
+        autocast: bool = True,
+        channels_last: bool = True,
+    ) -> None:
+        self.device = torch.device(device)
+        self.spec = spec
+        self.weights = weights
+        self.autocast = autocast
+        self.channels_last = channels_last
+        self.trunk = trunk.to(self.device).eval()
+        if channels_last:
+            self.trunk = self.trunk.to(memory_format=torch.channels_last)
+        self._mean = torch.tensor(spec.input_mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(spec.input_std, device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def stride(self) -> int:
+        return self.spec.stride
+
+    def out_dim(self, n_channels: int, rgb: bool) -> int:
+        return self.spec.out_channels * (1 if rgb else n_channels)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        batch_nhwc: NDArray[Any],
+        *,
+        rgb: bool,
+        normalization: ChannelNormalization | None = None,
+    ) -> torch.Tensor:
+        """(N, H, W, C) pixels -> (N, D, H/stride, W/stride) float32 on the CPU.
+
+        With ``normalization`` the batch holds raw intensities (any dtype, sent to the device
+        as they are: uint8 moves 4x fewer bytes than float32) and is rescaled to [0, 1] there,
+        exactly as :meth:`ChannelNormalization.apply`; without it the batch is already [0, 1].
+        """
+        x = torch.from_numpy(np.ascontiguousarray(batch_nhwc)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float()  # N, C, H, W
+        n, c, h, w = x.shape
+        if normalization is not None:
+            low = torch.tensor(normalization.low, dtype=torch.float32, device=self.device)
+            span = torch.tensor(normalization.high, dtype=torch.float32, device=self.device) - low
+            # a flat channel (high <= low) becomes a step at low, as in apply()
+            scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.full_like(span, 1e30))
+            x = ((x - low.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)).clamp_(0.0, 1.0)
+        if rgb:
+            if c != 3:
+                raise ConfigError(f"RGB input needs 3 channels, got {c}")
+            x = (x - self._mean) / self._std
+        else:
+            # each channel as a grey image through the shared trunk (Microsnoop-style)
+            x = x.reshape(n * c, 1, h, w)
+            x = (x - self._mean.mean()) / self._std.mean()
+            x = x.expand(n * c, 3, h, w)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dev_type = self.device.type
+        dtype = torch.bfloat16 if dev_type == "cpu" else torch.float16
+        with torch.autocast(dev_type, dtype=dtype, enabled=self.autocast):
+            f = self.trunk(x)
+        f = f.float()
+        if not rgb:
+            f = f.reshape(n, c * f.shape[1], f.shape[2], f.shape[3])
+        out: torch.Tensor = f.contiguous().cpu()
+        return out
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything that determines a feature map besides the pixels: the cache key's parts."""
+
+    backbone: str
+    weights_identity: str
+    scale: AnalysisScale
+    normalization: ChannelNormalization
+    channels: tuple[str, ...]
+    rgb: bool
+    tile_size: int
+    halo: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": FEATURE_FORMAT_VERSION,
+            "backbone": self.backbone,
+            "weights": self.weights_identity,
+            "scale": self.scale.to_dict(),
+            "normalization": self.normalization.to_dict(),
+            "channels": list(self.channels),
+            "rgb": self.rgb,
+            "tile_size": self.tile_size,
+            "halo": self.halo,
+        }
+
+    def key(self, image_identity: str) -> str:
+        blob = json.dumps({"image": image_identity, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def make_feature_spec(
+    image: ImageSource,
+    extractor: FeatureExtractor,
+    scale: AnalysisScale,
+    normalization: ChannelNormalization,
+    *,
+    channels: Sequence[str | int] | None = None,
+    tile_size: int = 1024,
+) -> FeatureSpec:
+    """Validate and freeze the parameters of a feature map for ``image``."""
+    stride = extractor.stride
+    if tile_size <= 0 or tile_size % stride:
+        raise ConfigError(f"tile size must be a positive multiple of {stride}, got {tile_size}")
+    names = image.channel_names
+    idx = list(range(len(names))) if channels is None else resolve_channels(names, channels)
+    if normalization.n_channels != len(names):
+        raise ConfigError(
+            f"{image.path}: normalisation has {normalization.n_channels} channels, the image "
+            f"{len(names)}; fit it on images of this kind"
+        )
+    picked = tuple(names[i] for i in idx)
+    rgb = image.is_brightfield and len(idx) == 3
+    return FeatureSpec(
+        backbone=extractor.spec.name,
+        weights_identity=extractor.weights.identity,
+        scale=scale,
+        normalization=normalization.select(idx),
+        channels=picked,
+        rgb=rgb,
+        tile_size=tile_size,
+        halo=extractor.spec.halo,
+    )
+
+
+@dataclass(frozen=True)
+class GridTile:
+    """One tile on the analysis grid: core origin and size in analysis pixels."""
+
+    index_y: int
+    index_x: int
+    x_a: int
+    y_a: int
+    width_a: int
+    height_a: int
+
+
+def analysis_tiles(
+    image: ImageSource, spec: FeatureSpec, mask: TissueMask | None = None
+) -> tuple[list[GridTile], int, int]:
+    """Tiles of the analysis grid whose core touches the foreground, and the grid's tile counts
+    (n_tiles_y, n_tiles_x). Without a mask every tile is kept."""
+    width_a, height_a = spec.scale.analysis_size(image)
+    t = spec.tile_size
+    ny, nx = -(-height_a // t), -(-width_a // t)
+    tiles = []
+    for iy in range(ny):
+        for ix in range(nx):
+            x_a, y_a = ix * t, iy * t
+            w, h = min(t, width_a - x_a), min(t, height_a - y_a)
+            if mask is not None:
+                box = (
+                    x_a * spec.scale.downsample_x,
+                    y_a * spec.scale.downsample_y,
+                    w * spec.scale.downsample_x,
+                    h * spec.scale.downsample_y,
+                )
+                if mask.fraction_in_box(*box) <= 0.0:
+                    continue
+            tiles.append(GridTile(iy, ix, x_a, y_a, w, h))
+    return tiles, ny, nx
+
+
+def prepare_pixels(raw: NDArray[Any], spec: FeatureSpec, idx: list[int]) -> NDArray[Any]:
+    """Select the spec's channels of an (H, W, C) read, keeping the raw dtype; the extractor
+    normalises on the device (pass ``normalization=spec.normalization``)."""
+    return raw[..., idx] if len(idx) != raw.shape[2] else raw
+
+
+def embed_region(
+    image: ImageSource,
+    extractor: FeatureExtractor,
+    spec: FeatureSpec,
+    x_a: int,
+    y_a: int,
+    width_a: int,
+    height_a: int,
+) -> torch.Tensor:
+    """Features of one analysis region (sizes multiples of the stride) in a single pass,
+    read with the spec's halo: (D, height_a/stride, width_a/stride) float32."""
+    s, halo = extractor.stride, spec.halo
+    idx = resolve_channels(image.channel_names, list(spec.channels))
+    raw = read_analysis_region(
+        image, spec.scale, x_a - halo, y_a - halo, width_a + 2 * halo, height_a + 2 * halo
+    )
+    feats = extractor(
+        prepare_pixels(raw, spec, idx)[None], rgb=spec.rgb, normalization=spec.normalization
+    )[0]
+    c = halo // s
+    return feats[:, c : c + height_a // s, c : c + width_a // s]
+
+
+def iter_tile_features(
+    image: ImageSource,
+    extractor: FeatureExtractor,
+    spec: FeatureSpec,
+    tiles: Sequence[GridTile],
+    *,
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+) -> Iterator[tuple[GridTile, torch.Tensor]]:
+    """Yield ``(tile, features)`` with features (D, ceil(h/stride), ceil(w/stride)) float32 for
+    each tile's core, computed in batches of full-size tiles.
+
+    The next batch is read and normalised in a background thread while the trunk runs on the
+    current one (decoders and torch release the GIL), so reading overlaps compute.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    s, halo, t = extractor.stride, spec.halo, spec.tile_size
+    idx = resolve_channels(image.channel_names, list(spec.channels))
+    c0 = halo // s
+    side = t + 2 * halo
+
+    def load(chunk: Sequence[GridTile]) -> NDArray[Any]:
+        return np.stack(
+            [
+                prepare_pixels(
+                    read_analysis_region(
+                        image, spec.scale, tl.x_a - halo, tl.y_a - halo, side, side
+                    ),
+                    spec,
+                    idx,
+                )
+                for tl in chunk
+            ]
+        )
+
+    batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
+    done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as pool:
+        pending = pool.submit(load, batches[0]) if batches else None
+        for n, chunk in enumerate(batches):
+            assert pending is not None
+            batch = pending.result()
+            pending = pool.submit(load, batches[n + 1]) if n + 1 < len(batches) else None
+            feats = extractor(batch, rgb=spec.rgb, normalization=spec.normalization)
+            for tl, f in zip(chunk, feats, strict=True):
+                hc, wc = -(-tl.height_a // s), -(-tl.width_a // s)
+                yield tl, f[:, c0 : c0 + hc, c0 : c0 + wc]
+            done += len(chunk)
+            if progress is not None:
+                progress("embedding tiles", done, len(tiles))

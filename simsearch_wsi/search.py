@@ -1,0 +1,319 @@
+"""Similarity search for one image: embed once (cached), then answer prototype queries cheaply.
+
+This is the orchestration layer the CLI and the server share. The first prototype of an
+experiment fixes the patch size (its level-0 width and height) and so the analysis scale; later
+prototypes of other sizes are embedded at the experiment's patch size, centred on their own box
+centre (their own size is not used).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.featurecache import FeatureCache, FeatureMap
+from simsearch_wsi.features import (
+    AnalysisScale,
+    FeatureExtractor,
+    FeatureSpec,
+    ProgressFn,
+    make_feature_spec,
+)
+from simsearch_wsi.geometry import BoxL0
+from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.preprocess import ChannelNormalization, fit_normalization
+from simsearch_wsi.qupath_geojson import Annotation, box_feature
+from simsearch_wsi.similarity import (
+    PatchGeometry,
+    PooledMap,
+    Prototype,
+    Standardizer,
+    Suggestion,
+    background_candidates,
+    embed_prototypes,
+    extract_suggestions,
+    pooled_map,
+    similarity_maps,
+)
+from simsearch_wsi.tissue import detect_foreground
+
+# Cosine similarity between standardised pooled vectors; a starting point the user moves.
+DEFAULT_THRESHOLD = 0.5
+BACKGROUND_CLASS = "background"
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Knobs of the search that do not change what a suggestion means."""
+
+    tile_size: int = 1024
+    batch_size: int = 4
+    standardize: bool = True
+    min_distance_fraction: float = 1.0
+    max_per_class: int = 500
+    channels: tuple[str, ...] | None = None
+
+
+@dataclass
+class SuggestResult:
+    """Suggestions for one image, with everything needed to reproduce them."""
+
+    image: str
+    classes: tuple[str, ...]
+    thresholds: dict[str, float]
+    suggestions: list[Suggestion]
+    background: list[Suggestion]
+    scale: AnalysisScale
+    geometry: PatchGeometry
+    feature_cache: str
+    weights: str
+    seconds_embed: float
+    seconds_query: float
+    notes: list[str] = field(default_factory=list)
+
+    def geojson_features(self) -> list[dict[str, Any]]:
+        """QuPath detections: class suggestions, then background candidates."""
+        feats = [
+            box_feature(
+                s.box,
+                class_name=s.class_name,
+                measurements={"similarity": s.similarity, "rank": s.rank},
+            )
+            for s in self.suggestions
+        ]
+        feats += [
+            box_feature(
+                s.box,
+                class_name=BACKGROUND_CLASS,
+                measurements={"similarity": s.similarity, "rank": s.rank},
+            )
+            for s in self.background
+        ]
+        return feats
+
+    def summary(self) -> dict[str, Any]:
+        per_class = {c: sum(1 for s in self.suggestions if s.class_name == c) for c in self.classes}
+        return {
+            "image": self.image,
+            "suggestions_per_class": per_class,
+            "background_candidates": len(self.background),
+            "thresholds": self.thresholds,
+            "analysis_scale": self.scale.to_dict(),
+            "patch": self.geometry.to_dict(),
+            "feature_cache": self.feature_cache,
+            "weights": self.weights,
+            "seconds_embed": round(self.seconds_embed, 3),
+            "seconds_query": round(self.seconds_query, 3),
+            "notes": self.notes,
+        }
+
+
+def prototypes_from_annotations(
+    annotations: Sequence[Annotation], image: ImageSource, *, where: str
+) -> list[Prototype]:
+    """Classified rectangle annotations are prototypes. Everything else is ignored.
+
+    Raises :class:`ConfigError` when there is none, or a prototype is empty or outside the image.
+    """
+    w0, h0 = image.dimensions
+    protos = []
+    for n, a in enumerate(annotations):
+        if a.object_type != "annotation" or not a.is_rectangle or not a.class_name:
+            continue
+        if a.box.width_l0 < 1 or a.box.height_l0 < 1:
+            raise ConfigError(
+                f"{where}: prototype {n} ({a.class_name}) has zero area; draw a rectangle "
+                "around an example"
+            )
+        inside = BoxL0(0, 0, w0, h0)
+        if not (
+            a.box.intersects(inside)
+            and a.box.x_l0 >= -0.5
+            and a.box.y_l0 >= -0.5
+            and a.box.x1_l0 <= w0 + 0.5
+            and a.box.y1_l0 <= h0 + 0.5
+        ):
+            raise ConfigError(
+                f"{where}: prototype {n} ({a.class_name}) at ({a.box.x_l0:.0f}, "
+                f"{a.box.y_l0:.0f}) size {a.box.width_l0:.0f}x{a.box.height_l0:.0f} is not inside "
+                f"the image ({w0}x{h0}); were the annotations drawn on another image?"
+            )
+        protos.append(Prototype(a.class_name, a.box))
+    if not protos:
+        raise ConfigError(
+            f"{where}: no prototypes found; draw classified rectangle annotations around examples "
+            "(classification set, rectangle tool) and export them"
+        )
+    return protos
+
+
+class SimSearch:
+    """Embed once, query many times (feature maps cached per image on disk)."""
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        cache: FeatureCache,
+        settings: SearchSettings | None = None,
+    ) -> None:
+        self.extractor = extractor
+        self.cache = cache
+        self.settings = settings or SearchSettings()
+
+    def normalization_for(self, image: ImageSource) -> ChannelNormalization:
+        """Brightfield: fixed 0..255; otherwise the paper's percentile rule on this image."""
+        return fit_normalization([image])
+
+    def feature_spec(
+        self,
+        image: ImageSource,
+        patch_size_l0: float,
+        *,
+        normalization: ChannelNormalization | None = None,
+    ) -> FeatureSpec:
+        scale = AnalysisScale.for_patch(image, patch_size_l0)
+        return make_feature_spec(
+            image,
+            self.extractor,
+            scale,
+            normalization or self.normalization_for(image),
+            channels=self.settings.channels,
+            tile_size=self.settings.tile_size,
+        )
+
+    def embed(
+        self,
+        image: ImageSource,
+        patch_size_l0: float,
+        *,
+        normalization: ChannelNormalization | None = None,
+        progress: ProgressFn | None = None,
+    ) -> tuple[FeatureSpec, FeatureMap]:
+        """The image's feature map at the scale for ``patch_size_l0``, from the cache or computed
+        over foreground tiles."""
+        spec = self.feature_spec(image, patch_size_l0, normalization=normalization)
+        if self.cache.contains(image, spec):
+            return spec, self.cache.open(image, spec)
+        mask = detect_foreground(image)
+        fmap = self.cache.get_or_compute(
+            image,
+            self.extractor,
+            spec,
+            mask=mask,
+            batch_size=self.settings.batch_size,
+            progress=progress,
+        )
+        return spec, fmap
+
+    def pool(
+        self,
+        spec: FeatureSpec,
+        fmap: FeatureMap,
+        patch_size_l0: float,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> PooledMap:
+        """Pool the map for square patches of ``patch_size_l0`` level-0 pixels (cached), so
+        that queries with prototypes of that size need no pooling."""
+        side_a = patch_size_l0 / spec.scale.downsample_x
+        geometry = PatchGeometry(side_a, side_a, self.extractor.stride)
+        return pooled_map(fmap, geometry, standardize=self.settings.standardize, progress=progress)
+
+    def suggest(
+        self,
+        image: ImageSource,
+        prototypes: Sequence[Prototype],
+        *,
+        thresholds: dict[str, float] | None = None,
+        n_background: int = 0,
+        avoid: Sequence[BoxL0] = (),
+        normalization: ChannelNormalization | None = None,
+        progress: ProgressFn | None = None,
+    ) -> SuggestResult:
+        """Suggestions per class (and optionally background candidates) for prototypes drawn on
+        ``image``. ``thresholds`` maps class -> minimum similarity (default
+        :data:`DEFAULT_THRESHOLD`); unknown class names are an error."""
+        if not prototypes:
+            raise ConfigError("no prototypes given: draw at least one classified rectangle")
+        classes = tuple(dict.fromkeys(p.class_name for p in prototypes))
+        if BACKGROUND_CLASS in classes:
+            raise ConfigError(
+                f"class name {BACKGROUND_CLASS!r} is reserved for background candidates; "
+                "rename that class"
+            )
+        thresholds = dict(thresholds or {})
+        unknown = set(thresholds) - set(classes)
+        if unknown:
+            raise ConfigError(
+                f"threshold given for unknown class(es) {sorted(unknown)}; classes of the "
+                f"prototypes: {list(classes)}"
+            )
+        used = {c: float(thresholds.get(c, DEFAULT_THRESHOLD)) for c in classes}
+        first = prototypes[0].box
+        t0 = time.perf_counter()
+        spec, fmap = self.embed(
+            image,
+            max(first.width_l0, first.height_l0),
+            normalization=normalization,
+            progress=progress,
+        )
+        t1 = time.perf_counter()
+        geometry = PatchGeometry(
+            first.width_l0 / spec.scale.downsample_x,
+            first.height_l0 / spec.scale.downsample_y,
+            self.extractor.stride,
+        )
+        std = Standardizer.of(fmap, self.settings.standardize)
+        vectors = embed_prototypes(
+            image, self.extractor, spec, geometry, prototypes, classes, standardize=std
+        )
+        extra = vectors.mean_vector()[None] if n_background else None
+        maps = similarity_maps(
+            fmap, geometry, vectors, extra_vectors=extra, standardize=self.settings.standardize
+        )
+        suggestions = extract_suggestions(
+            maps,
+            classes,
+            geometry,
+            spec,
+            thresholds=used,
+            min_distance_a=self.settings.min_distance_fraction * geometry.width_a,
+            max_per_class=self.settings.max_per_class,
+            exclude=prototypes,
+        )
+        background: list[Suggestion] = []
+        if n_background:
+            avoid_boxes = [p.box for p in prototypes] + [s.box for s in suggestions] + list(avoid)
+            background = background_candidates(
+                maps[len(classes)],
+                geometry,
+                spec,
+                n_high=n_background,
+                n_low=n_background,
+                avoid=avoid_boxes,
+            )
+        t2 = time.perf_counter()
+        notes = []
+        if len({(round(p.box.width_l0), round(p.box.height_l0)) for p in prototypes}) > 1:
+            notes.append(
+                "prototypes differ in size: the first one fixes the patch size "
+                f"({first.width_l0:.0f}x{first.height_l0:.0f} px); others are used at that size, "
+                "centred on their box"
+            )
+        return SuggestResult(
+            image=str(image.path),
+            classes=classes,
+            thresholds=used,
+            suggestions=suggestions,
+            background=background,
+            scale=spec.scale,
+            geometry=geometry,
+            feature_cache=str(fmap.path),
+            weights=self.extractor.weights.description,
+            seconds_embed=t1 - t0,
+            seconds_query=t2 - t1,
+            notes=notes,
+        )

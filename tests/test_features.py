@@ -1,0 +1,222 @@
+"""Dense features: seam-free tiling, analysis scale, channels, cache reuse/invalidation/resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from simsearch_wsi.backbones import build_trunk
+from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.featurecache import FeatureCache
+from simsearch_wsi.features import (
+    AnalysisScale,
+    FeatureExtractor,
+    embed_region,
+    make_feature_spec,
+)
+from simsearch_wsi.io import ArraySource, open_image
+from simsearch_wsi.preprocess import fit_normalization
+
+
+@pytest.fixture(scope="module")
+def extractor() -> FeatureExtractor:
+    trunk, spec, info = build_trunk(weights="random", seed=0)
+    return FeatureExtractor(trunk, spec, info, autocast=False)
+
+
+@pytest.fixture(scope="module")
+def he_crop(synthetic_slide: Any) -> ArraySource:
+    """A 640 x 512 crop of the synthetic H&E slide, in memory."""
+    with open_image(synthetic_slide.path) as img:
+        arr = img.read_region((256, 256), 0, (640, 512))
+    return ArraySource(arr, n_levels=2, mpp=0.5, path="he_crop")
+
+
+def test_tiled_map_equals_single_pass(
+    he_crop: ArraySource, extractor: FeatureExtractor, tmp_path: Path
+) -> None:
+    """Issue 3: stitched tiles equal one pass over the region, away from the image border."""
+    scale = AnalysisScale.for_level(he_crop, 0)
+    spec = make_feature_spec(he_crop, extractor, scale, fit_normalization([he_crop]), tile_size=128)
+    fmap = FeatureCache(tmp_path).get_or_compute(he_crop, extractor, spec)
+    assert fmap.shape == (512 // 16, 640 // 16, 256)
+    assert fmap.computed.all()
+    # one pass over an interior region far from the border (>= halo from every edge); with
+    # 128-px tiles (8 cells) the region's cells 8..32 x 8..24 span several tile seams
+    single = embed_region(he_crop, extractor, spec, 128, 128, 384, 256)
+    tiled = torch.from_numpy(fmap.read_cells(8, 24, 8, 32).astype(np.float32)).permute(2, 0, 1)
+    scale_ref = single.abs().max().item()
+    assert (single - tiled).abs().max().item() < 2e-3 * scale_ref + 1e-2  # float16 storage
+
+
+def test_analysis_scale_for_patch(synthetic_slide: Any) -> None:
+    with open_image(synthetic_slide.path) as img:  # levels with downsample 1, 2, 4
+        big = AnalysisScale.for_patch(img, 256)  # wants downsample 4 -> level 2 as is
+        assert (big.level, big.resample) == (2, 1.0)
+        mid = AnalysisScale.for_patch(img, 96)  # wants 1.5 -> level 0 resampled by 1.5
+        assert mid.level == 0 and mid.resample == pytest.approx(1.5)
+        small = AnalysisScale.for_patch(img, 32)  # wants 0.5 -> level 0 upsampled 2x
+        assert small.level == 0 and small.resample == pytest.approx(0.5)
+        near = AnalysisScale.for_patch(img, 70)  # within 15 % of 64: no resampling
+        assert (near.level, near.resample) == (0, 1.0)
+        assert 256 / big.downsample_x == pytest.approx(64)
+        with pytest.raises(ConfigError, match="patch size must be > 0"):
+            AnalysisScale.for_patch(img, 0)
+
+
+def test_resampled_features_match_the_pyramid_level(
+    synthetic_slide: Any, extractor: FeatureExtractor
+) -> None:
+    """Level 0 resampled by 2 approximates level 1 (same analysis grid, similar features)."""
+    with open_image(synthetic_slide.path) as img:
+        norm = fit_normalization([img])
+        s_level = make_feature_spec(img, extractor, AnalysisScale.for_level(img, 1), norm)
+        s_resampled = make_feature_spec(img, extractor, AnalysisScale.for_level(img, 0, 2.0), norm)
+        a = embed_region(img, extractor, s_level, 256, 256, 256, 256).flatten(1)
+        b = embed_region(img, extractor, s_resampled, 256, 256, 256, 256).flatten(1)
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=0)
+        assert cos.mean().item() > 0.95
+
+
+def test_fluorescence_channels_share_the_trunk(
+    fluorescence_slide: Any, extractor: FeatureExtractor
+) -> None:
+    with open_image(fluorescence_slide.path) as img:
+        norm = fit_normalization([img])
+        scale = AnalysisScale.for_level(img, 0)
+        spec_all = make_feature_spec(img, extractor, scale, norm)
+        assert not spec_all.rgb and spec_all.channels == ("DAPI", "GFP", "Cy5")
+        f_all = embed_region(img, extractor, spec_all, 256, 256, 128, 128)
+        assert f_all.shape[0] == 3 * 256
+        spec_gfp = make_feature_spec(img, extractor, scale, norm, channels=["GFP"])
+        f_gfp = embed_region(img, extractor, spec_gfp, 256, 256, 128, 128)
+        assert f_gfp.shape[0] == 256
+        # per-channel encoding: the GFP block of the full map is the GFP-only map
+        torch.testing.assert_close(f_all[256:512], f_gfp, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ConfigError, match=r"channel 'FITC' is unknown; available channels are"):
+            make_feature_spec(img, extractor, scale, norm, channels=["FITC"])
+
+
+def test_brightfield_rgb_is_one_trunk_pass(
+    he_crop: ArraySource, extractor: FeatureExtractor
+) -> None:
+    spec = make_feature_spec(
+        he_crop, extractor, AnalysisScale.for_level(he_crop, 0), fit_normalization([he_crop])
+    )
+    assert spec.rgb and spec.channels == ("R", "G", "B")
+    assert embed_region(he_crop, extractor, spec, 0, 0, 64, 64).shape == (256, 4, 4)
+
+
+class _CountingExtractor(FeatureExtractor):
+    calls = 0
+
+    def __call__(self, batch: Any, *, rgb: bool, normalization: Any = None) -> torch.Tensor:
+        type(self).calls += len(batch)
+        return super().__call__(batch, rgb=rgb, normalization=normalization)
+
+
+def test_cache_reuse_invalidation_and_resume(he_crop: ArraySource, tmp_path: Path) -> None:
+    trunk, spec_b, info = build_trunk(weights="random", seed=0)
+    ex = _CountingExtractor(trunk, spec_b, info, autocast=False)
+    cache = FeatureCache(tmp_path)
+    norm = fit_normalization([he_crop])
+    spec = make_feature_spec(he_crop, ex, AnalysisScale.for_level(he_crop, 0), norm, tile_size=256)
+    first = cache.get_or_compute(he_crop, ex, spec)
+    n_tiles = first.computed.size
+    assert _CountingExtractor.calls == n_tiles == 6
+    again = cache.get_or_compute(he_crop, ex, spec)  # reused: no trunk call
+    assert _CountingExtractor.calls == n_tiles and again.path == first.path
+    # another process sees the same entry (keyed by content for in-memory images)
+    assert FeatureCache(tmp_path).contains(
+        ArraySource(he_crop.read_level(0), n_levels=2, mpp=0.5, path="he_crop"), spec
+    )
+    # invalidated when a key part changes: level, weights, normalisation
+    other_level = make_feature_spec(
+        he_crop, ex, AnalysisScale.for_level(he_crop, 1), norm, tile_size=256
+    )
+    assert not cache.contains(he_crop, other_level)
+    trunk2, spec2, info2 = build_trunk(weights="random", seed=5)
+    ex2 = FeatureExtractor(trunk2, spec2, info2, autocast=False)
+    assert not cache.contains(
+        he_crop,
+        make_feature_spec(he_crop, ex2, AnalysisScale.for_level(he_crop, 0), norm, tile_size=256),
+    )
+    # resume: an interrupted run keeps its finished tiles
+    spec_r = make_feature_spec(
+        he_crop, ex, AnalysisScale.for_level(he_crop, 0), norm, tile_size=128
+    )
+    before = _CountingExtractor.calls
+
+    def stop_after_two(stage: str, done: int, total: int) -> None:
+        if done >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_or_compute(he_crop, ex, spec_r, batch_size=4, progress=stop_after_two)
+    assert not cache.contains(he_crop, spec_r)  # nothing complete under the final name
+    done_first = _CountingExtractor.calls - before
+    resumed = cache.get_or_compute(he_crop, ex, spec_r, batch_size=4)
+    total = resumed.computed.size
+    assert _CountingExtractor.calls - before == total  # no tile embedded twice
+    assert done_first == 8 < total
+    fresh = FeatureCache(tmp_path / "fresh").get_or_compute(he_crop, ex, spec_r)
+    np.testing.assert_array_equal(resumed.read(), fresh.read())
+
+
+def test_cache_invalidated_when_file_changes(tmp_path: Path, extractor: FeatureExtractor) -> None:
+    from simsearch_wsi.synthetic import make_synthetic_slide
+
+    path = tmp_path / "s.tiff"
+    make_synthetic_slide(path, width=512, height=384, n_per_class=1, seed=0)
+    cache = FeatureCache(tmp_path / "cache")
+    with open_image(path) as img:
+        spec = make_feature_spec(
+            img, extractor, AnalysisScale.for_level(img, 1), fit_normalization([img]), tile_size=256
+        )
+        cache.get_or_compute(img, extractor, spec)
+        assert cache.contains(img, spec)
+    make_synthetic_slide(path, width=512, height=384, n_per_class=1, seed=1)
+    with open_image(path) as img:
+        assert not cache.contains(img, spec)
+
+
+def test_foreground_only_tiles(
+    synthetic_slide: Any, extractor: FeatureExtractor, tmp_path: Path
+) -> None:
+    from simsearch_wsi.tissue import detect_foreground
+
+    with open_image(synthetic_slide.path) as img:
+        spec = make_feature_spec(
+            img, extractor, AnalysisScale.for_level(img, 2), fit_normalization([img]), tile_size=64
+        )
+        fmap = FeatureCache(tmp_path).get_or_compute(
+            img, extractor, spec, mask=detect_foreground(img)
+        )
+        assert 0 < fmap.computed.sum() < fmap.computed.size
+        skipped = np.argwhere(~fmap.computed)[0]
+        block = fmap.read_cells(
+            skipped[0] * 4, skipped[0] * 4 + 4, skipped[1] * 4, skipped[1] * 4 + 4
+        )
+        assert not block.any()  # never written
+
+
+def test_bf16_autocast_preserves_rankings(he_crop: ArraySource) -> None:
+    """bf16 autocast (the CPU default) ranks windows like fp32 (Spearman on pooled cosines)."""
+    from scipy.stats import spearmanr
+
+    trunk, spec_b, info = build_trunk(weights="random", seed=0)
+    fp32 = FeatureExtractor(trunk, spec_b, info, autocast=False)
+    bf16 = FeatureExtractor(trunk, spec_b, info, autocast=True)
+    norm = fit_normalization([he_crop])
+    spec = make_feature_spec(he_crop, fp32, AnalysisScale.for_level(he_crop, 0), norm)
+    a = embed_region(he_crop, fp32, spec, 0, 0, 640, 512).flatten(1)
+    b = embed_region(he_crop, bf16, spec, 0, 0, 640, 512).flatten(1)
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    query = a[:, 200]
+    rho = spearmanr((a * query[:, None]).sum(0).numpy(), (b * query[:, None]).sum(0).numpy())
+    assert rho.statistic > 0.98
