@@ -8,6 +8,7 @@ below it takes them as arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 from simsearch_wsi import __version__
 from simsearch_wsi.errors import ConfigError, SimSearchError
+from simsearch_wsi.qupath_geojson import REJECTED_CLASS
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -207,21 +209,48 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
     from simsearch_wsi.io import open_image
     from simsearch_wsi.qupath_geojson import read_annotations, write_feature_collection
     from simsearch_wsi.search import prototypes_from_annotations
+    from simsearch_wsi.session import Session
 
     thresholds = _parse_thresholds(args.threshold)
-    annotations = read_annotations(args.annotations)
+    if args.annotations is None and args.session is None:
+        raise ConfigError(
+            "suggest needs --annotations IN.geojson (prototypes), or --session DIR with saved "
+            "prototypes"
+        )
+    annotations = read_annotations(args.annotations) if args.annotations else []
+    session = Session.create(args.session, exist_ok=True) if args.session else None
     search = _build_search(args)
     with open_image(args.image, mpp=args.mpp) as img:
-        prototypes = prototypes_from_annotations(annotations, img, where=str(args.annotations))
+        prototypes = (
+            prototypes_from_annotations(annotations, img, where=str(args.annotations))
+            if args.annotations
+            else []
+        )
+        patch_size = None
+        if session is not None:
+            session.add_prototypes(img.path, prototypes)
+            session.set_thresholds(thresholds)
+            thresholds = session.thresholds
+            prototypes = session.all_prototypes()
+            patch_size = session.patch_size_l0
+            if not prototypes:
+                raise ConfigError(
+                    f"{args.session}: the session has no prototypes yet; pass --annotations"
+                )
         with _progress() as progress:
             result = search.suggest(
                 img,
                 prototypes,
                 thresholds=thresholds,
                 n_background=args.background,
+                avoid=session.labelled_boxes(img.path) if session else (),
+                patch_size_l0=patch_size,
                 progress=progress,
             )
     write_feature_collection(args.out, result.geojson_features())
+    if session is not None:
+        session.record_suggestions(result.image, result)
+        session.save()
     summary = result.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -241,6 +270,94 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
         )
         for note in result.notes:
             console.print(f"  note: {note}", markup=False)
+    return EXIT_OK
+
+
+# --- review / background / session -------------------------------------------------------------
+def _cmd_review(args: argparse.Namespace) -> int:
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.qupath_geojson import read_annotations
+    from simsearch_wsi.session import Session
+
+    session = Session.open(args.session)
+    annotations = read_annotations(args.annotations)
+    with open_image(args.image) as img:  # checks the image exists and is readable
+        report = session.ingest_review(img.path, annotations, source=str(args.annotations))
+    session.save()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return EXIT_OK
+    console = _console()
+    console.print(
+        f"{args.image}: approved {report.approved}, rejected {report.rejected}, relabelled "
+        f"{report.relabelled}, background {report.background}, not background "
+        f"{report.not_background}, new prototypes {report.new_prototypes}; below threshold "
+        f"{report.below_threshold}, unreviewed {report.unreviewed}, unchanged {report.unchanged}",
+        markup=False,
+    )
+    for conflict in report.conflicts:
+        console.print(
+            f"  conflict with an earlier review (the newer decision is kept): {conflict}",
+            markup=False,
+        )
+    return EXIT_OK
+
+
+def _cmd_background(args: argparse.Namespace) -> int:
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.qupath_geojson import write_feature_collection
+    from simsearch_wsi.session import Session
+
+    session = Session.open(args.session)
+    prototypes = session.all_prototypes()
+    if not prototypes:
+        raise ConfigError(f"{args.session}: the session has no prototypes yet; run suggest first")
+    search = _build_search(args)
+    with open_image(args.image, mpp=args.mpp) as img, _progress() as progress:
+        result = search.suggest(
+            img,
+            prototypes,
+            thresholds=session.thresholds,
+            n_background=args.n,
+            avoid=session.labelled_boxes(img.path),
+            patch_size_l0=session.patch_size_l0,
+            progress=progress,
+        )
+    # only the background candidates go to the user here (new ids for them)
+    result = dataclasses.replace(result, suggestions=[], ids=[])
+    write_feature_collection(args.out, result.geojson_features())
+    session.record_suggestions(result.image, result)
+    session.save()
+    _console().print(f"{args.out}: {len(result.background)} background candidates", markup=False)
+    return EXIT_OK
+
+
+def _cmd_session_show(args: argparse.Namespace) -> int:
+    from simsearch_wsi.session import Session
+
+    summary = Session.open(args.dir).summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    console = _console()
+    console.print(f"session {summary['session']} (version {summary['version']})", markup=False)
+    patch = summary["patch_size_l0"]
+    console.print(
+        "  patch size " + (f"{patch[0]:.0f} x {patch[1]:.0f} px (level 0)" if patch else "unset"),
+        markup=False,
+    )
+    for name, c in summary["classes"].items():
+        console.print(
+            f"  {name:<20} threshold {c['threshold']:.2f}  prototypes {c['prototypes']}  "
+            f"positives {c['positives']}  negatives {c['negatives']}",
+            markup=False,
+        )
+    console.print(
+        f"  background {summary['background']} (rejected {summary['not_background']}); "
+        f"suggestions sent {summary['suggestions_sent']}; reviewed images "
+        f"{len(summary['reviewed_images'])}, unreviewed {len(summary['unreviewed_images'])}",
+        markup=False,
+    )
     return EXIT_OK
 
 
@@ -414,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_sug.add_argument("image", metavar="IMAGE")
     p_sug.add_argument(
         "--annotations",
-        required=True,
+        default=None,
         metavar="IN.geojson",
         help="QuPath GeoJSON export with the prototype rectangles",
     )
@@ -440,7 +557,49 @@ def build_parser() -> argparse.ArgumentParser:
         "'background' candidates",
     )
     p_sug.add_argument("--json", action="store_true", help="print a JSON summary")
+    p_sug.add_argument(
+        "--session",
+        default=None,
+        metavar="DIR",
+        help="review session folder (created if missing): prototypes and thresholds are saved "
+        "there and used for later images; without --annotations the saved prototypes are used",
+    )
     p_sug.set_defaults(func=_cmd_suggest)
+
+    p_rev = sub.add_parser(
+        "review",
+        help="ingest the user's decisions on suggestions (QuPath GeoJSON export)",
+        description="Read the objects exported from QuPath after review: suggestions left in "
+        f"place are approved (at or above the class threshold), suggestions given the class "
+        f"'{REJECTED_CLASS}' are negatives of their class, relabelled ones become positives "
+        "of the new class, deleted ones stay unreviewed; new classified rectangles become "
+        "prototypes. Re-ingesting the same file changes nothing.",
+    )
+    p_rev.add_argument("image", metavar="IMAGE")
+    p_rev.add_argument("--annotations", required=True, metavar="REVIEWED.geojson")
+    p_rev.add_argument("--session", required=True, metavar="DIR")
+    p_rev.add_argument("--json", action="store_true", help="print the report as JSON")
+    p_rev.set_defaults(func=_cmd_review)
+
+    p_bg = sub.add_parser(
+        "background",
+        parents=[engine],
+        help="propose background patches for the user to confirm",
+        description="Propose the N unlabelled patches most similar and the N least similar to "
+        "the mean of the session's prototypes, as detections of class 'background'.",
+    )
+    p_bg.add_argument("image", metavar="IMAGE")
+    p_bg.add_argument("--session", required=True, metavar="DIR")
+    p_bg.add_argument("--out", required=True, metavar="OUT.geojson")
+    p_bg.add_argument("--n", type=int, default=10, help="candidates of each kind (default 10)")
+    p_bg.set_defaults(func=_cmd_background)
+
+    p_ses = sub.add_parser("session", help="inspect a review session")
+    ses_sub = p_ses.add_subparsers(dest="session_command", metavar="ACTION")
+    p_show = ses_sub.add_parser("show", help="classes, thresholds, counts, reviewed images")
+    p_show.add_argument("dir", metavar="DIR")
+    p_show.add_argument("--json", action="store_true")
+    p_show.set_defaults(func=_cmd_session_show)
 
     p_demo = sub.add_parser(
         "demo",

@@ -9,9 +9,12 @@ centre (their own size is not used).
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.featurecache import FeatureCache, FeatureMap
@@ -25,11 +28,12 @@ from simsearch_wsi.features import (
 from simsearch_wsi.geometry import BoxL0
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.preprocess import ChannelNormalization, fit_normalization
-from simsearch_wsi.qupath_geojson import Annotation, box_feature
+from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS, Annotation, box_feature
 from simsearch_wsi.similarity import (
     PatchGeometry,
     PooledMap,
     Prototype,
+    PrototypeVectors,
     Standardizer,
     Suggestion,
     background_candidates,
@@ -42,7 +46,6 @@ from simsearch_wsi.tissue import detect_foreground
 
 # Cosine similarity between standardised pooled vectors; a starting point the user moves.
 DEFAULT_THRESHOLD = 0.5
-BACKGROUND_CLASS = "background"
 
 
 @dataclass(frozen=True)
@@ -73,26 +76,30 @@ class SuggestResult:
     seconds_embed: float
     seconds_query: float
     notes: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # stable ids: the GeoJSON ids QuPath keeps, by which a review is matched to suggestions
+        if not self.ids:
+            n = len(self.suggestions) + len(self.background)
+            self.ids = [str(uuid.uuid4()) for _ in range(n)]
+
+    def all_suggestions(self) -> list[tuple[str, Suggestion]]:
+        """(id, suggestion) pairs: class suggestions, then background candidates."""
+        return list(zip(self.ids, [*self.suggestions, *self.background], strict=True))
 
     def geojson_features(self) -> list[dict[str, Any]]:
-        """QuPath detections: class suggestions, then background candidates."""
-        feats = [
+        """QuPath detections named ``<class> #<rank>``, with ``similarity`` and ``rank``."""
+        return [
             box_feature(
                 s.box,
                 class_name=s.class_name,
                 measurements={"similarity": s.similarity, "rank": s.rank},
+                name=f"{s.class_name} #{s.rank}",
+                id=sid,
             )
-            for s in self.suggestions
+            for sid, s in self.all_suggestions()
         ]
-        feats += [
-            box_feature(
-                s.box,
-                class_name=BACKGROUND_CLASS,
-                measurements={"similarity": s.similarity, "rank": s.rank},
-            )
-            for s in self.background
-        ]
-        return feats
 
     def summary(self) -> dict[str, Any]:
         per_class = {c: sum(1 for s in self.suggestions if s.class_name == c) for c in self.classes}
@@ -230,12 +237,18 @@ class SimSearch:
         thresholds: dict[str, float] | None = None,
         n_background: int = 0,
         avoid: Sequence[BoxL0] = (),
+        patch_size_l0: tuple[float, float] | None = None,
         normalization: ChannelNormalization | None = None,
         progress: ProgressFn | None = None,
     ) -> SuggestResult:
-        """Suggestions per class (and optionally background candidates) for prototypes drawn on
-        ``image``. ``thresholds`` maps class -> minimum similarity (default
-        :data:`DEFAULT_THRESHOLD`); unknown class names are an error."""
+        """Suggestions per class (and optionally background candidates) on ``image``.
+
+        Prototypes may come from other images (``Prototype.image``): each is embedded on its own
+        image, standardised with that image's statistics (this is how noisy patches are mined
+        from images the user has not reviewed). ``thresholds`` maps class -> minimum similarity
+        (default :data:`DEFAULT_THRESHOLD`); ``patch_size_l0`` (width, height) is the
+        experiment's patch size (default: the first prototype's box). ``avoid`` boxes (labelled
+        patches) are kept out of the background candidates."""
         if not prototypes:
             raise ConfigError("no prototypes given: draw at least one classified rectangle")
         classes = tuple(dict.fromkeys(p.class_name for p in prototypes))
@@ -252,23 +265,35 @@ class SimSearch:
                 f"prototypes: {list(classes)}"
             )
         used = {c: float(thresholds.get(c, DEFAULT_THRESHOLD)) for c in classes}
-        first = prototypes[0].box
-        t0 = time.perf_counter()
-        spec, fmap = self.embed(
-            image,
-            max(first.width_l0, first.height_l0),
-            normalization=normalization,
-            progress=progress,
+        width_l0, height_l0 = patch_size_l0 or (
+            prototypes[0].box.width_l0,
+            prototypes[0].box.height_l0,
         )
+        patch_l0 = max(width_l0, height_l0)
+        t0 = time.perf_counter()
+        spec, fmap = self.embed(image, patch_l0, normalization=normalization, progress=progress)
         t1 = time.perf_counter()
         geometry = PatchGeometry(
-            first.width_l0 / spec.scale.downsample_x,
-            first.height_l0 / spec.scale.downsample_y,
+            width_l0 / spec.scale.downsample_x,
+            height_l0 / spec.scale.downsample_y,
             self.extractor.stride,
         )
-        std = Standardizer.of(fmap, self.settings.standardize)
-        vectors = embed_prototypes(
-            image, self.extractor, spec, geometry, prototypes, classes, standardize=std
+        here = [p for p in prototypes if _same_image(p.image, image)]
+        parts = []
+        if here:
+            std = Standardizer.of(fmap, self.settings.standardize)
+            parts.append(
+                embed_prototypes(
+                    image, self.extractor, spec, geometry, here, classes, standardize=std
+                )
+            )
+        parts += self._foreign_prototype_vectors(
+            image, prototypes, classes, patch_l0, geometry, progress
+        )
+        vectors = PrototypeVectors(
+            torch.cat([p.vectors for p in parts]),
+            torch.cat([p.class_index for p in parts]),
+            classes,
         )
         extra = vectors.mean_vector()[None] if n_background else None
         maps = similarity_maps(
@@ -282,11 +307,11 @@ class SimSearch:
             thresholds=used,
             min_distance_a=self.settings.min_distance_fraction * geometry.width_a,
             max_per_class=self.settings.max_per_class,
-            exclude=prototypes,
+            exclude=here,
         )
         background: list[Suggestion] = []
         if n_background:
-            avoid_boxes = [p.box for p in prototypes] + [s.box for s in suggestions] + list(avoid)
+            avoid_boxes = [p.box for p in here] + [s.box for s in suggestions] + list(avoid)
             background = background_candidates(
                 maps[len(classes)],
                 geometry,
@@ -297,11 +322,13 @@ class SimSearch:
             )
         t2 = time.perf_counter()
         notes = []
-        if len({(round(p.box.width_l0), round(p.box.height_l0)) for p in prototypes}) > 1:
+        if any(
+            abs(p.box.width_l0 - width_l0) > 1 or abs(p.box.height_l0 - height_l0) > 1
+            for p in prototypes
+        ):
             notes.append(
-                "prototypes differ in size: the first one fixes the patch size "
-                f"({first.width_l0:.0f}x{first.height_l0:.0f} px); others are used at that size, "
-                "centred on their box"
+                f"prototypes differ in size: the experiment's patch size is {width_l0:.0f}x"
+                f"{height_l0:.0f} px; others are used at that size, centred on their box"
             )
         return SuggestResult(
             image=str(image.path),
@@ -317,3 +344,39 @@ class SimSearch:
             seconds_query=t2 - t1,
             notes=notes,
         )
+
+    def _foreign_prototype_vectors(
+        self,
+        image: ImageSource,
+        prototypes: Sequence[Prototype],
+        classes: tuple[str, ...],
+        patch_l0: float,
+        geometry: PatchGeometry,
+        progress: ProgressFn | None,
+    ) -> list[PrototypeVectors]:
+        """Vectors of prototypes drawn on other images, each embedded on its own image."""
+        from simsearch_wsi.io import open_image
+
+        by_image: dict[str, list[Prototype]] = {}
+        for p in prototypes:
+            if not _same_image(p.image, image):
+                by_image.setdefault(str(p.image), []).append(p)
+        parts = []
+        for path, protos in by_image.items():
+            with open_image(path) as src:
+                spec, fmap = self.embed(src, patch_l0, progress=progress)
+                std = Standardizer.of(fmap, self.settings.standardize)
+                parts.append(
+                    embed_prototypes(
+                        src, self.extractor, spec, geometry, protos, classes, standardize=std
+                    )
+                )
+        return parts
+
+
+def _same_image(prototype_image: str | None, image: ImageSource) -> bool:
+    if prototype_image is None:
+        return True
+    from pathlib import Path
+
+    return Path(prototype_image).resolve() == image.path.resolve()

@@ -134,10 +134,14 @@ def pool(features_dhw: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Prototype:
-    """A user's example: a class name and a level-0 box on an image."""
+    """A user's example: a class name and a level-0 box on an image.
+
+    ``image`` is the path of the image it was drawn on; ``None`` means the image being searched.
+    """
 
     class_name: str
     box: BoxL0
+    image: str | None = None
 
 
 @dataclass(frozen=True)

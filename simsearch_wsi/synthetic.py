@@ -25,7 +25,6 @@ Coordinates of the ground truth are level-0 pixels (``_l0``), origin top-left, x
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import uuid
@@ -40,6 +39,7 @@ from scipy import ndimage
 
 from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.geometry import BoxL0, validate_mpp
+from simsearch_wsi.qupath_geojson import class_color
 
 __all__ = [
     "CLASS_COLORS",
@@ -66,13 +66,10 @@ NgffVersion = Literal["0.4", "0.5"]
 # Everything drawn must lie inside the canvas' inscribed circle, so small rotations do not clip.
 MotifPainter = Callable[[np.random.Generator, int], NDArray[np.float32]]
 
-# QuPath class colours (integer RGB), stable per class name; see :func:`class_color`.
+# QuPath class colours of the synthetic classes (from the one palette in qupath_geojson).
 CLASS_COLORS: dict[str, tuple[int, int, int]] = {
-    "ring": (200, 0, 200),
-    "cluster": (0, 90, 220),
-    "stripes": (230, 120, 0),
-    "nuclear_gfp": (0, 200, 0),
-    "cytoplasmic_gfp": (150, 220, 40),
+    name: class_color(name)
+    for name in ("ring", "cluster", "stripes", "nuclear_gfp", "cytoplasmic_gfp")
 }
 
 # Reporter patterns make_fluorescence_slide knows.
@@ -118,19 +115,6 @@ class SyntheticObject:
     def box(self) -> BoxL0:
         """The bounding box as a :class:`~simsearch_wsi.geometry.BoxL0`."""
         return BoxL0(self.x_l0, self.y_l0, self.width_l0, self.height_l0)
-
-
-def class_color(class_name: str) -> tuple[int, int, int]:
-    """Integer RGB colour of a class: :data:`CLASS_COLORS`, else derived from the name's SHA-256.
-
-    The fallback is deterministic across processes (it does not use Python's salted ``hash``).
-    """
-    if class_name in CLASS_COLORS:
-        return CLASS_COLORS[class_name]
-    digest = hashlib.sha256(class_name.encode("utf-8")).digest()
-    # keep colours away from black/white so they show on both backgrounds
-    r, g, b = (40 + int(v) % 176 for v in digest[:3])
-    return (r, g, b)
 
 
 @dataclass(eq=False)

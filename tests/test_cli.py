@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from simsearch_wsi.cli import main
+from simsearch_wsi.qupath_geojson import validate_feature_collection
 
 
 def test_info_json(synthetic_slide: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,6 +125,7 @@ def test_embed_then_suggest(
     assert summary["seconds_embed"] < 2.0  # the cached map was reused
     assert len(list(cache.glob("*.zarr"))) == 1
     doc = json.loads(result_path.read_text())
+    validate_feature_collection(doc, image_size_l0=(synthetic_slide.width, synthetic_slide.height))
     names = {f["properties"]["classification"]["name"] for f in doc["features"]}
     assert {"ring", "background"} <= names
     assert (

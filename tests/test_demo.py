@@ -9,6 +9,7 @@ import pytest
 
 from simsearch_wsi.cli import main
 from simsearch_wsi.io import open_image, open_plate
+from simsearch_wsi.qupath_geojson import validate_feature_collection
 
 
 def test_demo_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -23,6 +24,12 @@ def test_demo_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     with open_image(out / "data" / "skimage_ihc.tiff") as ihc:  # real IHC pixels, 2 levels
         assert ihc.dimensions == (512, 512) and ihc.level_count == 2
     assert len(list(open_plate(out / "data" / "synthetic_plate.ome.zarr").fields())) == 12
+    for name in (
+        "data/synthetic_he.ground_truth.geojson",
+        "data/synthetic_he.prototypes.geojson",
+        "synthetic_he.suggestions.geojson",
+    ):
+        validate_feature_collection(out / name, image_size_l0=(2048, 1536))
     geojson = json.loads((out / "data" / "synthetic_he.ground_truth.geojson").read_text())
     assert {f["properties"]["classification"]["name"] for f in geojson["features"]} == {
         "ring",

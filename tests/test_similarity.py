@@ -192,12 +192,17 @@ def test_geojson_output_is_valid_qupath(
     import json
     import uuid
 
-    from simsearch_wsi.qupath_geojson import read_annotations, write_feature_collection
+    from simsearch_wsi.qupath_geojson import (
+        read_annotations,
+        validate_feature_collection,
+        write_feature_collection,
+    )
 
     protos = [Prototype("ring", synthetic_slide.objects_of("ring")[0].box)]
     with open_image(synthetic_slide.path) as img:
         result = search.suggest(img, protos, n_background=2)
     out = write_feature_collection(tmp_path / "s.geojson", result.geojson_features())
+    validate_feature_collection(out, image_size_l0=(synthetic_slide.width, synthetic_slide.height))
     doc = json.loads(out.read_text())
     assert doc["type"] == "FeatureCollection" and doc["features"]
     for f in doc["features"]:

@@ -1,0 +1,391 @@
+"""The review session: the state of Iterative Patch Selection, kept in a folder.
+
+``<session>/session.json`` (versioned, written atomically) holds the classes with their colours
+and similarity thresholds, the experiment's patch size (fixed by its first prototype), the
+prototypes, every suggestion sent to the user (by id), the user's decisions (approved positives,
+negatives per class, approved and rejected background) and which images were reviewed. Images
+never reviewed are the ones noisy patches are mined from.
+
+Conventions (what a QuPath user does, see README):
+
+* classified rectangle annotations are **prototypes**;
+* suggestions come back as detections of their class; leaving one in place approves it (when its
+  similarity is at or above the class threshold), giving it the class
+  :data:`~simsearch_wsi.qupath_geojson.REJECTED_CLASS` rejects it (a negative of the class it
+  was suggested for), giving it another project class relabels it, deleting it leaves it
+  unreviewed;
+* background candidates come back under :data:`~simsearch_wsi.qupath_geojson.BACKGROUND_CLASS`
+  and are confirmed or rejected the same way.
+
+Suggestions are matched to the reviewed file by their GeoJSON ``id`` (QuPath 0.4+ keeps it), or,
+for files without ids, by name and box. Ingesting the same review twice changes nothing; a
+decision that contradicts an earlier one is applied and reported as a conflict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from simsearch_wsi.atomic import write_json_atomic
+from simsearch_wsi.errors import ConfigError, MetadataError
+from simsearch_wsi.geometry import BoxL0
+from simsearch_wsi.qupath_geojson import (
+    BACKGROUND_CLASS,
+    REJECTED_CLASS,
+    RESERVED_CLASSES,
+    Annotation,
+    class_color,
+)
+from simsearch_wsi.search import DEFAULT_THRESHOLD, SuggestResult
+from simsearch_wsi.similarity import Prototype
+
+SESSION_FILE = "session.json"
+SESSION_VERSION = 1
+
+Decision = Literal["positive", "negative", "background", "not_background"]
+
+
+@dataclass(frozen=True)
+class PatchRecord:
+    """A patch the session knows: where it is, its class, and where it came from."""
+
+    id: str
+    image: str
+    class_name: str
+    box: tuple[float, float, float, float]  # x_l0, y_l0, width_l0, height_l0
+    similarity: float | None = None
+    name: str | None = None
+
+    @property
+    def box_l0(self) -> BoxL0:
+        return BoxL0(*self.box)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PatchRecord:
+        return cls(
+            str(d["id"]),
+            str(d["image"]),
+            str(d["class_name"]),
+            tuple(float(v) for v in d["box"]),  # type: ignore[arg-type]
+            None if d.get("similarity") is None else float(d["similarity"]),
+            d.get("name"),
+        )
+
+
+@dataclass
+class ReviewReport:
+    """What one ``review`` changed."""
+
+    image: str
+    approved: int = 0
+    rejected: int = 0
+    background: int = 0
+    not_background: int = 0
+    relabelled: int = 0
+    below_threshold: int = 0
+    unreviewed: int = 0
+    new_prototypes: int = 0
+    unchanged: int = 0
+    conflicts: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _image_key(path: str | os.PathLike[str]) -> str:
+    return str(Path(path).resolve())
+
+
+def _box_key(box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    return tuple(round(v) for v in box)  # type: ignore[return-value]
+
+
+class Session:
+    """A review session folder. Open with :meth:`create` or :meth:`open`; call :meth:`save`."""
+
+    def __init__(self, root: Path, data: dict[str, Any]) -> None:
+        self.root = root
+        self.created: str = data["created"]
+        self.patch_size_l0: tuple[float, float] | None = (
+            tuple(data["patch_size_l0"]) if data.get("patch_size_l0") else None  # type: ignore[assignment]
+        )
+        self.classes: dict[str, dict[str, Any]] = dict(data.get("classes", {}))
+        self.prototypes = [PatchRecord.from_dict(d) for d in data.get("prototypes", [])]
+        self.suggestions = {d["id"]: PatchRecord.from_dict(d) for d in data.get("suggestions", [])}
+        self.decisions: dict[str, tuple[Decision, PatchRecord]] = {
+            d["record"]["id"]: (d["decision"], PatchRecord.from_dict(d["record"]))
+            for d in data.get("decisions", [])
+        }
+        self.reviewed_images: list[str] = list(data.get("reviewed_images", []))
+        self.reviews: list[dict[str, Any]] = list(data.get("reviews", []))
+
+    # --- files ----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | os.PathLike[str], *, exist_ok: bool = False) -> Session:
+        """A new session in ``root`` (created); an existing one is opened when ``exist_ok``."""
+        path = Path(root)
+        if (path / SESSION_FILE).exists():
+            if exist_ok:
+                return cls.open(path)
+            raise ConfigError(
+                f"{path}: a session already exists here; open it or pick a new folder"
+            )
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path}: exists and is not a folder; pick a folder for the session")
+        path.mkdir(parents=True, exist_ok=True)
+        session = cls(path, {"created": datetime.now(UTC).isoformat(timespec="seconds")})
+        session.save()
+        return session
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str]) -> Session:
+        path = Path(root)
+        file = path / SESSION_FILE
+        if not file.is_file():
+            raise ConfigError(
+                f"{path}: not a review session (no {SESSION_FILE}); create one with "
+                "`simsearch-wsi suggest ... --session DIR`"
+            )
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MetadataError(f"{file}: session file is corrupt ({exc})") from exc
+        version = data.get("version")
+        if version != SESSION_VERSION:
+            raise MetadataError(
+                f"{file}: session version {version!r} is not supported by this simsearch_wsi "
+                f"(reads version {SESSION_VERSION}); upgrade simsearch_wsi"
+            )
+        try:
+            return cls(path, data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MetadataError(f"{file}: session file is incomplete ({exc})") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": SESSION_VERSION,
+            "created": self.created,
+            "patch_size_l0": list(self.patch_size_l0) if self.patch_size_l0 else None,
+            "classes": self.classes,
+            "prototypes": [asdict(p) for p in self.prototypes],
+            "suggestions": [asdict(s) for s in self.suggestions.values()],
+            "decisions": [{"decision": d, "record": asdict(r)} for d, r in self.decisions.values()],
+            "reviewed_images": self.reviewed_images,
+            "reviews": self.reviews,
+        }
+
+    def save(self) -> Path:
+        return write_json_atomic(self.root / SESSION_FILE, self.to_dict())
+
+    # --- classes and prototypes -------------------------------------------------------------
+    def _add_class(self, name: str) -> None:
+        if name in RESERVED_CLASSES:
+            raise ConfigError(
+                f"class name {name!r} is reserved by simsearch_wsi; rename that class"
+            )
+        if name not in self.classes:
+            self.classes[name] = {"color": list(class_color(name)), "threshold": DEFAULT_THRESHOLD}
+
+    def set_thresholds(self, thresholds: dict[str, float]) -> None:
+        for name, value in thresholds.items():
+            if name not in self.classes:
+                raise ConfigError(
+                    f"threshold for unknown class {name!r}; session classes: {list(self.classes)}"
+                )
+            if not math.isfinite(value):
+                raise ConfigError(f"threshold for {name!r} must be a finite number")
+            self.classes[name]["threshold"] = float(value)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {name: float(c["threshold"]) for name, c in self.classes.items()}
+
+    def add_prototypes(self, image: str | os.PathLike[str], prototypes: Sequence[Prototype]) -> int:
+        """Add prototypes drawn on ``image`` (duplicates ignored); the first fixes the patch size.
+        Returns how many were new."""
+        key = _image_key(image)
+        known = {(p.image, p.class_name, _box_key(p.box)) for p in self.prototypes}
+        new = 0
+        for p in prototypes:
+            self._add_class(p.class_name)
+            box = (p.box.x_l0, p.box.y_l0, p.box.width_l0, p.box.height_l0)
+            if (key, p.class_name, _box_key(box)) in known:
+                continue
+            if self.patch_size_l0 is None:
+                self.patch_size_l0 = (p.box.width_l0, p.box.height_l0)
+            digest = hashlib.sha256(f"{key}|{p.class_name}|{_box_key(box)}".encode()).hexdigest()
+            self.prototypes.append(PatchRecord(f"proto-{digest[:16]}", key, p.class_name, box))
+            known.add((key, p.class_name, _box_key(box)))
+            new += 1
+        return new
+
+    def all_prototypes(self) -> list[Prototype]:
+        """Every prototype, with the image it was drawn on."""
+        return [Prototype(p.class_name, p.box_l0, p.image) for p in self.prototypes]
+
+    def labelled_boxes(self, image: str | os.PathLike[str]) -> list[BoxL0]:
+        """Boxes on ``image`` the user has labelled (prototypes and decisions)."""
+        key = _image_key(image)
+        boxes = [p.box_l0 for p in self.prototypes if p.image == key]
+        boxes += [r.box_l0 for _, r in self.decisions.values() if r.image == key]
+        return boxes
+
+    # --- suggestions and reviews ------------------------------------------------------------
+    def record_suggestions(self, image: str | os.PathLike[str], result: SuggestResult) -> None:
+        """Remember what was sent to the user (by id) so a review can be matched to it."""
+        key = _image_key(image)
+        for sid, s in result.all_suggestions():
+            self.suggestions[sid] = PatchRecord(
+                sid,
+                key,
+                s.class_name,
+                (s.box.x_l0, s.box.y_l0, s.box.width_l0, s.box.height_l0),
+                s.similarity,
+                f"{s.class_name} #{s.rank}",
+            )
+
+    def _match(self, a: Annotation, key: str) -> PatchRecord | None:
+        if a.id is not None and a.id in self.suggestions:
+            rec = self.suggestions[a.id]
+            return rec if rec.image == key else None
+        ab = _box_key((a.box.x_l0, a.box.y_l0, a.box.width_l0, a.box.height_l0))
+        for rec in self.suggestions.values():  # files without ids: name + box
+            if (
+                rec.image == key
+                and rec.name == a.properties.get("name")
+                and _box_key(rec.box) == ab
+            ):
+                return rec
+        return None
+
+    def ingest_review(
+        self, image: str | os.PathLike[str], annotations: Sequence[Annotation], *, source: str
+    ) -> ReviewReport:
+        """Apply the user's decisions on ``image`` (see module docstring)."""
+        key = _image_key(image)
+        report = ReviewReport(image=key)
+        thresholds = self.thresholds
+        seen: set[str] = set()
+        new_protos: list[Prototype] = []
+        for a in annotations:
+            rec = self._match(a, key)
+            if rec is None:
+                if (
+                    a.object_type == "annotation"
+                    and a.is_rectangle
+                    and a.class_name
+                    and a.class_name not in RESERVED_CLASSES
+                    and a.box.width_l0 >= 1
+                    and a.box.height_l0 >= 1
+                ):
+                    new_protos.append(Prototype(a.class_name, a.box))
+                continue
+            seen.add(rec.id)
+            decision, final = self._decide(rec, a.class_name, thresholds, report)
+            if decision is None:
+                continue
+            previous = self.decisions.get(rec.id)
+            if previous == (decision, final):
+                report.unchanged += 1
+                continue
+            if previous is not None:
+                report.conflicts.append(
+                    f"{rec.name or rec.id}: was {previous[0]} ({previous[1].class_name}), now "
+                    f"{decision} ({final.class_name})"
+                )
+            self.decisions[rec.id] = (decision, final)
+            if decision == "positive":
+                if final.class_name != rec.class_name:
+                    report.relabelled += 1
+                else:
+                    report.approved += 1
+            elif decision == "negative":
+                report.rejected += 1
+            elif decision == "background":
+                report.background += 1
+            else:
+                report.not_background += 1
+        report.unreviewed = sum(
+            1
+            for r in self.suggestions.values()
+            if r.image == key and r.id not in seen and r.id not in self.decisions
+        )
+        report.new_prototypes = self.add_prototypes(key, new_protos)
+        if key not in self.reviewed_images:
+            self.reviewed_images.append(key)
+        self.reviews.append(
+            {
+                "image": key,
+                "source": source,
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "report": report.to_dict(),
+            }
+        )
+        return report
+
+    def _decide(
+        self,
+        rec: PatchRecord,
+        new_class: str | None,
+        thresholds: dict[str, float],
+        report: ReviewReport,
+    ) -> tuple[Decision | None, PatchRecord]:
+        if rec.class_name == BACKGROUND_CLASS:
+            if new_class == BACKGROUND_CLASS:
+                return "background", rec
+            if new_class == REJECTED_CLASS:
+                return "not_background", rec
+        elif new_class == REJECTED_CLASS:
+            return "negative", rec
+        elif new_class == rec.class_name:
+            sim = rec.similarity if rec.similarity is not None else math.inf
+            if sim < thresholds.get(rec.class_name, DEFAULT_THRESHOLD):
+                report.below_threshold += 1
+                return None, rec
+            return "positive", rec
+        if new_class and new_class not in RESERVED_CLASSES:
+            self._add_class(new_class)
+            return "positive", PatchRecord(
+                rec.id, rec.image, new_class, rec.box, rec.similarity, rec.name
+            )
+        return None, rec  # unclassified: nothing decided
+
+    # --- views ------------------------------------------------------------------------------
+    def examples(self, decision: Decision) -> list[PatchRecord]:
+        return [r for d, r in self.decisions.values() if d == decision]
+
+    def summary(self) -> dict[str, Any]:
+        per_class = {
+            name: {
+                "color": c["color"],
+                "threshold": c["threshold"],
+                "prototypes": sum(1 for p in self.prototypes if p.class_name == name),
+                "positives": sum(1 for r in self.examples("positive") if r.class_name == name),
+                "negatives": sum(1 for r in self.examples("negative") if r.class_name == name),
+            }
+            for name, c in self.classes.items()
+        }
+        images = sorted(
+            {p.image for p in self.prototypes} | {r.image for r in self.suggestions.values()}
+        )
+        return {
+            "session": str(self.root),
+            "version": SESSION_VERSION,
+            "patch_size_l0": list(self.patch_size_l0) if self.patch_size_l0 else None,
+            "classes": per_class,
+            "background": len(self.examples("background")),
+            "not_background": len(self.examples("not_background")),
+            "suggestions_sent": len(self.suggestions),
+            "images": images,
+            "reviewed_images": self.reviewed_images,
+            "unreviewed_images": [i for i in images if i not in self.reviewed_images],
+            "reviews": len(self.reviews),
+        }
