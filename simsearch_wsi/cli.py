@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -117,7 +118,10 @@ def _resolve_device(name: str) -> Any:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
 
 
 def _build_search(args: argparse.Namespace) -> Any:
@@ -164,6 +168,8 @@ def _parse_thresholds(items: Sequence[str]) -> dict[str, float]:
             if not sep or not name:
                 raise ValueError
             out[name] = float(value)
+            if not math.isfinite(out[name]):
+                raise ValueError
         except ValueError:
             raise ConfigError(
                 f"--threshold {item!r}: expected CLASS=VALUE, e.g. --threshold Tumor=0.6"
@@ -217,7 +223,8 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             "suggest needs --annotations IN.geojson (prototypes), or --session DIR with saved "
             "prototypes"
         )
-    annotations = read_annotations(args.annotations) if args.annotations else []
+    skipped: list[str] = []
+    annotations = read_annotations(args.annotations, skipped=skipped) if args.annotations else []
     session = Session.create(args.session, exist_ok=True) if args.session else None
     search = _build_search(args)
     with open_image(args.image, mpp=args.mpp) as img:
@@ -270,7 +277,17 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
         )
         for note in result.notes:
             console.print(f"  note: {note}", markup=False)
+    _report_skipped(skipped)
     return EXIT_OK
+
+
+def _report_skipped(skipped: list[str]) -> None:
+    """Objects of the input that could not be read were left out; say so on stderr."""
+    if skipped:
+        print(
+            f"simsearch-wsi: note: {len(skipped)} object(s) left out, e.g. {skipped[0]}",
+            file=sys.stderr,
+        )
 
 
 # --- review / background / session -------------------------------------------------------------
@@ -280,10 +297,12 @@ def _cmd_review(args: argparse.Namespace) -> int:
     from simsearch_wsi.session import Session
 
     session = Session.open(args.session)
-    annotations = read_annotations(args.annotations)
+    skipped: list[str] = []
+    annotations = read_annotations(args.annotations, skipped=skipped)
     with open_image(args.image) as img:  # checks the image exists and is readable
         report = session.ingest_review(img.path, annotations, source=str(args.annotations))
     session.save()
+    _report_skipped(skipped)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return EXIT_OK
@@ -415,13 +434,26 @@ def _progress() -> _RichProgress:
 
 
 # --- parser -------------------------------------------------------------------------------------
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be >= {minimum}")
+        return value
+
+    return parse
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
     return value
 
 
@@ -472,12 +504,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--tile-size",
-        type=int,
+        type=_int_at_least(16),
         default=1024,
         help="tile side in analysis pixels, a multiple of 16 (default: %(default)s)",
     )
     g.add_argument(
-        "--batch-size", type=int, default=4, help="tiles per batch (default: %(default)s)"
+        "--batch-size",
+        type=_int_at_least(1),
+        default=4,
+        help="tiles per batch (default: %(default)s)",
     )
     g.add_argument(
         "--no-autocast",
@@ -550,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_sug.add_argument(
         "--background",
-        type=int,
+        type=_int_at_least(0),
         default=0,
         metavar="N",
         help="also propose N most and N least similar unlabelled patches as "
@@ -591,7 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_bg.add_argument("image", metavar="IMAGE")
     p_bg.add_argument("--session", required=True, metavar="DIR")
     p_bg.add_argument("--out", required=True, metavar="OUT.geojson")
-    p_bg.add_argument("--n", type=int, default=10, help="candidates of each kind (default 10)")
+    p_bg.add_argument(
+        "--n", type=_int_at_least(1), default=10, help="candidates of each kind (default 10)"
+    )
     p_bg.set_defaults(func=_cmd_background)
 
     p_ses = sub.add_parser("session", help="inspect a review session")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from simsearch_wsi.errors import MetadataError
+from simsearch_wsi.errors import ConfigError, CorruptImageError, MetadataError
 from simsearch_wsi.features import (
     FEATURE_FORMAT_VERSION,
     FeatureExtractor,
@@ -35,7 +35,7 @@ from simsearch_wsi.features import (
     iter_tile_features,
 )
 from simsearch_wsi.io.base import ImageSource
-from simsearch_wsi.tissue import TissueMask
+from simsearch_wsi.tissue import detect_foreground
 
 
 @dataclass
@@ -123,38 +123,41 @@ class FeatureCache:
         extractor: FeatureExtractor,
         spec: FeatureSpec,
         *,
-        mask: TissueMask | None = None,
         batch_size: int = 4,
         progress: ProgressFn | None = None,
     ) -> FeatureMap:
-        """The cached map, computing (or finishing) it first when needed."""
+        """The cached map, computing (or finishing) it first when needed.
+
+        With ``spec.tiles == "foreground"`` only tiles touching the foreground mask are
+        embedded. Raises :class:`ConfigError` when there is nothing to embed (no foreground).
+        """
         import zarr
 
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
         final = self.entry_path(image, spec)
         if final.is_dir():
             return self.open(image, spec)
         key = spec.key(image.identity())
         partial = final.with_name(final.name + ".partial")
+        mask = detect_foreground(image) if spec.tiles == "foreground" else None
         tiles, ny, nx = analysis_tiles(image, spec, mask)
+        if not tiles:
+            raise ConfigError(
+                f"{image.path}: no foreground (tissue) found to embed; check the image, or embed "
+                "all tiles"
+            )
         s = extractor.stride
+        tc = spec.tile_size // s
         width_a, height_a = spec.scale.analysis_size(image)
-        shape = (
-            -(-height_a // s),
-            -(-width_a // s),
-            extractor.out_dim(len(spec.channels), spec.rgb),
-        )
-        group: Any = None
-        if partial.is_dir():
-            group = zarr.open_group(str(partial), mode="r+")
-            if group.attrs.get("key") != key:
-                shutil.rmtree(partial)
-                group = None
+        d = extractor.out_dim(len(spec.channels), spec.rgb)
+        shape = (-(-height_a // s), -(-width_a // s), d)
+        group = _open_partial(partial, key)
         if group is None:
             self.root.mkdir(parents=True, exist_ok=True)
             group = zarr.open_group(str(partial), mode="w")
-            tc = spec.tile_size // s
             group.create_array(
-                "features", shape=shape, chunks=(tc, tc, shape[2]), dtype="float16", fill_value=0
+                "features", shape=shape, chunks=(tc, tc, d), dtype="float16", fill_value=0
             )
             group.create_array(
                 "computed", shape=(ny, nx), chunks=(ny, nx), dtype="uint8", fill_value=0
@@ -172,10 +175,6 @@ class FeatureCache:
         feats_arr, computed_arr = group["features"], group["computed"]
         computed = np.asarray(computed_arr[:]).astype(bool)
         todo = [t for t in tiles if not computed[t.index_y, t.index_x]]
-        resumed = len(todo) < len(tiles)
-        tc = spec.tile_size // s
-        d = shape[2]
-        total, total_sq, n_cells = np.zeros(d), np.zeros(d), 0
         for tile, f in iter_tile_features(
             image, extractor, spec, todo, batch_size=batch_size, progress=progress
         ):
@@ -184,18 +183,30 @@ class FeatureCache:
             feats_arr[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block
             computed[tile.index_y, tile.index_x] = True
             computed_arr[tile.index_y, tile.index_x] = 1  # progress survives an interruption
-            flat = block.reshape(-1, d).astype(np.float64)  # stats of what is stored
-            total += flat.sum(axis=0)
-            total_sq += np.einsum("nd,nd->d", flat, flat)
-            n_cells += flat.shape[0]
-        if resumed:  # tiles from an earlier run are not in the running sums: one more pass
-            mean, std = _channel_stats(feats_arr, computed, tc)
-        else:
-            mean, std = _mean_std(total, total_sq, n_cells)
-        group.create_array("channel_mean", data=mean)
-        group.create_array("channel_std", data=std)
+        missing = [t for t in tiles if not computed[t.index_y, t.index_x]]
+        if missing:  # never finalise an incomplete entry
+            raise CorruptImageError(f"{image.path}: {len(missing)} tiles were not embedded")
+        mean, std = _channel_stats(feats_arr, computed, tc)
+        group.create_array("channel_mean", data=mean, overwrite=True)
+        group.create_array("channel_std", data=std, overwrite=True)
         partial.rename(final)
         return self.open(image, spec)
+
+
+def _open_partial(partial: Path, key: str) -> Any:
+    """An unfinished entry to resume, or None (absent, another key, or unreadable: removed)."""
+    import zarr
+
+    if not partial.is_dir():
+        return None
+    try:
+        group = zarr.open_group(str(partial), mode="r+")
+        if group.attrs.get("key") == key and "features" in group and "computed" in group:
+            return group
+    except Exception:  # a half-created store from a crash: start again
+        pass
+    shutil.rmtree(partial, ignore_errors=True)
+    return None
 
 
 def _channel_stats(

@@ -44,6 +44,11 @@ FEATURE_FORMAT_VERSION = 1
 
 # The paper's patches were 48-72 px at the analysis scale; aim for the middle.
 TARGET_PATCH_PX = 64.0
+MAX_TILE_SIZE = 4096
+# Resampling factors are multiples of 1/RESAMPLE_DENOMINATOR so that tile origins (multiples of
+# the 16-px stride) land on whole level pixels, and tiles stitch exactly.
+RESAMPLE_DENOMINATOR = 16
+MAX_RESAMPLE = 8.0
 
 
 @dataclass(frozen=True)
@@ -70,17 +75,35 @@ class AnalysisScale:
     def for_patch(
         cls, image: ImageSource, patch_size_l0: float, *, target_px: float = TARGET_PATCH_PX
     ) -> AnalysisScale:
-        """Scale at which a patch of ``patch_size_l0`` level-0 pixels (its longer side) is about
-        ``target_px`` analysis pixels: the coarsest pyramid level not coarser than that, then
-        resampling for the rest (none when within 15 %). Patches smaller than ``target_px`` are
-        upsampled from level 0 (at most 4x): the trunk's 16-px stride is coarse for them."""
-        if not patch_size_l0 > 0:
+        """Scale at which a patch of ``patch_size_l0`` level-0 pixels (its longer side) lands at
+        about ``target_px`` analysis pixels.
+
+        The wanted downsample ``patch_size_l0 / target_px`` is quantised to powers of sqrt(2),
+        so patches land at 54-76 analysis pixels (the paper used 48-72) and nearby patch sizes
+        share one scale, hence one cached feature map. The coarsest pyramid level not coarser
+        than that is read, and resampled by a multiple of 1/16 (so tile origins land on whole
+        level pixels and tiles stitch exactly). Patches smaller than ``target_px`` are
+        upsampled from level 0 (at most 4x): the trunk's 16-px stride is coarse for them.
+        """
+        if not patch_size_l0 > 0 or not math.isfinite(patch_size_l0):
             raise ConfigError(f"patch size must be > 0 level-0 pixels, got {patch_size_l0}")
+        w0, h0 = image.dimensions
+        if patch_size_l0 > min(w0, h0):
+            raise ConfigError(
+                f"{image.path}: a patch of {patch_size_l0:.0f} px is larger than the image "
+                f"({w0}x{h0}); draw smaller prototypes"
+            )
         wanted = max(0.25, patch_size_l0 / target_px)
-        level = image.get_best_level_for_downsample(max(wanted, 1.0))
-        resample = wanted / image.levels[level].downsample
-        if abs(resample - 1.0) < 0.15:
-            resample = 1.0
+        quantised = 2.0 ** (round(2.0 * math.log2(wanted)) / 2.0)
+        level = image.get_best_level_for_downsample(max(quantised, 1.0))
+        d = RESAMPLE_DENOMINATOR
+        resample = max(4, round(quantised / image.levels[level].downsample * d)) / d
+        if resample > MAX_RESAMPLE:
+            raise ConfigError(
+                f"{image.path}: a patch of {patch_size_l0:.0f} px needs a downsample of "
+                f"{quantised:.0f} but the coarsest level is {image.levels[-1].downsample:.0f}; "
+                "add pyramid levels to the file (e.g. convert it to a pyramidal TIFF)"
+            )
         return cls.for_level(image, level, resample)
 
     def analysis_size(self, image: ImageSource) -> tuple[int, int]:
@@ -143,7 +166,7 @@ class FeatureExtractor:
     device
         where to run; the caller decides (the CLI's ``--device``).
     autocast
-        run in bfloat16 (CPU) / float16 (CUDA) autocast. On CPU bf16 was measured 2.5-5x faster
+        run in bfloat16 (CPU) / float16 (CUDA) autocast. On CPU bf16 was measured 1.9x faster
         than fp32 for this trunk and rank-preserving (docs/benchmarks.md).
     """
 
@@ -171,6 +194,13 @@ class FeatureExtractor:
     @property
     def stride(self) -> int:
         return self.spec.stride
+
+    @property
+    def precision(self) -> str:
+        """What the trunk computes in (part of the cache key): e.g. ``cpu-bf16``, ``cuda-fp16``."""
+        if not self.autocast:
+            return f"{self.device.type}-fp32"
+        return f"{self.device.type}-{'bf16' if self.device.type == 'cpu' else 'fp16'}"
 
     def out_dim(self, n_channels: int, rgb: bool) -> int:
         return self.spec.out_channels * (1 if rgb else n_channels)
@@ -232,6 +262,8 @@ class FeatureSpec:
     rgb: bool
     tile_size: int
     halo: int
+    precision: str = "fp32"
+    tiles: str = "all"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -244,6 +276,8 @@ class FeatureSpec:
             "rgb": self.rgb,
             "tile_size": self.tile_size,
             "halo": self.halo,
+            "precision": self.precision,
+            "tiles": self.tiles,
         }
 
     def key(self, image_identity: str) -> str:
@@ -259,11 +293,21 @@ def make_feature_spec(
     *,
     channels: Sequence[str | int] | None = None,
     tile_size: int = 1024,
+    tiles: str = "all",
 ) -> FeatureSpec:
-    """Validate and freeze the parameters of a feature map for ``image``."""
+    """Validate and freeze the parameters of a feature map for ``image``.
+
+    ``tiles``: ``"all"`` embeds every tile; ``"foreground"`` only tiles touching the tissue /
+    foreground mask of :func:`simsearch_wsi.tissue.detect_foreground` (part of the cache key).
+    """
     stride = extractor.stride
-    if tile_size <= 0 or tile_size % stride:
-        raise ConfigError(f"tile size must be a positive multiple of {stride}, got {tile_size}")
+    if tile_size <= 0 or tile_size % stride or tile_size > MAX_TILE_SIZE:
+        raise ConfigError(
+            f"tile size must be a positive multiple of {stride} up to {MAX_TILE_SIZE}, "
+            f"got {tile_size}"
+        )
+    if tiles not in ("all", "foreground"):
+        raise ConfigError(f"tiles must be 'all' or 'foreground', got {tiles!r}")
     names = image.channel_names
     idx = list(range(len(names))) if channels is None else resolve_channels(names, channels)
     if normalization.n_channels != len(names):
@@ -282,6 +326,8 @@ def make_feature_spec(
         rgb=rgb,
         tile_size=tile_size,
         halo=extractor.spec.halo,
+        precision=extractor.precision,
+        tiles=tiles,
     )
 
 

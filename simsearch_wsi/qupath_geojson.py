@@ -432,6 +432,7 @@ def read_features(
     doc_or_path: str | os.PathLike[str] | Mapping[str, Any] | Sequence[Any],
     *,
     where: str | None = None,
+    skipped: list[str] | None = None,
 ) -> list[Annotation]:
     """Read every object of QuPath GeoJSON (any version 0.2-0.7) from a file or parsed JSON.
 
@@ -442,6 +443,10 @@ def read_features(
         FeatureCollection or a list of Features.
     where
         How messages name the input; default: the path, or ``"GeoJSON"``.
+    skipped
+        When a list is given, a feature that cannot be read is left out and its one-line reason
+        appended here, instead of raising (a QuPath project may hold objects this engine does
+        not use, such as geometry collections).
 
     Returns
     -------
@@ -461,10 +466,20 @@ def read_features(
     else:
         doc = doc_or_path
         where = where or "GeoJSON"
-    return [_read_feature(f, n, where) for n, f in enumerate(_feature_list(doc, where))]
+    out = []
+    for n, f in enumerate(_feature_list(doc, where)):
+        try:
+            out.append(_read_feature(f, n, where))
+        except ConfigError as exc:
+            if skipped is None:
+                raise
+            skipped.append(str(exc))
+    return out
 
 
-def read_annotations(path: str | os.PathLike[str]) -> list[Annotation]:
+def read_annotations(
+    path: str | os.PathLike[str], *, skipped: list[str] | None = None
+) -> list[Annotation]:
     """Read every object (annotations, detections, cells, tiles) of a QuPath GeoJSON file.
 
     Parameters
@@ -475,9 +490,9 @@ def read_annotations(path: str | os.PathLike[str]) -> list[Annotation]:
     Returns
     -------
     list of Annotation
-        See :func:`read_features`.
+        See :func:`read_features` (also for ``skipped``).
     """
-    return read_features(Path(path))
+    return read_features(Path(path), skipped=skipped)
 
 
 # --- writing -----------------------------------------------------------------------------------

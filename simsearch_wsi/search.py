@@ -42,7 +42,6 @@ from simsearch_wsi.similarity import (
     pooled_map,
     similarity_maps,
 )
-from simsearch_wsi.tissue import detect_foreground
 
 # Cosine similarity between standardised pooled vectors; a starting point the user moves.
 DEFAULT_THRESHOLD = 0.5
@@ -189,6 +188,7 @@ class SimSearch:
             normalization or self.normalization_for(image),
             channels=self.settings.channels,
             tile_size=self.settings.tile_size,
+            tiles="foreground",
         )
 
     def embed(
@@ -202,14 +202,10 @@ class SimSearch:
         """The image's feature map at the scale for ``patch_size_l0``, from the cache or computed
         over foreground tiles."""
         spec = self.feature_spec(image, patch_size_l0, normalization=normalization)
-        if self.cache.contains(image, spec):
-            return spec, self.cache.open(image, spec)
-        mask = detect_foreground(image)
         fmap = self.cache.get_or_compute(
             image,
             self.extractor,
             spec,
-            mask=mask,
             batch_size=self.settings.batch_size,
             progress=progress,
         )
@@ -308,6 +304,7 @@ class SimSearch:
             min_distance_a=self.settings.min_distance_fraction * geometry.width_a,
             max_per_class=self.settings.max_per_class,
             exclude=here,
+            image_size_l0=image.dimensions,
         )
         background: list[Suggestion] = []
         if n_background:
@@ -319,6 +316,7 @@ class SimSearch:
                 n_high=n_background,
                 n_low=n_background,
                 avoid=avoid_boxes,
+                image_size_l0=image.dimensions,
             )
         t2 = time.perf_counter()
         notes = []

@@ -124,7 +124,7 @@ class Standardizer:
 def pool(features_dhw: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """(D, h, w) -> (D, h-kh+1, w-kw+1): the same Gaussian for every channel ("valid").
 
-    A depthwise convolution (groups = D): 12x faster on CPU than treating channels as a batch.
+    A depthwise convolution (groups = D), much faster on CPU than treating channels as a batch.
     """
     d = features_dhw.shape[0]
     weight = kernel.expand(d, 1, *kernel.shape).contiguous()
@@ -162,21 +162,6 @@ class PrototypeVectors:
         unit: torch.Tensor = m / m.norm().clamp_min(1e-12)
         return unit
 
-    @staticmethod
-    def concat(parts: Sequence[PrototypeVectors]) -> PrototypeVectors:
-        classes: list[str] = []
-        for p in parts:
-            classes += [c for c in p.classes if c not in classes]
-        vecs, idx = [], []
-        for p in parts:
-            vecs.append(p.vectors)
-            idx.append(
-                torch.tensor(
-                    [classes.index(p.classes[int(i)]) for i in p.class_index], dtype=torch.long
-                )
-            )
-        return PrototypeVectors(torch.cat(vecs), torch.cat(idx), tuple(classes))
-
 
 def box_to_analysis(box: BoxL0, spec: FeatureSpec) -> tuple[float, float, float, float]:
     """(x_a, y_a, width_a, height_a) of a level-0 box on the analysis grid."""
@@ -199,6 +184,7 @@ def embed_prototypes(
     s, halo = geometry.stride, spec.halo
     kh, kw = geometry.kernel_hw
     k = max(kh, kw)
+    oy, ox = (k - kh) // 2, (k - kw) // 2
     kernel = geometry.kernel()
     idx = resolve_channels(image.channel_names, list(spec.channels))
     crops, owners = [], []
@@ -207,8 +193,9 @@ def embed_prototypes(
             raise ConfigError(f"prototype class {proto.class_name!r} is not one of {list(classes)}")
         x_a, y_a, w_a, h_a = box_to_analysis(proto.box, spec)
         i, j = geometry.window_index(x_a + w_a / 2, y_a + h_a / 2)
-        # square crop of k x k cells whose top-left is the window's top-left cell
-        x0, y0 = j * s - halo, i * s - halo
+        # a square crop of k x k cells (plus halo) with the window at its centre, so that the
+        # rotations turn about the window's centre and rotation 0 is the cached map's window
+        x0, y0 = (j - ox) * s - halo, (i - oy) * s - halo
         side = k * s + 2 * halo
         raw = read_analysis_region(image, spec.scale, x0, y0, side, side)
         norm = prepare_pixels(raw, spec, idx)
@@ -222,7 +209,6 @@ def embed_prototypes(
     )  # (4P, D, k + 2c, k + 2c)
     c = halo // s
     core = feats[:, :, c : c + k, c : c + k]
-    oy, ox = (k - kh) // 2, (k - kw) // 2
     window = core[:, :, oy : oy + kh, ox : ox + kw]
     vecs = (window * kernel[None, None]).sum(dim=(2, 3))
     vecs = (standardize or Standardizer())(vecs, dim=1)
@@ -238,7 +224,10 @@ class PooledMap:
     windows whose top-left cell lies in that tile). Uncompressed bf16 makes a query read and
     multiply without any decoding (the chunk is viewed as a bf16 tensor in place); it costs
     ``2 * D`` bytes per window on disk. ``computed`` marks the chunks written; ``valid``
-    (Hp, Wp) marks windows whose centre cell was embedded.
+    (Hp, Wp) marks windows whose centre cell was embedded. Known limit: a window whose top-left
+    cell lies in a tile that was not embedded is not scored even if its centre is embedded (a
+    band of ``kernel // 2`` cells, at most 2 at the usual patch sizes, along the top and left
+    edges of embedded regions, which border tissue-free tiles).
     """
 
     path: Path
@@ -331,7 +320,7 @@ def similarity_maps(
     statistics (module docstring); prototypes must have been standardised the same way.
     ``precision``: ``"bf16"`` (default; 5x faster matrix products on CPUs with AVX-512 BF16) or
     ``"fp32"`` products. The pooled vectors are stored in bf16 either way (similarities within
-    about 0.01 of float32, rankings preserved: tested).
+    about 0.02 of float32, rankings preserved; see tests/test_similarity.py).
     """
     if precision not in ("bf16", "fp32"):
         raise ConfigError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
@@ -405,11 +394,11 @@ def local_maxima(
     """(n, 2) (i, j) of local maxima >= threshold, strongest first, NaN ignored."""
     from skimage.feature import peak_local_max
 
-    filled = np.where(np.isfinite(m), m, -np.inf).astype(np.float32)
-    if not np.isfinite(filled).any():
+    finite = np.isfinite(m)
+    if not finite.any():
         return np.zeros((0, 2), dtype=np.int64)
     peaks = peak_local_max(
-        np.where(np.isfinite(filled), filled, np.float32(-1e9)),
+        np.where(finite, m, np.float32(-1e9)).astype(np.float32),
         min_distance=max(1, min_distance_cells),
         threshold_abs=threshold,
         exclude_border=False,
@@ -425,6 +414,16 @@ def _box_from_window(geometry: PatchGeometry, spec: FeatureSpec, i: float, j: fl
     sx, sy = spec.scale.downsample_x, spec.scale.downsample_y
     w_l0, h_l0 = geometry.width_a * sx, geometry.height_a * sy
     return BoxL0(cx_a * sx - w_l0 / 2, cy_a * sy - h_l0 / 2, w_l0, h_l0)
+
+
+def _inside(box: BoxL0, image_size_l0: tuple[int, int] | None) -> BoxL0:
+    """Shift a box (not larger than the image) so it lies inside the image."""
+    if image_size_l0 is None:
+        return box
+    w0, h0 = image_size_l0
+    x = min(max(box.x_l0, 0.0), max(w0 - box.width_l0, 0.0))
+    y = min(max(box.y_l0, 0.0), max(h0 - box.height_l0, 0.0))
+    return BoxL0(x, y, box.width_l0, box.height_l0)
 
 
 def _contains(box: BoxL0, point: tuple[float, float]) -> bool:
@@ -450,6 +449,7 @@ def extract_suggestions(
     max_per_class: int = 500,
     exclude: Sequence[Prototype] = (),
     competitive: bool = True,
+    image_size_l0: tuple[int, int] | None = None,
 ) -> list[Suggestion]:
     """Suggestions per class from :func:`similarity_maps` output (module docstring).
 
@@ -477,7 +477,7 @@ def extract_suggestions(
         found: list[tuple[float, BoxL0]] = []
         for i, j in peaks:
             di, dj = _refine(m, int(i), int(j))
-            box = _box_from_window(geometry, spec, i + di, j + dj)
+            box = _inside(_box_from_window(geometry, spec, i + di, j + dj), image_size_l0)
             if any(p.class_name == name and _contains(p.box, box.center_l0) for p in exclude):
                 continue
             found.append((float(m[i, j]), box))
@@ -514,6 +514,7 @@ def background_candidates(
     n_high: int = 10,
     n_low: int = 10,
     avoid: Sequence[BoxL0] = (),
+    image_size_l0: tuple[int, int] | None = None,
 ) -> list[Suggestion]:
     """Windows most and least similar to the mean of all prototypes, away from labelled boxes.
 
@@ -531,7 +532,7 @@ def background_candidates(
         j0, i0 = max(0, math.floor(x0a / s)), max(0, math.floor(y0a / s))
         j1, i1 = max(0, math.ceil(x1a / s)), max(0, math.ceil(y1a / s))
         m[i0:i1, j0:j1] = np.nan
-    min_cells = max(1, round(max(kh, kw)))
+    min_cells = max(kh, kw)
     out: list[Suggestion] = []
     high = local_maxima(m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_high)
     low = local_maxima(-m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_low)
@@ -539,7 +540,7 @@ def background_candidates(
         out.append(
             Suggestion(
                 "background",
-                _box_from_window(geometry, spec, float(i), float(j)),
+                _inside(_box_from_window(geometry, spec, float(i), float(j)), image_size_l0),
                 float(m[i, j]),
                 rank + 1,
             )
@@ -548,7 +549,7 @@ def background_candidates(
         out.append(
             Suggestion(
                 "background",
-                _box_from_window(geometry, spec, float(i), float(j)),
+                _inside(_box_from_window(geometry, spec, float(i), float(j)), image_size_l0),
                 float(m[i, j]),
                 len(high) + rank + 1,
             )

@@ -204,3 +204,39 @@ def test_bad_threshold_syntax(
         ]
     )
     assert code == 1 and "expected CLASS=VALUE" in capsys.readouterr().err
+
+
+def test_unreadable_objects_are_left_out_with_a_note(
+    synthetic_slide: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An object suggest does not use (an empty geometry collection) does not abort the run."""
+    protos = _one_prototype_per_class(synthetic_slide, tmp_path / "p.geojson")
+    doc = json.loads(protos.read_text())
+    doc["features"].append(
+        {
+            "type": "Feature",
+            "properties": {"objectType": "annotation"},
+            "geometry": {"type": "GeometryCollection", "geometries": []},
+        }
+    )
+    protos.write_text(json.dumps(doc))
+    out = tmp_path / "o.geojson"
+    assert (
+        main(
+            [
+                "suggest",
+                str(synthetic_slide.path),
+                "--annotations",
+                str(protos),
+                "--out",
+                str(out),
+                "--weights",
+                "random",
+                "--cache",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
+    assert "1 object(s) left out" in capsys.readouterr().err
+    assert out.exists()

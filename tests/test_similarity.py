@@ -58,9 +58,9 @@ def _match(suggestions: list[Suggestion], truth: list[tuple[float, float]], radi
 def test_one_prototype_finds_its_class(synthetic_slide: Any, search: SimSearch) -> None:
     """Issue 3: one prototype per class (random-weight trunk) finds same-class motifs.
 
-    Measured on this slide (seed 0): recall 0.71 / 0.57 / 1.0 and precision 1.0 / 0.67 / 0.11
+    Measured on this slide (seed 0): recall 0.86 / 0.86 / 1.0 and precision 0.60 / 0.86 / 0.09
     for ring / cluster / stripes at the default threshold 0.5 (pooled ring + cluster: recall
-    9/14 = 0.64, precision 9/11 = 0.82); the faint stripes motif matches tissue texture with
+    12/14 = 0.86, precision 12/17 = 0.71); the faint stripes motif matches tissue texture with
     random weights. Asserted a little below, so that one motif more or less on another CPU does
     not fail the test.
     """
@@ -81,8 +81,8 @@ def test_one_prototype_finds_its_class(synthetic_slide: Any, search: SimSearch) 
                 n_total + len(mine),
                 truth_total + len(truth),
             )
-    assert tp_total / truth_total >= 0.55, recalls
-    assert tp_total / n_total >= 0.7
+    assert tp_total / truth_total >= 0.75, recalls
+    assert tp_total / n_total >= 0.6
     assert recalls["stripes"] >= 0.8
     ranks = [s.rank for s in result.suggestions if s.class_name == "ring"]
     assert ranks == list(range(1, len(ranks) + 1))
@@ -135,17 +135,19 @@ def test_rotated_copies_are_found(search: SimSearch) -> None:
     src = ArraySource(img, mpp=0.5, path="l_shapes")
     proto = Prototype("L", BoxL0(64, 64, 48, 48))
     result = search.suggest(src, [proto], thresholds={"L": 0.0})
-    found = {
-        name
-        for name, (y, x) in spots.items()
-        if name != "proto"
-        and any(
-            abs(s.box.center_l0[0] - (x + 24)) <= 24 and abs(s.box.center_l0[1] - (y + 24)) <= 24
-            for s in result.suggestions[:4]
-        )
-    }  # within half a patch, and the 4 best suggestions
-    assert found == {"copy", "rot90", "rot180", "rot270"}
-    assert all(s.similarity > 0.5 for s in result.suggestions[:4])
+    # the 4 best suggestions are one per copy (each nearest a different copy, within 2/3 of
+    # a patch: the L's mass is off-centre, so rotated copies peak a little off their centre)
+    best = result.suggestions[:4]
+    nearest = []
+    for s in best:
+        cx, cy = s.box.center_l0
+        dist = {n: float(np.hypot(cx - (x + 24), cy - (y + 24))) for n, (y, x) in spots.items()}
+        name = min(dist, key=lambda n: dist[n])
+        assert dist[name] <= 32, (name, dist[name])
+        nearest.append(name)
+    assert sorted(nearest) == sorted(["copy", "rot90", "rot180", "rot270"])
+    assert min(s.similarity for s in best) > 0.5
+    assert all(s.similarity < 0.3 for s in result.suggestions[4:])  # a clear margin
 
 
 def test_background_candidates(synthetic_slide: Any, search: SimSearch) -> None:
@@ -216,3 +218,56 @@ def test_geojson_output_is_valid_qupath(
     back = read_annotations(out)
     assert all(a.is_rectangle and a.object_type == "detection" for a in back)
     assert {a.class_name for a in back} == {"ring", "background"}
+
+
+def test_non_square_prototype_rotation0_is_the_cached_window(search: SimSearch) -> None:
+    """Issue-3 review: a non-square prototype's rotation-0 vector equals the pooled map's
+    vector of its window (it was embedded off-centre before)."""
+    from simsearch_wsi.similarity import (
+        Standardizer,
+        embed_prototypes,
+        pooled_map,
+    )
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(60, 230, (384, 384, 3), dtype=np.uint8)
+    src = ArraySource(img, mpp=0.5, path="noise")
+    for w, h in ((128, 64), (64, 128)):
+        spec, fmap = search.embed(src, max(w, h))
+        geo = PatchGeometry(w / spec.scale.downsample_x, h / spec.scale.downsample_y, 16)
+        proto = Prototype("A", BoxL0(96, 128, w, h))
+        vecs = embed_prototypes(
+            src, search.extractor, spec, geo, [proto], ["A"], standardize=Standardizer.of(fmap)
+        )
+        x_a, y_a = (96 + w / 2) / spec.scale.downsample_x, (128 + h / 2) / spec.scale.downsample_y
+        i, j = geo.window_index(x_a, y_a)
+        pm = pooled_map(fmap, geo)
+        from simsearch_wsi.similarity import as_bf16
+
+        cached = as_bf16(np.asarray(pm.array[i, j])).float()
+        cos = float(torch.dot(vecs.vectors[0], cached) / cached.norm())
+        assert cos > 0.99, (w, h, cos)
+
+
+def test_bf16_query_ranks_like_fp32(synthetic_slide: Any, search: SimSearch) -> None:
+    from scipy.stats import spearmanr
+
+    from simsearch_wsi.similarity import Standardizer, embed_prototypes, similarity_maps
+
+    proto = Prototype("ring", synthetic_slide.objects_of("ring")[0].box)
+    with open_image(synthetic_slide.path) as img:
+        spec, fmap = search.embed(img, max(proto.box.width_l0, proto.box.height_l0))
+        geo = PatchGeometry(
+            proto.box.width_l0 / spec.scale.downsample_x,
+            proto.box.height_l0 / spec.scale.downsample_y,
+            16,
+        )
+        vecs = embed_prototypes(
+            img, search.extractor, spec, geo, [proto], ["ring"], standardize=Standardizer.of(fmap)
+        )
+    bf = similarity_maps(fmap, geo, vecs, precision="bf16")[0]
+    fp = similarity_maps(fmap, geo, vecs, precision="fp32")[0]
+    ok = np.isfinite(fp)
+    assert np.array_equal(ok, np.isfinite(bf))
+    assert np.abs(bf[ok] - fp[ok]).max() < 0.02
+    assert spearmanr(bf[ok], fp[ok]).statistic > 0.999

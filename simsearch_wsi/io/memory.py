@@ -69,6 +69,7 @@ class ArraySource(ImageSource):
         if n_levels < 1:
             raise ConfigError(f"{path}: n_levels must be >= 1, got {n_levels}")
         self._arrays = _pyramid(np.ascontiguousarray(arr), n_levels)
+        self._identity: str | None = None
         n_ch = arr.shape[2]
         if channel_names is None:
             channel_names = ("R", "G", "B") if n_ch == 3 else tuple(f"C{i}" for i in range(n_ch))
@@ -93,9 +94,11 @@ class ArraySource(ImageSource):
         """Content hash of the level-0 pixels (an in-memory image has no file to stat)."""
         import hashlib
 
-        a = self._arrays[0]
-        digest = hashlib.sha256(a.tobytes()).hexdigest()[:32]
-        return f"array|{a.shape}|{a.dtype}|{digest}"
+        if self._identity is None:  # hashing is linear in the image: do it once
+            a = self._arrays[0]
+            digest = hashlib.sha256(a.tobytes()).hexdigest()[:32]
+            self._identity = f"array|{a.shape}|{a.dtype}|{digest}"
+        return self._identity
 
     def __reduce__(self) -> tuple[Any, ...]:
         # In-memory sources travel with their pixels; file-backed ones reopen by path.
