@@ -8,7 +8,6 @@ below it takes them as arguments.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -214,8 +213,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _cmd_suggest(args: argparse.Namespace) -> int:
     from simsearch_wsi.io import open_image
     from simsearch_wsi.qupath_geojson import read_annotations, write_feature_collection
-    from simsearch_wsi.search import prototypes_from_annotations
-    from simsearch_wsi.session import Session
+    from simsearch_wsi.session import Session, suggest_with_session
 
     thresholds = _parse_thresholds(args.threshold)
     if args.annotations is None and args.session is None:
@@ -224,40 +222,21 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             "prototypes"
         )
     skipped: list[str] = []
-    annotations = read_annotations(args.annotations, skipped=skipped) if args.annotations else []
+    annotations = read_annotations(args.annotations, skipped=skipped) if args.annotations else None
     session = Session.create(args.session, exist_ok=True) if args.session else None
     search = _build_search(args)
-    with open_image(args.image, mpp=args.mpp) as img:
-        prototypes = (
-            prototypes_from_annotations(annotations, img, where=str(args.annotations))
-            if args.annotations
-            else []
+    with open_image(args.image, mpp=args.mpp) as img, _progress() as progress:
+        result = suggest_with_session(
+            search,
+            img,
+            session=session,
+            annotations=annotations,
+            where=str(args.annotations),
+            thresholds=thresholds,
+            n_background=args.background,
+            progress=progress,
         )
-        patch_size = None
-        if session is not None:
-            session.add_prototypes(img.path, prototypes)
-            session.set_thresholds(thresholds)
-            thresholds = session.thresholds
-            prototypes = session.all_prototypes()
-            patch_size = session.patch_size_l0
-            if not prototypes:
-                raise ConfigError(
-                    f"{args.session}: the session has no prototypes yet; pass --annotations"
-                )
-        with _progress() as progress:
-            result = search.suggest(
-                img,
-                prototypes,
-                thresholds=thresholds,
-                n_background=args.background,
-                avoid=session.labelled_boxes(img.path) if session else (),
-                patch_size_l0=patch_size,
-                progress=progress,
-            )
     write_feature_collection(args.out, result.geojson_features())
-    if session is not None:
-        session.record_suggestions(result.image, result)
-        session.save()
     summary = result.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -325,28 +304,13 @@ def _cmd_review(args: argparse.Namespace) -> int:
 def _cmd_background(args: argparse.Namespace) -> int:
     from simsearch_wsi.io import open_image
     from simsearch_wsi.qupath_geojson import write_feature_collection
-    from simsearch_wsi.session import Session
+    from simsearch_wsi.session import Session, background_with_session
 
     session = Session.open(args.session)
-    prototypes = session.all_prototypes()
-    if not prototypes:
-        raise ConfigError(f"{args.session}: the session has no prototypes yet; run suggest first")
     search = _build_search(args)
     with open_image(args.image, mpp=args.mpp) as img, _progress() as progress:
-        result = search.suggest(
-            img,
-            prototypes,
-            thresholds=session.thresholds,
-            n_background=args.n,
-            avoid=session.labelled_boxes(img.path),
-            patch_size_l0=session.patch_size_l0,
-            progress=progress,
-        )
-    # only the background candidates go to the user here (new ids for them)
-    result = dataclasses.replace(result, suggestions=[], ids=[])
+        result = background_with_session(search, img, session=session, n=args.n, progress=progress)
     write_feature_collection(args.out, result.geojson_features())
-    session.record_suggestions(result.image, result)
-    session.save()
     _console().print(f"{args.out}: {len(result.background)} background candidates", markup=False)
     return EXIT_OK
 
@@ -377,6 +341,38 @@ def _cmd_session_show(args: argparse.Namespace) -> int:
         f"{len(summary['reviewed_images'])}, unreviewed {len(summary['unreviewed_images'])}",
         markup=False,
     )
+    return EXIT_OK
+
+
+# --- serve --------------------------------------------------------------------------------------
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from simsearch_wsi.server import create_app, is_loopback, serve
+
+    token = args.token or os.environ.get("SIMSEARCH_WSI_TOKEN") or None
+    if not is_loopback(args.host) and not token:
+        raise ConfigError(
+            f"--host {args.host} exposes the server beyond this machine: also pass --token "
+            "SECRET (or set SIMSEARCH_WSI_TOKEN), and put the same token in the QuPath scripts"
+        )
+    roots = [Path(p).resolve() for p in (args.allow or [os.getcwd()])]
+    for root in roots:
+        if not root.is_dir():
+            raise ConfigError(f"--allow {root}: not a folder; pass folders holding your images")
+    search = _build_search(args)
+    app = create_app(
+        search,
+        allowed_roots=roots,
+        token=token,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        job_workers=args.job_workers,
+    )
+    print(
+        f"simsearch-wsi: serving http://{args.host}:{args.port}/api/v1 (docs at /api/v1/docs); "
+        f"images and sessions allowed under: {', '.join(str(r) for r in roots)}; "
+        f"token {'required' if token else 'not required (loopback only)'}; Ctrl-C stops",
+        file=sys.stderr,
+    )
+    serve(app, host=args.host, port=args.port)
     return EXIT_OK
 
 
@@ -637,6 +633,44 @@ def build_parser() -> argparse.ArgumentParser:
     p_show.add_argument("dir", metavar="DIR")
     p_show.add_argument("--json", action="store_true")
     p_show.set_defaults(func=_cmd_session_show)
+
+    p_srv = sub.add_parser(
+        "serve",
+        parents=[engine],
+        help="run the local HTTP server the QuPath scripts talk to",
+        description="Serve the review loop (suggest, review, background, session) and long "
+        "jobs (embed) over HTTP with models and feature caches kept warm. Binds to loopback; "
+        "any other host needs a token. Only images and sessions under --allow folders are read.",
+    )
+    p_srv.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    p_srv.add_argument(
+        "--port", type=_int_at_least(1), default=8765, help="port (default: %(default)s)"
+    )
+    p_srv.add_argument(
+        "--allow",
+        action="append",
+        metavar="DIR",
+        help="folder whose images and sessions may be used (repeatable; "
+        "default: the current folder)",
+    )
+    p_srv.add_argument(
+        "--token",
+        default=None,
+        help="require 'Authorization: Bearer TOKEN' (or set SIMSEARCH_WSI_TOKEN)",
+    )
+    p_srv.add_argument(
+        "--max-body-mb",
+        type=_positive_float,
+        default=32.0,
+        help="largest request body in MB (default: %(default)s)",
+    )
+    p_srv.add_argument(
+        "--job-workers",
+        type=_int_at_least(1),
+        default=1,
+        help="background jobs run at once (default: %(default)s)",
+    )
+    p_srv.set_defaults(func=_cmd_serve)
 
     p_demo = sub.add_parser(
         "demo",

@@ -24,11 +24,13 @@ decision that contradicts an earlier one is applied and reported as a conflict.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +38,9 @@ from typing import Any, Literal
 
 from simsearch_wsi.atomic import write_json_atomic
 from simsearch_wsi.errors import ConfigError, MetadataError
+from simsearch_wsi.features import ProgressFn
 from simsearch_wsi.geometry import BoxL0
+from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.qupath_geojson import (
     BACKGROUND_CLASS,
     REJECTED_CLASS,
@@ -44,7 +48,12 @@ from simsearch_wsi.qupath_geojson import (
     Annotation,
     class_color,
 )
-from simsearch_wsi.search import DEFAULT_THRESHOLD, SuggestResult
+from simsearch_wsi.search import (
+    DEFAULT_THRESHOLD,
+    SimSearch,
+    SuggestResult,
+    prototypes_from_annotations,
+)
 from simsearch_wsi.similarity import Prototype
 
 SESSION_FILE = "session.json"
@@ -389,3 +398,85 @@ class Session:
             "unreviewed_images": [i for i in images if i not in self.reviewed_images],
             "reviews": len(self.reviews),
         }
+
+
+# --- the review-loop operations the CLI and the server share ---------------------------------
+def suggest_with_session(
+    search: SimSearch,
+    image: ImageSource,
+    *,
+    session: Session | None,
+    annotations: Sequence[Annotation] | None,
+    where: str,
+    thresholds: dict[str, float],
+    n_background: int = 0,
+    engine_lock: AbstractContextManager[Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> SuggestResult:
+    """Suggestions on ``image`` from the prototypes in ``annotations`` and, with a session, from
+    every saved prototype (saved thresholds apply; given ones are saved). Records what was sent
+    in the session and saves it. ``annotations=None`` uses the session's prototypes only."""
+    if annotations is None and session is None:
+        raise ConfigError(
+            "suggest needs annotations (prototype rectangles), or a session with saved prototypes"
+        )
+    prototypes = (
+        prototypes_from_annotations(annotations, image, where=where)
+        if annotations is not None
+        else []
+    )
+    patch_size = None
+    if session is not None:
+        session.add_prototypes(image.path, prototypes)
+        session.set_thresholds(thresholds)
+        thresholds = session.thresholds
+        prototypes = session.all_prototypes()
+        patch_size = session.patch_size_l0
+        if not prototypes:
+            raise ConfigError(
+                f"{session.root}: the session has no prototypes yet; send annotations with "
+                "classified rectangles"
+            )
+    with engine_lock or nullcontext():
+        result = search.suggest(
+            image,
+            prototypes,
+            thresholds=thresholds,
+            n_background=n_background,
+            avoid=session.labelled_boxes(image.path) if session is not None else (),
+            patch_size_l0=patch_size,
+            progress=progress,
+        )
+    if session is not None:
+        session.record_suggestions(result.image, result)
+        session.save()
+    return result
+
+
+def background_with_session(
+    search: SimSearch,
+    image: ImageSource,
+    *,
+    session: Session,
+    n: int,
+    engine_lock: AbstractContextManager[Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> SuggestResult:
+    """Only background candidates (new ids), away from everything labelled; recorded and saved."""
+    prototypes = session.all_prototypes()
+    if not prototypes:
+        raise ConfigError(f"{session.root}: the session has no prototypes yet; run suggest first")
+    with engine_lock or nullcontext():
+        result = search.suggest(
+            image,
+            prototypes,
+            thresholds=session.thresholds,
+            n_background=n,
+            avoid=session.labelled_boxes(image.path),
+            patch_size_l0=session.patch_size_l0,
+            progress=progress,
+        )
+    result = dataclasses.replace(result, suggestions=[], ids=[])
+    session.record_suggestions(result.image, result)
+    session.save()
+    return result

@@ -240,3 +240,11 @@ def test_unreadable_objects_are_left_out_with_a_note(
     )
     assert "1 object(s) left out" in capsys.readouterr().err
     assert out.exists()
+
+
+def test_serve_refuses_off_loopback_without_token(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SIMSEARCH_WSI_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--weights", "random"]) == 1
+    assert "also pass --token" in capsys.readouterr().err
