@@ -216,13 +216,17 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
     from simsearch_wsi.session import Session, suggest_with_session
 
     thresholds = _parse_thresholds(args.threshold)
-    if args.annotations is None and args.session is None:
+    if args.annotations is None and args.session is None and args.qpproj is None:
         raise ConfigError(
-            "suggest needs --annotations IN.geojson (prototypes), or --session DIR with saved "
-            "prototypes"
+            "suggest needs --annotations IN.geojson (prototypes), --qpproj PROJECT, or "
+            "--session DIR with saved prototypes"
         )
+    if args.out is None and args.qpproj is None:
+        raise ConfigError("suggest needs --out OUT.geojson (or --qpproj PROJECT to write into)")
     skipped: list[str] = []
     annotations = read_annotations(args.annotations, skipped=skipped) if args.annotations else None
+    if args.qpproj is not None and annotations is None:
+        annotations = list(_project_objects(args.qpproj, args.image))
     session = Session.create(args.session, exist_ok=True) if args.session else None
     search = _build_search(args)
     with open_image(args.image, mpp=args.mpp) as img, _progress() as progress:
@@ -236,7 +240,18 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             n_background=args.background,
             progress=progress,
         )
-    write_feature_collection(args.out, result.geojson_features())
+    if args.out is not None:
+        write_feature_collection(args.out, result.geojson_features())
+    if args.qpproj is not None:
+        from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS
+        from simsearch_wsi.qupath_project import write_detections
+
+        write_detections(
+            args.qpproj,
+            args.image,
+            result.geojson_features(),
+            replace_classes={*result.classes, BACKGROUND_CLASS},
+        )
     summary = result.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -244,7 +259,7 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
         console = _console()
         counts = ", ".join(f"{c}: {n}" for c, n in summary["suggestions_per_class"].items())
         console.print(
-            f"{args.out}: {counts}"
+            f"{args.out or args.qpproj}: {counts}"
             + (f", background: {len(result.background)}" if args.background else ""),
             markup=False,
         )
@@ -258,6 +273,12 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             console.print(f"  note: {note}", markup=False)
     _report_skipped(skipped)
     return EXIT_OK
+
+
+def _project_objects(project: str, image: str) -> Any:
+    from simsearch_wsi.qupath_project import find_image, read_project
+
+    return find_image(read_project(project), image).annotations
 
 
 def _report_skipped(skipped: list[str]) -> None:
@@ -277,9 +298,19 @@ def _cmd_review(args: argparse.Namespace) -> int:
 
     session = Session.open(args.session)
     skipped: list[str] = []
-    annotations = read_annotations(args.annotations, skipped=skipped)
+    if (args.annotations is None) == (args.qpproj is None):
+        raise ConfigError(
+            "review needs exactly one of --annotations REVIEWED.geojson or --qpproj PROJECT"
+        )
+    annotations = (
+        read_annotations(args.annotations, skipped=skipped)
+        if args.annotations is not None
+        else list(_project_objects(args.qpproj, args.image))
+    )
     with open_image(args.image) as img:  # checks the image exists and is readable
-        report = session.ingest_review(img.path, annotations, source=str(args.annotations))
+        report = session.ingest_review(
+            img.path, annotations, source=str(args.annotations or args.qpproj)
+        )
     session.save()
     _report_skipped(skipped)
     if args.json:
@@ -568,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_sug.add_argument(
         "--out",
-        required=True,
+        default=None,
         metavar="OUT.geojson",
         help="where to write the suggestions (QuPath detections)",
     )
@@ -589,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_sug.add_argument("--json", action="store_true", help="print a JSON summary")
     p_sug.add_argument(
+        "--qpproj",
+        default=None,
+        metavar="PROJECT",
+        help="QuPath project: read the prototypes of IMAGE from it (unless --annotations) and "
+        "write the suggestions into it (needs paquo and QuPath: extra 'qupath')",
+    )
+    p_sug.add_argument(
         "--session",
         default=None,
         metavar="DIR",
@@ -607,7 +645,14 @@ def build_parser() -> argparse.ArgumentParser:
         "prototypes. Re-ingesting the same file changes nothing.",
     )
     p_rev.add_argument("image", metavar="IMAGE")
-    p_rev.add_argument("--annotations", required=True, metavar="REVIEWED.geojson")
+    p_rev.add_argument("--annotations", default=None, metavar="REVIEWED.geojson")
+    p_rev.add_argument(
+        "--qpproj",
+        default=None,
+        metavar="PROJECT",
+        help="read the decisions from a QuPath project instead (needs paquo and QuPath: "
+        "extra 'qupath')",
+    )
     p_rev.add_argument("--session", required=True, metavar="DIR")
     p_rev.add_argument("--json", action="store_true", help="print the report as JSON")
     p_rev.set_defaults(func=_cmd_review)

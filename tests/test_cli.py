@@ -248,3 +248,30 @@ def test_serve_refuses_off_loopback_without_token(
     monkeypatch.delenv("SIMSEARCH_WSI_TOKEN", raising=False)
     assert main(["serve", "--host", "0.0.0.0", "--weights", "random"]) == 1
     assert "also pass --token" in capsys.readouterr().err
+
+
+def test_qpproj_without_paquo_is_one_line(
+    synthetic_slide: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "paquo", None)
+    monkeypatch.setitem(sys.modules, "paquo.projects", None)
+    assert (
+        main(
+            [
+                "suggest",
+                str(synthetic_slide.path),
+                "--qpproj",
+                str(tmp_path / "p.qpproj"),
+                "--weights",
+                "random",
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "simsearch_wsi[qupath]" in err and err.count("\n") == 1

@@ -1,0 +1,78 @@
+"""paquo-based QuPath project access: guarded, with clear errors when QuPath is missing.
+
+The round trip through a real .qpproj needs a QuPath installation, which these machines cannot
+have (QuPath is in no registry they reach): those tests skip with that reason. The guard is
+tested everywhere.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from simsearch_wsi.qupath_project import QuPathUnavailableError, read_project, write_detections
+
+
+def _paquo_with_qupath() -> bool:
+    try:
+        import paquo.projects  # noqa: F401
+    except ImportError:
+        return False
+    except ValueError:  # paquo installed, no QuPath
+        return False
+    return True
+
+
+def test_missing_paquo_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "paquo", None)  # makes `import paquo...` raise ImportError
+    monkeypatch.setitem(sys.modules, "paquo.projects", None)
+    with pytest.raises(QuPathUnavailableError, match=r"simsearch_wsi\[qupath\]"):
+        read_project(tmp_path / "p.qpproj")
+
+
+def test_paquo_without_qupath_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """paquo raises ValueError at import when it finds no QuPath: reported, not a traceback."""
+    fake = types.ModuleType("paquo")
+    fake.__path__ = []  # a package
+    monkeypatch.setitem(sys.modules, "paquo", fake)
+    classes = types.ModuleType("paquo.classes")
+    monkeypatch.setitem(sys.modules, "paquo.classes", classes)
+
+    class _Finder:
+        def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+            if name == "paquo.projects":
+                raise ValueError("no valid QuPath installation found")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [_Finder(), *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "paquo.projects", raising=False)
+    with pytest.raises(QuPathUnavailableError, match="cannot find a QuPath installation"):
+        write_detections(tmp_path / "p.qpproj", "a.svs", [])
+
+
+@pytest.mark.skipif(
+    not _paquo_with_qupath(),
+    reason="needs paquo and a QuPath installation (not installable on these "
+    "machines: QuPath is in no package registry they reach)",
+)
+def test_round_trip_through_a_real_project(tmp_path: Path) -> None:  # pragma: no cover
+    from paquo.projects import QuPathProject
+
+    from simsearch_wsi.geometry import BoxL0
+    from simsearch_wsi.qupath_geojson import box_feature
+    from simsearch_wsi.synthetic import make_synthetic_slide
+
+    slide = make_synthetic_slide(tmp_path / "s.tiff", width=512, height=384, n_per_class=1)
+    with QuPathProject(tmp_path / "proj", mode="x") as qp:
+        qp.add_image(slide.path)
+    feats = [
+        box_feature(BoxL0(10, 10, 40, 40), class_name="ring", measurements={"similarity": 0.7})
+    ]
+    assert write_detections(tmp_path / "proj", slide.path, feats) == 1
+    images = read_project(tmp_path / "proj")
+    assert [a.class_name for a in images[0].annotations] == ["ring"]
