@@ -25,7 +25,6 @@ Coordinates of the ground truth are level-0 pixels (``_l0``), origin top-left, x
 from __future__ import annotations
 
 import csv
-import json
 import math
 import uuid
 from collections.abc import Callable, Sequence
@@ -170,30 +169,25 @@ class SyntheticSlide:
         stream of :attr:`seed`, so the output is reproducible. When ``path`` is given the
         collection is also written there as JSON.
         """
+        from simsearch_wsi.qupath_geojson import (
+            box_feature,
+            feature_collection,
+            write_feature_collection,
+        )
+
         rng = np.random.default_rng([self.seed, _GEOJSON_STREAM])
-        features: list[dict[str, Any]] = []
-        for obj in self.objects:
-            x0, y0 = obj.x_l0, obj.y_l0
-            x1, y1 = obj.x_l0 + obj.width_l0, obj.y_l0 + obj.height_l0
-            ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-            features.append(
-                {
-                    "type": "Feature",
-                    "id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
-                    "geometry": {"type": "Polygon", "coordinates": [ring]},
-                    "properties": {
-                        "objectType": "annotation",
-                        "classification": {
-                            "name": obj.class_name,
-                            "color": list(class_color(obj.class_name)),
-                        },
-                    },
-                }
+        features = [
+            box_feature(
+                obj.box,
+                class_name=obj.class_name,
+                object_type="annotation",
+                id=str(uuid.UUID(bytes=rng.bytes(16), version=4)),
             )
-        collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+            for obj in self.objects
+        ]
         if path is not None:
-            Path(path).write_text(json.dumps(collection, indent=1), encoding="utf-8")
-        return collection
+            write_feature_collection(path, features)
+        return feature_collection(features)
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one row per object: class, box (x, y, w, h) and centre, in level-0 pixels."""
