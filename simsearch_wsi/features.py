@@ -33,7 +33,7 @@ from torch import nn
 
 from simsearch_wsi.backbones import BackboneSpec, WeightsInfo
 from simsearch_wsi.errors import ConfigError, MetadataError
-from simsearch_wsi.geometry import lvl_to_l0_location
+from simsearch_wsi.geometry import BoxL0, lvl_to_l0_location
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.preprocess import ChannelNormalization, resolve_channels
 from simsearch_wsi.tissue import TissueMask
@@ -105,6 +105,16 @@ class AnalysisScale:
                 "add pyramid levels to the file (e.g. convert it to a pyramidal TIFF)"
             )
         return cls.for_level(image, level, resample)
+
+    def box_to_analysis(self, box: BoxL0) -> tuple[float, float, float, float]:
+        """(x_a, y_a, width_a, height_a) of a level-0 box on the analysis grid."""
+        sx, sy = self.downsample_x, self.downsample_y
+        return (box.x_l0 / sx, box.y_l0 / sy, box.width_l0 / sx, box.height_l0 / sy)
+
+    def box_to_l0(self, x_a: float, y_a: float, width_a: float, height_a: float) -> BoxL0:
+        """The level-0 box of an analysis-grid box."""
+        sx, sy = self.downsample_x, self.downsample_y
+        return BoxL0(x_a * sx, y_a * sy, width_a * sx, height_a * sy)
 
     def analysis_size(self, image: ImageSource) -> tuple[int, int]:
         """(width, height) of the whole image on the analysis grid, in analysis pixels."""
@@ -357,13 +367,8 @@ def analysis_tiles(
             x_a, y_a = ix * t, iy * t
             w, h = min(t, width_a - x_a), min(t, height_a - y_a)
             if mask is not None:
-                box = (
-                    x_a * spec.scale.downsample_x,
-                    y_a * spec.scale.downsample_y,
-                    w * spec.scale.downsample_x,
-                    h * spec.scale.downsample_y,
-                )
-                if mask.fraction_in_box(*box) <= 0.0:
+                box = spec.scale.box_to_l0(x_a, y_a, w, h)
+                if mask.fraction_in_box(box.x_l0, box.y_l0, box.width_l0, box.height_l0) <= 0:
                     continue
             tiles.append(GridTile(iy, ix, x_a, y_a, w, h))
     return tiles, ny, nx

@@ -1,4 +1,4 @@
-"""Coordinate frames and the conversions between them. The only module that converts frames.
+"""Coordinate frames: level-0 boxes, level <-> level-0 locations, pixel-size checks.
 
 Frames used across the project, and the suffix a name carries for each:
 
@@ -6,6 +6,9 @@ Frames used across the project, and the suffix a name carries for each:
     level-0 pixels of an image (what QuPath and OpenSlide use), origin top-left, x right, y down.
 ``_lvl``
     pixels of one pyramid level ``k``; ``x_l0 = x_lvl * downsample_x[k]``.
+``_a``
+    pixels of the analysis grid (a level, resampled); conversions to and from level 0 are
+    :meth:`simsearch_wsi.features.AnalysisScale.box_to_analysis` / ``box_to_l0``.
 ``_um``
     micrometres; ``x_um = x_l0 * mpp`` where ``mpp`` is level-0 micrometres per pixel.
 """
@@ -47,31 +50,6 @@ class BoxL0:
             and self.y_l0 < other.y1_l0
             and other.y_l0 < self.y1_l0
         )
-
-
-def l0_to_lvl(value_l0: float, downsample: float) -> float:
-    """Convert a level-0 coordinate or length to level pixels (``value_l0 / downsample``)."""
-    return value_l0 / downsample
-
-
-def lvl_to_l0(value_lvl: float, downsample: float) -> float:
-    """Convert a level coordinate or length to level-0 pixels (``value_lvl * downsample``)."""
-    return value_lvl * downsample
-
-
-def l0_to_um(value_l0: float, mpp: float) -> float:
-    """Convert a level-0 length to micrometres given level-0 ``mpp`` (um per pixel)."""
-    return value_l0 * mpp
-
-
-def um_to_l0(value_um: float, mpp: float) -> float:
-    """Convert micrometres to level-0 pixels given level-0 ``mpp`` (um per pixel)."""
-    return value_um / mpp
-
-
-def area_l0_to_um2(area_l0: float, mpp: float) -> float:
-    """Convert an area in square level-0 pixels to square micrometres."""
-    return area_l0 * mpp * mpp
 
 
 def lvl_to_l0_location(x_lvl: int, downsample: float) -> int:

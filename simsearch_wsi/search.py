@@ -168,10 +168,16 @@ class SimSearch:
         self.extractor = extractor
         self.cache = cache
         self.settings = settings or SearchSettings()
+        self._normalizations: dict[str, ChannelNormalization] = {}
 
     def normalization_for(self, image: ImageSource) -> ChannelNormalization:
-        """Brightfield: fixed 0..255; otherwise the paper's percentile rule on this image."""
-        return fit_normalization([image])
+        """Brightfield: fixed 0..255; otherwise the paper's percentile rule on this image.
+
+        Fitted once per image (by identity) and kept, so repeated queries read no pixels."""
+        key = image.identity()
+        if key not in self._normalizations:
+            self._normalizations[key] = fit_normalization([image])
+        return self._normalizations[key]
 
     def feature_spec(
         self,
@@ -221,8 +227,9 @@ class SimSearch:
     ) -> PooledMap:
         """Pool the map for square patches of ``patch_size_l0`` level-0 pixels (cached), so
         that queries with prototypes of that size need no pooling."""
-        side_a = patch_size_l0 / spec.scale.downsample_x
-        geometry = PatchGeometry(side_a, side_a, self.extractor.stride)
+        geometry = PatchGeometry.from_l0(
+            patch_size_l0, patch_size_l0, spec.scale, self.extractor.stride
+        )
         return pooled_map(fmap, geometry, standardize=self.settings.standardize, progress=progress)
 
     def suggest(
@@ -269,11 +276,7 @@ class SimSearch:
         t0 = time.perf_counter()
         spec, fmap = self.embed(image, patch_l0, normalization=normalization, progress=progress)
         t1 = time.perf_counter()
-        geometry = PatchGeometry(
-            width_l0 / spec.scale.downsample_x,
-            height_l0 / spec.scale.downsample_y,
-            self.extractor.stride,
-        )
+        geometry = PatchGeometry.from_l0(width_l0, height_l0, spec.scale, self.extractor.stride)
         here = [p for p in prototypes if _same_image(p.image, image)]
         parts = []
         if here:

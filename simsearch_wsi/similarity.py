@@ -45,6 +45,7 @@ from simsearch_wsi.atomic import atomic_path
 from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.featurecache import FeatureMap
 from simsearch_wsi.features import (
+    AnalysisScale,
     FeatureExtractor,
     FeatureSpec,
     prepare_pixels,
@@ -64,6 +65,14 @@ class PatchGeometry:
     width_a: float
     height_a: float
     stride: int
+
+    @classmethod
+    def from_l0(
+        cls, width_l0: float, height_l0: float, scale: AnalysisScale, stride: int
+    ) -> PatchGeometry:
+        """The patch of a level-0 size on ``scale``'s analysis grid."""
+        _, _, width_a, height_a = scale.box_to_analysis(BoxL0(0, 0, width_l0, height_l0))
+        return cls(width_a, height_a, stride)
 
     @property
     def kernel_hw(self) -> tuple[int, int]:
@@ -163,12 +172,6 @@ class PrototypeVectors:
         return unit
 
 
-def box_to_analysis(box: BoxL0, spec: FeatureSpec) -> tuple[float, float, float, float]:
-    """(x_a, y_a, width_a, height_a) of a level-0 box on the analysis grid."""
-    sx, sy = spec.scale.downsample_x, spec.scale.downsample_y
-    return (box.x_l0 / sx, box.y_l0 / sy, box.width_l0 / sx, box.height_l0 / sy)
-
-
 def embed_prototypes(
     image: ImageSource,
     extractor: FeatureExtractor,
@@ -191,7 +194,7 @@ def embed_prototypes(
     for proto in prototypes:
         if proto.class_name not in classes:
             raise ConfigError(f"prototype class {proto.class_name!r} is not one of {list(classes)}")
-        x_a, y_a, w_a, h_a = box_to_analysis(proto.box, spec)
+        x_a, y_a, w_a, h_a = spec.scale.box_to_analysis(proto.box)
         i, j = geometry.window_index(x_a + w_a / 2, y_a + h_a / 2)
         # a square crop of k x k cells (plus halo) with the window at its centre, so that the
         # rotations turn about the window's centre and rotation 0 is the cached map's window
@@ -411,9 +414,8 @@ def _box_from_window(geometry: PatchGeometry, spec: FeatureSpec, i: float, j: fl
     cx_a, cy_a = geometry.window_center_a(i, j)
     step = geometry.window_stride_a
     cx_a, cy_a = round(cx_a / step) * step, round(cy_a / step) * step
-    sx, sy = spec.scale.downsample_x, spec.scale.downsample_y
-    w_l0, h_l0 = geometry.width_a * sx, geometry.height_a * sy
-    return BoxL0(cx_a * sx - w_l0 / 2, cy_a * sy - h_l0 / 2, w_l0, h_l0)
+    w_a, h_a = geometry.width_a, geometry.height_a
+    return spec.scale.box_to_l0(cx_a - w_a / 2, cy_a - h_a / 2, w_a, h_a)
 
 
 def _inside(box: BoxL0, image_size_l0: tuple[int, int] | None) -> BoxL0:
@@ -523,35 +525,24 @@ def background_candidates(
     ranked high-to-low then low-to-high; ``similarity`` is to the mean prototype.
     """
     m = mean_map.copy()
-    sx, sy = spec.scale.downsample_x, spec.scale.downsample_y
     kh, kw = geometry.kernel_hw
     s = geometry.stride
     for b in avoid:  # blank windows overlapping labelled patches
-        x0a, y0a = b.x_l0 / sx - geometry.width_a, b.y_l0 / sy - geometry.height_a
-        x1a, y1a = b.x1_l0 / sx, b.y1_l0 / sy
+        bx, by, bw, bh = spec.scale.box_to_analysis(b)
+        x0a, y0a = bx - geometry.width_a, by - geometry.height_a
+        x1a, y1a = bx + bw, by + bh
         j0, i0 = max(0, math.floor(x0a / s)), max(0, math.floor(y0a / s))
         j1, i1 = max(0, math.ceil(x1a / s)), max(0, math.ceil(y1a / s))
         m[i0:i1, j0:j1] = np.nan
     min_cells = max(kh, kw)
-    out: list[Suggestion] = []
     high = local_maxima(m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_high)
     low = local_maxima(-m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_low)
-    for rank, (i, j) in enumerate(high):
-        out.append(
-            Suggestion(
-                "background",
-                _inside(_box_from_window(geometry, spec, float(i), float(j)), image_size_l0),
-                float(m[i, j]),
-                rank + 1,
-            )
+    return [
+        Suggestion(
+            "background",
+            _inside(_box_from_window(geometry, spec, float(i), float(j)), image_size_l0),
+            float(m[i, j]),
+            rank,
         )
-    for rank, (i, j) in enumerate(low):
-        out.append(
-            Suggestion(
-                "background",
-                _inside(_box_from_window(geometry, spec, float(i), float(j)), image_size_l0),
-                float(m[i, j]),
-                len(high) + rank + 1,
-            )
-        )
-    return out
+        for rank, (i, j) in enumerate([*high, *low], start=1)
+    ]

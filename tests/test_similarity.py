@@ -271,3 +271,24 @@ def test_bf16_query_ranks_like_fp32(synthetic_slide: Any, search: SimSearch) -> 
     assert np.array_equal(ok, np.isfinite(bf))
     assert np.abs(bf[ok] - fp[ok]).max() < 0.02
     assert spearmanr(bf[ok], fp[ok]).statistic > 0.999
+
+
+def test_normalisation_is_fitted_once_per_image(
+    search: SimSearch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repeated queries on a fluorescence image read no pixels for the normalisation."""
+    import simsearch_wsi.search as search_module
+
+    calls: list[int] = []
+    real = search_module.fit_normalization
+
+    def counting(images: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return real(images, **kw)
+
+    monkeypatch.setattr(search_module, "fit_normalization", counting)
+    rng = np.random.default_rng(5)
+    src = ArraySource(rng.integers(0, 4000, (128, 128, 2), dtype=np.uint16), mpp=0.5, path="fluo")
+    first = search.normalization_for(src)
+    assert search.normalization_for(src) is first
+    assert len(calls) == 1
