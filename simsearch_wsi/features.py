@@ -166,6 +166,31 @@ def read_analysis_region(
     return small[0].permute(1, 2, 0).numpy()
 
 
+def trunk_input(x01: torch.Tensor, spec: BackboneSpec, *, rgb: bool) -> torch.Tensor:
+    """What the trunk sees: (N, C, H, W) [0, 1] pixels -> (N', 3, H, W) normalised input.
+
+    RGB (``C == 3``, ``N' = N``) is normalised with the backbone's mean and std; any other
+    channel count is sent channel by channel as grey images (``N' = N * C``, channel-major per
+    sample), to be merged back by :func:`merge_channel_features`. Differentiable: training and
+    inference share it.
+    """
+    n, c, h, w = x01.shape
+    mean = torch.tensor(spec.input_mean, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(spec.input_std, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
+    if rgb:
+        if c != 3:
+            raise ConfigError(f"RGB input needs 3 channels, got {c}")
+        return (x01 - mean) / std
+    grey = (x01.reshape(n * c, 1, h, w) - mean.mean()) / std.mean()
+    return grey.expand(n * c, 3, h, w)
+
+
+def merge_channel_features(f: torch.Tensor, n: int) -> torch.Tensor:
+    """(N * C, d, h, w) per-channel trunk features -> (N, C * d, h, w), channel-major."""
+    nc, d, h, w = f.shape
+    return f.reshape(n, (nc // n) * d, h, w)
+
+
 class FeatureExtractor:
     """A trunk on a device, turning [0, 1] (N, H, W, C) batches into (N, D, H/s, W/s) features.
 
@@ -198,8 +223,6 @@ class FeatureExtractor:
         self.trunk = trunk.to(self.device).eval()
         if channels_last:
             self.trunk = self.trunk.to(memory_format=torch.channels_last)
-        self._mean = torch.tensor(spec.input_mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(spec.input_std, device=self.device).view(1, 3, 1, 1)
 
     @property
     def stride(self) -> int:
@@ -231,22 +254,14 @@ class FeatureExtractor:
         """
         x = torch.from_numpy(np.ascontiguousarray(batch_nhwc)).to(self.device)
         x = x.permute(0, 3, 1, 2).float()  # N, C, H, W
-        n, c, h, w = x.shape
+        n = x.shape[0]
         if normalization is not None:
             low = torch.tensor(normalization.low, dtype=torch.float32, device=self.device)
             span = torch.tensor(normalization.high, dtype=torch.float32, device=self.device) - low
             # a flat channel (high <= low) becomes a step at low, as in apply()
             scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.full_like(span, 1e30))
             x = ((x - low.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)).clamp_(0.0, 1.0)
-        if rgb:
-            if c != 3:
-                raise ConfigError(f"RGB input needs 3 channels, got {c}")
-            x = (x - self._mean) / self._std
-        else:
-            # each channel as a grey image through the shared trunk (Microsnoop-style)
-            x = x.reshape(n * c, 1, h, w)
-            x = (x - self._mean.mean()) / self._std.mean()
-            x = x.expand(n * c, 3, h, w)
+        x = trunk_input(x, self.spec, rgb=rgb)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         dev_type = self.device.type
@@ -255,7 +270,7 @@ class FeatureExtractor:
             f = self.trunk(x)
         f = f.float()
         if not rgb:
-            f = f.reshape(n, c * f.shape[1], f.shape[2], f.shape[3])
+            f = merge_channel_features(f, n)
         out: torch.Tensor = f.contiguous().cpu()
         return out
 

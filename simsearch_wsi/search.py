@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.featurecache import FeatureCache, FeatureMap
@@ -115,6 +117,19 @@ class SuggestResult:
             "seconds_query": round(self.seconds_query, 3),
             "notes": self.notes,
         }
+
+
+@dataclass(frozen=True)
+class SimilarityMaps:
+    """Similarity maps of one image and what they were computed with."""
+
+    spec: FeatureSpec
+    fmap: FeatureMap
+    geometry: PatchGeometry
+    classes: tuple[str, ...]
+    maps: NDArray[np.float32]
+    here: list[Prototype]
+    seconds_embed: float
 
 
 def prototypes_from_annotations(
@@ -272,32 +287,17 @@ class SimSearch:
             prototypes[0].box.width_l0,
             prototypes[0].box.height_l0,
         )
-        patch_l0 = max(width_l0, height_l0)
         t0 = time.perf_counter()
-        spec, fmap = self.embed(image, patch_l0, normalization=normalization, progress=progress)
-        t1 = time.perf_counter()
-        geometry = PatchGeometry.from_l0(width_l0, height_l0, spec.scale, self.extractor.stride)
-        here = [p for p in prototypes if _same_image(p.image, image)]
-        parts = []
-        if here:
-            std = Standardizer.of(fmap, self.settings.standardize)
-            parts.append(
-                embed_prototypes(
-                    image, self.extractor, spec, geometry, here, classes, standardize=std
-                )
-            )
-        parts += self._foreign_prototype_vectors(
-            image, prototypes, classes, patch_l0, geometry, progress
+        sim = self.similarity(
+            image,
+            prototypes,
+            patch_size_l0=(width_l0, height_l0),
+            with_mean=bool(n_background),
+            normalization=normalization,
+            progress=progress,
         )
-        vectors = PrototypeVectors(
-            torch.cat([p.vectors for p in parts]),
-            torch.cat([p.class_index for p in parts]),
-            classes,
-        )
-        extra = vectors.mean_vector()[None] if n_background else None
-        maps = similarity_maps(
-            fmap, geometry, vectors, extra_vectors=extra, standardize=self.settings.standardize
-        )
+        spec, fmap, geometry, maps, here = sim.spec, sim.fmap, sim.geometry, sim.maps, sim.here
+        t1 = t0 + sim.seconds_embed
         suggestions = extract_suggestions(
             maps,
             classes,
@@ -345,6 +345,49 @@ class SimSearch:
             seconds_query=t2 - t1,
             notes=notes,
         )
+
+    def similarity(
+        self,
+        image: ImageSource,
+        prototypes: Sequence[Prototype],
+        *,
+        patch_size_l0: tuple[float, float],
+        with_mean: bool = False,
+        normalization: ChannelNormalization | None = None,
+        progress: ProgressFn | None = None,
+    ) -> SimilarityMaps:
+        """Per-class similarity maps of ``image`` (embedding it if not cached): ``maps`` is
+        (K [+1], H', W') over pooled windows (NaN where not embedded), the extra last map (with
+        ``with_mean``) being the similarity to the mean of all prototype vectors."""
+        classes = tuple(dict.fromkeys(p.class_name for p in prototypes))
+        width_l0, height_l0 = patch_size_l0
+        patch_l0 = max(width_l0, height_l0)
+        t0 = time.perf_counter()
+        spec, fmap = self.embed(image, patch_l0, normalization=normalization, progress=progress)
+        seconds_embed = time.perf_counter() - t0
+        geometry = PatchGeometry.from_l0(width_l0, height_l0, spec.scale, self.extractor.stride)
+        here = [p for p in prototypes if _same_image(p.image, image)]
+        parts = []
+        if here:
+            std = Standardizer.of(fmap, self.settings.standardize)
+            parts.append(
+                embed_prototypes(
+                    image, self.extractor, spec, geometry, here, classes, standardize=std
+                )
+            )
+        parts += self._foreign_prototype_vectors(
+            image, prototypes, classes, patch_l0, geometry, progress
+        )
+        vectors = PrototypeVectors(
+            torch.cat([p.vectors for p in parts]),
+            torch.cat([p.class_index for p in parts]),
+            classes,
+        )
+        extra = vectors.mean_vector()[None] if with_mean else None
+        maps = similarity_maps(
+            fmap, geometry, vectors, extra_vectors=extra, standardize=self.settings.standardize
+        )
+        return SimilarityMaps(spec, fmap, geometry, classes, maps, here, seconds_embed)
 
     def _foreign_prototype_vectors(
         self,

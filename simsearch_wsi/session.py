@@ -367,6 +367,23 @@ class Session:
             )
         return None, rec  # unclassified: nothing decided
 
+    def add_decision(
+        self, image: str | os.PathLike[str], decision: Decision, class_name: str, box: BoxL0
+    ) -> str:
+        """Record a labelled patch without a suggestion round trip (scripted labelling, a
+        simulated user); ``class_name`` is the patch's class, for a negative the class it is
+        not, for background decisions ``background``. Returns the decision's id."""
+        if decision not in ("positive", "negative", "background", "not_background"):
+            raise ConfigError(f"unknown decision {decision!r}")
+        if decision in ("positive", "negative"):
+            self._add_class(class_name)
+        key = _image_key(image)
+        b = (box.x_l0, box.y_l0, box.width_l0, box.height_l0)
+        digest = hashlib.sha256(f"{key}|{decision}|{class_name}|{_box_key(b)}".encode())
+        rid = f"label-{digest.hexdigest()[:16]}"
+        self.decisions[rid] = (decision, PatchRecord(rid, key, class_name, b))
+        return rid
+
     # --- views ------------------------------------------------------------------------------
     def examples(self, decision: Decision) -> list[PatchRecord]:
         return [r for d, r in self.decisions.values() if d == decision]

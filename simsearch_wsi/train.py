@@ -1,0 +1,681 @@
+"""Training the patch model: self-learning on noisy patches, supervised contrastive with the
+user's negatives, then a linear classifier (SimSearch, section 2 of DESIGN.md).
+
+Stages (each optional stage is switched by the strategy):
+
+(a) ``selflearn`` - SimCLR (NT-Xent, tau 0.5) on the noisy patches mined from images the user did
+    not review, with a 2-layer projection head, strong augmentations (flips, rotation, solarize,
+    coarse dropout, brightness/contrast);
+(b) ``supcon`` - supervised contrastive loss (tau 0.07) on the user's clean patches; with
+    negatives, the patches the user rejected for class y join the denominator of anchors of
+    class y; the same augmentations minus solarize and dropout;
+(c) ``linear`` - projection head dropped, trunk frozen, a linear layer on the pooled features
+    trained with cross-entropy.
+
+Every stage oversamples under-represented classes (each class equally likely per draw). With
+pretrained trunk weights, conv1 and the first two blocks stay frozen in (a) and (b); with random
+weights nothing is frozen (freezing random filters would only cripple the model) and a note says
+so. Everything is seeded from one ``seed`` with private generators: two runs on the CPU with the
+same inputs give the same bundle.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import nn
+
+from simsearch_wsi.augment import AugmentConfig, augment_batch
+from simsearch_wsi.backbones import BackboneSpec, WeightsInfo
+from simsearch_wsi.bundle import ModelBundle
+from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.features import ProgressFn
+from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.losses import nt_xent, supcon
+from simsearch_wsi.model import PatchEncoder, ProjectionHead, freeze, set_trainable, train_mode
+from simsearch_wsi.patches import (
+    CropGeometry,
+    PatchReader,
+    PatchSample,
+    PatchSet,
+    prefetched,
+    stratified_split,
+)
+from simsearch_wsi.preprocess import ChannelNormalization
+from simsearch_wsi.similarity import PatchGeometry
+
+STRATEGIES = ("pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn")
+DEFAULT_STRATEGY = "pos+neg+selflearn"
+PRESETS = ("fast", "paper")
+DEFAULT_CONFIDENCE = 0.5
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Optimisation of one stage: Adam at ``lr``, multiplied by ``decay_factor`` after
+    ``decay_epoch`` epochs (step decay; ``None`` = constant). An epoch is one pass over the
+    stage's patches (oversampled draws), capped at ``max_steps_per_epoch`` batches."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    decay_epoch: int | None = None
+    decay_factor: float = 1.0
+    temperature: float = 0.5
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 2 or not self.lr > 0:
+            raise ConfigError(
+                f"stage needs epochs >= 0, batch size >= 2 and lr > 0, got {self.epochs}, "
+                f"{self.batch_size}, {self.lr}"
+            )
+        if not self.temperature > 0 or not 0 < self.decay_factor <= 1:
+            raise ConfigError(
+                f"temperature must be > 0 and decay factor in (0, 1], got {self.temperature}, "
+                f"{self.decay_factor}"
+            )
+
+    def steps_per_epoch(self, n_patches: int) -> int:
+        steps = max(1, math.ceil(n_patches / self.batch_size))
+        return min(steps, self.max_steps_per_epoch) if self.max_steps_per_epoch else steps
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run does besides its data. Build with :meth:`preset`."""
+
+    strategy: str
+    preset: str
+    selflearn: StageConfig
+    supcon: StageConfig
+    linear: StageConfig
+    projection_dim: int = 128
+    context_a: int = 32
+    jitter_a: int = 8
+    linear_views: int = 8
+    noisy_per_class: int = 64
+    background_per_image: int = 48
+    val_fraction: float = 0.2
+    min_val_per_class: int = 2
+    autocast: bool = True
+    noisy_augment: AugmentConfig = field(default_factory=AugmentConfig.noisy)
+    clean_augment: AugmentConfig = field(default_factory=AugmentConfig.clean)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}"
+            )
+        if not 0 <= self.val_fraction < 1 or self.linear_views < 1 or self.context_a < 0:
+            raise ConfigError("val_fraction must be in [0, 1), linear_views >= 1, context >= 0")
+
+    @property
+    def uses_negatives(self) -> bool:
+        return "neg" in self.strategy.split("+")
+
+    @property
+    def uses_selflearn(self) -> bool:
+        return "selflearn" in self.strategy.split("+")
+
+    @classmethod
+    def preset_config(cls, name: str = "fast", *, strategy: str = DEFAULT_STRATEGY) -> TrainConfig:
+        """``paper``: the SimSearch paper's epochs, optimiser, schedules, batch sizes and
+        temperatures. ``fast``: a few minutes on 2 CPU cores (fewer, capped epochs)."""
+        if name == "paper":
+            return cls(
+                strategy=strategy,
+                preset=name,
+                selflearn=StageConfig(100, 128, 1e-3, 50, 0.05, 0.5),
+                supcon=StageConfig(50, 32, 1e-3, 25, 0.1, 0.07),
+                linear=StageConfig(100, 32, 1e-3),
+            )
+        if name == "fast":
+            return cls(
+                strategy=strategy,
+                preset=name,
+                selflearn=StageConfig(8, 64, 1e-3, 6, 0.05, 0.5, max_steps_per_epoch=6),
+                supcon=StageConfig(16, 32, 1e-3, 12, 0.1, 0.07, max_steps_per_epoch=6),
+                linear=StageConfig(60, 64, 1e-2, 40, 0.1),
+            )
+        raise ConfigError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["noisy_augment"] = self.noisy_augment.to_dict()
+        d["clean_augment"] = self.clean_augment.to_dict()
+        return d
+
+
+@dataclass
+class TrainingData:
+    """What a run trains on. ``clean`` holds the user's positives and background (classes =
+    the user's classes, then ``background``); ``negatives`` and ``noisy`` label into the same
+    classes (a negative's label is the class it was rejected for)."""
+
+    clean: PatchSet
+    negatives: PatchSet
+    noisy: PatchSet
+    patch_size_l0: tuple[float, float]
+    normalization: ChannelNormalization
+    channels: tuple[str, ...]
+    rgb: bool
+    mpp: float | None
+    colors: dict[str, tuple[int, int, int]]
+    notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "clean": self.clean.class_counts(),
+            "negatives": self.negatives.class_counts(),
+            "noisy": self.noisy.class_counts(),
+        }
+
+
+# --- the stages ---------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What every stage shares."""
+
+    encoder: PatchEncoder
+    reader: PatchReader
+    config: TrainConfig
+    device: torch.device
+    freeze_early: bool
+    rng: np.random.Generator
+    gen: torch.Generator
+    progress: ProgressFn | None
+    n_channels: int
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.autocast)
+
+    def read(self, samples: Sequence[PatchSample], jitter: np.random.Generator | None) -> Any:
+        return self.reader.read(samples, rng=jitter)
+
+
+def _child_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, 2**62))
+
+
+def _new_head(in_dim: int, out_dim: int, seed: int) -> ProjectionHead:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        head = ProjectionHead(in_dim, out_dim)
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            _init_linear(m, gen)
+    return head
+
+
+def _init_linear(layer: nn.Linear, gen: torch.Generator) -> None:
+    """PyTorch's default Linear initialisation, drawn from a private generator."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=gen)
+        if layer.bias is not None:
+            layer.bias.uniform_(-bound, bound, generator=gen)
+
+
+def _contrastive_stage(
+    run: _Run,
+    name: str,
+    patches: PatchSet,
+    stage: StageConfig,
+    augment: AugmentConfig,
+    *,
+    negatives: PatchSet | None = None,
+) -> dict[str, Any]:
+    """SimCLR (``negatives is None`` and ``name == 'selflearn'``) or SupCon on ``patches``."""
+    enc = run.encoder
+    head = _new_head(
+        enc.feature_dim(run.n_channels), run.config.projection_dim, _child_seed(run.rng)
+    )
+    head.to(run.device)
+    params = set_trainable(enc.trunk, freeze_early=run.freeze_early) + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=stage.lr)
+    sched = (
+        torch.optim.lr_scheduler.StepLR(opt, step_size=stage.decay_epoch, gamma=stage.decay_factor)
+        if stage.decay_epoch
+        else None
+    )
+    steps = stage.steps_per_epoch(len(patches))
+    labels_all = torch.from_numpy(patches.labels)
+    losses: list[float] = []
+    views = 0
+    t0 = time.perf_counter()
+    jitter = np.random.default_rng(_child_seed(run.rng))
+    window = enc.window_a
+    for epoch in range(stage.epochs):
+        train_mode(enc.trunk, freeze_early=run.freeze_early)
+        head.train()
+        batches = [patches.draw(stage.batch_size, run.rng) for _ in range(steps)]
+        neg_batches: list[NDArray[np.int64] | None] = [
+            negatives.draw(stage.batch_size, run.rng)
+            if negatives is not None and len(negatives)
+            else None
+            for _ in range(steps)
+        ]
+
+        def load(
+            item: tuple[NDArray[np.int64], NDArray[np.int64] | None],
+        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            idx, nidx = item
+            x = run.read([patches.samples[i] for i in idx], jitter)
+            if nidx is None or negatives is None:
+                return x, None
+            return x, run.read([negatives.samples[i] for i in nidx], jitter)
+
+        epoch_loss = 0.0
+        for k, (x, xn) in enumerate(prefetched(load, list(zip(batches, neg_batches, strict=True)))):
+            x = x.to(run.device)
+            b = x.shape[0]
+            v = torch.cat([augment_batch(x, augment, run.gen, window=window) for _ in range(2)])
+            if xn is not None:
+                v = torch.cat(
+                    [v, augment_batch(xn.to(run.device), augment, run.gen, window=window)]
+                )
+            with run.autocast():
+                z = head(enc(v)).float()
+            if name == "selflearn":
+                loss = nt_xent(z[:b], z[b : 2 * b], temperature=stage.temperature)
+            else:
+                y = labels_all[batches[k]].to(run.device)
+                nb = neg_batches[k]
+                loss = supcon(
+                    z[: 2 * b],
+                    torch.cat([y, y]),
+                    negatives=None if nb is None else z[2 * b :],
+                    negative_labels=(
+                        None
+                        if nb is None or negatives is None
+                        else torch.from_numpy(negatives.labels[nb]).to(run.device)
+                    ),
+                    temperature=stage.temperature,
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            epoch_loss += float(loss.detach())
+            views += v.shape[0]
+            if run.progress is not None:
+                run.progress(
+                    f"{name} | epoch {epoch + 1}/{stage.epochs} loss {epoch_loss / (k + 1):.3f}",
+                    epoch * steps + k + 1,
+                    stage.epochs * steps,
+                )
+        losses.append(epoch_loss / steps)
+        if sched is not None:
+            sched.step()
+    seconds = time.perf_counter() - t0
+    freeze(enc.trunk)
+    return {
+        "patches": len(patches),
+        "epochs": stage.epochs,
+        "steps_per_epoch": steps,
+        "loss": [round(v, 5) for v in losses],
+        "views": views,
+        "seconds": round(seconds, 2),
+        "views_per_s": round(views / seconds, 1) if seconds > 0 else None,
+    }
+
+
+@torch.no_grad()
+def embed_patches(
+    encoder: PatchEncoder,
+    reader: PatchReader,
+    patches: PatchSet,
+    *,
+    device: torch.device,
+    views: int = 1,
+    augment: AugmentConfig | None = None,
+    gen: torch.Generator | None = None,
+    jitter: np.random.Generator | None = None,
+    batch_size: int = 64,
+    autocast: bool = True,
+) -> torch.Tensor:
+    """Pooled features (views, N, D) float32 on the CPU: view 0 is the crop as it is, further
+    views are augmented (``augment`` with ``gen``; ``jitter`` shifts every view's crop)."""
+    encoder.eval()
+    out = []
+    chunks = [patches.samples[i : i + batch_size] for i in range(0, len(patches), batch_size)]
+    for x in prefetched(lambda c: reader.read(c, rng=jitter), chunks):
+        x = x.to(device)
+        per_view = []
+        for v in range(views):
+            xv = (
+                x
+                if v == 0 or augment is None or gen is None
+                else augment_batch(x, augment, gen, window=encoder.window_a)
+            )
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                per_view.append(encoder(xv).float().cpu())
+        out.append(torch.stack(per_view))
+    if not out:
+        return torch.empty(views, 0, encoder.spec.out_channels)
+    return torch.cat(out, dim=1)
+
+
+def _train_linear(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    stage: StageConfig,
+    *,
+    rng: np.random.Generator,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Cross-entropy linear layer on (M, D) features, oversampling classes equally; returns
+    (K, D) weight and (K,) bias acting on the raw features (standardisation folded in)."""
+    mu = feats.mean(dim=0)
+    sd = feats.std(dim=0).clamp_min(1e-6)
+    xs = (feats - mu) / sd
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        layer = nn.Linear(feats.shape[1], n_classes)
+    _init_linear(layer, gen)
+    opt = torch.optim.Adam(layer.parameters(), lr=stage.lr)
+    sched = (
+        torch.optim.lr_scheduler.StepLR(opt, step_size=stage.decay_epoch, gamma=stage.decay_factor)
+        if stage.decay_epoch
+        else None
+    )
+    counts = torch.bincount(labels, minlength=n_classes).double()
+    p = (1.0 / counts[labels]).numpy()
+    p = p / p.sum()
+    steps = stage.steps_per_epoch(len(labels))
+    losses = []
+    for _ in range(stage.epochs):
+        total = 0.0
+        for _ in range(steps):
+            idx = torch.from_numpy(rng.choice(len(labels), size=stage.batch_size, p=p))
+            loss = F.cross_entropy(layer(xs[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            total += float(loss.detach())
+        losses.append(total / steps)
+        if sched is not None:
+            sched.step()
+    w = layer.weight.detach() / sd
+    b = layer.bias.detach() - w @ mu
+    return w, b, [round(v, 5) for v in losses]
+
+
+# --- metrics ------------------------------------------------------------------------------------
+def classification_metrics(
+    probs: NDArray[np.float32], labels: NDArray[np.int64], classes: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix
+    (rows = truth) of argmax predictions; ``probs`` (N, K), ``labels`` (N,)."""
+    k = len(classes)
+    pred = probs.argmax(axis=1)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    per_class = {}
+    recalls = []
+    for c, name in enumerate(classes):
+        tp = confusion[c, c]
+        support = confusion[c].sum()
+        predicted = confusion[:, c].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {
+            "precision": round(float(precision), 4),
+            "recall": round(float(recall), 4),
+            "f1": round(float(f1), 4),
+            "support": int(support),
+        }
+        if support:
+            recalls.append(recall)
+    return {
+        "n": len(labels),
+        "accuracy": round(float((pred == labels).mean()), 4) if len(labels) else None,
+        "balanced_accuracy": round(float(np.mean(recalls)), 4) if recalls else None,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def pick_thresholds(
+    probs: NDArray[np.float32], labels: NDArray[np.int64], classes: Sequence[str]
+) -> dict[str, float]:
+    """Per class, the confidence threshold (on the class probability of windows predicted as
+    that class) that maximises F1 on held-out patches; the middle of the best range."""
+    pred = probs.argmax(axis=1)
+    grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    out = {}
+    for c, name in enumerate(classes):
+        truth = labels == c
+        f1s = []
+        for t in grid:
+            hit = (pred == c) & (probs[:, c] >= t)
+            tp = float((hit & truth).sum())
+            denom = float(hit.sum() + truth.sum())
+            f1s.append(2 * tp / denom if denom else 0.0)
+        f1 = np.asarray(f1s)
+        best = np.flatnonzero(f1 >= f1.max() - 1e-9)
+        out[name] = float(grid[best[len(best) // 2]]) if f1.max() > 0 else DEFAULT_CONFIDENCE
+    return out
+
+
+def _probs(w: torch.Tensor, b: torch.Tensor, feats: torch.Tensor) -> NDArray[np.float32]:
+    out: NDArray[np.float32] = torch.softmax(feats @ w.T + b, dim=1).numpy()
+    return out
+
+
+# --- the whole run ------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    bundle: ModelBundle
+    metrics: dict[str, Any]
+    notes: list[str]
+
+
+def train_patch_model(
+    data: TrainingData,
+    *,
+    trunk: nn.Module,
+    spec: BackboneSpec,
+    weights: WeightsInfo,
+    config: TrainConfig,
+    open_image: Callable[[str], ImageSource],
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Run the stages of ``config.strategy`` on ``data`` and return the model bundle.
+
+    ``trunk`` is copied (the caller's module is left as it was)."""
+    device = torch.device(device)
+    notes = list(data.notes)
+    clean = data.clean
+    present = [c for c, n in clean.class_counts().items() if n > 0]
+    if len(present) < 2:
+        raise ConfigError(
+            f"training needs patches of at least two classes (the user's classes and "
+            f"background); have {clean.class_counts()}. Approve suggestions, confirm background "
+            "candidates, or add prototypes of another class"
+        )
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(_child_seed(rng))
+    freeze_early = weights.kind != "random"
+    if not freeze_early:
+        notes.append(
+            "trunk weights are random (not pretrained): all layers are trained, none frozen; "
+            "use --weights imagenet or weights from `simsearch-wsi pretrain` for better models"
+        )
+    trunk = copy.deepcopy(trunk).to(device).to(memory_format=torch.channels_last)
+    freeze(trunk)
+    first_image = clean.samples[0].image
+    n_channels = len(data.channels)
+    with PatchReader(
+        CropGeometry(
+            max(data.patch_size_l0),
+            1,  # replaced below once the window size is known
+            config.context_a,
+            config.jitter_a,
+        ),
+        data.normalization,
+        data.channels,
+        open_image,
+    ) as probe:
+        scale = probe.scale_of(first_image)
+    geometry = PatchGeometry.from_l0(*data.patch_size_l0, scale, spec.stride)
+    encoder = PatchEncoder(trunk, spec, geometry, rgb=data.rgb, context_a=config.context_a)
+    encoder.to(device)
+    crop = CropGeometry(
+        max(data.patch_size_l0), encoder.window_a, config.context_a, config.jitter_a
+    )
+    metrics: dict[str, Any] = {"counts": data.counts(), "stages": {}}
+    with PatchReader(crop, data.normalization, data.channels, open_image) as reader:
+        run = _Run(encoder, reader, config, device, freeze_early, rng, gen, progress, n_channels)
+        split = (
+            stratified_split(
+                clean, config.val_fraction, rng, min_per_class=config.min_val_per_class
+            )
+            if config.val_fraction > 0
+            else None
+        )
+        train_set, val_set = split if split is not None else (clean, None)
+        if val_set is None:
+            notes.append(
+                "too few patches per class to hold some out: no validation metrics, confidence "
+                f"thresholds default to {DEFAULT_CONFIDENCE}"
+            )
+        lin_cfg = config.linear
+
+        def fit_linear(tag: str) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+            feats = embed_patches(
+                encoder,
+                reader,
+                train_set,
+                device=device,
+                views=config.linear_views,
+                augment=config.clean_augment,
+                gen=gen,
+                jitter=np.random.default_rng(_child_seed(rng)),
+                autocast=config.autocast,
+            )
+            labels = torch.from_numpy(train_set.labels).repeat(config.linear_views)
+            if progress is not None:
+                progress(f"{tag} | fitting", 1, 1)
+            return _train_linear(
+                feats.reshape(-1, feats.shape[-1]),
+                labels,
+                len(clean.classes),
+                lin_cfg,
+                rng=rng,
+                seed=_child_seed(rng),
+            )
+
+        val_feats_before = None
+        if val_set is not None:
+            w0, b0, _ = fit_linear("baseline linear probe")
+            val_feats_before = embed_patches(
+                encoder, reader, val_set, device=device, autocast=config.autocast
+            )[0]
+            metrics["baseline_validation"] = classification_metrics(
+                _probs(w0, b0, val_feats_before), val_set.labels, clean.classes
+            )
+        if config.uses_selflearn:
+            if len(data.noisy) >= 2:
+                metrics["stages"]["selflearn"] = _contrastive_stage(
+                    run, "selflearn", data.noisy, config.selflearn, config.noisy_augment
+                )
+            else:
+                notes.append("no noisy patches were mined: the self-learning stage was skipped")
+        negatives = data.negatives if config.uses_negatives and len(data.negatives) else None
+        if config.uses_negatives and negatives is None:
+            notes.append("the session has no negatives (rejected suggestions) to train with")
+        metrics["stages"]["supcon"] = _contrastive_stage(
+            run, "supcon", train_set, config.supcon, config.clean_augment, negatives=negatives
+        )
+        t0 = time.perf_counter()
+        w, b, lin_losses = fit_linear("linear")
+        metrics["stages"]["linear"] = {
+            "epochs": lin_cfg.epochs,
+            "loss": lin_losses,
+            "views": len(train_set) * config.linear_views,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
+        if val_set is not None:
+            val_feats = embed_patches(
+                encoder, reader, val_set, device=device, autocast=config.autocast
+            )[0]
+            val_probs = _probs(w, b, val_feats)
+            metrics["validation"] = classification_metrics(val_probs, val_set.labels, clean.classes)
+            thresholds = pick_thresholds(val_probs, val_set.labels, clean.classes)
+    metrics["notes"] = notes
+    trunk_state = {k: v.detach().cpu().contiguous() for k, v in encoder.trunk.state_dict().items()}
+    bundle = ModelBundle(
+        backbone=spec.name,
+        trunk_state=trunk_state,
+        head_weight=w.contiguous(),
+        head_bias=b.contiguous(),
+        classes=clean.classes,
+        colors={c: data.colors[c] for c in clean.classes},
+        thresholds=thresholds,
+        patch_size_l0=data.patch_size_l0,
+        mpp=data.mpp,
+        analysis_downsample=scale.downsample_x,
+        context_a=config.context_a,
+        geometry=geometry.to_dict(),
+        normalization=data.normalization.to_dict(),
+        channels=data.channels,
+        rgb=data.rgb,
+        strategy=config.strategy,
+        config={**config.to_dict(), "seed": seed, "device": str(device)},
+        metrics=metrics,
+        provenance={
+            **data.provenance,
+            "base_weights": {"kind": weights.kind, "identity": weights.identity},
+            "frozen": list(("conv1", "layer1", "layer2") if freeze_early else ()),
+        },
+    )
+    return TrainResult(bundle, metrics, notes)
+
+
+
+
+
+def predict_patches(
+    bundle: ModelBundle,
+    patches: PatchSet,
+    *,
+    open_image: Callable[[str], ImageSource],
+    device: torch.device | str = "cpu",
+    autocast: bool = True,
+    batch_size: int = 64,
+) -> NDArray[np.float32]:
+    """Class probabilities (N, K) of a bundle's classifier on individually cropped patches
+    (each read with the bundle's context, no augmentation), K in ``bundle.classes`` order."""
+    device = torch.device(device)
+    trunk, spec = bundle.build_trunk()
+    trunk = trunk.to(device).to(memory_format=torch.channels_last)
+    geometry = PatchGeometry(**bundle.geometry)
+    encoder = PatchEncoder(trunk, spec, geometry, rgb=bundle.rgb, context_a=bundle.context_a)
+    encoder.to(device)
+    crop = CropGeometry(max(bundle.patch_size_l0), encoder.window_a, bundle.context_a, 0)
+    normalization = ChannelNormalization.from_dict(bundle.normalization)
+    with PatchReader(crop, normalization, bundle.channels, open_image) as reader:
+        feats = embed_patches(
+            encoder, reader, patches, device=device, autocast=autocast, batch_size=batch_size
+        )[0]
+    return _probs(bundle.head_weight.float(), bundle.head_bias.float(), feats)

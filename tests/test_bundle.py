@@ -1,0 +1,472 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from simsearch_wsi import backbones
+from simsearch_wsi.backbones import BackboneSpec, build_trunk
+from simsearch_wsi.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    BundleError,
+    BundleNotFoundError,
+    ModelBundle,
+    load_bundle,
+    save_bundle,
+)
+from simsearch_wsi.errors import SimSearchError
+from simsearch_wsi.preprocess import ChannelNormalization
+from simsearch_wsi.similarity import PatchGeometry
+
+CLASSES = ("tumor", "stroma", "background")
+
+
+@pytest.fixture(scope="module")
+def trunk() -> nn.Module:
+    module, _, _ = build_trunk("resnet18-l3", "random", seed=0)
+    return module
+
+
+def make_bundle(trunk: nn.Module, **changes: Any) -> ModelBundle:
+    gen = torch.Generator().manual_seed(1)
+    norm = ChannelNormalization(
+        (0.0, 0.0, 0.0), (255.0, 255.0, 255.0), ("R", "G", "B"), "fixed-range"
+    )
+    fields: dict[str, Any] = {
+        "backbone": "resnet18-l3",
+        "trunk_state": dict(trunk.state_dict()),
+        "head_weight": torch.randn(3, 256, generator=gen),
+        "head_bias": torch.randn(3, generator=gen),
+        "classes": CLASSES,
+        "colors": {"tumor": (200, 0, 0), "stroma": (0, 150, 50), "background": (255, 255, 255)},
+        "thresholds": {"tumor": 0.8, "stroma": 0.5},
+        "patch_size_l0": (96.0, 64.0),
+        "mpp": 0.25,
+        "analysis_downsample": 2.0,
+        "context_a": 32,
+        "geometry": PatchGeometry(48.0, 32.0, 16).to_dict(),
+        "normalization": norm.to_dict(),
+        "channels": ("R", "G", "B"),
+        "rgb": True,
+        "strategy": "pos+neg+selflearn",
+        "config": {"epochs": 3, "lr": 1e-3, "classes": list(CLASSES)},
+        "metrics": {"val_accuracy": 0.91, "per_class": {"tumor": {"f1": 0.9}}},
+        "provenance": {"weights": "random:seed0", "session": "s1"},
+    }
+    fields.update(changes)
+    return ModelBundle(**fields)
+
+
+@pytest.fixture(scope="module")
+def bundle(trunk: nn.Module) -> ModelBundle:
+    return make_bundle(trunk)
+
+
+@pytest.fixture(scope="module")
+def saved(bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_bundle(tmp_path_factory.mktemp("bundle") / "model.simsearch", bundle)
+
+
+@pytest.fixture()
+def copy(saved: Path, tmp_path: Path) -> Path:
+    """A private copy of the saved bundle to damage."""
+    return Path(shutil.copyfile(saved, tmp_path / "model.simsearch"))
+
+
+def rewrite(path: Path, edit: Callable[[dict[str, bytes]], object]) -> None:
+    """Rewrite the zip at ``path`` after ``edit`` changes its {member: bytes}."""
+    with zipfile.ZipFile(path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    edit(members)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def edit_json(path: Path, **changes: Any) -> None:
+    def edit(members: dict[str, bytes]) -> None:
+        meta = json.loads(members["bundle.json"])
+        meta.update(changes)
+        members["bundle.json"] = json.dumps(meta).encode()
+
+    rewrite(path, edit)
+
+
+def edit_weights(path: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
+    """Change the tensors of weights.pt and keep bundle.json's checksum consistent."""
+    import hashlib
+    import io
+
+    def change(members: dict[str, bytes]) -> None:
+        tensors = torch.load(io.BytesIO(members["weights.pt"]), weights_only=True)
+        edit(tensors)
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        members["weights.pt"] = buf.getvalue()
+        meta = json.loads(members["bundle.json"])
+        meta["weights_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+        members["bundle.json"] = json.dumps(meta).encode()
+
+    rewrite(path, change)
+
+
+# --- round trip -------------------------------------------------------------------------------
+def test_round_trip_keeps_every_field_and_tensor(bundle: ModelBundle, saved: Path) -> None:
+    loaded = load_bundle(saved)
+    skip = {"trunk_state", "head_weight", "head_bias", "versions", "created", "source"}
+    for f in dataclasses.fields(ModelBundle):
+        if f.name not in skip:
+            assert getattr(loaded, f.name) == getattr(bundle, f.name), f.name
+    assert torch.equal(loaded.head_weight, bundle.head_weight)
+    assert torch.equal(loaded.head_bias, bundle.head_bias)
+    assert loaded.trunk_state.keys() == bundle.trunk_state.keys()
+    for k, v in bundle.trunk_state.items():
+        assert loaded.trunk_state[k].dtype == v.dtype
+        assert torch.equal(loaded.trunk_state[k], v), k
+    assert isinstance(loaded.classes, tuple)
+    assert isinstance(loaded.patch_size_l0, tuple)
+    assert loaded.colors["tumor"] == (200, 0, 0)
+    assert loaded.source == saved
+    # filled by save_bundle, not by the caller
+    assert bundle.versions == {} and bundle.created == ""
+    assert set(loaded.versions) == {"simsearch_wsi", "torch", "torchvision", "numpy", "python"}
+    assert loaded.versions["torch"] == torch.__version__
+    assert loaded.created.endswith("+00:00") and "T" in loaded.created
+
+
+def test_saving_a_loaded_bundle_again_gives_the_same_bytes(saved: Path, tmp_path: Path) -> None:
+    again = save_bundle(tmp_path / "again.simsearch", load_bundle(saved))
+    assert again.read_bytes() == saved.read_bytes()
+
+
+def test_rebuilt_trunk_and_head_compute_the_same(
+    trunk: nn.Module, bundle: ModelBundle, saved: Path
+) -> None:
+    loaded = load_bundle(saved)
+    rng_before = torch.random.get_rng_state()
+    rebuilt, spec = loaded.build_trunk()
+    head = loaded.head()
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert spec.name == "resnet18-l3"
+    assert not rebuilt.training and not head.training
+    assert all(not p.requires_grad for p in [*rebuilt.parameters(), *head.parameters()])
+    x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = trunk(x)
+        got = rebuilt(x)
+        assert torch.equal(got, expected)
+        pooled = got.mean(dim=(2, 3))
+        assert torch.equal(head(pooled), pooled @ bundle.head_weight.T + bundle.head_bias)
+
+
+def test_file_is_a_zip_with_readable_metadata(bundle: ModelBundle, saved: Path) -> None:
+    with zipfile.ZipFile(saved) as zf:
+        assert sorted(zf.namelist()) == ["bundle.json", "weights.pt"]
+        assert zf.getinfo("weights.pt").compress_type == zipfile.ZIP_STORED
+        meta = json.loads(zf.read("bundle.json"))
+    assert meta["format"] == BUNDLE_FORMAT == "simsearch-wsi-model"
+    assert meta["version"] == BUNDLE_VERSION == 1
+    assert len(meta["weights_sha256"]) == 64
+    assert meta["classes"] == list(CLASSES)
+    assert meta["patch_size_um"] == [24.0, 16.0]
+    assert meta["analysis_mpp"] == 0.5
+    assert "trunk_state" not in meta and "head_weight" not in meta
+    assert bundle.to_json_dict().keys() == meta.keys() - {"weights_sha256"}
+
+
+def test_derived_quantities(trunk: nn.Module, bundle: ModelBundle) -> None:
+    assert bundle.n_classes == 3 and bundle.feature_dim == 256
+    assert bundle.patch_size_um == (24.0, 16.0)
+    assert bundle.analysis_mpp == 0.5
+    unknown = make_bundle(trunk, mpp=None)
+    assert unknown.patch_size_um is None and unknown.analysis_mpp is None
+    assert bundle.channel_normalization().channel_names == ("R", "G", "B")
+
+
+def test_numpy_scalars_become_builtin_numbers(trunk: nn.Module, tmp_path: Path) -> None:
+    import numpy as np
+
+    b = make_bundle(
+        trunk,
+        mpp=np.float32(0.5),
+        thresholds={"tumor": np.float32(0.25)},
+        context_a=np.int64(3),
+        patch_size_l0=np.array([10.0, 20.0]),
+    )
+    assert type(b.mpp) is float and type(b.context_a) is int
+    assert b.patch_size_l0 == (10.0, 20.0) and type(b.patch_size_l0[0]) is float
+    assert type(b.thresholds["tumor"]) is float
+    assert load_bundle(save_bundle(tmp_path / "np.simsearch", b)).thresholds == {"tumor": 0.25}
+
+
+def test_describe_has_the_key_fields(saved: Path) -> None:
+    info = load_bundle(saved).describe()
+    assert info["classes"] == [
+        {"name": "tumor", "color": [200, 0, 0], "threshold": 0.8},
+        {"name": "stroma", "color": [0, 150, 50], "threshold": 0.5},
+        {"name": "background", "color": [255, 255, 255], "threshold": None},
+    ]
+    assert info["backbone"] == "resnet18-l3"
+    assert info["patch_size_l0"] == [96.0, 64.0] and info["patch_size_um"] == [24.0, 16.0]
+    assert info["analysis_mpp"] == 0.5
+    assert info["channels"] == ["R", "G", "B"]
+    assert info["strategy"] == "pos+neg+selflearn"
+    assert info["metrics"] == {"val_accuracy": 0.91}  # scalars only
+    assert info["versions"]["torch"] == torch.__version__ and info["created"]
+    assert info["source"] == str(saved)
+    json.dumps(info, allow_nan=False)
+
+
+# --- atomic writes ----------------------------------------------------------------------------
+def test_failed_save_leaves_no_file_and_keeps_the_previous_one(
+    trunk: nn.Module, bundle: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "model.simsearch"
+    save_bundle(target, bundle)
+    previous = target.read_bytes()
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_bundle(target, make_bundle(trunk, strategy="other"))
+    assert target.read_bytes() == previous
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_bundle(tmp_path / "new.simsearch", bundle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.simsearch"]
+
+
+def test_failure_while_writing_the_zip_leaves_no_temporary(
+    bundle: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", boom)
+    with pytest.raises(OSError, match="no space"):
+        save_bundle(tmp_path / "model.simsearch", bundle)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- damaged or foreign files -----------------------------------------------------------------
+def assert_bundle_error(path: Path, *hints: str) -> BundleError:
+    with pytest.raises(BundleError) as info:
+        load_bundle(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "\n" not in message
+    for hint in hints:
+        assert hint in message
+    return info.value
+
+
+def test_missing_file_is_a_file_not_found_error(tmp_path: Path) -> None:
+    path = tmp_path / "nope.simsearch"
+    with pytest.raises(BundleNotFoundError, match="not found") as info:
+        load_bundle(path)
+    assert isinstance(info.value, FileNotFoundError)
+    assert isinstance(info.value, SimSearchError) and isinstance(info.value, ValueError)
+    assert str(path) in str(info.value)
+
+
+def test_folder_is_refused(tmp_path: Path) -> None:
+    assert_bundle_error(tmp_path, "folder")
+
+
+def test_truncated_file(copy: Path) -> None:
+    data = copy.read_bytes()
+    copy.write_bytes(data[: len(data) // 2])
+    assert_bundle_error(copy, "truncated", "copy the file again")
+
+
+def test_random_bytes(copy: Path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    copy.write_bytes(torch.randint(0, 256, (4096,), generator=gen).byte().numpy().tobytes())
+    assert_bundle_error(copy, "not a zip archive", "simsearch-wsi train")
+
+
+def test_newer_version(copy: Path) -> None:
+    edit_json(copy, version=99)
+    assert_bundle_error(copy, "newer simsearch_wsi", "upgrade")
+
+
+@pytest.mark.parametrize("version", [0, "1", None])
+def test_unknown_version(copy: Path, version: object) -> None:
+    edit_json(copy, version=version)
+    assert_bundle_error(copy, "version")
+
+
+def test_other_format(copy: Path) -> None:
+    edit_json(copy, format="something-else")
+    assert_bundle_error(copy, "not a simsearch-wsi model bundle", "'something-else'")
+
+
+def test_metadata_not_json(copy: Path) -> None:
+    def edit(members: dict[str, bytes]) -> None:
+        members["bundle.json"] = members["bundle.json"][:-20]
+
+    rewrite(copy, edit)
+    assert_bundle_error(copy, "not valid JSON")
+
+
+def test_weights_changed_after_save_fail_the_checksum(copy: Path) -> None:
+    def edit(members: dict[str, bytes]) -> None:
+        data = bytearray(members["weights.pt"])
+        data[len(data) // 2] ^= 0xFF
+        members["weights.pt"] = bytes(data)
+
+    rewrite(copy, edit)  # a consistent zip (new CRC) whose weights no longer match bundle.json
+    assert_bundle_error(copy, "weights checksum mismatch", "copy the file again")
+
+
+def test_flipped_byte_in_the_file(copy: Path) -> None:
+    data = bytearray(copy.read_bytes())
+    with zipfile.ZipFile(copy) as zf:
+        info = zf.getinfo("weights.pt")
+    data[info.header_offset + 4096] ^= 0xFF  # inside the stored weights
+    copy.write_bytes(bytes(data))
+    assert_bundle_error(copy, "corrupt", "copy the file again")
+
+
+@pytest.mark.parametrize("member", ["bundle.json", "weights.pt"])
+def test_missing_member(copy: Path, member: str) -> None:
+    rewrite(copy, lambda members: members.pop(member))
+    assert_bundle_error(copy, f"{member!r} is missing")
+
+
+def test_missing_metadata_key(copy: Path) -> None:
+    def edit(members: dict[str, bytes]) -> None:
+        meta = json.loads(members["bundle.json"])
+        del meta["patch_size_l0"]
+        members["bundle.json"] = json.dumps(meta).encode()
+
+    rewrite(copy, edit)
+    assert_bundle_error(copy, "lacks ['patch_size_l0']")
+
+
+def test_weights_that_are_not_a_torch_file(copy: Path) -> None:
+    import hashlib
+
+    def edit(members: dict[str, bytes]) -> None:
+        members["weights.pt"] = b"not a pickle"
+        meta = json.loads(members["bundle.json"])
+        meta["weights_sha256"] = hashlib.sha256(b"not a pickle").hexdigest()
+        members["bundle.json"] = json.dumps(meta).encode()
+
+    rewrite(copy, edit)
+    assert_bundle_error(copy, "weights.pt cannot be loaded")
+
+
+def test_missing_head_tensor(copy: Path) -> None:
+    edit_weights(copy, lambda t: t.pop("head.bias"))
+    assert_bundle_error(copy, "lacks ['head.bias']")
+
+
+def test_missing_trunk_tensors(copy: Path) -> None:
+    def drop_trunk(tensors: dict[str, torch.Tensor]) -> None:
+        for k in [k for k in tensors if k.startswith("trunk.")]:
+            del tensors[k]
+
+    edit_weights(copy, drop_trunk)
+    assert_bundle_error(copy, "trunk.*")
+
+
+def test_head_shape_does_not_match_classes(copy: Path) -> None:
+    edit_json(copy, classes=["tumor", "stroma"], colors={}, thresholds={})
+    assert_bundle_error(copy, "3 outputs", "2 classes", "one class name per head output")
+
+
+def test_unknown_backbone(copy: Path) -> None:
+    edit_json(copy, backbone="uni-l24")
+    loaded = load_bundle(copy)  # metadata is readable without the backbone
+    assert loaded.describe()["backbone"] == "uni-l24"
+    with pytest.raises(BundleError) as info:
+        loaded.build_trunk()
+    message = str(info.value)
+    assert str(copy) in message and "'uni-l24'" in message
+    assert "resnet18-l3" in message and "registered" in message
+
+
+def test_trunk_from_another_architecture(copy: Path) -> None:
+    edit_weights(copy, lambda t: t.pop("trunk.layer3.0.conv1.weight"))
+    with pytest.raises(BundleError) as info:
+        load_bundle(copy).build_trunk()
+    message = str(info.value)
+    assert str(copy) in message
+    assert "does not match backbone 'resnet18-l3'" in message
+    assert "missing layer3.0.conv1.weight" in message and "another backbone" in message
+
+
+def test_trunk_with_wrong_shapes(trunk: nn.Module) -> None:
+    state = dict(trunk.state_dict())
+    state["conv1.weight"] = torch.zeros(64, 1, 7, 7)
+    with pytest.raises(BundleError, match=r"conv1.weight has shape \(64, 1, 7, 7\)"):
+        make_bundle(trunk, trunk_state=state).build_trunk()
+
+
+def test_a_registered_custom_backbone_is_rebuilt(
+    trunk: nn.Module, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def tiny() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2))
+
+    spec = BackboneSpec("tiny-test", 2, 8, 3, (0.5,) * 3, (0.25,) * 3, tiny)
+    monkeypatch.setitem(backbones._REGISTRY, "tiny-test", spec)
+    gen = torch.Generator().manual_seed(2)
+    state = {"0.weight": torch.randn(8, 3, 3, 3, generator=gen), "0.bias": torch.zeros(8)}
+    custom = make_bundle(
+        trunk, backbone="tiny-test", trunk_state=state, head_weight=torch.ones(3, 8)
+    )
+    loaded = load_bundle(save_bundle(tmp_path / "tiny.simsearch", custom))
+    module, got = loaded.build_trunk()
+    assert got is spec
+    assert torch.equal(module.state_dict()["0.weight"], state["0.weight"])
+
+
+# --- constructor validation -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"thresholds": {"tumor": 1.5}}, r"thresholds\['tumor'\] = 1.5 .* \[0, 1\]"),
+        ({"thresholds": {"tumor": float("nan")}}, "thresholds"),
+        ({"thresholds": {"necrosis": 0.5}}, "not among the bundle's classes"),
+        ({"classes": ("tumor", "tumor", "background")}, "unique"),
+        ({"classes": ("tumor", "", "background")}, "non-empty"),
+        ({"classes": "abc"}, "sequence of names"),
+        ({"colors": {"tumor": (256, 0, 0)}}, "3 integers 0-255"),
+        ({"colors": {"tumor": (1.5, 0, 0)}}, "3 integers 0-255"),
+        ({"colors": {"tumor": (1, 2)}}, "3 integers 0-255"),
+        ({"head_bias": torch.zeros(4)}, "one class name per head output"),
+        ({"head_weight": torch.full((3, 256), float("nan"))}, "NaN"),
+        ({"patch_size_l0": (0.0, 64.0)}, "patch_size_l0 width"),
+        ({"patch_size_l0": (96.0,)}, "patch_size_l0"),
+        ({"analysis_downsample": -1.0}, "analysis_downsample"),
+        ({"context_a": -1}, "context_a"),
+        ({"mpp": 0.0}, "mpp"),
+        ({"geometry": {"width_a": 48.0}}, "PatchGeometry"),
+        ({"normalization": {"method": "x"}}, "ChannelNormalization"),
+        ({"metrics": {"loss": float("nan")}}, "JSON"),
+        ({"trunk_state": {}}, "trunk_state"),
+    ],
+)
+def test_invalid_arguments_are_refused(
+    trunk: nn.Module, changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(BundleError, match=message):
+        make_bundle(trunk, **changes)
+
+
+def test_bundle_error_is_a_value_error() -> None:
+    assert issubclass(BundleError, SimSearchError) and issubclass(BundleError, ValueError)
+    assert issubclass(BundleNotFoundError, BundleError)
+    assert issubclass(BundleNotFoundError, FileNotFoundError)
