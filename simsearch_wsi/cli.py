@@ -8,6 +8,7 @@ below it takes them as arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -375,6 +376,132 @@ def _cmd_session_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- train / pretrain -----------------------------------------------------------------------------
+def _cmd_train(args: argparse.Namespace) -> int:
+    from simsearch_wsi.bundle import save_bundle
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.session import Session
+    from simsearch_wsi.session_data import train_session
+    from simsearch_wsi.train import TrainConfig
+
+    session = Session.open(args.session)
+    config = TrainConfig.preset_config(args.preset, strategy=args.strategy)
+    out = Path(args.out) if args.out else session.root / "model.zip"
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give a file name such as model.zip")
+    search = _build_search(args)
+    with _progress() as progress:
+        result = train_session(
+            session,
+            search,
+            config,
+            open_image=lambda p: open_image(p, mpp=args.mpp),
+            noisy_images=args.noisy_images or (),
+            device=search.extractor.device,
+            seed=args.seed,
+            progress=progress,
+        )
+    save_bundle(out, result.bundle)
+    summary = {"model": str(out), **result.bundle.describe()}
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return EXIT_OK
+    console = _console()
+    m = result.metrics
+    console.print(f"{out}: model for {', '.join(result.bundle.classes)}", markup=False)
+    console.print(f"  strategy {config.strategy}, preset {config.preset}", markup=False)
+    for name, stage in m["stages"].items():
+        loss = stage.get("loss") or [float("nan")]
+        rate = f", {stage['views_per_s']:.0f} views/s" if stage.get("views_per_s") else ""
+        console.print(
+            f"  {name:<10} {stage['seconds']:.1f} s{rate}, final loss {loss[-1]:.3f}", markup=False
+        )
+    for key, label in (("baseline_validation", "untrained"), ("validation", "trained")):
+        if key in m:
+            console.print(
+                f"  held-out balanced accuracy ({label} trunk): {m[key]['balanced_accuracy']}",
+                markup=False,
+            )
+    thr = ", ".join(f"{c}={t:.2f}" for c, t in result.bundle.thresholds.items())
+    console.print(f"  confidence thresholds: {thr}", markup=False)
+    for note in result.notes:
+        console.print(f"  note: {note}", markup=False)
+    return EXIT_OK
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.preprocess import fit_normalization, resolve_channels
+    from simsearch_wsi.pretrain import PretrainConfig, pretrain_trunk, save_pretrained
+    from simsearch_wsi.train import TrainConfig
+
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out}: is a folder; give a file name such as trunk.pth")
+    paths = [str(Path(p).resolve()) for p in args.images]
+    opened: list[Any] = []
+    try:
+        for p in paths:
+            opened.append(open_image(p, mpp=args.mpp))
+        names = opened[0].channel_names
+        for p, im in zip(paths, opened, strict=True):
+            if len(im.channel_names) != len(names):
+                raise ConfigError(
+                    f"{p}: has {len(im.channel_names)} channels, {paths[0]} has {len(names)}; "
+                    "pretrain on images of one kind"
+                )
+        channels = (
+            [names[i] for i in resolve_channels(names, args.channels.split(","))]
+            if args.channels
+            else list(names)
+        )
+        rgb = opened[0].is_brightfield and len(channels) == 3
+        normalization = fit_normalization(opened)
+        patch_l0 = _patch_size_l0(args, opened[0])
+    finally:
+        for im in opened:
+            im.close()
+    search = _build_search(args)
+    ext = search.extractor
+    stage = TrainConfig.preset_config(args.preset).selflearn
+    if args.epochs is not None:
+        stage = dataclasses.replace(stage, epochs=args.epochs, decay_epoch=None)
+    config = PretrainConfig(patches_per_image=args.patches_per_image, stage=stage)
+    with _progress() as progress:
+        result = pretrain_trunk(
+            paths,
+            trunk=ext.trunk,
+            spec=ext.spec,
+            weights=ext.weights,
+            normalization=normalization,
+            channels=channels,
+            rgb=rgb,
+            patch_size_l0=patch_l0,
+            open_image=lambda p: open_image(p, mpp=args.mpp),
+            config=config,
+            device=ext.device,
+            seed=args.seed,
+            progress=progress,
+        )
+    out = save_pretrained(
+        args.out,
+        result,
+        backbone=ext.spec.name,
+        base_weights=ext.weights,
+        extra={"images": paths, "patch_size_l0": patch_l0, "channels": channels},
+    )
+    st = result.metrics["stage"]
+    _console().print(
+        f"{out}: trunk weights after {st['epochs']} epochs on {result.metrics['patches']} "
+        f"patches of {len(paths)} image(s) ({st['seconds']:.0f} s, {st['views_per_s']} views/s, "
+        f"loss {st['loss'][0] if st['loss'] else float('nan'):.3f} -> "
+        f"{st['loss'][-1] if st['loss'] else float('nan'):.3f}); use it with --weights {out}",
+        markup=False,
+    )
+    for note in result.notes:
+        _console().print(f"  note: {note}", markup=False)
+    return EXIT_OK
+
+
 # --- serve --------------------------------------------------------------------------------------
 def _cmd_serve(args: argparse.Namespace) -> int:
     from simsearch_wsi.server import create_app, is_loopback, serve
@@ -434,7 +561,7 @@ class _RichProgress:
         )
 
         self._progress = Progress(
-            TextColumn("{task.description:<28}"),
+            TextColumn("{task.description:<44}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
@@ -444,9 +571,11 @@ class _RichProgress:
         self._tasks: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage not in self._tasks:
-            self._tasks[stage] = self._progress.add_task(stage, total=total)
-        self._progress.update(self._tasks[stage], completed=done, total=total)
+        # "supcon | epoch 3/16 loss 2.345": one bar per stage, its text updated
+        key = stage.split(" | ", 1)[0]
+        if key not in self._tasks:
+            self._tasks[key] = self._progress.add_task(stage, total=total)
+        self._progress.update(self._tasks[key], completed=done, total=total, description=stage)
 
     def __enter__(self) -> _RichProgress:
         self._progress.start()
@@ -678,6 +807,81 @@ def build_parser() -> argparse.ArgumentParser:
     p_show.add_argument("dir", metavar="DIR")
     p_show.add_argument("--json", action="store_true")
     p_show.set_defaults(func=_cmd_session_show)
+
+    p_train = sub.add_parser(
+        "train",
+        parents=[engine],
+        help="train a patch classifier from a review session",
+        description="Train on the session's prototypes, approved and rejected suggestions and "
+        "background, plus noisy patches mined from unreviewed images, and write a model bundle "
+        "that `predict` applies to other slides.",
+    )
+    p_train.add_argument("--session", required=True, metavar="DIR")
+    p_train.add_argument(
+        "--strategy",
+        default="pos+neg+selflearn",
+        choices=["pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn"],
+        help="which data to train on (default: %(default)s)",
+    )
+    p_train.add_argument(
+        "--preset",
+        default="fast",
+        choices=["fast", "paper"],
+        help="fast: minutes on a laptop CPU; paper: the SimSearch paper's epochs and schedules "
+        "(default: %(default)s)",
+    )
+    p_train.add_argument(
+        "--out", default=None, metavar="MODEL.zip", help="bundle to write (default: DIR/model.zip)"
+    )
+    p_train.add_argument(
+        "--noisy-images",
+        nargs="+",
+        default=None,
+        metavar="IMAGE",
+        help="unreviewed images to mine noisy patches from (default: the session's unreviewed "
+        "images)",
+    )
+    p_train.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    p_train.add_argument("--json", action="store_true", help="print the bundle summary as JSON")
+    p_train.set_defaults(func=_cmd_train)
+
+    p_pre = sub.add_parser(
+        "pretrain",
+        parents=[engine],
+        help="self-supervised (SimCLR) training of the trunk on a cohort",
+        description="Train the trunk on random foreground patches of the images (SimCLR) and "
+        "write weights for --weights PATH: the offline alternative to ImageNet weights, adapted "
+        "to your tissue and stain. Starts from --weights (auto: ImageNet if cached, else random).",
+    )
+    p_pre.add_argument("images", nargs="+", metavar="IMAGE")
+    p_pre.add_argument("--out", required=True, metavar="WEIGHTS.pth")
+    pre_size = p_pre.add_mutually_exclusive_group()
+    pre_size.add_argument(
+        "--patch-size-px",
+        type=_positive_float,
+        default=64.0,
+        help="patch size in level-0 pixels; fixes the analysis scale (default: %(default)s)",
+    )
+    pre_size.add_argument(
+        "--patch-size-um", type=_positive_float, default=None, help="patch size in micrometres"
+    )
+    p_pre.add_argument(
+        "--patches-per-image",
+        type=_int_at_least(1),
+        default=256,
+        help="random foreground patches per image (default: %(default)s)",
+    )
+    p_pre.add_argument(
+        "--preset",
+        default="fast",
+        choices=["fast", "paper"],
+        help="SimCLR schedule: fast, or the paper's 100 epochs (default: %(default)s)",
+    )
+    p_pre.add_argument(
+        "--epochs", type=_int_at_least(1), default=None, help="override the preset's epochs"
+    )
+    p_pre.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    p_pre.set_defaults(func=_cmd_pretrain)
 
     p_srv = sub.add_parser(
         "serve",

@@ -51,6 +51,10 @@ class BoxL0:
             and other.y_l0 < self.y1_l0
         )
 
+    def contains_point(self, x_l0: float, y_l0: float) -> bool:
+        """True when the level-0 point lies inside the box (edges included)."""
+        return self.x_l0 <= x_l0 <= self.x1_l0 and self.y_l0 <= y_l0 <= self.y1_l0
+
 
 def lvl_to_l0_location(x_lvl: int, downsample: float) -> int:
     """Integer level-0 coordinate that :meth:`ImageSource.read_region` maps back to ``x_lvl``.

@@ -27,7 +27,7 @@ import torch
 from numpy.typing import NDArray
 
 from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.features import AnalysisScale, read_analysis_region
+from simsearch_wsi.features import RESAMPLE_DENOMINATOR, AnalysisScale, read_analysis_region
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.preprocess import ChannelNormalization, resolve_channels
 
@@ -169,7 +169,7 @@ class PatchReader:
         self.normalization = normalization.select(list(self.channels))
         self._open = open_image
         self._images: dict[str, tuple[ImageSource, AnalysisScale, list[int]]] = {}
-        self._cache: dict[tuple[str, float, float], NDArray[Any]] = {}
+        self._cache: dict[tuple[str, float, float], tuple[NDArray[Any], int, int]] = {}
         self._cache_bytes = cache_bytes
         self._cached = 0
         self._lock = threading.Lock()
@@ -186,8 +186,10 @@ class PatchReader:
     def scale_of(self, path: str) -> AnalysisScale:
         return self._image(path)[1]
 
-    def _raw(self, sample: PatchSample) -> NDArray[Any]:
-        """The crop plus jitter margin, raw dtype, (S + 2m, S + 2m, C)."""
+    def _raw(self, sample: PatchSample) -> tuple[NDArray[Any], int, int]:
+        """The crop plus jitter margin inside a grid-aligned read, raw dtype, and the crop's
+        offset (x, y) in it. Reads start at multiples of :data:`RESAMPLE_DENOMINATOR` analysis
+        pixels, so crops lie on exactly the pixel grid the dense tiles are read on."""
         key = (sample.image, *sample.center_l0)
         with self._lock:
             hit = self._cache.get(key)
@@ -198,13 +200,16 @@ class PatchReader:
         cx_a = sample.center_l0[0] / scale.downsample_x
         cy_a = sample.center_l0[1] / scale.downsample_y
         x0, y0 = round(cx_a - side / 2) - m, round(cy_a - side / 2) - m
-        raw = read_analysis_region(image, scale, x0, y0, side + 2 * m, side + 2 * m)
-        raw = np.ascontiguousarray(raw[..., idx])
+        g = RESAMPLE_DENOMINATOR
+        ax0, ay0 = (x0 // g) * g, (y0 // g) * g
+        ax1, ay1 = -(-(x0 + side + 2 * m) // g) * g, -(-(y0 + side + 2 * m) // g) * g
+        raw = read_analysis_region(image, scale, ax0, ay0, ax1 - ax0, ay1 - ay0)
+        entry = (np.ascontiguousarray(raw[..., idx]), x0 - ax0, y0 - ay0)
         with self._lock:
-            if self._cached + raw.nbytes <= self._cache_bytes:
-                self._cache[key] = raw
-                self._cached += raw.nbytes
-        return raw
+            if self._cached + entry[0].nbytes <= self._cache_bytes:
+                self._cache[key] = entry
+                self._cached += entry[0].nbytes
+        return entry
 
     def read(
         self,
@@ -217,9 +222,10 @@ class PatchReader:
         m, side = self.crop.max_jitter_a, self.crop.side_a
         out = np.empty((len(samples), len(self.channels), side, side), dtype=np.float32)
         for n, sample in enumerate(samples):
-            raw = self._raw(sample)
-            dx, dy = (rng.integers(-m, m + 1, size=2).tolist() if rng is not None and m else (0, 0))
-            window = raw[m + dy : m + dy + side, m + dx : m + dx + side]
+            raw, ox, oy = self._raw(sample)
+            dx, dy = rng.integers(-m, m + 1, size=2).tolist() if rng is not None and m else (0, 0)
+            x, y = ox + m + dx, oy + m + dy
+            window = raw[y : y + side, x : x + side]
             out[n] = self.normalization.apply(window).transpose(2, 0, 1)
         return torch.from_numpy(out)
 

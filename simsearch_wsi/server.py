@@ -17,6 +17,8 @@ Protocol (version :data:`PROTOCOL_VERSION`, everything under ``/api/v1``; OpenAP
 ``POST /background``          ``{image, session, n?}`` -> a FeatureCollection of candidates
 ``GET  /session?dir=DIR``     the session's summary
 ``POST /jobs/embed``          ``{images, patch_size_px?}`` -> 202 ``{job_id}``
+``POST /jobs/train``          ``{session, out?, strategy?, preset?, noisy_images?, seed?}`` ->
+                              202 ``{job_id}``; the result names the model bundle written
 ``GET  /jobs``                ``{"jobs": [job, ...]}``
 ``GET  /jobs/{id}``           ``{id, kind, state, progress, error, result, ...}``
 ``DELETE /jobs/{id}``         cancel a queued or running job
@@ -34,7 +36,9 @@ Rules every route follows:
 * every error is ``{"error": {"type": ..., "message": <one line>}}``.
 
 Concurrency: one lock guards the engine (the trunk and the feature cache), so requests and jobs
-that need it run one at a time; one lock per session folder serialises updates to a session.
+that need it run one at a time (a train job holds it for the whole training); one lock per
+session folder serialises updates to a session (a train job reads its session under it, then
+trains on that snapshot).
 Long work runs as jobs in a thread pool owned by the app; a job reports progress through
 :class:`JobContext`, and cancelling makes the next progress report raise inside the job.
 """
@@ -63,16 +67,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from simsearch_wsi import __version__
+from simsearch_wsi.bundle import save_bundle
 from simsearch_wsi.errors import (
     ConfigError,
     CorruptImageError,
     SimSearchError,
 )
 from simsearch_wsi.io import open_image
+from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.io.uri import local_path
 from simsearch_wsi.qupath_geojson import feature_collection, read_features
 from simsearch_wsi.search import SimSearch
 from simsearch_wsi.session import Session, background_with_session, suggest_with_session
+from simsearch_wsi.session_data import train_session
+from simsearch_wsi.train import DEFAULT_STRATEGY, PRESETS, STRATEGIES, TrainConfig, TrainResult
 
 __all__ = [
     "API_PREFIX",
@@ -356,6 +364,11 @@ class JobContext:
         """Record progress; a :data:`~simsearch_wsi.features.ProgressFn`. Raises when cancelled,
         which stops the library call that reported it (caches stay resumable)."""
         self.check_cancelled()
+        self.report(stage, done, total)
+
+    def report(self, stage: str, done: int, total: int) -> None:
+        """Record progress without checking for cancellation: for the last report of a job
+        whose work is already committed (a job that wrote its output is done, not cancelled)."""
         with self._lock:
             self._job.stage, self._job.done, self._job.total = stage, int(done), int(total)
 
@@ -367,7 +380,7 @@ class JobManager:
     """Background jobs of one app, run in its own thread pool.
 
     A job kind is a runner ``fn(ctx: JobContext) -> result`` (JSON-serialisable); routes submit
-    them with :meth:`submit` (``embed`` now; train/predict plug in the same way).
+    them with :meth:`submit` (``embed`` and ``train``; others plug in the same way).
     """
 
     def __init__(self, workers: int = 1) -> None:
@@ -405,13 +418,14 @@ class JobManager:
             with self._lock:
                 job.state, job.finished = "cancelled", time.time()
         except Exception as exc:
-            if isinstance(exc, SimSearchError):
+            if isinstance(exc, SimSearchError | _ApiError):
                 _logger.info("job %s (%s) failed: %s", job.id, job.kind, exc)
             else:
                 _logger.error("job %s (%s) failed", job.id, job.kind, exc_info=exc)
+            name = exc.code if isinstance(exc, _ApiError) else type(exc).__name__
             with self._lock:
                 job.state, job.finished = "failed", time.time()
-                job.error = f"{type(exc).__name__}: {_one_line(str(exc))}"
+                job.error = f"{name}: {_one_line(str(exc))}"
         else:
             with self._lock:
                 job.state, job.result, job.finished = "done", result, time.time()
@@ -538,6 +552,44 @@ class EmbedJobRequest(_Body):
     patch_size_px: float = Field(
         64.0, gt=0, le=1_000_000, description="expected prototype size in level-0 pixels"
     )
+
+
+def _one_of(allowed: Sequence[str], what: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
+        return value
+
+    return check
+
+
+class TrainJobRequest(_Body):
+    session: FolderPath = Field(description="the review session folder to train from")
+    out: FolderPath | None = Field(
+        None,
+        description="where to write the model bundle (a .zip file); default <session>/model.zip",
+    )
+    strategy: str = Field(
+        DEFAULT_STRATEGY,
+        description="training stages: positives, negatives (rejected suggestions), "
+        "self-learning on noisy patches",
+        json_schema_extra={"enum": list(STRATEGIES)},
+    )
+    preset: str = Field(
+        "fast",
+        description="fast: minutes on a CPU; paper: the SimSearch paper's schedules",
+        json_schema_extra={"enum": list(PRESETS)},
+    )
+    noisy_images: list[ImagePath] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="unreviewed images to mine noisy patches from; default: the session's "
+        "unreviewed images",
+    )
+    seed: int = Field(0, ge=0, le=2**63 - 1, strict=True)
+
+    _strategy = field_validator("strategy")(_one_of(STRATEGIES, "strategy"))
+    _preset = field_validator("preset")(_one_of(PRESETS, "preset"))
 
 
 class HealthResponse(BaseModel):
@@ -931,11 +983,88 @@ def create_app(
         job = jobs.submit(
             "embed", run, {"images": [str(p) for p in images], "patch_size_px": patch}
         )
-        return JSONResponse(
-            {"job_id": job.id},
-            status_code=202,
-            headers={"Location": f"{API_PREFIX}/jobs/{job.id}"},
+        return _job_created(job)
+
+    @app.post(
+        f"{API_PREFIX}/jobs/train",
+        status_code=202,
+        response_model=JobCreated,
+        responses=_ERRORS,
+        tags=["jobs"],
+    )
+    def train_job(body: TrainJobRequest) -> JSONResponse:
+        """Train a patch model from a review session and write it as a model bundle (.zip).
+
+        The result names the bundle, its classes and confidence thresholds, and the validation
+        metrics; progress reports the stage (mining, self-learning, supervised contrastive,
+        linear) with epochs and loss. The job holds the engine while it trains: suggestions and
+        other engine work wait until it is done (or cancelled)."""
+        folder = paths.resolve(body.session, what="session")
+        out = paths.resolve(body.out, what="model") if body.out else folder / "model.zip"
+        noisy = [paths.resolve(text, what="noisy image") for text in body.noisy_images]
+        if out.suffix.lower() != ".zip":
+            raise ConfigError(
+                f"model {out}: not a .zip file name; give a file name ending in .zip for the "
+                "model bundle"
+            )
+        if out.is_dir():
+            raise ConfigError(f"model {out}: is a folder; give a file name for the model bundle")
+        with locks.session(folder):
+            session = Session.open(folder)
+        if not session.prototypes:
+            raise ConfigError(
+                f"{folder}: the session has no prototypes yet, nothing to train on; suggest with "
+                "classified rectangles and review the suggestions first"
+            )
+        images = [paths.resolve(p, what="session image") for p in _session_images(session)]
+        for p in [*images, *noisy]:  # answer a moved slide now rather than in a failed job
+            if not p.exists():
+                raise _ApiError(
+                    404, "ImageNotFoundError", f"{p}: no such file or directory; check the path"
+                )
+        # looked up per request (not bound at import), so tests can shrink the presets
+        config = TrainConfig.preset_config(body.preset, strategy=body.strategy)
+        seed = body.seed
+
+        def open_allowed(text: str) -> ImageSource:
+            return open_image(paths.resolve(text, what="image"))
+
+        def run(ctx: JobContext) -> dict[str, Any]:
+            ctx.progress("reading the session", 0, 1)
+            with locks.session(folder):
+                current = Session.open(folder)  # as it is now, not as it was when queued
+            ctx.progress("waiting for the engine", 0, 1)
+            with locks.engine:
+                ctx.check_cancelled()
+                t0 = time.perf_counter()
+                result = train_session(
+                    current,
+                    search,
+                    config,
+                    open_image=open_allowed,
+                    noisy_images=noisy,
+                    device=search.extractor.device,
+                    seed=seed,
+                    progress=ctx.progress,
+                )
+            ctx.progress("saving the model", 0, 1)  # the last point where cancelling stops it
+            save_bundle(out, result.bundle)
+            ctx.report("done", 1, 1)
+            return _train_summary(out, result, preset=body.preset, seconds=time.perf_counter() - t0)
+
+        job = jobs.submit(
+            "train",
+            run,
+            {
+                "session": str(folder),
+                "out": str(out),
+                "strategy": body.strategy,
+                "preset": body.preset,
+                "noisy_images": [str(p) for p in noisy],
+                "seed": seed,
+            },
         )
+        return _job_created(job)
 
     @app.get(f"{API_PREFIX}/jobs", response_model=JobList, responses=_ERRORS, tags=["jobs"])
     def list_jobs() -> dict[str, Any]:
@@ -960,6 +1089,50 @@ def create_app(
         return JSONResponse(info, status_code=200 if info["state"] == "cancelled" else 202)
 
     return app
+
+
+def _job_created(job: Job) -> JSONResponse:
+    return JSONResponse(
+        {"job_id": job.id},
+        status_code=202,
+        headers={"Location": f"{API_PREFIX}/jobs/{job.id}"},
+    )
+
+
+def _session_images(session: Session) -> list[str]:
+    """Every image a session names: prototypes, suggestions, decisions."""
+    images = {p.image for p in session.prototypes}
+    images |= {r.image for r in session.suggestions.values()}
+    images |= {r.image for _, r in session.decisions.values()}
+    return sorted(images)
+
+
+def _train_summary(
+    out: Path, result: TrainResult, *, preset: str, seconds: float
+) -> dict[str, Any]:
+    """A train job's result: the bundle's path, classes and thresholds, the headline metrics
+    (the full metrics are in the bundle) and the notes."""
+    bundle, full = result.bundle, result.metrics
+    metrics: dict[str, Any] = {}
+    for key in ("baseline_validation", "validation"):
+        m = full.get(key)
+        if isinstance(m, dict):
+            metrics[key] = {k: m.get(k) for k in ("n", "accuracy", "balanced_accuracy")}
+    metrics["stages"] = {
+        name: {"seconds": stage.get("seconds"), "views_per_s": stage.get("views_per_s")}
+        for name, stage in dict(full.get("stages") or {}).items()
+    }
+    metrics["counts"] = full.get("counts", {})
+    return {
+        "model": str(out),
+        "strategy": bundle.strategy,
+        "preset": preset,
+        "classes": list(bundle.classes),
+        "thresholds": {c: float(t) for c, t in bundle.thresholds.items()},
+        "metrics": metrics,
+        "notes": list(result.notes),
+        "seconds": round(seconds, 2),
+    }
 
 
 # --- running it ----------------------------------------------------------------------------------

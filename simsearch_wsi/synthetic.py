@@ -80,6 +80,7 @@ _NUCLEUS_TEXTURE_RGB = (150.0, 100.0, 165.0)
 _MOTIF_MAX_SCALE = 1.1  # motif sizes are jittered within +-10 %
 _MOTIF_MAX_ROTATION_DEG = 15.0
 _GEOJSON_STREAM = 0x6E0  # child stream of the seed used for deterministic feature ids
+_BACKGROUND_STREAM = 0xB6  # child stream for background boxes
 _DEFAULT_CHANNEL_COLORS = {
     "R": "FF0000",
     "G": "00FF00",
@@ -161,6 +162,27 @@ class SyntheticSlide:
     def objects_of(self, class_name: str) -> tuple[SyntheticObject, ...]:
         """The objects of one class, in placement order (empty for an unknown class)."""
         return tuple(o for o in self.objects if o.class_name == class_name)
+
+    def background_boxes(self, n: int, *, seed: int, size_l0: float = 48.0) -> list[BoxL0]:
+        """``n`` seeded square boxes of ``size_l0`` px at least half a box away from every
+        motif (background examples for training and evaluation)."""
+        rng = np.random.default_rng([seed, _BACKGROUND_STREAM])
+        margin = size_l0 / 2.0
+        near = [
+            BoxL0(
+                o.x_l0 - margin, o.y_l0 - margin, o.width_l0 + 2 * margin, o.height_l0 + 2 * margin
+            )
+            for o in self.objects
+        ]
+        out: list[BoxL0] = []
+        for _ in range(1000 * max(n, 1)):
+            if len(out) == n:
+                return out
+            x, y = rng.uniform(0, self.width - size_l0), rng.uniform(0, self.height - size_l0)
+            box = BoxL0(float(x), float(y), size_l0, size_l0)
+            if not any(box.intersects(b) for b in near):
+                out.append(box)
+        raise ConfigError(f"{self.path}: could not place {n} background boxes away from motifs")
 
     def to_geojson(self, path: str | Path | None = None) -> dict[str, Any]:
         """The objects as a QuPath-style GeoJSON FeatureCollection of rectangle annotations.

@@ -188,7 +188,7 @@ class TrainingData:
 
 # --- the stages ---------------------------------------------------------------------------------
 @dataclass
-class _Run:
+class TrainRun:
     """What every stage shares."""
 
     encoder: PatchEncoder
@@ -208,7 +208,7 @@ class _Run:
         return self.reader.read(samples, rng=jitter)
 
 
-def _child_seed(rng: np.random.Generator) -> int:
+def child_seed(rng: np.random.Generator) -> int:
     return int(rng.integers(0, 2**62))
 
 
@@ -231,8 +231,8 @@ def _init_linear(layer: nn.Linear, gen: torch.Generator) -> None:
             layer.bias.uniform_(-bound, bound, generator=gen)
 
 
-def _contrastive_stage(
-    run: _Run,
+def contrastive_stage(
+    run: TrainRun,
     name: str,
     patches: PatchSet,
     stage: StageConfig,
@@ -243,7 +243,7 @@ def _contrastive_stage(
     """SimCLR (``negatives is None`` and ``name == 'selflearn'``) or SupCon on ``patches``."""
     enc = run.encoder
     head = _new_head(
-        enc.feature_dim(run.n_channels), run.config.projection_dim, _child_seed(run.rng)
+        enc.feature_dim(run.n_channels), run.config.projection_dim, child_seed(run.rng)
     )
     head.to(run.device)
     params = set_trainable(enc.trunk, freeze_early=run.freeze_early) + list(head.parameters())
@@ -258,7 +258,7 @@ def _contrastive_stage(
     losses: list[float] = []
     views = 0
     t0 = time.perf_counter()
-    jitter = np.random.default_rng(_child_seed(run.rng))
+    jitter = np.random.default_rng(child_seed(run.rng))
     window = enc.window_a
     for epoch in range(stage.epochs):
         train_mode(enc.trunk, freeze_early=run.freeze_early)
@@ -513,7 +513,7 @@ def train_patch_model(
             "candidates, or add prototypes of another class"
         )
     rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(_child_seed(rng))
+    gen = torch.Generator().manual_seed(child_seed(rng))
     freeze_early = weights.kind != "random"
     if not freeze_early:
         notes.append(
@@ -544,7 +544,9 @@ def train_patch_model(
     )
     metrics: dict[str, Any] = {"counts": data.counts(), "stages": {}}
     with PatchReader(crop, data.normalization, data.channels, open_image) as reader:
-        run = _Run(encoder, reader, config, device, freeze_early, rng, gen, progress, n_channels)
+        run = TrainRun(
+            encoder, reader, config, device, freeze_early, rng, gen, progress, n_channels
+        )
         split = (
             stratified_split(
                 clean, config.val_fraction, rng, min_per_class=config.min_val_per_class
@@ -569,7 +571,7 @@ def train_patch_model(
                 views=config.linear_views,
                 augment=config.clean_augment,
                 gen=gen,
-                jitter=np.random.default_rng(_child_seed(rng)),
+                jitter=np.random.default_rng(child_seed(rng)),
                 autocast=config.autocast,
             )
             labels = torch.from_numpy(train_set.labels).repeat(config.linear_views)
@@ -581,7 +583,7 @@ def train_patch_model(
                 len(clean.classes),
                 lin_cfg,
                 rng=rng,
-                seed=_child_seed(rng),
+                seed=child_seed(rng),
             )
 
         val_feats_before = None
@@ -595,7 +597,7 @@ def train_patch_model(
             )
         if config.uses_selflearn:
             if len(data.noisy) >= 2:
-                metrics["stages"]["selflearn"] = _contrastive_stage(
+                metrics["stages"]["selflearn"] = contrastive_stage(
                     run, "selflearn", data.noisy, config.selflearn, config.noisy_augment
                 )
             else:
@@ -603,7 +605,7 @@ def train_patch_model(
         negatives = data.negatives if config.uses_negatives and len(data.negatives) else None
         if config.uses_negatives and negatives is None:
             notes.append("the session has no negatives (rejected suggestions) to train with")
-        metrics["stages"]["supcon"] = _contrastive_stage(
+        metrics["stages"]["supcon"] = contrastive_stage(
             run, "supcon", train_set, config.supcon, config.clean_augment, negatives=negatives
         )
         t0 = time.perf_counter()
@@ -650,9 +652,6 @@ def train_patch_model(
         },
     )
     return TrainResult(bundle, metrics, notes)
-
-
-
 
 
 def predict_patches(

@@ -30,13 +30,17 @@ import pytest
 import uvicorn
 
 from simsearch_wsi.backbones import build_trunk
+from simsearch_wsi.bundle import load_bundle
 from simsearch_wsi.featurecache import FeatureCache
 from simsearch_wsi.features import FeatureExtractor
+from simsearch_wsi.geometry import BoxL0
 from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS, REJECTED_CLASS
 from simsearch_wsi.search import SearchSettings, SimSearch
 from simsearch_wsi.server import API_PREFIX, PROTOCOL_VERSION, create_app
 from simsearch_wsi.session import Session
+from simsearch_wsi.similarity import Prototype
 from simsearch_wsi.synthetic import SyntheticSlide, make_synthetic_slide
+from simsearch_wsi.train import DEFAULT_STRATEGY, StageConfig, TrainConfig
 
 GROOVY = shutil.which("groovy")
 JAVA_17 = Path("/usr/lib/jvm/java-17-openjdk-amd64")
@@ -60,7 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS_DIR = REPO / "qupath_scripts"
 STUBS = REPO / "tests" / "groovy" / "stubs"
 LAUNCHER = REPO / "tests" / "groovy" / "launcher.groovy"
-SCRIPTS = ["suggest", "review", "background", "embed", "status"]
+SCRIPTS = ["suggest", "review", "background", "embed", "status", "train"]
 HELPERS_MARK = "// ------------- HTTP helpers: the same block in every simsearch_*.groovy script"
 
 
@@ -380,6 +384,104 @@ def test_embed_job_with_progress(world: World, tmp_path: Path) -> None:
     assert run.record["added"] == []
 
 
+@pytest.fixture()
+def tiny_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The presets shrunk to seconds (the server runs in this process): one step per
+    contrastive stage, a few linear epochs, enough held out of 3 patches per class."""
+    real = TrainConfig.preset_config
+
+    def tiny(name: str = "fast", *, strategy: str = DEFAULT_STRATEGY) -> TrainConfig:
+        return real(name, strategy=strategy).replace(
+            selflearn=StageConfig(1, 16, 1e-3, max_steps_per_epoch=1),
+            supcon=StageConfig(1, 16, 1e-3, temperature=0.07, max_steps_per_epoch=1),
+            linear=StageConfig(5, 32, 1e-2),
+            noisy_per_class=8,
+            background_per_image=8,
+            linear_views=2,
+            val_fraction=0.6,
+        )
+
+    monkeypatch.setattr(TrainConfig, "preset_config", tiny)
+
+
+def _training_session(folder: Path, slide: SyntheticSlide) -> Session:
+    """What a reviewed session holds: per class a prototype, approved suggestions and a rejected
+    one (another class's object); confirmed background away from every object."""
+    session = Session.create(folder)
+    for k, name in enumerate(slide.classes):
+        first, *rest = slide.objects_of(name)
+        session.add_prototypes(slide.path, [Prototype(name, first.box)])
+        for obj in rest:
+            session.add_decision(slide.path, "positive", name, obj.box)
+        other = slide.objects_of(slide.classes[(k + 1) % len(slide.classes)])[0]
+        session.add_decision(slide.path, "negative", name, other.box)
+    side = 40.0
+    near = [
+        BoxL0(o.x_l0 - 16, o.y_l0 - 16, o.width_l0 + 32, o.height_l0 + 32) for o in slide.objects
+    ]
+    free = [
+        BoxL0(float(x), float(y), side, side)
+        for y in range(8, slide.height - 48, 48)
+        for x in range(8, slide.width - 48, 48)
+    ]
+    free = [b for b in free if not any(b.intersects(o) for o in near)]
+    for box in free[:: len(free) // 8][:8]:
+        session.add_decision(slide.path, "background", BACKGROUND_CLASS, box)
+    session.save()
+    return session
+
+
+@pytest.mark.usefixtures("tiny_training")
+def test_train_job_with_progress(world: World, tmp_path: Path) -> None:
+    session = _training_session(world.root / "sessions" / "train me", world.slide)
+    model = world.root / "models" / "my model.zip"
+    props = {
+        "simsearch.url": world.url,
+        "simsearch.session": str(session.root),
+        "simsearch.model": str(model),
+        "simsearch.maxWait": "120",
+    }
+    run = _run(tmp_path, ["train"], props=props, state={"uris": None})  # no image needed
+    assert run.rc == 0, run.out
+    (line,) = run.lines("simsearch train: job ")
+    assert f"started for session {session.root} (strategy {DEFAULT_STRATEGY}, preset fast" in line
+    assert run.lines("  running: ") or run.lines("  done: "), run.out
+    (line,) = run.lines("simsearch train: done in ")
+    assert f"model written to {model} (on the server)" in line, line
+    classes = [*session.classes, BACKGROUND_CLASS]
+    (line,) = run.lines("  classes: ")
+    assert line.startswith("  classes: " + classes[0] + " (threshold 0."), line
+    assert all(f"{c} (threshold " in line for c in classes), line
+    (line,) = run.lines("  validation on ")
+    assert re.search(r"held-out patches: balanced accuracy [01]\.\d{3}, accuracy", line), line
+    assert "before training (linear probe on the starting trunk): balanced accuracy" in line
+    (line,) = run.lines("  stages: ")
+    assert re.fullmatch(
+        r"  stages: selflearn [\d.]+ s \([\d.]+ views/s\), supcon [\d.]+ s \([\d.]+ views/s\), "
+        r"linear [\d.]+ s",
+        line,
+    ), line
+    assert any("random" in n for n in run.lines("  note: "))
+    assert run.record["added"] == [] and run.record["dialogs"] == []
+    assert list(load_bundle(model).classes) == classes
+
+    # mistakes are the server's messages: a session it may not read, an unknown strategy
+    bad = _run(
+        tmp_path,
+        ["train"],
+        props={**props, "simsearch.session": str(tmp_path / "elsewhere")},
+        state={"uris": None},
+    )
+    line = _failed(bad, "train")
+    assert "simsearch-wsi server error (HTTP 403 on POST /api/v1/jobs/train): session " in line
+    bad = _run(
+        tmp_path, ["train"], props={**props, "simsearch.strategy": "neg"}, state={"uris": None}
+    )
+    line = _failed(bad, "train")
+    assert "(HTTP 422 on POST /api/v1/jobs/train)" in line, line
+    assert "unknown strategy 'neg'; use one of pos, pos+neg" in line, line
+
+
 def test_token_is_sent(world: World, tmp_path: Path) -> None:
     app = create_app(world.search, allowed_roots=[world.root], token="s3cret")
     server, thread, url = _serve(app)
@@ -529,10 +631,10 @@ def test_slow_server_times_out(world: World, tmp_path: Path) -> None:
 
 def test_local_mistakes_are_explained(world: World, tmp_path: Path) -> None:
     state = {"uris": [world.uri], "objects": []}
-    names = ["suggest", "review", "background"]
+    names = ["suggest", "review", "background", "train"]
     run = _run(tmp_path, names, props={"simsearch.url": world.url}, state=state)
     assert "No prototypes: draw rectangle annotations" in _failed(run, "suggest")
-    for name in ("review", "background"):
+    for name in ("review", "background", "train"):
         assert "Set SESSION in the SETTINGS block" in _failed(run, name)
     no_image = _run(tmp_path, ["embed"], props={"simsearch.url": world.url}, state={"uris": None})
     assert "No image is open" in _failed(no_image, "embed")

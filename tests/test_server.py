@@ -20,9 +20,11 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from simsearch_wsi import __version__
 from simsearch_wsi.backbones import build_trunk
+from simsearch_wsi.bundle import load_bundle
 from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.featurecache import FeatureCache
 from simsearch_wsi.features import FeatureExtractor
+from simsearch_wsi.geometry import BoxL0
 from simsearch_wsi.qupath_geojson import (
     BACKGROUND_CLASS,
     REJECTED_CLASS,
@@ -36,7 +38,11 @@ from simsearch_wsi.server import (
     is_loopback,
     local_path,
 )
+from simsearch_wsi.session import Session
+from simsearch_wsi.session_data import train_session
+from simsearch_wsi.similarity import Prototype
 from simsearch_wsi.synthetic import SyntheticSlide, make_synthetic_slide
+from simsearch_wsi.train import DEFAULT_STRATEGY, STRATEGIES, StageConfig, TrainConfig
 
 with warnings.catch_warnings():  # starlette 1.x prefers httpx2; httpx works the same here
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -165,7 +171,12 @@ def test_health_and_docs(client: TestClient, search: SimSearch) -> None:
         "auth_required": False,
     }
     spec = client.get(f"{API}/openapi.json").json()
-    assert {f"{API}/suggest", f"{API}/jobs/embed", f"{API}/jobs/{{job_id}}"} <= set(spec["paths"])
+    assert {
+        f"{API}/suggest",
+        f"{API}/jobs/embed",
+        f"{API}/jobs/train",
+        f"{API}/jobs/{{job_id}}",
+    } <= set(spec["paths"])
     assert "swagger" in client.get(f"{API}/docs").text.lower()
     # the protocol header: the same version or none is fine
     assert client.get(f"{API}/health", headers={PROTOCOL_HEADER: "1"}).status_code == 200
@@ -389,6 +400,292 @@ def test_engine_runs_one_thing_at_a_time(
         for h in hooks:
             h.remove()
     assert peak[0] == 1
+
+
+# --- training jobs ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def train_slide(root: Path) -> SyntheticSlide:
+    folder = root / "train slides"
+    folder.mkdir()
+    return make_synthetic_slide(
+        folder / "slide 2.tiff", width=1024, height=768, n_per_class=6, seed=0
+    )
+
+
+@pytest.fixture()
+def tiny_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The presets shrunk to seconds: one step per contrastive stage, a few linear epochs, and
+    enough held out (6 patches per class) for validation metrics."""
+    real = TrainConfig.preset_config
+
+    def tiny(name: str = "fast", *, strategy: str = DEFAULT_STRATEGY) -> TrainConfig:
+        return real(name, strategy=strategy).replace(
+            selflearn=StageConfig(1, 16, 1e-3, max_steps_per_epoch=1),
+            supcon=StageConfig(1, 16, 1e-3, temperature=0.07, max_steps_per_epoch=1),
+            linear=StageConfig(5, 32, 1e-2),
+            noisy_per_class=8,
+            background_per_image=8,
+            linear_views=2,
+            val_fraction=0.4,
+        )
+
+    monkeypatch.setattr(TrainConfig, "preset_config", tiny)
+
+
+def _background_boxes(slide: SyntheticSlide, side: float, n: int) -> list[BoxL0]:
+    """``n`` boxes spread over the slide, each well away from every object."""
+    margin = 16.0
+    objects = [
+        BoxL0(o.x_l0 - margin, o.y_l0 - margin, o.width_l0 + 2 * margin, o.height_l0 + 2 * margin)
+        for o in slide.objects
+    ]
+    free = [
+        BoxL0(float(x), float(y), side, side)
+        for y in range(8, int(slide.height - side), 48)
+        for x in range(8, int(slide.width - side), 48)
+    ]
+    free = [b for b in free if not any(b.intersects(o) for o in objects)]
+    assert len(free) >= n
+    return free[:: len(free) // n][:n]
+
+
+def _training_session(folder: Path, slide: SyntheticSlide) -> Session:
+    """Per class a prototype, positives and a negative (another class's object, rejected for
+    this one); confirmed background patches."""
+    session = Session.create(folder)
+    for k, name in enumerate(slide.classes):
+        first, *rest = slide.objects_of(name)
+        session.add_prototypes(slide.path, [Prototype(name, first.box)])
+        for obj in rest:
+            session.add_decision(slide.path, "positive", name, obj.box)
+        other = slide.objects_of(slide.classes[(k + 1) % len(slide.classes)])[0]
+        session.add_decision(slide.path, "negative", name, other.box)
+    assert session.patch_size_l0 is not None
+    for box in _background_boxes(slide, max(session.patch_size_l0), 8):
+        session.add_decision(slide.path, "background", BACKGROUND_CLASS, box)
+    session.save()
+    return session
+
+
+@pytest.mark.usefixtures("tiny_training")
+def test_train_job(client: TestClient, train_slide: SyntheticSlide, root: Path) -> None:
+    session = _training_session(root / "train" / "exp 1", train_slide)
+    out = root / "models" / "exp 1.zip"
+    body = {"session": session.root.as_uri(), "out": str(out), "seed": 3}
+    r = client.post(f"{API}/jobs/train", json=body, headers={PROTOCOL_HEADER: "1"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert r.headers["location"] == f"{API}/jobs/{job_id}"
+    stages: set[str] = set()
+
+    def finished(job: dict[str, Any]) -> bool:
+        stages.add(job["progress"]["stage"])
+        return job["state"] in ("done", "failed", "cancelled")
+
+    job = _wait_job(client, job_id, until=finished)
+    assert job["state"] == "done" and job["error"] is None, job
+    assert job["kind"] == "train"
+    assert job["params"] == {
+        "session": str(session.root),
+        "out": str(out),
+        "strategy": DEFAULT_STRATEGY,
+        "preset": "fast",
+        "noisy_images": [],
+        "seed": 3,
+    }
+    assert job["progress"] == {"stage": "done", "done": 1, "total": 1}
+    # the library's progress text comes through as it is
+    assert any(
+        s.startswith(("selflearn | epoch 1/1 loss", "supcon | epoch 1/1 loss")) for s in stages
+    )
+
+    result = job["result"]
+    classes = [*session.classes, BACKGROUND_CLASS]
+    assert result["model"] == str(out) and out.is_file()
+    assert result["classes"] == classes
+    assert (result["strategy"], result["preset"]) == (DEFAULT_STRATEGY, "fast")
+    assert set(result["thresholds"]) == set(classes)
+    assert all(0 < t < 1 for t in result["thresholds"].values())
+    metrics = result["metrics"]
+    for key in ("validation", "baseline_validation"):
+        assert set(metrics[key]) == {"n", "accuracy", "balanced_accuracy"}
+        assert metrics[key]["n"] > 0 and 0 <= metrics[key]["balanced_accuracy"] <= 1
+    assert list(metrics["stages"]) == ["selflearn", "supcon", "linear"]
+    for name in ("selflearn", "supcon"):
+        assert metrics["stages"][name]["seconds"] > 0 and metrics["stages"][name]["views_per_s"] > 0
+    assert metrics["counts"]["clean"] == {c: 6 for c in session.classes} | {BACKGROUND_CLASS: 8}
+    assert metrics["counts"]["negatives"] == {c: 1 for c in session.classes} | {BACKGROUND_CLASS: 0}
+    assert isinstance(result["notes"], list) and all(isinstance(n, str) for n in result["notes"])
+    assert any("random" in n for n in result["notes"])
+    assert result["seconds"] > 0
+    assert len(json.dumps(result)) < 4000  # the summary; the full metrics are in the bundle
+
+    bundle = load_bundle(out)
+    assert list(bundle.classes) == classes
+    assert bundle.thresholds == result["thresholds"]
+    assert bundle.strategy == DEFAULT_STRATEGY
+    assert (
+        bundle.metrics["validation"]["balanced_accuracy"]
+        == (metrics["validation"]["balanced_accuracy"])
+    )
+    assert bundle.provenance["session"] == str(session.root)
+
+
+def test_train_job_waits_for_the_engine_and_cancels(
+    client: TestClient, train_slide: SyntheticSlide, root: Path
+) -> None:
+    """A train job holds the engine lock like the other engine work; cancelling a job that
+    waits for it stops it as soon as it gets the lock, and writes no model."""
+    session = _training_session(root / "train" / "exp wait", train_slide)
+    engine: threading.Lock = client.app.state.locks.engine  # type: ignore[attr-defined]
+    with engine:
+        job_id = client.post(f"{API}/jobs/train", json={"session": str(session.root)}).json()[
+            "job_id"
+        ]
+        job = _wait_job(
+            client, job_id, until=lambda j: j["progress"]["stage"] == "waiting for the engine"
+        )
+        time.sleep(0.2)
+        assert client.get(f"{API}/jobs/{job_id}").json()["state"] == "running"
+        r = client.delete(f"{API}/jobs/{job_id}")
+        assert r.status_code == 202 and r.json()["cancel_requested"] is True
+    job = _wait_job(client, job_id)
+    assert job["state"] == "cancelled" and job["error"] is None and job["result"] is None
+    assert job["params"]["out"] == str(session.root / "model.zip")  # the default
+    assert not (session.root / "model.zip").exists()
+
+
+def test_train_job_cancelled_while_training(
+    client: TestClient,
+    train_slide: SyntheticSlide,
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelling stops training at its next progress report; no model is written."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow_train(*args: Any, **kwargs: Any) -> Any:
+        report = kwargs.pop("progress")
+
+        def progress(stage: str, done: int, total: int) -> None:
+            report(stage, done, total)
+            started.set()
+            release.wait(30)
+            report(stage, done, total)  # raises once the job is cancelled
+
+        return train_session(*args, progress=progress, **kwargs)
+
+    monkeypatch.setattr("simsearch_wsi.server.train_session", slow_train)
+    session = _training_session(root / "train" / "exp cancel", train_slide)
+    out = root / "models" / "cancelled.zip"
+    body = {"session": str(session.root), "out": str(out), "strategy": "pos"}
+    job_id = client.post(f"{API}/jobs/train", json=body).json()["job_id"]
+    assert started.wait(30)
+    r = client.delete(f"{API}/jobs/{job_id}")
+    assert r.status_code == 202 and r.json()["state"] == "running"
+    release.set()
+    job = _wait_job(client, job_id)
+    assert job["state"] == "cancelled" and job["error"] is None and job["result"] is None
+    assert job["params"]["strategy"] == "pos"
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+
+
+def test_train_job_bad_requests(
+    client: TestClient, train_slide: SyntheticSlide, root: Path, outside: Path
+) -> None:
+    """Every mistake is answered before anything is queued."""
+    good = _training_session(root / "train" / "exp checks", train_slide).root
+    empty = Session.create(root / "train" / "empty").root
+    moved = Session.create(root / "train" / "moved slide")
+    moved.add_prototypes(root / "gone.tiff", [Prototype("ring", BoxL0(10, 10, 40, 40))])
+    moved.save()
+    elsewhere = Session.create(root / "train" / "slide elsewhere")
+    elsewhere.add_prototypes(outside / "secret.tiff", [Prototype("ring", BoxL0(10, 10, 40, 40))])
+    elsewhere.save()
+    (root / "train" / "a folder.zip").mkdir()
+    s = str(good)
+    post = client.post
+    route = f"{API}/jobs/train"
+    cases: list[tuple[httpx.Response, int, str | None, str]] = [
+        (
+            post(route, json={"session": s, "strategy": "pos+magic"}),
+            422,
+            "validation_error",
+            f"strategy: unknown strategy 'pos+magic'; use one of {', '.join(STRATEGIES)}",
+        ),
+        (
+            post(route, json={"session": s, "preset": "slow"}),
+            422,
+            "validation_error",
+            "preset: unknown preset 'slow'; use one of fast, paper",
+        ),
+        (post(route, json={"session": s, "seed": -1}), 422, None, "seed"),
+        (post(route, json={"session": s, "seed": "1"}), 422, None, "seed"),
+        (post(route, json={"session": s, "seed": 1.5}), 422, None, "seed"),
+        (post(route, json={"session": s, "epochs": 1}), 422, None, "epochs: extra inputs"),
+        (post(route, json={"out": str(root / "m.zip")}), 422, None, "session: field required"),
+        (post(route, json={"session": ""}), 422, None, "session"),
+        (post(route, json={"session": s, "noisy_images": "x"}), 422, None, "noisy_images"),
+        (
+            post(route, json={"session": str(outside)}),
+            403,
+            "forbidden_path",
+            f"session {outside} is outside the folders",
+        ),
+        (
+            post(route, json={"session": s, "out": str(outside / "m.zip")}),
+            403,
+            "forbidden_path",
+            "model",
+        ),
+        (
+            post(route, json={"session": s, "noisy_images": [str(outside / "n.tiff")]}),
+            403,
+            "forbidden_path",
+            "noisy image",
+        ),
+        (
+            post(route, json={"session": str(elsewhere.root)}),
+            403,
+            "forbidden_path",
+            f"session image {outside / 'secret.tiff'}",
+        ),
+        (
+            post(route, json={"session": str(root / "train" / "no such session")}),
+            400,
+            "ConfigError",
+            "not a review session",
+        ),
+        (post(route, json={"session": str(empty)}), 400, "ConfigError", "no prototypes"),
+        (
+            post(route, json={"session": s, "out": str(train_slide.path)}),
+            400,
+            "ConfigError",
+            "ending in .zip",
+        ),
+        (
+            post(route, json={"session": s, "out": str(root / "train" / "a folder.zip")}),
+            400,
+            "ConfigError",
+            "is a folder",
+        ),
+        (
+            post(route, json={"session": s, "noisy_images": [str(root / "missing.tiff")]}),
+            404,
+            "ImageNotFoundError",
+            "missing.tiff",
+        ),
+        (
+            post(route, json={"session": str(moved.root)}),
+            404,
+            "ImageNotFoundError",
+            "gone.tiff",
+        ),
+    ]
+    for r, status, code, text in cases:
+        _error(r, status, code, text)
+    assert client.get(f"{API}/jobs").json()["jobs"] == []
+    assert not (good / "model.zip").exists()
 
 
 # --- security -----------------------------------------------------------------------------------
