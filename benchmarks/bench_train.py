@@ -36,7 +36,8 @@ from simsearch_wsi.losses import nt_xent, supcon
 from simsearch_wsi.model import PatchEncoder, ProjectionHead, freeze, set_trainable, train_mode
 from simsearch_wsi.search import SimSearch
 from simsearch_wsi.session import Session
-from simsearch_wsi.similarity import PatchGeometry, Prototype
+from simsearch_wsi.similarity import PatchGeometry
+from simsearch_wsi.simulate import label_from_truth
 from simsearch_wsi.train import StageConfig, TrainConfig
 
 
@@ -150,17 +151,9 @@ def bench_pipeline(work: Path, device: torch.device, quick: bool) -> dict[str, A
     kw = {"width": 1024, "height": 768, "n_per_class": 6}
     a = make_synthetic_slide(work / "a.tiff", seed=0, **kw)
     c = make_synthetic_slide(work / "c.tiff", seed=2, **kw)
-    session = Session.create(work / "session")
-    session.add_prototypes(a.path, [Prototype(k, a.objects_of(k)[0].box) for k in a.classes])
-    for k in a.classes:
-        for o in a.objects_of(k)[1:4]:
-            session.add_decision(a.path, "positive", k, o.box)
-        other = next(o for o in a.objects if o.class_name != k)
-        session.add_decision(a.path, "negative", k, other.box)
-    for box in a.background_boxes(4, seed=0):
-        session.add_decision(a.path, "background", "background", box)
-    session.reviewed_images.append(str(a.path.resolve()))
-    session.save()
+    session = label_from_truth(
+        Session.create(work / "session"), a, positives_per_class=3, background=4
+    )
     trunk, spec, info = build_trunk("resnet18-l3", "random", seed=0)
     # pretend the weights are pretrained so the frozen-early path is what is timed
     info = WeightsInfo("file", info.identity, "random weights timed as pretrained")

@@ -613,6 +613,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_patch_size_args(parser: argparse.ArgumentParser, what: str) -> None:
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--patch-size-px",
+        type=_positive_float,
+        default=64.0,
+        help=f"{what} in level-0 pixels; fixes the analysis scale (default: %(default)s)",
+    )
+    size.add_argument(
+        "--patch-size-um", type=_positive_float, default=None, help=f"{what} in micrometres"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simsearch-wsi",
@@ -695,20 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
         "suggest calls with the same patch size answer without re-embedding.",
     )
     p_embed.add_argument("images", nargs="+", metavar="IMAGE")
-    size = p_embed.add_mutually_exclusive_group()
-    size.add_argument(
-        "--patch-size-px",
-        type=_positive_float,
-        default=64.0,
-        help="expected prototype size in level-0 pixels; fixes the analysis scale "
-        "(default: %(default)s)",
-    )
-    size.add_argument(
-        "--patch-size-um",
-        type=_positive_float,
-        default=None,
-        help="expected prototype size in micrometres",
-    )
+    _add_patch_size_args(p_embed, "expected prototype size")
     p_embed.set_defaults(func=_cmd_embed)
 
     p_sug = sub.add_parser(
@@ -855,16 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_pre.add_argument("images", nargs="+", metavar="IMAGE")
     p_pre.add_argument("--out", required=True, metavar="WEIGHTS.pth")
-    pre_size = p_pre.add_mutually_exclusive_group()
-    pre_size.add_argument(
-        "--patch-size-px",
-        type=_positive_float,
-        default=64.0,
-        help="patch size in level-0 pixels; fixes the analysis scale (default: %(default)s)",
-    )
-    pre_size.add_argument(
-        "--patch-size-um", type=_positive_float, default=None, help="patch size in micrometres"
-    )
+    _add_patch_size_args(p_pre, "patch size")
     p_pre.add_argument(
         "--patches-per-image",
         type=_int_at_least(1),

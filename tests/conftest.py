@@ -66,25 +66,10 @@ def make_labelled_session(small_slides):  # type: ignore[no-untyped-def]
     suggestions and 1 rejected one (a motif of another class), plus 3 confirmed background
     patches; slide 0 marked reviewed."""
     from simsearch_wsi.session import Session
-    from simsearch_wsi.similarity import Prototype
-
-    slide = small_slides[0]
+    from simsearch_wsi.simulate import label_from_truth
 
     def build(root: Path) -> Session:
-        session = Session.create(root)
-        session.add_prototypes(
-            slide.path, [Prototype(c, slide.objects_of(c)[0].box) for c in slide.classes]
-        )
-        for c in slide.classes:
-            for o in slide.objects_of(c)[1:3]:
-                session.add_decision(slide.path, "positive", c, o.box)
-            other = next(o for o in slide.objects if o.class_name != c)
-            session.add_decision(slide.path, "negative", c, other.box)
-        for box in slide.background_boxes(3, seed=0):
-            session.add_decision(slide.path, "background", "background", box)
-        session.reviewed_images.append(str(slide.path.resolve()))
-        session.save()
-        return session
+        return label_from_truth(Session.create(root), small_slides[0], background=3, seed=0)
 
     return build
 
@@ -93,3 +78,26 @@ def make_labelled_session(small_slides):  # type: ignore[no-untyped-def]
 def labelled_session(tmp_path, make_labelled_session):  # type: ignore[no-untyped-def]
     """A fresh labelled review session (see ``make_labelled_session``)."""
     return make_labelled_session(tmp_path / "session")
+
+
+@pytest.fixture()
+def tiny_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every training preset shrunk to seconds (for CLI, server and QuPath-script tests): one
+    step per contrastive stage, a few linear epochs, and 60 % held out so that even 3 patches
+    per class give validation metrics."""
+    from simsearch_wsi.train import StageConfig, TrainConfig
+
+    real = TrainConfig.preset_config
+
+    def tiny(name: str = "fast", *, strategy: str = "pos+neg+selflearn") -> TrainConfig:
+        return real(name, strategy=strategy).replace(
+            selflearn=StageConfig(1, 16, 1e-3, max_steps_per_epoch=1),
+            supcon=StageConfig(1, 16, 1e-3, temperature=0.07, max_steps_per_epoch=1),
+            linear=StageConfig(5, 32, 1e-2),
+            noisy_per_class=8,
+            background_per_image=8,
+            linear_views=2,
+            val_fraction=0.6,
+        )
+
+    monkeypatch.setattr(TrainConfig, "preset_config", tiny)

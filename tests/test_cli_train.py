@@ -10,33 +10,13 @@ import pytest
 
 from simsearch_wsi.bundle import load_bundle
 from simsearch_wsi.cli import main
-from simsearch_wsi.train import StageConfig, TrainConfig
-
-_PRESET = TrainConfig.preset_config
-
-
-@pytest.fixture()
-def tiny_presets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the CLI's presets but shrink them to seconds."""
-
-    def tiny(name: str = "fast", *, strategy: str = "pos+neg+selflearn") -> TrainConfig:
-        return _PRESET(name, strategy=strategy).replace(
-            selflearn=StageConfig(1, 16, 1e-3, temperature=0.5, max_steps_per_epoch=1),
-            supcon=StageConfig(2, 16, 1e-3, temperature=0.07, max_steps_per_epoch=1),
-            linear=StageConfig(10, 32, 1e-2),
-            noisy_per_class=8,
-            background_per_image=8,
-            linear_views=2,
-        )
-
-    monkeypatch.setattr(TrainConfig, "preset_config", staticmethod(tiny))
 
 
 def test_train_writes_a_bundle(
     tmp_path: Path,
     labelled_session: Any,
     small_slides: Any,
-    tiny_presets: None,
+    tiny_training: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "model.zip"
@@ -54,7 +34,7 @@ def test_train_writes_a_bundle(
 
 
 def test_train_default_output_and_text_summary(
-    tmp_path: Path, labelled_session: Any, tiny_presets: None, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, labelled_session: Any, tiny_training: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["train", "--session", str(labelled_session.root), "--strategy", "pos"]
     assert main([*args, "--weights", "random", "--cache", str(tmp_path / "cache")]) == 0

@@ -40,7 +40,7 @@ from simsearch_wsi.server import API_PREFIX, PROTOCOL_VERSION, create_app
 from simsearch_wsi.session import Session
 from simsearch_wsi.similarity import Prototype
 from simsearch_wsi.synthetic import SyntheticSlide, make_synthetic_slide
-from simsearch_wsi.train import DEFAULT_STRATEGY, StageConfig, TrainConfig
+from simsearch_wsi.train import DEFAULT_STRATEGY
 
 GROOVY = shutil.which("groovy")
 JAVA_17 = Path("/usr/lib/jvm/java-17-openjdk-amd64")
@@ -382,26 +382,6 @@ def test_embed_job_with_progress(world: World, tmp_path: Path) -> None:
     (line,) = run.lines("simsearch embed: done in ")
     assert "s 1.tiff" in line and "tiles embedded" in line, line
     assert run.record["added"] == []
-
-
-@pytest.fixture()
-def tiny_training(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The presets shrunk to seconds (the server runs in this process): one step per
-    contrastive stage, a few linear epochs, enough held out of 3 patches per class."""
-    real = TrainConfig.preset_config
-
-    def tiny(name: str = "fast", *, strategy: str = DEFAULT_STRATEGY) -> TrainConfig:
-        return real(name, strategy=strategy).replace(
-            selflearn=StageConfig(1, 16, 1e-3, max_steps_per_epoch=1),
-            supcon=StageConfig(1, 16, 1e-3, temperature=0.07, max_steps_per_epoch=1),
-            linear=StageConfig(5, 32, 1e-2),
-            noisy_per_class=8,
-            background_per_image=8,
-            linear_views=2,
-            val_fraction=0.6,
-        )
-
-    monkeypatch.setattr(TrainConfig, "preset_config", tiny)
 
 
 def _training_session(folder: Path, slide: SyntheticSlide) -> Session:

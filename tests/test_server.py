@@ -42,7 +42,7 @@ from simsearch_wsi.session import Session
 from simsearch_wsi.session_data import train_session
 from simsearch_wsi.similarity import Prototype
 from simsearch_wsi.synthetic import SyntheticSlide, make_synthetic_slide
-from simsearch_wsi.train import DEFAULT_STRATEGY, STRATEGIES, StageConfig, TrainConfig
+from simsearch_wsi.train import DEFAULT_STRATEGY, STRATEGIES
 
 with warnings.catch_warnings():  # starlette 1.x prefers httpx2; httpx works the same here
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -410,26 +410,6 @@ def train_slide(root: Path) -> SyntheticSlide:
     return make_synthetic_slide(
         folder / "slide 2.tiff", width=1024, height=768, n_per_class=6, seed=0
     )
-
-
-@pytest.fixture()
-def tiny_training(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The presets shrunk to seconds: one step per contrastive stage, a few linear epochs, and
-    enough held out (6 patches per class) for validation metrics."""
-    real = TrainConfig.preset_config
-
-    def tiny(name: str = "fast", *, strategy: str = DEFAULT_STRATEGY) -> TrainConfig:
-        return real(name, strategy=strategy).replace(
-            selflearn=StageConfig(1, 16, 1e-3, max_steps_per_epoch=1),
-            supcon=StageConfig(1, 16, 1e-3, temperature=0.07, max_steps_per_epoch=1),
-            linear=StageConfig(5, 32, 1e-2),
-            noisy_per_class=8,
-            background_per_image=8,
-            linear_views=2,
-            val_fraction=0.4,
-        )
-
-    monkeypatch.setattr(TrainConfig, "preset_config", tiny)
 
 
 def _background_boxes(slide: SyntheticSlide, side: float, n: int) -> list[BoxL0]:

@@ -414,3 +414,44 @@ def test_unknown_strategy_and_preset() -> None:
     assert (paper.supcon.decay_epoch, paper.supcon.decay_factor) == (25, 0.1)
     assert paper.clean_augment.solarize_p == 0 and paper.clean_augment.dropout_p == 0
     assert paper.noisy_augment.solarize_p > 0 and paper.noisy_augment.dropout_p > 0
+
+
+def test_fluorescence_channels_are_encoded_one_by_one(
+    tmp_path: Path, fluorescence_slide: Any
+) -> None:
+    """Multichannel images train through the shared trunk channel by channel (Microsnoop): the
+    head sees 256 features per channel, and the dataset's percentile normalisation is kept."""
+    from simsearch_wsi.train import TrainingData, train_patch_model
+
+    slide = fluorescence_slide
+    key = str(slide.path.resolve())
+    classes = (*slide.classes, "background")
+    samples = [PatchSample(key, o.center_l0, classes.index(o.class_name)) for o in slide.objects]
+    bg = slide.background_boxes(8, seed=1, size_l0=slide.objects[0].width_l0)
+    samples += [PatchSample(key, b.center_l0, len(classes) - 1, "background") for b in bg]
+    with open_image(slide.path) as image:
+        norm = fit_normalization([image])
+        channels = image.channel_names
+    box = slide.objects[0].box
+    data = TrainingData(
+        clean=PatchSet(tuple(samples), classes),
+        negatives=PatchSet((), classes),
+        noisy=PatchSet((), classes),
+        patch_size_l0=(box.width_l0, box.height_l0),
+        normalization=norm,
+        channels=channels,
+        rgb=False,
+        mpp=slide.mpp,
+        colors={c: (255, 0, 0) for c in classes},
+    )
+    trunk, spec, info = build_trunk("resnet18-l3", "random", seed=0)
+    result = train_patch_model(
+        data, trunk=trunk, spec=spec, weights=info, config=tiny_config("pos"), open_image=_open
+    )
+    bundle = result.bundle
+    assert not bundle.rgb and bundle.channels == tuple(channels)
+    assert bundle.feature_dim == 256 * len(channels)
+    assert bundle.normalization["method"] == "simsearch-percentile"
+    probs = predict_patches(bundle, data.clean, open_image=_open)
+    m = classification_metrics(probs, data.clean.labels, classes)
+    assert m["balanced_accuracy"] >= 0.75  # it learned its own training patches
