@@ -879,7 +879,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[engine],
         help="run the local HTTP server the QuPath scripts talk to",
         description="Serve the review loop (suggest, review, background, session) and long "
-        "jobs (embed) over HTTP with models and feature caches kept warm. Binds to loopback; "
+        "jobs (embed, train) over HTTP with models and feature caches kept warm. Binds to "
+        "loopback; "
         "any other host needs a token. Only images and sessions under --allow folders are read.",
     )
     p_srv.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
