@@ -22,8 +22,9 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from simsearch_wsi.preprocess import ChannelNormalization, resolve_channels
 from simsearch_wsi.tissue import TissueMask
 
 ProgressFn = Callable[[str, int, int], None]
+T = TypeVar("T")
+R = TypeVar("R")
 
 FEATURE_FORMAT_VERSION = 1
 
@@ -433,8 +436,6 @@ def iter_tile_features(
     The next batch is read and normalised in a background thread while the trunk runs on the
     current one (decoders and torch release the GIL), so reading overlaps compute.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     s, halo, t = extractor.stride, spec.halo, spec.tile_size
     idx = resolve_channels(image.channel_names, list(spec.channels))
     c0 = halo // s
@@ -456,16 +457,25 @@ def iter_tile_features(
 
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     done = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as pool:
-        pending = pool.submit(load, batches[0]) if batches else None
-        for n, chunk in enumerate(batches):
-            assert pending is not None
-            batch = pending.result()
-            pending = pool.submit(load, batches[n + 1]) if n + 1 < len(batches) else None
-            feats = extractor(batch, rgb=spec.rgb, normalization=spec.normalization)
-            for tl, f in zip(chunk, feats, strict=True):
-                hc, wc = -(-tl.height_a // s), -(-tl.width_a // s)
-                yield tl, f[:, c0 : c0 + hc, c0 : c0 + wc]
-            done += len(chunk)
-            if progress is not None:
-                progress("embedding tiles", done, len(tiles))
+    for chunk, batch in zip(batches, prefetched(load, batches), strict=True):
+        feats = extractor(batch, rgb=spec.rgb, normalization=spec.normalization)
+        for tl, f in zip(chunk, feats, strict=True):
+            hc, wc = -(-tl.height_a // s), -(-tl.width_a // s)
+            yield tl, f[:, c0 : c0 + hc, c0 : c0 + wc]
+        done += len(chunk)
+        if progress is not None:
+            progress("embedding tiles", done, len(tiles))
+
+
+def prefetched(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+    """``fn(item)`` for each item, the next one computed in a background thread while the caller
+    works on the current one (image decoders and torch release the GIL)."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        pending = pool.submit(fn, items[0])
+        for n in range(len(items)):
+            result = pending.result()
+            if n + 1 < len(items):
+                pending = pool.submit(fn, items[n + 1])
+            yield result

@@ -10,18 +10,22 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
-from simsearch_wsi.features import FeatureSpec, ProgressFn
+from simsearch_wsi.features import ProgressFn
 from simsearch_wsi.geometry import BoxL0
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.search import SimSearch
-from simsearch_wsi.similarity import PatchGeometry, Prototype, extract_suggestions
+from simsearch_wsi.similarity import (
+    Prototype,
+    Suggestion,
+    extract_suggestions,
+    windows_near,
+)
 
 
 @dataclass
@@ -31,22 +35,6 @@ class MinedPatches:
     image: str
     noisy: list[tuple[str, tuple[float, float], float]] = field(default_factory=list)
     background: list[tuple[float, float]] = field(default_factory=list)
-
-
-def _blank_near(
-    eligible: NDArray[np.bool_],
-    boxes: Sequence[BoxL0],
-    geometry: PatchGeometry,
-    spec: FeatureSpec,
-) -> None:
-    """Clear (in place) every pooled window that overlaps one of ``boxes``."""
-    s = geometry.stride
-    for b in boxes:
-        bx, by, bw, bh = spec.scale.box_to_analysis(b)
-        j0 = max(0, math.floor((bx - geometry.width_a) / s))
-        i0 = max(0, math.floor((by - geometry.height_a) / s))
-        j1, i1 = max(0, math.ceil((bx + bw) / s)), max(0, math.ceil((by + bh) / s))
-        eligible[i0:i1, j0:j1] = False
 
 
 def mine_image(
@@ -67,6 +55,7 @@ def mine_image(
     sim = search.similarity(image, prototypes, patch_size_l0=patch_size_l0, progress=progress)
     classes, geometry, spec = sim.classes, sim.geometry, sim.spec
     mined = MinedPatches(str(image.path))
+    taken: list[Suggestion] = []
     if n_per_class > 0:
         suggestions = extract_suggestions(
             sim.maps,
@@ -87,9 +76,8 @@ def mine_image(
         finite = np.isfinite(maps).all(axis=0)
         below = (np.where(np.isfinite(maps), maps, np.inf) < thr).all(axis=0)
         eligible: NDArray[np.bool_] = np.asarray(finite & below, dtype=bool)
-        near = [*avoid, *(p.box for p in sim.here)]
-        near += [_box_at(c, geometry, spec) for _, c, _ in mined.noisy]
-        _blank_near(eligible, near, geometry, spec)
+        near = [*avoid, *(p.box for p in sim.here), *(t.box for t in taken)]
+        eligible &= ~windows_near(eligible.shape, near, geometry, spec)
         cells = np.argwhere(eligible)
         if len(cells):
             pick = rng.choice(len(cells), size=min(n_background, len(cells)), replace=False)
@@ -99,9 +87,3 @@ def mine_image(
                     (cx_a * spec.scale.downsample_x, cy_a * spec.scale.downsample_y)
                 )
     return mined
-
-
-def _box_at(center_l0: tuple[float, float], geometry: PatchGeometry, spec: FeatureSpec) -> BoxL0:
-    w_l0 = geometry.width_a * spec.scale.downsample_x
-    h_l0 = geometry.height_a * spec.scale.downsample_y
-    return BoxL0(center_l0[0] - w_l0 / 2, center_l0[1] - h_l0 / 2, w_l0, h_l0)

@@ -16,11 +16,9 @@ surroundings, as it does when it runs densely over tiles. Each crop is read once
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,9 +32,6 @@ from simsearch_wsi.preprocess import ChannelNormalization, resolve_channels
 Source = Literal[
     "prototype", "positive", "negative", "background", "noisy", "mined-background", "random"
 ]
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -183,9 +178,6 @@ class PatchReader:
                 self._images[path] = (image, scale, idx)
             return self._images[path]
 
-    def scale_of(self, path: str) -> AnalysisScale:
-        return self._image(path)[1]
-
     def _raw(self, sample: PatchSample) -> tuple[NDArray[Any], int, int]:
         """The crop plus jitter margin inside a grid-aligned read, raw dtype, and the crop's
         offset (x, y) in it. Reads start at multiples of :data:`RESAMPLE_DENOMINATOR` analysis
@@ -242,22 +234,3 @@ class PatchReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def prefetched(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
-    """``fn(item)`` for each item, the next one computed in a background thread while the caller
-    works on the current one (image decoders and torch release the GIL)."""
-    if not items:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch-reader") as pool:
-        pending = pool.submit(fn, items[0])
-        for n in range(len(items)):
-            result = pending.result()
-            if n + 1 < len(items):
-                pending = pool.submit(fn, items[n + 1])
-            yield result
-
-
-def image_key(path: str | Path) -> str:
-    """The key images are known by in patch sets: the resolved path."""
-    return str(Path(path).resolve())

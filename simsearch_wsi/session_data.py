@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -206,7 +205,3 @@ def train_session(
         seed=seed,
         progress=progress,
     )
-
-
-def describe_data(data: TrainingData) -> dict[str, Any]:
-    return {"classes": list(data.clean.classes), **data.counts(), "notes": data.notes}

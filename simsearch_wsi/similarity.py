@@ -508,6 +508,21 @@ def _suppress_across_classes(suggestions: list[Suggestion], *, iou_max: float) -
     return out
 
 
+def windows_near(
+    shape: tuple[int, ...], boxes: Sequence[BoxL0], geometry: PatchGeometry, spec: FeatureSpec
+) -> NDArray[np.bool_]:
+    """(Hp, Wp) mask of the pooled windows (map ``shape``) that overlap any of ``boxes``."""
+    near = np.zeros(shape[-2:], dtype=bool)
+    s = geometry.stride
+    for b in boxes:
+        bx, by, bw, bh = spec.scale.box_to_analysis(b)
+        j0 = max(0, math.floor((bx - geometry.width_a) / s))
+        i0 = max(0, math.floor((by - geometry.height_a) / s))
+        j1, i1 = max(0, math.ceil((bx + bw) / s)), max(0, math.ceil((by + bh) / s))
+        near[i0:i1, j0:j1] = True
+    return near
+
+
 def background_candidates(
     mean_map: NDArray[np.float32],
     geometry: PatchGeometry,
@@ -526,14 +541,7 @@ def background_candidates(
     """
     m = mean_map.copy()
     kh, kw = geometry.kernel_hw
-    s = geometry.stride
-    for b in avoid:  # blank windows overlapping labelled patches
-        bx, by, bw, bh = spec.scale.box_to_analysis(b)
-        x0a, y0a = bx - geometry.width_a, by - geometry.height_a
-        x1a, y1a = bx + bw, by + bh
-        j0, i0 = max(0, math.floor(x0a / s)), max(0, math.floor(y0a / s))
-        j1, i1 = max(0, math.ceil(x1a / s)), max(0, math.ceil(y1a / s))
-        m[i0:i1, j0:j1] = np.nan
+    m[windows_near(m.shape, avoid, geometry, spec)] = np.nan  # away from labelled patches
     min_cells = max(kh, kw)
     high = local_maxima(m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_high)
     low = local_maxima(-m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_low)

@@ -39,16 +39,14 @@ from simsearch_wsi.augment import AugmentConfig, augment_batch
 from simsearch_wsi.backbones import BackboneSpec, WeightsInfo
 from simsearch_wsi.bundle import ModelBundle
 from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.features import ProgressFn
+from simsearch_wsi.features import AnalysisScale, ProgressFn, prefetched
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.losses import nt_xent, supcon
 from simsearch_wsi.model import PatchEncoder, ProjectionHead, freeze, set_trainable, train_mode
 from simsearch_wsi.patches import (
     CropGeometry,
     PatchReader,
-    PatchSample,
     PatchSet,
-    prefetched,
     stratified_split,
 )
 from simsearch_wsi.preprocess import ChannelNormalization
@@ -204,9 +202,6 @@ class TrainRun:
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.autocast)
 
-    def read(self, samples: Sequence[PatchSample], jitter: np.random.Generator | None) -> Any:
-        return self.reader.read(samples, rng=jitter)
-
 
 def child_seed(rng: np.random.Generator) -> int:
     return int(rng.integers(0, 2**62))
@@ -275,10 +270,10 @@ def contrastive_stage(
             item: tuple[NDArray[np.int64], NDArray[np.int64] | None],
         ) -> tuple[torch.Tensor, torch.Tensor | None]:
             idx, nidx = item
-            x = run.read([patches.samples[i] for i in idx], jitter)
+            x = run.reader.read([patches.samples[i] for i in idx], rng=jitter)
             if nidx is None or negatives is None:
                 return x, None
-            return x, run.read([negatives.samples[i] for i in nidx], jitter)
+            return x, run.reader.read([negatives.samples[i] for i in nidx], rng=jitter)
 
         epoch_loss = 0.0
         for k, (x, xn) in enumerate(prefetched(load, list(zip(batches, neg_batches, strict=True)))):
@@ -524,18 +519,8 @@ def train_patch_model(
     freeze(trunk)
     first_image = clean.samples[0].image
     n_channels = len(data.channels)
-    with PatchReader(
-        CropGeometry(
-            max(data.patch_size_l0),
-            1,  # replaced below once the window size is known
-            config.context_a,
-            config.jitter_a,
-        ),
-        data.normalization,
-        data.channels,
-        open_image,
-    ) as probe:
-        scale = probe.scale_of(first_image)
+    with open_image(first_image) as first:
+        scale = AnalysisScale.for_patch(first, max(data.patch_size_l0))
     geometry = PatchGeometry.from_l0(*data.patch_size_l0, scale, spec.stride)
     encoder = PatchEncoder(trunk, spec, geometry, rgb=data.rgb, context_a=config.context_a)
     encoder.to(device)
