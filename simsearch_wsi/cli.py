@@ -245,9 +245,9 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
         write_feature_collection(args.out, result.geojson_features())
     if args.qpproj is not None:
         from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS
-        from simsearch_wsi.qupath_project import write_detections
+        from simsearch_wsi.qupath_project import write_objects
 
-        write_detections(
+        write_objects(
             args.qpproj,
             args.image,
             result.geojson_features(),
@@ -502,6 +502,83 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from simsearch_wsi.bundle import load_bundle
+    from simsearch_wsi.infer import PatchModel
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.predict import PredictSettings, expand_inputs, predict_images
+
+    bundle = load_bundle(args.model)
+    thresholds = _parse_thresholds(args.threshold or [])
+    unknown = sorted(set(thresholds) - set(bundle.classes))
+    if unknown:
+        raise ConfigError(
+            f"--threshold for unknown class(es) {unknown}; the model's classes are "
+            f"{list(bundle.classes)}"
+        )
+    for name, value in thresholds.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--threshold {name}={value}: give a probability in [0, 1]")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")
+    targets = expand_inputs(list(args.images))
+    if args.qpproj is not None:
+        from simsearch_wsi.qupath_project import read_project
+
+        read_project(args.qpproj)  # fails early (and clearly) without paquo/QuPath
+    model = PatchModel(bundle, device=_resolve_device(args.device), autocast=not args.no_autocast)
+    settings = PredictSettings(
+        thresholds=thresholds,
+        simplify_px=args.simplify_px,
+        min_area_um2=args.min_area_um2,
+        tile_size=args.tile_size,
+        batch_size=args.batch_size,
+        write_zarr=not args.no_zarr,
+        write_back=args.write_back,
+    )
+    with _progress() as progress:
+        results = predict_images(
+            targets,
+            model,
+            out,
+            open_image=lambda p: open_image(p, mpp=args.mpp),
+            settings=settings,
+            resume=not args.force,
+            progress=progress,
+        )
+    if args.qpproj is not None:
+        from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS
+        from simsearch_wsi.qupath_project import write_objects
+
+        for r in results:
+            doc = json.loads(Path(r.outputs["geojson"]).read_text(encoding="utf-8"))
+            write_objects(
+                args.qpproj,
+                r.image,
+                doc["features"],
+                replace_classes={*bundle.classes, BACKGROUND_CLASS},
+            )
+    table = out / "quantification.csv"
+    if args.json:
+        print(
+            json.dumps(
+                {"quantification": str(table), "images": [r.to_dict() for r in results]},
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    console = _console()
+    for r in results:
+        counts = ", ".join(f"{c} {n}" for c, n in r.n_detections.items())
+        when = "unchanged, kept" if r.reused else f"{r.seconds:.1f} s"
+        console.print(f"{r.image}: detections {counts} ({when})", markup=False)
+        for kind, path in r.outputs.items():
+            console.print(f"  {kind:<9} {path}", markup=False)
+    console.print(f"{table}: one row per image and class", markup=False)
+    return EXIT_OK
+
+
 # --- serve --------------------------------------------------------------------------------------
 def _cmd_serve(args: argparse.Namespace) -> int:
     from simsearch_wsi.server import create_app, is_loopback, serve
@@ -601,6 +678,16 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -873,6 +960,70 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_pre.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     p_pre.set_defaults(func=_cmd_pretrain)
+
+    p_pred = sub.add_parser(
+        "predict",
+        help="apply a trained model: detections, segmentation, OME-Zarr labels, quantification",
+        description="Run a model bundle densely over each image (OME-Zarr plates: every field) "
+        "and write per image QuPath GeoJSON (detections and segmentation annotations), an "
+        "OME-Zarr with class probabilities and labels, an overlay PNG and a run record, and "
+        "quantification.csv for all images. Images already done with the same model and "
+        "settings are skipped (--force redoes them).",
+    )
+    p_pred.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="slides, images, OME-Zarr images or plates"
+    )
+    p_pred.add_argument("--model", required=True, metavar="MODEL.zip", help="a trained bundle")
+    p_pred.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p_pred.add_argument(
+        "--threshold",
+        action="append",
+        metavar="CLASS=P",
+        help="confidence threshold of a class (default: the model's), repeatable",
+    )
+    p_pred.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)"
+    )
+    p_pred.add_argument("--no-autocast", action="store_true", help="run the trunk in float32")
+    p_pred.add_argument(
+        "--tile-size",
+        type=_int_at_least(64),
+        default=1024,
+        help="tile side in analysis pixels (default: %(default)s)",
+    )
+    p_pred.add_argument(
+        "--batch-size", type=_int_at_least(1), default=4, help="tiles per batch (default: 4)"
+    )
+    p_pred.add_argument(
+        "--simplify-px",
+        type=_non_negative_float,
+        default=1.0,
+        help="polygon simplification tolerance in mask pixels (default: %(default)s)",
+    )
+    p_pred.add_argument(
+        "--min-area-um2",
+        type=_non_negative_float,
+        default=0.0,
+        help="drop segmentation pieces (and fill holes) under this area (default: %(default)s)",
+    )
+    p_pred.add_argument("--no-zarr", action="store_true", help="do not write <stem>.ome.zarr")
+    p_pred.add_argument(
+        "--write-back",
+        action="store_true",
+        help="also add the label mask to OME-Zarr inputs as labels/simsearch",
+    )
+    p_pred.add_argument(
+        "--qpproj",
+        metavar="PROJECT",
+        default=None,
+        help="also write the objects into this QuPath project (needs paquo and QuPath)",
+    )
+    p_pred.add_argument("--force", action="store_true", help="redo images already done")
+    p_pred.add_argument(
+        "--mpp", type=_positive_float, default=None, help="level-0 um/px when the file has none"
+    )
+    p_pred.add_argument("--json", action="store_true", help="print the results as JSON")
+    p_pred.set_defaults(func=_cmd_predict)
 
     p_srv = sub.add_parser(
         "serve",

@@ -44,7 +44,7 @@ from simsearch_wsi.geometry import BoxL0
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS
 from simsearch_wsi.similarity import PatchGeometry, local_maxima, pool
-from simsearch_wsi.tissue import detect_foreground
+from simsearch_wsi.tissue import TissueMask, detect_foreground
 
 
 class PatchModel:
@@ -54,8 +54,14 @@ class PatchModel:
         self, bundle: ModelBundle, *, device: torch.device | str = "cpu", autocast: bool = True
     ) -> None:
         trunk, spec = bundle.build_trunk()
-        digest = hashlib.sha256(bundle.head_weight.numpy().tobytes()).hexdigest()[:16]
-        info = WeightsInfo("bundle", f"bundle:{digest}", "trained model bundle")
+        h = hashlib.sha256(bundle.head_weight.numpy().tobytes())
+        h.update(bundle.head_bias.numpy().tobytes())
+        for name, tensor in sorted(bundle.trunk_state.items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        #: a digest of the trunk and head weights (a rerun with the same model can be skipped)
+        self.identity = h.hexdigest()[:16]
+        info = WeightsInfo("bundle", f"bundle:{self.identity}", "trained model bundle")
         self.bundle = bundle
         self.extractor = FeatureExtractor(trunk, spec, info, device=device, autocast=autocast)
         self.weight = bundle.head_weight.float()  # (K, D)
@@ -88,6 +94,7 @@ class ClassMaps:
     spec: FeatureSpec
     image_size_l0: tuple[int, int]
     analysis_size: tuple[int, int]  # (width, height) of the image on the analysis grid
+    foreground: TissueMask | None = None  # the mask that chose the tiles, when one did
 
     @property
     def scale(self) -> AnalysisScale:
@@ -168,6 +175,7 @@ def dense_class_maps(
         spec=spec,
         image_size_l0=image.dimensions,
         analysis_size=(width_a, height_a),
+        foreground=mask,
     )
 
 

@@ -86,16 +86,19 @@ def find_image(images: list[ProjectImage], image: str | os.PathLike[str]) -> Pro
     raise ConfigError(f"{image}: not an image of this QuPath project (images: {names}, ...)")
 
 
-def write_detections(
+def write_objects(
     project: str | os.PathLike[str],
     image: str | os.PathLike[str],
     features: list[dict[str, Any]],
     *,
     replace_classes: set[str] | None = None,
 ) -> int:
-    """Add GeoJSON detections (as written by this project) to ``image``'s entry and save the
-    project; detections of ``replace_classes`` already there are removed first. Returns how
-    many were added."""
+    """Add GeoJSON objects (as written by this project: detections, and annotations such as
+    segmentation regions, by their ``objectType``) to ``image``'s entry and save the project.
+
+    Objects of ``replace_classes`` already there are removed first, detections and annotations
+    alike, so a rerun replaces its earlier results instead of piling up. Returns how many were
+    added."""
     from shapely.geometry import shape
 
     projects, classes = _paquo()
@@ -110,20 +113,26 @@ def write_detections(
             raise ConfigError(f"{image}: not an image of the QuPath project {path}")
         hierarchy = entries[0].hierarchy
         if replace_classes:
-            old = [
-                d
-                for d in hierarchy.detections
-                if d.path_class is not None and d.path_class.name in replace_classes
-            ]
-            for d in old:
-                hierarchy.detections.discard(d)
+            for kind in (hierarchy.detections, hierarchy.annotations):
+                old = [
+                    o
+                    for o in kind
+                    if o.path_class is not None and o.path_class.name in replace_classes
+                ]
+                for o in old:
+                    kind.discard(o)
         path_classes: dict[str, Any] = {}
         for f in features:
             props = f.get("properties") or {}
             name = (props.get("classification") or {}).get("name")
             if name is not None and name not in path_classes:
                 path_classes[name] = classes.QuPathPathClass(name, color=class_color(name))
-            hierarchy.add_detection(
+            add = (
+                hierarchy.add_annotation
+                if props.get("objectType") == "annotation"
+                else hierarchy.add_detection
+            )
+            add(
                 roi=shape(f["geometry"]),
                 path_class=path_classes.get(name) if name is not None else None,
                 measurements=dict(props.get("measurements") or {}),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from simsearch_wsi.qupath_project import QuPathUnavailableError, read_project, write_detections
+from simsearch_wsi.qupath_project import QuPathUnavailableError, read_project, write_objects
 
 
 def _paquo_with_qupath() -> bool:
@@ -52,7 +52,7 @@ def test_paquo_without_qupath_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setattr(sys, "meta_path", [_Finder(), *sys.meta_path])
     monkeypatch.delitem(sys.modules, "paquo.projects", raising=False)
     with pytest.raises(QuPathUnavailableError, match="cannot find a QuPath installation"):
-        write_detections(tmp_path / "p.qpproj", "a.svs", [])
+        write_objects(tmp_path / "p.qpproj", "a.svs", [])
 
 
 @pytest.mark.skipif(
@@ -73,6 +73,6 @@ def test_round_trip_through_a_real_project(tmp_path: Path) -> None:  # pragma: n
     feats = [
         box_feature(BoxL0(10, 10, 40, 40), class_name="ring", measurements={"similarity": 0.7})
     ]
-    assert write_detections(tmp_path / "proj", slide.path, feats) == 1
+    assert write_objects(tmp_path / "proj", slide.path, feats) == 1
     images = read_project(tmp_path / "proj")
     assert [a.class_name for a in images[0].annotations] == ["ring"]

@@ -1,0 +1,475 @@
+"""Running a model bundle over images and writing what users keep (issue 6).
+
+Per image, with output stem ``<stem>`` (the file name without its image suffix; for a plate
+field ``<plate>_<well>_f<field>``), each file written atomically in the output folder:
+
+* ``<stem>.geojson``: QuPath objects: the detections (class-map maxima, every class's
+  probability as measurements) and the segmentation as classified annotations (polygons with
+  holes, simplified, small pieces dropped);
+* ``<stem>.ome.zarr``: OME-Zarr NGFF 0.4 (Zarr v2, Blosc) with the class probabilities as the
+  image and the label mask under ``labels/simsearch`` (``image-label`` colours);
+* ``<stem>_overlay.png``: a thumbnail with the classes coloured, for quality control;
+* ``<stem>.predict.json``: what was run (model, thresholds, settings), the outputs and the
+  table rows; its presence with the same model and settings lets a rerun skip the image;
+
+and for the whole run ``quantification.csv``: one row per image (plates: per well and field,
+with plate, well, row, column and field columns) and class: detections, density per mm² of
+foreground, area in µm², fraction of the foreground and, for brightfield, the mean DAB optical
+density of the class region.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from simsearch_wsi.atomic import atomic_path, write_json_atomic
+from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.features import ProgressFn
+from simsearch_wsi.infer import (
+    ClassMaps,
+    Detection,
+    PatchModel,
+    Segmentation,
+    dense_class_maps,
+    detect,
+    segment,
+)
+from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.qupath_geojson import box_feature, write_feature_collection
+from simsearch_wsi.tiling import read_overview
+from simsearch_wsi.tissue import TissueMask
+
+__all__ = [
+    "PredictResult",
+    "PredictSettings",
+    "PredictTarget",
+    "detection_features",
+    "expand_inputs",
+    "predict_image",
+    "predict_images",
+    "segmentation_subdivision",
+]
+
+#: segmentation grids are kept under this many pixels (the subdivision of a feature cell drops
+#: from 4 towards 1 on large slides; at stride 16 and 1 subdivision a 100k x 80k slide is 31 MP)
+MAX_SEGMENTATION_PIXELS = 64_000_000
+#: brightfield pixels for the DAB measurement are read at about this size
+DAB_OVERVIEW_PIXELS = 4_000_000
+#: write-back labels are written at the image's full resolution; refused above this size
+MAX_WRITE_BACK_PIXELS = 1_000_000_000
+LABEL_NAME = "simsearch"
+_IMAGE_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".svs")
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """What a ``predict`` run writes and how.
+
+    ``thresholds`` override the bundle's per-class confidence thresholds; ``simplify_px`` is the
+    polygon tolerance in segmentation-grid pixels; segmentation pieces under ``min_area_um2``
+    are dropped; ``write_back`` adds the label mask to OME-Zarr *inputs* as ``labels/simsearch``.
+    """
+
+    thresholds: dict[str, float] = field(default_factory=dict)
+    simplify_px: float = 1.0
+    min_area_um2: float = 0.0
+    tile_size: int = 1024
+    batch_size: int = 4
+    write_zarr: bool = True
+    write_overlay: bool = True
+    write_back: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class PredictTarget:
+    """One image of a run: where it is, its output stem, and its extra table columns (plate,
+    well, row, column, field for a plate field)."""
+
+    path: str
+    stem: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    is_ome_zarr: bool = False
+
+
+@dataclass
+class PredictResult:
+    """What :func:`predict_image` wrote for one image (also ``<stem>.predict.json``)."""
+
+    image: str
+    stem: str
+    outputs: dict[str, str]
+    n_detections: dict[str, int]
+    rows: list[dict[str, Any]]
+    seconds: float
+    reused: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("reused")
+        return out
+
+
+def image_stem(path: str | Path) -> str:
+    """Output file stem of an image: its name without image suffixes."""
+    name = Path(path).name
+    for suffix in _IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def expand_inputs(paths: Sequence[str]) -> list[PredictTarget]:
+    """The images of a run: slides and images as given, OME-Zarr plates as every field of every
+    well. Raises :class:`ConfigError` when two images would get the same output stem."""
+    from simsearch_wsi.io.plate import is_plate, open_plate
+
+    targets: list[PredictTarget] = []
+    for p in paths:
+        if is_plate(p):
+            plate = open_plate(p)
+            plate_stem = image_stem(plate.path)
+            for f in plate.fields():
+                extra = {
+                    "plate": plate.name,
+                    "well": f.well,
+                    "row": f.row,
+                    "column": f.column,
+                    "field": f.field_index,
+                }
+                targets.append(
+                    PredictTarget(str(f.path), f"{plate_stem}_{f.image_id}", extra, True)
+                )
+        else:
+            is_zarr = Path(p).is_dir()
+            targets.append(PredictTarget(str(p), image_stem(p), {}, is_zarr))
+    seen: dict[str, str] = {}
+    for t in targets:
+        if t.stem in seen:
+            raise ConfigError(
+                f"{t.path} and {seen[t.stem]} would both write {t.stem}.*; predict them into "
+                "separate --out folders or rename one"
+            )
+        seen[t.stem] = t.path
+    return targets
+
+
+def segmentation_subdivision(maps: ClassMaps, max_pixels: int = MAX_SEGMENTATION_PIXELS) -> int:
+    """Mask pixels per feature cell along each axis (1..4) so the mask stays under
+    ``max_pixels``."""
+    s = maps.geometry.stride
+    w_a, h_a = maps.analysis_size
+    cells = max(1, -(-w_a // s) * -(-h_a // s))
+    for sub in (4, 3, 2):
+        if cells * sub * sub <= max_pixels:
+            return sub
+    return 1
+
+
+def sample_on_grid(
+    mask: NDArray[Any],
+    mask_downsample: tuple[float, float],
+    shape: tuple[int, int],
+    grid_downsample: tuple[float, float],
+) -> NDArray[Any]:
+    """Nearest sample of a ``mask`` (h, w) whose pixels cover ``mask_downsample`` (x, y)
+    level-0 pixels onto a grid of ``shape`` (H, W) whose pixels cover ``grid_downsample``:
+    grid pixel (i, j) takes the mask pixel under its centre (clipped at the edges)."""
+    ys = ((np.arange(shape[0]) + 0.5) * grid_downsample[1] / mask_downsample[1]).astype(np.intp)
+    xs = ((np.arange(shape[1]) + 0.5) * grid_downsample[0] / mask_downsample[0]).astype(np.intp)
+    ys = np.minimum(ys, mask.shape[0] - 1)
+    xs = np.minimum(xs, mask.shape[1] - 1)
+    out: NDArray[Any] = mask[ys[:, None], xs[None, :]]
+    return out
+
+
+def detection_features(
+    detections: Sequence[Detection], colors: dict[str, tuple[int, int, int]]
+) -> list[dict[str, Any]]:
+    """QuPath detections (rectangles of the model's patch) with ``probability <class>``
+    measurements."""
+    return [
+        box_feature(
+            d.box,
+            class_name=d.class_name,
+            measurements={f"probability {c}": round(v, 5) for c, v in d.probabilities.items()},
+            color=colors.get(d.class_name),
+        )
+        for d in detections
+    ]
+
+
+def _display_rgb(image: ImageSource, max_pixels: int) -> tuple[NDArray[np.uint8], float, float]:
+    """An 8-bit RGB thumbnail: brightfield as is, fluorescence as the stretched channel mean."""
+    thumb, ds_x, ds_y = read_overview(image, max_pixels=max_pixels)
+    if image.is_brightfield and thumb.shape[2] >= 3:
+        return np.clip(thumb[..., :3], 0, 255).astype(np.uint8), ds_x, ds_y
+    grey = thumb.astype(np.float32).mean(axis=2)
+    lo, hi = np.percentile(grey, (1.0, 99.5))
+    grey8 = np.clip((grey - lo) / max(float(hi - lo), 1e-6) * 255.0, 0, 255).astype(np.uint8)
+    return np.repeat(grey8[..., None], 3, axis=2), ds_x, ds_y
+
+
+def write_overlay(
+    path: Path,
+    image: ImageSource,
+    seg: Segmentation,
+    colors: dict[str, tuple[int, int, int]],
+    detections: Sequence[Detection],
+    *,
+    max_pixels: int = 1_000_000,
+) -> Path:
+    """A PNG thumbnail (about ``max_pixels``) with the segmentation classes blended in (45 %)
+    and a 3 x 3 dot of the class colour at each detection centre."""
+    from PIL import Image
+
+    rgb, ds_x, ds_y = _display_rgb(image, max_pixels)
+    lab = sample_on_grid(seg.labels, seg.downsample, rgb.shape[:2], (ds_x, ds_y))
+    palette = np.zeros((len(seg.classes) + 1, 3), dtype=np.float32)
+    for k, name in enumerate(seg.classes, start=1):
+        palette[k] = colors.get(name, (255, 0, 0))
+    mixed = rgb.astype(np.float32)
+    on = lab > 0
+    mixed[on] = 0.55 * mixed[on] + 0.45 * palette[lab[on]]
+    out = mixed.astype(np.uint8)
+    if detections:
+        h, w = out.shape[:2]
+        centres = np.array([d.box.center_l0 for d in detections], dtype=np.float64)
+        xs = np.clip((centres[:, 0] / ds_x).astype(np.intp), 0, w - 1)
+        ys = np.clip((centres[:, 1] / ds_y).astype(np.intp), 0, h - 1)
+        cols = np.array([colors.get(d.class_name, (255, 0, 0)) for d in detections], dtype=np.uint8)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                out[np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)] = cols
+    with atomic_path(path) as tmp:
+        Image.fromarray(out).save(tmp, format="PNG")
+    return path
+
+
+def _quantify(
+    image: ImageSource,
+    seg: Segmentation,
+    foreground: TissueMask | None,
+    counts: dict[str, int],
+) -> list[Any]:
+    """Per-class statistics on the segmentation grid; DAB on a brightfield overview."""
+    from simsearch_wsi.quantify import region_stats
+
+    fg = None
+    if foreground is not None:
+        fg = sample_on_grid(
+            np.asarray(foreground.mask),
+            (foreground.downsample_x, foreground.downsample_y),
+            seg.labels.shape,
+            seg.downsample,
+        ).astype(bool)
+    stats = region_stats(
+        seg.labels,
+        classes=seg.classes,
+        downsample=seg.downsample,
+        mpp=image.mpp,
+        foreground=fg,
+        detections_per_class=counts,
+    )
+    if image.is_brightfield and image.n_channels == 3:
+        thumb, ds_x, ds_y = read_overview(image, max_pixels=DAB_OVERVIEW_PIXELS)
+        lab_small = sample_on_grid(seg.labels, seg.downsample, thumb.shape[:2], (ds_x, ds_y))
+        rgb = np.clip(thumb[..., :3], 0, 255).astype(np.uint8)
+        dab = region_stats(
+            lab_small, classes=seg.classes, downsample=(ds_x, ds_y), mpp=None, rgb=rgb
+        )
+        stats = [
+            dataclasses.replace(s, mean_dab_od=d.mean_dab_od)
+            for s, d in zip(stats, dab, strict=True)
+        ]
+    return stats
+
+
+def _write_back(image: ImageSource, seg: Segmentation, colors: dict[str, Any]) -> Path:
+    """The label mask at the image's full resolution as ``labels/simsearch`` of the input."""
+    from simsearch_wsi.labels_zarr import add_labels_to_ome_zarr
+
+    width, height = image.dimensions
+    if width * height > MAX_WRITE_BACK_PIXELS:
+        raise ConfigError(
+            f"{image.path}: writing labels back at full resolution needs a {width}x{height} "
+            "mask; use the separate <stem>.ome.zarr output instead of --write-back"
+        )
+    full = sample_on_grid(seg.labels, seg.downsample, (height, width), (1.0, 1.0))
+    return add_labels_to_ome_zarr(
+        image.path, full, classes=seg.classes, colors=colors, name=LABEL_NAME, overwrite=True
+    )
+
+
+def predict_image(
+    image: ImageSource,
+    model: PatchModel,
+    out_dir: Path,
+    *,
+    stem: str | None = None,
+    settings: PredictSettings | None = None,
+    extra_columns: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> PredictResult:
+    """Dense maps, detections and segmentation of ``image``, with every output written.
+
+    Raises :class:`ConfigError` when the image does not suit the model (channels, size).
+    """
+    from simsearch_wsi.labels_zarr import write_label_image
+    from simsearch_wsi.polygons import mask_to_polygons, polygons_to_features
+    from simsearch_wsi.quantify import stats_rows
+
+    settings = settings or PredictSettings()
+    t0 = time.perf_counter()
+    bundle = model.bundle
+    stem = stem or image_stem(image.path)
+    thresholds = {**bundle.thresholds, **settings.thresholds}
+    maps = dense_class_maps(
+        image,
+        model,
+        tile_size=settings.tile_size,
+        batch_size=settings.batch_size,
+        progress=progress,
+    )
+    detections = detect(maps, thresholds)
+    seg = segment(maps, thresholds, cell_subdivision=segmentation_subdivision(maps))
+    colors = {c: tuple(int(v) for v in rgb) for c, rgb in bundle.colors.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, str] = {}
+
+    regions = mask_to_polygons(
+        seg.labels,
+        downsample=seg.downsample,
+        simplify_px=settings.simplify_px,
+        min_area_um2=settings.min_area_um2,
+        mpp=image.mpp,
+    )
+    features = detection_features(detections, colors)  # type: ignore[arg-type]
+    features += polygons_to_features(
+        regions,
+        classes=seg.classes,
+        colors=colors,  # type: ignore[arg-type]
+        object_type="annotation",
+        mpp=image.mpp,
+    )
+    geojson = out_dir / f"{stem}.geojson"
+    write_feature_collection(geojson, features)
+    outputs["geojson"] = str(geojson)
+
+    if settings.write_zarr:
+        store = out_dir / f"{stem}.ome.zarr"
+        mpp = image.mpp
+        px_um = (seg.downsample[1] * mpp, seg.downsample[0] * mpp) if mpp else None
+        write_label_image(
+            store,
+            seg.labels,
+            classes=seg.classes,
+            colors=colors,  # type: ignore[arg-type]
+            probabilities=np.nan_to_num(seg.probabilities, nan=0.0),
+            pixel_size_um=px_um,
+            name=LABEL_NAME,
+            overwrite=True,
+        )
+        outputs["ome_zarr"] = str(store)
+    if settings.write_overlay:
+        png = out_dir / f"{stem}_overlay.png"
+        write_overlay(png, image, seg, colors, detections)  # type: ignore[arg-type]
+        outputs["overlay"] = str(png)
+    if settings.write_back and Path(image.path).is_dir():
+        outputs["labels"] = str(_write_back(image, seg, colors))
+
+    counted = Counter(d.class_name for d in detections)
+    counts = {c: int(counted.get(c, 0)) for c in seg.classes}
+    stats = _quantify(image, seg, maps.foreground, counts)
+    rows = stats_rows(str(image.path), stats, extra=extra_columns or {})
+    result = PredictResult(
+        image=str(image.path),
+        stem=stem,
+        outputs=outputs,
+        n_detections=counts,
+        rows=rows,
+        seconds=time.perf_counter() - t0,
+    )
+    return result
+
+
+def _run_record(model: PatchModel, settings: PredictSettings) -> dict[str, Any]:
+    """What decides an image's outputs: the model and the settings (for resuming)."""
+    return {"model": model.identity, "settings": settings.to_dict()}
+
+
+def _reusable(path: Path, record: dict[str, Any]) -> PredictResult | None:
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("run") != record:
+        return None
+    try:
+        result = PredictResult(**doc["result"], reused=True)
+    except (KeyError, TypeError):
+        return None
+    if not all(Path(p).exists() for p in result.outputs.values()):
+        return None
+    return result
+
+
+def predict_images(
+    targets: Sequence[PredictTarget],
+    model: PatchModel,
+    out_dir: Path,
+    *,
+    open_image: Callable[[str], ImageSource],
+    settings: PredictSettings | None = None,
+    resume: bool = True,
+    progress: ProgressFn | None = None,
+) -> list[PredictResult]:
+    """:func:`predict_image` for each target, then ``quantification.csv`` for all of them.
+
+    With ``resume``, an image whose ``<stem>.predict.json`` records the same model and settings
+    (and whose outputs are all there) is not run again; its rows are reused.
+    """
+    from simsearch_wsi.quantify import write_table
+
+    settings = settings or PredictSettings()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = _run_record(model, settings)
+    results: list[PredictResult] = []
+    for n, target in enumerate(targets):
+        if progress is not None:
+            progress("images", n, len(targets))
+        summary = out_dir / f"{target.stem}.predict.json"
+        previous = _reusable(summary, record) if resume else None
+        if previous is not None:
+            results.append(previous)
+            continue
+        with open_image(target.path) as image:
+            result = predict_image(
+                image,
+                model,
+                out_dir,
+                stem=target.stem,
+                settings=settings,
+                extra_columns=target.extra,
+                progress=progress,
+            )
+        result.outputs["summary"] = str(summary)
+        write_json_atomic(summary, {"run": record, "result": result.to_dict()})
+        results.append(result)
+    if progress is not None:
+        progress("images", len(targets), len(targets))
+    write_table(out_dir / "quantification.csv", [r for res in results for r in res.rows])
+    return results
