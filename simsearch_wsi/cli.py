@@ -1030,9 +1030,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[engine],
         help="run the local HTTP server the QuPath scripts talk to",
         description="Serve the review loop (suggest, review, background, session) and long "
-        "jobs (embed, train) over HTTP with models and feature caches kept warm. Binds to "
-        "loopback; "
-        "any other host needs a token. Only images and sessions under --allow folders are read.",
+        "jobs (embed, train, predict) over HTTP with models and feature caches kept warm. Binds "
+        "to loopback; any other host needs a token. Only images, sessions, models and output "
+        "folders under --allow folders are used.",
     )
     p_srv.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     p_srv.add_argument(
@@ -1042,7 +1042,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow",
         action="append",
         metavar="DIR",
-        help="folder whose images and sessions may be used (repeatable; "
+        help="folder whose images, sessions, models and outputs may be used (repeatable; "
         "default: the current folder)",
     )
     p_srv.add_argument(

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from simsearch_wsi.backbones import WeightsInfo
+from simsearch_wsi.backbones import WeightsInfo, build_trunk
 from simsearch_wsi.bundle import ModelBundle
 from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.features import (
@@ -43,6 +43,8 @@ from simsearch_wsi.features import (
 from simsearch_wsi.geometry import BoxL0
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS
+from simsearch_wsi.preprocess import fit_normalization
+from simsearch_wsi.qupath_geojson import class_color
 from simsearch_wsi.similarity import PatchGeometry, local_maxima, pool
 from simsearch_wsi.tissue import TissueMask, detect_foreground
 
@@ -78,6 +80,48 @@ class PatchModel:
         if um is not None and image.mpp is not None:
             return (um[0] / image.mpp, um[1] / image.mpp)
         return self.bundle.patch_size_l0
+
+
+def untrained_bundle(
+    images: list[ImageSource],
+    *,
+    classes: tuple[str, ...] = ("ring", "cluster", "stripes", BACKGROUND_CLASS),
+    patch_size_l0: float = 48.0,
+    context_a: int = 32,
+    threshold: float = 0.3,
+    seed: int = 0,
+) -> ModelBundle:
+    """A bundle with seeded random trunk and head weights for ``images``' kind (channels,
+    normalisation fitted on them, pixel size of the first): what benchmarks and tests of the
+    inference path run when what matters is the work done, not the answers. RGB brightfield
+    images get an RGB trunk, anything else is encoded channel by channel."""
+    first = images[0]
+    rgb = first.is_brightfield and first.n_channels == 3
+    trunk, spec, _ = build_trunk("resnet18-l3", "random", seed=seed)
+    scale = AnalysisScale.for_patch(first, patch_size_l0)
+    geometry = PatchGeometry.from_l0(patch_size_l0, patch_size_l0, scale, spec.stride)
+    dim = spec.out_channels * (1 if rgb else first.n_channels)
+    gen = torch.Generator().manual_seed(seed)
+    return ModelBundle(
+        backbone="resnet18-l3",
+        trunk_state=trunk.state_dict(),
+        head_weight=torch.randn(len(classes), dim, generator=gen) * 0.1,
+        head_bias=torch.zeros(len(classes)),
+        classes=classes,
+        colors={c: class_color(c) for c in classes},
+        thresholds={c: threshold for c in classes},
+        patch_size_l0=(patch_size_l0, patch_size_l0),
+        mpp=first.mpp,
+        analysis_downsample=scale.downsample_x,
+        context_a=context_a,
+        geometry=geometry.to_dict(),
+        normalization=fit_normalization(images).to_dict(),
+        channels=first.channel_names,
+        rgb=rgb,
+        strategy="pos",
+        config={},
+        metrics={},
+    )
 
 
 @dataclass(frozen=True)

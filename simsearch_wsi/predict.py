@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from simsearch_wsi.atomic import atomic_path, write_json_atomic
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.errors import ConfigError, ImageNotFoundError
 from simsearch_wsi.features import ProgressFn
 from simsearch_wsi.infer import (
     ClassMaps,
@@ -94,13 +94,13 @@ class PredictSettings:
 
 @dataclass(frozen=True)
 class PredictTarget:
-    """One image of a run: where it is, its output stem, and its extra table columns (plate,
-    well, row, column, field for a plate field)."""
+    """One image of a run: where it is, its output stem, its extra table columns (plate,
+    well, row, column, field for a plate field) and, for a plate field, the plate folder."""
 
     path: str
     stem: str
     extra: dict[str, Any] = field(default_factory=dict)
-    is_ome_zarr: bool = False
+    plate: str | None = None
 
 
 @dataclass
@@ -116,9 +116,7 @@ class PredictResult:
     reused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("reused")
-        return out
+        return dataclasses.asdict(self)
 
 
 def image_stem(path: str | Path) -> str:
@@ -132,11 +130,14 @@ def image_stem(path: str | Path) -> str:
 
 def expand_inputs(paths: Sequence[str]) -> list[PredictTarget]:
     """The images of a run: slides and images as given, OME-Zarr plates as every field of every
-    well. Raises :class:`ConfigError` when two images would get the same output stem."""
+    well. Raises :class:`ImageNotFoundError` for a missing path and :class:`ConfigError` when
+    two images would get the same output stem."""
     from simsearch_wsi.io.plate import is_plate, open_plate
 
     targets: list[PredictTarget] = []
     for p in paths:
+        if not Path(p).exists():
+            raise ImageNotFoundError(f"{p}: no such file or directory; check the path")
         if is_plate(p):
             plate = open_plate(p)
             plate_stem = image_stem(plate.path)
@@ -149,11 +150,10 @@ def expand_inputs(paths: Sequence[str]) -> list[PredictTarget]:
                     "field": f.field_index,
                 }
                 targets.append(
-                    PredictTarget(str(f.path), f"{plate_stem}_{f.image_id}", extra, True)
+                    PredictTarget(str(f.path), f"{plate_stem}_{f.image_id}", extra, str(plate.path))
                 )
         else:
-            is_zarr = Path(p).is_dir()
-            targets.append(PredictTarget(str(p), image_stem(p), {}, is_zarr))
+            targets.append(PredictTarget(str(p), image_stem(p)))
     seen: dict[str, str] = {}
     for t in targets:
         if t.stem in seen:
@@ -419,12 +419,51 @@ def _reusable(path: Path, record: dict[str, Any]) -> PredictResult | None:
     if not isinstance(doc, dict) or doc.get("run") != record:
         return None
     try:
-        result = PredictResult(**doc["result"], reused=True)
+        result = PredictResult(**{**doc["result"], "reused": True})
     except (KeyError, TypeError):
         return None
     if not all(Path(p).exists() for p in result.outputs.values()):
         return None
     return result
+
+
+def _refuse_overwriting_inputs(targets: Sequence[PredictTarget], out_dir: Path) -> None:
+    """Outputs must never replace or land inside an input (e.g. ``x.ome.zarr`` predicted into
+    its own folder would be replaced by the output store of the same name)."""
+    out = out_dir.resolve()
+    inputs = {Path(t.path).resolve() for t in targets}
+    for t in targets:
+        src = Path(t.plate or t.path).resolve()
+        if src.is_dir() and (out == src or src in out.parents):
+            raise ConfigError(
+                f"--out {out_dir} is inside the input {t.path}; choose an output folder outside it"
+            )
+        for suffix in (".geojson", ".ome.zarr", "_overlay.png", ".predict.json"):
+            dest = out / f"{t.stem}{suffix}"
+            if dest in inputs:
+                raise ConfigError(
+                    f"{dest}: the output for {t.path} would replace an input; choose another "
+                    "--out folder"
+                )
+    if out / "quantification.csv" in inputs:
+        raise ConfigError(f"{out / 'quantification.csv'} is an input; choose another --out folder")
+
+
+def _table_rows(
+    out_dir: Path, record: dict[str, Any], results: Sequence[PredictResult]
+) -> list[dict[str, Any]]:
+    """Rows of this run's images, then those of earlier runs into the same folder with the same
+    model and settings (so image-by-image runs, e.g. from QuPath, build one cohort table)."""
+    rows = [r for res in results for r in res.rows]
+    done = {res.stem for res in results}
+    for path in sorted(out_dir.glob("*.predict.json")):
+        stem = path.name[: -len(".predict.json")]
+        if stem in done:
+            continue
+        previous = _reusable(path, record)
+        if previous is not None and previous.stem == stem:
+            rows.extend(previous.rows)
+    return rows
 
 
 def predict_images(
@@ -437,14 +476,18 @@ def predict_images(
     resume: bool = True,
     progress: ProgressFn | None = None,
 ) -> list[PredictResult]:
-    """:func:`predict_image` for each target, then ``quantification.csv`` for all of them.
+    """:func:`predict_image` for each target, then ``quantification.csv``.
 
     With ``resume``, an image whose ``<stem>.predict.json`` records the same model and settings
-    (and whose outputs are all there) is not run again; its rows are reused.
+    (and whose outputs are all there) is not run again; its rows are reused. The table holds
+    this run's images and every other image predicted into ``out_dir`` with the same model and
+    settings. Raises :class:`ConfigError` before anything is written when an output would
+    replace or land inside an input.
     """
     from simsearch_wsi.quantify import write_table
 
     settings = settings or PredictSettings()
+    _refuse_overwriting_inputs(targets, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = _run_record(model, settings)
     results: list[PredictResult] = []
@@ -467,9 +510,10 @@ def predict_images(
                 progress=progress,
             )
         result.outputs["summary"] = str(summary)
-        write_json_atomic(summary, {"run": record, "result": result.to_dict()})
+        kept = {k: v for k, v in result.to_dict().items() if k != "reused"}
+        write_json_atomic(summary, {"run": record, "result": kept})
         results.append(result)
     if progress is not None:
         progress("images", len(targets), len(targets))
-    write_table(out_dir / "quantification.csv", [r for res in results for r in res.rows])
+    write_table(out_dir / "quantification.csv", _table_rows(out_dir, record, results))
     return results

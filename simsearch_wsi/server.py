@@ -19,6 +19,9 @@ Protocol (version :data:`PROTOCOL_VERSION`, everything under ``/api/v1``; OpenAP
 ``POST /jobs/embed``          ``{images, patch_size_px?}`` -> 202 ``{job_id}``
 ``POST /jobs/train``          ``{session, out?, strategy?, preset?, noisy_images?, seed?}`` ->
                               202 ``{job_id}``; the result names the model bundle written
+``POST /jobs/predict``        ``{images, model, out, thresholds?, simplify_px?, min_area_um2?,
+                              write_back?, force?}`` -> 202 ``{job_id}``; the result names the
+                              files written per image and ``quantification.csv``
 ``GET  /jobs``                ``{"jobs": [job, ...]}``
 ``GET  /jobs/{id}``           ``{id, kind, state, progress, error, result, ...}``
 ``DELETE /jobs/{id}``         cancel a queued or running job
@@ -36,9 +39,10 @@ Rules every route follows:
 * every error is ``{"error": {"type": ..., "message": <one line>}}``.
 
 Concurrency: one lock guards the engine (the trunk and the feature cache), so requests and jobs
-that need it run one at a time (a train job holds it for the whole training); one lock per
-session folder serialises updates to a session (a train job reads its session under it, then
-trains on that snapshot).
+that need it run one at a time (a train job holds it for the whole training); a predict job
+does not take it (it runs its own model, not the engine's trunk or caches, on the engine's
+device); one lock per session folder serialises updates to a session (a train job reads its
+session under it, then trains on that snapshot).
 Long work runs as jobs in a thread pool owned by the app; a job reports progress through
 :class:`JobContext`, and cancelling makes the next progress report raise inside the job.
 """
@@ -67,15 +71,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from simsearch_wsi import __version__
-from simsearch_wsi.bundle import save_bundle
+from simsearch_wsi.bundle import ModelBundle, load_bundle, save_bundle
 from simsearch_wsi.errors import (
     ConfigError,
     CorruptImageError,
     SimSearchError,
 )
+from simsearch_wsi.infer import PatchModel
 from simsearch_wsi.io import open_image
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.io.uri import local_path
+from simsearch_wsi.predict import PredictResult, PredictSettings, expand_inputs, predict_images
 from simsearch_wsi.qupath_geojson import feature_collection, read_features
 from simsearch_wsi.search import SimSearch
 from simsearch_wsi.session import Session, background_with_session, suggest_with_session
@@ -380,7 +386,8 @@ class JobManager:
     """Background jobs of one app, run in its own thread pool.
 
     A job kind is a runner ``fn(ctx: JobContext) -> result`` (JSON-serialisable); routes submit
-    them with :meth:`submit` (``embed`` and ``train``; others plug in the same way).
+    them with :meth:`submit` (``embed``, ``train`` and ``predict``; others plug in the same
+    way).
     """
 
     def __init__(self, workers: int = 1) -> None:
@@ -590,6 +597,43 @@ class TrainJobRequest(_Body):
 
     _strategy = field_validator("strategy")(_one_of(STRATEGIES, "strategy"))
     _preset = field_validator("preset")(_one_of(PRESETS, "preset"))
+
+
+class PredictJobRequest(_Body):
+    images: list[ImagePath] = Field(
+        min_length=1,
+        max_length=10_000,
+        description="slides, images, OME-Zarr images or plates (a plate: every field)",
+    )
+    model: FolderPath = Field(description="the model bundle (.zip) to apply, as a train job writes")
+    out: FolderPath = Field(description="output folder (created if missing)")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="class -> confidence threshold in [0, 1]; classes left out keep the model's",
+    )
+    simplify_px: float = Field(
+        1.0, ge=0, le=10_000, description="polygon simplification tolerance in mask pixels"
+    )
+    min_area_um2: float = Field(
+        0.0,
+        ge=0,
+        le=1e12,
+        description="drop segmentation pieces (and fill holes) under this area in um2",
+    )
+    write_back: bool = Field(
+        False, description="also add the label mask to OME-Zarr inputs as labels/simsearch"
+    )
+    force: bool = Field(
+        False, description="redo images whose outputs exist for the same model and settings"
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _probabilities(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, p in value.items():
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name}={p}: give a probability in [0, 1]")
+        return value
 
 
 class HealthResponse(BaseModel):
@@ -1066,6 +1110,100 @@ def create_app(
         )
         return _job_created(job)
 
+    @app.post(
+        f"{API_PREFIX}/jobs/predict",
+        status_code=202,
+        response_model=JobCreated,
+        responses=_ERRORS,
+        tags=["jobs"],
+    )
+    def predict_job(body: PredictJobRequest) -> JSONResponse:
+        """Apply a model bundle to images: per image QuPath GeoJSON (detections and segmentation
+        annotations), an OME-Zarr with class probabilities and labels, an overlay PNG and a run
+        record, and ``quantification.csv`` for the images of the job (as ``simsearch-wsi
+        predict``).
+
+        The result names every file written, per image, and the table. An image whose outputs
+        exist for the same model and settings is not run again (``reused``) unless ``force``.
+        The model runs on the engine's device with the engine's tile and batch sizes, loaded
+        for the job; the job does not take the engine lock (it needs neither the engine's trunk
+        nor its feature cache), so suggestions keep answering while it runs."""
+        images = [paths.resolve(text, what="image") for text in body.images]
+        model_path = paths.resolve(body.model, what="model")
+        out = paths.resolve(body.out, what="output folder")
+        for p in images:  # answer a typo now rather than in a failed job
+            if not p.exists():
+                raise _ApiError(
+                    404, "ImageNotFoundError", f"{p}: no such file or directory; check the path"
+                )
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out {out}: exists and is not a folder; give an output folder")
+        bundle = load_bundle(model_path)  # a missing or broken bundle is answered now
+        unknown = sorted(set(body.thresholds) - set(bundle.classes))
+        if unknown:
+            raise ConfigError(
+                f"thresholds for unknown class(es) {unknown}; the model's classes are "
+                f"{list(bundle.classes)}"
+            )
+        targets = expand_inputs([str(p) for p in images])
+        settings = PredictSettings(
+            thresholds=dict(body.thresholds),
+            simplify_px=body.simplify_px,
+            min_area_um2=body.min_area_um2,
+            tile_size=search.settings.tile_size,
+            batch_size=search.settings.batch_size,
+            write_back=body.write_back,
+        )
+        device, autocast = search.extractor.device, search.extractor.autocast
+
+        def open_allowed(text: str) -> ImageSource:  # plate fields lie inside their plate
+            return open_image(paths.resolve(text, what="image"))
+
+        def run(ctx: JobContext) -> dict[str, Any]:
+            ctx.progress("loading the model", 0, 1)
+            t0 = time.perf_counter()
+            model = PatchModel(bundle, device=device, autocast=autocast)
+            current = [0, len(targets)]  # the image being run, of how many
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage != "images":
+                    ctx.progress(f"image {current[0] + 1}/{current[1]}: {stage}", done, total)
+                elif done < total:
+                    current[:] = [done, total]
+                    ctx.progress("images", done, total)
+                else:  # every image is written: let the table be written too
+                    ctx.report("writing quantification.csv", done, total)
+
+            results = predict_images(
+                targets,
+                model,
+                out,
+                open_image=open_allowed,
+                settings=settings,
+                resume=not body.force,
+                progress=progress,
+            )
+            ctx.report("done", 1, 1)
+            return _predict_summary(
+                model_path, out, bundle, settings, results, seconds=time.perf_counter() - t0
+            )
+
+        job = jobs.submit(
+            "predict",
+            run,
+            {
+                "images": [str(p) for p in images],
+                "model": str(model_path),
+                "out": str(out),
+                "thresholds": dict(body.thresholds),
+                "simplify_px": body.simplify_px,
+                "min_area_um2": body.min_area_um2,
+                "write_back": body.write_back,
+                "force": body.force,
+            },
+        )
+        return _job_created(job)
+
     @app.get(f"{API_PREFIX}/jobs", response_model=JobList, responses=_ERRORS, tags=["jobs"])
     def list_jobs() -> dict[str, Any]:
         """All jobs of this server run, oldest first."""
@@ -1131,6 +1269,40 @@ def _train_summary(
         "thresholds": {c: float(t) for c, t in bundle.thresholds.items()},
         "metrics": metrics,
         "notes": list(result.notes),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _predict_summary(
+    model: Path,
+    out: Path,
+    bundle: ModelBundle,
+    settings: PredictSettings,
+    results: Sequence[PredictResult],
+    *,
+    seconds: float,
+) -> dict[str, Any]:
+    """A predict job's result: the model, its classes and the thresholds applied, and per image
+    the files written and the detections per class (the table rows are in
+    ``quantification.csv`` and in each image's ``<stem>.predict.json``)."""
+    thresholds = {**bundle.thresholds, **settings.thresholds}
+    return {
+        "model": str(model),
+        "classes": list(bundle.classes),
+        "thresholds": {c: float(t) for c, t in thresholds.items()},
+        "out": str(out),
+        "quantification": str(out / "quantification.csv"),
+        "images": [
+            {
+                "image": r.image,
+                "stem": r.stem,
+                "outputs": dict(r.outputs),
+                "n_detections": dict(r.n_detections),
+                "reused": r.reused,
+                "seconds": round(r.seconds, 2),
+            }
+            for r in results
+        ],
         "seconds": round(seconds, 2),
     }
 

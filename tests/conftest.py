@@ -101,3 +101,21 @@ def tiny_training(monkeypatch: pytest.MonkeyPatch) -> None:
         )
 
     monkeypatch.setattr(TrainConfig, "preset_config", tiny)
+
+
+# --- inference: an untrained model bundle -------------------------------------------------------
+TINY_BUNDLE_CLASSES = ("ring", "cluster", "stripes", "background")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, small_slides) -> Path:  # type: ignore[no-untyped-def]
+    """An untrained model bundle (.zip; seeded random trunk and head, classes ring, cluster,
+    stripes and background, thresholds 0.3) for 48 px patches on the small slides; built in
+    seconds, for tests of what runs a model (predict over the CLI, the server, the scripts)."""
+    from simsearch_wsi.bundle import save_bundle
+    from simsearch_wsi.infer import untrained_bundle
+    from simsearch_wsi.io import open_image
+
+    with open_image(small_slides[1].path) as image:
+        bundle = untrained_bundle([image], classes=TINY_BUNDLE_CLASSES, threshold=0.3, seed=2)
+    return save_bundle(tmp_path_factory.mktemp("bundle") / "tiny model.zip", bundle)

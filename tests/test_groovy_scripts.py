@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,7 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS_DIR = REPO / "qupath_scripts"
 STUBS = REPO / "tests" / "groovy" / "stubs"
 LAUNCHER = REPO / "tests" / "groovy" / "launcher.groovy"
-SCRIPTS = ["suggest", "review", "background", "embed", "status", "train"]
+SCRIPTS = ["suggest", "review", "background", "embed", "status", "train", "predict"]
 HELPERS_MARK = "// ------------- HTTP helpers: the same block in every simsearch_*.groovy script"
 
 
@@ -462,6 +463,81 @@ def test_train_job_with_progress(world: World, tmp_path: Path) -> None:
     assert "unknown strategy 'neg'; use one of pos, pos+neg" in line, line
 
 
+def _predicted(x: float, y: float, cls: str, *, detection: bool) -> dict[str, Any]:
+    """An object as an earlier prediction wrote it: a detection with the model's probabilities,
+    or a segmentation annotation with its area."""
+    feature = _box(x, y, 48, 48, cls)
+    props = feature["properties"]
+    if detection:
+        props["objectType"] = "detection"
+        props["measurements"] = {"probability ring": 0.1, f"probability {cls}": 0.9}
+    else:
+        props["measurements"] = {"area_px": 2304.0}
+    return feature
+
+
+def test_predict_imports_the_objects(world: World, tmp_path: Path, tiny_bundle: Path) -> None:
+    model = world.root / "models" / "tiny model.zip"
+    model.parent.mkdir(exist_ok=True)
+    shutil.copy(tiny_bundle, model)
+    old_detection = _predicted(200, 200, "cluster", detection=True)
+    old_region = _predicted(300, 200, "ring", detection=False)
+    keep = [
+        _box(100, 100, 48, 48, "cluster"),  # the user's prototype: kept
+        {
+            **_predicted(400, 200, "cluster", detection=True),
+            "properties": {  # a suggestion
+                "objectType": "detection",
+                "classification": {"name": "cluster", "color": [1, 2, 3]},
+                "measurements": {"similarity": 0.8},
+            },
+        },
+        _predicted(500, 200, "Other", detection=False),  # not one of the model's classes
+    ]
+    state = {"uris": [world.uri], "objects": [old_detection, old_region, *keep]}
+    props = {
+        "simsearch.url": world.url,
+        "simsearch.model": str(model),  # OUT left empty: predictions next to the model
+        "simsearch.thresholds": "cluster=0.35",
+        "simsearch.maxWait": "120",
+    }
+    run = _run(tmp_path, ["predict"], props=props, state=state)
+    assert run.rc == 0, run.out
+    out = model.parent / "predictions"
+    geojson = out / "s 1.geojson"
+    written = json.loads(geojson.read_text())["features"]
+    detections = _detections(written)
+    assert detections and len(detections) < len(written)  # detections and annotations
+
+    (line,) = run.lines("simsearch predict: job ")
+    assert f"started for s 1.tiff with model {model} (output folder {out})" in line, line
+    assert run.lines("  running: "), run.out
+    # the objects the server wrote replace the earlier prediction; the rest stays
+    assert set(run.record["added"]) == {f["id"] for f in written}
+    assert sorted(run.record["removed"]) == sorted([old_detection["id"], old_region["id"]])
+    final = run.record["objects"]
+    assert {f["id"] for f in final} == {f["id"] for f in written} | {f["id"] for f in keep}
+    imported = [f for f in final if f["id"] in run.record["added"]]
+    assert _detections(imported) and all(
+        "probability cluster" in f["properties"]["measurements"] for f in _detections(imported)
+    )
+    (line,) = run.lines("simsearch predict on s 1.tiff: done in ")
+    counts = Counter(_class(f) for f in detections)
+    expect = ", ".join(f"{c} {counts.get(c, 0)}" for c in ("ring", "cluster", "stripes"))
+    assert (
+        f"added {len(detections)} detections ({expect}) and "
+        f"{len(written) - len(detections)} segmentation annotations, replaced 2 earlier"
+    ) in line, line
+    assert run.lines("  thresholds: ") == [
+        "  thresholds: ring=0.30 cluster=0.35 stripes=0.30 background=0.30"
+    ]
+    assert f"  OME-Zarr (class probabilities and labels): {out / 's 1.ome.zarr'}" in run.out
+    assert f"  overlay: {out / 's 1_overlay.png'}" in run.out
+    assert f"  quantification.csv: {out / 'quantification.csv'}" in run.out
+    assert (out / "quantification.csv").is_file() and (out / "s 1.ome.zarr").is_dir()
+    assert run.record["dialogs"] == []
+
+
 def test_token_is_sent(world: World, tmp_path: Path) -> None:
     app = create_app(world.search, allowed_roots=[world.root], token="s3cret")
     server, thread, url = _serve(app)
@@ -487,9 +563,8 @@ def _closed_port() -> int:
 def test_server_not_running(world: World, tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{_closed_port()}"
     state = {"uris": [world.uri], "objects": world.prototypes, "gui": True}
-    run = _run(
-        tmp_path, SCRIPTS, props={"simsearch.url": url, "simsearch.session": "/x"}, state=state
-    )
+    props = {"simsearch.url": url, "simsearch.session": "/x", "simsearch.model": "/x/m.zip"}
+    run = _run(tmp_path, SCRIPTS, props=props, state=state)
     assert run.rc != 0
     message = (
         f"The simsearch-wsi server is not running at {url}; start it with "
@@ -559,7 +634,11 @@ def _fake_server() -> Iterator[str]:
 def test_protocol_mismatch(world: World, tmp_path: Path) -> None:
     state = {"uris": [world.uri], "objects": world.prototypes}
     with _fake_server() as url:
-        props = {"simsearch.url": url, "simsearch.session": str(world.root / "s")}
+        props = {
+            "simsearch.url": url,
+            "simsearch.session": str(world.root / "s"),
+            "simsearch.model": str(world.root / "m.zip"),
+        }
         _FakeServer.mode = "health"
         health = _run(tmp_path, SCRIPTS, props=props, state=state)
         _FakeServer.mode = "gate"
@@ -577,8 +656,13 @@ def test_protocol_mismatch(world: World, tmp_path: Path) -> None:
 def test_server_errors_are_shown(world: World, tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere" / "s.tiff"  # not under the server's --allow folder
     state = {"uris": [_java_uri(outside)], "objects": world.prototypes}
-    run = _run(tmp_path, ["suggest", "embed"], props={"simsearch.url": world.url}, state=state)
-    for name, route in (("suggest", "POST /api/v1/suggest"), ("embed", "POST /api/v1/jobs/embed")):
+    props = {"simsearch.url": world.url, "simsearch.model": str(world.root / "m.zip")}
+    run = _run(tmp_path, ["suggest", "embed", "predict"], props=props, state=state)
+    for name, route in (
+        ("suggest", "POST /api/v1/suggest"),
+        ("embed", "POST /api/v1/jobs/embed"),
+        ("predict", "POST /api/v1/jobs/predict"),
+    ):
         line = _failed(run, name)
         assert f"simsearch-wsi server error (HTTP 403 on {route}): image {outside}" in line
         assert "is outside the folders this server may read" in line
@@ -611,11 +695,12 @@ def test_slow_server_times_out(world: World, tmp_path: Path) -> None:
 
 def test_local_mistakes_are_explained(world: World, tmp_path: Path) -> None:
     state = {"uris": [world.uri], "objects": []}
-    names = ["suggest", "review", "background", "train"]
+    names = ["suggest", "review", "background", "train", "predict"]
     run = _run(tmp_path, names, props={"simsearch.url": world.url}, state=state)
     assert "No prototypes: draw rectangle annotations" in _failed(run, "suggest")
     for name in ("review", "background", "train"):
         assert "Set SESSION in the SETTINGS block" in _failed(run, name)
+    assert "Set MODEL in the SETTINGS block to the model bundle (.zip)" in _failed(run, "predict")
     no_image = _run(tmp_path, ["embed"], props={"simsearch.url": world.url}, state={"uris": None})
     assert "No image is open" in _failed(no_image, "embed")
     bad_url = _run(tmp_path, ["status"], props={"simsearch.url": "127.0.0.1:8765"})

@@ -7,16 +7,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
-from simsearch_wsi.backbones import build_trunk
 from simsearch_wsi.bundle import ModelBundle
-from simsearch_wsi.features import AnalysisScale
-from simsearch_wsi.infer import PatchModel, dense_class_maps, detect, segment
+from simsearch_wsi.infer import PatchModel, dense_class_maps, detect, segment, untrained_bundle
 from simsearch_wsi.io import open_image
 from simsearch_wsi.patches import PatchSample, PatchSet
-from simsearch_wsi.preprocess import fit_normalization
-from simsearch_wsi.similarity import PatchGeometry
 from simsearch_wsi.train import predict_patches
 
 CLASSES = ("ring", "cluster", "stripes", "background")
@@ -24,32 +19,8 @@ CLASSES = ("ring", "cluster", "stripes", "background")
 
 def _bundle(slide: Any, *, context_a: int) -> ModelBundle:
     """An untrained bundle (random trunk and head) on the slide's patch size."""
-    trunk, _, _ = build_trunk("resnet18-l3", "random", seed=2)
-    gen = torch.Generator().manual_seed(0)
     with open_image(slide.path) as image:
-        norm = fit_normalization([image])
-        scale = AnalysisScale.for_patch(image, 48)
-    geometry = PatchGeometry.from_l0(48, 48, scale, 16)
-    return ModelBundle(
-        backbone="resnet18-l3",
-        trunk_state=trunk.state_dict(),
-        head_weight=torch.randn(4, 256, generator=gen) * 0.1,
-        head_bias=torch.zeros(4),
-        classes=CLASSES,
-        colors={c: (200, 0, 0) for c in CLASSES},
-        thresholds={c: 0.3 for c in CLASSES},
-        patch_size_l0=(48.0, 48.0),
-        mpp=slide.mpp,
-        analysis_downsample=scale.downsample_x,
-        context_a=context_a,
-        geometry=geometry.to_dict(),
-        normalization=norm.to_dict(),
-        channels=("R", "G", "B"),
-        rgb=True,
-        strategy="pos",
-        config={},
-        metrics={},
-    )
+        return untrained_bundle([image], classes=CLASSES, context_a=context_a, seed=2)
 
 
 def test_dense_maps_equal_the_classifier_on_cropped_windows(small_slides: Any) -> None:

@@ -175,6 +175,7 @@ def test_health_and_docs(client: TestClient, search: SimSearch) -> None:
         f"{API}/suggest",
         f"{API}/jobs/embed",
         f"{API}/jobs/train",
+        f"{API}/jobs/predict",
         f"{API}/jobs/{{job_id}}",
     } <= set(spec["paths"])
     assert "swagger" in client.get(f"{API}/docs").text.lower()
@@ -666,6 +667,192 @@ def test_train_job_bad_requests(
         _error(r, status, code, text)
     assert client.get(f"{API}/jobs").json()["jobs"] == []
     assert not (good / "model.zip").exists()
+
+
+# --- predict jobs -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def predict_inputs(root: Path, small_slides: Any, tiny_bundle: Path) -> tuple[Path, Path]:
+    """A small slide and an untrained model bundle inside the allowed folder."""
+    folder = root / "predict"
+    folder.mkdir()
+    image = shutil.copy(small_slides[0].path, folder / "small 0.tiff")
+    model = shutil.copy(tiny_bundle, folder / "tiny model.zip")
+    return Path(image), Path(model)
+
+
+def test_predict_job(client: TestClient, predict_inputs: tuple[Path, Path], root: Path) -> None:
+    image, model = predict_inputs
+    out = root / "predict" / "out 1"
+    body = {
+        "images": [image.as_uri()],
+        "model": str(model),
+        "out": str(out),
+        "thresholds": {"cluster": 0.35},
+        "min_area_um2": 10,
+    }
+    r = client.post(f"{API}/jobs/predict", json=body, headers={PROTOCOL_HEADER: "1"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert r.headers["location"] == f"{API}/jobs/{job_id}"
+    stages: set[str] = set()
+
+    def finished(job: dict[str, Any]) -> bool:
+        stages.add(job["progress"]["stage"])
+        return job["state"] in ("done", "failed", "cancelled")
+
+    job = _wait_job(client, job_id, until=finished)
+    assert job["state"] == "done" and job["error"] is None, job
+    assert job["kind"] == "predict"
+    assert job["params"] == {
+        "images": [str(image)],
+        "model": str(model),
+        "out": str(out),
+        "thresholds": {"cluster": 0.35},
+        "simplify_px": 1.0,
+        "min_area_um2": 10.0,
+        "write_back": False,
+        "force": False,
+    }
+    assert job["progress"] == {"stage": "done", "done": 1, "total": 1}
+    assert any(s.startswith("image 1/1: ") for s in stages), stages  # the library's stages
+
+    result = job["result"]
+    classes = ["ring", "cluster", "stripes", "background"]
+    assert result["model"] == str(model) and result["out"] == str(out)
+    assert result["classes"] == classes
+    assert result["thresholds"] == {c: 0.35 if c == "cluster" else 0.3 for c in classes}
+    assert result["quantification"] == str(out / "quantification.csv")
+    assert (out / "quantification.csv").is_file()
+    (one,) = result["images"]
+    assert one["image"] == str(image) and one["stem"] == "small 0" and one["reused"] is False
+    assert one["outputs"] == {
+        "geojson": str(out / "small 0.geojson"),
+        "ome_zarr": str(out / "small 0.ome.zarr"),
+        "overlay": str(out / "small 0_overlay.png"),
+        "summary": str(out / "small 0.predict.json"),
+    }
+    assert all(Path(p).exists() for p in one["outputs"].values())
+    assert set(one["n_detections"]) == {"ring", "cluster", "stripes"}
+    doc = json.loads((out / "small 0.geojson").read_text())
+    validate_feature_collection(doc)
+    kinds = [f["properties"]["objectType"] for f in doc["features"]]
+    assert kinds.count("detection") == sum(one["n_detections"].values()) > 0
+    assert "annotation" in kinds
+    assert result["seconds"] > 0
+
+    # the same request again: the outputs are kept, not recomputed
+    again = _wait_job(client, client.post(f"{API}/jobs/predict", json=body).json()["job_id"])
+    assert again["state"] == "done", again
+    (kept,) = again["result"]["images"]
+    assert kept["reused"] is True
+    assert {k: v for k, v in kept.items() if k != "reused"} == {
+        k: v for k, v in one.items() if k != "reused"
+    }
+
+
+def test_predict_job_runs_beside_the_engine_and_cancels(
+    client: TestClient,
+    predict_inputs: tuple[Path, Path],
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A predict job does not wait for the engine lock; cancelling it stops it at the next
+    progress report of the library, before the table is written."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow_predict(targets: Any, model: Any, out: Path, **kwargs: Any) -> Any:
+        progress = kwargs["progress"]
+        progress("images", 0, len(targets))
+        started.set()
+        release.wait(30)
+        progress("embedding tiles", 1, 2)  # raises once the job is cancelled
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr("simsearch_wsi.server.predict_images", slow_predict)
+    image, model = predict_inputs
+    out = root / "predict" / "cancelled"
+    body = {"images": [str(image)], "model": str(model), "out": str(out)}
+    engine: threading.Lock = client.app.state.locks.engine  # type: ignore[attr-defined]
+    with engine:
+        job_id = client.post(f"{API}/jobs/predict", json=body).json()["job_id"]
+        assert started.wait(30)
+    r = client.delete(f"{API}/jobs/{job_id}")
+    assert r.status_code == 202 and r.json()["state"] == "running"
+    release.set()
+    job = _wait_job(client, job_id)
+    assert job["state"] == "cancelled" and job["error"] is None and job["result"] is None
+    assert not (out / "quantification.csv").exists()
+
+
+def test_predict_job_bad_requests(
+    client: TestClient, predict_inputs: tuple[Path, Path], root: Path, outside: Path
+) -> None:
+    """Every mistake is answered before anything is queued."""
+    image, model = predict_inputs
+    folder = root / "predict"
+    twin = folder / "twin"
+    twin.mkdir(exist_ok=True)
+    shutil.copy(image, twin / image.name)
+    not_a_folder = folder / "a file"
+    not_a_folder.write_text("x")
+    good = {"images": [str(image)], "model": str(model), "out": str(folder / "out bad")}
+    route = f"{API}/jobs/predict"
+
+    def post(**change: Any) -> httpx.Response:
+        r: httpx.Response = client.post(route, json={**good, **change})
+        return r
+
+    classes = "['ring', 'cluster', 'stripes', 'background']"
+    cases: list[tuple[httpx.Response, int, str | None, str]] = [
+        (
+            post(images=[str(outside / "secret.tiff")]),
+            403,
+            "forbidden_path",
+            f"image {outside / 'secret.tiff'} is outside the folders",
+        ),
+        (post(model=str(outside / "m.zip")), 403, "forbidden_path", f"model {outside}"),
+        (post(out=str(outside / "out")), 403, "forbidden_path", f"output folder {outside}"),
+        (
+            post(thresholds={"cluster": 0.5, "tumour": 0.5}),
+            400,
+            "ConfigError",
+            f"thresholds for unknown class(es) ['tumour']; the model's classes are {classes}",
+        ),
+        (
+            post(thresholds={"ring": 1.5}),
+            422,
+            "validation_error",
+            "thresholds: ring=1.5: give a probability in [0, 1]",
+        ),
+        (
+            post(model=str(folder / "missing.zip")),
+            404,
+            "BundleNotFoundError",
+            f"{folder / 'missing.zip'}: model bundle not found; check the path",
+        ),
+        (post(model=str(image)), 400, "BundleError", str(image)),
+        (
+            post(images=[str(folder / "missing.tiff")]),
+            404,
+            "ImageNotFoundError",
+            "missing.tiff: no such file",
+        ),
+        (post(out=str(not_a_folder)), 400, "ConfigError", "exists and is not a folder"),
+        (
+            post(images=[str(image), str(twin / image.name)]),
+            400,
+            "ConfigError",
+            "would both write small 0.*",
+        ),
+        (post(images=[]), 422, "validation_error", "images"),
+        (post(simplify_px=-1), 422, "validation_error", "simplify_px"),
+        (post(device="cuda"), 422, "validation_error", "device: extra inputs"),
+        (client.post(route, json={"images": [str(image)]}), 422, None, "model: field required"),
+    ]
+    for r, status, code, text in cases:
+        _error(r, status, code, text)
+    assert client.get(f"{API}/jobs").json()["jobs"] == []
+    assert not (folder / "out bad").exists()
 
 
 # --- security -----------------------------------------------------------------------------------

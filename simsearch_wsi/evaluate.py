@@ -1,0 +1,142 @@
+"""Scores of a model's outputs against ground truth (synthetic slides, simulated users).
+
+Detections are matched to true objects one-to-one by centre distance (the assignment that
+minimises the total distance, pairs farther than ``max_distance_l0`` do not count); segmentation
+is compared pixel by pixel with the true objects rasterised on the segmentation grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.optimize import linear_sum_assignment
+
+from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.infer import Detection
+from simsearch_wsi.synthetic import SyntheticObject
+
+__all__ = [
+    "DetectionScore",
+    "detection_scores",
+    "rasterize_objects",
+    "segmentation_iou",
+]
+
+
+@dataclass(frozen=True)
+class DetectionScore:
+    """Detection quality of one class: matched pairs, counts, precision, recall and F1."""
+
+    class_name: str
+    true_positives: int
+    n_predicted: int
+    n_true: int
+
+    @property
+    def precision(self) -> float:
+        return self.true_positives / self.n_predicted if self.n_predicted else 1.0
+
+    @property
+    def recall(self) -> float:
+        return self.true_positives / self.n_true if self.n_true else 1.0
+
+    @property
+    def f1(self) -> float:
+        total = self.n_predicted + self.n_true
+        return 2.0 * self.true_positives / total if total else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "class": self.class_name,
+            "true_positives": self.true_positives,
+            "n_predicted": self.n_predicted,
+            "n_true": self.n_true,
+            "precision": round(self.precision, 4),
+            "recall": round(self.recall, 4),
+            "f1": round(self.f1, 4),
+        }
+
+
+def _matched(pred: NDArray[np.float64], true: NDArray[np.float64], max_distance: float) -> int:
+    if len(pred) == 0 or len(true) == 0:
+        return 0
+    dist = np.linalg.norm(pred[:, None, :] - true[None, :, :], axis=2)
+    # pairs beyond the radius get a cost that no within-radius assignment can beat
+    cost = np.where(dist <= max_distance, dist, max_distance * (len(pred) + len(true) + 1))
+    rows, cols = linear_sum_assignment(cost)
+    return int((dist[rows, cols] <= max_distance).sum())
+
+
+def detection_scores(
+    detections: Sequence[Detection],
+    objects: Sequence[SyntheticObject],
+    *,
+    classes: Sequence[str],
+    max_distance_l0: float,
+) -> dict[str, DetectionScore]:
+    """Per-class precision, recall and F1 of ``detections`` against the true ``objects``.
+
+    A detection and an object of the same class match when their centres are at most
+    ``max_distance_l0`` level-0 pixels apart; each is matched at most once (optimal
+    assignment).
+    """
+    if not (max_distance_l0 > 0 and math.isfinite(max_distance_l0)):
+        raise ConfigError(f"max_distance_l0 must be a finite number > 0, got {max_distance_l0}")
+    out: dict[str, DetectionScore] = {}
+    for name in classes:
+        pred = np.array(
+            [d.box.center_l0 for d in detections if d.class_name == name], dtype=np.float64
+        ).reshape(-1, 2)
+        true = np.array(
+            [o.center_l0 for o in objects if o.class_name == name], dtype=np.float64
+        ).reshape(-1, 2)
+        tp = _matched(pred, true, max_distance_l0)
+        out[name] = DetectionScore(name, tp, len(pred), len(true))
+    return out
+
+
+def rasterize_objects(
+    objects: Sequence[SyntheticObject],
+    *,
+    classes: Sequence[str],
+    shape: tuple[int, int],
+    downsample: tuple[float, float],
+) -> NDArray[np.uint8]:
+    """A label mask (H, W) of the objects' boxes on a grid of ``downsample`` (x, y) level-0
+    pixels per mask pixel: 0 = none, ``k`` = ``classes[k - 1]``; a mask pixel belongs to a box
+    when its centre does. Objects of other classes are left out."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    ds_x, ds_y = downsample
+    for o in objects:
+        if o.class_name not in classes:
+            continue
+        k = list(classes).index(o.class_name) + 1
+        x0 = max(0, math.ceil(o.x_l0 / ds_x - 0.5))
+        y0 = max(0, math.ceil(o.y_l0 / ds_y - 0.5))
+        x1 = min(shape[1], math.ceil((o.x_l0 + o.width_l0) / ds_x - 0.5))
+        y1 = min(shape[0], math.ceil((o.y_l0 + o.height_l0) / ds_y - 0.5))
+        labels[y0:y1, x0:x1] = k
+    return labels
+
+
+def segmentation_iou(
+    labels: NDArray[np.integer[Any]],
+    truth: NDArray[np.integer[Any]],
+    *,
+    classes: Sequence[str],
+) -> dict[str, float]:
+    """Intersection over union per class of two label masks of the same shape (value ``k`` =
+    ``classes[k - 1]``); 1.0 for a class absent from both."""
+    if labels.shape != truth.shape:
+        raise ConfigError(f"label masks differ in shape: {labels.shape} vs {truth.shape}")
+    out: dict[str, float] = {}
+    for k, name in enumerate(classes, start=1):
+        a, b = labels == k, truth == k
+        union = int(np.count_nonzero(a | b))
+        out[name] = int(np.count_nonzero(a & b)) / union if union else 1.0
+    return out
