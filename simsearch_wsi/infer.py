@@ -42,11 +42,13 @@ from simsearch_wsi.features import (
 )
 from simsearch_wsi.geometry import BoxL0
 from simsearch_wsi.io.base import ImageSource
-from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS
 from simsearch_wsi.preprocess import fit_normalization
-from simsearch_wsi.qupath_geojson import class_color
+from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS, class_color
 from simsearch_wsi.similarity import PatchGeometry, local_maxima, pool
 from simsearch_wsi.tissue import TissueMask, detect_foreground
+
+#: output pixels of the segmentation computed at once (bounds its temporaries)
+_SEGMENT_BAND_PIXELS = 4_000_000
 
 
 class PatchModel:
@@ -302,35 +304,44 @@ def segment(
     # j = (x + 0.5) / sub - kw / 2, sampled with grid_sample (align_corners=True on indices).
     ys = (np.arange(out_h) + 0.5) / sub - kh / 2
     xs = (np.arange(out_w) + 0.5) / sub - kw / 2
-    gy = torch.from_numpy(2 * ys / max(hp - 1, 1) - 1).float()
+    gy_all = torch.from_numpy(2 * ys / max(hp - 1, 1) - 1).float()
     gx = torch.from_numpy(2 * xs / max(wp - 1, 1) - 1).float()
-    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]  # (1, H, W, 2)
     src = torch.from_numpy(p)
     nan = torch.isnan(src).any(dim=0, keepdim=True).float()
     filled = torch.nan_to_num(src, nan=0.0)
-    up = F.grid_sample(
-        filled[None], grid, mode="bilinear", padding_mode="border", align_corners=True
-    )[0]
-    up_nan = F.grid_sample(
-        nan[None], grid, mode="bilinear", padding_mode="border", align_corners=True
-    )[0, 0]
-    invalid = up_nan > 0.5
     keep = [c for c, name in enumerate(maps.classes) if name != BACKGROUND_CLASS]
     names = tuple(maps.classes[c] for c in keep)
-    best = up.argmax(dim=0)
-    best_p = up.max(dim=0).values
     thr = torch.tensor([thresholds.get(n, 0.5) for n in maps.classes])
     label_of = torch.zeros(k, dtype=torch.int64)
     for rank, c in enumerate(keep, start=1):
         label_of[c] = rank
-    labels = torch.where((best_p >= thr[best]) & ~invalid, label_of[best], torch.zeros_like(best))
     dtype = np.uint8 if len(names) < 255 else np.uint16
-    probs_out = up[keep].clone()
-    probs_out[:, invalid] = math.nan
+    labels = np.zeros((out_h, out_w), dtype=dtype)
+    probs_out = np.empty((len(keep), out_h, out_w), dtype=np.float32)
+    # in bands of rows, so temporaries stay at a few (K, band, W) arrays on large slides
+    band = max(1, _SEGMENT_BAND_PIXELS // max(out_w, 1))
+    for y0 in range(0, out_h, band):
+        gy = gy_all[y0 : y0 + band]
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]  # (1, h, W, 2)
+        up = F.grid_sample(
+            filled[None], grid, mode="bilinear", padding_mode="border", align_corners=True
+        )[0]
+        invalid = (
+            F.grid_sample(
+                nan[None], grid, mode="bilinear", padding_mode="border", align_corners=True
+            )[0, 0]
+            > 0.5
+        )
+        best_p, best = up.max(dim=0)
+        lab = torch.where((best_p >= thr[best]) & ~invalid, label_of[best], torch.zeros_like(best))
+        labels[y0 : y0 + len(gy)] = lab.numpy()
+        part = up[keep]
+        part[:, invalid] = math.nan
+        probs_out[:, y0 : y0 + len(gy)] = part.numpy()
     ds = s / sub
     return Segmentation(
-        labels=labels.numpy().astype(dtype),
-        probabilities=probs_out.numpy().astype(np.float32),
+        labels=labels,
+        probabilities=probs_out,
         classes=names,
         downsample=(ds * maps.scale.downsample_x, ds * maps.scale.downsample_y),
     )

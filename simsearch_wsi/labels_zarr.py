@@ -167,15 +167,15 @@ def _check_probabilities(
     if not (np.issubdtype(p.dtype, np.floating) or np.issubdtype(p.dtype, np.integer)):
         raise ConfigError(f"probabilities must be a float array in [0, 1], got dtype {p.dtype}")
     p32 = p.astype(np.float32, copy=False)
-    if not np.isfinite(p32).all():
+    lo, hi = float(p32.min()), float(p32.max())  # NaN propagates; no (K, H, W) temporaries
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ConfigError("probabilities contain NaN or infinity; pass values in [0, 1]")
-    lo, hi = float(p32.min()), float(p32.max())
     if lo < -_PROB_TOL or hi > 1.0 + _PROB_TOL:
         raise ConfigError(
             f"probabilities must lie in [0, 1], found {lo:.4g}..{hi:.4g}; apply softmax/sigmoid "
             "first"
         )
-    return np.clip(p32, 0.0, 1.0)
+    return np.clip(p32, 0.0, 1.0) if lo < 0.0 or hi > 1.0 else p32
 
 
 def _check_pixel_size(pixel_size_um: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -229,22 +229,30 @@ def _label_pyramid(labels: NDArray[Any], n_levels: int) -> list[NDArray[Any]]:
     ]
 
 
-def _mean_pyramid(prob: NDArray[np.float32], n_levels: int) -> list[NDArray[np.float32]]:
-    """(K, H, W) level 0 plus successive 2x2 means (floor size), in float32."""
-    levels = [prob]
+def _uint8_mean_pyramid(prob: NDArray[np.float32], n_levels: int) -> list[NDArray[np.uint8]]:
+    """(K, H, W) level 0 plus successive 2x2 means (floor size), each stored as
+    ``round(255 * p)``; the means are taken in float32 and only one float level is kept."""
+    out = [_to_uint8(prob)]
+    a = prob
     for _ in range(n_levels - 1):
-        a = levels[-1]
         h, w = a.shape[1] // 2, a.shape[2] // 2
         s = a[:, 0 : 2 * h : 2, 0 : 2 * w : 2] + a[:, 1 : 2 * h : 2, 0 : 2 * w : 2]
         s += a[:, 0 : 2 * h : 2, 1 : 2 * w : 2]
         s += a[:, 1 : 2 * h : 2, 1 : 2 * w : 2]
         s *= 0.25
-        levels.append(s)
-    return levels
+        out.append(_to_uint8(s))
+        a = s
+    return out
 
 
 def _to_uint8(prob: NDArray[np.float32]) -> NDArray[np.uint8]:
-    out: NDArray[np.uint8] = np.rint(prob * 255.0).astype(np.uint8)
+    """``round(255 * p)`` as uint8, one channel at a time (one float plane of temporaries)."""
+    out = np.empty(prob.shape, dtype=np.uint8)
+    plane = np.empty(prob.shape[1:], dtype=np.float32)
+    for c in range(prob.shape[0]):
+        np.multiply(prob[c], 255.0, out=plane)
+        np.rint(plane, out=plane)
+        out[c] = plane
     return out
 
 
@@ -504,7 +512,7 @@ def write_label_image(
 
     label_levels = _label_pyramid(mask, n)
     if prob is not None:
-        image_levels = [_to_uint8(p) for p in _mean_pyramid(prob, n)]
+        image_levels = _uint8_mean_pyramid(prob, n)
         channel_names: tuple[str, ...] = names
         channel_rgb = rgb
         method = "mean"

@@ -376,7 +376,7 @@ def predict_image(
             seg.labels,
             classes=seg.classes,
             colors=colors,  # type: ignore[arg-type]
-            probabilities=np.nan_to_num(seg.probabilities, nan=0.0),
+            probabilities=np.nan_to_num(seg.probabilities, nan=0.0, copy=False),
             pixel_size_um=px_um,
             name=LABEL_NAME,
             overwrite=True,

@@ -46,7 +46,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.geometry.polygon import orient
 from shapely.validation import explain_validity
 
-from simsearch_wsi.atomic import write_json_atomic
+from simsearch_wsi.atomic import write_text_atomic
 from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.geometry import BoxL0
 
@@ -698,9 +698,13 @@ def feature_collection(features: Iterable[dict[str, Any]]) -> dict[str, Any]:
 def write_feature_collection(path: str | os.PathLike[str], features: list[dict[str, Any]]) -> Path:
     """Write Features as a FeatureCollection, atomically; returns the path written.
 
+    Compact JSON (no indentation): half the size of indented JSON and written about 3x faster
+    (json's C encoder), which matters for 100,000 detections.
+
     Raises ``ValueError`` (from :mod:`json`) if a value is NaN or infinite.
     """
-    return write_json_atomic(path, feature_collection(features))
+    text = json.dumps(feature_collection(features), separators=(",", ":"), allow_nan=False)
+    return write_text_atomic(path, text + "\n")
 
 
 # --- validation --------------------------------------------------------------------------------
