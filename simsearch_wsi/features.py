@@ -379,16 +379,20 @@ def analysis_tiles(
     width_a, height_a = spec.scale.analysis_size(image)
     t = spec.tile_size
     ny, nx = -(-height_a // t), -(-width_a // t)
-    tiles = []
-    for iy in range(ny):
-        for ix in range(nx):
-            x_a, y_a = ix * t, iy * t
-            w, h = min(t, width_a - x_a), min(t, height_a - y_a)
-            if mask is not None:
-                box = spec.scale.box_to_l0(x_a, y_a, w, h)
-                if mask.fraction_in_box(box.x_l0, box.y_l0, box.width_l0, box.height_l0) <= 0:
-                    continue
-            tiles.append(GridTile(iy, ix, x_a, y_a, w, h))
+    tiles = [
+        GridTile(iy, ix, ix * t, iy * t, min(t, width_a - ix * t), min(t, height_a - iy * t))
+        for iy in range(ny)
+        for ix in range(nx)
+    ]
+    if mask is not None and tiles:  # one vectorised query for every tile
+        boxes = [spec.scale.box_to_l0(g.x_a, g.y_a, g.width_a, g.height_a) for g in tiles]
+        fractions = mask.fractions_in_boxes(
+            np.array([b.x_l0 for b in boxes]),
+            np.array([b.y_l0 for b in boxes]),
+            np.array([b.width_l0 for b in boxes]),
+            np.array([b.height_l0 for b in boxes]),
+        )
+        tiles = [g for g, f in zip(tiles, fractions, strict=True) if f > 0]
     return tiles, ny, nx
 
 

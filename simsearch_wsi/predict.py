@@ -44,7 +44,7 @@ from simsearch_wsi.infer import (
     segment,
 )
 from simsearch_wsi.io.base import ImageSource
-from simsearch_wsi.qupath_geojson import box_feature, write_feature_collection
+from simsearch_wsi.qupath_geojson import box_features, write_feature_collection
 from simsearch_wsi.tiling import read_overview
 from simsearch_wsi.tissue import TissueMask
 
@@ -198,16 +198,20 @@ def detection_features(
     detections: Sequence[Detection], colors: dict[str, tuple[int, int, int]]
 ) -> list[dict[str, Any]]:
     """QuPath detections (rectangles of the model's patch) with ``probability <class>``
-    measurements."""
-    return [
-        box_feature(
-            d.box,
-            class_name=d.class_name,
-            measurements={f"probability {c}": round(v, 5) for c, v in d.probabilities.items()},
-            color=colors.get(d.class_name),
-        )
-        for d in detections
-    ]
+    measurements (5 decimals)."""
+    boxes = np.array(
+        [(d.box.x_l0, d.box.y_l0, d.box.width_l0, d.box.height_l0) for d in detections],
+        dtype=np.float64,
+    ).reshape(-1, 4)
+    return box_features(
+        boxes,
+        class_names=[d.class_name for d in detections],
+        measurements=[
+            {f"probability {c}": round(v, 5) for c, v in d.probabilities.items()}
+            for d in detections
+        ],
+        colors=colors,
+    )
 
 
 def _display_rgb(image: ImageSource, max_pixels: int) -> tuple[NDArray[np.uint8], float, float]:
@@ -376,7 +380,7 @@ def predict_image(
             seg.labels,
             classes=seg.classes,
             colors=colors,  # type: ignore[arg-type]
-            probabilities=np.nan_to_num(seg.probabilities, nan=0.0, copy=False),
+            probabilities=np.fmax(seg.probabilities, 0.0, out=seg.probabilities),  # NaN -> 0
             pixel_size_um=px_um,
             name=LABEL_NAME,
             overwrite=True,

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import shapely
+from numpy.typing import NDArray
 from shapely.geometry import (
     GeometryCollection,
     LineString,
@@ -57,6 +58,7 @@ __all__ = [
     "RESERVED_CLASSES",
     "Annotation",
     "box_feature",
+    "box_features",
     "class_color",
     "feature_collection",
     "geometry_feature",
@@ -688,6 +690,74 @@ def box_feature(
         id=id,
         is_locked=is_locked,
     )
+
+
+def box_features(
+    boxes_l0: NDArray[np.floating[Any]],
+    *,
+    class_names: Sequence[str],
+    object_type: str = "detection",
+    measurements: Sequence[Mapping[str, float]] | None = None,
+    colors: Mapping[str, tuple[int, int, int]] | None = None,
+) -> list[dict[str, Any]]:
+    """Many box Features at once: what :func:`box_feature` writes for each box, with the
+    checks and the rounding done on all boxes together (about 3x faster for 100,000 boxes).
+
+    Parameters
+    ----------
+    boxes_l0
+        (N, 4) ``x, y, width, height`` in level-0 pixels.
+    class_names
+        N class names (each non-empty).
+    object_type, colors
+        As in :func:`geometry_feature`; ``colors`` maps class names to ``(r, g, b)``, classes
+        missing there get :func:`class_color`.
+    measurements
+        N mappings of name -> number (non-finite values left out), or None.
+    """
+    b = np.asarray(boxes_l0, dtype=np.float64).reshape(-1, 4)
+    n = len(b)
+    what = f"{n} box features"
+    if object_type not in OBJECT_TYPES:
+        raise ConfigError(
+            f"{what}: object type {object_type!r} is not one QuPath imports; use one of "
+            f"{', '.join(OBJECT_TYPES)}"
+        )
+    if len(class_names) != n or (measurements is not None and len(measurements) != n):
+        raise ConfigError(f"{what}: give one class name (and measurement set) per box")
+    if not np.isfinite(b).all():
+        raise ConfigError(f"{what}: boxes have non-finite coordinates")
+    x0, y0 = np.round(b[:, 0], 2), np.round(b[:, 1], 2)
+    x1, y1 = np.round(b[:, 0] + b[:, 2], 2), np.round(b[:, 1] + b[:, 3], 2)
+    if n and not ((x1 > x0).all() and (y1 > y0).all()):
+        raise ConfigError(f"{what}: a box has zero width or height after rounding to 0.01 px")
+    classification: dict[str, dict[str, Any]] = {}
+    for name in set(class_names):
+        if not (isinstance(name, str) and name):
+            raise ConfigError(f"{what}: class names must be non-empty strings, got {name!r}")
+        rgb = (colors or {}).get(name) or class_color(name)
+        classification[name] = {"name": name, "color": _check_color(rgb, f"class {name}")}
+    # counter-clockwise in x-right/y-up terms, as geometry_feature orients exteriors
+    coords = np.stack([x0, y0, x1, y0, x1, y1, x0, y1, x0, y0], axis=1).reshape(n, 5, 2)
+    out = []
+    for i, ring in enumerate(coords.tolist()):
+        props: dict[str, Any] = {
+            "objectType": object_type,
+            "classification": dict(classification[class_names[i]]),
+        }
+        if measurements is not None and measurements[i]:
+            finite = _finite_measurements(measurements[i], what)
+            if finite:
+                props["measurements"] = finite
+        out.append(
+            {
+                "type": "Feature",
+                "id": str(uuid.uuid4()),
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": props,
+            }
+        )
+    return out
 
 
 def feature_collection(features: Iterable[dict[str, Any]]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from shapely.geometry import LineString, MultiPoint, MultiPolygon, Point, Polygon
 from shapely.geometry.base import BaseGeometry
@@ -574,3 +575,25 @@ def test_class_color_is_stable_across_runs() -> None:
     assert class_color(REJECTED_CLASS) == (0, 0, 0)
     assert class_color("tumour_bud") != class_color("tumour_buds")
     assert all(40 <= v <= 215 for i in range(200) for v in class_color(f"c{i}"))
+
+
+def test_box_features_in_bulk_equal_box_feature_one_by_one() -> None:
+    """The vectorised writer gives what box_feature gives per box (apart from the random ids),
+    and the collection validates."""
+    from simsearch_wsi.geometry import BoxL0
+    from simsearch_wsi.qupath_geojson import box_features
+
+    rng = np.random.default_rng(0)
+    boxes = np.column_stack([rng.uniform(0, 900, (50, 2)), rng.uniform(0.5, 80, (50, 2))])
+    names = [("ring", "Tumor", "cluster")[i % 3] for i in range(50)]
+    meas = [{"probability ring": float(v), "bad": math.nan} for v in rng.uniform(0, 1, 50)]
+    colors = {"Tumor": (200, 0, 0)}
+    bulk = box_features(boxes, class_names=names, measurements=meas, colors=colors)
+    for b, name, m, f in zip(boxes, names, meas, bulk, strict=True):
+        one = box_feature(BoxL0(*b), class_name=name, measurements=m, color=colors.get(name))
+        assert f["geometry"] == one["geometry"] and f["properties"] == one["properties"]
+    validate_feature_collection(feature_collection(bulk))
+    with pytest.raises(ConfigError, match="zero width"):
+        box_features(np.array([[1.0, 1.0, 0.001, 5.0]]), class_names=["ring"])
+    with pytest.raises(ConfigError, match="one class name"):
+        box_features(boxes, class_names=names[:3])
