@@ -85,7 +85,11 @@ def test_detection_f1_and_segmentation_iou_on_a_held_out_slide(
         maps = dense_class_maps(image, PatchModel(bundle))
     detections = detect(maps, bundle.thresholds)
     seg = segment(maps, bundle.thresholds)
-    scores = detection_scores(detections, slide.objects, classes=MOTIFS, max_distance_l0=24.0)
+    # the paper's protocol: a hit is within 3 x its sliding stride (0.1 x patch width) of a centre
+    patch_l0 = slide.objects[0].width_l0
+    radius_l0 = 3 * 0.1 * bundle.patch_size_l0[0]
+    assert radius_l0 < patch_l0 / 2
+    scores = detection_scores(detections, slide.objects, classes=MOTIFS, max_distance_l0=radius_l0)
     f1 = {c: s.f1 for c, s in scores.items()}
     truth = rasterize_objects(
         slide.objects, classes=seg.classes, shape=seg.labels.shape, downsample=seg.downsample
