@@ -579,6 +579,118 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _set_torch_threads(n: int) -> None:
+    """Run on each Dask worker: the CLI's share of the cores for torch."""
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def _cmd_cohort(args: argparse.Namespace) -> int:
+    from simsearch_wsi.bundle import load_bundle
+    from simsearch_wsi.cohort import CohortEntry, cohort_targets, read_manifest, run_cohort
+    from simsearch_wsi.predict import PredictSettings
+
+    if (args.manifest is None) == (not args.images):
+        raise ConfigError("cohort needs either --manifest FILE.csv or IMAGE paths (not both)")
+    entries = (
+        read_manifest(args.manifest) if args.manifest else [CohortEntry(p) for p in args.images]
+    )
+    bundle = load_bundle(args.model)
+    thresholds = _parse_thresholds(args.threshold or [])
+    unknown = sorted(set(thresholds) - set(bundle.classes))
+    if unknown:
+        raise ConfigError(
+            f"--threshold for unknown class(es) {unknown}; the model's classes are "
+            f"{list(bundle.classes)}"
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")
+    targets = cohort_targets(entries)
+    device = str(_resolve_device(args.device))
+    settings = PredictSettings(thresholds=thresholds, write_back=args.write_back)
+    import importlib
+
+    try:
+        distributed: Any = importlib.import_module("distributed")  # untyped library
+    except ImportError:
+        raise ConfigError(
+            "cohort runs on Dask distributed, which is not installed; install it with "
+            "pip install 'simsearch_wsi[distributed]'"
+        ) from None
+    Client, LocalCluster = distributed.Client, distributed.LocalCluster
+    cores = os.cpu_count() or 1
+    if args.scheduler:
+        cluster = None
+        client = Client(args.scheduler)
+    else:
+        cluster = LocalCluster(
+            n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(cluster)
+        client.run(_set_torch_threads, max(1, cores // args.workers))
+    arguments = {k: v for k, v in vars(args).items() if k != "func"}
+    try:
+        with _cohort_progress() as progress:
+            result = run_cohort(
+                targets,
+                bundle,
+                out,
+                client=client,
+                settings=settings,
+                overwrite=args.overwrite,
+                device=device,
+                autocast=not args.no_autocast,
+                arguments=arguments,
+                progress=progress,
+            )
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    console = _console()
+    counts = {s: sum(i.status == s for i in result.images) for s in ("done", "reused", "failed")}
+    console.print(
+        f"{len(result.images)} images: {counts['done']} done, {counts['reused']} already "
+        f"finished, {counts['failed']} failed",
+        markup=False,
+    )
+    for image in result.failed:
+        console.print(f"  failed {image.path}: {image.error}", markup=False)
+    console.print(f"table {result.table}; run record {result.metadata}", markup=False)
+    return EXIT_ERROR if result.failed else EXIT_OK
+
+
+class _CohortBar:
+    """done / failed / remaining with ETA, for ``cohort``."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), transient=False
+        )
+        self._task: Any = None
+
+    def __call__(self, done: int, failed: int, total: int) -> None:
+        text = f"images: {done - failed} done, {failed} failed, {total - done} remaining"
+        if self._task is None:
+            self._task = self._progress.add_task(text, total=total)
+        self._progress.update(self._task, completed=done, description=text)
+
+    def __enter__(self) -> _CohortBar:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+
+def _cohort_progress() -> _CohortBar:
+    return _CohortBar()
+
+
 # --- serve --------------------------------------------------------------------------------------
 def _cmd_serve(args: argparse.Namespace) -> int:
     from simsearch_wsi.server import create_app, is_loopback, serve
@@ -1024,6 +1136,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_pred.add_argument("--json", action="store_true", help="print the results as JSON")
     p_pred.set_defaults(func=_cmd_predict)
+
+    p_coh = sub.add_parser(
+        "cohort",
+        help="run a model over many slides and plates on Dask (resumable, failures isolated)",
+        description="Run a model bundle over a cohort on Dask distributed: a local cluster of "
+        "worker processes (--workers) or any running scheduler (--scheduler). Each image gets "
+        "what predict writes; quantification.csv gathers every finished image with the "
+        "manifest's metadata, run_metadata.json records the run. A re-run skips finished "
+        "images; a failing image is reported and does not stop the others (exit code 1).",
+    )
+    p_coh.add_argument("images", nargs="*", metavar="IMAGE", help="images or plates")
+    p_coh.add_argument(
+        "--manifest", default=None, metavar="FILE.csv", help="CSV with a path column + metadata"
+    )
+    p_coh.add_argument("--model", required=True, metavar="MODEL.zip", help="a trained bundle")
+    p_coh.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p_coh.add_argument(
+        "--workers", type=_int_at_least(1), default=2, help="local worker processes (default: 2)"
+    )
+    p_coh.add_argument(
+        "--scheduler", default=None, metavar="ADDRESS", help="a running Dask scheduler instead"
+    )
+    p_coh.add_argument("--overwrite", action="store_true", help="redo finished images too")
+    p_coh.add_argument(
+        "--threshold", action="append", metavar="CLASS=P", help="confidence threshold, repeatable"
+    )
+    p_coh.add_argument("--write-back", action="store_true", help="labels into OME-Zarr inputs")
+    p_coh.add_argument("--device", default="cpu", help="device on the workers (default: cpu)")
+    p_coh.add_argument("--no-autocast", action="store_true", help="run the trunk in float32")
+    p_coh.set_defaults(func=_cmd_cohort)
 
     p_srv = sub.add_parser(
         "serve",

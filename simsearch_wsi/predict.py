@@ -431,7 +431,7 @@ def _reusable(path: Path, record: dict[str, Any]) -> PredictResult | None:
     return result
 
 
-def _refuse_overwriting_inputs(targets: Sequence[PredictTarget], out_dir: Path) -> None:
+def refuse_overwriting_inputs(targets: Sequence[PredictTarget], out_dir: Path) -> None:
     """Outputs must never replace or land inside an input (e.g. ``x.ome.zarr`` predicted into
     its own folder would be replaced by the output store of the same name)."""
     out = out_dir.resolve()
@@ -453,11 +453,12 @@ def _refuse_overwriting_inputs(targets: Sequence[PredictTarget], out_dir: Path) 
         raise ConfigError(f"{out / 'quantification.csv'} is an input; choose another --out folder")
 
 
-def _table_rows(
-    out_dir: Path, record: dict[str, Any], results: Sequence[PredictResult]
+def table_rows(
+    out_dir: Path, model: PatchModel, settings: PredictSettings, results: Sequence[PredictResult]
 ) -> list[dict[str, Any]]:
     """Rows of this run's images, then those of earlier runs into the same folder with the same
     model and settings (so image-by-image runs, e.g. from QuPath, build one cohort table)."""
+    record = _run_record(model, settings)
     rows = [r for res in results for r in res.rows]
     done = {res.stem for res in results}
     for path in sorted(out_dir.glob("*.predict.json")):
@@ -468,6 +469,41 @@ def _table_rows(
         if previous is not None and previous.stem == stem:
             rows.extend(previous.rows)
     return rows
+
+
+def predict_target(
+    target: PredictTarget,
+    model: PatchModel,
+    out_dir: Path,
+    *,
+    open_image: Callable[[str], ImageSource],
+    settings: PredictSettings,
+    resume: bool = True,
+    progress: ProgressFn | None = None,
+) -> PredictResult:
+    """One image of a run: its outputs and ``<stem>.predict.json`` (the completion record,
+    written last), or, with ``resume``, the result recorded there by an earlier run with the
+    same model and settings whose outputs are all present."""
+    record = _run_record(model, settings)
+    summary = out_dir / f"{target.stem}.predict.json"
+    previous = _reusable(summary, record) if resume else None
+    if previous is not None:
+        return previous
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open_image(target.path) as image:
+        result = predict_image(
+            image,
+            model,
+            out_dir,
+            stem=target.stem,
+            settings=settings,
+            extra_columns=target.extra,
+            progress=progress,
+        )
+    result.outputs["summary"] = str(summary)
+    kept = {k: v for k, v in result.to_dict().items() if k != "reused"}
+    write_json_atomic(summary, {"run": record, "result": kept})
+    return result
 
 
 def predict_images(
@@ -491,33 +527,24 @@ def predict_images(
     from simsearch_wsi.quantify import write_table
 
     settings = settings or PredictSettings()
-    _refuse_overwriting_inputs(targets, out_dir)
+    refuse_overwriting_inputs(targets, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = _run_record(model, settings)
     results: list[PredictResult] = []
     for n, target in enumerate(targets):
         if progress is not None:
             progress("images", n, len(targets))
-        summary = out_dir / f"{target.stem}.predict.json"
-        previous = _reusable(summary, record) if resume else None
-        if previous is not None:
-            results.append(previous)
-            continue
-        with open_image(target.path) as image:
-            result = predict_image(
-                image,
+        results.append(
+            predict_target(
+                target,
                 model,
                 out_dir,
-                stem=target.stem,
+                open_image=open_image,
                 settings=settings,
-                extra_columns=target.extra,
+                resume=resume,
                 progress=progress,
             )
-        result.outputs["summary"] = str(summary)
-        kept = {k: v for k, v in result.to_dict().items() if k != "reused"}
-        write_json_atomic(summary, {"run": record, "result": kept})
-        results.append(result)
+        )
     if progress is not None:
         progress("images", len(targets), len(targets))
-    write_table(out_dir / "quantification.csv", _table_rows(out_dir, record, results))
+    write_table(out_dir / "quantification.csv", table_rows(out_dir, model, settings, results))
     return results

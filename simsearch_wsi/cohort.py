@@ -1,0 +1,297 @@
+"""A model over a cohort of slides and plates on Dask distributed: resumable, failure-isolated.
+
+One task per image (per field for plates) runs :func:`simsearch_wsi.predict.predict_target`
+on a Dask worker, writing the image's outputs at fixed paths in the output folder and its
+``<stem>.predict.json`` completion record last. The model bundle is scattered to every worker
+once (``broadcast``) and each worker process builds its :class:`PatchModel` once per model. A
+failing image is recorded with its error and does not stop the others. A re-run skips every
+image whose completion record matches the model and settings, and redoes the rest.
+
+The caller owns the Dask client (a ``LocalCluster`` of worker processes, or any scheduler
+address), the device and the progress display; this module never creates one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from simsearch_wsi.atomic import write_json_atomic
+from simsearch_wsi.bundle import ModelBundle
+from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.infer import PatchModel
+from simsearch_wsi.predict import (
+    PredictSettings,
+    PredictTarget,
+    expand_inputs,
+    predict_target,
+    refuse_overwriting_inputs,
+    table_rows,
+)
+
+__all__ = [
+    "CohortEntry",
+    "CohortImage",
+    "CohortResult",
+    "cohort_targets",
+    "read_manifest",
+    "run_cohort",
+]
+
+#: progress callback of a cohort run: (done, failed, total)
+CohortProgress = Callable[[int, int, int], None]
+
+
+@dataclass(frozen=True)
+class CohortEntry:
+    """One manifest row: an image (or plate) path and its metadata columns."""
+
+    path: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CohortImage:
+    """What happened to one image: ``done``, ``reused`` (finished by an earlier run) or
+    ``failed`` (with ``error``, one line)."""
+
+    path: str
+    stem: str
+    status: str
+    error: str | None = None
+    seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)
+    n_detections: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CohortResult:
+    images: list[CohortImage]
+    table: Path
+    metadata: Path
+
+    @property
+    def failed(self) -> list[CohortImage]:
+        return [i for i in self.images if i.status == "failed"]
+
+
+def read_manifest(path: str | Path) -> list[CohortEntry]:
+    """Rows of a CSV manifest: a ``path`` column (relative paths are taken from the manifest's
+    folder) and any metadata columns (patient, stain, plate, dose, ...), kept as text."""
+    where = Path(path)
+    if not where.is_file():
+        raise ConfigError(f"{where}: manifest not found; give a CSV file with a 'path' column")
+    with where.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        if "path" not in columns:
+            raise ConfigError(
+                f"{where}: the manifest has no 'path' column (columns: {columns}); add one "
+                "with the image paths"
+            )
+        entries = []
+        for n, row in enumerate(reader, start=2):
+            text = (row.get("path") or "").strip()
+            if not text:
+                raise ConfigError(f"{where}, line {n}: empty path; fill it in or drop the row")
+            p = Path(text)
+            p = p if p.is_absolute() else where.parent / p
+            meta = {k: (v or "") for k, v in row.items() if k != "path" and k is not None}
+            entries.append(CohortEntry(str(p), meta))
+    if not entries:
+        raise ConfigError(f"{where}: the manifest lists no images")
+    return entries
+
+
+def cohort_targets(entries: Sequence[CohortEntry]) -> list[PredictTarget]:
+    """The images of a cohort (plates expanded to fields), each with its manifest metadata
+    before its plate columns. Missing paths are kept (they fail as images, not the run);
+    clashing output stems raise :class:`ConfigError`."""
+    targets: list[PredictTarget] = []
+    for entry in entries:
+        if not Path(entry.path).exists():
+            stem = Path(entry.path).name
+            targets.append(PredictTarget(entry.path, stem, dict(entry.metadata)))
+            continue
+        for t in expand_inputs([entry.path]):
+            clash = sorted(set(entry.metadata) & set(t.extra))
+            if clash:
+                raise ConfigError(
+                    f"manifest columns {clash} clash with the plate columns of {entry.path}; "
+                    "rename them"
+                )
+            targets.append(dataclasses.replace(t, extra={**entry.metadata, **t.extra}))
+    seen: dict[str, str] = {}
+    for t in targets:
+        if t.stem in seen:
+            raise ConfigError(
+                f"{t.path} and {seen[t.stem]} would both write {t.stem}.*; rename one or run "
+                "them into separate --out folders"
+            )
+        seen[t.stem] = t.path
+    return targets
+
+
+# one PatchModel per worker process and model (the bundle arrives once per worker by broadcast)
+_WORKER_MODELS: dict[str, PatchModel] = {}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _run_one(
+    bundle: ModelBundle,
+    target: PredictTarget,
+    out_dir: str,
+    settings: PredictSettings,
+    resume: bool,
+    device: str,
+    autocast: bool,
+) -> dict[str, Any]:
+    """A worker task: one image's outputs, or its error (never raises)."""
+    from simsearch_wsi.io import open_image
+
+    t0 = time.perf_counter()
+    try:
+        key = f"{id(bundle)}:{device}:{autocast}"
+        model = _WORKER_MODELS.get(key)
+        if model is None:
+            model = PatchModel(bundle, device=device, autocast=autocast)
+            _WORKER_MODELS.clear()  # one model at a time per worker
+            _WORKER_MODELS[key] = model
+        result = predict_target(
+            target,
+            model,
+            Path(out_dir),
+            open_image=open_image,
+            settings=settings,
+            resume=resume,
+        )
+    except Exception as exc:  # isolated: recorded, the other images go on
+        return CohortImage(
+            target.path,
+            target.stem,
+            "failed",
+            error=_first_line(exc),
+            seconds=time.perf_counter() - t0,
+        ).to_dict()
+    return CohortImage(
+        target.path,
+        target.stem,
+        "reused" if result.reused else "done",
+        seconds=time.perf_counter() - t0,
+        outputs=dict(result.outputs),
+        n_detections=dict(result.n_detections),
+    ).to_dict()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("simsearch_wsi", "torch", "torchvision", "numpy", "dask", "distributed"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def run_cohort(
+    targets: Sequence[PredictTarget],
+    bundle: ModelBundle,
+    out_dir: Path,
+    *,
+    client: Any,
+    settings: PredictSettings | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    autocast: bool = True,
+    arguments: dict[str, Any] | None = None,
+    progress: CohortProgress | None = None,
+) -> CohortResult:
+    """Run ``bundle`` over ``targets`` on the Dask ``client``'s workers.
+
+    Writes per image what ``predict`` writes, then ``quantification.csv`` (the rows of every
+    image finished in ``out_dir`` with this model and settings, with its manifest metadata)
+    and ``run_metadata.json`` (versions, arguments, model digest, start and end times,
+    per-image status and error). ``overwrite`` redoes images
+    finished before. Raises :class:`ConfigError` before any work when an output would replace
+    an input.
+    """
+    from distributed import as_completed
+
+    from simsearch_wsi.quantify import write_table
+
+    settings = settings or PredictSettings()
+    refuse_overwriting_inputs(targets, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    parent_model = PatchModel(bundle, device="cpu", autocast=False)  # for its digest only
+    shipped = client.scatter(bundle, broadcast=True)
+    futures = {
+        client.submit(
+            _run_one,
+            shipped,
+            t,
+            str(out_dir),
+            settings,
+            not overwrite,
+            device,
+            autocast,
+            pure=False,
+        ): n
+        for n, t in enumerate(targets)
+    }
+    images: list[CohortImage | None] = [None] * len(targets)
+    failed = 0
+    if progress is not None:
+        progress(0, 0, len(targets))
+    for done, future in enumerate(as_completed(futures), start=1):  # type: ignore[no-untyped-call]
+        n = futures[future]
+        try:
+            record = future.result()
+            image = CohortImage(**record)
+        except Exception as exc:  # the worker itself died: the task is lost, not the run
+            t = targets[n]
+            image = CohortImage(t.path, t.stem, "failed", error=_first_line(exc))
+        images[n] = image
+        failed += image.status == "failed"
+        if progress is not None:
+            progress(done, failed, len(targets))
+    finished = [i for i in images if i is not None]
+    # every image finished in this folder with this model and settings (this run's included)
+    table = write_table(
+        out_dir / "quantification.csv", table_rows(out_dir, parent_model, settings, [])
+    )
+    metadata = write_json_atomic(
+        out_dir / "run_metadata.json",
+        {
+            "started": started,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "versions": _versions(),
+            "arguments": arguments or {},
+            "model": {"digest": parent_model.identity, "source": str(bundle.source)},
+            "settings": settings.to_dict(),
+            "images": [i.to_dict() for i in finished],
+            "summary": {
+                "total": len(finished),
+                "done": sum(i.status == "done" for i in finished),
+                "reused": sum(i.status == "reused" for i in finished),
+                "failed": sum(i.status == "failed" for i in finished),
+            },
+        },
+    )
+    return CohortResult(finished, table, metadata)
