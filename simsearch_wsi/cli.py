@@ -506,19 +506,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from simsearch_wsi.bundle import load_bundle
     from simsearch_wsi.infer import PatchModel
     from simsearch_wsi.io import open_image
-    from simsearch_wsi.predict import PredictSettings, expand_inputs, predict_images
+    from simsearch_wsi.predict import (
+        PredictSettings,
+        check_thresholds,
+        expand_inputs,
+        predict_images,
+    )
 
     bundle = load_bundle(args.model)
     thresholds = _parse_thresholds(args.threshold or [])
-    unknown = sorted(set(thresholds) - set(bundle.classes))
-    if unknown:
-        raise ConfigError(
-            f"--threshold for unknown class(es) {unknown}; the model's classes are "
-            f"{list(bundle.classes)}"
-        )
-    for name, value in thresholds.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--threshold {name}={value}: give a probability in [0, 1]")
+    check_thresholds(thresholds, bundle.classes)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")
@@ -589,7 +586,7 @@ def _set_torch_threads(n: int) -> None:
 def _cmd_cohort(args: argparse.Namespace) -> int:
     from simsearch_wsi.bundle import load_bundle
     from simsearch_wsi.cohort import CohortEntry, cohort_targets, read_manifest, run_cohort
-    from simsearch_wsi.predict import PredictSettings
+    from simsearch_wsi.predict import PredictSettings, check_thresholds
 
     if (args.manifest is None) == (not args.images):
         raise ConfigError("cohort needs either --manifest FILE.csv or IMAGE paths (not both)")
@@ -598,12 +595,7 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     )
     bundle = load_bundle(args.model)
     thresholds = _parse_thresholds(args.threshold or [])
-    unknown = sorted(set(thresholds) - set(bundle.classes))
-    if unknown:
-        raise ConfigError(
-            f"--threshold for unknown class(es) {unknown}; the model's classes are "
-            f"{list(bundle.classes)}"
-        )
+    check_thresholds(thresholds, bundle.classes)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")
@@ -632,7 +624,7 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
         client.run(_set_torch_threads, max(1, cores // args.workers))
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
     try:
-        with _cohort_progress() as progress:
+        with _CohortBar() as progress:
             result = run_cohort(
                 targets,
                 bundle,
@@ -685,10 +677,6 @@ class _CohortBar:
 
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
-
-
-def _cohort_progress() -> _CohortBar:
-    return _CohortBar()
 
 
 # --- serve --------------------------------------------------------------------------------------

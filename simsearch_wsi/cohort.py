@@ -26,11 +26,13 @@ from typing import Any
 from simsearch_wsi.atomic import write_json_atomic
 from simsearch_wsi.bundle import ModelBundle
 from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.infer import PatchModel
+from simsearch_wsi.infer import PatchModel, bundle_digest
 from simsearch_wsi.predict import (
     PredictSettings,
     PredictTarget,
+    check_unique_stems,
     expand_inputs,
+    image_stem,
     predict_target,
     refuse_overwriting_inputs,
     table_rows,
@@ -120,8 +122,7 @@ def cohort_targets(entries: Sequence[CohortEntry]) -> list[PredictTarget]:
     targets: list[PredictTarget] = []
     for entry in entries:
         if not Path(entry.path).exists():
-            stem = Path(entry.path).name
-            targets.append(PredictTarget(entry.path, stem, dict(entry.metadata)))
+            targets.append(PredictTarget(entry.path, image_stem(entry.path), dict(entry.metadata)))
             continue
         for t in expand_inputs([entry.path]):
             clash = sorted(set(entry.metadata) & set(t.extra))
@@ -131,14 +132,7 @@ def cohort_targets(entries: Sequence[CohortEntry]) -> list[PredictTarget]:
                     "rename them"
                 )
             targets.append(dataclasses.replace(t, extra={**entry.metadata, **t.extra}))
-    seen: dict[str, str] = {}
-    for t in targets:
-        if t.stem in seen:
-            raise ConfigError(
-                f"{t.path} and {seen[t.stem]} would both write {t.stem}.*; rename one or run "
-                "them into separate --out folders"
-            )
-        seen[t.stem] = t.path
+    check_unique_stems(targets)
     return targets
 
 
@@ -239,7 +233,7 @@ def run_cohort(
     refuse_overwriting_inputs(targets, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    parent_model = PatchModel(bundle, device="cpu", autocast=False)  # for its digest only
+    digest = bundle_digest(bundle)
     shipped = client.scatter(bundle, broadcast=True)
     futures = {
         client.submit(
@@ -273,9 +267,7 @@ def run_cohort(
             progress(done, failed, len(targets))
     finished = [i for i in images if i is not None]
     # every image finished in this folder with this model and settings (this run's included)
-    table = write_table(
-        out_dir / "quantification.csv", table_rows(out_dir, parent_model, settings, [])
-    )
+    table = write_table(out_dir / "quantification.csv", table_rows(out_dir, digest, settings, []))
     metadata = write_json_atomic(
         out_dir / "run_metadata.json",
         {
@@ -283,7 +275,7 @@ def run_cohort(
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "versions": _versions(),
             "arguments": arguments or {},
-            "model": {"digest": parent_model.identity, "source": str(bundle.source)},
+            "model": {"digest": digest, "source": str(bundle.source)},
             "settings": settings.to_dict(),
             "images": [i.to_dict() for i in finished],
             "summary": {

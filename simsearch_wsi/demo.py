@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 from simsearch_wsi.atomic import atomic_path, write_json_atomic
 from simsearch_wsi.io import ImageSource, open_image, open_plate
@@ -38,7 +37,7 @@ from simsearch_wsi.synthetic import (
     make_synthetic_slide,
     write_pyramidal_tiff,
 )
-from simsearch_wsi.tiling import foreground_tiles, read_overview
+from simsearch_wsi.tiling import display_rgb8, foreground_tiles, read_overview
 from simsearch_wsi.tissue import TissueMask, detect_foreground
 
 ProgressFn = Callable[[str, int, int], None]
@@ -71,7 +70,7 @@ def _overview_png(image: ImageSource, mask: TissueMask, n_tiles: int, path: Path
     from skimage.segmentation import find_boundaries
 
     arr, ds_x, ds_y = read_overview(image, max_pixels=768 * 768, reduce="mean")
-    rgb = _to_rgb8(np.asarray(arr))
+    rgb = display_rgb8(arr, brightfield=image.is_brightfield)
     edge = find_boundaries(mask.to_level(rgb.shape[1], rgb.shape[0]), mode="inner")
     rgb[edge] = (0, 200, 0)
     pil = Image.fromarray(rgb)
@@ -85,21 +84,6 @@ def _overview_png(image: ImageSource, mask: TissueMask, n_tiles: int, path: Path
     with atomic_path(path) as tmp:
         pil.save(tmp, format="PNG")
     return path
-
-
-def _to_rgb8(arr: NDArray[Any]) -> NDArray[np.uint8]:
-    """(h, w, C) overview -> (h, w, 3) uint8 for display (fluorescence: first 3 channels,
-    each stretched between its 1st and 99.5th percentile)."""
-    a = arr.astype(np.float32)
-    if (a.shape[2] == 3 and arr.dtype == np.uint8) or (a.max() <= 255 and a.shape[2] == 3):
-        return np.clip(a, 0, 255).astype(np.uint8)
-    out = np.zeros((*a.shape[:2], 3), np.float32)
-    for c in range(min(3, a.shape[2])):
-        lo, hi = np.percentile(a[..., c], [1.0, 99.5])
-        out[..., (2 - c) if a.shape[2] > 1 else 0] = (a[..., c] - lo) / max(hi - lo, 1e-6)
-    if a.shape[2] == 1:
-        out[..., 1] = out[..., 2] = out[..., 0]
-    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
 def _process_image(image: ImageSource, name: str, out_dir: Path, result: DemoResult) -> None:

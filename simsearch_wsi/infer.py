@@ -51,6 +51,17 @@ from simsearch_wsi.tissue import TissueMask, detect_foreground
 _SEGMENT_BAND_PIXELS = 4_000_000
 
 
+def bundle_digest(bundle: ModelBundle) -> str:
+    """A short sha256 digest of a bundle's trunk and head weights (what identifies a model's
+    outputs, e.g. for resuming a run)."""
+    h = hashlib.sha256(bundle.head_weight.numpy().tobytes())
+    h.update(bundle.head_bias.numpy().tobytes())
+    for name, tensor in sorted(bundle.trunk_state.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class PatchModel:
     """A loaded bundle on a device: the trunk as a :class:`FeatureExtractor`, and the head."""
 
@@ -58,13 +69,8 @@ class PatchModel:
         self, bundle: ModelBundle, *, device: torch.device | str = "cpu", autocast: bool = True
     ) -> None:
         trunk, spec = bundle.build_trunk()
-        h = hashlib.sha256(bundle.head_weight.numpy().tobytes())
-        h.update(bundle.head_bias.numpy().tobytes())
-        for name, tensor in sorted(bundle.trunk_state.items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         #: a digest of the trunk and head weights (a rerun with the same model can be skipped)
-        self.identity = h.hexdigest()[:16]
+        self.identity = bundle_digest(bundle)
         info = WeightsInfo("bundle", f"bundle:{self.identity}", "trained model bundle")
         self.bundle = bundle
         self.extractor = FeatureExtractor(trunk, spec, info, device=device, autocast=autocast)

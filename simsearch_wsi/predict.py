@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from simsearch_wsi.infer import (
 )
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.qupath_geojson import box_features, write_feature_collection
-from simsearch_wsi.tiling import read_overview
+from simsearch_wsi.tiling import display_rgb8, read_overview
 from simsearch_wsi.tissue import TissueMask
 
 __all__ = [
@@ -154,6 +154,12 @@ def expand_inputs(paths: Sequence[str]) -> list[PredictTarget]:
                 )
         else:
             targets.append(PredictTarget(str(p), image_stem(p)))
+    check_unique_stems(targets)
+    return targets
+
+
+def check_unique_stems(targets: Sequence[PredictTarget]) -> None:
+    """Raise :class:`ConfigError` when two images would write the same output files."""
     seen: dict[str, str] = {}
     for t in targets:
         if t.stem in seen:
@@ -162,7 +168,21 @@ def expand_inputs(paths: Sequence[str]) -> list[PredictTarget]:
                 "separate --out folders or rename one"
             )
         seen[t.stem] = t.path
-    return targets
+
+
+def check_thresholds(
+    thresholds: Mapping[str, float], classes: Sequence[str], *, option: str = "--threshold"
+) -> None:
+    """Raise :class:`ConfigError` for a threshold of a class the model does not have, or one
+    outside [0, 1]; ``option`` names where the user gave them."""
+    unknown = sorted(set(thresholds) - set(classes))
+    if unknown:
+        raise ConfigError(
+            f"{option} for unknown class(es) {unknown}; the model's classes are {list(classes)}"
+        )
+    for name, value in thresholds.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{option} {name}={value}: give a probability in [0, 1]")
 
 
 def segmentation_subdivision(maps: ClassMaps, max_pixels: int = MAX_SEGMENTATION_PIXELS) -> int:
@@ -214,17 +234,6 @@ def detection_features(
     )
 
 
-def _display_rgb(image: ImageSource, max_pixels: int) -> tuple[NDArray[np.uint8], float, float]:
-    """An 8-bit RGB thumbnail: brightfield as is, fluorescence as the stretched channel mean."""
-    thumb, ds_x, ds_y = read_overview(image, max_pixels=max_pixels)
-    if image.is_brightfield and thumb.shape[2] >= 3:
-        return np.clip(thumb[..., :3], 0, 255).astype(np.uint8), ds_x, ds_y
-    grey = thumb.astype(np.float32).mean(axis=2)
-    lo, hi = np.percentile(grey, (1.0, 99.5))
-    grey8 = np.clip((grey - lo) / max(float(hi - lo), 1e-6) * 255.0, 0, 255).astype(np.uint8)
-    return np.repeat(grey8[..., None], 3, axis=2), ds_x, ds_y
-
-
 def write_overlay(
     path: Path,
     image: ImageSource,
@@ -238,7 +247,8 @@ def write_overlay(
     and a 3 x 3 dot of the class colour at each detection centre."""
     from PIL import Image
 
-    rgb, ds_x, ds_y = _display_rgb(image, max_pixels)
+    thumb, ds_x, ds_y = read_overview(image, max_pixels=max_pixels)
+    rgb = display_rgb8(thumb, brightfield=image.is_brightfield)
     lab = sample_on_grid(seg.labels, seg.downsample, rgb.shape[:2], (ds_x, ds_y))
     palette = np.zeros((len(seg.classes) + 1, 3), dtype=np.float32)
     for k, name in enumerate(seg.classes, start=1):
@@ -408,9 +418,9 @@ def predict_image(
     return result
 
 
-def _run_record(model: PatchModel, settings: PredictSettings) -> dict[str, Any]:
+def _run_record(model_digest: str, settings: PredictSettings) -> dict[str, Any]:
     """What decides an image's outputs: the model and the settings (for resuming)."""
-    return {"model": model.identity, "settings": settings.to_dict()}
+    return {"model": model_digest, "settings": settings.to_dict()}
 
 
 def _reusable(path: Path, record: dict[str, Any]) -> PredictResult | None:
@@ -454,11 +464,12 @@ def refuse_overwriting_inputs(targets: Sequence[PredictTarget], out_dir: Path) -
 
 
 def table_rows(
-    out_dir: Path, model: PatchModel, settings: PredictSettings, results: Sequence[PredictResult]
+    out_dir: Path, model_digest: str, settings: PredictSettings, results: Sequence[PredictResult]
 ) -> list[dict[str, Any]]:
     """Rows of this run's images, then those of earlier runs into the same folder with the same
-    model and settings (so image-by-image runs, e.g. from QuPath, build one cohort table)."""
-    record = _run_record(model, settings)
+    model (:func:`~simsearch_wsi.infer.bundle_digest`) and settings (so image-by-image runs,
+    e.g. from QuPath, build one cohort table)."""
+    record = _run_record(model_digest, settings)
     rows = [r for res in results for r in res.rows]
     done = {res.stem for res in results}
     for path in sorted(out_dir.glob("*.predict.json")):
@@ -484,7 +495,7 @@ def predict_target(
     """One image of a run: its outputs and ``<stem>.predict.json`` (the completion record,
     written last), or, with ``resume``, the result recorded there by an earlier run with the
     same model and settings whose outputs are all present."""
-    record = _run_record(model, settings)
+    record = _run_record(model.identity, settings)
     summary = out_dir / f"{target.stem}.predict.json"
     previous = _reusable(summary, record) if resume else None
     if previous is not None:
@@ -546,5 +557,7 @@ def predict_images(
         )
     if progress is not None:
         progress("images", len(targets), len(targets))
-    write_table(out_dir / "quantification.csv", table_rows(out_dir, model, settings, results))
+    write_table(
+        out_dir / "quantification.csv", table_rows(out_dir, model.identity, settings, results)
+    )
     return results

@@ -81,7 +81,13 @@ from simsearch_wsi.infer import PatchModel
 from simsearch_wsi.io import open_image
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.io.uri import local_path
-from simsearch_wsi.predict import PredictResult, PredictSettings, expand_inputs, predict_images
+from simsearch_wsi.predict import (
+    PredictResult,
+    PredictSettings,
+    check_thresholds,
+    expand_inputs,
+    predict_images,
+)
 from simsearch_wsi.qupath_geojson import feature_collection, read_features
 from simsearch_wsi.search import SimSearch
 from simsearch_wsi.session import Session, background_with_session, suggest_with_session
@@ -1131,21 +1137,13 @@ def create_app(
         images = [paths.resolve(text, what="image") for text in body.images]
         model_path = paths.resolve(body.model, what="model")
         out = paths.resolve(body.out, what="output folder")
-        for p in images:  # answer a typo now rather than in a failed job
-            if not p.exists():
-                raise _ApiError(
-                    404, "ImageNotFoundError", f"{p}: no such file or directory; check the path"
-                )
+        # a missing image (404), a clash of output names, a missing or broken bundle and
+        # unknown classes are answered now rather than in a failed job
+        targets = expand_inputs([str(p) for p in images])
         if out.exists() and not out.is_dir():
             raise ConfigError(f"out {out}: exists and is not a folder; give an output folder")
-        bundle = load_bundle(model_path)  # a missing or broken bundle is answered now
-        unknown = sorted(set(body.thresholds) - set(bundle.classes))
-        if unknown:
-            raise ConfigError(
-                f"thresholds for unknown class(es) {unknown}; the model's classes are "
-                f"{list(bundle.classes)}"
-            )
-        targets = expand_inputs([str(p) for p in images])
+        bundle = load_bundle(model_path)
+        check_thresholds(body.thresholds, bundle.classes, option="thresholds")
         settings = PredictSettings(
             thresholds=dict(body.thresholds),
             simplify_px=body.simplify_px,

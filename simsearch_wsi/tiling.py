@@ -348,6 +348,25 @@ def read_overview(
     return out, float(lv.downsample_x * f), float(lv.downsample_y * f)
 
 
+def display_rgb8(overview: NDArray[Any], *, brightfield: bool) -> NDArray[np.uint8]:
+    """(h, w, C) overview (:func:`read_overview`) -> (h, w, 3) uint8 for display.
+
+    Brightfield RGB is shown as it is (clipped to 0..255). Anything else is a false-colour
+    composite of its first 3 channels (channel 0 blue, 1 green, 2 red), each stretched between
+    its 1st and 99.5th percentile; one channel is shown as grey.
+    """
+    a = np.asarray(overview, dtype=np.float32)
+    if brightfield and a.shape[2] == 3:
+        return np.clip(a, 0, 255).astype(np.uint8)
+    out = np.zeros((*a.shape[:2], 3), np.float32)
+    for c in range(min(3, a.shape[2])):
+        lo, hi = np.percentile(a[..., c], [1.0, 99.5])
+        out[..., (2 - c) if a.shape[2] > 1 else 0] = (a[..., c] - lo) / max(hi - lo, 1e-6)
+    if a.shape[2] == 1:
+        out[..., 1] = out[..., 2] = out[..., 0]
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
 def _block_mean(band_hwc: NDArray[Any], f: int) -> NDArray[np.float32]:
     """Mean of f x f blocks of an (H, W, C) band; partial edge blocks average what they have."""
     h, w = band_hwc.shape[:2]
