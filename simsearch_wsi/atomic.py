@@ -5,6 +5,7 @@ A crash or an error never leaves a half-written file (or Zarr folder) under the 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -39,6 +40,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def remove_leftovers(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove what a killed :func:`atomic_path` writer of ``path`` left beside it (its
+    temporary, or the previous folder it was replacing); ``path`` itself is not touched.
+
+    Call it only while no other process writes ``path``. Returns what was removed.
+    """
+    final = Path(path)
+    pattern = f".{glob.escape(final.name)}.{'[0-9a-f]' * 8}"
+    removed = []
+    for kind in (".tmp", ".old"):
+        for p in final.parent.glob(pattern + kind):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

@@ -583,6 +583,88 @@ def _set_torch_threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
+def _cohort_device(name: str, *, local: bool) -> tuple[str, list[int]]:
+    """The device the workers use and, for a local CUDA cluster, the GPUs (one worker each).
+
+    With ``--scheduler`` the workers may have GPUs the driver lacks, so only the name is
+    checked here; the tasks then ask for the ``GPU`` resource.
+    """
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: cohort runs on cpu or cuda[:N]")
+    if device.type == "cpu" or not local:
+        return str(device), []
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    gpus = [device.index] if device.index is not None else list(range(torch.cuda.device_count()))
+    return "cuda", gpus  # each worker sees only its GPU, as cuda:0
+
+
+def gpu_worker_specs(gpus: Sequence[int], *, threads: int) -> dict[str, dict[str, Any]]:
+    """Dask ``SpecCluster`` workers for a local GPU cluster: one nanny-managed process per GPU,
+    which sees only that GPU (``CUDA_VISIBLE_DEVICES``) and declares the ``GPU`` resource."""
+    from distributed import Nanny
+
+    return {
+        f"gpu{g}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 1,
+                "resources": {"GPU": 1},
+                "env": {"CUDA_VISIBLE_DEVICES": str(g), "OMP_NUM_THREADS": str(threads)},
+                "dashboard_address": None,
+            },
+        }
+        for g in gpus
+    }
+
+
+def _start_cluster(args: argparse.Namespace, gpus: Sequence[int]) -> tuple[Any, Any]:
+    """(client, cluster to close or None) for ``--scheduler`` or a local cluster."""
+    import importlib
+
+    try:
+        distributed: Any = importlib.import_module("distributed")  # untyped library
+    except ImportError:
+        raise ConfigError(
+            "cohort runs on Dask distributed, which is not installed; install it with "
+            "pip install 'simsearch_wsi[distributed]'"
+        ) from None
+    if args.scheduler:
+        try:
+            return distributed.Client(args.scheduler, timeout="30s"), None
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(
+                f"--scheduler {args.scheduler}: cannot connect ({exc}); start the scheduler "
+                "first ('dask scheduler') and give its tcp://HOST:PORT address"
+            ) from None
+    cores = os.cpu_count() or 1
+    if gpus:
+        if args.workers is not None and args.workers < len(gpus):
+            gpus = list(gpus)[: args.workers]
+        cluster = distributed.SpecCluster(
+            workers=gpu_worker_specs(gpus, threads=max(1, cores // len(gpus))),
+            scheduler={
+                "cls": distributed.Scheduler,
+                "options": {"dashboard_address": None},
+            },
+        )
+        n_workers = len(gpus)
+    else:
+        n_workers = args.workers or 2
+        cluster = distributed.LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+    client = distributed.Client(cluster)
+    client.run(_set_torch_threads, max(1, cores // n_workers))
+    return client, cluster
+
+
 def _cmd_cohort(args: argparse.Namespace) -> int:
     from simsearch_wsi.bundle import load_bundle
     from simsearch_wsi.cohort import CohortEntry, cohort_targets, read_manifest, run_cohort
@@ -600,28 +682,9 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")
     targets = cohort_targets(entries)
-    device = str(_resolve_device(args.device))
+    device, gpus = _cohort_device(args.device, local=not args.scheduler)
     settings = PredictSettings(thresholds=thresholds, write_back=args.write_back)
-    import importlib
-
-    try:
-        distributed: Any = importlib.import_module("distributed")  # untyped library
-    except ImportError:
-        raise ConfigError(
-            "cohort runs on Dask distributed, which is not installed; install it with "
-            "pip install 'simsearch_wsi[distributed]'"
-        ) from None
-    Client, LocalCluster = distributed.Client, distributed.LocalCluster
-    cores = os.cpu_count() or 1
-    if args.scheduler:
-        cluster = None
-        client = Client(args.scheduler)
-    else:
-        cluster = LocalCluster(
-            n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
-        )
-        client = Client(cluster)
-        client.run(_set_torch_threads, max(1, cores // args.workers))
+    client, cluster = _start_cluster(args, gpus)
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
     try:
         with _CohortBar() as progress:
@@ -634,6 +697,9 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 device=device,
                 autocast=not args.no_autocast,
+                resources={"GPU": 1} if device.startswith("cuda") else None,
+                group_by=args.group_by,
+                dose_column=args.dose_column,
                 arguments=arguments,
                 progress=progress,
             )
@@ -651,6 +717,8 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     for image in result.failed:
         console.print(f"  failed {image.path}: {image.error}", markup=False)
     console.print(f"table {result.table}; run record {result.metadata}", markup=False)
+    if result.plots:
+        console.print("plots " + ", ".join(str(p) for p in result.plots.values()), markup=False)
     return EXIT_ERROR if result.failed else EXIT_OK
 
 
@@ -1141,7 +1209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_coh.add_argument("--model", required=True, metavar="MODEL.zip", help="a trained bundle")
     p_coh.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p_coh.add_argument(
-        "--workers", type=_int_at_least(1), default=2, help="local worker processes (default: 2)"
+        "--workers",
+        type=_int_at_least(1),
+        default=None,
+        help="local worker processes (default: 2; with --device cuda one per GPU)",
     )
     p_coh.add_argument(
         "--scheduler", default=None, metavar="ADDRESS", help="a running Dask scheduler instead"
@@ -1151,8 +1222,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", action="append", metavar="CLASS=P", help="confidence threshold, repeatable"
     )
     p_coh.add_argument("--write-back", action="store_true", help="labels into OME-Zarr inputs")
-    p_coh.add_argument("--device", default="cpu", help="device on the workers (default: cpu)")
+    p_coh.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda[:N]: tasks then ask for the workers' GPU resource (default: cpu)",
+    )
     p_coh.add_argument("--no-autocast", action="store_true", help="run the trunk in float32")
+    p_coh.add_argument(
+        "--group-by",
+        default=None,
+        metavar="COLUMN",
+        help="manifest column grouping the images in the plots (default: the first repeated one)",
+    )
+    p_coh.add_argument(
+        "--dose-column",
+        default=None,
+        metavar="COLUMN",
+        help="manifest column for the dose-response plot (default: 'dose' or 'concentration')",
+    )
     p_coh.set_defaults(func=_cmd_cohort)
 
     p_srv = sub.add_parser(

@@ -7,6 +7,10 @@ once (``broadcast``) and each worker process builds its :class:`PatchModel` once
 failing image is recorded with its error and does not stop the others. A re-run skips every
 image whose completion record matches the model and settings, and redoes the rest.
 
+Tasks that need a GPU ask for a Dask *resource* (``resources={"GPU": 1}``), so they land only
+on workers started with that resource (``dask worker ... --resources GPU=1``) and at most one
+runs per GPU at a time.
+
 The caller owns the Dask client (a ``LocalCluster`` of worker processes, or any scheduler
 address), the device and the progress display; this module never creates one.
 """
@@ -17,13 +21,13 @@ import csv
 import dataclasses
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from simsearch_wsi.atomic import write_json_atomic
+from simsearch_wsi.atomic import remove_leftovers, write_json_atomic
 from simsearch_wsi.bundle import ModelBundle
 from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.infer import PatchModel, bundle_digest
@@ -42,6 +46,7 @@ __all__ = [
     "CohortEntry",
     "CohortImage",
     "CohortResult",
+    "check_resources",
     "cohort_targets",
     "read_manifest",
     "run_cohort",
@@ -62,7 +67,7 @@ class CohortEntry:
 @dataclass
 class CohortImage:
     """What happened to one image: ``done``, ``reused`` (finished by an earlier run) or
-    ``failed`` (with ``error``, one line)."""
+    ``failed`` (with ``error``, one line), and on which Dask worker."""
 
     path: str
     stem: str
@@ -71,6 +76,7 @@ class CohortImage:
     seconds: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
     n_detections: dict[str, int] = field(default_factory=dict)
+    worker: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,9 +84,13 @@ class CohortImage:
 
 @dataclass
 class CohortResult:
+    """Per-image outcomes; the cohort table (None when no image has rows yet), the run
+    record, and the plots written (name -> PNG or CSV path)."""
+
     images: list[CohortImage]
-    table: Path
+    table: Path | None
     metadata: Path
+    plots: dict[str, Path] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[CohortImage]:
@@ -136,6 +146,19 @@ def cohort_targets(entries: Sequence[CohortEntry]) -> list[PredictTarget]:
     return targets
 
 
+def _check_columns(
+    targets: Sequence[PredictTarget], *, group_by: str | None, dose_column: str | None
+) -> None:
+    """``group_by`` and ``dose_column`` must be manifest columns (checked before any work)."""
+    columns = list(dict.fromkeys(k for t in targets for k in t.extra))
+    for option, name in (("--group-by", group_by), ("--dose-column", dose_column)):
+        if name is not None and name not in columns:
+            raise ConfigError(
+                f"{option} {name}: not a column of the manifest (columns: "
+                f"{', '.join(columns) or 'none'}); name one of them"
+            )
+
+
 # one PatchModel per worker process and model (the bundle arrives once per worker by broadcast)
 _WORKER_MODELS: dict[str, PatchModel] = {}
 
@@ -155,9 +178,15 @@ def _run_one(
     autocast: bool,
 ) -> dict[str, Any]:
     """A worker task: one image's outputs, or its error (never raises)."""
+    from distributed import get_worker
+
     from simsearch_wsi.io import open_image
 
     t0 = time.perf_counter()
+    try:
+        worker: str | None = str(get_worker().address)
+    except ValueError:  # run outside a worker (tests calling it directly)
+        worker = None
     try:
         key = f"{id(bundle)}:{device}:{autocast}"
         model = _WORKER_MODELS.get(key)
@@ -180,6 +209,7 @@ def _run_one(
             "failed",
             error=_first_line(exc),
             seconds=time.perf_counter() - t0,
+            worker=worker,
         ).to_dict()
     return CohortImage(
         target.path,
@@ -188,6 +218,7 @@ def _run_one(
         seconds=time.perf_counter() - t0,
         outputs=dict(result.outputs),
         n_detections=dict(result.n_detections),
+        worker=worker,
     ).to_dict()
 
 
@@ -203,6 +234,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def check_resources(client: Any, resources: Mapping[str, float]) -> None:
+    """Raise :class:`ConfigError` unless some worker of ``client`` offers ``resources`` (a
+    task asking for resources no worker has would wait forever)."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    for info in workers.values():
+        offered = info.get("resources") or {}
+        if all(offered.get(k, 0) >= v for k, v in resources.items()):
+            return
+    wanted = " ".join(f"{k}={v:g}" for k, v in resources.items())
+    raise ConfigError(
+        f"no Dask worker offers the resources {wanted} that these tasks need "
+        f"({len(workers)} workers connected); start the GPU workers with "
+        f"'dask worker SCHEDULER --resources \"{wanted}\"'"
+    )
+
+
 def run_cohort(
     targets: Sequence[PredictTarget],
     bundle: ModelBundle,
@@ -213,6 +260,9 @@ def run_cohort(
     overwrite: bool = False,
     device: str = "cpu",
     autocast: bool = True,
+    resources: Mapping[str, float] | None = None,
+    group_by: str | None = None,
+    dose_column: str | None = None,
     arguments: dict[str, Any] | None = None,
     progress: CohortProgress | None = None,
 ) -> CohortResult:
@@ -221,17 +271,27 @@ def run_cohort(
     Writes per image what ``predict`` writes, then ``quantification.csv`` (the rows of every
     image finished in ``out_dir`` with this model and settings, with its manifest metadata)
     and ``run_metadata.json`` (versions, arguments, model digest, start and end times,
-    per-image status and error). ``overwrite`` redoes images
-    finished before. Raises :class:`ConfigError` before any work when an output would replace
-    an input.
+    per-image status, worker and error). ``overwrite`` redoes images finished before.
+    ``resources`` (e.g. ``{"GPU": 1}`` with a CUDA ``device``) is what each task asks of a
+    worker. Then the plots of :func:`~simsearch_wsi.cohort_plots.write_cohort_plots`, images
+    grouped by the manifest column ``group_by`` and, with a dose column, a dose response
+    (both found by default when the manifest has a suitable column).
+    Raises :class:`ConfigError` before any work when an output would replace an input, when
+    no worker offers ``resources``, or when ``group_by``/``dose_column`` is not a manifest column.
     """
     from distributed import as_completed
 
+    from simsearch_wsi.cohort_plots import write_cohort_plots
     from simsearch_wsi.quantify import write_table
 
     settings = settings or PredictSettings()
     refuse_overwriting_inputs(targets, out_dir)
+    _check_columns(targets, group_by=group_by, dose_column=dose_column)
+    if resources:
+        check_resources(client, resources)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("quantification.csv", "run_metadata.json"):
+        remove_leftovers(out_dir / name)  # of a killed earlier run
     started = datetime.now(UTC).isoformat(timespec="seconds")
     digest = bundle_digest(bundle)
     shipped = client.scatter(bundle, broadcast=True)
@@ -246,6 +306,7 @@ def run_cohort(
             device,
             autocast,
             pure=False,
+            resources=dict(resources) if resources else None,
         ): n
         for n, t in enumerate(targets)
     }
@@ -267,7 +328,14 @@ def run_cohort(
             progress(done, failed, len(targets))
     finished = [i for i in images if i is not None]
     # every image finished in this folder with this model and settings (this run's included)
-    table = write_table(out_dir / "quantification.csv", table_rows(out_dir, digest, settings, []))
+    rows = table_rows(out_dir, digest, settings, [])
+    table = write_table(out_dir / "quantification.csv", rows) if rows else None
+    plots: dict[str, Path] = {}
+    if table is not None:
+        colors = {c: (int(r), int(g), int(b)) for c, (r, g, b) in bundle.colors.items()}
+        plots = write_cohort_plots(
+            table, out_dir, group_by=group_by, dose_column=dose_column, colors=colors
+        )
     metadata = write_json_atomic(
         out_dir / "run_metadata.json",
         {
@@ -277,6 +345,8 @@ def run_cohort(
             "arguments": arguments or {},
             "model": {"digest": digest, "source": str(bundle.source)},
             "settings": settings.to_dict(),
+            "table": str(table) if table else None,
+            "plots": {k: str(v) for k, v in plots.items()},
             "images": [i.to_dict() for i in finished],
             "summary": {
                 "total": len(finished),
@@ -286,4 +356,4 @@ def run_cohort(
             },
         },
     )
-    return CohortResult(finished, table, metadata)
+    return CohortResult(finished, table, metadata, plots)

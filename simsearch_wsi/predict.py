@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from simsearch_wsi.atomic import atomic_path, write_json_atomic
+from simsearch_wsi.atomic import atomic_path, remove_leftovers, write_json_atomic
 from simsearch_wsi.errors import ConfigError, ImageNotFoundError
 from simsearch_wsi.features import ProgressFn
 from simsearch_wsi.infer import (
@@ -44,7 +44,7 @@ from simsearch_wsi.infer import (
     segment,
 )
 from simsearch_wsi.io.base import ImageSource
-from simsearch_wsi.qupath_geojson import box_features, write_feature_collection
+from simsearch_wsi.qupath_geojson import box_features, set_stable_ids, write_feature_collection
 from simsearch_wsi.tiling import display_rgb8, read_overview
 from simsearch_wsi.tissue import TissueMask
 
@@ -67,6 +67,8 @@ DAB_OVERVIEW_PIXELS = 4_000_000
 #: write-back labels are written at the image's full resolution; refused above this size
 MAX_WRITE_BACK_PIXELS = 1_000_000_000
 LABEL_NAME = "simsearch"
+#: what each image gets in the output folder, after its stem
+OUTPUT_SUFFIXES = (".geojson", ".ome.zarr", "_overlay.png", ".predict.json")
 _IMAGE_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".svs")
 
 
@@ -377,6 +379,8 @@ def predict_image(
         object_type="annotation",
         mpp=image.mpp,
     )
+    # the same model, image and settings write the same file (object ids included)
+    set_stable_ids(features, f"{model.identity}|{stem}|{settings.to_dict()}")
     geojson = out_dir / f"{stem}.geojson"
     write_feature_collection(geojson, features)
     outputs["geojson"] = str(geojson)
@@ -423,7 +427,37 @@ def _run_record(model_digest: str, settings: PredictSettings) -> dict[str, Any]:
     return {"model": model_digest, "settings": settings.to_dict()}
 
 
-def _reusable(path: Path, record: dict[str, Any]) -> PredictResult | None:
+def input_identity(path: str | Path) -> dict[str, Any] | None:
+    """What identifies an input without reading its pixels: its resolved path with the size
+    and modification time of the file or, for an OME-Zarr image (a folder), of its metadata
+    documents and those of its full-resolution array. None when the path does not exist.
+
+    Labels written into the image later (``labels/``) do not change it; pixels rewritten in
+    place without touching the metadata are not noticed.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    ident: dict[str, Any] = {"path": str(p.resolve())}
+    if not p.is_dir():
+        return {**ident, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    documents = {}
+    for name in (".zattrs", ".zgroup", "zarr.json", "0/.zarray", "0/zarr.json"):
+        try:
+            doc = (p / name).stat()
+        except OSError:
+            continue
+        documents[name] = [doc.st_size, doc.st_mtime_ns]
+    return {**ident, "documents": documents}
+
+
+def _reusable(
+    path: Path, record: dict[str, Any], input_id: dict[str, Any] | None = None
+) -> PredictResult | None:
+    """The result recorded in ``path`` when it was made with ``record`` (model and settings)
+    and, when ``input_id`` is given, from the same input; else None."""
     import json
 
     try:
@@ -431,6 +465,8 @@ def _reusable(path: Path, record: dict[str, Any]) -> PredictResult | None:
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict) or doc.get("run") != record:
+        return None
+    if input_id is not None and doc.get("input") != input_id:
         return None
     try:
         result = PredictResult(**{**doc["result"], "reused": True})
@@ -452,7 +488,7 @@ def refuse_overwriting_inputs(targets: Sequence[PredictTarget], out_dir: Path) -
             raise ConfigError(
                 f"--out {out_dir} is inside the input {t.path}; choose an output folder outside it"
             )
-        for suffix in (".geojson", ".ome.zarr", "_overlay.png", ".predict.json"):
+        for suffix in OUTPUT_SUFFIXES:
             dest = out / f"{t.stem}{suffix}"
             if dest in inputs:
                 raise ConfigError(
@@ -493,14 +529,22 @@ def predict_target(
     progress: ProgressFn | None = None,
 ) -> PredictResult:
     """One image of a run: its outputs and ``<stem>.predict.json`` (the completion record,
-    written last), or, with ``resume``, the result recorded there by an earlier run with the
-    same model and settings whose outputs are all present."""
+    written last: the model digest, the settings and the input's identity), or, with
+    ``resume``, the result recorded there by an earlier run with the same model, settings and
+    unchanged input (:func:`input_identity`) whose outputs are all present.
+
+    Before (re)computing an image, what a killed earlier run left of its outputs (temporaries
+    of the atomic writes) is removed; the image's outputs must have no other writer.
+    """
     record = _run_record(model.identity, settings)
     summary = out_dir / f"{target.stem}.predict.json"
-    previous = _reusable(summary, record) if resume else None
+    source = input_identity(target.path)
+    previous = _reusable(summary, record, source) if resume and source is not None else None
     if previous is not None:
         return previous
     out_dir.mkdir(parents=True, exist_ok=True)
+    for suffix in OUTPUT_SUFFIXES:
+        remove_leftovers(out_dir / f"{target.stem}{suffix}")
     with open_image(target.path) as image:
         result = predict_image(
             image,
@@ -513,7 +557,7 @@ def predict_target(
         )
     result.outputs["summary"] = str(summary)
     kept = {k: v for k, v in result.to_dict().items() if k != "reused"}
-    write_json_atomic(summary, {"run": record, "result": kept})
+    write_json_atomic(summary, {"run": record, "input": source, "result": kept})
     return result
 
 

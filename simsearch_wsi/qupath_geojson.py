@@ -64,6 +64,7 @@ __all__ = [
     "geometry_feature",
     "read_annotations",
     "read_features",
+    "set_stable_ids",
     "validate_feature_collection",
     "write_feature_collection",
 ]
@@ -758,6 +759,18 @@ def box_features(
             }
         )
     return out
+
+
+#: namespace of the name-based feature ids (:func:`set_stable_ids`)
+_ID_NAMESPACE = uuid.UUID("6f0d1c52-3d1e-4b8a-9c55-5b0f3c2a9e41")
+
+
+def set_stable_ids(features: Sequence[dict[str, Any]], key: str) -> None:
+    """Replace the features' ids, in place, with name-based UUIDs (version 5) of ``key`` and
+    each feature's position, so that the same run (same ``key``: e.g. model, image and
+    settings) writes byte-identical GeoJSON, and different keys never share an id."""
+    for n, feature in enumerate(features):
+        feature["id"] = str(uuid.uuid5(_ID_NAMESPACE, f"{key}#{n}"))
 
 
 def feature_collection(features: Iterable[dict[str, Any]]) -> dict[str, Any]:

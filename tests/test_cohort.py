@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -65,8 +66,9 @@ def test_a_local_cluster_runs_the_cohort_and_isolates_a_corrupt_slide(
 
 
 def test_an_external_scheduler_runs_a_plate(tmp_path: Path, synthetic_plate: Any) -> None:
-    """A `dask scheduler` and a `dask worker` started as processes on loopback, as on a
-    cluster; the plate's fields become rows per well with the manifest's metadata."""
+    """A `dask scheduler` and two `dask worker`s started as processes on loopback, as on a
+    cluster, one declaring a GPU resource: the tasks asking for it all run there, and the
+    plate's fields become rows per well with the manifest's metadata."""
     scheduler_file = tmp_path / "scheduler.json"
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     common = ["--scheduler-file", str(scheduler_file)]
@@ -93,25 +95,18 @@ def test_an_external_scheduler_runs_a_plate(tmp_path: Path, synthetic_plate: Any
         deadline = time.monotonic() + 60
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dask",
-                    "worker",
-                    "--nworkers",
-                    "1",
-                    "--nthreads",
-                    "1",
-                    "--no-dashboard",
-                    *common,
-                ],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+        for extra in ([], ["--resources", "GPU=1"]):  # a CPU worker and a "GPU" worker
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *(sys.executable, "-m", "dask", "worker", "--nworkers", "1"),
+                        *("--nthreads", "1", "--no-dashboard", *common, *extra),
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             )
-        )
         field = cohort_targets([CohortEntry(str(synthetic_plate.path))])[0]
         with open_image(field.path) as im:
             bundle = untrained_bundle([im], classes=("positive", "background"), patch_size_l0=32)
@@ -121,10 +116,19 @@ def test_an_external_scheduler_runs_a_plate(tmp_path: Path, synthetic_plate: Any
             )
         )
         with distributed.Client(scheduler_file=str(scheduler_file), timeout="60s") as client:
-            client.wait_for_workers(1, timeout=60)
-            result = run_cohort(cohort_targets(entries), bundle, tmp_path / "out", client=client)
+            client.wait_for_workers(2, timeout=60)
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            (gpu_worker,) = [a for a, w in workers.items() if w.get("resources", {}).get("GPU")]
+            result = run_cohort(
+                cohort_targets(entries),
+                bundle,
+                tmp_path / "out",
+                client=client,
+                resources={"GPU": 1},  # as the CLI asks with --device cuda
+            )
         n_fields = len(synthetic_plate.wells) * synthetic_plate.fields_per_well
         assert [i.status for i in result.images] == ["done"] * n_fields
+        assert {i.worker for i in result.images} == {gpu_worker}  # tasks went to the GPU worker
         with result.table.open(newline="") as fh:
             table = list(csv.DictReader(fh))
         assert len(table) == n_fields  # one class (positive) per field
@@ -152,3 +156,123 @@ def test_manifest_errors_are_clear(tmp_path: Path) -> None:
         read_manifest(_manifest(tmp_path / "a.csv", [{"image": "x.svs"}]))
     with pytest.raises(ConfigError, match="manifest not found"):
         read_manifest(tmp_path / "none.csv")
+
+
+# --- kill and resume ----------------------------------------------------------------------------
+N_KILL_SLIDES = 6
+
+
+@pytest.fixture(scope="module")
+def kill_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A manifest of six small synthetic slides in two groups."""
+    from simsearch_wsi.synthetic import make_synthetic_slide
+
+    root = tmp_path_factory.mktemp("kill")
+    rows = []
+    for n in range(N_KILL_SLIDES):
+        slide = make_synthetic_slide(
+            root / f"s{n}.tiff", seed=10 + n, width=1024, height=768, n_per_class=4
+        )
+        rows.append({"path": slide.path.name, "arm": "treated" if n % 2 else "control"})
+    return _manifest(root / "cohort.csv", rows)
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    """Every file under ``out`` by relative path, with the run-specific parts of the records
+    (timings, absolute output paths, the run's own metadata) left out."""
+    files: dict[str, bytes] = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_dir() or rel == "run_metadata.json":
+            continue
+        data = p.read_bytes()
+        if rel.endswith(".predict.json"):
+            doc = json.loads(data)
+            doc["result"].pop("seconds")
+            doc["result"]["outputs"] = {
+                k: Path(v).relative_to(out).as_posix() for k, v in doc["result"]["outputs"].items()
+            }
+            data = json.dumps(doc, sort_keys=True).encode()
+        files[rel] = data
+    return files
+
+
+def test_a_killed_run_resumes_to_the_outputs_of_an_uninterrupted_run(
+    tmp_path: Path, tiny_bundle: Path, kill_cohort: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The node dies (SIGKILL to the CLI, its cluster and workers) after some images finished;
+    the re-run computes only the rest, and the folder ends up as an uninterrupted run's."""
+    common = ["--manifest", str(kill_cohort), "--model", str(tiny_bundle), "--workers", "1"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(["cohort", *common, "--out", str(full)]) == 0
+    capsys.readouterr()
+
+    cmd = [sys.executable, "-m", "simsearch_wsi.cli", "cohort", *common, "--out", str(killed)]
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(killed.glob("*.predict.json"))) >= 2:
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its scheduler, nanny and worker
+        proc.wait(timeout=30)
+    finished = {p.name[: -len(".predict.json")] for p in killed.glob("*.predict.json")}
+    assert 2 <= len(finished) < N_KILL_SLIDES, f"kill came too late or never: {finished}"
+    assert not (killed / "quantification.csv").exists()
+    stamps = {
+        p.name: p.stat().st_mtime_ns for p in killed.iterdir() if p.name.split(".")[0] in finished
+    }
+
+    assert main(["cohort", *common, "--out", str(killed)]) == 0
+    record = json.loads((killed / "run_metadata.json").read_text())
+    status = {i["stem"]: i["status"] for i in record["images"]}
+    assert {s for s, v in status.items() if v == "reused"} == finished
+    assert {s for s, v in status.items() if v == "done"} == {
+        f"s{n}" for n in range(N_KILL_SLIDES)
+    } - finished
+    now = {p.name: p.stat().st_mtime_ns for p in killed.iterdir() if p.name in stamps}
+    assert now == stamps  # no finished image was written again
+    # identical outputs, and nothing left over from the killed writes (temporaries)
+    expected, got = _snapshot(full), _snapshot(killed)
+    assert sorted(got) == sorted(expected)
+    differing = [name for name in expected if got[name] != expected[name]]
+    assert not differing
+
+
+def test_tasks_needing_a_resource_no_worker_offers_are_refused() -> None:
+    from simsearch_wsi.cohort import check_resources
+    from simsearch_wsi.errors import ConfigError
+
+    class Client:
+        def __init__(self, resources: list[dict[str, float]]) -> None:
+            self.workers = {f"tcp://w{n}": {"resources": r} for n, r in enumerate(resources)}
+
+        def scheduler_info(self, n_workers: int = 5) -> dict[str, Any]:
+            assert n_workers == -1  # all workers, not the first few
+            return {"workers": self.workers}
+
+    check_resources(Client([{}, {"GPU": 1}]), {"GPU": 1})
+    with pytest.raises(ConfigError, match=r"no Dask worker offers the resources GPU=1.*2 workers"):
+        check_resources(Client([{}, {"GPU": 0.5}]), {"GPU": 1})
+
+
+def test_a_local_gpu_cluster_gives_each_worker_its_own_gpu() -> None:
+    """What `cohort --device cuda` starts on a GPU machine: one worker process per GPU, which
+    sees only that GPU and declares the GPU resource (checked here without a GPU: the worker
+    processes' environment and resources)."""
+    from simsearch_wsi.cli import gpu_worker_specs
+
+    cluster = distributed.SpecCluster(
+        workers=gpu_worker_specs([0, 1], threads=1),
+        scheduler={"cls": distributed.Scheduler, "options": {"dashboard_address": None}},
+    )
+    with cluster, distributed.Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        seen = client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    assert sorted(seen.values()) == ["0", "1"]
+    assert [w["resources"] for w in workers.values()] == [{"GPU": 1}, {"GPU": 1}]
