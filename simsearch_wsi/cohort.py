@@ -125,23 +125,58 @@ def read_manifest(path: str | Path) -> list[CohortEntry]:
     return entries
 
 
+def _well_key(name: str) -> tuple[str, int] | str:
+    """``B2``, ``b02`` and ``B/2`` name the same well."""
+    text = name.strip().replace("/", "").upper()
+    letters = text.rstrip("0123456789")
+    digits = text[len(letters) :]
+    return (letters, int(digits)) if letters.isalpha() and digits else text
+
+
 def cohort_targets(entries: Sequence[CohortEntry]) -> list[PredictTarget]:
     """The images of a cohort (plates expanded to fields), each with its manifest metadata
-    before its plate columns. Missing paths are kept (they fail as images, not the run);
-    clashing output stems raise :class:`ConfigError`."""
+    before its plate columns.
+
+    A manifest row with a ``well`` value (``B2``) is a plate map row: its metadata (compound,
+    dose, ...) goes to that well's fields only, and a plate listed by wells runs only the wells
+    listed. Missing paths are kept (they fail as images, not the run). Raises
+    :class:`ConfigError` for clashing output stems, a ``well`` on an image that is not a
+    plate, a well the plate lacks, or metadata columns named like the plate columns.
+    """
+    from simsearch_wsi.io.plate import is_plate
+
     targets: list[PredictTarget] = []
+    expanded: dict[str, list[PredictTarget]] = {}
     for entry in entries:
+        meta = dict(entry.metadata)
+        well = meta.pop("well", "").strip()
         if not Path(entry.path).exists():
-            targets.append(PredictTarget(entry.path, image_stem(entry.path), dict(entry.metadata)))
+            targets.append(PredictTarget(entry.path, image_stem(entry.path), meta))
             continue
-        for t in expand_inputs([entry.path]):
-            clash = sorted(set(entry.metadata) & set(t.extra))
+        if well and not is_plate(entry.path):
+            raise ConfigError(
+                f"{entry.path}: the manifest names well {well} but this is not an OME-Zarr "
+                "plate; leave its well cell empty"
+            )
+        if entry.path not in expanded:
+            expanded[entry.path] = expand_inputs([entry.path])
+        fields = expanded[entry.path]
+        if well:
+            fields = [t for t in fields if _well_key(str(t.extra["well"])) == _well_key(well)]
+            if not fields:
+                wells = sorted({str(t.extra["well"]) for t in expanded[entry.path]})
+                raise ConfigError(
+                    f"{entry.path}: the manifest names well {well}, which this plate does not "
+                    f"have (wells: {', '.join(wells)}); correct the well column"
+                )
+        for t in fields:
+            clash = sorted(set(meta) & set(t.extra))
             if clash:
                 raise ConfigError(
                     f"manifest columns {clash} clash with the plate columns of {entry.path}; "
                     "rename them"
                 )
-            targets.append(dataclasses.replace(t, extra={**entry.metadata, **t.extra}))
+            targets.append(dataclasses.replace(t, extra={**meta, **t.extra}))
     check_unique_stems(targets)
     return targets
 

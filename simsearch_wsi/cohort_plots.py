@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -351,10 +351,14 @@ def _save(fig: Figure, path: PathArg) -> Path:
 
 
 def _units(rows: Rows) -> list[tuple[str, Mapping[str, Any]]]:
-    """(label, row): slide rows labelled by image, plate rows aggregated per well."""
+    """(label, row): slide rows labelled by image file name (the path where names repeat),
+    plate rows aggregated per well."""
     wells = well_rows(rows)
     one_plate = len({w["plate"] for w in wells}) <= 1
-    units = [(_text(r.get("image")), r) for r in rows if not _text(r.get("well"))]
+    images = list(dict.fromkeys(_text(r.get("image")) for r in rows if not _text(r.get("well"))))
+    names = [PurePath(p).name or p for p in images]
+    label = dict(zip(images, names if len(set(names)) == len(names) else images, strict=True))
+    units = [(label[_text(r.get("image"))], r) for r in rows if not _text(r.get("well"))]
     units += [(w["well"] if one_plate else f"{w['plate']} {w['well']}", w) for w in wells]
     return units
 
@@ -545,7 +549,9 @@ def plot_dose(
 
 
 def _file_name(plate: str, taken: set[str]) -> str:
-    base = "plate_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", plate).strip("._-") or "unnamed")
+    """``plate_<name>`` for a plate name (``.ome.zarr``/``.zarr`` dropped), unique in ``taken``."""
+    stem = re.sub(r"(\.ome)?\.zarr$", "", plate, flags=re.IGNORECASE)
+    base = "plate_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-") or "unnamed")
     name, k = base, 2
     while name in taken:
         name, k = f"{base}_{k}", k + 1

@@ -16,6 +16,8 @@ import pytest
 
 distributed = pytest.importorskip("distributed", reason="needs the 'distributed' extra")
 
+from PIL import Image  # noqa: E402
+
 from simsearch_wsi.cli import main  # noqa: E402
 from simsearch_wsi.cohort import CohortEntry, cohort_targets, read_manifest, run_cohort  # noqa: E402
 from simsearch_wsi.infer import untrained_bundle  # noqa: E402
@@ -110,11 +112,15 @@ def test_an_external_scheduler_runs_a_plate(tmp_path: Path, synthetic_plate: Any
         field = cohort_targets([CohortEntry(str(synthetic_plate.path))])[0]
         with open_image(field.path) as im:
             bundle = untrained_bundle([im], classes=("positive", "background"), patch_size_l0=32)
-        entries = read_manifest(
-            _manifest(
-                tmp_path / "m.csv", [{"path": str(synthetic_plate.path), "compound": "drug-7"}]
-            )
-        )
+        # a plate map: one manifest row per well, with its compound and dose
+        wells = sorted(synthetic_plate.wells)  # "A/1", ...
+        doses = {w: f"{10 ** (n % 3)}" for n, w in enumerate(wells)}
+        plate_map = [
+            {"path": str(synthetic_plate.path), "well": w.replace("/", ""), "compound": "drug-7"}
+            | {"dose": doses[w]}
+            for w in wells
+        ]
+        entries = read_manifest(_manifest(tmp_path / "m.csv", plate_map))
         with distributed.Client(scheduler_file=str(scheduler_file), timeout="60s") as client:
             client.wait_for_workers(2, timeout=60)
             workers = client.scheduler_info(n_workers=-1)["workers"]
@@ -132,9 +138,10 @@ def test_an_external_scheduler_runs_a_plate(tmp_path: Path, synthetic_plate: Any
         with result.table.open(newline="") as fh:
             table = list(csv.DictReader(fh))
         assert len(table) == n_fields  # one class (positive) per field
-        assert list(table[0])[:7] == [
+        assert list(table[0])[:8] == [
             "image",
             "compound",
+            "dose",
             "plate",
             "well",
             "row",
@@ -142,6 +149,18 @@ def test_an_external_scheduler_runs_a_plate(tmp_path: Path, synthetic_plate: Any
             "field",
         ]
         assert {r["compound"] for r in table} == {"drug-7"}
+        assert {(r["well"], r["dose"]) for r in table} == {
+            (w.replace("/", ""), d) for w, d in doses.items()
+        }
+        # plots: fractions per well, the plate heat map, the dose response (dose found by name)
+        assert sorted(result.plots) == ["dose_response", "fractions", "plate_plate", "wells"]
+        for name in ("dose_response", "fractions", "plate_plate"):
+            with Image.open(result.plots[name]) as png:
+                assert png.format == "PNG" and png.width > 300
+        with result.plots["wells"].open(newline="") as fh:
+            per_well = list(csv.DictReader(fh))
+        assert len(per_well) == len(wells)
+        assert {r["n_fields"] for r in per_well} == {str(synthetic_plate.fields_per_well)}
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -149,13 +168,38 @@ def test_an_external_scheduler_runs_a_plate(tmp_path: Path, synthetic_plate: Any
             p.wait(timeout=30)
 
 
-def test_manifest_errors_are_clear(tmp_path: Path) -> None:
+def test_a_plate_map_gives_metadata_to_its_wells(tmp_path: Path, synthetic_plate: Any) -> None:
+    plate = str(synthetic_plate.path)
+    entries = read_manifest(
+        _manifest(
+            tmp_path / "map.csv",
+            [
+                {"path": plate, "well": "A1", "dose": "0.1"},
+                {"path": plate, "well": "b/02", "dose": "1"},  # spelled otherwise
+            ],
+        )
+    )
+    targets = cohort_targets(entries)
+    n = synthetic_plate.fields_per_well
+    assert [(t.extra["well"], t.extra["dose"]) for t in targets] == [("A1", "0.1")] * n + [
+        ("B2", "1")
+    ] * n  # only the wells listed run
+
+
+def test_manifest_errors_are_clear(tmp_path: Path, synthetic_plate: Any, small_slides: Any) -> None:
     from simsearch_wsi.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no 'path' column"):
         read_manifest(_manifest(tmp_path / "a.csv", [{"image": "x.svs"}]))
     with pytest.raises(ConfigError, match="manifest not found"):
         read_manifest(tmp_path / "none.csv")
+    plate = str(synthetic_plate.path)
+    with pytest.raises(ConfigError, match="names well Z9, which this plate does not have"):
+        cohort_targets([CohortEntry(plate, {"well": "Z9"})])
+    with pytest.raises(ConfigError, match="names well A1 but this is not an OME-Zarr plate"):
+        cohort_targets([CohortEntry(str(small_slides[0].path), {"well": "A1"})])
+    with pytest.raises(ConfigError, match="would both write"):  # a plate whole and by well
+        cohort_targets([CohortEntry(plate), CohortEntry(plate, {"well": "A1"})])
 
 
 # --- kill and resume ----------------------------------------------------------------------------
