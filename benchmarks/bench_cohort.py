@@ -12,7 +12,10 @@ because these machines are noisy:
   core for torch (what ``cohort --workers 1`` starts);
 * ``2 workers``: two worker processes with the cores split between them (``cohort --workers 2``,
   the default);
-* ``resume``: the 2-worker run again on its finished folder (every image skipped).
+* ``1 worker, Dask's environment``: as ``1 worker`` but with the worker environment Dask's
+  nanny sets by default (``MALLOC_TRIM_THRESHOLD_=65536``), which ``cluster.start_local_cluster``
+  leaves out;
+* ``resume``: each cohort run again on its finished folder (every image skipped).
 
 Images/min counts the images over the run's wall time from submitting the first task to the
 written table (cluster start-up is reported separately). The model is ``infer.untrained_bundle``
@@ -34,6 +37,7 @@ from typing import Any
 import torch
 
 from simsearch_wsi.bundle import ModelBundle
+from simsearch_wsi.cluster import set_torch_threads, start_local_cluster
 from simsearch_wsi.cohort import CohortEntry, cohort_targets, run_cohort
 from simsearch_wsi.infer import PatchModel, untrained_bundle
 from simsearch_wsi.io import open_image
@@ -41,10 +45,6 @@ from simsearch_wsi.predict import PredictSettings, predict_images
 from simsearch_wsi.synthetic import make_synthetic_slide
 
 CLASSES = ("ring", "cluster", "stripes", "background")
-
-
-def _set_threads(n: int) -> None:
-    torch.set_num_threads(n)
 
 
 def _slides(root: Path, n: int, size: int) -> list[Path]:
@@ -57,16 +57,28 @@ def _slides(root: Path, n: int, size: int) -> list[Path]:
 
 
 def _cohort(
-    bundle: ModelBundle, slides: list[Path], out: Path, workers: int, cores: int
+    bundle: ModelBundle,
+    slides: list[Path],
+    out: Path,
+    workers: int,
+    cores: int,
+    *,
+    dask_environment: bool = False,
 ) -> dict[str, Any]:
     from distributed import Client, LocalCluster
 
     t0 = time.perf_counter()
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-    )
-    client = Client(cluster)
-    client.run(_set_threads, max(1, cores // workers))
+    if dask_environment:
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(cluster)
+        client.run(set_torch_threads, max(1, cores // workers))
+        # the nanny exported its settings into this process's environment; take them back so
+        # that later clusters start as start_local_cluster intends
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    else:
+        client, cluster = start_local_cluster(workers, cores=cores)
     started = time.perf_counter() - t0
     try:
         targets = cohort_targets([CohortEntry(str(p)) for p in slides])
@@ -137,6 +149,9 @@ def main() -> None:
                 row = _cohort(bundle, slides, root / f"w{workers}r{rep}", workers, cores)
                 runs.append({"config": f"{workers} worker(s)", "repeat": rep, **row})
                 print(json.dumps(runs[-1]), flush=True)
+            row = _cohort(bundle, slides, root / f"d1r{rep}", 1, cores, dask_environment=True)
+            runs.append({"config": "1 worker, Dask's environment", "repeat": rep, **row})
+            print(json.dumps(runs[-1]), flush=True)
     report = {
         "cores": cores,
         "images": args.images,

@@ -576,13 +576,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _set_torch_threads(n: int) -> None:
-    """Run on each Dask worker: the CLI's share of the cores for torch."""
-    import torch
-
-    torch.set_num_threads(max(1, n))
-
-
 def _cohort_device(name: str, *, local: bool) -> tuple[str, list[int]]:
     """The device the workers use and, for a local CUDA cluster, the GPUs (one worker each).
 
@@ -605,37 +598,12 @@ def _cohort_device(name: str, *, local: bool) -> tuple[str, list[int]]:
     return "cuda", gpus  # each worker sees only its GPU, as cuda:0
 
 
-def gpu_worker_specs(gpus: Sequence[int], *, threads: int) -> dict[str, dict[str, Any]]:
-    """Dask ``SpecCluster`` workers for a local GPU cluster: one nanny-managed process per GPU,
-    which sees only that GPU (``CUDA_VISIBLE_DEVICES``) and declares the ``GPU`` resource."""
-    from distributed import Nanny
-
-    return {
-        f"gpu{g}": {
-            "cls": Nanny,
-            "options": {
-                "nthreads": 1,
-                "resources": {"GPU": 1},
-                "env": {"CUDA_VISIBLE_DEVICES": str(g), "OMP_NUM_THREADS": str(threads)},
-                "dashboard_address": None,
-            },
-        }
-        for g in gpus
-    }
-
-
 def _start_cluster(args: argparse.Namespace, gpus: Sequence[int]) -> tuple[Any, Any]:
     """(client, cluster to close or None) for ``--scheduler`` or a local cluster."""
-    import importlib
+    from simsearch_wsi.cluster import import_distributed, start_local_cluster
 
-    try:
-        distributed: Any = importlib.import_module("distributed")  # untyped library
-    except ImportError:
-        raise ConfigError(
-            "cohort runs on Dask distributed, which is not installed; install it with "
-            "pip install 'simsearch_wsi[distributed]'"
-        ) from None
     if args.scheduler:
+        distributed = import_distributed()
         try:
             return distributed.Client(args.scheduler, timeout="30s"), None
         except (OSError, TimeoutError) as exc:
@@ -643,26 +611,9 @@ def _start_cluster(args: argparse.Namespace, gpus: Sequence[int]) -> tuple[Any, 
                 f"--scheduler {args.scheduler}: cannot connect ({exc}); start the scheduler "
                 "first ('dask scheduler') and give its tcp://HOST:PORT address"
             ) from None
-    cores = os.cpu_count() or 1
-    if gpus:
-        if args.workers is not None and args.workers < len(gpus):
-            gpus = list(gpus)[: args.workers]
-        cluster = distributed.SpecCluster(
-            workers=gpu_worker_specs(gpus, threads=max(1, cores // len(gpus))),
-            scheduler={
-                "cls": distributed.Scheduler,
-                "options": {"dashboard_address": None},
-            },
-        )
-        n_workers = len(gpus)
-    else:
-        n_workers = args.workers or 2
-        cluster = distributed.LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None
-        )
-    client = distributed.Client(cluster)
-    client.run(_set_torch_threads, max(1, cores // n_workers))
-    return client, cluster
+    if gpus and args.workers is not None:
+        gpus = list(gpus)[: args.workers]
+    return start_local_cluster(args.workers or 2, cores=os.cpu_count() or 1, gpus=gpus)
 
 
 def _cmd_cohort(args: argparse.Namespace) -> int:

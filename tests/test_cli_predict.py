@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,29 @@ def test_predict_writes_every_output_and_resumes(
     assert main([*args, "--threshold", "ring=0.6", "--force", "--json", "--no-zarr"]) == 0
     (image,) = json.loads(capsys.readouterr().out)["images"]
     assert not image["reused"] and "ome_zarr" not in image["outputs"]
+
+
+def test_a_changed_input_is_predicted_again_to_the_same_files(
+    tmp_path: Path, tiny_bundle: Path, small_slides: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slide = tmp_path / "slide.tiff"
+    slide.write_bytes(small_slides[1].path.read_bytes())
+    out = tmp_path / "results"
+    args = ["predict", str(slide), "--model", str(tiny_bundle), "--out", str(out), "--json"]
+
+    def reused() -> bool:
+        assert main(args) == 0
+        (image,) = json.loads(capsys.readouterr().out)["images"]
+        return bool(image["reused"])
+
+    assert not reused()
+    first = (out / "slide.geojson").read_bytes()
+    assert reused()
+    st = slide.stat()
+    os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the input was replaced
+    assert not reused()
+    # the same pixels, model and settings give the same file, object ids included
+    assert (out / "slide.geojson").read_bytes() == first
 
 
 @pytest.mark.parametrize(

@@ -304,19 +304,37 @@ def test_tasks_needing_a_resource_no_worker_offers_are_refused() -> None:
         check_resources(Client([{}, {"GPU": 0.5}]), {"GPU": 1})
 
 
-def test_a_local_gpu_cluster_gives_each_worker_its_own_gpu() -> None:
-    """What `cohort --device cuda` starts on a GPU machine: one worker process per GPU, which
-    sees only that GPU and declares the GPU resource (checked here without a GPU: the worker
-    processes' environment and resources)."""
-    from simsearch_wsi.cli import gpu_worker_specs
+def _worker_setup() -> tuple[str | None, str | None, int]:
+    import torch
 
-    cluster = distributed.SpecCluster(
-        workers=gpu_worker_specs([0, 1], threads=1),
-        scheduler={"cls": distributed.Scheduler, "options": {"dashboard_address": None}},
-    )
-    with cluster, distributed.Client(cluster) as client:
+    env = os.environ
+    threads = torch.get_num_threads()
+    return env.get("CUDA_VISIBLE_DEVICES"), env.get("MALLOC_TRIM_THRESHOLD_"), threads
+
+
+@pytest.mark.parametrize("gpus", [(), (0, 1)], ids=["cpu", "gpus"])
+def test_local_clusters_set_up_their_workers_for_torch(
+    gpus: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `cohort` starts locally: single-threaded worker processes sharing the cores for
+    torch, with glibc's adaptive allocator (not Dask's MALLOC_TRIM_THRESHOLD_); with GPUs one
+    worker per GPU that sees only that GPU and declares the GPU resource (checked here without
+    a GPU: the worker processes' environment and resources)."""
+    from simsearch_wsi.cluster import start_local_cluster
+
+    for name in ("MALLOC_TRIM_THRESHOLD_", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    client, cluster = start_local_cluster(2, cores=4, gpus=gpus)
+    try:
         client.wait_for_workers(2, timeout=60)
-        seen = client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
+        seen = sorted(client.run(_worker_setup).values(), key=str)
         workers = client.scheduler_info(n_workers=-1)["workers"]
-    assert sorted(seen.values()) == ["0", "1"]
-    assert [w["resources"] for w in workers.values()] == [{"GPU": 1}, {"GPU": 1}]
+    finally:
+        client.close()
+        cluster.close()
+    if gpus:
+        assert seen == [("0", None, 2), ("1", None, 2)]
+        assert [w["resources"] for w in workers.values()] == [{"GPU": 1}, {"GPU": 1}]
+    else:
+        assert seen == [(None, None, 2), (None, None, 2)]
+        assert [w.get("resources") or {} for w in workers.values()] == [{}, {}]

@@ -274,6 +274,15 @@ def test_a_plate_gives_one_row_per_well_field_and_class(
     with open_image(targets[0].path) as im:
         back = np.asarray(zarr.open_group(targets[0].path, mode="r")["labels/simsearch/0"])
         assert back.shape == (im.dimensions[1], im.dimensions[0])
+    # labels written into the inputs do not change their identity: a rerun redoes nothing
+    again = predict_images(
+        targets,
+        PatchModel(bundle),
+        tmp_path / "out",
+        open_image=open_image,
+        settings=PredictSettings(write_overlay=False, write_back=True),
+    )
+    assert [r.reused for r in again] == [True] * n_fields
 
 
 def test_inputs_with_the_same_stem_are_refused(tmp_path: Path, small_slides: Any) -> None:
