@@ -659,15 +659,16 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
         if cluster is not None:
             cluster.close()
     console = _console()
-    counts = {s: sum(i.status == s for i in result.images) for s in ("done", "reused", "failed")}
+    counts = result.summary
     console.print(
-        f"{len(result.images)} images: {counts['done']} done, {counts['reused']} already "
+        f"{counts['total']} images: {counts['done']} done, {counts['reused']} already "
         f"finished, {counts['failed']} failed",
         markup=False,
     )
     for image in result.failed:
         console.print(f"  failed {image.path}: {image.error}", markup=False)
-    console.print(f"table {result.table}; run record {result.metadata}", markup=False)
+    table = result.table or "none (no image finished)"
+    console.print(f"table {table}; run record {result.metadata}", markup=False)
     if result.plots:
         console.print("plots " + ", ".join(str(p) for p in result.plots.values()), markup=False)
     return EXIT_ERROR if result.failed else EXIT_OK

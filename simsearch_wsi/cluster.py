@@ -46,7 +46,7 @@ def set_torch_threads(n: int) -> int:
     return int(torch.get_num_threads())
 
 
-def gpu_worker_specs(gpus: Sequence[int], *, threads: int) -> dict[str, dict[str, Any]]:
+def gpu_worker_specs(gpus: Sequence[int]) -> dict[str, dict[str, Any]]:
     """Dask ``SpecCluster`` workers for a local GPU cluster: one nanny-managed process per GPU,
     which sees only that GPU (``CUDA_VISIBLE_DEVICES``) and declares the ``GPU`` resource."""
     distributed = import_distributed()
@@ -56,7 +56,7 @@ def gpu_worker_specs(gpus: Sequence[int], *, threads: int) -> dict[str, dict[str
             "options": {
                 "nthreads": 1,
                 "resources": {"GPU": 1},
-                "env": {"CUDA_VISIBLE_DEVICES": str(g), "OMP_NUM_THREADS": str(threads)},
+                "env": {"CUDA_VISIBLE_DEVICES": str(g)},
                 "dashboard_address": None,
             },
         }
@@ -75,7 +75,7 @@ def start_local_cluster(n_workers: int, *, cores: int, gpus: Sequence[int] = ())
         if gpus:
             n_workers = len(gpus)
             cluster = distributed.SpecCluster(
-                workers=gpu_worker_specs(gpus, threads=max(1, cores // n_workers)),
+                workers=gpu_worker_specs(gpus),
                 scheduler={"cls": distributed.Scheduler, "options": {"dashboard_address": None}},
             )
         else:

@@ -96,6 +96,16 @@ class CohortResult:
     def failed(self) -> list[CohortImage]:
         return [i for i in self.images if i.status == "failed"]
 
+    @property
+    def summary(self) -> dict[str, int]:
+        """Images in all, and by status."""
+        return _summary(self.images)
+
+
+def _summary(images: Sequence[CohortImage]) -> dict[str, int]:
+    counts = {s: sum(i.status == s for i in images) for s in ("done", "reused", "failed")}
+    return {"total": len(images), **counts}
+
 
 def read_manifest(path: str | Path) -> list[CohortEntry]:
     """Rows of a CSV manifest: a ``path`` column (relative paths are taken from the manifest's
@@ -383,12 +393,7 @@ def run_cohort(
             "table": str(table) if table else None,
             "plots": {k: str(v) for k, v in plots.items()},
             "images": [i.to_dict() for i in finished],
-            "summary": {
-                "total": len(finished),
-                "done": sum(i.status == "done" for i in finished),
-                "reused": sum(i.status == "reused" for i in finished),
-                "failed": sum(i.status == "failed" for i in finished),
-            },
+            "summary": _summary(finished),
         },
     )
     return CohortResult(finished, table, metadata, plots)
