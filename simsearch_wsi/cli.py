@@ -731,16 +731,105 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- evaluate -----------------------------------------------------------------------------------
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import time
+
+    from simsearch_wsi.eval.ablation import AblationConfig, run_ablation
+    from simsearch_wsi.eval.benchmark import read_benchmark_csv, synthetic_benchmark
+    from simsearch_wsi.eval.report import summarize, summary_markdown, write_report
+    from simsearch_wsi.io import open_image
+
+    out = Path(args.out)
+    config = AblationConfig(
+        strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
+        prototypes=tuple(args.prototypes),
+        negatives=tuple(args.negatives),
+        repeats=args.repeats,
+        seed=args.seed,
+        preset=args.preset,
+        background=args.background,
+    )
+    if args.benchmark:
+        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+        benchmark = read_benchmark_csv(
+            args.benchmark,
+            patch_size_l0=args.patch_size_px,
+            classes=classes,
+            mask_downsample=args.mask_downsample,
+        )
+    else:
+        benchmark = synthetic_benchmark(out / "data", seed=args.seed)
+    if args.cache is None:  # an evaluation keeps its features with its results
+        args.cache = str(out / "feature_cache")
+    search = _build_search(args)
+    mpp = {str(Path(t.path).resolve()): t.mpp for t in (*benchmark.review, *benchmark.test)}
+
+    def opener(path: str | os.PathLike[str]) -> Any:
+        return open_image(path, mpp=mpp.get(str(Path(path).resolve())) or args.mpp)
+
+    t0 = time.perf_counter()
+    results = []
+    with _progress() as progress:
+        for result in run_ablation(
+            benchmark,
+            config,
+            search,
+            out,
+            open_image=opener,
+            device=search.extractor.device,
+            resume=not args.no_resume,
+            run_missing=not args.report_only,
+            progress=progress,
+        ):
+            results.append(result)
+    files = write_report(results, benchmark.classes, out)
+    record = {
+        "benchmark": benchmark.to_dict(),
+        "config": config.to_dict(),
+        "weights": search.extractor.weights.description,
+        "device": str(search.extractor.device),
+        "runs": len(results),
+        "reused": sum(r.reused for r in results),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "files": {k: str(v) for k, v in files.items()},
+    }
+    from simsearch_wsi.atomic import write_json_atomic
+
+    files["record"] = write_json_atomic(out / "evaluation.json", record)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return EXIT_OK
+    console = _console()
+    console.print(
+        f"evaluate: {benchmark.name}, {len(results)} runs ({record['reused']} reused) in "
+        f"{record['seconds']} s; weights: {record['weights']}",
+        markup=False,
+    )
+    console.print(summary_markdown(summarize(results, benchmark.classes), benchmark.classes))
+    for role, path in files.items():
+        console.print(f"  {role:<8} {path}", markup=False)
+    return EXIT_OK
+
+
 # --- demo ---------------------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from simsearch_wsi.demo import run_demo
+    from simsearch_wsi.demo import EXAMPLES_DIR, run_demo
 
     console = _console()
     if args.cache is None:  # keep the demo self-contained
         args.cache = str(Path(args.out) / "feature_cache")
     search = _build_search(args)
+    examples = Path(args.examples) if args.examples else EXAMPLES_DIR
     with _progress() as progress:
-        result = run_demo(Path(args.out), seed=args.seed, search=search, progress=progress)
+        result = run_demo(
+            Path(args.out),
+            seed=args.seed,
+            search=search,
+            examples_dir=examples,
+            device=search.extractor.device,
+            progress=progress,
+        )
     console.print(result.summary(), markup=False)
     return EXIT_OK
 
@@ -1033,7 +1122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument(
         "--preset",
         default="fast",
-        choices=["fast", "paper"],
+        choices=["quick", "fast", "paper"],
         help="fast: minutes on a laptop CPU; paper: the SimSearch paper's epochs and schedules "
         "(default: %(default)s)",
     )
@@ -1072,7 +1161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_pre.add_argument(
         "--preset",
         default="fast",
-        choices=["fast", "paper"],
+        choices=["quick", "fast", "paper"],
         help="SimCLR schedule: fast, or the paper's 100 epochs (default: %(default)s)",
     )
     p_pre.add_argument(
@@ -1233,16 +1322,108 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_srv.set_defaults(func=_cmd_serve)
 
+    p_eval = sub.add_parser(
+        "evaluate",
+        parents=[engine],
+        help="score the method with a simulated user (the paper's ablation)",
+        description="Play the user of the SimSearch paper on images with ground truth: P random "
+        "prototypes per class, the similarity threshold lowered until N wrong suggestions are "
+        "flagged, the rest approved; train each strategy and score PR-AUC per class (and IoU "
+        "where the truth is a mask) on held-out images, over repeats. Writes runs.csv, "
+        "summary.csv, summary.md and pr_auc.png; finished runs are reused on a re-run.",
+    )
+    src = p_eval.add_mutually_exclusive_group()
+    src.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="generate the synthetic benchmark (default when no --benchmark is given)",
+    )
+    src.add_argument(
+        "--benchmark",
+        metavar="MANIFEST.csv",
+        default=None,
+        help="CSV with image, role (review, unlabelled, test), truth (CSV, GeoJSON or label "
+        "mask) and optional mpp columns",
+    )
+    p_eval.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
+    p_eval.add_argument(
+        "--strategies",
+        default="search,pos,pos+neg,pos+selflearn,pos+neg+selflearn",
+        help="comma-separated (default: %(default)s); search = the similarity search alone",
+    )
+    p_eval.add_argument(
+        "--prototypes",
+        nargs="+",
+        type=_int_at_least(1),
+        default=[5, 10],
+        metavar="P",
+        help="prototypes per class (default: 5 10)",
+    )
+    p_eval.add_argument(
+        "--negatives",
+        nargs="+",
+        type=_int_at_least(0),
+        default=[0, 5],
+        metavar="N",
+        help="wrong suggestions flagged per class (default: 0 5)",
+    )
+    p_eval.add_argument(
+        "--repeats", type=_int_at_least(1), default=3, help="repeats (default: %(default)s)"
+    )
+    p_eval.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    p_eval.add_argument(
+        "--preset", default="fast", choices=["quick", "fast", "paper"], help="training preset"
+    )
+    p_eval.add_argument(
+        "--background",
+        type=_int_at_least(0),
+        default=8,
+        help="background candidates reviewed per image, each end (default: %(default)s)",
+    )
+    p_eval.add_argument(
+        "--patch-size-px",
+        type=_positive_float,
+        default=64.0,
+        help="with --benchmark: the prototype square in level-0 pixels (default: %(default)s)",
+    )
+    p_eval.add_argument(
+        "--classes",
+        default=None,
+        help="with --benchmark: classes scored, in order (label 1, 2, ... of mask truth)",
+    )
+    p_eval.add_argument(
+        "--mask-downsample",
+        type=_positive_float,
+        default=1.0,
+        help="with --benchmark: level-0 pixels per pixel of mask truth (default: 1)",
+    )
+    p_eval.add_argument("--no-resume", action="store_true", help="rerun finished runs too")
+    p_eval.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: report the finished runs of OUT (e.g. of a stopped ablation)",
+    )
+    p_eval.add_argument("--json", action="store_true", help="print the record as JSON")
+    p_eval.set_defaults(func=_cmd_evaluate)
+
     p_demo = sub.add_parser(
         "demo",
         parents=[engine],
-        help="run the pipeline on embedded data and report what it produced",
-        description="Generate the embedded demo data (a synthetic H&E-like slide, scikit-image's "
-        "IHC sample as a pyramidal TIFF, a fluorescence slide and an OME-Zarr plate) and run "
-        "every pipeline step that exists on it, up to similarity search with prototypes.",
+        help="run the whole method on embedded data and report what it produced",
+        description="Generate the embedded demo data (synthetic H&E-like slides with ground "
+        "truth, scikit-image's IHC sample as a pyramidal TIFF, a fluorescence slide and an "
+        "OME-Zarr plate), then play the user with the prototypes in examples/: suggest -> "
+        "simulated review -> background -> train -> predict, writing QuPath GeoJSON, OME-Zarr "
+        "labels, quantification CSV and overlay PNGs, and scoring the result.",
     )
     p_demo.add_argument("--out", default="demo_output", help="output folder (default: %(default)s)")
-    p_demo.add_argument("--seed", type=int, default=0, help="seed for the synthetic data")
+    p_demo.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    p_demo.add_argument(
+        "--examples",
+        default=None,
+        metavar="DIR",
+        help="folder with the prototypes' GeoJSON files (default: the repository's examples/)",
+    )
     p_demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -1,49 +1,89 @@
-"""The embedded demo: generate real and synthetic inputs, run every pipeline step that exists.
+"""The embedded demo (``simsearch-wsi demo``, what ``make demo`` runs): the whole method on
+shipped and generated data, nothing downloaded.
 
-Inputs (all generated or shipped, nothing downloaded):
+Inputs, generated under ``<out>/data``:
 
-* ``synthetic_he.tiff``: an H&E-like pyramidal TIFF with ring/cluster/stripes motifs, its ground
-  truth as QuPath GeoJSON (the classified rectangles a user would draw) and CSV;
-* ``skimage_ihc.tiff``: scikit-image's IHC sample (DAB + haematoxylin, real pixels shipped with
-  scikit-image) written as a pyramidal TIFF;
-* ``synthetic_fluo.ome.tiff``: a DAPI/GFP/Cy5 OME-TIFF;
-* ``synthetic_plate.ome.zarr``: a 2 x 3-well OME-Zarr HCS plate, 2 fields per well.
+* ``synthetic_he/``: three seeded H&E-like pyramidal TIFFs (:func:`~simsearch_wsi.eval.benchmark.
+  synthetic_benchmark`): ``review0`` (the slide the user reviews), ``unlabelled0`` (never
+  reviewed; self-learning mines it) and ``test0`` (held out, scored), with ring/cluster/stripes
+  motifs, look-alike distractors and stain jitter; ground truth as CSV (and QuPath GeoJSON for
+  ``review0``);
+* ``skimage_ihc.tiff``: scikit-image's IHC sample (real pixels: colonic glands, DAB +
+  haematoxylin) as a pyramidal TIFF, its pixel size stated as 0.5 um/px (the sample has none);
+* ``synthetic_fluo.ome.tiff`` and ``synthetic_plate.ome.zarr`` (2 x 3 wells, 2 fields each).
 
-Steps per image: open, tissue/foreground mask, foreground tiles, intensity normalisation and the
-inter-channel correlation report; an overview PNG shows the mask and tiles. Then similarity search
-on the H&E slide: one prototype per class from the ground-truth GeoJSON (as a user would draw
-them), suggestions and background candidates written as QuPath GeoJSON and scored against the
-ground truth.
+Every image is opened, its foreground and tiles found and its intensities normalised (overview
+PNGs). Then two human-in-the-loop experiments play the user with the prototypes in the
+repository's ``examples/`` folder (QuPath GeoJSON a user can load too):
+
+1. **synthetic H&E**: suggest on ``review0`` -> the simulated user reviews the suggestions
+   against the ground truth (approves correct ones, flags wrong ones as negatives, confirms
+   background; :mod:`simsearch_wsi.eval.user`) -> train (``quick`` preset, default strategy) ->
+   predict on the held-out ``test0`` (QuPath GeoJSON, OME-Zarr labels, quantification CSV,
+   overlay PNG), scored by PR-AUC per class against its truth, next to the search alone;
+2. **IHC**: the same loop on the real IHC image, the reviewer being a colour rule
+   (:mod:`simsearch_wsi.eval.derived`, a pseudo-truth, not expert annotation); the prediction
+   is on the same image, so its IoU with the rule is agreement, not a held-out score.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from simsearch_wsi.atomic import atomic_path, write_json_atomic
+from simsearch_wsi.bundle import save_bundle
+from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.eval.ablation import score_model, score_search
+from simsearch_wsi.eval.benchmark import Benchmark, synthetic_benchmark
+from simsearch_wsi.eval.derived import IHC_CLASSES, ihc_pseudo_truth, label_fractions
+from simsearch_wsi.eval.metrics import paper_match_radius_l0
+from simsearch_wsi.eval.thresholded import segmentation_iou_on_truth
+from simsearch_wsi.eval.user import ReviewOutcome, TruthImage, UserConfig, simulate_review
+from simsearch_wsi.infer import PatchModel, dense_class_maps, segment
 from simsearch_wsi.io import ImageSource, open_image, open_plate
+from simsearch_wsi.predict import PredictResult, PredictTarget, predict_images
 from simsearch_wsi.preprocess import channel_correlation, fit_normalization
-from simsearch_wsi.qupath_geojson import read_annotations, write_feature_collection
-from simsearch_wsi.search import SimSearch, SuggestResult, prototypes_from_annotations
+from simsearch_wsi.qupath_geojson import box_features, read_annotations, write_feature_collection
+from simsearch_wsi.search import SimSearch, prototypes_from_annotations
+from simsearch_wsi.session import Session
+from simsearch_wsi.session_data import train_session
+from simsearch_wsi.similarity import Prototype
 from simsearch_wsi.synthetic import (
     make_fluorescence_slide,
     make_synthetic_plate,
-    make_synthetic_slide,
     write_pyramidal_tiff,
 )
 from simsearch_wsi.tiling import display_rgb8, foreground_tiles, read_overview
 from simsearch_wsi.tissue import TissueMask, detect_foreground
+from simsearch_wsi.train import TrainConfig
 
 ProgressFn = Callable[[str, int, int], None]
 
 TILE_SIZE = 512
 TILE_HALO = 128
+#: the repository's examples folder (the demo's prototypes); found when run from a clone
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+HE_PROTOTYPES = "synthetic_he.prototypes.geojson"
+IHC_PROTOTYPES = "skimage_ihc.prototypes.geojson"
+#: the demo's synthetic H&E slides (smaller than the evaluation benchmark's, for time)
+HE_SIZE = (1536, 1024)
+HE_PER_CLASS = 8
+#: the pixel size stated for scikit-image's uncalibrated IHC sample
+IHC_MPP = 0.5
+#: wrong suggestions the simulated user flags per class (the paper's N)
+DEMO_NEGATIVES = 5
+#: the training preset (about a minute per model on 2 CPU cores)
+DEMO_PRESET = "quick"
 
 
 @dataclass
@@ -53,10 +93,14 @@ class DemoResult:
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
     findings: list[str] = field(default_factory=list)
+    scores: dict[str, Any] = field(default_factory=dict)
+    weights: str = ""
     seconds: float = 0.0
 
     def summary(self) -> str:
         lines = [f"simsearch-wsi demo: finished in {self.seconds:.1f} s, outputs in {self.out_dir}"]
+        if self.weights:
+            lines.append(f"  weights: {self.weights}")
         lines += [f"  {f}" for f in self.findings]
         lines.append("files:")
         width = max(len(k) for k in self.files) if self.files else 0
@@ -107,62 +151,55 @@ def _n_grid(image: ImageSource) -> int:
     return (-(-w // TILE_SIZE)) * (-(-h // TILE_SIZE))
 
 
-def _score(
-    result: SuggestResult, truth: dict[str, list[tuple[float, float]]], radius_l0: float
-) -> dict[str, tuple[int, int, int]]:
-    """(true positives, suggestions, ground-truth objects) per class; a suggestion is a true
-    positive when its centre is within ``radius_l0`` of an unmatched object of its class."""
-    out = {}
-    for cls, centres in truth.items():
-        mine = sorted(
-            (s for s in result.suggestions if s.class_name == cls), key=lambda s: -s.similarity
-        )
-        used: set[int] = set()
-        for s in mine:
-            cx, cy = s.box.center_l0
-            d = [float(np.hypot(cx - x, cy - y)) for x, y in centres]
-            k = int(np.argmin(d)) if d else -1
-            if k >= 0 and d[k] <= radius_l0 and k not in used:
-                used.add(k)
-        out[cls] = (len(used), len(mine), len(centres))
-    return out
-
-
 def run_demo(
     out_dir: Path,
     *,
     seed: int = 0,
     search: SimSearch | None = None,
+    examples_dir: Path = EXAMPLES_DIR,
+    device: torch.device | str = "cpu",
     progress: ProgressFn | None = None,
 ) -> DemoResult:
-    """Generate the embedded inputs under ``out_dir/data`` and run the pipeline on them.
+    """Generate the inputs under ``out_dir/data`` and run the pipeline on them (module
+    docstring).
 
-    ``search`` (weights, device and cache chosen by the caller) enables the similarity-search
-    step; without it only the I/O, masks, tiles and normalisation steps run.
+    ``search`` (weights, device and cache chosen by the caller) enables the two experiments
+    (suggest -> review -> train -> predict, with the prototypes in ``examples_dir``); without
+    it only the I/O, masks, tiles and normalisation steps run. ``seed`` seeds the training.
     """
     from skimage import data as skdata
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    if search is not None:
+        for name in (HE_PROTOTYPES, IHC_PROTOTYPES):
+            if not (Path(examples_dir) / name).is_file():
+                raise ConfigError(
+                    f"{Path(examples_dir) / name}: the demo's prototypes are missing; run the "
+                    "demo from a clone of the repository or pass --examples DIR"
+                )
     data_dir = out_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     result = DemoResult(out_dir=out_dir)
-    steps = ["inputs", "synthetic_he", "skimage_ihc", "synthetic_fluo", "plate", "suggest"]
+    steps = ["inputs", "synthetic_he", "skimage_ihc", "synthetic_fluo", "plate", "H&E", "IHC"]
     report = progress or (lambda stage, done, total: None)
 
     report("demo", 0, len(steps))
-    slide = make_synthetic_slide(data_dir / "synthetic_he.tiff", seed=seed)
-    result.files["synthetic H&E slide"] = slide.path
-    result.files["its ground truth (QuPath GeoJSON)"] = (
-        data_dir / "synthetic_he.ground_truth.geojson"
+    bench = synthetic_benchmark(
+        data_dir / "synthetic_he",
+        n_review=1,
+        n_unlabelled=1,
+        n_test=1,
+        size=HE_SIZE,
+        n_per_class=HE_PER_CLASS,
     )
-    slide.to_geojson(result.files["its ground truth (QuPath GeoJSON)"])
-    result.files["its ground truth (CSV)"] = slide.to_csv(
-        data_dir / "synthetic_he.ground_truth.csv"
-    )
-    ihc_path = write_pyramidal_tiff(
-        data_dir / "skimage_ihc.tiff", skdata.immunohistochemistry(), mpp=None, n_levels=2
-    )
+    review = bench.review[0]
+    result.files["synthetic H&E slides (review, unlabelled, test)"] = review.path.parent
+    truth_geojson = review.path.with_name("review0.ground_truth.geojson")
+    _write_truth_geojson(review, truth_geojson)
+    result.files["review slide ground truth (QuPath GeoJSON)"] = truth_geojson
+    rgb = skdata.immunohistochemistry()
+    ihc_path = write_pyramidal_tiff(data_dir / "skimage_ihc.tiff", rgb, mpp=None, n_levels=2)
     result.files["IHC slide (scikit-image sample)"] = ihc_path
     fluo = make_fluorescence_slide(data_dir / "synthetic_fluo.ome.tiff", seed=seed + 1)
     result.files["fluorescence slide"] = fluo.path
@@ -170,11 +207,11 @@ def run_demo(
     result.files["HCS plate"] = plate.path
     report("demo", 1, len(steps))
 
-    with open_image(slide.path) as img:
+    with open_image(review.path) as img:
         _process_image(img, "synthetic_he", out_dir, result)
     report("demo", 2, len(steps))
     # The IHC sample has no calibration; 0.5 um/px is stated, not read (scikit-image: 'IHC').
-    with open_image(ihc_path, mpp=0.5) as img:
+    with open_image(ihc_path, mpp=IHC_MPP) as img:
         _process_image(img, "skimage_ihc", out_dir, result)
     report("demo", 3, len(steps))
     with open_image(fluo.path) as img:
@@ -188,7 +225,34 @@ def run_demo(
         )
         result.findings.append(f"synthetic_fluo: mean |r| with other channels: {pairs}")
     report("demo", 4, len(steps))
-    opened = open_plate(plate.path)
+    _process_plate(plate.path, out_dir, result)
+    report("demo", 5, len(steps))
+    if search is not None:
+        result.weights = search.extractor.weights.description
+        run = _Run(search, Path(examples_dir), out_dir, result, device, seed, progress)
+        _experiment_he(run, bench)
+        report("demo", 6, len(steps))
+        _experiment_ihc(
+            run, TruthImage(ihc_path, ihc_pseudo_truth(rgb, source="IHC colour rule"), IHC_MPP)
+        )
+    report("demo", len(steps), len(steps))
+    result.seconds = time.perf_counter() - t0
+    write_json_atomic(
+        out_dir / "demo_summary.json",
+        {
+            "findings": result.findings,
+            "weights": result.weights,
+            "scores": result.scores,
+            "files": {k: str(v) for k, v in result.files.items()},
+            "seconds": round(result.seconds, 2),
+        },
+    )
+    result.files["summary"] = out_dir / "demo_summary.json"
+    return result
+
+
+def _process_plate(path: Path, out_dir: Path, result: DemoResult) -> None:
+    opened = open_plate(path)
     fields = list(opened.fields())
     images = [f.open() for f in fields]
     try:
@@ -206,76 +270,216 @@ def run_demo(
         f"synthetic_plate: {len(opened.wells)} wells x {len(fields) // len(opened.wells)} "
         f"fields; plate-wide intensity range {ranges}"
     )
-    report("demo", 5, len(steps))
-    if search is not None:
-        _demo_suggest(search, slide, data_dir, out_dir, result, progress)
-    report("demo", 6, len(steps))
-    result.seconds = time.perf_counter() - t0
-    write_json_atomic(
-        out_dir / "demo_summary.json",
-        {
-            "findings": result.findings,
-            "files": {k: str(v) for k, v in result.files.items()},
-            "seconds": round(result.seconds, 2),
-        },
+
+
+def _write_truth_geojson(image: TruthImage, path: Path) -> Path:
+    """The truth's boxes as classified QuPath annotations (what an expert would have drawn)."""
+    names = [c for c in image.truth.classes for _ in range(image.truth.n_objects(c))]
+    boxes = np.concatenate([image.truth.boxes(c) for c in image.truth.classes])
+    return write_feature_collection(
+        path, box_features(boxes, class_names=names, object_type="annotation")
     )
-    result.files["summary"] = out_dir / "demo_summary.json"
+
+
+def _read_prototypes(path: Path, image: TruthImage, open_fn: Any) -> list[Prototype]:
+    """The rectangles of a QuPath GeoJSON file as prototypes on ``image``."""
+    with open_fn(image.path) as img:
+        protos = prototypes_from_annotations(read_annotations(path), img, where=str(path))
+    return [dataclasses.replace(p, image=image.key) for p in protos]
+
+
+def _loop(
+    search: SimSearch,
+    images: list[TruthImage],
+    classes: tuple[str, ...],
+    prototypes: list[Prototype],
+    *,
+    work: Path,
+    patch_size_l0: float,
+    noisy_images: tuple[Path, ...],
+    open_fn: Any,
+    device: torch.device | str,
+    seed: int,
+    progress: ProgressFn | None,
+) -> tuple[ReviewOutcome, PatchModel, Path, list[str]]:
+    """suggest -> simulated review -> background -> train; the session and ``model.zip`` go
+    to ``work``. Returns the review, the model, the bundle's path and training notes."""
+    session_dir = work / "session"
+    if session_dir.exists():  # a rerun replays the same review from scratch
+        shutil.rmtree(session_dir)
+    session = Session.create(session_dir)
+    outcome = simulate_review(
+        search,
+        session,
+        images,
+        classes=classes,
+        config=UserConfig(
+            prototypes_per_class=max(1, len(prototypes) // len(classes)),
+            negatives_per_class=DEMO_NEGATIVES,
+        ),
+        patch_size_l0=patch_size_l0,
+        radius_l0=paper_match_radius_l0(patch_size_l0),
+        rng=np.random.default_rng(seed),
+        open_image=open_fn,
+        prototypes=prototypes,
+        progress=progress,
+    )
+    trained = train_session(
+        session,
+        search,
+        TrainConfig.preset_config(DEMO_PRESET),
+        open_image=open_fn,
+        noisy_images=noisy_images,
+        device=device,
+        seed=seed,
+        progress=progress,
+    )
+    bundle_path = save_bundle(work / "model.zip", trained.bundle)
+    return outcome, PatchModel(trained.bundle, device=device), bundle_path, list(trained.notes)
+
+
+def _review_line(outcome: ReviewOutcome) -> str:
+    return ", ".join(
+        f"{c} {outcome.approved[c]} approved / {outcome.flagged[c]} flagged"
+        for c in outcome.approved
+    )
+
+
+def _predict(
+    model: PatchModel, path: Path, out: Path, open_fn: Any, progress: ProgressFn | None
+) -> PredictResult:
+    (result,) = predict_images(
+        [PredictTarget(str(path), path.name.split(".")[0])],
+        model,
+        out,
+        open_image=open_fn,
+        resume=False,
+        progress=progress,
+    )
     return result
 
 
-def _demo_suggest(
-    search: SimSearch,
-    slide: Any,
-    data_dir: Path,
-    out_dir: Path,
-    result: DemoResult,
-    progress: ProgressFn | None,
-) -> None:
-    """The user's first loop on the H&E slide: one prototype per class -> suggestions."""
-    gt_path = data_dir / "synthetic_he.ground_truth.geojson"
-    annotations = read_annotations(gt_path)
-    firsts: dict[str, Any] = {}
-    for a in annotations:
-        if a.class_name and a.class_name not in firsts:
-            firsts[a.class_name] = a
-    proto_path = write_feature_collection(
-        data_dir / "synthetic_he.prototypes.geojson",
-        [
-            {
-                "type": "Feature",
-                "id": a.id,
-                "properties": a.properties,
-                "geometry": {
-                    "type": "Polygon",
-                    "coordinates": [
-                        [
-                            [a.box.x_l0, a.box.y_l0],
-                            [a.box.x1_l0, a.box.y_l0],
-                            [a.box.x1_l0, a.box.y1_l0],
-                            [a.box.x_l0, a.box.y1_l0],
-                            [a.box.x_l0, a.box.y_l0],
-                        ]
-                    ],
-                },
-            }
-            for a in firsts.values()
-        ],
+@dataclass(frozen=True)
+class _Run:
+    """What both experiments share: the engine, where things are, and the run's settings."""
+
+    search: SimSearch
+    examples_dir: Path
+    out_dir: Path
+    result: DemoResult
+    device: torch.device | str
+    seed: int
+    progress: ProgressFn | None
+
+
+def _experiment_he(run: _Run, bench: Benchmark) -> None:
+    """Experiment 1 (module docstring): synthetic H&E, scored on the held-out slide."""
+    search, out_dir, result, progress = run.search, run.out_dir, run.result, run.progress
+    examples_dir, device, seed = run.examples_dir, run.device, run.seed
+    work = out_dir / "synthetic_he"
+    review = bench.review[0]
+    prototypes = _read_prototypes(examples_dir / HE_PROTOTYPES, review, open_image)
+    outcome, model, bundle_path, notes = _loop(
+        search,
+        [review],
+        bench.classes,
+        prototypes,
+        work=work,
+        patch_size_l0=bench.patch_size_l0,
+        noisy_images=bench.unlabelled,
+        open_fn=open_image,
+        device=device,
+        seed=seed,
+        progress=progress,
     )
-    result.files["prototypes (QuPath GeoJSON)"] = proto_path
-    with open_image(slide.path) as img:
-        protos = prototypes_from_annotations(list(firsts.values()), img, where=str(proto_path))
-        found = search.suggest(img, protos, n_background=5, progress=progress)
-    out = write_feature_collection(
-        out_dir / "synthetic_he.suggestions.geojson", found.geojson_features()
+    result.files["H&E session (review decisions)"] = work / "session" / "session.json"
+    result.files["H&E model bundle"] = bundle_path
+    radius = paper_match_radius_l0(bench.patch_size_l0)
+    searched = score_search(
+        search, bench, prototypes, open_image=open_image, radius_l0=radius, progress=progress
     )
-    result.files["suggestions (QuPath detections)"] = out
-    truth = {c: [o.center_l0 for o in slide.objects_of(c)[1:]] for c in slide.classes}
-    scores = _score(found, truth, radius_l0=max(p.box.width_l0 for p in protos) / 2)
-    parts = ", ".join(
-        f"{c} {tp}/{n_truth} found, {tp}/{n} correct" for c, (tp, n, n_truth) in scores.items()
+    scored = score_model(model, bench, open_image=open_image, radius_l0=radius, progress=progress)
+    test = bench.test[0].path
+    predicted = _predict(model, test, work / "predictions", open_image, progress)
+    _record_outputs(result, "H&E test slide", predicted, work / "predictions")
+    aps = {s.class_name: s.ap for s in scored}
+    search_aps = {s.class_name: s.ap for s in searched}
+    result.scores["synthetic_he"] = {
+        "review": outcome.to_dict(),
+        "pr_auc_model": aps,
+        "pr_auc_search": search_aps,
+        "iou_model": {s.class_name: s.iou for s in scored},
+        "detections": predicted.n_detections,
+        "notes": notes,
+    }
+    result.findings.append(
+        f"synthetic H&E: {len(prototypes)} prototypes from {HE_PROTOTYPES}; simulated review on "
+        f"review0: {_review_line(outcome)}"
     )
     result.findings.append(
-        f"suggest on synthetic_he (1 prototype per class, threshold "
-        f"{min(found.thresholds.values()):.2f}): {parts}; embed {found.seconds_embed:.1f} s, "
-        f"query {found.seconds_query:.2f} s; weights: {found.weights}"
+        "synthetic H&E, held-out test0, PR-AUC (model | search alone): "
+        + ", ".join(f"{c} {aps[c]:.2f} | {search_aps[c]:.2f}" for c in bench.classes)
+        + f"; mean {np.nanmean(list(aps.values())):.2f} | "
+        f"{np.nanmean(list(search_aps.values())):.2f}"
     )
+
+
+def _experiment_ihc(run: _Run, ihc: TruthImage) -> None:
+    """Experiment 2 (module docstring): real IHC pixels, reviewed by the colour rule."""
+    search, out_dir, result, progress = run.search, run.out_dir, run.result, run.progress
+    examples_dir, device, seed = run.examples_dir, run.device, run.seed
+    work = out_dir / "skimage_ihc"
+    open_fn = partial(open_image, mpp=IHC_MPP)
+    prototypes = _read_prototypes(examples_dir / IHC_PROTOTYPES, ihc, open_fn)
+    size = float(np.median([p.box.width_l0 for p in prototypes]))
+    outcome, model, bundle_path, notes = _loop(
+        search,
+        [ihc],
+        IHC_CLASSES,
+        prototypes,
+        work=work,
+        patch_size_l0=size,
+        noisy_images=(),
+        open_fn=open_fn,
+        device=device,
+        seed=seed,
+        progress=progress,
+    )
+    result.files["IHC session (review decisions)"] = work / "session" / "session.json"
+    result.files["IHC model bundle"] = bundle_path
+    predicted = _predict(model, ihc.path, work / "predictions", open_fn, progress)
+    _record_outputs(result, "IHC", predicted, work / "predictions")
+    with open_fn(ihc.path) as img:
+        maps = dense_class_maps(img, model, progress=progress)
+    seg = segment(maps, model.bundle.thresholds)
+    iou = segmentation_iou_on_truth(
+        seg.labels, classes=seg.classes, downsample=seg.downsample, truth=ihc.truth
+    )
+    rule = label_fractions(ihc.truth)
+    result.scores["skimage_ihc"] = {
+        "review": outcome.to_dict(),
+        "iou_with_colour_rule": iou,
+        "rule_fractions": rule,
+        "notes": notes,
+    }
+    result.findings.append(
+        "IHC (real pixels; reviewer = colour rule, a pseudo-truth: "
+        + ", ".join(f"{c} {f:.0%} of the image" for c, f in rule.items())
+        + f"): {len(prototypes)} prototypes from {IHC_PROTOTYPES}; {_review_line(outcome)}"
+    )
+    result.findings.append(
+        "IHC segmentation vs the colour rule on the same image (agreement, not held out), IoU: "
+        + ", ".join(f"{c} {v:.2f}" for c, v in iou.items())
+    )
+
+
+def _record_outputs(result: DemoResult, what: str, predicted: PredictResult, folder: Path) -> None:
+    names = {
+        "geojson": "QuPath GeoJSON",
+        "ome_zarr": "OME-Zarr labels",
+        "overlay": "overlay PNG",
+    }
+    for key, label in names.items():
+        if key in predicted.outputs:
+            result.files[f"{what} {label}"] = Path(predicted.outputs[key])
+    result.files[f"{what} quantification CSV"] = folder / "quantification.csv"

@@ -36,6 +36,7 @@ from simsearch_wsi.backbones import BackboneSpec, WeightsInfo
 from simsearch_wsi.errors import ConfigError, MetadataError
 from simsearch_wsi.geometry import BoxL0, lvl_to_l0_location
 from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.precision import autocast_pays_off
 from simsearch_wsi.preprocess import ChannelNormalization, resolve_channels
 from simsearch_wsi.tissue import TissueMask
 
@@ -204,8 +205,10 @@ class FeatureExtractor:
     device
         where to run; the caller decides (the CLI's ``--device``).
     autocast
-        run in bfloat16 (CPU) / float16 (CUDA) autocast. On CPU bf16 was measured 1.9x faster
-        than fp32 for this trunk and rank-preserving (docs/benchmarks.md).
+        run in bfloat16 (CPU) / float16 (CUDA) autocast where that is faster
+        (:func:`~simsearch_wsi.precision.autocast_pays_off`: CUDA, or a CPU with native bf16;
+        elsewhere fp32). On an AVX-512 BF16 CPU bf16 was measured 1.9x faster than fp32 for this
+        trunk and rank-preserving (docs/benchmarks.md).
     """
 
     def __init__(
@@ -221,7 +224,7 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.spec = spec
         self.weights = weights
-        self.autocast = autocast
+        self.autocast = autocast and autocast_pays_off(self.device)
         self.channels_last = channels_last
         self.trunk = trunk.to(self.device).eval()
         if channels_last:

@@ -51,6 +51,13 @@ class BoxL0:
             and other.y_l0 < self.y1_l0
         )
 
+    def clipped(self, width_l0: float, height_l0: float) -> BoxL0:
+        """The part of the box inside an image of ``width_l0`` x ``height_l0`` level-0 pixels
+        (zero width or height when it lies outside)."""
+        x0, y0 = min(max(self.x_l0, 0.0), width_l0), min(max(self.y_l0, 0.0), height_l0)
+        x1, y1 = min(max(self.x1_l0, 0.0), width_l0), min(max(self.y1_l0, 0.0), height_l0)
+        return BoxL0(x0, y0, x1 - x0, y1 - y0)
+
     def contains_point(self, x_l0: float, y_l0: float) -> bool:
         """True when the level-0 point lies inside the box (edges included)."""
         return self.x_l0 <= x_l0 <= self.x1_l0 and self.y_l0 <= y_l0 <= self.y1_l0

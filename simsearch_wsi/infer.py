@@ -153,7 +153,7 @@ class ClassMaps:
         return self.spec.scale
 
     def window_box_l0(self, i: float, j: float) -> BoxL0:
-        """Level-0 box of window (i, j)."""
+        """Level-0 box of window (i, j); a window at the border reaches past the image."""
         cx_a, cy_a = self.geometry.window_center_a(i, j)
         w_a, h_a = self.geometry.width_a, self.geometry.height_a
         return self.scale.box_to_l0(cx_a - w_a / 2, cy_a - h_a / 2, w_a, h_a)
@@ -248,7 +248,8 @@ def detect(
     max_per_class: int = 100_000,
 ) -> list[Detection]:
     """Local maxima of each (non-background) class map at or above its threshold, where that
-    class is also the most probable; at least one patch width apart within a class."""
+    class is also the most probable; at least one patch width apart within a class. Boxes are
+    the model's patch, clipped to the image."""
     p = maps.probabilities
     finite = np.isfinite(p).all(axis=0)
     best = np.where(finite, np.nanargmax(np.where(np.isfinite(p), p, -1.0), axis=0), -1)
@@ -266,7 +267,9 @@ def detect(
         )
         for i, j in peaks:
             probs = {n: float(p[k, i, j]) for k, n in enumerate(maps.classes)}
-            out.append(Detection(name, maps.window_box_l0(float(i), float(j)), probs[name], probs))
+            # clipped to the image: QuPath objects stay inside it
+            box = maps.window_box_l0(float(i), float(j)).clipped(*maps.image_size_l0)
+            out.append(Detection(name, box, probs[name], probs))
     return out
 
 

@@ -37,7 +37,7 @@ from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.geometry import validate_mpp
 from simsearch_wsi.qupath_geojson import OBJECT_TYPES, geometry_feature
 
-__all__ = ["mask_to_polygons", "polygons_to_features"]
+__all__ = ["clip_to_image", "mask_to_polygons", "polygons_to_features"]
 
 _I64 = NDArray[np.int64]
 _Geoms = NDArray[np.object_]
@@ -322,6 +322,25 @@ def _ring_components(pad: NDArray[np.integer[Any]], t: Mapping[str, Any]) -> _I6
     pix_j = np.where(is_h, np.where(bit == 0, x0, x0 - 1), np.where(bit == 0, x0 - 1, x0))
     comp = label(pad, background=0, connectivity=1)
     return np.asarray(comp[pix_i, pix_j], dtype=np.int64)
+
+
+def clip_to_image(
+    regions: Mapping[int, MultiPolygon], width_l0: float, height_l0: float
+) -> dict[int, MultiPolygon]:
+    """``regions`` cut to the image ``[0, width_l0] x [0, height_l0]``: a mask grid whose last
+    pixels reach past the image's edge gives polygons that do too, which QuPath objects must
+    not. Labels left with no area are dropped."""
+    frame = shapely.box(0.0, 0.0, float(width_l0), float(height_l0))
+    out: dict[int, MultiPolygon] = {}
+    for label, mp in regions.items():
+        if frame.contains(mp):
+            out[label] = mp
+            continue
+        cut = mp.intersection(frame)
+        parts = [g for g in getattr(cut, "geoms", [cut]) if isinstance(g, Polygon) and g.area > 0]
+        if parts:
+            out[label] = MultiPolygon(parts)
+    return out
 
 
 def mask_to_polygons(

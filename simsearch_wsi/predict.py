@@ -343,7 +343,7 @@ def predict_image(
     Raises :class:`ConfigError` when the image does not suit the model (channels, size).
     """
     from simsearch_wsi.labels_zarr import write_label_image
-    from simsearch_wsi.polygons import mask_to_polygons, polygons_to_features
+    from simsearch_wsi.polygons import clip_to_image, mask_to_polygons, polygons_to_features
     from simsearch_wsi.quantify import stats_rows
 
     settings = settings or PredictSettings()
@@ -371,6 +371,7 @@ def predict_image(
         min_area_um2=settings.min_area_um2,
         mpp=image.mpp,
     )
+    regions = clip_to_image(regions, *image.dimensions)
     features = detection_features(detections, colors)  # type: ignore[arg-type]
     features += polygons_to_features(
         regions,

@@ -81,6 +81,7 @@ _MOTIF_MAX_SCALE = 1.1  # motif sizes are jittered within +-10 %
 _MOTIF_MAX_ROTATION_DEG = 15.0
 _GEOJSON_STREAM = 0x6E0  # child stream of the seed used for deterministic feature ids
 _BACKGROUND_STREAM = 0xB6  # child stream for background boxes
+_STAIN_STREAM = 0x57A  # child stream for the per-slide stain strength
 _DEFAULT_CHANNEL_COLORS = {
     "R": "FF0000",
     "G": "00FF00",
@@ -438,11 +439,46 @@ def _paint_stripes(rng: np.random.Generator, size_px: int) -> NDArray[np.float32
     return _rgba(0.92 * alpha, (168.0, 42.0, 108.0))
 
 
-# Motif painters by class name; add an entry to make a new class available.
+def _paint_disc(rng: np.random.Generator, size_px: int) -> NDArray[np.float32]:
+    """A look-alike of ``ring``: a filled dark purple disc of the ring's size, no lumen."""
+    yy, xx = _canvas_grid(size_px)
+    c = (size_px - 1) / 2.0
+    r = 0.38 * size_px * rng.uniform(0.95, 1.05)
+    alpha = _soft_disc(yy, xx, c, c, r * rng.uniform(0.85, 1.0), r)
+    return _rgba(0.9 * alpha, (100.0, 40.0, 122.0))
+
+
+def _paint_doublet(rng: np.random.Generator, size_px: int) -> NDArray[np.float32]:
+    """A look-alike of ``cluster``: two or three nuclei of the cluster's colour and size."""
+    yy, xx = _canvas_grid(size_px)
+    c = (size_px - 1) / 2.0
+    r_nuc = 0.085 * size_px
+    alpha = np.zeros((size_px, size_px), dtype=np.float32)
+    n = int(rng.integers(2, 4))
+    phase = rng.uniform(0, 2 * np.pi)
+    for k in range(n):
+        ang = phase + 2 * np.pi * k / n
+        cy, cx = c + 0.16 * size_px * math.sin(ang), c + 0.16 * size_px * math.cos(ang)
+        np.maximum(alpha, _soft_disc(yy, xx, cy, cx, r_nuc, r_nuc), out=alpha)
+    return _rgba(0.95 * alpha, (48.0, 42.0, 140.0))
+
+
+def _paint_crosshatch(rng: np.random.Generator, size_px: int) -> NDArray[np.float32]:
+    """A look-alike of ``stripes``: the stripes' bars crossed by as many at right angles."""
+    a = _paint_stripes(rng, size_px)
+    alpha = np.maximum(a[..., 3], a[..., 3].T)
+    return _rgba(alpha, (168.0, 42.0, 108.0))
+
+
+# Motif painters by class name; add an entry to make a new class available. The last three are
+# look-alikes of the first three (distractors for evaluations: stamp them, score the others).
 MOTIF_PAINTERS: dict[str, MotifPainter] = {
     "ring": _paint_ring,
     "cluster": _paint_cluster,
     "stripes": _paint_stripes,
+    "disc": _paint_disc,
+    "doublet": _paint_doublet,
+    "crosshatch": _paint_crosshatch,
 }
 
 
@@ -541,8 +577,9 @@ def _render_brightfield(
     n_per_class: int,
     motif_size_l0: int,
     seed: int,
+    stain_jitter: float = 0.0,
 ) -> tuple[NDArray[np.uint8], tuple[SyntheticObject, ...], NDArray[np.bool_]]:
-    """Render the H&E-like scene at level 0.
+    """Render the H&E-like scene at level 0 (``stain_jitter``: see :func:`make_synthetic_slide`).
 
     Returns
     -------
@@ -633,7 +670,25 @@ def _render_brightfield(
                 height_l0=float(ys.max() - ys.min() + 1),
             )
         )
+    if stain_jitter:
+        rgb = _jitter_stain(rgb, seed, stain_jitter)
     return rgb, tuple(objects), tissue_mask
+
+
+def _jitter_stain(rgb: NDArray[np.uint8], seed: int, amount: float) -> NDArray[np.uint8]:
+    """Scale each channel's optical density by a per-slide factor in ``1 +- amount`` (stain
+    strength and scanner colour differ between slides)."""
+    if not 0 <= amount < 1:
+        raise ConfigError(f"stain_jitter must be in [0, 1), got {amount}")
+    gains = np.random.default_rng([seed, _STAIN_STREAM]).uniform(1 - amount, 1 + amount, 3)
+    lut = np.empty((3, 256), dtype=np.uint8)
+    od = -np.log(np.maximum(np.arange(256, dtype=np.float64), 0.5) / 255.0)
+    for ch in range(3):
+        lut[ch] = np.clip(np.rint(255.0 * np.exp(-od * gains[ch])), 0, 255).astype(np.uint8)
+    out = np.empty_like(rgb)
+    for ch in range(3):
+        out[..., ch] = lut[ch][rgb[..., ch]]
+    return out
 
 
 # --- TIFF writers ---------------------------------------------------------------------------
@@ -706,6 +761,7 @@ def make_synthetic_slide(
     tile_size: int = 256,
     seed: int = 0,
     compression: Compression = "zlib",
+    stain_jitter: float = 0.0,
 ) -> SyntheticSlide:
     """Write an H&E-like brightfield pyramidal TIFF with motifs of known classes.
 
@@ -732,6 +788,9 @@ def make_synthetic_slide(
         seeds everything.
     compression
         ``"zlib"`` (lossless, default), ``"jpeg"`` (quality 90, YCbCr) or ``None``.
+    stain_jitter
+        per-slide stain variation: each channel's optical density is scaled by a factor drawn
+        from ``1 +- stain_jitter`` (seeded); 0 (default) leaves the colours as painted.
 
     Returns
     -------
@@ -758,6 +817,7 @@ def make_synthetic_slide(
         n_per_class=n_per_class,
         motif_size_l0=motif_size_l0,
         seed=seed,
+        stain_jitter=stain_jitter,
     )
     out = write_pyramidal_tiff(
         path, rgb, mpp=mpp, n_levels=n_levels, tile_size=tile, compression=compression

@@ -49,12 +49,13 @@ from simsearch_wsi.patches import (
     PatchSet,
     stratified_split,
 )
+from simsearch_wsi.precision import autocast_pays_off
 from simsearch_wsi.preprocess import ChannelNormalization
 from simsearch_wsi.similarity import PatchGeometry
 
 STRATEGIES = ("pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn")
 DEFAULT_STRATEGY = "pos+neg+selflearn"
-PRESETS = ("fast", "paper")
+PRESETS = ("quick", "fast", "paper")
 DEFAULT_CONFIDENCE = 0.5
 
 
@@ -129,7 +130,9 @@ class TrainConfig:
     @classmethod
     def preset_config(cls, name: str = "fast", *, strategy: str = DEFAULT_STRATEGY) -> TrainConfig:
         """``paper``: the SimSearch paper's epochs, optimiser, schedules, batch sizes and
-        temperatures. ``fast``: a few minutes on 2 CPU cores (fewer, capped epochs)."""
+        temperatures. ``fast``: a few minutes on 2 CPU cores (fewer, capped epochs). ``quick``:
+        about a minute on 2 CPU cores (the demo, smoke runs): a dozen contrastive steps per
+        stage, fewer noisy and background patches."""
         if name == "paper":
             return cls(
                 strategy=strategy,
@@ -145,6 +148,17 @@ class TrainConfig:
                 selflearn=StageConfig(8, 64, 1e-3, 6, 0.05, 0.5, max_steps_per_epoch=6),
                 supcon=StageConfig(16, 32, 1e-3, 12, 0.1, 0.07, max_steps_per_epoch=6),
                 linear=StageConfig(60, 64, 1e-2, 40, 0.1),
+            )
+        if name == "quick":
+            return cls(
+                strategy=strategy,
+                preset=name,
+                selflearn=StageConfig(3, 32, 1e-3, None, 1.0, 0.5, max_steps_per_epoch=4),
+                supcon=StageConfig(6, 32, 1e-3, None, 1.0, 0.07, max_steps_per_epoch=4),
+                linear=StageConfig(40, 64, 1e-2, 30, 0.1),
+                noisy_per_class=32,
+                background_per_image=32,
+                linear_views=4,
             )
         raise ConfigError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
 
@@ -200,7 +214,8 @@ class TrainRun:
     n_channels: int
 
     def autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.autocast)
+        enabled = self.config.autocast and autocast_pays_off(self.device)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def child_seed(rng: np.random.Generator) -> int:
@@ -346,6 +361,7 @@ def embed_patches(
     """Pooled features (views, N, D) float32 on the CPU: view 0 is the crop as it is, further
     views are augmented (``augment`` with ``gen``; ``jitter`` shifts every view's crop)."""
     encoder.eval()
+    enabled = autocast and autocast_pays_off(device)
     out = []
     chunks = [patches.samples[i : i + batch_size] for i in range(0, len(patches), batch_size)]
     for x in prefetched(lambda c: reader.read(c, rng=jitter), chunks):
@@ -357,7 +373,7 @@ def embed_patches(
                 if v == 0 or augment is None or gen is None
                 else augment_batch(x, augment, gen, window=encoder.window_a)
             )
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
                 per_view.append(encoder(xv).float().cpu())
         out.append(torch.stack(per_view))
     if not out:

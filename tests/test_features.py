@@ -228,8 +228,15 @@ def test_foreground_only_tiles(
         assert not block.any()  # never written
 
 
-def test_bf16_autocast_preserves_rankings(he_crop: ArraySource) -> None:
-    """bf16 autocast (the CPU default) ranks windows like fp32 (Spearman on pooled cosines)."""
+@pytest.fixture()
+def force_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU bf16 autocast even where this CPU only emulates bf16 (slow, numerically the same)."""
+    monkeypatch.setattr("simsearch_wsi.features.autocast_pays_off", lambda device: True)
+
+
+def test_bf16_autocast_preserves_rankings(he_crop: ArraySource, force_bf16: None) -> None:
+    """bf16 autocast (the default on CPUs with native bf16) ranks windows like fp32 (Spearman
+    on pooled cosines)."""
     from scipy.stats import spearmanr
 
     trunk, spec_b, info = build_trunk(weights="random", seed=0)
@@ -246,7 +253,7 @@ def test_bf16_autocast_preserves_rankings(he_crop: ArraySource) -> None:
     assert rho.statistic > 0.98
 
 
-def test_precision_is_part_of_the_key(he_crop: ArraySource) -> None:
+def test_precision_is_part_of_the_key(he_crop: ArraySource, force_bf16: None) -> None:
     trunk, spec_b, info = build_trunk(weights="random", seed=0)
     fp32 = FeatureExtractor(trunk, spec_b, info, autocast=False)
     bf16 = FeatureExtractor(trunk, spec_b, info, autocast=True)
@@ -256,6 +263,21 @@ def test_precision_is_part_of_the_key(he_crop: ArraySource) -> None:
     a = make_feature_spec(he_crop, fp32, scale, norm)
     b = make_feature_spec(he_crop, bf16, scale, norm)
     assert a.key(he_crop.identity()) != b.key(he_crop.identity())
+
+
+def test_autocast_only_where_it_pays_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU without native bf16 runs fp32 even when autocast is asked for (emulated bf16 was
+    7x slower than fp32); CUDA always autocasts."""
+    from simsearch_wsi import precision
+
+    assert precision.autocast_pays_off("cuda") is True
+    assert precision.autocast_pays_off("cpu") is precision.cpu_has_native_bf16()
+    assert precision.autocast_pays_off("meta") is False
+    trunk, spec_b, info = build_trunk(weights="random", seed=0)
+    monkeypatch.setattr("simsearch_wsi.features.autocast_pays_off", lambda device: False)
+    assert FeatureExtractor(trunk, spec_b, info, autocast=True).precision == "cpu-fp32"
+    monkeypatch.setattr("simsearch_wsi.features.autocast_pays_off", lambda device: True)
+    assert FeatureExtractor(trunk, spec_b, info, autocast=True).precision == "cpu-bf16"
 
 
 def test_bad_batch_size_and_no_foreground(extractor: FeatureExtractor, tmp_path: Path) -> None:

@@ -61,6 +61,10 @@ def test_detections_and_segmentation_follow_the_maps(small_slides: Any) -> None:
         assert d.probability >= 0.3
         assert d.probability == max(d.probabilities.values())
         assert abs(sum(d.probabilities.values()) - 1) < 1e-4
+    for d in dets:  # QuPath objects stay inside the image, also at its border
+        b = d.box
+        assert b.x_l0 >= 0 and b.y_l0 >= 0 and b.width_l0 > 0 and b.height_l0 > 0
+        assert b.x1_l0 <= slide.width and b.y1_l0 <= slide.height
     seg = segment(maps, thresholds)
     assert seg.classes == CLASSES[:3]
     h, w = seg.labels.shape
@@ -73,6 +77,15 @@ def test_detections_and_segmentation_follow_the_maps(small_slides: Any) -> None:
     labelled = (seg.labels > 0) & ok
     assert labelled.any()
     np.testing.assert_array_equal(probs[:, labelled].argmax(axis=0) + 1, seg.labels[labelled])
+
+
+def test_box_clipping() -> None:
+    from simsearch_wsi.geometry import BoxL0
+
+    assert BoxL0(-4, 10, 20, 20).clipped(100, 25) == BoxL0(0, 10, 16, 15)
+    assert BoxL0(10, 10, 5, 5).clipped(100, 100) == BoxL0(10, 10, 5, 5)
+    outside = BoxL0(200, 10, 5, 5).clipped(100, 100)
+    assert outside.width_l0 == 0 and outside.x_l0 == 100
 
 
 def test_channels_the_model_needs_must_be_there(

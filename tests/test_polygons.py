@@ -226,3 +226,16 @@ def test_features_reject_labels_without_a_class() -> None:
         polygons_to_features(regions, classes=["only"], colors={})
     with pytest.raises(ConfigError, match="object_type"):
         polygons_to_features(regions, classes=["a", "b"], colors={}, object_type="Annotation")
+
+
+def test_clip_to_image_cuts_what_reaches_past_the_edge() -> None:
+    from simsearch_wsi.polygons import clip_to_image
+
+    labels = np.zeros((4, 4), dtype=np.uint8)
+    labels[:, 2:] = 1  # its last column reaches x = 16 at 4 px per mask pixel
+    labels[0, 0] = 2  # inside
+    regions = mask_to_polygons(labels, downsample=(4.0, 4.0), simplify_px=0)
+    clipped = clip_to_image(regions, 14, 16)
+    assert clipped[1].bounds == (8.0, 0.0, 14.0, 16.0) and clipped[1].area == 6 * 16
+    assert clipped[2].equals(regions[2])
+    assert 1 not in clip_to_image({1: regions[1]}, 6, 16)  # nothing left inside

@@ -598,7 +598,7 @@ def test_train_job_bad_requests(
             post(route, json={"session": s, "preset": "slow"}),
             422,
             "validation_error",
-            "preset: unknown preset 'slow'; use one of fast, paper",
+            "preset: unknown preset 'slow'; use one of quick, fast, paper",
         ),
         (post(route, json={"session": s, "seed": -1}), 422, None, "seed"),
         (post(route, json={"session": s, "seed": "1"}), 422, None, "seed"),

@@ -420,3 +420,25 @@ def test_plate_is_deterministic(tmp_path: Path) -> None:
     assert np.array_equal(za["C/2/0/0"][:], zb["C/2/0/0"][:])
     with pytest.raises(ConfigError, match="letters/digits"):
         make_synthetic_plate(tmp_path / "d.zarr", rows=("A-1",))
+
+
+def test_look_alikes_and_stain_jitter(tmp_path: Path) -> None:
+    """The distractor painters stamp objects of their own class; stain jitter changes the
+    colours (seeded) but not where anything is, and 0 leaves the slide as it was."""
+    classes = ("ring", "disc", "doublet", "crosshatch")
+    kw: dict[str, Any] = {"width": 1024, "height": 768, "n_per_class": 3, "n_levels": 1}
+    plain = make_synthetic_slide(tmp_path / "a.tif", classes=classes, seed=3, **kw)
+    zero = make_synthetic_slide(tmp_path / "b.tif", classes=classes, seed=3, stain_jitter=0, **kw)
+    jit = make_synthetic_slide(tmp_path / "c.tif", classes=classes, seed=3, stain_jitter=0.3, **kw)
+    assert {o.class_name for o in plain.objects} == set(classes)
+    assert plain.objects == jit.objects
+    pa, pz, pj = (tifffile.imread(s.path) for s in (plain, zero, jit))
+    assert np.array_equal(pa, pz)
+    assert not np.array_equal(pa, pj)
+    # optical density scales per channel: dark stays darker than light, glass stays near white
+    od_a = -np.log(np.maximum(pa, 1) / 255.0).reshape(-1, 3).mean(axis=0)
+    od_j = -np.log(np.maximum(pj, 1) / 255.0).reshape(-1, 3).mean(axis=0)
+    ratio = od_j / od_a
+    assert np.all((ratio > 0.65) & (ratio < 1.35)) and np.ptp(ratio) > 0.01
+    with pytest.raises(ConfigError, match="stain_jitter"):
+        make_synthetic_slide(tmp_path / "d.tif", seed=3, stain_jitter=1.5, **kw)

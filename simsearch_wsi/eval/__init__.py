@@ -1,9 +1,14 @@
 """The evaluation harness of the SimSearch paper (Gupta et al. 2022).
 
-Ground truth in simple open forms (:mod:`simsearch_wsi.eval.truth`: CSV tables, QuPath GeoJSON,
-label masks, synthetic slides) and the paper's detection score, PR-AUC per class with ranked
-centre matching (:mod:`simsearch_wsi.eval.metrics`). The simulated user (prototypes picked
-from ground truth) and the ablation runs will join this package.
+Ground truth in simple open forms (:mod:`~simsearch_wsi.eval.truth`: CSV tables, QuPath
+GeoJSON, label masks, synthetic slides; :mod:`~simsearch_wsi.eval.derived`: a colour-rule
+pseudo-truth for IHC), the paper's detection score, PR-AUC per class with ranked centre matching
+(:mod:`~simsearch_wsi.eval.metrics`), thresholded F1 and segmentation IoU
+(:mod:`~simsearch_wsi.eval.thresholded`), the simulated user (:mod:`~simsearch_wsi.eval.user`),
+benchmarks by role (:mod:`~simsearch_wsi.eval.benchmark`), the ablation over strategies, P, N
+and repeats (:mod:`~simsearch_wsi.eval.ablation`, which imports torch) and its report
+(:mod:`~simsearch_wsi.eval.report`). Importing this package stays light: the modules that run
+models are imported on their own.
 """
 
 from __future__ import annotations

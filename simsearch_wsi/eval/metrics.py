@@ -64,16 +64,16 @@ __all__ = [
 
 
 class ScoredDetection(Protocol):
-    """What the scores need of a detection (:class:`simsearch_wsi.infer.Detection` has it)."""
+    """What the scores need of a detection: a class and a box (:class:`~simsearch_wsi.infer.
+    Detection` and :class:`~simsearch_wsi.similarity.Suggestion` have them). The default score,
+    ``"probability"``, also needs ``probabilities`` (class -> probability), as detections have.
+    """
 
     @property
     def class_name(self) -> str: ...
 
     @property
     def box(self) -> BoxL0: ...
-
-    @property
-    def probabilities(self) -> dict[str, float]: ...
 
 
 #: a detection's score: ``"probability"`` (its probability of the class scored) or a function

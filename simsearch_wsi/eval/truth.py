@@ -40,6 +40,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.geometry import BoxL0
 
 if TYPE_CHECKING:
     from simsearch_wsi.synthetic import SyntheticSlide
@@ -94,7 +95,7 @@ class GroundTruth:
     mask_downsample
         ``(x, y)`` level-0 pixels per mask pixel; mask pixel ``(i, j)`` covers level-0
         ``[j * ds_x, (j + 1) * ds_x) x [i * ds_y, (i + 1) * ds_y)``, as in
-        :func:`simsearch_wsi.evaluate.rasterize_objects`.
+        :func:`simsearch_wsi.eval.thresholded.rasterize_objects`.
     source
         Where the truth came from (a path), for messages.
 
@@ -192,6 +193,31 @@ class GroundTruth:
                 boxes[name] = np.full((len(c), 4), np.nan)
         return cls(names, centres, boxes, source=source)
 
+    @classmethod
+    def from_region_mask(
+        cls,
+        labels: ArrayLike,
+        *,
+        classes: Sequence[str],
+        downsample: float | tuple[float, float] = 1.0,
+        source: str = "region mask",
+    ) -> GroundTruth:
+        """Truth that is regions only: a label mask (label ``k`` = ``classes[k - 1]``) and no
+        objects, for tissue classes judged by area (:meth:`mask_fraction`) rather than by
+        object centres."""
+        names = tuple(classes)
+        ds = _downsample_xy(downsample, source)
+        empty = {n: np.zeros((0, 2)) for n in names}
+        return cls(
+            names,
+            empty,
+            {n: np.zeros((0, 4)) for n in names},
+            mask=_check_label_array(labels, names, source),
+            mask_classes=names,
+            mask_downsample=ds,
+            source=source,
+        )
+
     # --- queries --------------------------------------------------------------------------------
     @property
     def classes(self) -> tuple[str, ...]:
@@ -240,6 +266,63 @@ class GroundTruth:
             mask=mask,
             mask_classes=mask_classes,
             mask_downsample=self.mask_downsample,
+            source=self.source,
+        )
+
+    def is_region_class(self, class_name: str) -> bool:
+        """True for a class known only from the mask (no objects): judged by area."""
+        return class_name in self.mask_classes and self.n_objects(class_name) == 0
+
+    def mask_fraction(self, box_l0: BoxL0, class_name: str | None = None) -> float:
+        """Fraction of the mask pixels whose centres lie in ``box_l0`` that carry
+        ``class_name`` (any class when ``None``); 0.0 without a mask, for a class not in the
+        mask, or for a box off the mask."""
+        if self.mask is None or (class_name is not None and class_name not in self.mask_classes):
+            return 0.0
+        ds_x, ds_y = self.mask_downsample
+        h, w = self.mask.shape
+        j0 = max(0, math.ceil(box_l0.x_l0 / ds_x - 0.5))
+        i0 = max(0, math.ceil(box_l0.y_l0 / ds_y - 0.5))
+        j1 = min(w, math.ceil(box_l0.x1_l0 / ds_x - 0.5))
+        i1 = min(h, math.ceil(box_l0.y1_l0 / ds_y - 0.5))
+        if i1 <= i0 or j1 <= j0:
+            return 0.0
+        window = self.mask[i0:i1, j0:j1]
+        if class_name is None:
+            return float(np.count_nonzero(window)) / window.size
+        label = self.mask_classes.index(class_name) + 1
+        return float(np.count_nonzero(window == label)) / window.size
+
+    def with_box_mask(
+        self, image_size_l0: tuple[int, int], downsample: float | tuple[float, float] = 4.0
+    ) -> GroundTruth:
+        """The same objects with a label mask of their boxes, for segmentation scores where
+        the truth is boxes (synthetic slides): mask pixel ``(i, j)`` gets label ``k`` when its
+        centre lies in a box of ``class_names[k - 1]`` (later classes win overlaps); the mask
+        covers ``image_size_l0`` (width, height) at ``downsample`` level-0 pixels per pixel.
+        Objects known only as points are left out of the mask."""
+        ds_x, ds_y = _downsample_xy(downsample, self.source or "ground truth")
+        w_l0, h_l0 = image_size_l0
+        shape = (max(1, math.ceil(h_l0 / ds_y)), max(1, math.ceil(w_l0 / ds_x)))
+        dtype = np.uint8 if len(self.class_names) < 255 else np.uint16
+        mask = np.zeros(shape, dtype=dtype)
+        for k, name in enumerate(self.class_names, start=1):
+            for x, y, w, h in self.boxes(name):
+                if not np.isfinite([x, y, w, h]).all():
+                    continue
+                # pixel j's centre (j + 0.5) * ds lies in [x, x + w) <=> j in [x/ds - 0.5, ...)
+                j0 = max(0, math.ceil(x / ds_x - 0.5))
+                i0 = max(0, math.ceil(y / ds_y - 0.5))
+                j1 = min(shape[1], math.ceil((x + w) / ds_x - 0.5))
+                i1 = min(shape[0], math.ceil((y + h) / ds_y - 0.5))
+                mask[i0:i1, j0:j1] = k
+        return GroundTruth(
+            self.class_names,
+            dict(self.centres_l0),
+            dict(self.boxes_l0),
+            mask=mask,
+            mask_classes=self.class_names,
+            mask_downsample=(ds_x, ds_y),
             source=self.source,
         )
 

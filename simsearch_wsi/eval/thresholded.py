@@ -1,8 +1,10 @@
-"""Scores of a model's outputs against ground truth (synthetic slides, simulated users).
+"""Scores at one confidence threshold: detection F1 and segmentation IoU.
 
 Detections are matched to true objects one-to-one by centre distance (the assignment that
 minimises the total distance, pairs farther than ``max_distance_l0`` do not count); segmentation
-is compared pixel by pixel with the true objects rasterised on the segmentation grid.
+is compared pixel by pixel with the true objects rasterised on the segmentation grid, or with a
+ground-truth label mask on its own grid (:func:`segmentation_iou_on_truth`). The paper's
+threshold-free score, PR-AUC, is in :mod:`simsearch_wsi.eval.metrics`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from numpy.typing import NDArray
 from scipy.optimize import linear_sum_assignment
 
 from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.eval.truth import GroundTruth
 from simsearch_wsi.infer import Detection
 from simsearch_wsi.synthetic import SyntheticObject
 
@@ -25,6 +28,7 @@ __all__ = [
     "detection_scores",
     "rasterize_objects",
     "segmentation_iou",
+    "segmentation_iou_on_truth",
 ]
 
 
@@ -140,3 +144,43 @@ def segmentation_iou(
         union = int(np.count_nonzero(a | b))
         out[name] = int(np.count_nonzero(a & b)) / union if union else 1.0
     return out
+
+
+def segmentation_iou_on_truth(
+    labels: NDArray[np.integer[Any]],
+    *,
+    classes: Sequence[str],
+    downsample: tuple[float, float],
+    truth: GroundTruth,
+) -> dict[str, float]:
+    """IoU per class of a predicted label mask against the truth's label mask, on the truth's
+    grid: each truth pixel takes the predicted label of the prediction pixel its centre falls
+    in (nearest neighbour; outside the prediction = 0). ``labels`` (H, W): value ``k`` =
+    ``classes[k - 1]`` on a grid of ``downsample`` (x, y) level-0 pixels per pixel. Scored
+    classes are those of the truth's mask that the prediction also has; NaN for a class the
+    prediction does not know."""
+    if truth.mask is None:
+        raise ConfigError(
+            f"{truth.source or 'ground truth'}: no label mask to score segmentation against; "
+            "give the truth as a label image (or boxes, see GroundTruth.with_box_mask)"
+        )
+    t_ds_x, t_ds_y = truth.mask_downsample
+    p_ds_x, p_ds_y = downsample
+    th, tw = truth.mask.shape
+    cols = np.floor((np.arange(tw) + 0.5) * t_ds_x / p_ds_x).astype(np.int64)
+    rows = np.floor((np.arange(th) + 0.5) * t_ds_y / p_ds_y).astype(np.int64)
+    inside_c = cols < labels.shape[1]
+    inside_r = rows < labels.shape[0]
+    resampled = np.zeros((th, tw), dtype=np.int64)
+    block = labels[np.ix_(rows[inside_r], cols[inside_c])]
+    resampled[np.ix_(inside_r, inside_c)] = block
+    # renumber the prediction into the truth's class order
+    lut = np.zeros(len(classes) + 1, dtype=np.int64)
+    for k, name in enumerate(classes, start=1):
+        if name in truth.mask_classes:
+            lut[k] = truth.mask_classes.index(name) + 1
+    # labels outside 1..len(classes) are no class (not the last one)
+    resampled[(resampled < 0) | (resampled > len(classes))] = 0
+    pred = lut[resampled]
+    scores = segmentation_iou(pred, truth.mask, classes=truth.mask_classes)
+    return {n: (scores[n] if n in classes else math.nan) for n in truth.mask_classes}

@@ -1,0 +1,419 @@
+"""The paper's ablation: strategies x P prototypes x N negatives, repeated with seeds.
+
+For each (P, N, repeat) the simulated user (:mod:`simsearch_wsi.eval.user`) reviews the
+benchmark's review images once, and every strategy is run on that same review (paired
+comparisons): ``search`` scores the similarity search alone (suggestions on the test images
+ranked by cosine similarity to the prototypes); the training strategies (``pos``, ``pos+neg``,
+``pos+selflearn``, ``pos+neg+selflearn``) train a model from the review session and score its
+detections on the test images, ranked by class probability. Both give PR-AUC per class with the
+paper's matching (:mod:`simsearch_wsi.eval.metrics`); trained models also give segmentation IoU
+at their picked thresholds where the test truth has a mask.
+
+Prototypes depend on (seed, repeat, P) only, so N = 0 and N = 5 of one repeat start from the
+same prototypes. Each finished run is written to ``runs/<key>.json`` (atomically) with the
+settings it used; a re-run with the same settings reuses it, so a long ablation can be
+stopped and resumed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from simsearch_wsi.atomic import write_json_atomic
+from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.eval.benchmark import Benchmark
+from simsearch_wsi.eval.metrics import ClassPR, class_pr, paper_match_radius_l0, pool_class_pr
+from simsearch_wsi.eval.thresholded import segmentation_iou_on_truth
+from simsearch_wsi.eval.user import NO_THRESHOLD, ReviewOutcome, UserConfig, simulate_review
+from simsearch_wsi.features import ProgressFn
+from simsearch_wsi.infer import PatchModel, dense_class_maps, detect, segment
+from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.search import SimSearch
+from simsearch_wsi.session import Session
+from simsearch_wsi.session_data import train_session
+from simsearch_wsi.similarity import Prototype
+from simsearch_wsi.train import STRATEGIES, TrainConfig
+
+__all__ = [
+    "ALL_STRATEGIES",
+    "SEARCH_STRATEGY",
+    "AblationConfig",
+    "ClassScore",
+    "RunResult",
+    "RunSpec",
+    "run_ablation",
+    "run_specs",
+]
+
+#: the strategy that scores the similarity search alone (no training)
+SEARCH_STRATEGY = "search"
+ALL_STRATEGIES = (SEARCH_STRATEGY, *STRATEGIES)
+RUN_VERSION = 1
+
+OpenImage = Callable[[str | os.PathLike[str]], ImageSource]
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """The grid and how each run trains: ``strategies`` x ``prototypes`` (P values) x
+    ``negatives`` (N values) x ``repeats``; ``preset`` names the training preset."""
+
+    strategies: tuple[str, ...] = ALL_STRATEGIES
+    prototypes: tuple[int, ...] = (5, 10)
+    negatives: tuple[int, ...] = (0, 5)
+    repeats: int = 3
+    seed: int = 0
+    preset: str = "fast"
+    background: int = 8
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.strategies if s not in ALL_STRATEGIES]
+        if unknown or not self.strategies:
+            raise ConfigError(
+                f"unknown strategy {unknown or '(none given)'}; use {', '.join(ALL_STRATEGIES)}"
+            )
+        if not self.prototypes or min(self.prototypes) < 1:
+            raise ConfigError(f"P values must be >= 1, got {list(self.prototypes)}")
+        if not self.negatives or min(self.negatives) < 0:
+            raise ConfigError(f"N values must be >= 0, got {list(self.negatives)}")
+        if self.repeats < 1:
+            raise ConfigError(f"repeats must be >= 1, got {self.repeats}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategies": list(self.strategies),
+            "prototypes": list(self.prototypes),
+            "negatives": list(self.negatives),
+            "repeats": self.repeats,
+            "seed": self.seed,
+            "preset": self.preset,
+            "background": self.background,
+        }
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid."""
+
+    strategy: str
+    prototypes: int
+    negatives: int
+    repeat: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe id, e.g. ``pos-neg_P5_N0_r1``."""
+        name = self.strategy.replace("+", "-")
+        return f"{name}_P{self.prototypes}_N{self.negatives}_r{self.repeat}"
+
+    @property
+    def review_key(self) -> str:
+        """The review this run shares with the other strategies."""
+        return f"P{self.prototypes}_N{self.negatives}_r{self.repeat}"
+
+    def user_rng(self) -> np.random.Generator:
+        """The simulated user's generator: the same prototypes for every N of a repeat."""
+        return np.random.default_rng([self.seed, self.repeat, self.prototypes])
+
+    @property
+    def train_seed(self) -> int:
+        return self.seed * 1000 + self.repeat
+
+
+def run_specs(config: AblationConfig) -> list[RunSpec]:
+    """The grid in run order: per repeat, P and N, every strategy (so a stopped ablation has
+    whole repeats done)."""
+    return [
+        RunSpec(s, p, n, r, config.seed)
+        for r in range(config.repeats)
+        for p in config.prototypes
+        for n in config.negatives
+        for s in config.strategies
+    ]
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One class of one run: PR-AUC over the test images, counts, and IoU (NaN if none)."""
+
+    class_name: str
+    ap: float
+    n_true: int
+    n_pred: int
+    n_tp: int
+    iou: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "class": self.class_name,
+            "ap": None if math.isnan(self.ap) else self.ap,
+            "n_true": self.n_true,
+            "n_pred": self.n_pred,
+            "n_tp": self.n_tp,
+            "iou": None if math.isnan(self.iou) else self.iou,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClassScore:
+        def num(v: Any) -> float:
+            return math.nan if v is None else float(v)
+
+        return cls(d["class"], num(d["ap"]), d["n_true"], d["n_pred"], d["n_tp"], num(d["iou"]))
+
+
+@dataclass
+class RunResult:
+    """What one run measured."""
+
+    spec: RunSpec
+    scores: list[ClassScore]
+    review: dict[str, Any]
+    seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+    reused: bool = False
+
+    @property
+    def mean_ap(self) -> float:
+        aps = [s.ap for s in self.scores if not math.isnan(s.ap)]
+        return float(np.mean(aps)) if aps else math.nan
+
+    @property
+    def mean_iou(self) -> float:
+        ious = [s.iou for s in self.scores if not math.isnan(s.iou)]
+        return float(np.mean(ious)) if ious else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": {
+                "strategy": self.spec.strategy,
+                "prototypes": self.spec.prototypes,
+                "negatives": self.spec.negatives,
+                "repeat": self.spec.repeat,
+                "seed": self.spec.seed,
+            },
+            "scores": [s.to_dict() for s in self.scores],
+            "review": self.review,
+            "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+            "notes": self.notes,
+        }
+
+
+# --- scoring ------------------------------------------------------------------------------------
+def _pooled(parts: dict[str, list[ClassPR]], classes: Sequence[str]) -> dict[str, ClassPR]:
+    return {c: pool_class_pr(parts[c]) for c in classes}
+
+
+def score_search(
+    search: SimSearch,
+    benchmark: Benchmark,
+    prototypes: Sequence[Prototype],
+    *,
+    open_image: OpenImage,
+    radius_l0: float,
+    progress: ProgressFn | None = None,
+) -> list[ClassScore]:
+    """PR-AUC of the search alone on the test images: every local maximum is a detection,
+    ranked by its similarity."""
+    parts: dict[str, list[ClassPR]] = {c: [] for c in benchmark.classes}
+    size = benchmark.patch_size_l0
+    for t in benchmark.test:
+        with open_image(t.path) as image:
+            result = search.suggest(
+                image,
+                prototypes,
+                thresholds=dict.fromkeys(benchmark.classes, NO_THRESHOLD),
+                patch_size_l0=(size, size),
+                progress=progress,
+            )
+        for c in benchmark.classes:
+            parts[c].append(
+                class_pr(
+                    result.suggestions,
+                    t.truth,
+                    class_name=c,
+                    max_distance_l0=radius_l0,
+                    score=lambda s: float(s.similarity),
+                )
+            )
+    pooled = _pooled(parts, benchmark.classes)
+    return [ClassScore(c, r.ap, r.n_true, r.n_pred, r.n_tp, math.nan) for c, r in pooled.items()]
+
+
+def score_model(
+    model: PatchModel,
+    benchmark: Benchmark,
+    *,
+    open_image: OpenImage,
+    radius_l0: float,
+    progress: ProgressFn | None = None,
+) -> list[ClassScore]:
+    """PR-AUC of the model's detections on the test images (every local maximum of a class's
+    probability map where it is the most probable class, ranked by that probability), and
+    segmentation IoU at the model's thresholds against test truth with a mask."""
+    parts: dict[str, list[ClassPR]] = {c: [] for c in benchmark.classes}
+    inter: dict[str, list[float]] = {c: [] for c in benchmark.classes}
+    everything = dict.fromkeys(model.classes, 0.0)
+    for t in benchmark.test:
+        with open_image(t.path) as image:
+            maps = dense_class_maps(image, model, progress=progress)
+        detections = detect(maps, everything)
+        for c in benchmark.classes:
+            parts[c].append(class_pr(detections, t.truth, class_name=c, max_distance_l0=radius_l0))
+        if t.truth.mask is not None:
+            seg = segment(maps, model.bundle.thresholds)
+            iou = segmentation_iou_on_truth(
+                seg.labels, classes=seg.classes, downsample=seg.downsample, truth=t.truth
+            )
+            for c in benchmark.classes:
+                if c in iou:
+                    inter[c].append(iou[c])
+    pooled = _pooled(parts, benchmark.classes)
+    return [
+        ClassScore(
+            c,
+            r.ap,
+            r.n_true,
+            r.n_pred,
+            r.n_tp,
+            float(np.nanmean(inter[c])) if any(not math.isnan(v) for v in inter[c]) else math.nan,
+        )
+        for c, r in pooled.items()
+    ]
+
+
+# --- the grid -----------------------------------------------------------------------------------
+def _settings(
+    benchmark: Benchmark, config: AblationConfig, search: SimSearch, spec: RunSpec
+) -> dict[str, Any]:
+    """What a finished run must match to be reused."""
+    return {
+        "version": RUN_VERSION,
+        "benchmark": benchmark.digest(),
+        "weights": search.extractor.weights.identity,
+        "preset": config.preset,
+        "background": config.background,
+        "spec": RunResult(spec, [], {}, {}).to_dict()["spec"],
+    }
+
+
+def _load_finished(path: Path, settings: dict[str, Any], spec: RunSpec) -> RunResult | None:
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        if d.get("settings") != settings:
+            return None
+        r = d["result"]
+        return RunResult(
+            spec,
+            [ClassScore.from_dict(s) for s in r["scores"]],
+            r["review"],
+            {k: float(v) for k, v in r["seconds"].items()},
+            list(r.get("notes", [])),
+            reused=True,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_ablation(
+    benchmark: Benchmark,
+    config: AblationConfig,
+    search: SimSearch,
+    out_dir: Path,
+    *,
+    open_image: OpenImage,
+    device: torch.device | str = "cpu",
+    resume: bool = True,
+    run_missing: bool = True,
+    progress: ProgressFn | None = None,
+) -> Iterator[RunResult]:
+    """Run (or reuse) every run of the grid, yielding results as they finish. Sessions go
+    to ``out_dir/sessions/<review key>``, results to ``out_dir/runs/<key>.json``. Without
+    ``run_missing`` only the finished runs are yielded (a report of a stopped ablation)."""
+    out_dir = Path(out_dir)
+    radius_l0 = paper_match_radius_l0(benchmark.patch_size_l0)
+    specs = run_specs(config)
+    reviews: dict[str, tuple[Session, ReviewOutcome, float]] = {}
+    for n, spec in enumerate(specs):
+        if progress is not None:
+            progress("ablation runs", n, len(specs))
+        record = out_dir / "runs" / f"{spec.key}.json"
+        settings = _settings(benchmark, config, search, spec)
+        done = _load_finished(record, settings, spec) if resume else None
+        if done is not None:
+            yield done
+            continue
+        if not run_missing:
+            continue
+        t0 = time.perf_counter()
+        if spec.review_key not in reviews:
+            root = out_dir / "sessions" / spec.review_key
+            if root.exists():
+                import shutil
+
+                shutil.rmtree(root)
+            session = Session.create(root)
+            outcome = simulate_review(
+                search,
+                session,
+                benchmark.review,
+                classes=benchmark.classes,
+                config=UserConfig(spec.prototypes, spec.negatives, config.background),
+                patch_size_l0=benchmark.patch_size_l0,
+                radius_l0=radius_l0,
+                rng=spec.user_rng(),
+                open_image=open_image,
+                progress=progress,
+            )
+            reviews = {spec.review_key: (session, outcome, time.perf_counter() - t0)}
+        session, outcome, review_s = reviews[spec.review_key]
+        seconds = {"review": review_s}
+        notes: list[str] = []
+        t1 = time.perf_counter()
+        if spec.strategy == SEARCH_STRATEGY:
+            scores = score_search(
+                search,
+                benchmark,
+                session.all_prototypes(),
+                open_image=open_image,
+                radius_l0=radius_l0,
+                progress=progress,
+            )
+            seconds["score"] = time.perf_counter() - t1
+        else:
+            trained = train_session(
+                session,
+                search,
+                TrainConfig.preset_config(config.preset, strategy=spec.strategy),
+                open_image=open_image,
+                noisy_images=benchmark.unlabelled,
+                device=device,
+                seed=spec.train_seed,
+                progress=progress,
+            )
+            notes += trained.notes
+            t2 = time.perf_counter()
+            seconds["train"] = t2 - t1
+            model = PatchModel(trained.bundle, device=device)
+            scores = score_model(
+                model, benchmark, open_image=open_image, radius_l0=radius_l0, progress=progress
+            )
+            seconds["score"] = time.perf_counter() - t2
+        result = RunResult(spec, scores, outcome.to_dict(), seconds, notes)
+        write_json_atomic(record, {"settings": settings, "result": result.to_dict()})
+        yield result
+    if progress is not None:
+        progress("ablation runs", len(specs), len(specs))
