@@ -242,13 +242,24 @@ def run_demo(
         {
             "findings": result.findings,
             "weights": result.weights,
-            "scores": result.scores,
+            "scores": _json_safe(result.scores),
             "files": {k: str(v) for k, v in result.files.items()},
             "seconds": round(result.seconds, 2),
         },
     )
     result.files["summary"] = out_dir / "demo_summary.json"
     return result
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a class without a score) as ``None``, so the summary is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def _process_plate(path: Path, out_dir: Path, result: DemoResult) -> None:

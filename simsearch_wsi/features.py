@@ -224,7 +224,8 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.spec = spec
         self.weights = weights
-        self.autocast = autocast and autocast_pays_off(self.device)
+        dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        self.autocast = autocast and autocast_pays_off(self.device, dtype)
         self.channels_last = channels_last
         self.trunk = trunk.to(self.device).eval()
         if channels_last:

@@ -58,6 +58,14 @@ def test_iou_on_truth_resamples_the_prediction() -> None:
     # a class the prediction does not know is NaN, not 0
     only_y = segmentation_iou_on_truth(pred, classes=("y",), downsample=(4.0, 4.0), truth=truth)
     assert math.isnan(only_y["x"]) and only_y["y"] == 1.0
+    # a class neither has is NaN (not a perfect 1.0 that would lift an average over images)
+    empty = GroundTruth.from_region_mask(
+        np.zeros((8, 8), np.uint8), classes=("x", "y"), downsample=2.0
+    )
+    nothing = segmentation_iou_on_truth(
+        np.zeros((4, 4), np.uint8), classes=("y", "x"), downsample=(4.0, 4.0), truth=empty
+    )
+    assert all(math.isnan(v) for v in nothing.values())
     with pytest.raises(ConfigError, match="no label mask"):
         segmentation_iou_on_truth(
             pred,
@@ -168,6 +176,10 @@ def test_benchmark_manifest(tmp_path: Path) -> None:
     assert bench.unlabelled == (tmp_path / "b.tiff",)
     assert bench.test[0].truth.counts() == {"ring": 1, "disc": 1}  # only "ring" is scored
     assert len(bench.digest()) == 16
+    # moving an annotation changes the benchmark (finished runs are not reused)
+    before = bench.digest()
+    _write_csv(tmp_path / "c.csv", [["class", "x", "y"], ["ring", "9", "2"], ["disc", "3", "4"]])
+    assert read_benchmark_csv(manifest, patch_size_l0=64).digest() != before
 
 
 @pytest.mark.parametrize(
@@ -273,6 +285,10 @@ def test_run_specs_and_config_checks() -> None:
     assert RunSpec("pos+neg+selflearn", 5, 5, 2, 0).key == "pos-neg-selflearn_P5_N5_r2"
     with pytest.raises(ConfigError, match="unknown strategy"):
         AblationConfig(strategies=("magic",))
+    twice = AblationConfig(strategies=("pos", "pos"), prototypes=(5, 5), negatives=(0, 0))
+    assert (twice.strategies, twice.prototypes, twice.negatives) == (("pos",), (5,), (0,))
+    with pytest.raises(ConfigError, match="seed"):
+        AblationConfig(seed=-1)
     with pytest.raises(ConfigError, match="repeats"):
         AblationConfig(repeats=0)
     with pytest.raises(ConfigError, match="P values"):

@@ -221,3 +221,60 @@ def test_simulated_review_records_a_session(tmp_path: Path, small_slides) -> Non
         assert np.min(np.hypot(centres[:, 0] - cx, centres[:, 1] - cy)) <= radius
     assert outcome.background + outcome.not_background > 0
     assert len(reopened.examples("background")) == outcome.background
+
+
+def test_given_prototypes_reach_the_session_and_cover_every_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prototypes given with an unresolved path are stored under the image's key; a class with
+    no prototype is a clear error before anything runs."""
+    from types import SimpleNamespace
+
+    from simsearch_wsi.eval.user import simulate_review
+    from simsearch_wsi.session import Session
+
+    monkeypatch.chdir(tmp_path)
+    image = TruthImage(tmp_path / "a.tiff", truth_of(ring=[(100, 100)], disc=[(300, 300)]))
+    calls: list[list[Prototype]] = []
+
+    def suggest(img: object, protos: list[Prototype], **kwargs: object) -> object:
+        calls.append(list(protos))
+        return SimpleNamespace(suggestions=[], background=[])
+
+    class Opened:
+        def __enter__(self) -> Opened:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    search = SimpleNamespace(suggest=suggest)
+    kwargs = {
+        "config": UserConfig(1, 0, 0),
+        "patch_size_l0": 48.0,
+        "radius_l0": 10.0,
+        "rng": np.random.default_rng(0),
+        "open_image": lambda path: Opened(),
+    }
+    relative = Prototype("ring", square_box((100, 100), 48), image="a.tiff")
+    session = Session.create(tmp_path / "s1")
+    outcome = simulate_review(
+        search,  # type: ignore[arg-type]
+        session,
+        [image],
+        classes=("ring",),
+        prototypes=[relative],
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert outcome.prototypes == {"ring": 1}
+    assert [p.image for p in session.all_prototypes()] == [image.key]
+    assert calls and calls[0][0].image == image.key
+    with pytest.raises(ConfigError, match=r"no prototype given for class\(es\) \['disc'\]"):
+        simulate_review(
+            search,  # type: ignore[arg-type]
+            Session.create(tmp_path / "s2"),
+            [image],
+            classes=("ring", "disc"),
+            prototypes=[relative],
+            **kwargs,  # type: ignore[arg-type]
+        )

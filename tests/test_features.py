@@ -231,7 +231,7 @@ def test_foreground_only_tiles(
 @pytest.fixture()
 def force_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU bf16 autocast even where this CPU only emulates bf16 (slow, numerically the same)."""
-    monkeypatch.setattr("simsearch_wsi.features.autocast_pays_off", lambda device: True)
+    monkeypatch.setattr("simsearch_wsi.features.autocast_pays_off", lambda device, dtype=None: True)
 
 
 def test_bf16_autocast_preserves_rankings(he_crop: ArraySource, force_bf16: None) -> None:
@@ -270,13 +270,15 @@ def test_autocast_only_where_it_pays_off(monkeypatch: pytest.MonkeyPatch) -> Non
     7x slower than fp32); CUDA always autocasts."""
     from simsearch_wsi import precision
 
-    assert precision.autocast_pays_off("cuda") is True
+    assert precision.autocast_pays_off("cuda", torch.float16) is True
     assert precision.autocast_pays_off("cpu") is precision.cpu_has_native_bf16()
     assert precision.autocast_pays_off("meta") is False
     trunk, spec_b, info = build_trunk(weights="random", seed=0)
-    monkeypatch.setattr("simsearch_wsi.features.autocast_pays_off", lambda device: False)
+    monkeypatch.setattr(
+        "simsearch_wsi.features.autocast_pays_off", lambda device, dtype=None: False
+    )
     assert FeatureExtractor(trunk, spec_b, info, autocast=True).precision == "cpu-fp32"
-    monkeypatch.setattr("simsearch_wsi.features.autocast_pays_off", lambda device: True)
+    monkeypatch.setattr("simsearch_wsi.features.autocast_pays_off", lambda device, dtype=None: True)
     assert FeatureExtractor(trunk, spec_b, info, autocast=True).precision == "cpu-bf16"
 
 

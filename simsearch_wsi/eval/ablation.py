@@ -76,6 +76,11 @@ class AblationConfig:
     background: int = 8
 
     def __post_init__(self) -> None:
+        # a value given twice would count as extra repeats in the summary
+        for name in ("strategies", "prototypes", "negatives"):
+            object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
+        if self.seed < 0:
+            raise ConfigError(f"the seed must be >= 0, got {self.seed}")
         unknown = [s for s in self.strategies if s not in ALL_STRATEGIES]
         if unknown or not self.strategies:
             raise ConfigError(
@@ -295,15 +300,30 @@ def score_model(
 def _settings(
     benchmark: Benchmark, config: AblationConfig, search: SimSearch, spec: RunSpec
 ) -> dict[str, Any]:
-    """What a finished run must match to be reused."""
-    return {
+    """What a finished run must match to be reused: the benchmark (images and truth), the
+    trunk's weights and precision, the search's settings, the training configuration the
+    preset resolves to, and the run itself. JSON-normalised, as it is compared with the file."""
+    import dataclasses
+    import json
+
+    train = (
+        TrainConfig.preset_config(config.preset, strategy=spec.strategy).to_dict()
+        if spec.strategy != SEARCH_STRATEGY
+        else None
+    )
+    settings = {
         "version": RUN_VERSION,
         "benchmark": benchmark.digest(),
         "weights": search.extractor.weights.identity,
+        "precision": search.extractor.precision,
+        "search": dataclasses.asdict(search.settings),
         "preset": config.preset,
+        "train": train,
         "background": config.background,
         "spec": RunResult(spec, [], {}, {}).to_dict()["spec"],
     }
+    normalised: dict[str, Any] = json.loads(json.dumps(settings))
+    return normalised
 
 
 def _load_finished(path: Path, settings: dict[str, Any], spec: RunSpec) -> RunResult | None:

@@ -77,7 +77,10 @@ class Benchmark:
         """A JSON-ready description (paths and object counts)."""
 
         def image(t: TruthImage) -> dict[str, Any]:
-            return {"path": str(t.path), "objects": t.truth.counts(), "mpp": t.mpp}
+            out: dict[str, Any] = {"path": str(t.path), "objects": t.truth.counts(), "mpp": t.mpp}
+            if t.truth.mask is not None:
+                out["mask_downsample"] = list(t.truth.mask_downsample)
+            return out
 
         return {
             "name": self.name,
@@ -89,10 +92,15 @@ class Benchmark:
         }
 
     def digest(self) -> str:
-        """A short hash of the description and of the images' identities (size, mtime): a
-        finished run is reused only on the same benchmark."""
+        """A short hash of the description and of the images' and truth files' identities
+        (size, mtime): a finished run is reused only on the same benchmark."""
         h = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode())
-        for p in [*(t.path for t in self.review), *self.unlabelled, *(t.path for t in self.test)]:
+        files: list[str | Path] = [*(t.path for t in self.review), *self.unlabelled]
+        files += [t.path for t in self.test]
+        files += [
+            s for t in (*self.review, *self.test) if (s := t.truth.source) and Path(s).is_file()
+        ]
+        for p in files:
             st = Path(p).stat()
             h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]

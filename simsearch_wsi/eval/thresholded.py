@@ -158,7 +158,8 @@ def segmentation_iou_on_truth(
     in (nearest neighbour; outside the prediction = 0). ``labels`` (H, W): value ``k`` =
     ``classes[k - 1]`` on a grid of ``downsample`` (x, y) level-0 pixels per pixel. Scored
     classes are those of the truth's mask that the prediction also has; NaN for a class the
-    prediction does not know."""
+    prediction does not know, and for a class neither has here (nothing to score: averaging
+    over images must not count it as a perfect 1.0)."""
     if truth.mask is None:
         raise ConfigError(
             f"{truth.source or 'ground truth'}: no label mask to score segmentation against; "
@@ -183,4 +184,8 @@ def segmentation_iou_on_truth(
     resampled[(resampled < 0) | (resampled > len(classes))] = 0
     pred = lut[resampled]
     scores = segmentation_iou(pred, truth.mask, classes=truth.mask_classes)
-    return {n: (scores[n] if n in classes else math.nan) for n in truth.mask_classes}
+    out: dict[str, float] = {}
+    for k, n in enumerate(truth.mask_classes, start=1):
+        absent = not (np.any(pred == k) or np.any(truth.mask == k))
+        out[n] = math.nan if n not in classes or absent else scores[n]
+    return out

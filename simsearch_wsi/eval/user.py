@@ -6,12 +6,14 @@ Given images with ground truth, for each class:
    review images); the user draws a square of the experiment's patch size around each.
 2. **Suggestions**: the search runs with every prototype on every review image with no
    threshold (every local maximum is a suggestion). The user walks down the class's suggestions
-   from the most similar, i.e. lowers the similarity threshold, until ``N`` wrong ones are above
-   it: those ``N`` are flagged as negatives, the correct ones above them are approved, and the
-   class's threshold is set there. With ``N = 0`` the threshold stops just above the first
-   wrong suggestion. A suggestion is correct when its centre is within ``radius_l0`` of a true
-   object of its class that no earlier (more similar) suggestion took, the paper's matching
-   rule; one that lands on a prototype's own object is skipped (a user would not label it).
+   from the most similar, i.e. lowers the similarity threshold, until the ``N + 1``-th wrong one:
+   the first ``N`` wrong ones are flagged as negatives, every correct one above the stop is
+   approved, and the class's threshold is set at the last suggestion kept (with ``N = 0``,
+   just above the first wrong suggestion). The search's suggestions are capped per class and
+   image (``SearchSettings.max_per_class``, 500). A suggestion is correct when its centre is
+   within ``radius_l0`` of a true object of its class that no earlier (more similar)
+   suggestion took, the paper's matching rule; one that lands on a prototype's own object is
+   skipped (a user would not label it).
    Classes known only as regions of a mask (tissue types, :meth:`GroundTruth.is_region_class`)
    are judged by area instead: a suggestion is correct when at least :data:`REGION_FRACTION` of
    its box is that class.
@@ -29,6 +31,7 @@ so training runs on it unchanged. Everything random comes from the ``rng`` passe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -317,8 +320,18 @@ def simulate_review(
             rng=rng,
         )
     else:
-        prototypes = list(prototypes)
         taken = claimed_by_prototypes(prototypes, images, classes, radius_l0=radius_l0)
+        # every prototype names its image by the key the session uses
+        prototypes = [
+            dataclasses.replace(p, image=str(Path(p.image).resolve())) if p.image else p
+            for p in prototypes
+        ]
+        missing = [c for c in classes if not any(p.class_name == c for p in prototypes)]
+        if missing:
+            raise ConfigError(
+                f"no prototype given for class(es) {missing}; draw at least one rectangle of "
+                "each class or leave the class out"
+            )
     for im in images:
         session.add_prototypes(im.key, [p for p in prototypes if p.image == im.key])
     outcome = ReviewOutcome(
