@@ -735,6 +735,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import time
 
+    from simsearch_wsi.atomic import write_json_atomic
     from simsearch_wsi.eval.ablation import AblationConfig, run_ablation
     from simsearch_wsi.eval.benchmark import read_benchmark_csv, synthetic_benchmark
     from simsearch_wsi.eval.report import summarize, summary_markdown, write_report
@@ -794,8 +795,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "files": {k: str(v) for k, v in files.items()},
     }
-    from simsearch_wsi.atomic import write_json_atomic
-
     files["record"] = write_json_atomic(out / "evaluation.json", record)
     if args.json:
         print(json.dumps(record, indent=2))

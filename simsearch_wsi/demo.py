@@ -300,7 +300,7 @@ def _read_prototypes(path: Path, image: TruthImage, open_fn: Any) -> list[Protot
 
 
 def _loop(
-    search: SimSearch,
+    run: _Run,
     images: list[TruthImage],
     classes: tuple[str, ...],
     prototypes: list[Prototype],
@@ -309,9 +309,6 @@ def _loop(
     patch_size_l0: float,
     noisy_images: tuple[Path, ...],
     open_fn: Any,
-    device: torch.device | str,
-    seed: int,
-    progress: ProgressFn | None,
 ) -> tuple[ReviewOutcome, PatchModel, Path, list[str]]:
     """suggest -> simulated review -> background -> train; the session and ``model.zip`` go
     to ``work``. Returns the review, the model, the bundle's path and training notes."""
@@ -320,7 +317,7 @@ def _loop(
         shutil.rmtree(session_dir)
     session = Session.create(session_dir)
     outcome = simulate_review(
-        search,
+        run.search,
         session,
         images,
         classes=classes,
@@ -330,23 +327,24 @@ def _loop(
         ),
         patch_size_l0=patch_size_l0,
         radius_l0=paper_match_radius_l0(patch_size_l0),
-        rng=np.random.default_rng(seed),
+        rng=np.random.default_rng(run.seed),
         open_image=open_fn,
         prototypes=prototypes,
-        progress=progress,
+        progress=run.progress,
     )
     trained = train_session(
         session,
-        search,
+        run.search,
         TrainConfig.preset_config(DEMO_PRESET),
         open_image=open_fn,
         noisy_images=noisy_images,
-        device=device,
-        seed=seed,
-        progress=progress,
+        device=run.device,
+        seed=run.seed,
+        progress=run.progress,
     )
     bundle_path = save_bundle(work / "model.zip", trained.bundle)
-    return outcome, PatchModel(trained.bundle, device=device), bundle_path, list(trained.notes)
+    model = PatchModel(trained.bundle, device=run.device)
+    return outcome, model, bundle_path, list(trained.notes)
 
 
 def _review_line(outcome: ReviewOutcome) -> str:
@@ -385,13 +383,12 @@ class _Run:
 
 def _experiment_he(run: _Run, bench: Benchmark) -> None:
     """Experiment 1 (module docstring): synthetic H&E, scored on the held-out slide."""
-    search, out_dir, result, progress = run.search, run.out_dir, run.result, run.progress
-    examples_dir, device, seed = run.examples_dir, run.device, run.seed
-    work = out_dir / "synthetic_he"
+    search, result, progress = run.search, run.result, run.progress
+    work = run.out_dir / "synthetic_he"
     review = bench.review[0]
-    prototypes = _read_prototypes(examples_dir / HE_PROTOTYPES, review, open_image)
+    prototypes = _read_prototypes(run.examples_dir / HE_PROTOTYPES, review, open_image)
     outcome, model, bundle_path, notes = _loop(
-        search,
+        run,
         [review],
         bench.classes,
         prototypes,
@@ -399,9 +396,6 @@ def _experiment_he(run: _Run, bench: Benchmark) -> None:
         patch_size_l0=bench.patch_size_l0,
         noisy_images=bench.unlabelled,
         open_fn=open_image,
-        device=device,
-        seed=seed,
-        progress=progress,
     )
     result.files["H&E session (review decisions)"] = work / "session" / "session.json"
     result.files["H&E model bundle"] = bundle_path
@@ -437,14 +431,13 @@ def _experiment_he(run: _Run, bench: Benchmark) -> None:
 
 def _experiment_ihc(run: _Run, ihc: TruthImage) -> None:
     """Experiment 2 (module docstring): real IHC pixels, reviewed by the colour rule."""
-    search, out_dir, result, progress = run.search, run.out_dir, run.result, run.progress
-    examples_dir, device, seed = run.examples_dir, run.device, run.seed
-    work = out_dir / "skimage_ihc"
+    result, progress = run.result, run.progress
+    work = run.out_dir / "skimage_ihc"
     open_fn = partial(open_image, mpp=IHC_MPP)
-    prototypes = _read_prototypes(examples_dir / IHC_PROTOTYPES, ihc, open_fn)
+    prototypes = _read_prototypes(run.examples_dir / IHC_PROTOTYPES, ihc, open_fn)
     size = float(np.median([p.box.width_l0 for p in prototypes]))
     outcome, model, bundle_path, notes = _loop(
-        search,
+        run,
         [ihc],
         IHC_CLASSES,
         prototypes,
@@ -452,9 +445,6 @@ def _experiment_ihc(run: _Run, ihc: TruthImage) -> None:
         patch_size_l0=size,
         noisy_images=(),
         open_fn=open_fn,
-        device=device,
-        seed=seed,
-        progress=progress,
     )
     result.files["IHC session (review decisions)"] = work / "session" / "session.json"
     result.files["IHC model bundle"] = bundle_path

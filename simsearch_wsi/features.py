@@ -224,8 +224,9 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.spec = spec
         self.weights = weights
-        dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
-        self.autocast = autocast and autocast_pays_off(self.device, dtype)
+        #: bf16 on a CPU, fp16 on CUDA; used only where it pays off
+        self.autocast_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        self.autocast = autocast and autocast_pays_off(self.device, self.autocast_dtype)
         self.channels_last = channels_last
         self.trunk = trunk.to(self.device).eval()
         if channels_last:
@@ -240,7 +241,7 @@ class FeatureExtractor:
         """What the trunk computes in (part of the cache key): e.g. ``cpu-bf16``, ``cuda-fp16``."""
         if not self.autocast:
             return f"{self.device.type}-fp32"
-        return f"{self.device.type}-{'bf16' if self.device.type == 'cpu' else 'fp16'}"
+        return f"{self.device.type}-{'bf16' if self.autocast_dtype == torch.bfloat16 else 'fp16'}"
 
     def out_dim(self, n_channels: int, rgb: bool) -> int:
         return self.spec.out_channels * (1 if rgb else n_channels)
@@ -271,9 +272,7 @@ class FeatureExtractor:
         x = trunk_input(x, self.spec, rgb=rgb)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        dev_type = self.device.type
-        dtype = torch.bfloat16 if dev_type == "cpu" else torch.float16
-        with torch.autocast(dev_type, dtype=dtype, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
             f = self.trunk(x)
         f = f.float()
         if not rgb:

@@ -17,8 +17,11 @@ stopped and resumed.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -303,9 +306,6 @@ def _settings(
     """What a finished run must match to be reused: the benchmark (images and truth), the
     trunk's weights and precision, the search's settings, the training configuration the
     preset resolves to, and the run itself. JSON-normalised, as it is compared with the file."""
-    import dataclasses
-    import json
-
     train = (
         TrainConfig.preset_config(config.preset, strategy=spec.strategy).to_dict()
         if spec.strategy != SEARCH_STRATEGY
@@ -327,8 +327,6 @@ def _settings(
 
 
 def _load_finished(path: Path, settings: dict[str, Any], spec: RunSpec) -> RunResult | None:
-    import json
-
     if not path.is_file():
         return None
     try:
@@ -382,8 +380,6 @@ def run_ablation(
         if spec.review_key not in reviews:
             root = out_dir / "sessions" / spec.review_key
             if root.exists():
-                import shutil
-
                 shutil.rmtree(root)
             session = Session.create(root)
             outcome = simulate_review(

@@ -19,7 +19,8 @@ from numpy.typing import NDArray
 from scipy.optimize import linear_sum_assignment
 
 from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.eval.truth import GroundTruth
+from simsearch_wsi.eval.truth import GroundTruth, pixel_span_of_box
+from simsearch_wsi.geometry import BoxL0
 from simsearch_wsi.infer import Detection
 from simsearch_wsi.synthetic import SyntheticObject
 
@@ -115,16 +116,13 @@ def rasterize_objects(
     pixels per mask pixel: 0 = none, ``k`` = ``classes[k - 1]``; a mask pixel belongs to a box
     when its centre does. Objects of other classes are left out."""
     labels = np.zeros(shape, dtype=np.uint8)
-    ds_x, ds_y = downsample
     for o in objects:
         if o.class_name not in classes:
             continue
         k = list(classes).index(o.class_name) + 1
-        x0 = max(0, math.ceil(o.x_l0 / ds_x - 0.5))
-        y0 = max(0, math.ceil(o.y_l0 / ds_y - 0.5))
-        x1 = min(shape[1], math.ceil((o.x_l0 + o.width_l0) / ds_x - 0.5))
-        y1 = min(shape[0], math.ceil((o.y_l0 + o.height_l0) / ds_y - 0.5))
-        labels[y0:y1, x0:x1] = k
+        box = BoxL0(o.x_l0, o.y_l0, o.width_l0, o.height_l0)
+        (i0, i1), (j0, j1) = pixel_span_of_box(box, downsample, shape)
+        labels[i0:i1, j0:j1] = k
     return labels
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "GEOJSON_SUFFIXES",
     "MASK_SUFFIXES",
     "GroundTruth",
+    "pixel_span_of_box",
     "read_truth",
     "read_truth_csv",
     "read_truth_geojson",
@@ -279,12 +280,7 @@ class GroundTruth:
         mask, or for a box off the mask."""
         if self.mask is None or (class_name is not None and class_name not in self.mask_classes):
             return 0.0
-        ds_x, ds_y = self.mask_downsample
-        h, w = self.mask.shape
-        j0 = max(0, math.ceil(box_l0.x_l0 / ds_x - 0.5))
-        i0 = max(0, math.ceil(box_l0.y_l0 / ds_y - 0.5))
-        j1 = min(w, math.ceil(box_l0.x1_l0 / ds_x - 0.5))
-        i1 = min(h, math.ceil(box_l0.y1_l0 / ds_y - 0.5))
+        (i0, i1), (j0, j1) = pixel_span_of_box(box_l0, self.mask_downsample, self.mask.shape)
         if i1 <= i0 or j1 <= j0:
             return 0.0
         window = self.mask[i0:i1, j0:j1]
@@ -310,11 +306,7 @@ class GroundTruth:
             for x, y, w, h in self.boxes(name):
                 if not np.isfinite([x, y, w, h]).all():
                     continue
-                # pixel j's centre (j + 0.5) * ds lies in [x, x + w) <=> j in [x/ds - 0.5, ...)
-                j0 = max(0, math.ceil(x / ds_x - 0.5))
-                i0 = max(0, math.ceil(y / ds_y - 0.5))
-                j1 = min(shape[1], math.ceil((x + w) / ds_x - 0.5))
-                i1 = min(shape[0], math.ceil((y + h) / ds_y - 0.5))
+                (i0, i1), (j0, j1) = pixel_span_of_box(BoxL0(x, y, w, h), (ds_x, ds_y), shape)
                 mask[i0:i1, j0:j1] = k
         return GroundTruth(
             self.class_names,
@@ -659,6 +651,20 @@ def _load_label_image(p: Path) -> NDArray[Any]:
             return np.asarray(im)
     except (UnidentifiedImageError, OSError) as exc:
         raise ConfigError(f"{p}: cannot read the label mask image ({exc})") from exc
+
+
+def pixel_span_of_box(
+    box_l0: BoxL0, downsample: tuple[float, float], shape: tuple[int, ...]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((i0, i1), (j0, j1)): the rows and columns of a mask of ``shape`` (H, W) at
+    ``downsample`` (x, y) whose pixel centres lie in ``box_l0``: pixel j's centre
+    ``(j + 0.5) * ds`` lies in ``[x, x + w)`` <=> ``j in [x / ds - 0.5, (x + w) / ds - 0.5)``."""
+    ds_x, ds_y = downsample
+    j0 = max(0, math.ceil(box_l0.x_l0 / ds_x - 0.5))
+    i0 = max(0, math.ceil(box_l0.y_l0 / ds_y - 0.5))
+    j1 = min(shape[1], math.ceil(box_l0.x1_l0 / ds_x - 0.5))
+    i1 = min(shape[0], math.ceil(box_l0.y1_l0 / ds_y - 0.5))
+    return (i0, i1), (j0, j1)
 
 
 def _downsample_xy(downsample: float | tuple[float, float], where: str) -> tuple[float, float]:
