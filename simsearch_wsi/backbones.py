@@ -7,14 +7,22 @@ input normalisation) so that tiling, pooling and caching can be derived from it.
 * ``"imagenet"``: torchvision's published ResNet-18 checkpoint, taken from ``cache_dir`` (the
   torch hub cache; the CLI passes ``torch.hub.get_dir()``) and verified by sha256, or downloaded
   there when ``allow_download`` is set (with a timeout; offline fails at once with advice);
+* ``"embedded"``: the self-supervised trunk this project trained itself and ships inside the
+  package (``simsearch_wsi/weights/``; provenance and licence in its README there): the offline
+  default;
 * ``"random"``: seeded random initialisation (tests, or to measure what weights add);
 * a path: a local weights file (a torchvision state dict, a trunk state dict, or a file written
   by ``simsearch-wsi pretrain``).
+
+:func:`resolve_auto_weights` is the ``auto`` order: ImageNet from the cache, ImageNet downloaded
+(when allowed), else the embedded trunk, with a notice saying which and how to get ImageNet.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
+import json
 import os
 import shutil
 import tempfile
@@ -61,6 +69,7 @@ class BackboneSpec:
     input_std: tuple[float, float, float]
     builder: Callable[[], nn.Module]
     imagenet: PublishedWeights | None = None
+    embedded: str | None = None
 
     @property
     def halo(self) -> int:
@@ -102,6 +111,9 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 
+#: the embedded trunk's file in ``simsearch_wsi/weights`` (benchmarks/train_embedded_trunk.py)
+EMBEDDED_RESNET18_L3 = "resnet18-l3-ssl.pt"
+
 
 def register_backbone(spec: BackboneSpec) -> None:
     """Add a trunk (e.g. a pathology foundation model a user has on disk) to the registry."""
@@ -136,6 +148,7 @@ register_backbone(
             filename="resnet18-f37072fd.pth",
             sha256="f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
         ),
+        embedded=EMBEDDED_RESNET18_L3,
     )
 )
 
@@ -217,6 +230,30 @@ def _imagenet_state(
     )
 
 
+def embedded_weights_path(spec: BackboneSpec) -> Path:
+    """Where the package keeps ``spec``'s embedded weights (the file may be absent)."""
+    if spec.embedded is None:
+        raise ConfigError(f"backbone {spec.name!r} has no embedded weights")
+    return Path(str(importlib.resources.files("simsearch_wsi") / "weights" / spec.embedded))
+
+
+def _embedded_state(spec: BackboneSpec) -> tuple[dict[str, Any], WeightsInfo]:
+    path = embedded_weights_path(spec)
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"the embedded weights {path.name} are missing from this installation ({path.parent}); "
+            "reinstall simsearch_wsi, or pass --weights imagenet / PATH / random"
+        )
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    meta = json.loads(obj.get("simsearch_wsi", "{}"))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in obj["state_dict"].items()}
+    digest = sha256_of(path)
+    what = meta.get("description", "self-supervised")
+    return state, WeightsInfo(
+        "embedded", f"embedded:{digest[:16]}", f"embedded trunk {path.name} ({what})"
+    )
+
+
 def _file_state(path: Path) -> tuple[dict[str, Any], WeightsInfo]:
     if not path.is_file():
         raise WeightsUnavailableError(
@@ -257,6 +294,8 @@ def build_trunk(
     else:
         if isinstance(weights, str) and weights == "imagenet":
             state, info = _imagenet_state(spec, cache_dir, allow_download, download_timeout_s)
+        elif isinstance(weights, str) and weights == "embedded":
+            state, info = _embedded_state(spec)
         else:
             state, info = _file_state(Path(weights))
         trunk_keys = set(module.state_dict())
@@ -274,3 +313,58 @@ def build_trunk(
     for p in module.parameters():
         p.requires_grad_(False)
     return module, spec, info
+
+
+def imagenet_advice(spec: BackboneSpec, cache_dir: Path | None) -> str:
+    """How to get ``spec``'s ImageNet weights, in one clause."""
+    if spec.imagenet is None:
+        return f"backbone {spec.name!r} has no published ImageNet weights"
+    where = cache_dir / "checkpoints" if cache_dir is not None else "the torch hub cache"
+    return (
+        f"for ImageNet weights run once with internet (--weights imagenet) or copy "
+        f"{spec.imagenet.filename} ({spec.imagenet.url}) into {where}"
+    )
+
+
+def resolve_auto_weights(
+    name: str = "resnet18-l3",
+    *,
+    cache_dir: Path | None,
+    allow_download: bool,
+    download_timeout_s: float = 10.0,
+) -> tuple[nn.Module, BackboneSpec, WeightsInfo, str | None]:
+    """The ``auto`` weights: ImageNet from ``cache_dir``; else ImageNet downloaded there (when
+    ``allow_download``); else the embedded trunk. Returns the trunk, its spec, its weights and
+    a one-line notice (``None`` when ImageNet weights were used) saying which weights were used
+    and how to get ImageNet weights. Falls back to seeded random weights (with a notice) only
+    for a registered backbone that has neither ImageNet nor embedded weights."""
+    spec = get_backbone_spec(name)
+    failure = ""
+    if spec.imagenet is not None:
+        for download in (False, True) if allow_download else (False,):
+            try:
+                trunk, spec, info = build_trunk(
+                    name,
+                    "imagenet",
+                    cache_dir=cache_dir,
+                    allow_download=download,
+                    download_timeout_s=download_timeout_s,
+                )
+                return trunk, spec, info, None
+            except WeightsUnavailableError as exc:
+                failure = (
+                    f"could not be downloaded ({exc.__cause__ or exc})"
+                    if download
+                    else "are not cached"
+                )
+    if spec.embedded is not None:
+        trunk, spec, info = build_trunk(name, "embedded")
+        reason = f"ImageNet weights {failure}" if failure else "no ImageNet weights"
+        return (
+            trunk,
+            spec,
+            info,
+            f"using the {info.description} ({reason}); {imagenet_advice(spec, cache_dir)}",
+        )
+    trunk, spec, info = build_trunk(name, "random", seed=0)
+    return trunk, spec, info, f"using seeded random weights for {name!r} (no weights available)"

@@ -127,7 +127,7 @@ def _resolve_device(name: str) -> Any:
 def _build_search(args: argparse.Namespace) -> Any:
     import torch
 
-    from simsearch_wsi.backbones import WeightsUnavailableError, build_trunk
+    from simsearch_wsi.backbones import build_trunk, resolve_auto_weights
     from simsearch_wsi.featurecache import FeatureCache
     from simsearch_wsi.features import FeatureExtractor
     from simsearch_wsi.search import SearchSettings, SimSearch
@@ -135,17 +135,13 @@ def _build_search(args: argparse.Namespace) -> Any:
     hub_dir = Path(torch.hub.get_dir())
     weights = args.weights
     if weights == "auto":
-        try:
-            trunk, spec, info = build_trunk(args.backbone, "imagenet", cache_dir=hub_dir)
-        except WeightsUnavailableError:
-            trunk, spec, info = build_trunk(args.backbone, "random", seed=0)
-            print(
-                "simsearch-wsi: note: ImageNet weights not found in "
-                f"{hub_dir / 'checkpoints'}; using seeded random weights (suggestions are "
-                "weaker). Get them with --weights imagenet (needs internet) or pass "
-                "--weights PATH.",
-                file=sys.stderr,
-            )
+        # the CLI decides whether to try the network: SIMSEARCH_WSI_OFFLINE=1 never does
+        offline = os.environ.get("SIMSEARCH_WSI_OFFLINE", "").strip() not in ("", "0")
+        trunk, spec, info, notice = resolve_auto_weights(
+            args.backbone, cache_dir=hub_dir, allow_download=not offline
+        )
+        if notice:
+            print(f"simsearch-wsi: note: {notice}", file=sys.stderr)
     else:
         trunk, spec, info = build_trunk(
             args.backbone, weights, seed=0, cache_dir=hub_dir, allow_download=weights == "imagenet"
@@ -155,7 +151,10 @@ def _build_search(args: argparse.Namespace) -> Any:
     cache = FeatureCache(Path(args.cache) if args.cache else _default_cache_dir())
     channels = tuple(args.channels.split(",")) if args.channels else None
     settings = SearchSettings(
-        tile_size=args.tile_size, batch_size=args.batch_size, channels=channels
+        tile_size=args.tile_size,
+        batch_size=args.batch_size,
+        channels=channels,
+        **({"feature_norm": args.feature_norm} if args.feature_norm else {}),
     )
     return SimSearch(extractor, cache, settings)
 
@@ -465,7 +464,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     stage = TrainConfig.preset_config(args.preset).selflearn
     if args.epochs is not None:
         stage = dataclasses.replace(stage, epochs=args.epochs, decay_epoch=None)
-    config = PretrainConfig(patches_per_image=args.patches_per_image, stage=stage)
+    config = PretrainConfig(
+        patches_per_image=args.patches_per_image,
+        stage=stage,
+        objective=args.objective,
+        mask_ratio=args.mask_ratio,
+    )
     with _progress() as progress:
         result = pretrain_trunk(
             paths,
@@ -487,7 +491,19 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         result,
         backbone=ext.spec.name,
         base_weights=ext.weights,
-        extra={"images": paths, "patch_size_l0": patch_l0, "channels": channels},
+        extra={
+            "images": paths,
+            "patch_size_l0": patch_l0,
+            "channels": channels,
+            "seed": args.seed,
+            "config": {
+                "objective": config.objective,
+                "mask_ratio": config.mask_ratio,
+                "patches_per_image": config.patches_per_image,
+                "stage": dataclasses.asdict(config.stage),
+            },
+            "package_version": __version__,
+        },
     )
     st = result.metrics["stage"]
     _console().print(
@@ -952,8 +968,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--weights",
         default="auto",
-        help="trunk weights: auto (ImageNet from the torch cache, else seeded random), "
-        "imagenet (download if missing), random, or a .pth file (default: %(default)s)",
+        help="trunk weights: auto (ImageNet from the torch cache, else downloaded when online, "
+        "else the embedded self-supervised trunk; SIMSEARCH_WSI_OFFLINE=1 skips the download), "
+        "imagenet (download if missing), embedded, random, or a .pth file "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--feature-norm",
+        default=None,
+        metavar="{none,standardize,whiten}",
+        help="feature normalisation before the cosine, each image with its own statistics "
+        "(default: the one docs/evaluation.md measured best, see simsearch_wsi.featurenorm)",
     )
     g.add_argument(
         "--backbone", default="resnet18-l3", help="registered backbone (default: %(default)s)"
@@ -1143,10 +1168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_pre = sub.add_parser(
         "pretrain",
         parents=[engine],
-        help="self-supervised (SimCLR) training of the trunk on a cohort",
-        description="Train the trunk on random foreground patches of the images (SimCLR) and "
-        "write weights for --weights PATH: the offline alternative to ImageNet weights, adapted "
-        "to your tissue and stain. Starts from --weights (auto: ImageNet if cached, else random).",
+        help="self-supervised training of the trunk on a cohort (SimCLR or masked)",
+        description="Train the trunk on random foreground patches of the images (SimCLR, or "
+        "masked-image modelling) and write weights for --weights PATH: weights adapted to your "
+        "tissue and stain. Starts from --weights (auto: ImageNet if available, else the "
+        "embedded trunk; random: every layer is trained).",
     )
     p_pre.add_argument("images", nargs="+", metavar="IMAGE")
     p_pre.add_argument("--out", required=True, metavar="WEIGHTS.pth")
@@ -1161,7 +1187,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="fast",
         choices=["quick", "fast", "paper"],
-        help="SimCLR schedule: fast, or the paper's 100 epochs (default: %(default)s)",
+        help="schedule: quick, fast, or the paper's SimCLR stage (100 epochs of batch 128) "
+        "(default: %(default)s)",
+    )
+    p_pre.add_argument(
+        "--objective",
+        default="simclr",
+        choices=["simclr", "masked"],
+        help="SimCLR (two augmented views) or masked-image modelling (predict blanked cells) "
+        "(default: %(default)s)",
+    )
+    p_pre.add_argument(
+        "--mask-ratio",
+        type=float,
+        default=0.5,
+        help="fraction of trunk cells blanked by --objective masked (default: %(default)s)",
     )
     p_pre.add_argument(
         "--epochs", type=_int_at_least(1), default=None, help="override the preset's epochs"

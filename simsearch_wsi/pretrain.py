@@ -1,4 +1,5 @@
-"""Domain pretraining: SimCLR on random foreground patches of a cohort, giving trunk weights.
+"""Domain pretraining: self-supervised training of the trunk on random foreground patches of a
+cohort, giving trunk weights.
 
 This is the offline path to a useful trunk: ImageNet weights cannot be downloaded on machines
 without internet, and a trunk adapted to the cohort's tissue and stain helps everyone. The
@@ -10,11 +11,22 @@ of every image, equally many per image, read on the fly at the analysis scale of
 ``patch_size_l0`` (as the search reads them), each image normalised by the cohort's percentile
 rule (brightfield: fixed range). Starting from random weights every layer is trained; from
 pretrained weights conv1 and the first two blocks stay frozen (as in SimSearch's stage a).
+
+Objectives (``PretrainConfig.objective``):
+
+``simclr``
+    SimSearch's stage a: NT-Xent between two augmented views of each patch, on the pooled
+    window vector (what the similarity search compares), through a projection head.
+``masked``
+    masked-image modelling (:mod:`simsearch_wsi.masked`, the Microsnoop idea): blank half of the
+    trunk's cells and predict their pixels from the context; one view per patch, so a step costs
+    about half of SimCLR's.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,27 +39,41 @@ import torch
 from torch import nn
 
 from simsearch_wsi.atomic import atomic_path
-from simsearch_wsi.augment import AugmentConfig
+from simsearch_wsi.augment import AugmentConfig, augment_batch
 from simsearch_wsi.backbones import BackboneSpec, WeightsInfo
 from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.features import AnalysisScale, ProgressFn
+from simsearch_wsi.features import AnalysisScale, ProgressFn, prefetched, trunk_input
 from simsearch_wsi.io.base import ImageSource
-from simsearch_wsi.model import PatchEncoder, freeze
+from simsearch_wsi.masked import PixelDecoder, masked_loss
+from simsearch_wsi.model import PatchEncoder, freeze, set_trainable, train_mode
 from simsearch_wsi.patches import CropGeometry, PatchReader, PatchSample, PatchSet
 from simsearch_wsi.preprocess import ChannelNormalization
 from simsearch_wsi.similarity import PatchGeometry
 from simsearch_wsi.tissue import detect_foreground
-from simsearch_wsi.train import StageConfig, TrainConfig, TrainRun, child_seed, contrastive_stage
+from simsearch_wsi.train import (
+    StageConfig,
+    StageLoop,
+    TrainConfig,
+    TrainRun,
+    child_seed,
+    contrastive_stage,
+)
 
 PRETRAIN_FORMAT = "simsearch-wsi-pretrained-trunk"
+OBJECTIVES = ("simclr", "masked")
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """SimCLR settings; the default is practical on 2 CPU cores (minutes), ``stage`` can be
-    the paper's (``TrainConfig.preset_config("paper").selflearn``)."""
+    """Pretraining settings; the default is practical on 2 CPU cores (minutes), ``stage`` can
+    be the paper's (``TrainConfig.preset_config("paper").selflearn``). ``objective``: one of
+    :data:`OBJECTIVES` (module docstring); ``mask_ratio``: fraction of cells blanked by the
+    masked objective; ``augment`` applies to SimCLR's views and (without solarize and dropout,
+    which would fight the reconstruction) to the masked objective's crops."""
 
     patches_per_image: int = 256
+    objective: str = "simclr"
+    mask_ratio: float = 0.5
     stage: StageConfig = field(
         default_factory=lambda: StageConfig(10, 64, 1e-3, 7, 0.1, 0.5, max_steps_per_epoch=16)
     )
@@ -60,6 +86,13 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.patches_per_image < 1:
             raise ConfigError(f"patches per image must be >= 1, got {self.patches_per_image}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"unknown pretraining objective {self.objective!r}; use one of "
+                f"{', '.join(OBJECTIVES)}"
+            )
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"mask ratio must be in (0, 1), got {self.mask_ratio}")
 
 
 @dataclass
@@ -102,8 +135,9 @@ def pretrain_trunk(
     seed: int = 0,
     progress: ProgressFn | None = None,
 ) -> PretrainResult:
-    """SimCLR on random foreground patches of ``image_paths``; returns the trained trunk's
-    state dict (``trunk`` itself is not modified)."""
+    """Self-supervised training (``config.objective``) on random foreground patches of
+    ``image_paths``; returns the trained trunk's state dict (``trunk`` itself is not
+    modified)."""
     config = config or PretrainConfig()
     device = torch.device(device)
     if not image_paths:
@@ -142,15 +176,65 @@ def pretrain_trunk(
         run = TrainRun(
             encoder, reader, train_cfg, device, freeze_early, rng, gen, progress, len(channels)
         )
-        stage = contrastive_stage(run, "selflearn", patches, config.stage, config.augment)
+        if config.objective == "simclr":
+            stage = contrastive_stage(run, "selflearn", patches, config.stage, config.augment)
+        else:
+            stage = masked_stage(run, patches, config)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.trunk.state_dict().items()}
     metrics = {
+        "objective": config.objective,
         "images": len(image_paths),
         "patches": len(patches),
         "analysis_downsample": scale.downsample_x,
         "stage": stage,
     }
     return PretrainResult(state, metrics, notes)
+
+
+def masked_stage(run: TrainRun, patches: PatchSet, config: PretrainConfig) -> dict[str, Any]:
+    """The masked objective (:mod:`simsearch_wsi.masked`) on ``patches``, with the optimiser and
+    schedule of ``config.stage``; returns the stage's record (as the contrastive stage's)."""
+    stage = config.stage
+    trunk = run.encoder.trunk
+    spec = run.encoder.spec
+    gen = torch.Generator().manual_seed(child_seed(run.rng))
+    with torch.random.fork_rng(devices=[]):
+        decoder = PixelDecoder(spec.out_channels, spec.stride)
+    for m in decoder.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, a=5**0.5, generator=gen)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    decoder.to(run.device)
+    params = set_trainable(trunk, freeze_early=run.freeze_early) + list(decoder.parameters())
+    augment = dataclasses.replace(config.augment, solarize_p=0.0, dropout_p=0.0)
+    steps = stage.steps_per_epoch(len(patches))
+    loop = StageLoop(run, "masked", stage, params, steps)
+    jitter = np.random.default_rng(child_seed(run.rng))
+    for _ in range(stage.epochs):
+        train_mode(trunk, freeze_early=run.freeze_early)
+        decoder.train()
+        batches = [patches.draw(stage.batch_size, run.rng) for _ in range(steps)]
+
+        def load(idx: Any) -> torch.Tensor:
+            return run.reader.read([patches.samples[i] for i in idx], rng=jitter)
+
+        for k, x in enumerate(prefetched(load, batches)):
+            x = augment_batch(x.to(run.device), augment, gen)
+            inputs = trunk_input(x, spec, rgb=run.encoder.rgb)
+            with run.autocast():
+                loss = masked_loss(
+                    trunk,
+                    decoder,
+                    inputs,
+                    stride=spec.stride,
+                    mask_ratio=config.mask_ratio,
+                    generator=gen,
+                )
+            loop.step(loss, k, inputs.shape[0])
+        loop.end_epoch()
+    freeze(trunk)
+    return loop.record(len(patches), mask_ratio=config.mask_ratio)
 
 
 def save_pretrained(

@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.featurecache import FeatureCache, FeatureMap
+from simsearch_wsi.featurenorm import DEFAULT_FEATURE_NORM, FeatureNormalizer, check_feature_norm
 from simsearch_wsi.features import (
     AnalysisScale,
     FeatureExtractor,
@@ -36,7 +37,6 @@ from simsearch_wsi.similarity import (
     PooledMap,
     Prototype,
     PrototypeVectors,
-    Standardizer,
     Suggestion,
     background_candidates,
     embed_prototypes,
@@ -51,14 +51,19 @@ DEFAULT_THRESHOLD = 0.5
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """Knobs of the search that do not change what a suggestion means."""
+    """Knobs of the search. ``feature_norm`` (:mod:`simsearch_wsi.featurenorm`) changes the
+    similarity values, so thresholds are tied to it; the others do not change what a suggestion
+    means."""
 
     tile_size: int = 1024
     batch_size: int = 4
-    standardize: bool = True
+    feature_norm: str = DEFAULT_FEATURE_NORM
     min_distance_fraction: float = 1.0
     max_per_class: int = 500
     channels: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_feature_norm(self.feature_norm)
 
 
 @dataclass
@@ -76,6 +81,7 @@ class SuggestResult:
     weights: str
     seconds_embed: float
     seconds_query: float
+    feature_norm: str = DEFAULT_FEATURE_NORM
     notes: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
 
@@ -113,6 +119,7 @@ class SuggestResult:
             "patch": self.geometry.to_dict(),
             "feature_cache": self.feature_cache,
             "weights": self.weights,
+            "feature_norm": self.feature_norm,
             "seconds_embed": round(self.seconds_embed, 3),
             "seconds_query": round(self.seconds_query, 3),
             "notes": self.notes,
@@ -245,7 +252,7 @@ class SimSearch:
         geometry = PatchGeometry.from_l0(
             patch_size_l0, patch_size_l0, spec.scale, self.extractor.stride
         )
-        return pooled_map(fmap, geometry, standardize=self.settings.standardize, progress=progress)
+        return pooled_map(fmap, geometry, norm=self.settings.feature_norm, progress=progress)
 
     def suggest(
         self,
@@ -343,6 +350,7 @@ class SimSearch:
             weights=self.extractor.weights.description,
             seconds_embed=t1 - t0,
             seconds_query=t2 - t1,
+            feature_norm=self.settings.feature_norm,
             notes=notes,
         )
 
@@ -369,10 +377,10 @@ class SimSearch:
         here = [p for p in prototypes if _same_image(p.image, image)]
         parts = []
         if here:
-            std = Standardizer.of(fmap, self.settings.standardize)
+            normalizer = FeatureNormalizer.of(fmap, self.settings.feature_norm)
             parts.append(
                 embed_prototypes(
-                    image, self.extractor, spec, geometry, here, classes, standardize=std
+                    image, self.extractor, spec, geometry, here, classes, normalizer=normalizer
                 )
             )
         parts += self._foreign_prototype_vectors(
@@ -385,7 +393,7 @@ class SimSearch:
         )
         extra = vectors.mean_vector()[None] if with_mean else None
         maps = similarity_maps(
-            fmap, geometry, vectors, extra_vectors=extra, standardize=self.settings.standardize
+            fmap, geometry, vectors, extra_vectors=extra, norm=self.settings.feature_norm
         )
         return SimilarityMaps(spec, fmap, geometry, classes, maps, here, seconds_embed)
 
@@ -409,10 +417,10 @@ class SimSearch:
         for path, protos in by_image.items():
             with open_image(path) as src:
                 spec, fmap = self.embed(src, patch_l0, progress=progress)
-                std = Standardizer.of(fmap, self.settings.standardize)
+                normalizer = FeatureNormalizer.of(fmap, self.settings.feature_norm)
                 parts.append(
                     embed_prototypes(
-                        src, self.extractor, spec, geometry, protos, classes, standardize=std
+                        src, self.extractor, spec, geometry, protos, classes, normalizer=normalizer
                     )
                 )
         return parts

@@ -10,15 +10,13 @@ Prototypes. A prototype box is snapped to the nearest window of the grid; its cr
 cells plus the trunk's halo, squared) is embedded in the four rotations 0/90/180/270 degrees, each
 pooled at the centre: four unit vectors per prototype. Rotation 0 equals the cached map's vector.
 
-Standardisation. Before the cosine, pooled vectors are standardised per channel with the mean and
-standard deviation of that image's embedded cells (stored with the cache entry). Because the
-pooling kernel sums to 1 this equals standardising the feature map before pooling. Trunk features
-share a large common component (cosine > 0.97 between unrelated patches with random weights), which
-standardisation removes; it also takes out per-image shifts (stain, scanner) for prototypes drawn
-on another image, each image being standardised with its own statistics.
+Normalisation. Before the cosine, pooled vectors go through the search's feature normalisation
+(:mod:`simsearch_wsi.featurenorm`: none, per-image standardisation, or per-image whitening), each
+image with its own statistics. Because the pooling kernel sums to 1 this equals normalising the
+feature map before pooling.
 
 Similarity. Cosine similarity of every pooled window to every prototype vector; a class's map is
-the maximum over its prototypes and rotations. The pooled, standardised, unit-length window vectors
+the maximum over its prototypes and rotations. The pooled, normalised, unit-length window vectors
 are computed once per patch geometry (tile by tile) and cached beside the feature entry, so each
 query is one matrix product per tile; no window is ever cropped or re-embedded.
 
@@ -44,6 +42,11 @@ from numpy.typing import NDArray
 from simsearch_wsi.atomic import atomic_path
 from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.featurecache import FeatureMap
+from simsearch_wsi.featurenorm import (
+    DEFAULT_FEATURE_NORM,
+    FeatureNormalizer,
+    feature_norm_tag,
+)
 from simsearch_wsi.features import (
     AnalysisScale,
     FeatureExtractor,
@@ -107,29 +110,6 @@ class PatchGeometry:
         return {"width_a": self.width_a, "height_a": self.height_a, "stride": self.stride}
 
 
-@dataclass(frozen=True)
-class Standardizer:
-    """Per-channel (D,) mean and std of an image's features; ``None`` fields = identity."""
-
-    mean: torch.Tensor | None = None
-    std: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, fmap: FeatureMap, enabled: bool = True) -> Standardizer:
-        if not enabled:
-            return cls()
-        return cls(torch.from_numpy(fmap.channel_mean), torch.from_numpy(fmap.channel_std))
-
-    def __call__(self, vectors: torch.Tensor, dim: int) -> torch.Tensor:
-        """Standardise along ``dim`` (the channel axis), then scale to unit length."""
-        if self.mean is not None and self.std is not None:
-            shape = [1] * vectors.dim()
-            shape[dim] = -1
-            vectors = (vectors - self.mean.view(shape)) / self.std.view(shape)
-        unit: torch.Tensor = vectors / vectors.norm(dim=dim, keepdim=True).clamp_min(1e-12)
-        return unit
-
-
 def pool(features_dhw: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """(D, h, w) -> (D, h-kh+1, w-kw+1): the same Gaussian for every channel ("valid").
 
@@ -180,10 +160,11 @@ def embed_prototypes(
     prototypes: Sequence[Prototype],
     classes: Sequence[str],
     *,
-    standardize: Standardizer | None = None,
+    normalizer: FeatureNormalizer | None = None,
 ) -> PrototypeVectors:
-    """Four rotation vectors per prototype (see module docstring), standardised with
-    ``standardize`` (the statistics of the prototypes' image) and scaled to unit length."""
+    """Four rotation vectors per prototype (see module docstring), normalised with
+    ``normalizer`` (built from the statistics of the prototypes' image) and scaled to unit
+    length."""
     s, halo = geometry.stride, spec.halo
     kh, kw = geometry.kernel_hw
     k = max(kh, kw)
@@ -214,13 +195,13 @@ def embed_prototypes(
     core = feats[:, :, c : c + k, c : c + k]
     window = core[:, :, oy : oy + kh, ox : ox + kw]
     vecs = (window * kernel[None, None]).sum(dim=(2, 3))
-    vecs = (standardize or Standardizer())(vecs, dim=1)
+    vecs = (normalizer or FeatureNormalizer())(vecs, dim=1)
     return PrototypeVectors(vecs, torch.tensor(owners, dtype=torch.long), tuple(classes))
 
 
 @dataclass
 class PooledMap:
-    """Pooled, standardised, unit-length window vectors of a feature map for one patch geometry.
+    """Pooled, normalised, unit-length window vectors of a feature map for one patch geometry.
 
     ``array`` is a Zarr (Hp, Wp, D) uint16 array holding **bfloat16 bit patterns** (read with
     :func:`as_bf16`), uncompressed, chunked like the feature map (one chunk per feature tile:
@@ -244,7 +225,7 @@ def pooled_map(
     fmap: FeatureMap,
     geometry: PatchGeometry,
     *,
-    standardize: bool = True,
+    norm: str = DEFAULT_FEATURE_NORM,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> PooledMap:
     """The pooled map for ``geometry``: cached beside the feature entry (computed once per
@@ -262,9 +243,7 @@ def pooled_map(
     tc = fmap.tile_cells
     cy, cx = kh // 2, kw // 2
     valid = fmap.computed_cells()[cy : cy + hp, cx : cx + wp]
-    path = fmap.path.with_name(
-        f"{fmap.path.name}.pooled-{kh}x{kw}-{'std' if standardize else 'raw'}"
-    )
+    path = fmap.path.with_name(f"{fmap.path.name}.pooled-{kh}x{kw}-{feature_norm_tag(norm)}")
     if not path.is_dir():
         with atomic_path(path) as tmp:
             group: Any = zarr.open_group(str(tmp), mode="w")
@@ -276,7 +255,7 @@ def pooled_map(
                 fill_value=0,
                 compressors=None,
             )
-            standardizer = Standardizer.of(fmap, standardize)
+            normalizer = FeatureNormalizer.of(fmap, norm)
             kernel = geometry.kernel()
             tiles = list(zip(*np.nonzero(fmap.computed), strict=True))
             band_y, band = -1, None
@@ -290,7 +269,7 @@ def pooled_map(
                 assert band is not None
                 x1 = min(x0 + tc + kw - 1, wf)
                 block = torch.from_numpy(band[:, x0:x1].astype(np.float32)).permute(2, 0, 1)
-                pooled = standardizer(pool(block, kernel), dim=0)  # (D, h', w')
+                pooled = normalizer(pool(block, kernel), dim=0)  # (D, h', w')
                 h2, w2 = min(tc, pooled.shape[1]), min(tc, pooled.shape[2])
                 bf16 = pooled[:, :h2, :w2].permute(1, 2, 0).contiguous().to(torch.bfloat16)
                 arr[y0 : y0 + h2, x0 : x0 + w2] = bf16.view(torch.int16).numpy().view(np.uint16)
@@ -311,7 +290,7 @@ def similarity_maps(
     prototypes: PrototypeVectors,
     *,
     extra_vectors: torch.Tensor | None = None,
-    standardize: bool = True,
+    norm: str = DEFAULT_FEATURE_NORM,
     precision: str = "bf16",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> NDArray[np.float32]:
@@ -319,8 +298,8 @@ def similarity_maps(
 
     ``Hp = H_f - kh + 1``, ``Wp = W_f - kw + 1``. Windows whose centre cell was not embedded
     (background tiles) are NaN. ``extra_vectors`` (E, D) add one map each (e.g. the mean
-    prototype for background candidates). ``standardize`` applies the map's own channel
-    statistics (module docstring); prototypes must have been standardised the same way.
+    prototype for background candidates). ``norm`` is the feature normalisation with the map's own
+    statistics (module docstring); prototypes must have been normalised the same way.
     ``precision``: ``"bf16"`` (default; 5x faster matrix products on CPUs with AVX-512 BF16) or
     ``"fp32"`` products. The pooled vectors are stored in bf16 either way (similarities within
     about 0.02 of float32, rankings preserved; see tests/test_similarity.py).
@@ -333,7 +312,7 @@ def similarity_maps(
             f"prototype vectors have {prototypes.vectors.shape[1]} dims, the feature map {d}; "
             "they come from different backbones or channel selections"
         )
-    pm = pooled_map(fmap, geometry, standardize=standardize, progress=progress)
+    pm = pooled_map(fmap, geometry, norm=norm, progress=progress)
     hp, wp, _ = pm.array.shape
     n_cls = prototypes.n_classes
     # order vectors by class so each class's maximum is over a contiguous block of columns

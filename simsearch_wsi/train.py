@@ -241,6 +241,64 @@ def _init_linear(layer: nn.Linear, gen: torch.Generator) -> None:
             layer.bias.uniform_(-bound, bound, generator=gen)
 
 
+class StageLoop:
+    """What every training stage's loop shares: Adam at ``stage.lr`` with the stage's step
+    decay, the optimiser step, the running loss, progress and the stage's record."""
+
+    def __init__(
+        self, run: TrainRun, name: str, stage: StageConfig, params: list[Any], steps: int
+    ) -> None:
+        self.run, self.name, self.stage, self.steps = run, name, stage, steps
+        self.opt = torch.optim.Adam(params, lr=stage.lr)
+        self.sched = (
+            torch.optim.lr_scheduler.StepLR(
+                self.opt, step_size=stage.decay_epoch, gamma=stage.decay_factor
+            )
+            if stage.decay_epoch
+            else None
+        )
+        self.losses: list[float] = []
+        self.views = 0
+        self.epoch = 0
+        self._epoch_loss = 0.0
+        self._t0 = time.perf_counter()
+
+    def step(self, loss: torch.Tensor, k: int, views: int) -> None:
+        """Back-propagate ``loss`` of batch ``k`` of the current epoch (``views`` samples)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.opt.step()
+        self._epoch_loss += float(loss.detach())
+        self.views += views
+        if self.run.progress is not None:
+            self.run.progress(
+                f"{self.name} | epoch {self.epoch + 1}/{self.stage.epochs} "
+                f"loss {self._epoch_loss / (k + 1):.3f}",
+                self.epoch * self.steps + k + 1,
+                self.stage.epochs * self.steps,
+            )
+
+    def end_epoch(self) -> None:
+        self.losses.append(self._epoch_loss / self.steps)
+        self._epoch_loss = 0.0
+        self.epoch += 1
+        if self.sched is not None:
+            self.sched.step()
+
+    def record(self, n_patches: int, **extra: Any) -> dict[str, Any]:
+        seconds = time.perf_counter() - self._t0
+        return {
+            "patches": n_patches,
+            "epochs": self.stage.epochs,
+            "steps_per_epoch": self.steps,
+            **extra,
+            "loss": [round(v, 5) for v in self.losses],
+            "views": self.views,
+            "seconds": round(seconds, 2),
+            "views_per_s": round(self.views / seconds, 1) if seconds > 0 else None,
+        }
+
+
 def contrastive_stage(
     run: TrainRun,
     name: str,
@@ -257,20 +315,12 @@ def contrastive_stage(
     )
     head.to(run.device)
     params = set_trainable(enc.trunk, freeze_early=run.freeze_early) + list(head.parameters())
-    opt = torch.optim.Adam(params, lr=stage.lr)
-    sched = (
-        torch.optim.lr_scheduler.StepLR(opt, step_size=stage.decay_epoch, gamma=stage.decay_factor)
-        if stage.decay_epoch
-        else None
-    )
     steps = stage.steps_per_epoch(len(patches))
+    loop = StageLoop(run, name, stage, params, steps)
     labels_all = torch.from_numpy(patches.labels)
-    losses: list[float] = []
-    views = 0
-    t0 = time.perf_counter()
     jitter = np.random.default_rng(child_seed(run.rng))
     window = enc.window_a
-    for epoch in range(stage.epochs):
+    for _epoch in range(stage.epochs):
         train_mode(enc.trunk, freeze_early=run.freeze_early)
         head.train()
         batches = [patches.draw(stage.batch_size, run.rng) for _ in range(steps)]
@@ -290,7 +340,6 @@ def contrastive_stage(
                 return x, None
             return x, run.reader.read([negatives.samples[i] for i in nidx], rng=jitter)
 
-        epoch_loss = 0.0
         for k, (x, xn) in enumerate(prefetched(load, list(zip(batches, neg_batches, strict=True)))):
             x = x.to(run.device)
             b = x.shape[0]
@@ -317,31 +366,10 @@ def contrastive_stage(
                     ),
                     temperature=stage.temperature,
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            epoch_loss += float(loss.detach())
-            views += v.shape[0]
-            if run.progress is not None:
-                run.progress(
-                    f"{name} | epoch {epoch + 1}/{stage.epochs} loss {epoch_loss / (k + 1):.3f}",
-                    epoch * steps + k + 1,
-                    stage.epochs * steps,
-                )
-        losses.append(epoch_loss / steps)
-        if sched is not None:
-            sched.step()
-    seconds = time.perf_counter() - t0
+            loop.step(loss, k, v.shape[0])
+        loop.end_epoch()
     freeze(enc.trunk)
-    return {
-        "patches": len(patches),
-        "epochs": stage.epochs,
-        "steps_per_epoch": steps,
-        "loss": [round(v, 5) for v in losses],
-        "views": views,
-        "seconds": round(seconds, 2),
-        "views_per_s": round(views / seconds, 1) if seconds > 0 else None,
-    }
+    return loop.record(len(patches))
 
 
 @torch.no_grad()

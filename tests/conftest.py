@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline() -> Iterator[None]:
+    """Tests never reach for the network: ``--weights auto`` skips the ImageNet download (the
+    CLI's switch), so it resolves to cached ImageNet weights or the embedded trunk."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SIMSEARCH_WSI_OFFLINE", "1")
+        yield
 
 
 @pytest.fixture(scope="session")

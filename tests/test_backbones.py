@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from simsearch_wsi.backbones import (
     available_backbones,
     build_trunk,
     get_backbone_spec,
+    resolve_auto_weights,
 )
 from simsearch_wsi.errors import ConfigError
 
@@ -86,10 +89,8 @@ def test_imagenet_checksum_is_verified(tmp_path: Path) -> None:
         build_trunk(weights="imagenet", cache_dir=tmp_path)
 
 
-def test_download_failure_is_fast_and_clear(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An unreachable host fails with advice instead of hanging (port 9 on loopback refuses)."""
+def _unreachable_imagenet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publish the ImageNet file at a loopback port that refuses connections (port 9)."""
     from simsearch_wsi import backbones
 
     spec = get_backbone_spec("resnet18-l3")
@@ -102,6 +103,14 @@ def test_download_failure_is_fast_and_clear(
         "resnet18-l3",
         backbones.BackboneSpec(**{**spec.__dict__, "imagenet": bad}),
     )
+
+
+def test_download_failure_is_fast_and_clear(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unreachable host fails with advice instead of hanging (port 9 on loopback refuses)."""
+
+    _unreachable_imagenet(monkeypatch)
     with pytest.raises(WeightsUnavailableError, match=r"could not be downloaded.*pass --weights"):
         build_trunk(
             weights="imagenet", cache_dir=tmp_path, allow_download=True, download_timeout_s=5
@@ -129,3 +138,96 @@ def test_verified_imagenet_file_is_used(tmp_path: Path, monkeypatch: pytest.Monk
     )
     trunk, _, info = build_trunk(weights="imagenet", cache_dir=tmp_path)
     assert info.kind == "imagenet" and torch.equal(trunk.conv1.weight, net.conv1.weight)
+
+
+# --- the embedded trunk and the `auto` order (issue 9) -------------------------------------------
+def test_embedded_trunk_ships_with_provenance() -> None:
+    """The package carries fp16 trunk weights with the command, seed, data hashes and licences
+    that made them; they load into the trunk as float32 and give non-degenerate features."""
+    from simsearch_wsi.backbones import embedded_weights_path
+
+    spec = get_backbone_spec("resnet18-l3")
+    path = embedded_weights_path(spec)
+    assert path.is_file() and path.stat().st_size < 8_000_000
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(
+        v.dtype == torch.float16 for v in obj["state_dict"].values() if v.is_floating_point()
+    )
+    meta = json.loads(obj["simsearch_wsi"])
+    assert meta["command"].startswith("simsearch-wsi pretrain ") and "--seed" in meta["command"]
+    assert meta["base_weights"]["kind"] == "random" and meta["objective"] in ("simclr", "masked")
+    assert meta["data"] and all(d["sha256"] and d["licence"] for d in meta["data"])
+    trunk, _, info = build_trunk(weights="embedded")
+    assert info.kind == "embedded" and info.identity.startswith("embedded:")
+    assert trunk.conv1.weight.dtype == torch.float32
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f = trunk(x).mean(dim=(2, 3))
+    assert torch.isfinite(f).all() and float(f.std()) > 0
+
+
+def test_missing_embedded_file_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    from simsearch_wsi import backbones
+
+    spec = get_backbone_spec("resnet18-l3")
+    monkeypatch.setitem(
+        backbones._REGISTRY,
+        "resnet18-l3",
+        backbones.BackboneSpec(**{**spec.__dict__, "embedded": "absent.pt"}),
+    )
+    with pytest.raises(WeightsUnavailableError, match=r"absent\.pt are missing.*reinstall"):
+        build_trunk(weights="embedded")
+
+
+def test_auto_prefers_cached_imagenet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    from simsearch_wsi import backbones
+
+    ckpt = tmp_path / "checkpoints" / "stand-in.pth"
+    ckpt.parent.mkdir()
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), ckpt)
+    spec = get_backbone_spec("resnet18-l3")
+    pub = backbones.PublishedWeights(
+        "http://127.0.0.1:9/x.pth", "stand-in.pth", hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    )
+    monkeypatch.setitem(
+        backbones._REGISTRY,
+        "resnet18-l3",
+        backbones.BackboneSpec(**{**spec.__dict__, "imagenet": pub}),
+    )
+    _, _, info, notice = resolve_auto_weights(cache_dir=tmp_path, allow_download=True)
+    assert info.kind == "imagenet" and notice is None
+
+
+def test_auto_falls_back_to_the_embedded_trunk_with_one_line_notice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    _, _, info, notice = resolve_auto_weights(cache_dir=tmp_path, allow_download=False)
+    assert info.kind == "embedded" and notice is not None and "\n" not in notice
+    assert "embedded trunk" in notice and "are not cached" in notice
+    assert "resnet18-f37072fd.pth" in notice and str(tmp_path / "checkpoints") in notice
+    # online but the download fails (port 9 refuses): still the embedded trunk, reason given
+    _unreachable_imagenet(monkeypatch)
+    _, _, info, notice = resolve_auto_weights(
+        cache_dir=tmp_path, allow_download=True, download_timeout_s=5
+    )
+    assert info.kind == "embedded" and notice is not None and "could not be downloaded" in notice
+
+
+def test_cli_auto_weights_notice(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    synthetic_slide: Any,
+) -> None:
+    """`embed` without --weights, offline and with an empty torch cache, uses the embedded
+    trunk and says so in one line on stderr."""
+    from simsearch_wsi.cli import main
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    args = ["embed", str(synthetic_slide.path), "--cache", str(tmp_path / "c")]
+    assert main([*args, "--patch-size-px", "96"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(err) == 1 and "embedded trunk" in err[0] and "--weights imagenet" in err[0]
