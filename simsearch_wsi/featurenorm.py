@@ -16,7 +16,8 @@ out per-slide stain and scanner shifts):
     ``U (L + s I)^-1/2 U^T`` of the image's channel correlation matrix ``U L U^T`` (``s`` =
     :data:`WHITEN_SHRINKAGE`, relative to the mean eigenvalue, which is 1): correlated channels
     stop counting several times, and the shrinkage keeps near-empty directions (noise) from
-    being blown up.
+    being blown up. Maps of more than :data:`WHITEN_MAX_DIM` dimensions (highly multiplexed
+    images) are standardised only.
 
 All three are affine maps of the feature vector, and the pooling kernel sums to 1, so applying
 them to pooled vectors equals applying them to the feature map before pooling. Statistics are
@@ -44,6 +45,9 @@ FEATURE_NORMS: tuple[FeatureNorm, ...] = ("none", "standardize", "whiten")
 DEFAULT_FEATURE_NORM: FeatureNorm = "whiten"
 #: ZCA shrinkage, as a fraction of the mean eigenvalue of the correlation matrix (which is 1)
 WHITEN_SHRINKAGE = 1.0
+#: above this many dimensions (16 fluorescence channels of 256) ``whiten`` standardises only: the
+#: (D, D) correlation and its eigendecomposition would cost more than they are worth
+WHITEN_MAX_DIM = 4096
 
 
 def check_feature_norm(name: str) -> FeatureNorm:
@@ -81,7 +85,7 @@ class FeatureNormalizer:
             return cls()
         mean = torch.from_numpy(fmap.channel_mean)
         std = torch.from_numpy(fmap.channel_std)
-        if norm == "standardize":
+        if norm == "standardize" or fmap.shape[2] > WHITEN_MAX_DIM:
             return cls(mean, std)
         return cls(mean, std, torch.from_numpy(whitening_transform(fmap, WHITEN_SHRINKAGE)))
 

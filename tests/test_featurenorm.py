@@ -120,3 +120,16 @@ def test_map_and_prototypes_are_normalised_alike(
     assert result.feature_norm == norm and result.summary()["feature_norm"] == norm
     tag = {"none": "raw", "standardize": "std", "whiten": "zca"}[norm]
     assert list(Path(sim.fmap.path).parent.glob(f"{sim.fmap.path.name}.pooled-*-{tag}*"))
+
+
+def test_very_wide_maps_are_standardised_only(
+    random_search: SimSearch, synthetic_slide: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from simsearch_wsi import featurenorm
+
+    with open_image(synthetic_slide.path) as img:
+        _, fmap = random_search.embed(img, 48)
+    assert FeatureNormalizer.of(fmap, "whiten").transform is not None
+    monkeypatch.setattr(featurenorm, "WHITEN_MAX_DIM", fmap.shape[2] - 1)
+    wide = FeatureNormalizer.of(fmap, "whiten")
+    assert wide.transform is None and wide.mean is not None
