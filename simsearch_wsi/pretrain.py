@@ -12,7 +12,8 @@ of every image, equally many per image, read on the fly at the analysis scale of
 rule (brightfield: fixed range). Starting from random weights every layer is trained; from
 pretrained weights conv1 and the first two blocks stay frozen (as in SimSearch's stage a).
 
-Objectives (``PretrainConfig.objective``):
+Objectives (``PretrainConfig.objective``; ``masked`` is the default because it gave better
+similarity-search features than SimCLR at equal training time, docs/evaluation.md):
 
 ``simclr``
     SimSearch's stage a: NT-Xent between two augmented views of each patch, on the pooled
@@ -72,7 +73,7 @@ class PretrainConfig:
     which would fight the reconstruction) to the masked objective's crops."""
 
     patches_per_image: int = 256
-    objective: str = "simclr"
+    objective: str = "masked"
     mask_ratio: float = 0.5
     stage: StageConfig = field(
         default_factory=lambda: StageConfig(10, 64, 1e-3, 7, 0.1, 0.5, max_steps_per_epoch=16)

@@ -30,7 +30,9 @@ from simsearch_wsi.tissue import detect_foreground
 from simsearch_wsi.train import StageConfig
 
 TINY = PretrainConfig(
-    patches_per_image=24, stage=StageConfig(2, 16, 1e-3, temperature=0.5, max_steps_per_epoch=2)
+    patches_per_image=24,
+    objective="simclr",
+    stage=StageConfig(2, 16, 1e-3, temperature=0.5, max_steps_per_epoch=2),
 )
 
 
