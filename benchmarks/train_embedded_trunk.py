@@ -23,7 +23,6 @@ the same data and seed gives the same weights up to floating-point nondeterminis
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import sys
@@ -171,7 +170,7 @@ def main() -> None:
         "written": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     to_fp16_package(fp32, args.out, provenance)
-    digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
+    digest = sha256_of(args.out)
     print(f"{args.out}: {args.out.stat().st_size / 1e6:.1f} MB, sha256 {digest}")
 
 
