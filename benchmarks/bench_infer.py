@@ -193,8 +193,8 @@ def bench_per_window(
 ) -> dict[str, Any]:
     """``predict_patches`` on ``n_windows`` windows sampled from the slide's dense map, each
     cropped with the bundle's context; extrapolated to every window of the slide."""
+    from simsearch_wsi.infer import predict_patches
     from simsearch_wsi.patches import PatchSample, PatchSet
-    from simsearch_wsi.train import predict_patches
 
     slide, bundle = state["slide"], state["bundle"]
     maps = state[f"maps_{autocast}"]

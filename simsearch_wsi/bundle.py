@@ -39,16 +39,21 @@ from torch import nn
 from simsearch_wsi.atomic import atomic_path
 from simsearch_wsi.backbones import BackboneSpec, available_backbones, get_backbone_spec
 from simsearch_wsi.errors import ConfigError, MetadataError, SimSearchError
+from simsearch_wsi.featurenorm import check_feature_norm
 from simsearch_wsi.preprocess import ChannelNormalization
 
 BUNDLE_FORMAT = "simsearch-wsi-model"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
+#: what a head reads: pooled features of the bundle's trunk, or the search's normalised vectors
+HEAD_INPUTS = ("trunk", "search")
 
 METADATA_MEMBER = "bundle.json"
 WEIGHTS_MEMBER = "weights.pt"
 TRUNK_PREFIX = "trunk."
 HEAD_WEIGHT_KEY = "head.weight"
 HEAD_BIAS_KEY = "head.bias"
+MEMORY_VECTORS_KEY = "memory.vectors"
+MEMORY_OWNER_KEY = "memory.owner"
 
 _TRAIN_HINT = "train one with `simsearch-wsi train`"
 _COPY_HINT = "copy the file again or re-train"
@@ -152,7 +157,12 @@ class ModelBundle:
     trunk_state
         the trained trunk's state dict (keys without the ``trunk.`` prefix).
     head_weight, head_bias
-        (K, D) and (K,) linear classifier on pooled trunk features.
+        ``trunk`` head: (K, D) and (K,) linear classifier on pooled trunk features. ``search``
+        head: (K, 2) weights of the similarity to the class and to its counter-examples, and
+        (K,) biases, of :class:`simsearch_wsi.probe.MemoryHead`.
+    memory_vectors, memory_owner
+        ``search`` head only: the memory, (M, D) unit window vectors and (M,) owners (``k`` =
+        a positive of class ``k``, ``K + k`` = rejected for class ``k``).
     classes
         K class names in head output order (may include ``"background"``).
     colors
@@ -178,6 +188,14 @@ class ModelBundle:
         brightfield RGB goes through the trunk as RGB.
     strategy
         training strategy, e.g. ``"pos+neg+selflearn"``.
+    head_input
+        what the head reads (format version 2; version 1 bundles are ``"trunk"``):
+        ``"trunk"`` = the Gaussian-pooled features of the trunk with ``context_a`` (the
+        fine-tuned model); ``"search"`` = the similarity search's unit window vectors,
+        normalised per image with ``feature_norm`` (the search probe,
+        :mod:`simsearch_wsi.probe`; the trunk is then the search's, unchanged).
+    feature_norm
+        the feature normalisation of a ``"search"`` head (``"none"`` for ``"trunk"``).
     config, metrics, provenance
         JSON-able training config, training metrics, and provenance (weights identity,
         session, images).
@@ -212,6 +230,10 @@ class ModelBundle:
     strategy: str
     config: dict[str, Any]
     metrics: dict[str, Any]
+    head_input: str = "trunk"
+    feature_norm: str = "none"
+    memory_vectors: torch.Tensor | None = None
+    memory_owner: torch.Tensor | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
@@ -314,6 +336,38 @@ class ModelBundle:
             raise BundleError(f"rgb must be True or False, got {self.rgb!r}")
         if not isinstance(self.strategy, str):
             raise BundleError(f"strategy must be a string, got {self.strategy!r}")
+        if self.head_input not in HEAD_INPUTS:
+            raise BundleError(
+                f"head_input must be one of {', '.join(HEAD_INPUTS)}, got {self.head_input!r}"
+            )
+        try:
+            check_feature_norm(self.feature_norm)
+        except ConfigError as exc:
+            raise BundleError(str(exc)) from None
+        if self.head_input == "search":
+            if self.memory_vectors is None or self.memory_owner is None:
+                raise BundleError("a 'search' head needs memory_vectors and memory_owner")
+            vectors = _tensor("memory_vectors", self.memory_vectors, 2)
+            owner = self.memory_owner
+            if (
+                not torch.is_tensor(owner)
+                or owner.ndim != 1
+                or len(owner) != len(vectors)
+                or owner.dtype != torch.int64
+            ):
+                raise BundleError(
+                    f"memory_owner must be an (M,) int64 tensor for the (M, D) memory_vectors "
+                    f"{tuple(vectors.shape)}"
+                )
+            if len(owner) and (int(owner.min()) < 0 or int(owner.max()) >= 2 * k):
+                raise BundleError(f"memory_owner values must lie in [0, {2 * k})")
+            if weight.shape[1] != 2:
+                raise BundleError(
+                    f"a 'search' head's head_weight is (K, 2) similarity weights, got "
+                    f"{tuple(weight.shape)}"
+                )
+        elif self.memory_vectors is not None or self.memory_owner is not None:
+            raise BundleError("only a 'search' head has a memory (memory_vectors, memory_owner)")
         put("config", _json_dict("config", self.config))
         put("metrics", _json_dict("metrics", self.metrics))
         put("provenance", _json_dict("provenance", self.provenance))
@@ -341,7 +395,10 @@ class ModelBundle:
 
     @property
     def feature_dim(self) -> int:
-        """D, the pooled feature dimension the head takes (``head_weight.shape[1]``)."""
+        """D, the dimension of the vectors the head takes (pooled trunk features, or the
+        search's window vectors)."""
+        if self.memory_vectors is not None:
+            return int(self.memory_vectors.shape[1])
         return int(self.head_weight.shape[1])
 
     @property
@@ -387,6 +444,8 @@ class ModelBundle:
             "channels": list(self.channels),
             "rgb": self.rgb,
             "strategy": self.strategy,
+            "head_input": self.head_input,
+            "feature_norm": self.feature_norm,
             "config": self.config,
             "metrics": self.metrics,
             "provenance": self.provenance,
@@ -425,6 +484,8 @@ class ModelBundle:
             "channels": list(self.channels),
             "rgb": self.rgb,
             "strategy": self.strategy,
+            "head_input": self.head_input,
+            "feature_norm": self.feature_norm,
             "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, scalar)},
             "versions": dict(self.versions),
             "created": self.created,
@@ -552,6 +613,9 @@ def save_bundle(path: str | os.PathLike[str], bundle: ModelBundle) -> Path:
     tensors = {f"{TRUNK_PREFIX}{k}": _cpu_copy(v) for k, v in filled.trunk_state.items()}
     tensors[HEAD_WEIGHT_KEY] = _cpu_copy(filled.head_weight)
     tensors[HEAD_BIAS_KEY] = _cpu_copy(filled.head_bias)
+    if filled.memory_vectors is not None and filled.memory_owner is not None:
+        tensors[MEMORY_VECTORS_KEY] = _cpu_copy(filled.memory_vectors)
+        tensors[MEMORY_OWNER_KEY] = _cpu_copy(filled.memory_owner)
     buffer = io.BytesIO()
     torch.save(tensors, buffer)
     weights = buffer.getbuffer()  # no copy of what may be a large byte string
@@ -611,6 +675,22 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def _read_v1(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
+    """Version 1: heads on the trunk's pooled features (``head_input`` "trunk")."""
+    return _read(path, {**meta, "head_input": "trunk", "feature_norm": "none"}, zf)
+
+
+def _read_v2(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
+    """Version 2: version 1 plus ``head_input`` and ``feature_norm``."""
+    missing = [k for k in ("head_input", "feature_norm") if k not in meta]
+    if missing:
+        raise BundleError(
+            f"{path}: incomplete model bundle: bundle.json lacks {missing}; "
+            f"restore them or re-train"
+        )
+    return _read(path, meta, zf)
+
+
+def _read(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
     missing = [k for k in _V1_REQUIRED if k not in meta]
     if missing:
         raise BundleError(
@@ -659,6 +739,10 @@ def _read_v1(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBund
             channels=meta["channels"],
             rgb=meta["rgb"],
             strategy=meta["strategy"],
+            head_input=meta["head_input"],
+            feature_norm=meta["feature_norm"],
+            memory_vectors=tensors.get(MEMORY_VECTORS_KEY),
+            memory_owner=tensors.get(MEMORY_OWNER_KEY),
             config=meta["config"],
             metrics=meta["metrics"],
             provenance=meta.get("provenance", {}),
@@ -673,7 +757,7 @@ def _read_v1(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBund
 
 
 # one reader per format version; a new version adds its reader here and keeps the old ones
-_READERS: dict[int, _Reader] = {1: _read_v1}
+_READERS: dict[int, _Reader] = {1: _read_v1, 2: _read_v2}
 
 
 def load_bundle(path: str | os.PathLike[str]) -> ModelBundle:

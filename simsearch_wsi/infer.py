@@ -20,7 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +36,8 @@ from numpy.typing import NDArray
 from simsearch_wsi.backbones import WeightsInfo, build_trunk
 from simsearch_wsi.bundle import ModelBundle
 from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.featurecache import FeatureCache
+from simsearch_wsi.featurenorm import FeatureNormalizer
 from simsearch_wsi.features import (
     AnalysisScale,
     FeatureExtractor,
@@ -42,10 +49,14 @@ from simsearch_wsi.features import (
 )
 from simsearch_wsi.geometry import BoxL0
 from simsearch_wsi.io.base import ImageSource
-from simsearch_wsi.preprocess import fit_normalization
+from simsearch_wsi.model import PatchEncoder
+from simsearch_wsi.patches import CropGeometry, PatchReader, PatchSet
+from simsearch_wsi.preprocess import ChannelNormalization, fit_normalization
+from simsearch_wsi.probe import MemoryHead, memory_logits_map, window_indices, window_vectors
 from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS, class_color
-from simsearch_wsi.similarity import PatchGeometry, local_maxima, pool
+from simsearch_wsi.similarity import PatchGeometry, local_maxima, pool, refine_peak
 from simsearch_wsi.tissue import TissueMask, detect_foreground
+from simsearch_wsi.train import embed_patches
 
 #: output pixels of the segmentation computed at once (bounds its temporaries)
 _SEGMENT_BAND_PIXELS = 4_000_000
@@ -66,16 +77,42 @@ class PatchModel:
     """A loaded bundle on a device: the trunk as a :class:`FeatureExtractor`, and the head."""
 
     def __init__(
-        self, bundle: ModelBundle, *, device: torch.device | str = "cpu", autocast: bool = True
+        self,
+        bundle: ModelBundle,
+        *,
+        device: torch.device | str = "cpu",
+        autocast: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         trunk, spec = bundle.build_trunk()
         #: a digest of the trunk and head weights (a rerun with the same model can be skipped)
         self.identity = bundle_digest(bundle)
-        info = WeightsInfo("bundle", f"bundle:{self.identity}", "trained model bundle")
+        base = bundle.provenance.get("base_weights", {})
+        if bundle.head_input == "search" and isinstance(base, dict) and base.get("identity"):
+            # the search's own trunk: its feature maps are the search's (a shared cache serves)
+            info = WeightsInfo(
+                str(base.get("kind", "bundle")), str(base["identity"]), "the search's trunk"
+            )
+        else:
+            info = WeightsInfo("bundle", f"bundle:{self.identity}", "trained model bundle")
         self.bundle = bundle
+        #: where a ``search``-head model keeps feature maps (``None``: a temporary folder per
+        #: image, removed after use)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.extractor = FeatureExtractor(trunk, spec, info, device=device, autocast=autocast)
-        self.weight = bundle.head_weight.float()  # (K, D)
+        self.weight = bundle.head_weight.float()  # (K, D); a search head's (K, 2) weights
         self.bias = bundle.head_bias.float()  # (K,)
+        self.memory: MemoryHead | None = None
+        if bundle.memory_vectors is not None and bundle.memory_owner is not None:
+            classes = bundle.classes
+            self.memory = MemoryHead(
+                bundle.memory_vectors.float(),
+                bundle.memory_owner,
+                self.weight[:, 0],
+                self.bias,
+                classes.index(BACKGROUND_CLASS) if BACKGROUND_CLASS in classes else -1,
+                self.weight[:, 1],
+            )
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -168,7 +205,8 @@ def dense_class_maps(
     tiles: str = "foreground",
     progress: ProgressFn | None = None,
 ) -> ClassMaps:
-    """Softmax class maps of ``image`` over every window (module docstring)."""
+    """Softmax class maps of ``image`` over every window (module docstring; a ``search``-head
+    bundle scores the search's own window vectors, :mod:`simsearch_wsi.probe`)."""
     bundle = model.bundle
     ext = model.extractor
     names = image.channel_names
@@ -177,6 +215,10 @@ def dense_class_maps(
         raise ConfigError(
             f"{image.path}: the model needs channels {list(bundle.channels)}, the image has "
             f"{list(names)}; run it on images of the kind it was trained on"
+        )
+    if bundle.head_input == "search":
+        return _search_class_maps(
+            image, model, tile_size=tile_size, batch_size=batch_size, tiles=tiles, progress=progress
         )
     normalization = bundle.channel_normalization()
     if normalization.channel_names != names:
@@ -231,14 +273,92 @@ def dense_class_maps(
     )
 
 
+def _search_spec(
+    image: ImageSource, model: PatchModel, *, tile_size: int, tiles: str
+) -> tuple[FeatureSpec, PatchGeometry]:
+    """The search's feature spec of ``image`` for a ``search``-head model: the image's own
+    channel normalisation (as :class:`simsearch_wsi.search.SimSearch` fits it), the model's
+    channels and patch geometry."""
+    width_l0, height_l0 = model.patch_size_l0(image)
+    scale = AnalysisScale.for_patch(image, max(width_l0, height_l0))
+    spec = make_feature_spec(
+        image,
+        model.extractor,
+        scale,
+        fit_normalization([image]),
+        channels=list(model.bundle.channels),
+        tile_size=tile_size,
+        tiles=tiles,
+    )
+    return spec, PatchGeometry.from_l0(width_l0, height_l0, scale, model.extractor.stride)
+
+
+@contextmanager
+def _feature_cache(model: PatchModel) -> Iterator[FeatureCache]:
+    if model.cache_dir is not None:
+        yield FeatureCache(model.cache_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="simsearch-features-") as tmp:
+        yield FeatureCache(tmp)
+
+
+def _search_class_maps(
+    image: ImageSource,
+    model: PatchModel,
+    *,
+    tile_size: int,
+    batch_size: int,
+    tiles: str,
+    progress: ProgressFn | None,
+) -> ClassMaps:
+    bundle = model.bundle
+    spec, geometry = _search_spec(image, model, tile_size=tile_size, tiles=tiles)
+    with _feature_cache(model) as cache:
+        fmap = cache.get_or_compute(
+            image, model.extractor, spec, batch_size=batch_size, progress=progress
+        )
+        normalizer = FeatureNormalizer.of(fmap, bundle.feature_norm)
+        assert model.memory is not None  # a search head always has one (ModelBundle checks)
+        logits = memory_logits_map(fmap, geometry, normalizer, model.memory)
+    probs = torch.softmax(torch.from_numpy(logits), dim=0).numpy().astype(np.float32)
+    width_a, height_a = spec.scale.analysis_size(image)
+    return ClassMaps(
+        probabilities=probs,
+        classes=bundle.classes,
+        geometry=geometry,
+        spec=spec,
+        image_size_l0=image.dimensions,
+        analysis_size=(width_a, height_a),
+        foreground=detect_foreground(image) if tiles == "foreground" else None,
+    )
+
+
 @dataclass(frozen=True)
 class Detection:
-    """A local maximum of a class map: class, level-0 box, and every class's probability."""
+    """A local maximum of a class map: class, level-0 box, and every class's probability.
+
+    ``score`` is the class's log-odds against all other classes, ``log p_c - log sum_k!=c p_k``:
+    the same order as ``probability`` where that is not saturated, and still ordered where
+    float32 probabilities have all rounded to 1 (what rankings and PR curves should use)."""
 
     class_name: str
     box: BoxL0
     probability: float
     probabilities: dict[str, float]
+    score: float = math.nan
+
+
+def class_log_odds(p: NDArray[np.float32], c: int) -> NDArray[np.float32]:
+    """(Hp, Wp) log-odds of class ``c`` against the others from probabilities (K, Hp, Wp),
+    computed from the other classes' (small, representable) probabilities so that it keeps
+    its order where ``p[c]`` has rounded to 1."""
+    tiny = np.float32(1e-30)
+    others = np.nansum(np.delete(p, c, axis=0), axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        odds = np.log(np.maximum(p[c], tiny)) - np.log(np.maximum(others, tiny))
+    out: NDArray[np.float32] = np.asarray(odds, dtype=np.float32)
+    out[~np.isfinite(p[c])] = np.nan
+    return out
 
 
 def detect(
@@ -247,9 +367,10 @@ def detect(
     *,
     max_per_class: int = 100_000,
 ) -> list[Detection]:
-    """Local maxima of each (non-background) class map at or above its threshold, where that
-    class is also the most probable; at least one patch width apart within a class. Boxes are
-    the model's patch, clipped to the image."""
+    """Local maxima of each (non-background) class's log-odds map where the class reaches its
+    probability threshold and is the most probable class; at least one patch width apart
+    within a class, placed with sub-cell precision (a parabola through the neighbours, as the
+    search places its suggestions). Boxes are the model's patch, clipped to the image."""
     p = maps.probabilities
     finite = np.isfinite(p).all(axis=0)
     best = np.where(finite, np.nanargmax(np.where(np.isfinite(p), p, -1.0), axis=0), -1)
@@ -258,18 +379,21 @@ def detect(
     for c, name in enumerate(maps.classes):
         if name == BACKGROUND_CLASS:
             continue
-        m = np.where(best == c, p[c], np.nan).astype(np.float32)
+        odds = class_log_odds(p, c)
+        keep = (best == c) & (p[c] >= thresholds.get(name, 0.5))
+        m = np.where(keep, odds, np.nan).astype(np.float32)
         peaks = local_maxima(
             m,
-            threshold=thresholds.get(name, 0.5),
+            threshold=-1e6,  # below any log-odds; above the NaN fill
             min_distance_cells=max(kh, kw),
             max_peaks=max_per_class,
         )
         for i, j in peaks:
             probs = {n: float(p[k, i, j]) for k, n in enumerate(maps.classes)}
+            di, dj = refine_peak(odds, int(i), int(j))
             # clipped to the image: QuPath objects stay inside it
-            box = maps.window_box_l0(float(i), float(j)).clipped(*maps.image_size_l0)
-            out.append(Detection(name, box, probs[name], probs))
+            box = maps.window_box_l0(i + di, j + dj).clipped(*maps.image_size_l0)
+            out.append(Detection(name, box, probs[name], probs, float(odds[i, j])))
     return out
 
 
@@ -354,3 +478,66 @@ def segment(
         classes=names,
         downsample=(ds * maps.scale.downsample_x, ds * maps.scale.downsample_y),
     )
+
+
+def predict_patches(
+    bundle: ModelBundle,
+    patches: PatchSet,
+    *,
+    open_image: Callable[[str], ImageSource],
+    device: torch.device | str = "cpu",
+    autocast: bool = True,
+    batch_size: int = 64,
+) -> NDArray[np.float32]:
+    """Class probabilities (N, K) of a bundle's classifier on individual patches, K in
+    ``bundle.classes`` order: a ``trunk`` head on crops read with the bundle's context (no
+    augmentation), a ``search`` head on the search's window vectors at the patches' centres."""
+    device = torch.device(device)
+    if bundle.head_input == "search":
+        return _search_patch_probabilities(
+            PatchModel(bundle, device=device, autocast=autocast), patches, open_image
+        )
+    trunk, spec = bundle.build_trunk()
+    trunk = trunk.to(device).to(memory_format=torch.channels_last)
+    geometry = PatchGeometry(**bundle.geometry)
+    encoder = PatchEncoder(trunk, spec, geometry, rgb=bundle.rgb, context_a=bundle.context_a)
+    encoder.to(device)
+    crop = CropGeometry(max(bundle.patch_size_l0), encoder.window_a, bundle.context_a, 0)
+    normalization = ChannelNormalization.from_dict(bundle.normalization)
+    with PatchReader(crop, normalization, bundle.channels, open_image) as reader:
+        feats = embed_patches(
+            encoder, reader, patches, device=device, autocast=autocast, batch_size=batch_size
+        )[0]
+    logits = feats @ bundle.head_weight.float().T + bundle.head_bias.float()
+    out: NDArray[np.float32] = torch.softmax(logits, dim=1).numpy()
+    return out
+
+
+def _search_patch_probabilities(
+    model: PatchModel, patches: PatchSet, open_image: Callable[[str], ImageSource]
+) -> NDArray[np.float32]:
+    out = np.zeros((len(patches), model.bundle.n_classes), np.float32)
+    by_image: dict[str, list[int]] = {}
+    for n, sample in enumerate(patches.samples):
+        by_image.setdefault(sample.image, []).append(n)
+    for path, rows in by_image.items():
+        with open_image(path) as image, _feature_cache(model) as cache:
+            spec, geometry = _search_spec(image, model, tile_size=1024, tiles="foreground")
+            fmap = cache.get_or_compute(image, model.extractor, spec)
+            normalizer = FeatureNormalizer.of(fmap, model.bundle.feature_norm)
+            kh, kw = geometry.kernel_hw
+            hf, wf, _ = fmap.shape
+            centers_a = np.array(
+                [
+                    (
+                        patches.samples[n].center_l0[0] / spec.scale.downsample_x,
+                        patches.samples[n].center_l0[1] / spec.scale.downsample_y,
+                    )
+                    for n in rows
+                ]
+            )
+            ij = window_indices(centers_a, geometry, (hf - kh + 1, wf - kw + 1))
+            vecs = window_vectors(fmap, geometry, normalizer, ij)
+        assert model.memory is not None
+        out[rows] = model.memory.probabilities(vecs)
+    return out

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.featurenorm import FeatureNormalizer
 from simsearch_wsi.features import ProgressFn
+from simsearch_wsi.geometry import BoxL0
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.mining import mine_image
 from simsearch_wsi.patches import PatchSample, PatchSet
@@ -31,6 +33,7 @@ from simsearch_wsi.preprocess import fit_normalization, resolve_channels
 from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS, class_color
 from simsearch_wsi.search import SimSearch
 from simsearch_wsi.session import Session
+from simsearch_wsi.similarity import PatchGeometry, Prototype, embed_prototypes
 from simsearch_wsi.train import TrainConfig, TrainingData, TrainResult, train_patch_model
 
 
@@ -171,6 +174,63 @@ def collect_training_data(
     )
 
 
+class SearchVectors:
+    """The search's normalised window vectors of labelled patches (a
+    :class:`simsearch_wsi.train.SearchView`): each patch's image is embedded through the
+    search's cache (reviewed images already are) and normalised with its own statistics, the
+    window taken at the patch centre on the experiment's patch geometry."""
+
+    def __init__(
+        self,
+        search: SimSearch,
+        patch_size_l0: tuple[float, float],
+        open_image: Callable[[str], ImageSource],
+    ) -> None:
+        self.search = search
+        self.patch_size_l0 = patch_size_l0
+        self.open_image = open_image
+        self.feature_norm = search.settings.feature_norm
+        self.weights = search.extractor.weights
+
+    def vectors(self, patches: PatchSet, rotations: int = 1) -> torch.Tensor:
+        """(rotations, N, D) unit vectors of the window centred on each patch, turned by 0, 90,
+        180 and 270 degrees (the first ``rotations`` of them; the search's prototype vectors,
+        :func:`simsearch_wsi.similarity.embed_prototypes`)."""
+        if not 1 <= rotations <= 4:
+            raise ConfigError(f"rotations must be 1 to 4, got {rotations}")
+        classes = list(patches.classes)
+        by_image: dict[str, list[int]] = {}
+        for n, sample in enumerate(patches.samples):
+            by_image.setdefault(sample.image, []).append(n)
+        out: torch.Tensor | None = None
+        width_l0, height_l0 = self.patch_size_l0
+        ext = self.search.extractor
+        for path, rows in by_image.items():
+            with self.open_image(path) as image:
+                spec, fmap = self.search.embed(image, max(width_l0, height_l0))
+                geometry = PatchGeometry.from_l0(width_l0, height_l0, spec.scale, ext.stride)
+                normalizer = FeatureNormalizer.of(fmap, self.feature_norm)
+                protos = [
+                    Prototype(
+                        classes[patches.samples[n].label],
+                        BoxL0(
+                            patches.samples[n].center_l0[0] - width_l0 / 2,
+                            patches.samples[n].center_l0[1] - height_l0 / 2,
+                            width_l0,
+                            height_l0,
+                        ),
+                    )
+                    for n in rows
+                ]
+                vecs = embed_prototypes(
+                    image, ext, spec, geometry, protos, classes, normalizer=normalizer
+                ).vectors  # (4 * n, D), the rotations of each patch together
+            if out is None:
+                out = torch.zeros(rotations, len(patches), vecs.shape[1])
+            out[:, rows] = vecs.reshape(len(rows), 4, -1)[:, :rotations].transpose(0, 1)
+        return out if out is not None else torch.zeros(rotations, 0, 0)
+
+
 def train_session(
     session: Session,
     search: SimSearch,
@@ -201,6 +261,7 @@ def train_session(
         weights=ext.weights,
         config=config,
         open_image=open_image,
+        search=SearchVectors(search, data.patch_size_l0, open_image),
         device=device,
         seed=seed,
         progress=progress,

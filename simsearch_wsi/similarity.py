@@ -355,7 +355,7 @@ class Suggestion:
     rank: int
 
 
-def _refine(m: NDArray[np.float32], i: int, j: int) -> tuple[float, float]:
+def refine_peak(m: NDArray[np.float32], i: int, j: int) -> tuple[float, float]:
     """Sub-cell offset (di, dj) in [-0.5, 0.5] from a parabola through the neighbours."""
 
     def offset(a: float, b: float, c: float) -> float:
@@ -457,7 +457,7 @@ def extract_suggestions(
         )
         found: list[tuple[float, BoxL0]] = []
         for i, j in peaks:
-            di, dj = _refine(m, int(i), int(j))
+            di, dj = refine_peak(m, int(i), int(j))
             box = _inside(_box_from_window(geometry, spec, i + di, j + dj), image_size_l0)
             if any(p.class_name == name and _contains(p.box, box.center_l0) for p in exclude):
                 continue

@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -51,9 +51,24 @@ from simsearch_wsi.patches import (
 )
 from simsearch_wsi.precision import autocast_pays_off
 from simsearch_wsi.preprocess import ChannelNormalization
+from simsearch_wsi.probe import (
+    MEMORY_ROTATIONS,
+    MemoryHead,
+    fit_memory_head,
+    macro_average_precision,
+)
+from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS
 from simsearch_wsi.similarity import PatchGeometry
 
 STRATEGIES = ("pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn")
+#: what the model's head reads: ``search`` = the search probe on the similarity search's own
+#: normalised window vectors (:mod:`simsearch_wsi.probe`), ``trunk`` = the fine-tuned trunk's
+#: pooled features (the paper's stages), ``auto`` = both, the better on held-out patches kept
+HEAD_INPUTS = ("auto", "search", "trunk")
+DEFAULT_HEAD_INPUT = "trunk"
+#: in ``auto``, the fine-tuned model is kept only when its held-out macro average precision beats
+#: the probe's by more than this (ties and noise go to the cheaper, search-consistent probe)
+SELECTION_MARGIN = 0.02
 DEFAULT_STRATEGY = "pos+neg+selflearn"
 PRESETS = ("quick", "fast", "paper")
 DEFAULT_CONFIDENCE = 0.5
@@ -108,6 +123,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     min_val_per_class: int = 2
     autocast: bool = True
+    head_input: str = DEFAULT_HEAD_INPUT
     noisy_augment: AugmentConfig = field(default_factory=AugmentConfig.noisy)
     clean_augment: AugmentConfig = field(default_factory=AugmentConfig.clean)
 
@@ -115,6 +131,10 @@ class TrainConfig:
         if self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}"
+            )
+        if self.head_input not in HEAD_INPUTS:
+            raise ConfigError(
+                f"unknown head input {self.head_input!r}; use one of {', '.join(HEAD_INPUTS)}"
             )
         if not 0 <= self.val_fraction < 1 or self.linear_views < 1 or self.context_a < 0:
             raise ConfigError("val_fraction must be in [0, 1), linear_views >= 1, context >= 0")
@@ -349,7 +369,10 @@ def contrastive_stage(
                     [v, augment_batch(xn.to(run.device), augment, run.gen, window=window)]
                 )
             with run.autocast():
-                z = head(enc(v)).float()
+                pooled = enc(v)
+            # the projection head and the loss in float32: bf16 logits at tau = 0.07 are
+            # too coarse (issue 27: training diverged on CPUs with native bf16)
+            z = head(pooled.float())
             if name == "selflearn":
                 loss = nt_xent(z[:b], z[b : 2 * b], temperature=stage.temperature)
             else:
@@ -519,11 +542,71 @@ def _probs(w: torch.Tensor, b: torch.Tensor, feats: torch.Tensor) -> NDArray[np.
 
 
 # --- the whole run ------------------------------------------------------------------------------
+class SearchView(Protocol):
+    """The similarity search a model is trained next to: its normalised window vectors of any
+    labelled patch (what :mod:`simsearch_wsi.probe` fits on) and what defines them."""
+
+    feature_norm: str
+    weights: WeightsInfo
+
+    def vectors(self, patches: PatchSet, rotations: int = 1) -> torch.Tensor:
+        """(rotations, N, D) unit vectors of each patch's window turned by 0, 90, 180, 270
+        degrees (the first ``rotations`` of them)."""
+        ...
+
+
 @dataclass
 class TrainResult:
     bundle: ModelBundle
     metrics: dict[str, Any]
     notes: list[str]
+
+
+@dataclass
+class _Candidate:
+    """One model of a run: its head, what the head reads, held-out probabilities."""
+
+    head_input: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    val_probs: NDArray[np.float32] | None
+    val_ap: float = float("nan")
+    memory: MemoryHead | None = None
+
+
+def _memory_weight(memory: MemoryHead) -> torch.Tensor:
+    """(K, 2) the bundle's ``head_weight`` of a search head: ``a_c`` and ``g_c``."""
+    g = memory.neg_weight if memory.neg_weight is not None else torch.zeros_like(memory.scale)
+    return torch.stack([memory.scale, g], dim=1)
+
+
+def _fit_search_head(
+    view: SearchView,
+    train_set: PatchSet,
+    negatives: PatchSet | None,
+    classes: Sequence[str],
+) -> MemoryHead:
+    """The search head on ``view``'s vectors of ``train_set`` and the user's rejected
+    suggestions, each in its 4 rotations (as the search embeds prototypes)."""
+    n_off = MEMORY_ROTATIONS
+    xs = view.vectors(train_set, n_off)
+    ids = np.tile(np.arange(len(train_set)), n_off)
+    xn, yn, idn = None, None, None
+    if negatives is not None and len(negatives):
+        xn = view.vectors(negatives, n_off).reshape(-1, xs.shape[-1])
+        yn = np.tile(negatives.labels, n_off)
+        idn = np.tile(np.arange(len(negatives)), n_off)
+    background = list(classes).index(BACKGROUND_CLASS) if BACKGROUND_CLASS in classes else -1
+    return fit_memory_head(
+        xs.reshape(-1, xs.shape[-1]),
+        np.tile(train_set.labels, n_off),
+        ids,
+        len(classes),
+        background=background,
+        negatives=xn,
+        negative_labels=yn,
+        negative_ids=idn,
+    )
 
 
 def train_patch_model(
@@ -534,13 +617,19 @@ def train_patch_model(
     weights: WeightsInfo,
     config: TrainConfig,
     open_image: Callable[[str], ImageSource],
+    search: SearchView | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Run the stages of ``config.strategy`` on ``data`` and return the model bundle.
+    """Train the model of ``config`` on ``data`` and return its bundle.
 
-    ``trunk`` is copied (the caller's module is left as it was)."""
+    ``config.head_input`` chooses what is trained: ``search`` fits the search probe on
+    ``search``'s window vectors (seconds; no trunk training), ``trunk`` runs the strategy's
+    stages on ``trunk`` (a copy; the caller's module is left as it was), ``auto`` does both and
+    keeps the fine-tuned model only where its held-out macro average precision beats the
+    probe's by more than :data:`SELECTION_MARGIN` (``metrics["selection"]`` says which and
+    why). The probe that is kept is refitted on every clean patch (training + held-out)."""
     device = torch.device(device)
     notes = list(data.notes)
     clean = data.clean
@@ -551,14 +640,17 @@ def train_patch_model(
             f"background); have {clean.class_counts()}. Approve suggestions, confirm background "
             "candidates, or add prototypes of another class"
         )
+    head_input = config.head_input
+    if search is None and head_input == "search":
+        raise ConfigError(
+            "head input 'search' needs the similarity search the session was reviewed with"
+        )
+    if search is None:
+        head_input = "trunk"
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(child_seed(rng))
     freeze_early = weights.kind != "random"
-    if not freeze_early:
-        notes.append(
-            "trunk weights are random (not pretrained): all layers are trained, none frozen; "
-            "use --weights imagenet or weights from `simsearch-wsi pretrain` for better models"
-        )
+    base_trunk = trunk
     trunk = copy.deepcopy(trunk).to(device).to(memory_format=torch.channels_last)
     freeze(trunk)
     first_image = clean.samples[0].image
@@ -572,24 +664,198 @@ def train_patch_model(
         max(data.patch_size_l0), encoder.window_a, config.context_a, config.jitter_a
     )
     metrics: dict[str, Any] = {"counts": data.counts(), "stages": {}}
+    split = (
+        stratified_split(clean, config.val_fraction, rng, min_per_class=config.min_val_per_class)
+        if config.val_fraction > 0
+        else None
+    )
+    train_set, val_set = split if split is not None else (clean, None)
+    if val_set is None:
+        notes.append(
+            "too few patches per class to hold some out: no validation metrics, confidence "
+            f"thresholds default to {DEFAULT_CONFIDENCE}"
+        )
+    negatives = data.negatives if config.uses_negatives and len(data.negatives) else None
+    if config.uses_negatives and negatives is None:
+        notes.append("the session has no negatives (rejected suggestions) to train with")
+    candidates: list[_Candidate] = []
+    if search is not None and head_input in ("auto", "search"):
+        t0 = time.perf_counter()
+        if progress is not None:
+            progress("search probe | fitting", 0, 1)
+        fitted = _fit_search_head(search, train_set, negatives, clean.classes)
+        probe = _Candidate("search", _memory_weight(fitted), fitted.bias, None, memory=fitted)
+        if val_set is not None:
+            probe.val_probs = fitted.probabilities(search.vectors(val_set, 1)[0])
+        candidates.append(probe)
+        metrics["stages"]["search_head"] = {
+            "memory": len(fitted.vectors),
+            "negatives": 0 if negatives is None else len(negatives),
+            "scale": [round(float(v), 4) for v in fitted.scale],
+            "counter_weight": [round(float(v), 4) for v in _memory_weight(fitted)[:, 1]],
+            "bias": [round(float(v), 4) for v in fitted.bias],
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        if progress is not None:
+            progress("search probe | fitting", 1, 1)
+    if head_input in ("auto", "trunk"):
+        if not freeze_early:
+            notes.append(
+                "trunk weights are random (not pretrained): all layers are trained, none frozen; "
+                "use --weights imagenet or weights from `simsearch-wsi pretrain` for better models"
+            )
+        candidates.append(
+            _fine_tune(
+                data,
+                encoder,
+                crop,
+                config,
+                device=device,
+                freeze_early=freeze_early,
+                rng=rng,
+                gen=gen,
+                progress=progress,
+                n_channels=n_channels,
+                split=(train_set, val_set),
+                negatives=negatives,
+                metrics=metrics,
+                notes=notes,
+                open_image=open_image,
+            )
+        )
+    chosen = _select(candidates, val_set, clean.classes, head_input, metrics)
+    thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
+    if val_set is not None and chosen.val_probs is not None:
+        metrics["validation"] = classification_metrics(
+            chosen.val_probs, val_set.labels, clean.classes
+        )
+        thresholds = pick_thresholds(chosen.val_probs, val_set.labels, clean.classes)
+    w, b, memory = chosen.weight, chosen.bias, chosen.memory
+    if chosen.head_input == "search" and search is not None and val_set is not None:
+        # the held-out patches chose the model and its thresholds; now they join its memory
+        memory = _fit_search_head(search, clean, negatives, clean.classes)
+        w, b = _memory_weight(memory), memory.bias
+    metrics["head_input"] = chosen.head_input
+    metrics["notes"] = notes
+    if chosen.head_input == "search":
+        state_src = base_trunk.state_dict()
+        base = {"kind": weights.kind, "identity": weights.identity}
+    else:
+        state_src = encoder.trunk.state_dict()
+        base = {"kind": weights.kind, "identity": weights.identity}
+    trunk_state = {k: v.detach().cpu().contiguous() for k, v in state_src.items()}
+    bundle = ModelBundle(
+        backbone=spec.name,
+        trunk_state=trunk_state,
+        head_weight=w.contiguous(),
+        head_bias=b.contiguous(),
+        classes=clean.classes,
+        colors={c: data.colors[c] for c in clean.classes},
+        thresholds=thresholds,
+        patch_size_l0=data.patch_size_l0,
+        mpp=data.mpp,
+        analysis_downsample=scale.downsample_x,
+        context_a=config.context_a,
+        geometry=geometry.to_dict(),
+        normalization=data.normalization.to_dict(),
+        channels=data.channels,
+        rgb=data.rgb,
+        strategy=config.strategy,
+        config={**config.to_dict(), "seed": seed, "device": str(device)},
+        metrics=metrics,
+        provenance={
+            **data.provenance,
+            "base_weights": base,
+            "frozen": list(
+                ("conv1", "layer1", "layer2")
+                if freeze_early and chosen.head_input == "trunk"
+                else ()
+            ),
+        },
+        head_input=chosen.head_input,
+        feature_norm=search.feature_norm if chosen.head_input == "search" and search else "none",
+        memory_vectors=None if memory is None else memory.vectors.to(torch.float16),
+        memory_owner=None if memory is None else memory.owner,
+    )
+    return TrainResult(bundle, metrics, notes)
+
+
+def _select(
+    candidates: list[_Candidate],
+    val_set: PatchSet | None,
+    classes: Sequence[str],
+    head_input: str,
+    metrics: dict[str, Any],
+) -> _Candidate:
+    """The candidate to keep (see :func:`train_patch_model`); records why in
+    ``metrics["selection"]``."""
+    if val_set is not None:
+        for c in candidates:
+            if c.val_probs is not None:
+                c.val_ap = macro_average_precision(
+                    c.val_probs, val_set.labels, classes, skip=BACKGROUND_CLASS
+                )
+    by_kind = {c.head_input: c for c in candidates}
+    record: dict[str, Any] = {
+        "asked": head_input,
+        "validation_ap": {
+            c.head_input: None if math.isnan(c.val_ap) else round(c.val_ap, 4) for c in candidates
+        },
+        "margin": SELECTION_MARGIN,
+    }
+    if len(candidates) == 1:
+        chosen = candidates[0]
+        record["reason"] = f"only the {chosen.head_input} model was trained"
+    else:
+        probe, tuned = by_kind["search"], by_kind["trunk"]
+        if math.isnan(probe.val_ap) or math.isnan(tuned.val_ap):
+            chosen = probe
+            record["reason"] = "no held-out patches to compare on: kept the search probe"
+        elif tuned.val_ap > probe.val_ap + SELECTION_MARGIN:
+            chosen = tuned
+            record["reason"] = (
+                f"the fine-tuned trunk beat the search probe on held-out patches "
+                f"({tuned.val_ap:.3f} > {probe.val_ap:.3f} + {SELECTION_MARGIN})"
+            )
+        else:
+            chosen = probe
+            record["reason"] = (
+                f"the fine-tuned trunk did not beat the search probe by more than "
+                f"{SELECTION_MARGIN} on held-out patches ({tuned.val_ap:.3f} vs "
+                f"{probe.val_ap:.3f}): kept the probe"
+            )
+    record["kept"] = chosen.head_input
+    metrics["selection"] = record
+    return chosen
+
+
+def _fine_tune(
+    data: TrainingData,
+    encoder: PatchEncoder,
+    crop: CropGeometry,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    freeze_early: bool,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    progress: ProgressFn | None,
+    n_channels: int,
+    split: tuple[PatchSet, PatchSet | None],
+    negatives: PatchSet | None,
+    metrics: dict[str, Any],
+    notes: list[str],
+    open_image: Callable[[str], ImageSource],
+) -> _Candidate:
+    """The paper's stages on ``encoder``'s trunk (in place): a baseline linear probe,
+    self-learning, supervised contrastive, then the linear head."""
+    train_set, val_set = split
+    clean = data.clean
+    lin_cfg = config.linear
     with PatchReader(crop, data.normalization, data.channels, open_image) as reader:
         run = TrainRun(
             encoder, reader, config, device, freeze_early, rng, gen, progress, n_channels
         )
-        split = (
-            stratified_split(
-                clean, config.val_fraction, rng, min_per_class=config.min_val_per_class
-            )
-            if config.val_fraction > 0
-            else None
-        )
-        train_set, val_set = split if split is not None else (clean, None)
-        if val_set is None:
-            notes.append(
-                "too few patches per class to hold some out: no validation metrics, confidence "
-                f"thresholds default to {DEFAULT_CONFIDENCE}"
-            )
-        lin_cfg = config.linear
 
         def fit_linear(tag: str) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
             feats = embed_patches(
@@ -615,7 +881,6 @@ def train_patch_model(
                 seed=child_seed(rng),
             )
 
-        val_feats_before = None
         if val_set is not None:
             w0, b0, _ = fit_linear("baseline linear probe")
             val_feats_before = embed_patches(
@@ -631,9 +896,6 @@ def train_patch_model(
                 )
             else:
                 notes.append("no noisy patches were mined: the self-learning stage was skipped")
-        negatives = data.negatives if config.uses_negatives and len(data.negatives) else None
-        if config.uses_negatives and negatives is None:
-            notes.append("the session has no negatives (rejected suggestions) to train with")
         metrics["stages"]["supcon"] = contrastive_stage(
             run, "supcon", train_set, config.supcon, config.clean_augment, negatives=negatives
         )
@@ -645,65 +907,13 @@ def train_patch_model(
             "views": len(train_set) * config.linear_views,
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
+        val_probs = None
         if val_set is not None:
             val_feats = embed_patches(
                 encoder, reader, val_set, device=device, autocast=config.autocast
             )[0]
             val_probs = _probs(w, b, val_feats)
-            metrics["validation"] = classification_metrics(val_probs, val_set.labels, clean.classes)
-            thresholds = pick_thresholds(val_probs, val_set.labels, clean.classes)
-    metrics["notes"] = notes
-    trunk_state = {k: v.detach().cpu().contiguous() for k, v in encoder.trunk.state_dict().items()}
-    bundle = ModelBundle(
-        backbone=spec.name,
-        trunk_state=trunk_state,
-        head_weight=w.contiguous(),
-        head_bias=b.contiguous(),
-        classes=clean.classes,
-        colors={c: data.colors[c] for c in clean.classes},
-        thresholds=thresholds,
-        patch_size_l0=data.patch_size_l0,
-        mpp=data.mpp,
-        analysis_downsample=scale.downsample_x,
-        context_a=config.context_a,
-        geometry=geometry.to_dict(),
-        normalization=data.normalization.to_dict(),
-        channels=data.channels,
-        rgb=data.rgb,
-        strategy=config.strategy,
-        config={**config.to_dict(), "seed": seed, "device": str(device)},
-        metrics=metrics,
-        provenance={
-            **data.provenance,
-            "base_weights": {"kind": weights.kind, "identity": weights.identity},
-            "frozen": list(("conv1", "layer1", "layer2") if freeze_early else ()),
-        },
-    )
-    return TrainResult(bundle, metrics, notes)
-
-
-def predict_patches(
-    bundle: ModelBundle,
-    patches: PatchSet,
-    *,
-    open_image: Callable[[str], ImageSource],
-    device: torch.device | str = "cpu",
-    autocast: bool = True,
-    batch_size: int = 64,
-) -> NDArray[np.float32]:
-    """Class probabilities (N, K) of a bundle's classifier on individually cropped patches
-    (each read with the bundle's context, no augmentation), K in ``bundle.classes`` order."""
-    device = torch.device(device)
-    trunk, spec = bundle.build_trunk()
-    trunk = trunk.to(device).to(memory_format=torch.channels_last)
-    geometry = PatchGeometry(**bundle.geometry)
-    encoder = PatchEncoder(trunk, spec, geometry, rgb=bundle.rgb, context_a=bundle.context_a)
-    encoder.to(device)
-    crop = CropGeometry(max(bundle.patch_size_l0), encoder.window_a, bundle.context_a, 0)
-    normalization = ChannelNormalization.from_dict(bundle.normalization)
-    with PatchReader(crop, normalization, bundle.channels, open_image) as reader:
-        feats = embed_patches(
-            encoder, reader, patches, device=device, autocast=autocast, batch_size=batch_size
-        )[0]
-    return _probs(bundle.head_weight.float(), bundle.head_bias.float(), feats)
+            metrics["trunk_validation"] = classification_metrics(
+                val_probs, val_set.labels, clean.classes
+            )
+    return _Candidate("trunk", w, b, val_probs)

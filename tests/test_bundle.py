@@ -174,7 +174,7 @@ def test_file_is_a_zip_with_readable_metadata(bundle: ModelBundle, saved: Path) 
         assert zf.getinfo("weights.pt").compress_type == zipfile.ZIP_STORED
         meta = json.loads(zf.read("bundle.json"))
     assert meta["format"] == BUNDLE_FORMAT == "simsearch-wsi-model"
-    assert meta["version"] == BUNDLE_VERSION == 1
+    assert meta["version"] == BUNDLE_VERSION == 2  # 2: head_input, feature_norm (issue 27)
     assert len(meta["weights_sha256"]) == 64
     assert meta["classes"] == list(CLASSES)
     assert meta["patch_size_um"] == [24.0, 16.0]

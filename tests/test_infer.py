@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 
 from simsearch_wsi.bundle import ModelBundle
-from simsearch_wsi.infer import PatchModel, dense_class_maps, detect, segment, untrained_bundle
+from simsearch_wsi.infer import (
+    PatchModel,
+    dense_class_maps,
+    detect,
+    predict_patches,
+    segment,
+    untrained_bundle,
+)
 from simsearch_wsi.io import open_image
 from simsearch_wsi.patches import PatchSample, PatchSet
-from simsearch_wsi.train import predict_patches
 
 CLASSES = ("ring", "cluster", "stripes", "background")
 

@@ -19,6 +19,7 @@ from simsearch_wsi.features import (
     make_feature_spec,
     read_analysis_region,
 )
+from simsearch_wsi.infer import predict_patches
 from simsearch_wsi.io import open_image
 from simsearch_wsi.model import PatchEncoder, set_trainable, train_mode
 from simsearch_wsi.patches import (
@@ -37,7 +38,6 @@ from simsearch_wsi.train import (
     TrainConfig,
     classification_metrics,
     pick_thresholds,
-    predict_patches,
 )
 
 STRATEGIES = ("pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn")
@@ -51,6 +51,7 @@ def tiny_config(strategy: str = "pos+neg+selflearn", **changes: Any) -> TrainCon
         noisy_per_class=16,
         background_per_image=16,
         linear_views=4,
+        head_input="trunk",  # the paper's stages (the search head: tests/test_probe.py)
     )
     return cfg.replace(**changes)
 

@@ -266,7 +266,7 @@ def score_model(
     progress: ProgressFn | None = None,
 ) -> list[ClassScore]:
     """PR-AUC of the model's detections on the test images (every local maximum of a class's
-    probability map where it is the most probable class, ranked by that probability), and
+    log-odds map where it is the most probable class, ranked by its log-odds), and
     segmentation IoU at the model's thresholds against test truth with a mask."""
     parts: dict[str, list[ClassPR]] = {c: [] for c in benchmark.classes}
     inter: dict[str, list[float]] = {c: [] for c in benchmark.classes}
@@ -276,7 +276,15 @@ def score_model(
             maps = dense_class_maps(image, model, progress=progress)
         detections = detect(maps, everything)
         for c in benchmark.classes:
-            parts[c].append(class_pr(detections, t.truth, class_name=c, max_distance_l0=radius_l0))
+            parts[c].append(
+                class_pr(
+                    detections,
+                    t.truth,
+                    class_name=c,
+                    max_distance_l0=radius_l0,
+                    score=lambda d: float(d.score),  # log-odds: ordered where p rounds to 1
+                )
+            )
         if t.truth.mask is not None:
             seg = segment(maps, model.bundle.thresholds)
             iou = segmentation_iou_on_truth(

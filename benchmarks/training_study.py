@@ -1,0 +1,259 @@
+"""The training study (issue 27): does the model the loop trains beat the search it started
+from, and which head should the loop keep?
+
+For each case (a seeded synthetic benchmark: review slide(s), an unlabelled slide for
+self-learning, held-out test slide(s)), the simulated user reviews once (P prototypes per
+class, flags N wrong suggestions per class, confirms background), and every arm is scored on
+the held-out test slides with the paper's matching, all in one run:
+
+* ``search``: the similarity search alone (suggestions ranked by cosine similarity);
+* ``probe``: the search probe (``head_input=search``; :mod:`simsearch_wsi.probe`), on
+  prototypes only / + approved / + flagged negatives (the label ablation);
+* ``trunk``: the paper's fine-tuned trunk (``head_input=trunk``), the preset's stages,
+  float32 and, where the CPU has native bf16, bf16 autocast;
+* ``auto``: the loop's default (both trained, the better on held-out patches kept).
+
+Cases are split into ``dev`` (where defaults were chosen) and ``held-out`` (never looked at while
+choosing). Run::
+
+    .venv/bin/python benchmarks/training_study.py --out bench_output/training_study
+
+and read ``study.md`` there (docs/evaluation.md has the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from simsearch_wsi.backbones import build_trunk
+from simsearch_wsi.eval.ablation import score_model, score_search
+from simsearch_wsi.eval.benchmark import Benchmark, synthetic_benchmark
+from simsearch_wsi.eval.metrics import paper_match_radius_l0
+from simsearch_wsi.eval.user import UserConfig, simulate_review
+from simsearch_wsi.featurecache import FeatureCache
+from simsearch_wsi.features import FeatureExtractor
+from simsearch_wsi.infer import PatchModel
+from simsearch_wsi.io import open_image
+from simsearch_wsi.precision import autocast_pays_off
+from simsearch_wsi.search import SearchSettings, SimSearch
+from simsearch_wsi.session import Session
+from simsearch_wsi.session_data import train_session
+from simsearch_wsi.train import TrainConfig
+
+#: (name, split, benchmark seed, prototypes per class)
+CASES = (
+    ("seed11-P5", "dev", 11, 5),
+    ("seed11-P2", "dev", 11, 2),
+    ("seed23-P5", "held-out", 23, 5),
+    ("seed23-P2", "held-out", 23, 2),
+    ("seed37-P2", "held-out", 37, 2),
+    ("seed41-P3", "held-out", 41, 3),
+)
+
+
+def _session_without(session: Session, root: Path, drop: set[str]) -> Session:
+    """A copy of ``session`` without the review decisions of kinds ``drop``."""
+    if root.exists():
+        shutil.rmtree(root)
+    shutil.copytree(session.root, root)
+    copy = Session.open(root)
+    for rid, (decision, _) in list(copy.decisions.items()):
+        if decision in drop:
+            del copy.decisions[rid]
+    copy.save()
+    return copy
+
+
+def _mean(scores: list[Any]) -> float:
+    return float(np.nanmean([s.ap for s in scores]))
+
+
+def run_case(
+    name: str,
+    split: str,
+    bench: Benchmark,
+    search: SimSearch,
+    out: Path,
+    *,
+    prototypes: int,
+    preset: str,
+    arms: list[str],
+    seed: int,
+) -> dict[str, Any]:
+    radius = paper_match_radius_l0(bench.patch_size_l0)
+    if (out / name).exists():
+        shutil.rmtree(out / name)
+    session = Session.create(out / name / "session")
+    outcome = simulate_review(
+        search,
+        session,
+        bench.review,
+        classes=bench.classes,
+        config=UserConfig(prototypes, 5, 8),
+        patch_size_l0=bench.patch_size_l0,
+        radius_l0=radius,
+        rng=np.random.default_rng(seed),
+        open_image=open_image,
+    )
+    row: dict[str, Any] = {"case": name, "split": split, "review": outcome.to_dict(), "arms": {}}
+    t0 = time.perf_counter()
+    scores = score_search(
+        search, bench, session.all_prototypes(), open_image=open_image, radius_l0=radius
+    )
+    row["arms"]["search"] = {
+        "ap": {s.class_name: s.ap for s in scores},
+        "mean": _mean(scores),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    bf16_native = autocast_pays_off(torch.device("cpu"))
+    variants: list[tuple[str, str, bool, set[str]]] = []
+    for arm in arms:
+        if arm == "probe":
+            variants += [("probe", "search", True, set())]
+        elif arm == "probe-labels":
+            variants += [
+                ("probe: prototypes only", "search", True, {"positive", "negative", "background"}),
+                ("probe: + approved", "search", True, {"negative", "background"}),
+                ("probe: + approved + flagged", "search", True, {"background"}),
+            ]
+        elif arm == "trunk":
+            variants += [("trunk fp32", "trunk", False, set())]
+            if bf16_native:
+                variants += [("trunk bf16", "trunk", True, set())]
+        elif arm == "auto":
+            variants += [("auto", "auto", True, set())]
+    for label, head_input, autocast, drop in variants:
+        sess = (
+            _session_without(session, out / name / f"session-{len(row['arms'])}", drop)
+            if drop
+            else session
+        )
+        config = TrainConfig.preset_config(preset).replace(head_input=head_input, autocast=autocast)
+        t0 = time.perf_counter()
+        trained = train_session(
+            sess, search, config, open_image=open_image, noisy_images=bench.unlabelled, seed=seed
+        )
+        t1 = time.perf_counter()
+        model = PatchModel(trained.bundle, cache_dir=search.cache.root)
+        scores = score_model(model, bench, open_image=open_image, radius_l0=radius)
+        row["arms"][label] = {
+            "ap": {s.class_name: s.ap for s in scores},
+            "mean": _mean(scores),
+            "kept": trained.bundle.head_input,
+            "selection": trained.metrics.get("selection", {}).get("reason"),
+            "seconds_train": round(t1 - t0, 1),
+            "seconds_score": round(time.perf_counter() - t1, 1),
+        }
+        print(
+            f"{name}: {label}: {row['arms'][label]['mean']:.3f} "
+            f"(search {row['arms']['search']['mean']:.3f})",
+            flush=True,
+        )
+    return row
+
+
+def write_report(rows: list[dict[str, Any]], out: Path, header: str) -> str:
+    arms: list[str] = list(dict.fromkeys(a for r in rows for a in r["arms"]))
+    lines = [
+        header,
+        "",
+        "| case | split | " + " | ".join(arms) + " |",
+        "|---|---|" + "---|" * len(arms),
+    ]
+    for r in rows:
+        cells = []
+        for a in arms:
+            v = r["arms"].get(a)
+            cells.append("" if v is None else f"{v['mean']:.3f}")
+        lines.append(f"| {r['case']} | {r['split']} | " + " | ".join(cells) + " |")
+    for split in ("dev", "held-out"):
+        sub = [r for r in rows if r["split"] == split]
+        if sub:
+            means = [
+                f"{np.nanmean([r['arms'][a]['mean'] for r in sub if a in r['arms']]):.3f}"
+                if any(a in r["arms"] for r in sub)
+                else ""
+                for a in arms
+            ]
+            lines.append(f"| **mean {split}** | | " + " | ".join(means) + " |")
+    lines += ["", "Per class (held-out cases):", ""]
+    for r in rows:
+        per = "; ".join(
+            f"{a}: " + ", ".join(f"{c} {v:.2f}" for c, v in r["arms"][a]["ap"].items())
+            for a in arms
+            if a in r["arms"]
+        )
+        lines.append(f"- {r['case']}: {per}")
+    text = "\n".join(lines) + "\n"
+    (out / "study.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench_output/training_study"))
+    parser.add_argument("--cases", default=",".join(c[0] for c in CASES))
+    parser.add_argument(
+        "--arms", default="probe,trunk,auto", help="comma list of probe, probe-labels, trunk, auto"
+    )
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--weights", default="embedded")
+    parser.add_argument("--size", default="2048x1536", help="slide size WxH")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    trunk, spec, info = build_trunk("resnet18-l3", args.weights, seed=0)
+    extractor = FeatureExtractor(trunk, spec, info, device=torch.device("cpu"))
+    search = SimSearch(extractor, FeatureCache(out / "cache"), SearchSettings())
+    w, h = (int(v) for v in args.size.split("x"))
+    wanted = set(args.cases.split(","))
+    rows = []
+    t0 = time.perf_counter()
+    for name, split, seed, p in CASES:
+        if name not in wanted:
+            continue
+        bench = synthetic_benchmark(
+            out / f"bench-seed{seed}",
+            seed=seed,
+            n_review=1,
+            n_unlabelled=1,
+            n_test=1,
+            size=(w, h),
+            n_per_class=10,
+        )
+        rows.append(
+            run_case(
+                name,
+                split,
+                bench,
+                search,
+                out,
+                prototypes=p,
+                preset=args.preset,
+                arms=args.arms.split(","),
+                seed=0,
+            )
+        )
+        (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    header = (
+        f"Training study: `benchmarks/training_study.py --arms {args.arms} --preset "
+        f"{args.preset} --weights {args.weights} --size {args.size}`; {info.description}; "
+        f"torch threads {torch.get_num_threads()}; total {time.perf_counter() - t0:.0f} s. "
+        "Mean PR-AUC over the 3 classes on the held-out test slide."
+    )
+    print(write_report(rows, out, header))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The search head (simsearch_wsi.probe) and what the loop keeps (issue 27)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from simsearch_wsi.bundle import load_bundle, save_bundle
+from simsearch_wsi.infer import class_log_odds, untrained_bundle
+from simsearch_wsi.io import open_image
+from simsearch_wsi.patches import PatchSet
+from simsearch_wsi.probe import MemoryHead, fit_memory_head, macro_average_precision
+from simsearch_wsi.train import SELECTION_MARGIN, _Candidate, _select
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _clusters(seed: int = 0) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor]:
+    """Unit vectors (D = 16): class 0 around e0, background around e1, and a look-alike of
+    class 0 around (e0 + 0.8 e2) that is not class 0."""
+    gen = torch.Generator().manual_seed(seed)
+    eye = torch.eye(16)
+    pos = _unit(eye[0] + 0.15 * torch.randn(6, 16, generator=gen))
+    bg = _unit(eye[1] + 0.15 * torch.randn(6, 16, generator=gen))
+    look = _unit(eye[0] + 0.8 * eye[2] + 0.1 * torch.randn(4, 16, generator=gen))
+    x = torch.cat([pos, bg])
+    labels = np.array([0] * 6 + [1] * 6)
+    probe_look = _unit(eye[0] + 0.8 * eye[2] + 0.1 * torch.randn(5, 16, generator=gen))
+    return x, labels, look, probe_look
+
+
+def test_flagged_look_alikes_push_the_class_away_from_them() -> None:
+    x, labels, look, probe_look = _clusters()
+    ids = np.arange(len(x))
+    plain = fit_memory_head(x, labels, ids, 2, background=1)
+    flagged = fit_memory_head(
+        x,
+        labels,
+        ids,
+        2,
+        background=1,
+        negatives=look,
+        negative_labels=np.zeros(len(look), dtype=np.int64),
+        negative_ids=np.arange(len(look)),
+    )
+    p_plain = plain.probabilities(probe_look)[:, 0]
+    p_flagged = flagged.probabilities(probe_look)[:, 0]
+    assert (p_flagged < p_plain).all()
+    # the class itself is still recognised
+    fresh = _unit(torch.eye(16)[0] + 0.15 * torch.randn(5, 16, generator=torch.Generator()))
+    assert (flagged.probabilities(fresh)[:, 0] > 0.5).all()
+
+
+def test_without_labels_beyond_the_prototypes_the_head_ranks_like_the_search() -> None:
+    """Before any counter-example matters, the class score is the cosine to the nearest
+    positive: the ranking of the search."""
+    x, labels, _, _ = _clusters(1)
+    head = fit_memory_head(x, labels, np.arange(len(x)), 2, background=1)
+    queries = _unit(torch.randn(50, 16, generator=torch.Generator().manual_seed(3)))
+    pos, _ = head.similarities(queries)
+    search_rank = np.argsort(-pos[:, 0].numpy())
+    odds = head.logits(*head.similarities(queries))[:, 0].numpy()
+    head_rank = np.argsort(-odds)
+    # counter-examples get a small weight, so the orders agree almost everywhere
+    assert len(set(search_rank[:10]) & set(head_rank[:15])) >= 8
+
+
+def test_leave_one_out_calibration_does_not_see_a_patch_in_its_own_memory() -> None:
+    x, labels, _, _ = _clusters(2)
+    head = MemoryHead(x, torch.from_numpy(labels), torch.ones(2), torch.zeros(2), 1)
+    same = torch.arange(len(x))
+    pos_loo, _ = head.similarities(x, exclude=same[:, None] == same[None, :])
+    pos_all, _ = head.similarities(x)
+    assert torch.allclose(pos_all[:6, 0], torch.ones(6), atol=1e-5)
+    assert (pos_loo[:6, 0] < 0.999).all()
+
+
+def test_log_odds_keep_their_order_where_probabilities_round_to_one() -> None:
+    logits = torch.tensor([[30.0, 40.0, 50.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    p = torch.softmax(logits, dim=0).numpy().astype(np.float32)[:, None, :]  # (K, 1, 3)
+    assert (p[0] == 1.0).all()  # saturated in float32
+    odds = class_log_odds(p, 0)[0]
+    assert odds[0] < odds[1] < odds[2]
+
+
+def test_selection_keeps_the_fine_tuned_model_only_when_it_wins_by_the_margin() -> None:
+    classes = ("a", "background")
+    val = PatchSet((), classes)
+    labels = np.array([0, 0, 1, 1])
+    good = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]], np.float32)
+    bad = np.array([[0.2, 0.8], [0.8, 0.2], [0.9, 0.1], [0.1, 0.9]], np.float32)
+
+    def run(probe_p: np.ndarray, tuned_p: np.ndarray) -> tuple[str, dict[str, object]]:
+        w = torch.zeros(2, 2)
+        cands = [
+            _Candidate("search", w, torch.zeros(2), probe_p),
+            _Candidate("trunk", w, torch.zeros(2), tuned_p),
+        ]
+        metrics: dict[str, object] = {}
+        val_labels = type("V", (), {"labels": labels})()
+        chosen = _select(cands, val_labels, classes, "auto", metrics)  # type: ignore[arg-type]
+        return chosen.head_input, metrics["selection"]  # type: ignore[return-value]
+
+    assert val.classes == classes
+    kept, record = run(bad, good)
+    assert kept == "trunk" and "beat" in str(record["reason"])
+    kept, record = run(good, good)
+    assert kept == "search" and record["margin"] == SELECTION_MARGIN
+    assert macro_average_precision(good, labels, classes, skip="background") == 1.0
+
+
+def test_search_head_bundle_round_trips(tmp_path: Path, synthetic_slide: Any) -> None:
+    with open_image(synthetic_slide.path) as image:
+        base = untrained_bundle([image], classes=("a", "background"))
+    memory = _unit(torch.randn(6, base.feature_dim))
+    owner = torch.tensor([0, 0, 1, 1, 2, 2])
+    bundle = dataclasses.replace(
+        base,
+        head_weight=torch.tensor([[9.0, 0.2], [0.0, 0.0]]),
+        head_bias=torch.tensor([-4.0, 0.0]),
+        head_input="search",
+        feature_norm="whiten",
+        memory_vectors=memory.half(),
+        memory_owner=owner,
+    )
+    back = load_bundle(save_bundle(tmp_path / "m.zip", bundle))
+    assert back.head_input == "search" and back.feature_norm == "whiten"
+    assert back.memory_vectors is not None and back.memory_owner is not None
+    assert torch.equal(back.memory_vectors, memory.half())
+    assert torch.equal(back.memory_owner, owner)
+    assert back.feature_dim == base.feature_dim
+    with pytest.raises(ValueError, match="memory_owner values"):
+        dataclasses.replace(bundle, memory_owner=torch.tensor([0, 0, 1, 1, 2, 9]))
