@@ -24,10 +24,12 @@ import hashlib
 import importlib.resources
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,20 +256,50 @@ def _embedded_state(spec: BackboneSpec) -> tuple[dict[str, Any], WeightsInfo]:
     )
 
 
+_WEIGHTS_FILE_HINT = (
+    "pass a file saved with torch.save(trunk.state_dict(), PATH), or --weights auto, imagenet, "
+    "embedded or random"
+)
+
+
+def _load_failure(exc: BaseException) -> str:
+    """One clause saying why ``torch.load(weights_only=True)`` failed.
+
+    torch's own message for a pickle of arbitrary objects is several lines of advice on loading
+    untrusted files with ``weights_only=False``, which this tool never does; keep the reason.
+    """
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it pickles the Python object {found.group(1)}, not only tensors"
+    if type(exc).__name__ == "UnpicklingError":
+        return "it is a pickle of Python objects, not only tensors"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if len(first) > 120:
+        first = first[:117] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def _file_state(path: Path) -> tuple[dict[str, Any], WeightsInfo]:
     if not path.is_file():
         raise WeightsUnavailableError(
             f"{path}: weights file not found; pass an existing .pth file, 'imagenet' or 'random'"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt pickle/zip
         raise WeightsUnavailableError(
-            f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {exc})"
+            f"{path}: not a PyTorch weights file simsearch-wsi can load ({_load_failure(exc)}); "
+            f"{_WEIGHTS_FILE_HINT}"
         ) from exc
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
-        raise WeightsUnavailableError(f"{path}: expected a state dict of trunk weights")
+        raise WeightsUnavailableError(
+            f"{path}: holds a {type(obj).__name__}, not a state dict of trunk weights; "
+            f"{_WEIGHTS_FILE_HINT}"
+        )
     digest = sha256_of(path)
     return state, WeightsInfo("file", f"file:{digest[:16]}", f"weights file {path.name}")
 
@@ -304,8 +336,9 @@ def build_trunk(
         usable = {k: v for k, v in state.items() if k in trunk_keys}
         missing = trunk_keys - set(usable)
         if missing:
+            where = str(weights) if info.kind == "file" else info.description
             raise WeightsUnavailableError(
-                f"{info.description}: {len(missing)} trunk parameters missing (e.g. "
+                f"{where}: {len(missing)} trunk parameters missing (e.g. "
                 f"{sorted(missing)[0]}); the file is not for backbone {name!r}"
             )
         module.load_state_dict(usable, strict=True)

@@ -269,6 +269,8 @@ class FeatureExtractor:
             # a flat channel (high <= low) becomes a step at low, as in apply()
             scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.full_like(span, 1e30))
             x = ((x - low.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)).clamp_(0.0, 1.0)
+        if np.dtype(batch_nhwc.dtype).kind == "f":  # NaN/inf of float images: as apply()
+            x = x.nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0)
         x = trunk_input(x, self.spec, rgb=rgb)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -476,13 +478,23 @@ def iter_tile_features(
 
 def prefetched(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
     """``fn(item)`` for each item, the next one computed in a background thread while the caller
-    works on the current one (image decoders and torch release the GIL)."""
+    works on the current one (image decoders and torch release the GIL).
+
+    At most one call runs ahead. When a call raises, its error is raised here and nothing more
+    is submitted; when the caller stops iterating (an error of its own, or ``close()``), the
+    read ahead is cancelled, or waited for if it has already started.
+    """
     if not items:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
         pending = pool.submit(fn, items[0])
-        for n in range(len(items)):
-            result = pending.result()
-            if n + 1 < len(items):
-                pending = pool.submit(fn, items[n + 1])
-            yield result
+        try:
+            for n in range(len(items)):
+                result = pending.result()
+                if n + 1 < len(items):
+                    pending = pool.submit(fn, items[n + 1])
+                yield result
+        finally:
+            # the caller failed or stopped early: drop the read ahead if it has not started
+            # (the pool's exit waits for one that has, so no read outlives the source)
+            pending.cancel()

@@ -285,7 +285,8 @@ class ChannelNormalization:
         -------
         NDArray[float32]
             same shape, ``(x - low) / (high - low)`` clipped to [0, 1]. A channel with
-            ``high <= low`` becomes a step: 0 where ``x <= low`` and 1 above.
+            ``high <= low`` becomes a step: 0 where ``x <= low`` and 1 above. NaN (of a float
+            image) becomes 0, +inf 1 and -inf 0, so no non-finite value reaches a network.
         """
         arr = np.asarray(array_hwc)
         if arr.ndim < 1 or arr.shape[-1] != self.n_channels:
@@ -302,6 +303,7 @@ class ChannelNormalization:
         if flat.any():
             out[..., flat] = (shifted[..., flat] > 0).astype(np.float32)
         np.clip(out, 0.0, 1.0, out=out)
+        np.nan_to_num(out, copy=False, nan=0.0)
         result: NDArray[np.float32] = out.astype(np.float32, copy=False)
         return result
 

@@ -356,27 +356,48 @@ def display_rgb8(overview: NDArray[Any], *, brightfield: bool) -> NDArray[np.uin
     its 1st and 99.5th percentile; one channel is shown as grey.
     """
     a = np.asarray(overview, dtype=np.float32)
+    finite = np.isfinite(a)
     if brightfield and a.shape[2] == 3:
-        return np.clip(a, 0, 255).astype(np.uint8)
+        # NaN shows as white glass; +-inf as the ends of the range
+        return np.clip(np.nan_to_num(a, nan=255.0), 0, 255).astype(np.uint8)
     out = np.zeros((*a.shape[:2], 3), np.float32)
     for c in range(min(3, a.shape[2])):
-        lo, hi = np.percentile(a[..., c], [1.0, 99.5])
-        out[..., (2 - c) if a.shape[2] > 1 else 0] = (a[..., c] - lo) / max(hi - lo, 1e-6)
+        values = a[..., c][finite[..., c]]
+        lo, hi = np.percentile(values, [1.0, 99.5]) if values.size else (0.0, 1.0)
+        channel = np.nan_to_num(a[..., c], nan=lo, posinf=hi, neginf=lo)
+        out[..., (2 - c) if a.shape[2] > 1 else 0] = (channel - lo) / max(hi - lo, 1e-6)
     if a.shape[2] == 1:
         out[..., 1] = out[..., 2] = out[..., 0]
     return (np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
 def _block_mean(band_hwc: NDArray[Any], f: int) -> NDArray[np.float32]:
-    """Mean of f x f blocks of an (H, W, C) band; partial edge blocks average what they have."""
+    """Mean of f x f blocks of an (H, W, C) band; partial edge blocks average what they have.
+
+    Non-finite values (NaN, inf of float images) are left out of a block's mean; a block with
+    no finite value is NaN.
+    """
     h, w = band_hwc.shape[:2]
     data = band_hwc.astype(np.float64)
     # add.reduceat sums over [start_i, start_{i+1}) along an axis, the last run to the end.
     row_starts = np.arange(0, h, f)
     col_starts = np.arange(0, w, f)
-    sums: NDArray[np.float64] = np.add.reduceat(
-        np.add.reduceat(data, row_starts, axis=0), col_starts, axis=1
-    )
+
+    def block_sum(values: NDArray[np.float64]) -> NDArray[np.float64]:
+        out: NDArray[np.float64] = np.add.reduceat(
+            np.add.reduceat(values, row_starts, axis=0), col_starts, axis=1
+        )
+        return out
+
+    if np.dtype(band_hwc.dtype).kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            sums = block_sum(np.where(finite, data, 0.0))
+            n = block_sum(finite.astype(np.float64))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                partial: NDArray[np.float32] = np.where(n > 0, sums / n, np.nan).astype(np.float32)
+            return partial
+    sums = block_sum(data)
     row_n = np.minimum(f, h - row_starts).astype(np.float64)
     col_n = np.minimum(f, w - col_starts).astype(np.float64)
     counts: NDArray[np.float64] = (row_n[:, None] * col_n[None, :])[:, :, None]

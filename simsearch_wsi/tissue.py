@@ -55,7 +55,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.errors import ConfigError, CorruptImageError
 
 if TYPE_CHECKING:
     from simsearch_wsi.io.base import ImageSource
@@ -304,6 +304,12 @@ def detect_foreground(
     modality = image.modality if method == "auto" else method
 
     thumb, ds_x, ds_y = _read_thumbnail(image, max_side_px)
+    if not np.isfinite(thumb).any():
+        raise CorruptImageError(
+            f"{image.path}: every pixel of the image's overview is NaN or infinite, so there is "
+            "nothing to detect; check how the image was exported (float images need finite "
+            "intensities)"
+        )
     if modality == "brightfield":
         raw = _brightfield_foreground(thumb, image.dtype, threshold)
     else:
@@ -347,9 +353,13 @@ def _white_level(values: NDArray[np.float64], dtype: np.dtype[Any]) -> float:
 def _brightfield_foreground(
     thumb: NDArray[np.float64], dtype: np.dtype[Any], threshold: ThresholdMethod
 ) -> NDArray[np.bool_]:
-    """(h, w) raw brightfield foreground of an (h, w, C) thumbnail (module docstring, 1-3)."""
-    x = np.nan_to_num(thumb, nan=0.0)
-    x = np.clip(x / _white_level(x, dtype), 0.0, 1.0)
+    """(h, w) raw brightfield foreground of an (h, w, C) thumbnail (module docstring, 1-3).
+
+    Non-finite values (NaN, inf of float images) are white glass: background.
+    """
+    finite = np.isfinite(thumb)
+    white = _white_level(thumb[finite], dtype)
+    x = np.where(finite, np.clip(np.where(finite, thumb, 0.0) / white, 0.0, 1.0), 1.0)
     if x.shape[2] >= 3:
         signal: NDArray[np.float64] = 1.0 - x[:, :, :3].min(axis=2)
     else:
@@ -370,8 +380,12 @@ def _brightfield_foreground(
 def _fluorescence_foreground(
     thumb: NDArray[np.float64], sigma_px: float, threshold: ThresholdMethod
 ) -> NDArray[np.bool_]:
-    """(h, w) raw fluorescence foreground of an (h, w, C) thumbnail (module docstring, 1-3)."""
-    x = np.nan_to_num(thumb, nan=0.0)
+    """(h, w) raw fluorescence foreground of an (h, w, C) thumbnail (module docstring, 1-3).
+
+    Non-finite values (NaN, inf of float images) are background: the channel's darkest finite
+    value (0 for a channel without any).
+    """
+    x = _fill_non_finite_dark(thumb)
     x = ndimage.gaussian_filter(x, sigma=(sigma_px, sigma_px, 0.0), mode="nearest")
     signal = np.zeros(x.shape[:2], dtype=np.float64)
     used = 0
@@ -397,6 +411,19 @@ def _fluorescence_foreground(
     background = float(np.median(signal[bg]))
     foreground: NDArray[np.bool_] = signal > max(t, background + _FL_MIN_CONTRAST)
     return foreground
+
+
+def _fill_non_finite_dark(thumb: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``thumb`` with each channel's NaN and inf replaced by its smallest finite value."""
+    finite = np.isfinite(thumb)
+    if finite.all():
+        return thumb
+    out = thumb.copy()
+    for c in range(thumb.shape[2]):
+        ok = finite[:, :, c]
+        dark = float(thumb[:, :, c][ok].min()) if ok.any() else 0.0
+        out[:, :, c][~ok] = dark
+    return out
 
 
 def _global_threshold(signal: NDArray[np.float64], threshold: ThresholdMethod) -> float:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +20,13 @@ from simsearch_wsi.backbones import (
     resolve_auto_weights,
 )
 from simsearch_wsi.errors import ConfigError
+
+
+def _conv1(trunk: torch.nn.Module) -> torch.Tensor:
+    """The first convolution's weight of a ResNet trunk."""
+    conv = trunk.get_submodule("conv1")
+    assert isinstance(conv, torch.nn.Conv2d)
+    return conv.weight
 
 
 def test_registry_states_the_contract() -> None:
@@ -42,7 +51,7 @@ def test_random_weights_are_seeded_and_leave_global_rng_alone() -> None:
     b, _, _ = build_trunk(weights="random", seed=1)
     c, _, info_c = build_trunk(weights="random", seed=2)
     assert torch.equal(torch.random.get_rng_state(), state)
-    wa, wb, wc = (m.conv1.weight for m in (a, b, c))
+    wa, wb, wc = (_conv1(m) for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     assert info_a.identity != info_c.identity
 
@@ -55,7 +64,7 @@ def test_local_weights_file_torchvision_layout(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save(net.state_dict(), path)
     trunk, _, info = build_trunk(weights=path)
-    assert torch.equal(trunk.conv1.weight, net.conv1.weight)
+    assert torch.equal(_conv1(trunk), net.conv1.weight)
     assert info.kind == "file" and info.identity.startswith("file:")
 
 
@@ -64,12 +73,38 @@ def test_bad_weights_files(tmp_path: Path) -> None:
         build_trunk(weights=tmp_path / "missing.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsUnavailableError, match="not a readable PyTorch weights file"):
+    with pytest.raises(WeightsUnavailableError, match=r"junk\.pth: not a PyTorch weights file"):
         build_trunk(weights=junk)
     partial = tmp_path / "partial.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, partial)
-    with pytest.raises(WeightsUnavailableError, match="trunk parameters missing"):
+    with pytest.raises(WeightsUnavailableError, match=r"partial\.pth: 89 trunk parameters missing"):
         build_trunk(weights=partial)
+    listed = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], listed)
+    with pytest.raises(WeightsUnavailableError, match=r"list\.pth: holds a list, not a state"):
+        build_trunk(weights=listed)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (lambda: {"args": argparse.Namespace(lr=0.1)}, "pickles the Python object argparse"),
+        (lambda: {"x": np.zeros(3)}, "pickles the Python object numpy"),
+    ],
+    ids=["namespace", "numpy"],
+)
+def test_weights_file_of_python_objects_is_one_line(
+    tmp_path: Path, content: Any, reason: str
+) -> None:
+    """Issue 31: a checkpoint torch can only load with weights_only=False gave torch's 4-line
+    advice (which suggests loading untrusted pickles); now one line naming the file."""
+    path = tmp_path / "checkpoint.pth"
+    torch.save(content(), path)
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_trunk(weights=path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a PyTorch weights file") and reason in message
+    assert "\n" not in message and "weights_only" not in message and "--weights" in message
 
 
 def test_imagenet_offline_says_what_to_do(tmp_path: Path) -> None:
@@ -137,7 +172,7 @@ def test_verified_imagenet_file_is_used(tmp_path: Path, monkeypatch: pytest.Monk
         backbones.BackboneSpec(**{**spec.__dict__, "imagenet": pub}),
     )
     trunk, _, info = build_trunk(weights="imagenet", cache_dir=tmp_path)
-    assert info.kind == "imagenet" and torch.equal(trunk.conv1.weight, net.conv1.weight)
+    assert info.kind == "imagenet" and torch.equal(_conv1(trunk), net.conv1.weight)
 
 
 # --- the embedded trunk and the `auto` order (issue 9) -------------------------------------------
@@ -159,7 +194,7 @@ def test_embedded_trunk_ships_with_provenance() -> None:
     assert meta["data"] and all(d["sha256"] and d["licence"] for d in meta["data"])
     trunk, _, info = build_trunk(weights="embedded")
     assert info.kind == "embedded" and info.identity.startswith("embedded:")
-    assert trunk.conv1.weight.dtype == torch.float32
+    assert _conv1(trunk).dtype == torch.float32
     x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         f = trunk(x).mean(dim=(2, 3))

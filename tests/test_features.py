@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 
 from simsearch_wsi.backbones import build_trunk
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.errors import ConfigError, CorruptImageError
 from simsearch_wsi.featurecache import FeatureCache
 from simsearch_wsi.features import (
     AnalysisScale,
@@ -347,3 +348,68 @@ def test_resume_after_crash_before_rename_and_corrupt_partial(
     (broken / "zarr.json").write_text("{not json")
     assert featurecache._open_partial(broken, "k") is None and not broken.exists()
     assert cache.get_or_compute(he_crop, extractor, spec2).computed.all()
+
+
+# --- issue 31: a failed tile read stops the reads around it -------------------------------------
+def test_prefetch_stops_after_a_failed_read() -> None:
+    """A read that fails is raised once, and nothing is read after it."""
+    from simsearch_wsi.features import prefetched
+
+    seen: list[int] = []
+
+    def read(i: int) -> int:
+        seen.append(i)
+        if i == 2:
+            raise CorruptImageError(f"tile {i} is corrupt")
+        return i
+
+    got: list[int] = []
+    with pytest.raises(CorruptImageError, match="tile 2 is corrupt"):
+        for value in prefetched(read, list(range(10))):
+            got.append(value)
+    assert got == [0, 1] and seen == [0, 1, 2]
+
+
+def test_prefetch_waits_for_the_read_ahead_when_the_caller_fails() -> None:
+    """The consumer's own error (e.g. the trunk failing) submits nothing more, and the read
+    already running ahead is finished before the error leaves the loop (no read outlives it)."""
+    import threading
+    import time
+
+    from simsearch_wsi.features import prefetched
+
+    started: list[int] = []
+    finished: list[int] = []
+    running = threading.Event()
+
+    def read(i: int) -> int:
+        started.append(i)
+        if i == 1:
+            running.set()
+            time.sleep(0.2)
+        finished.append(i)
+        return i
+
+    gen = cast(Generator[int, None, None], prefetched(read, list(range(5))))
+    assert next(gen) == 0
+    assert running.wait(5)  # read 1 runs in the background
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        gen.throw(RuntimeError("consumer failed"))
+    assert started == [0, 1] and finished == [0, 1]
+
+
+def test_nan_pixels_give_finite_features(extractor: FeatureExtractor) -> None:
+    """Issue 31: NaN/inf of a float image must not reach the trunk (NaN similarity)."""
+    rng = np.random.default_rng(8)
+    arr = rng.random((96, 96, 2)).astype(np.float32)
+    arr[10:30, 10:30, 0] = np.nan
+    arr[50:60, :, 1] = np.inf
+    arr[70:75, :, 1] = -np.inf
+    img = ArraySource(arr, path="nan.tif", mpp=0.5)
+    clean = arr.copy()
+    clean[~np.isfinite(clean)] = 0.0
+    spec = make_feature_spec(
+        img, extractor, AnalysisScale.for_level(img, 0), fit_normalization([ArraySource(clean)])
+    )
+    feats = embed_region(img, extractor, spec, 0, 0, 96, 96)
+    assert torch.isfinite(feats).all()

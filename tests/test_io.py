@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -28,7 +28,8 @@ def _pool2(arr: np.ndarray, factor: int) -> np.ndarray:
     h, w, c = arr.shape
     h2, w2 = h // factor, w // factor
     blocks = arr[: h2 * factor, : w2 * factor].reshape(h2, factor, w2, factor, c)
-    return blocks.astype(np.float64).mean(axis=(1, 3))
+    pooled: np.ndarray = blocks.astype(np.float64).mean(axis=(1, 3))
+    return pooled
 
 
 # --- formats ------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ def test_fluorescence_ome_tiff(fluorescence_slide: Any) -> None:
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
-def test_ome_zarr_image_versions(tmp_path: Path, version: str) -> None:
+def test_ome_zarr_image_versions(tmp_path: Path, version: Literal["0.4", "0.5"]) -> None:
     from simsearch_wsi.synthetic import write_ome_zarr_image
 
     rng = np.random.default_rng(3)
@@ -290,3 +291,261 @@ def test_plate_with_missing_well(tmp_path: Path, synthetic_plate: Any) -> None:
     shutil.rmtree(broken / "B" / "2")
     with pytest.raises(PlateError, match="well 'B/2' is listed in the plate but missing"):
         open_plate(broken)
+
+
+# --- issue 31: extra planes, empty arrays, malformed NGFF, corrupt tiles ------------------------
+def test_ome_tiff_z_stack_pyramid_reads_the_first_plane(tmp_path: Path) -> None:
+    """Issue 31: tiffslide refuses series with Z or T (NotImplementedError); the README says the
+    first plane is read, and now it is, at every level, with the OME pixel size and names."""
+    zcyx = np.random.default_rng(4).integers(0, 60000, (3, 2, 96, 64), dtype=np.uint16)
+    path = tmp_path / "stack.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(
+            zcyx,
+            tile=(32, 32),
+            subifds=1,
+            metadata={
+                "axes": "ZCYX",
+                "PhysicalSizeX": 0.5,
+                "PhysicalSizeY": 0.5,
+                "Channel": {"Name": ["DAPI", "GFP"]},
+            },
+        )
+        tw.write(zcyx[:, :, ::2, ::2], tile=(32, 32), subfiletype=1)
+    with open_image(path) as img:
+        assert img.format == "ome-tiff" and img.level_dimensions == ((64, 96), (32, 48))
+        assert img.channel_names == ("DAPI", "GFP") and img.mpp == pytest.approx(0.5)
+        assert img.extra["dropped_axes"] == "Z"
+        np.testing.assert_array_equal(
+            img.read_region((0, 0), 0, (64, 96)), np.moveaxis(zcyx[0], 0, -1)
+        )
+        np.testing.assert_array_equal(
+            img.read_region((0, 0), 1, (32, 48)), np.moveaxis(zcyx[0, :, ::2, ::2], 0, -1)
+        )
+
+
+@pytest.mark.parametrize(
+    ("axes", "shape", "first"),
+    [
+        ("ZYXS", (3, 40, 48, 3), (0,)),
+        ("TZCYX", (2, 3, 2, 40, 48), (0, 0)),
+        ("ZYX", (4, 40, 48), (0,)),
+    ],
+)
+def test_ome_tiff_time_and_z_planes(
+    tmp_path: Path, axes: str, shape: tuple[int, ...], first: tuple[int, ...]
+) -> None:
+    data = np.random.default_rng(5).integers(0, 255, shape, dtype=np.uint8)
+    path = tmp_path / "planes.ome.tif"
+    rgb = "S" in axes
+    tifffile.imwrite(
+        path, data, ome=True, photometric="rgb" if rgb else None, metadata={"axes": axes}
+    )
+    with open_image(path) as img:
+        plane = data[first]
+        expected = (
+            plane if rgb else (plane[..., None] if plane.ndim == 2 else np.moveaxis(plane, 0, -1))
+        )
+        assert img.dimensions == (48, 40)
+        assert img.extra["dropped_axes"] == axes.replace("Y", "").replace("X", "").replace(
+            "S", ""
+        ).replace("C", "")
+        np.testing.assert_array_equal(img.read_level(0), expected)
+
+
+def test_zero_size_tiff_and_zarr(tmp_path: Path) -> None:
+    """Issue 31: a dimension of 0 was a tiffslide NotImplementedError or a ZeroDivisionError."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tifffile: "writing zero-size array"
+        tifffile.imwrite(tmp_path / "zero.tif", np.zeros((0, 16), np.uint8))
+    with pytest.raises(CorruptImageError, match=r"zero\.tif: TIFF image has no pixels"):
+        open_image(tmp_path / "zero.tif")
+    for name, shape in (("rows.zarr", (1, 0, 16)), ("channels.zarr", (0, 16, 16))):
+        group = zarr.open_group(str(tmp_path / name), mode="w", zarr_format=2)
+        group.create_array("0", shape=shape, dtype="uint8", chunks=(1, 8, 8))
+        group.attrs["multiscales"] = [
+            {"version": "0.4", "axes": ["c", "y", "x"], "datasets": [{"path": "0"}]}
+        ]
+        with pytest.raises(CorruptImageError, match=rf"{name}: .*no pixels"):
+            open_image(tmp_path / name)
+
+
+_AXES = [{"name": "c", "type": "channel"}, {"name": "y"}, {"name": "x"}]
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        ({"multiscales": {"version": "0.4"}}, "'multiscales' must be a list of objects"),
+        ({"multiscales": ["a", "b"]}, "'multiscales' must be a list of objects"),
+        ({"multiscales": []}, "'multiscales' must be a list of objects"),
+        (
+            {"multiscales": [{"version": "0.4", "axes": _AXES[1:], "datasets": [{"path": "0"}]}]},
+            "axes 'yx' name 2 dimensions but dataset '0' has 3",
+        ),
+        (
+            {"multiscales": [{"version": "0.4", "axes": _AXES, "datasets": [{}]}]},
+            "dataset 0 has no 'path'",
+        ),
+        (
+            {"multiscales": [{"version": "0.4", "axes": _AXES, "datasets": ["0"]}]},
+            "dataset 0 has no 'path'",
+        ),
+        (
+            {"multiscales": [{"version": "0.4", "axes": _AXES, "datasets": [{"path": "9"}]}]},
+            "dataset '9' is missing",
+        ),
+        (
+            {"multiscales": [{"version": "0.4", "axes": "cyx", "datasets": [{"path": "0"}]}]},
+            "'axes' must be a list",
+        ),
+        (
+            {
+                "multiscales": [
+                    {"version": "0.4", "axes": [{"name": 1}], "datasets": [{"path": "0"}]}
+                ]
+            },
+            "has no name",
+        ),
+        (
+            {
+                "multiscales": [
+                    {"version": "0.4", "axes": ["c", "y", "y"], "datasets": [{"path": "0"}]}
+                ]
+            },
+            "name an axis twice",
+        ),
+        (
+            {
+                "multiscales": [
+                    {
+                        "version": "0.4",
+                        "axes": _AXES,
+                        "datasets": [
+                            {
+                                "path": "0",
+                                "coordinateTransformations": [
+                                    {"type": "scale", "scale": [1, "a", "b"]}
+                                ],
+                            }
+                        ],
+                    }
+                ]
+            },
+            "is not a list of numbers",
+        ),
+        ({"multiscales": [{"version": 7, "axes": _AXES}]}, "version '7' is not supported"),
+    ],
+    ids=[
+        "object",
+        "strings",
+        "empty",
+        "axes-vs-ndim",
+        "no-path",
+        "dataset-string",
+        "missing-array",
+        "axes-string",
+        "axis-name",
+        "duplicate-axis",
+        "scale-strings",
+        "version",
+    ],
+)
+def test_malformed_ngff_metadata(tmp_path: Path, attrs: dict[str, Any], message: str) -> None:
+    """Issue 31: malformed NGFF metadata raised AttributeError/KeyError; now MetadataError."""
+    import zarr
+
+    from simsearch_wsi.errors import MetadataError
+
+    path = tmp_path / "bad.ome.zarr"
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group.create_array("0", shape=(1, 16, 16), dtype="uint8", chunks=(1, 8, 8))
+    group.attrs.update(attrs)
+    with pytest.raises(MetadataError, match=f"bad.ome.zarr: .*{message}"):
+        open_image(path)
+
+
+def test_ngff_dataset_of_strings_and_damaged_json(tmp_path: Path) -> None:
+    import zarr
+
+    from simsearch_wsi.errors import MetadataError
+
+    path = tmp_path / "text.zarr"
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group.create_array("0", shape=(1, 8, 8), dtype="<U4", chunks=(1, 8, 8))
+    group.attrs["multiscales"] = [
+        {"version": "0.4", "axes": ["c", "y", "x"], "datasets": [{"path": "0"}]}
+    ]
+    with pytest.raises(MetadataError, match=r"text\.zarr: .*holds <U4 values"):
+        open_image(path)
+    (path / ".zattrs").write_text("{not json")
+    with pytest.raises(MetadataError, match=r"text\.zarr: \.zattrs is not valid JSON"):
+        open_image(path)
+    (path / ".zattrs").write_text("[1, 2]")
+    with pytest.raises(MetadataError, match=r"\.zattrs must hold a JSON object, got list"):
+        open_image(path)
+
+
+def _tiff_with_corrupt_tiles(path: Path, *, every: int = 3) -> Path:
+    """A 256x256 zlib-tiled TIFF with every ``every``-th tile's bytes overwritten."""
+    image = np.random.default_rng(6).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    tifffile.imwrite(path, image, tile=(16, 16), compression="zlib")
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        spans = list(zip(page.dataoffsets, page.databytecounts, strict=True))  # type: ignore[union-attr]
+    data = bytearray(path.read_bytes())
+    for i, (offset, count) in enumerate(spans):
+        if i % every == 0:
+            data[offset : offset + count] = b"\xff" * count
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_many_corrupt_tiles_give_one_error_and_no_asyncio_noise(tmp_path: Path) -> None:
+    """Issue 31: zarr reads a region's tiles concurrently; when one failed the others' errors
+    were logged as dozens of "Task exception was never retrieved" tracebacks (and "Task was
+    destroyed but it is pending!" at exit). Run in a fresh interpreter to see its real stderr."""
+    import subprocess
+    import sys
+
+    path = _tiff_with_corrupt_tiles(tmp_path / "tiles.tif")
+    script = (
+        "import gc, sys\n"
+        "from simsearch_wsi.io import open_image\n"
+        "from simsearch_wsi.errors import CorruptImageError\n"
+        "img = open_image(sys.argv[1])\n"
+        "for _ in range(3):\n"
+        "    try:\n"
+        "        img.read_region((0, 0), 0, (256, 256))\n"
+        "    except CorruptImageError as exc:\n"
+        "        print(exc)\n"
+        "gc.collect()\n"
+        "print(img.read_region((16, 0), 0, (16, 16)).shape)\n"  # tile 1 is intact
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "never retrieved" not in proc.stderr, proc.stderr[-2000:]
+    assert "Task was destroyed" not in proc.stderr and proc.stderr == "", proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4 and lines[-1] == "(16, 16, 3)"
+    assert all(line.startswith(f"{path}: could not decode level 0") for line in lines[:3])
+    assert "tile '0/0.0.0' failed" in lines[0]
+
+
+def test_truncated_tiff_is_refused_at_open(tmp_path: Path) -> None:
+    image = np.random.default_rng(7).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    full = tmp_path / "full.tif"
+    tifffile.imwrite(full, image, tile=(32, 32), compression="zlib")
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    with pytest.raises(CorruptImageError, match=r"cut\.tif: file is truncated or corrupt"):
+        open_image(cut)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from simsearch_wsi.errors import ConfigError, RegionError
+from simsearch_wsi.errors import ConfigError, CorruptImageError, RegionError
 from simsearch_wsi.geometry import validate_mpp
 
 Modality = Literal["brightfield", "fluorescence"]
@@ -61,8 +61,27 @@ class ImageMetadata:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def levels_from_shapes(shapes_hw: list[tuple[int, int]]) -> tuple[LevelInfo, ...]:
-    """Build :class:`LevelInfo` records from per-level (height, width), level 0 first."""
+def levels_from_shapes(
+    shapes_hw: list[tuple[int, int]], *, where: str = "image"
+) -> tuple[LevelInfo, ...]:
+    """Build :class:`LevelInfo` records from per-level (height, width), level 0 first.
+
+    Raises
+    ------
+    CorruptImageError
+        no level, or a level with a width or height of 0 (``where`` names the image).
+    """
+    empty = [i for i, (h, w) in enumerate(shapes_hw) if h <= 0 or w <= 0]
+    if not shapes_hw or empty:
+        detail = (
+            f"level {empty[0]} is {shapes_hw[empty[0]][1]}x{shapes_hw[empty[0]][0]} px"
+            if empty
+            else "it has no level"
+        )
+        raise CorruptImageError(
+            f"{where}: image has no pixels ({detail}); the file is empty or was written "
+            "incompletely: export it again"
+        )
     h0, w0 = shapes_hw[0]
     return tuple(
         LevelInfo(width=w, height=h, downsample_x=w0 / w, downsample_y=h0 / h) for h, w in shapes_hw

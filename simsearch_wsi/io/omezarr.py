@@ -51,7 +51,11 @@ class Multiscale:
 
 
 class _NgffFormat:
-    """One NGFF version family: where its metadata lives and how axes are written."""
+    """One NGFF version family: where its metadata lives and how axes are written.
+
+    ``matches`` only looks at the version; ``parse`` validates the structure and raises
+    :class:`MetadataError` naming the store and the part that is wrong.
+    """
 
     versions: ClassVar[tuple[str, ...]] = ()
 
@@ -60,38 +64,59 @@ class _NgffFormat:
         return attrs
 
     @classmethod
-    def matches(cls, attrs: dict[str, Any]) -> bool:
+    def version_of(cls, attrs: dict[str, Any]) -> str | None:
+        """The declared version (``multiscales[0].version``, else the top-level ``version``)."""
         ngff = cls.ngff_attrs(attrs)
         ms = ngff.get("multiscales")
-        if not isinstance(ms, list) or not ms:
-            return False
-        return str(ms[0].get("version", ngff.get("version", ""))) in cls.versions
+        first = ms[0] if isinstance(ms, list) and ms else None
+        version = first.get("version") if isinstance(first, dict) else None
+        if version is None:
+            version = ngff.get("version")
+        return None if version is None else str(version)
+
+    @classmethod
+    def matches(cls, attrs: dict[str, Any]) -> bool:
+        return "multiscales" in cls.ngff_attrs(attrs) and cls.version_of(attrs) in cls.versions
 
     @classmethod
     def parse(cls, attrs: dict[str, Any], where: str) -> Multiscale:
         ngff = cls.ngff_attrs(attrs)
-        ms = ngff["multiscales"][0]
-        version = str(ms.get("version", ngff.get("version", "")))
+        ms = _first_multiscale(ngff, where)
+        version = cls.version_of(attrs) or ""
         axes, units = cls.axes_of(ms, where)
         datasets = ms.get("datasets")
         if not isinstance(datasets, list) or not datasets:
-            raise MetadataError(f"{where}: OME-Zarr multiscales has no datasets")
-        global_scale = _scale_of(ms.get("coordinateTransformations"), len(axes))
+            raise MetadataError(
+                f"{where}: OME-Zarr multiscales 'datasets' must be a non-empty list, got "
+                f"{_short(datasets)}"
+            )
+        paths = []
+        for i, ds in enumerate(datasets):
+            if not isinstance(ds, dict) or not isinstance(ds.get("path"), str) or not ds["path"]:
+                raise MetadataError(
+                    f"{where}: OME-Zarr multiscales dataset {i} has no 'path' (got "
+                    f"{_short(ds)}); each dataset must be an object with the path of its array"
+                )
+            paths.append(ds["path"])
+        global_scale = _scale_of(ms.get("coordinateTransformations"), len(axes), where)
         scales = []
         for ds in datasets:
-            s = _scale_of(ds.get("coordinateTransformations"), len(axes))
+            s = _scale_of(ds.get("coordinateTransformations"), len(axes), where)
             if s is not None and global_scale is not None:
                 s = tuple(a * b for a, b in zip(s, global_scale, strict=True))
             scales.append(s)
-        omero = ngff.get("omero") or {}
+        omero = ngff.get("omero")
+        channels = omero.get("channels") if isinstance(omero, dict) else None
         labels = tuple(
-            str(ch.get("label", "")) for ch in omero.get("channels", []) if isinstance(ch, dict)
+            str(ch.get("label", ""))
+            for ch in (channels if isinstance(channels, list) else [])
+            if isinstance(ch, dict)
         )
         return Multiscale(
             version=version,
             axes=axes,
             units=units,
-            paths=tuple(str(ds["path"]) for ds in datasets),
+            paths=tuple(paths),
             scales=tuple(scales),
             channel_labels=labels,
         )
@@ -99,11 +124,25 @@ class _NgffFormat:
     @classmethod
     def axes_of(cls, ms: dict[str, Any], where: str) -> tuple[tuple[str, ...], _Units]:
         axes = ms.get("axes")
-        if not isinstance(axes, list):
-            raise MetadataError(f"{where}: OME-Zarr multiscales has no axes list")
-        names = tuple(str(a["name"]) if isinstance(a, dict) else str(a) for a in axes)
-        units = tuple(a.get("unit") if isinstance(a, dict) else None for a in axes)
-        return names, units
+        if not isinstance(axes, list) or not axes:
+            raise MetadataError(
+                f"{where}: OME-Zarr multiscales 'axes' must be a list of axes, got {_short(axes)}"
+            )
+        names: list[str] = []
+        units: list[str | None] = []
+        for a in axes:
+            name = a.get("name") if isinstance(a, dict) else a
+            unit = a.get("unit") if isinstance(a, dict) else None
+            if not isinstance(name, str) or not name:
+                raise MetadataError(
+                    f"{where}: OME-Zarr axis {_short(a)} has no name; axes are strings (0.3) or "
+                    "objects with a 'name' (0.4+)"
+                )
+            names.append(name)
+            units.append(unit if isinstance(unit, str) else None)
+        if len(set(names)) != len(names):
+            raise MetadataError(f"{where}: OME-Zarr axes {names} name an axis twice")
+        return tuple(names), tuple(units)
 
 
 class _Ngff01To02(_NgffFormat):
@@ -136,12 +175,34 @@ class _Ngff05(_NgffFormat):
 _FORMATS: tuple[type[_NgffFormat], ...] = (_Ngff05, _Ngff03To04, _Ngff01To02)
 
 
-def _scale_of(transforms: Any, n_axes: int) -> tuple[float, ...] | None:
+def _short(value: Any, limit: int = 60) -> str:
+    """A value's repr cut to ``limit`` characters, for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_multiscale(ngff: dict[str, Any], where: str) -> dict[str, Any]:
+    ms = ngff.get("multiscales")
+    if not isinstance(ms, list) or not ms or not isinstance(ms[0], dict):
+        raise MetadataError(
+            f"{where}: OME-Zarr 'multiscales' must be a list of objects, got {_short(ms)}; "
+            "the image metadata is malformed"
+        )
+    first: dict[str, Any] = ms[0]
+    return first
+
+
+def _scale_of(transforms: Any, n_axes: int, where: str) -> tuple[float, ...] | None:
     if not isinstance(transforms, list):
         return None
     for t in transforms:
         if isinstance(t, dict) and t.get("type") == "scale" and isinstance(t.get("scale"), list):
-            scale = tuple(float(v) for v in t["scale"])
+            try:
+                scale = tuple(float(v) for v in t["scale"])
+            except (TypeError, ValueError) as exc:
+                raise MetadataError(
+                    f"{where}: OME-Zarr scale {_short(t['scale'])} is not a list of numbers"
+                ) from exc
             return scale if len(scale) == n_axes else None
     return None
 
@@ -162,16 +223,52 @@ def ngff_attrs_kind(attrs: dict[str, Any]) -> str:
 
 
 def open_zarr_group(path: Path) -> Any:
-    """Open a Zarr v2 or v3 group read-only, with a clear error when ``path`` is not one."""
+    """Open a Zarr v2 or v3 group read-only, with a clear error when ``path`` is not one.
+
+    Raises
+    ------
+    MetadataError
+        a metadata file at the root (``.zgroup``, ``.zattrs``, ``zarr.json``) is not a JSON
+        object, or the group's attributes cannot be read.
+    UnsupportedFormatError
+        the folder is not a Zarr group.
+    """
     import zarr
 
+    _check_metadata_json(path)
     try:
-        return zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(str(path), mode="r")
     except Exception as exc:  # zarr raises several types for "not a group"
         raise UnsupportedFormatError(
             f"{path}: directory is not a Zarr group (no .zgroup/.zattrs or zarr.json); "
             "pass an OME-Zarr image or plate folder"
         ) from exc
+    return group
+
+
+def _check_metadata_json(path: Path) -> None:
+    import json
+
+    for name in (".zgroup", ".zattrs", "zarr.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            doc = json.loads(file.read_bytes())
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise MetadataError(
+                f"{path}: {name} is not valid JSON ({exc}); the Zarr metadata is damaged"
+            ) from exc
+        if not isinstance(doc, dict):
+            raise MetadataError(
+                f"{path}: {name} must hold a JSON object, got {type(doc).__name__}; "
+                "the Zarr metadata is damaged"
+            )
+        attrs = doc.get("attributes", {}) if name == "zarr.json" else {}
+        if not isinstance(attrs, dict):
+            raise MetadataError(
+                f"{path}: zarr.json 'attributes' must be a JSON object, got {type(attrs).__name__}"
+            )
 
 
 class OmeZarrSource(ImageSource):
@@ -205,24 +302,27 @@ class OmeZarrSource(ImageSource):
                     f"{path}: Zarr group has no OME-Zarr 'multiscales' metadata; "
                     "pass the folder of an OME-Zarr image"
                 )
-            ms0 = (_Ngff05.ngff_attrs(attrs) or attrs).get("multiscales", [{}])[0]
+            _first_multiscale(_Ngff05.ngff_attrs(attrs) or attrs, str(path))
+            version = _Ngff05.version_of(attrs) or _NgffFormat.version_of(attrs)
             raise MetadataError(
-                f"{path}: OME-Zarr version {ms0.get('version')!r} is not supported "
-                "(supported: 0.1-0.5)"
+                f"{path}: OME-Zarr version {version!r} is not supported (supported: 0.1-0.5)"
             )
         ms = fmt_cls.parse(attrs, str(path))
         if "x" not in ms.axes or "y" not in ms.axes:
             raise MetadataError(f"{path}: OME-Zarr axes {ms.axes} have no 'y' and 'x'")
-        try:
-            self._arrays = [group[p] for p in ms.paths]
-        except KeyError as exc:
-            raise CorruptImageError(f"{path}: multiscales dataset {exc} is missing") from exc
+        self._arrays = [_dataset_array(group, p, ms.axes, str(path)) for p in ms.paths]
         self._axes = ms.axes
         iy, ix = ms.axes.index("y"), ms.axes.index("x")
         self._ic = ms.axes.index("c") if "c" in ms.axes else None
         shapes = [(int(a.shape[iy]), int(a.shape[ix])) for a in self._arrays]
         n_channels = 1 if self._ic is None else int(self._arrays[0].shape[self._ic])
         dtype = np.dtype(self._arrays[0].dtype)
+        levels = levels_from_shapes(shapes, where=str(path))
+        if n_channels == 0 or 0 in self._arrays[0].shape:
+            raise CorruptImageError(
+                f"{path}: OME-Zarr image has no pixels (dataset {ms.paths[0]!r} has shape "
+                f"{tuple(self._arrays[0].shape)} for axes {''.join(ms.axes)}); export it again"
+            )
         mpp = _mpp_of(ms, str(path))
         names = (
             ms.channel_labels
@@ -241,7 +341,7 @@ class OmeZarrSource(ImageSource):
             extra["dropped_axes"] = "".join(dropped)
         meta = ImageMetadata(
             format=f"ome-zarr-{ms.version}",
-            levels=levels_from_shapes(shapes),
+            levels=levels,
             dtype=dtype,
             channel_names=tuple(names),
             modality=default_modality(n_channels, dtype, tuple(names)),
@@ -276,6 +376,39 @@ class OmeZarrSource(ImageSource):
             kept.append("c")
         order = [kept.index("y"), kept.index("x"), kept.index("c")]
         return np.ascontiguousarray(np.transpose(raw, order))
+
+
+def _dataset_array(group: Any, key: str, axes: tuple[str, ...], where: str) -> Any:
+    """The array a multiscales dataset points at, checked against the axes and for pixels."""
+    import zarr
+
+    try:
+        node = group[key]
+    except KeyError:
+        node = None
+    except Exception as exc:  # damaged array metadata: zarr raises many types
+        raise MetadataError(
+            f"{where}: OME-Zarr dataset {key!r} cannot be opened ({type(exc).__name__}: {exc}); "
+            "its array metadata is damaged"
+        ) from exc
+    if not isinstance(node, zarr.Array):
+        raise MetadataError(
+            f"{where}: OME-Zarr multiscales dataset {key!r} is "
+            f"{'missing' if node is None else 'a group, not an array'}; the metadata names an "
+            "array the store does not have"
+        )
+    if node.ndim != len(axes):
+        raise MetadataError(
+            f"{where}: OME-Zarr axes {''.join(axes)!r} name {len(axes)} dimensions but dataset "
+            f"{key!r} has {node.ndim} (shape {tuple(node.shape)}); fix the multiscales axes"
+        )
+    dtype = np.dtype(node.dtype)
+    if dtype.kind not in "buif":
+        raise MetadataError(
+            f"{where}: OME-Zarr dataset {key!r} holds {dtype} values, not pixel intensities "
+            "(integer or float)"
+        )
+    return node
 
 
 def _mpp_of(ms: Multiscale, where: str) -> float | None:

@@ -7,13 +7,16 @@ the tiles it touches and no level-0 <-> level rounding happens inside tiffslide.
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from zarr.storage import WrapperStore
 
 from simsearch_wsi.errors import ConfigError, CorruptImageError, UnsupportedFormatError
 from simsearch_wsi.geometry import validate_mpp
@@ -25,6 +28,11 @@ from simsearch_wsi.io.base import (
     levels_from_shapes,
 )
 
+# tifffile logs every damaged tag of a broken header as a warning. Without a handler those
+# records reached stderr through logging's last-resort handler, around the one-line error the
+# reader raises; an application that configures logging still receives them.
+logging.getLogger("tifffile").addHandler(logging.NullHandler())
+
 _VENDOR_FORMATS = {
     "aperio": "aperio-svs",
     "hamamatsu": "hamamatsu-ndpi",
@@ -35,33 +43,78 @@ _VENDOR_FORMATS = {
 
 
 class TiffSource(ImageSource):
-    """A TIFF-family image read with tiffslide (see module docstring for formats)."""
+    """A TIFF-family image read with tiffslide (see module docstring for formats).
+
+    Files tiffslide does not lay out (series with Z, T or other extra axes, e.g. an OME-TIFF
+    with ``SizeZ > 1``) are read through tifffile's own zarr view of series 0, and the first
+    plane of every extra axis is used, as for OME-Zarr.
+    """
 
     def __init__(self, path: Path) -> None:
         import tiffslide
 
+        self._store_lock = threading.Lock()
+        self._local = threading.local()
+        self._slide: Any = None
+        self._tf: Any = None
         try:
             slide = tiffslide.TiffSlide(path)
-            props = dict(slide.properties)
+        except MemoryError:
+            raise
+        except Exception as exc:  # tifffile raises many types for a damaged header
+            raise _corrupt(path, exc) from exc
+        try:
+            try:
+                props = dict(slide.properties)
+                self._slide = slide
+                self._n_levels = int(slide.level_count)
+            except NotImplementedError:
+                # tiffslide lays out only YX, YXS and CYX series: read series 0 with tifffile.
+                props = _series_properties(slide.ts_tifffile, path)
+                self._tf = slide.ts_tifffile
+                self._n_levels = len(self._tf.series[0].levels)
             axes = str(props["tiffslide.series-axes"])
-            group = slide.zarr_group
-            arrays: list[Any] = [group[str(i)] for i in range(slide.level_count)]
-        except tiffslide.TiffFileError as exc:
-            raise CorruptImageError(
-                f"{path}: not a readable TIFF ({exc}); the file may be truncated or not a TIFF"
-            ) from exc
-        except (KeyError, ValueError, IndexError, OSError) as exc:
-            raise CorruptImageError(
-                f"{path}: TIFF structure could not be read ({type(exc).__name__}: {exc}); "
-                "the file may be truncated or corrupt"
-            ) from exc
-        self._slide = slide
+            _check_not_truncated(slide.ts_tifffile, path)
+            arrays = self._level_arrays()
+        except (CorruptImageError, UnsupportedFormatError, MemoryError):
+            slide.close()
+            raise
+        except Exception as exc:  # KeyError, ValueError, struct.error, decoder errors, ...
+            slide.close()
+            raise _corrupt(path, exc) from exc
+        self._closer = slide
         self._axes = axes
+        try:
+            meta = self._metadata(path, props, arrays)
+        except BaseException:
+            slide.close()
+            raise
+        super().__init__(path, meta)
+
+    def _metadata(self, path: Path, props: dict[str, Any], arrays: list[Any]) -> ImageMetadata:
+        """Check the level arrays and describe the image (sets the axis plan)."""
+        axes = self._axes
+        shape0 = tuple(int(v) for v in arrays[0].shape)
+        if len(shape0) != len(axes):
+            raise CorruptImageError(
+                f"{path}: TIFF series shape {shape0} does not match its axes {axes!r}; the file "
+                "may be corrupt"
+            )
+        if 0 in shape0:
+            raise CorruptImageError(
+                f"{path}: TIFF image has no pixels (series shape {shape0}, axes {axes!r}); "
+                "the file is empty or was written incompletely: export it again"
+            )
         self._plan = _AxisPlan.from_axes(axes, path)
         shapes = [self._plan.level_shape_hw(a.shape) for a in arrays]
         n_channels = self._plan.n_channels(arrays[0].shape)
         dtype = np.dtype(arrays[0].dtype)
-        tf = slide.ts_tifffile
+        if dtype.kind not in "buif":
+            raise UnsupportedFormatError(
+                f"{path}: TIFF pixel type {dtype} is not supported (integer or float samples "
+                "are); convert the image to 8- or 16-bit"
+            )
+        tf = self._closer.ts_tifffile
         fmt = _format_name(props, tf)
         mpp, mpp_source, mpp_note = _mpp_from_properties(props, path)
         names = _channel_names(tf, n_channels, dtype)
@@ -77,9 +130,9 @@ class TiffSource(ImageSource):
             extra["mpp_note"] = mpp_note
         if self._plan.dropped:
             extra["dropped_axes"] = self._plan.dropped
-        meta = ImageMetadata(
+        return ImageMetadata(
             format=fmt,
-            levels=levels_from_shapes(shapes),
+            levels=levels_from_shapes(shapes, where=str(path)),
             dtype=dtype,
             channel_names=names,
             modality=modality,
@@ -88,22 +141,101 @@ class TiffSource(ImageSource):
             bit_depth=bit_depth_of(dtype),
             extra=extra,
         )
-        super().__init__(path, meta)
+
+    def _level_arrays(self) -> list[Any]:
+        """This thread's zarr arrays of the levels, read through a :class:`_GuardedStore`.
+
+        tiffslide keeps one zarr group per thread; the TIFF fallback does the same with
+        tifffile's store. Each thread's store has its own guard (see :meth:`_read_window`).
+        """
+        arrays: list[Any] | None = getattr(self._local, "arrays", None)
+        if arrays is not None:
+            return arrays
+        import zarr
+
+        with self._store_lock:
+            if self._slide is not None:
+                base = self._slide.zarr_group.store
+            else:
+                base = self._tf.series[0].aszarr()
+        guard = _ReadGuard()
+        opened: Any = zarr.open(_GuardedStore(base, guard=guard), mode="r", zarr_format=2)
+        if isinstance(opened, zarr.Array):
+            arrays = [opened]
+        else:
+            arrays = [opened[str(i)] for i in range(self._n_levels)]
+        self._local.arrays = arrays
+        self._local.guard = guard
+        return arrays
 
     def _read_window(self, level: int, x0: int, y0: int, x1: int, y1: int) -> NDArray[Any]:
+        where = f"level {level} pixels x={x0}..{x1}, y={y0}..{y1}"
         try:
-            # zarr_group is cached per thread inside tiffslide: safe to share across threads.
-            arr: Any = self._slide.zarr_group[str(level)]
+            arr = self._level_arrays()[level]
+            guard: _ReadGuard = self._local.guard
+            guard.failure = None
             raw = np.asarray(arr[self._plan.index(y0, y1, x0, x1)])
         except Exception as exc:  # decoder errors come in many types; name the read
             raise CorruptImageError(
-                f"{self.path}: could not decode level {level} pixels x={x0}..{x1}, y={y0}..{y1} "
+                f"{self.path}: could not decode {where} ({type(exc).__name__}: {exc}); "
+                "the file may be truncated or corrupt"
+            ) from exc
+        if guard.failure is not None:
+            key, exc = guard.failure
+            guard.failure = None
+            raise CorruptImageError(
+                f"{self.path}: could not decode {where}: tile {key!r} failed "
                 f"({type(exc).__name__}: {exc}); the file may be truncated or corrupt"
             ) from exc
         return self._plan.to_hwc(raw)
 
     def close(self) -> None:
-        self._slide.close()
+        self._closer.close()
+
+
+def _corrupt(path: Path, exc: BaseException) -> CorruptImageError:
+    return CorruptImageError(
+        f"{path}: TIFF structure could not be read ({type(exc).__name__}: {exc}); "
+        "the file may be truncated or corrupt"
+    )
+
+
+class _ReadGuard:
+    """The first tile failure of the current read of one thread's store."""
+
+    def __init__(self) -> None:
+        self.failure: tuple[str, Exception] | None = None
+
+
+class _GuardedStore(WrapperStore[Any]):
+    """A read-only zarr store whose chunk reads never raise.
+
+    zarr reads the chunks of one region concurrently (``asyncio.gather``) and, when one fails,
+    leaves the others running; their exceptions were then logged as "Task exception was never
+    retrieved", dozens of tracebacks after the error. Here the first failure is recorded on the
+    guard and returned as a missing chunk, every later chunk of the read is skipped (returned
+    missing without decoding), and the reader raises one error once the read has returned.
+    """
+
+    def __init__(self, store: Any, *, guard: _ReadGuard | None = None) -> None:
+        super().__init__(store)
+        self._guard = guard if guard is not None else _ReadGuard()
+
+    def _with_store(self, store: Any) -> _GuardedStore:
+        return _GuardedStore(store, guard=self._guard)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any | None = None) -> Any | None:
+        if self._guard.failure is not None:
+            return None  # a sibling tile failed: the read is lost, skip the work
+        try:
+            return await self._store.get(key, prototype, byte_range)
+        except Exception as exc:  # decoder errors come in many types
+            if self._guard.failure is None:
+                self._guard.failure = (key, exc)
+            return None
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any | None]:
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
 
 class _AxisPlan:
@@ -153,6 +285,98 @@ class _AxisPlan:
         else:
             out = np.moveaxis(raw, [kept.index("Y"), kept.index("X")], [0, 1])
         return np.ascontiguousarray(out)
+
+
+def _check_not_truncated(tf: Any, path: Path) -> None:
+    """Refuse a file whose pixel data runs past its end (an interrupted copy or download).
+
+    Checks the first and last page of every level of every series: cheap, and a truncated file
+    loses its last-written bytes.
+    """
+    size = int(tf.filehandle.size)
+    for series in tf.series:
+        for i, level in enumerate(series.levels):
+            pages = list(level.pages)
+            for page in {id(p): p for p in (pages[:1] + pages[-1:]) if p is not None}.values():
+                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+                counts = np.asarray(page.databytecounts, dtype=np.int64)
+                if offsets.shape != counts.shape or offsets.size == 0:
+                    continue
+                used = (offsets > 0) & (counts > 0)
+                end = int((offsets[used] + counts[used]).max()) if used.any() else 0
+                if end > size:
+                    raise CorruptImageError(
+                        f"{path}: file is truncated or corrupt: the pixels of level {i} end at "
+                        f"byte {end} but the file has {size} bytes; copy or export the file again"
+                    )
+
+
+def _series_properties(tf: Any, path: Path) -> dict[str, Any]:
+    """tiffslide-like properties of series 0 for the files tiffslide does not lay out.
+
+    The pixel size comes from the OME-XML ``Pixels`` element (``PhysicalSizeX/Y`` with their
+    units, micrometres by default) or else from the TIFF resolution tags.
+    """
+    if not tf.series:
+        raise CorruptImageError(f"{path}: TIFF has no image series; the file may be corrupt")
+    series = tf.series[0]
+    props: dict[str, Any] = {"tiffslide.series-axes": str(series.axes), "tiffslide.vendor": None}
+    mpp = _ome_mpp(tf) or _resolution_mpp(series)
+    if mpp is not None:
+        props["tiffslide.mpp-x"], props["tiffslide.mpp-y"] = mpp
+    return props
+
+
+_OME_UNIT_UM = {
+    "nm": 1e-3,
+    "\u00b5m": 1.0,
+    "\u03bcm": 1.0,
+    "um": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+}
+
+
+def _ome_mpp(tf: Any) -> tuple[float, float] | None:
+    if not getattr(tf, "is_ome", False) or not tf.ome_metadata:
+        return None
+    try:
+        pixels = ET.fromstring(tf.ome_metadata).find("{*}Image/{*}Pixels")
+    except ET.ParseError:
+        return None
+    if pixels is None:
+        return None
+    sizes = []
+    for axis in ("X", "Y"):
+        value = pixels.get(f"PhysicalSize{axis}")
+        scale = _OME_UNIT_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "\u00b5m"))
+        try:
+            size = float(value) * scale if value is not None and scale is not None else None
+        except ValueError:
+            size = None
+        if size is None or not size > 0:
+            return None
+        sizes.append(size)
+    return sizes[0], sizes[1]
+
+
+def _resolution_mpp(series: Any) -> tuple[float, float] | None:
+    import tifffile
+
+    page = series.pages[0] if len(series.pages) else None
+    tags = getattr(page, "tags", None)
+    if tags is None or not all(k in tags for k in ("ResolutionUnit", "XResolution", "YResolution")):
+        return None
+    scale = {tifffile.RESUNIT.INCH: 25400.0, tifffile.RESUNIT.CENTIMETER: 10000.0}.get(
+        tags["ResolutionUnit"].value
+    )
+    try:
+        num_x, den_x = tags["XResolution"].value
+        num_y, den_y = tags["YResolution"].value
+        return (scale * den_x / num_x, scale * den_y / num_y) if scale else None
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def _format_name(props: dict[str, Any], tf: Any) -> str:
