@@ -19,6 +19,7 @@ from typing import Any
 
 from simsearch_wsi import __version__
 from simsearch_wsi.errors import ConfigError, SimSearchError
+from simsearch_wsi.pathguard import Named, check_outputs_not_inputs, naming_output
 from simsearch_wsi.qupath_geojson import REJECTED_CLASS
 
 EXIT_OK = 0
@@ -187,10 +188,45 @@ def _patch_size_l0(args: argparse.Namespace, image: Any) -> float:
     return float(args.patch_size_px)
 
 
+# --- inputs are sacred (simsearch_wsi.pathguard) -------------------------------------------------
+_WEIGHTS_NAMES = ("auto", "imagenet", "embedded", "random")
+
+
+def _engine_paths(args: argparse.Namespace) -> tuple[list[Named], list[Named]]:
+    """(inputs, folders written into) of the engine options: a ``--weights`` file is read, the
+    ``--cache`` folder is written into."""
+    weights = getattr(args, "weights", None)
+    inputs: list[Named] = [("weights", weights)] if weights not in (None, *_WEIGHTS_NAMES) else []
+    cache = getattr(args, "cache", None)
+    return inputs, [("--cache", cache)] if cache else []
+
+
+def _guard(
+    args: argparse.Namespace,
+    *,
+    outputs: Sequence[Named] = (),
+    inputs: Sequence[Named] = (),
+    into: Sequence[Named] = (),
+    updated: Sequence[Named] = (),
+) -> None:
+    """Refuse, before any work, an output that would replace or land inside an input."""
+    engine_inputs, engine_into = _engine_paths(args)
+    check_outputs_not_inputs(
+        outputs, [*inputs, *engine_inputs], into=[*into, *engine_into], updated=updated
+    )
+
+
+def _session_file(folder: str | None) -> list[Named]:
+    from simsearch_wsi.session import SESSION_FILE
+
+    return [("session file", Path(folder) / SESSION_FILE)] if folder else []
+
+
 # --- embed --------------------------------------------------------------------------------------
 def _cmd_embed(args: argparse.Namespace) -> int:
     from simsearch_wsi.io import open_image
 
+    _guard(args, inputs=[("image", p) for p in args.images])
     search = _build_search(args)
     console = _console()
     with _progress() as progress:
@@ -223,13 +259,24 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
         )
     if args.out is None and args.qpproj is None:
         raise ConfigError("suggest needs --out OUT.geojson (or --qpproj PROJECT to write into)")
+    _guard(
+        args,
+        outputs=[("--out", args.out)],
+        inputs=[("image", args.image), ("annotations", args.annotations)],
+        updated=_session_file(args.session),
+    )
     skipped: list[str] = []
     annotations = read_annotations(args.annotations, skipped=skipped) if args.annotations else None
     if args.qpproj is not None and annotations is None:
         annotations = list(_project_objects(args.qpproj, args.image))
-    session = Session.create(args.session, exist_ok=True) if args.session else None
+    with naming_output("--session", args.session):
+        session = Session.create(args.session, exist_ok=True) if args.session else None
     search = _build_search(args)
-    with open_image(args.image, mpp=args.mpp) as img, _progress() as progress:
+    with (
+        open_image(args.image, mpp=args.mpp) as img,
+        _progress() as progress,
+        naming_output("--session", args.session),
+    ):
         result = suggest_with_session(
             search,
             img,
@@ -241,7 +288,8 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             progress=progress,
         )
     if args.out is not None:
-        write_feature_collection(args.out, result.geojson_features())
+        with naming_output("--out", args.out):
+            write_feature_collection(args.out, result.geojson_features())
     if args.qpproj is not None:
         from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS
         from simsearch_wsi.qupath_project import write_objects
@@ -296,12 +344,17 @@ def _cmd_review(args: argparse.Namespace) -> int:
     from simsearch_wsi.qupath_geojson import read_annotations
     from simsearch_wsi.session import Session
 
-    session = Session.open(args.session)
-    skipped: list[str] = []
     if (args.annotations is None) == (args.qpproj is None):
         raise ConfigError(
             "review needs exactly one of --annotations REVIEWED.geojson or --qpproj PROJECT"
         )
+    _guard(
+        args,
+        inputs=[("image", args.image), ("annotations", args.annotations)],
+        updated=_session_file(args.session),
+    )
+    session = Session.open(args.session)
+    skipped: list[str] = []
     annotations = (
         read_annotations(args.annotations, skipped=skipped)
         if args.annotations is not None
@@ -309,9 +362,13 @@ def _cmd_review(args: argparse.Namespace) -> int:
     )
     with open_image(args.image) as img:  # checks the image exists and is readable
         report = session.ingest_review(
-            img.path, annotations, source=str(args.annotations or args.qpproj)
+            img.path,
+            annotations,
+            source=str(args.annotations or args.qpproj),
+            image_size_l0=img.dimensions,
         )
-    session.save()
+    with naming_output("--session", args.session):
+        session.save()
     _report_skipped(skipped)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -337,11 +394,22 @@ def _cmd_background(args: argparse.Namespace) -> int:
     from simsearch_wsi.qupath_geojson import write_feature_collection
     from simsearch_wsi.session import Session, background_with_session
 
+    _guard(
+        args,
+        outputs=[("--out", args.out)],
+        inputs=[("image", args.image)],
+        updated=_session_file(args.session),
+    )
     session = Session.open(args.session)
     search = _build_search(args)
-    with open_image(args.image, mpp=args.mpp) as img, _progress() as progress:
+    with (
+        open_image(args.image, mpp=args.mpp) as img,
+        _progress() as progress,
+        naming_output("--session", args.session),
+    ):
         result = background_with_session(search, img, session=session, n=args.n, progress=progress)
-    write_feature_collection(args.out, result.geojson_features())
+    with naming_output("--out", args.out):
+        write_feature_collection(args.out, result.geojson_features())
     _console().print(f"{args.out}: {len(result.background)} background candidates", markup=False)
     return EXIT_OK
 
@@ -388,6 +456,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else session.root / "model.zip"
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; give a file name such as model.zip")
+    _guard(
+        args,
+        outputs=[("--out", out)],
+        inputs=[
+            *_session_file(args.session),
+            *[("session image", p) for p in session.images()],
+            *[("noisy image", p) for p in args.noisy_images or ()],
+        ],
+    )
     search = _build_search(args)
     with _progress() as progress:
         result = train_session(
@@ -400,7 +477,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=progress,
         )
-    save_bundle(out, result.bundle)
+    with naming_output("--out", out):
+        save_bundle(out, result.bundle)
     summary = {"model": str(out), **result.bundle.describe()}
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -436,6 +514,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     if Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out}: is a folder; give a file name such as trunk.pth")
+    _guard(args, outputs=[("--out", args.out)], inputs=[("image", p) for p in args.images])
     paths = [str(Path(p).resolve()) for p in args.images]
     opened: list[Any] = []
     try:
@@ -486,25 +565,26 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=progress,
         )
-    out = save_pretrained(
-        args.out,
-        result,
-        backbone=ext.spec.name,
-        base_weights=ext.weights,
-        extra={
-            "images": paths,
-            "patch_size_l0": patch_l0,
-            "channels": channels,
-            "seed": args.seed,
-            "config": {
-                "objective": config.objective,
-                "mask_ratio": config.mask_ratio,
-                "patches_per_image": config.patches_per_image,
-                "stage": dataclasses.asdict(config.stage),
+    with naming_output("--out", args.out):
+        out = save_pretrained(
+            args.out,
+            result,
+            backbone=ext.spec.name,
+            base_weights=ext.weights,
+            extra={
+                "images": paths,
+                "patch_size_l0": patch_l0,
+                "channels": channels,
+                "seed": args.seed,
+                "config": {
+                    "objective": config.objective,
+                    "mask_ratio": config.mask_ratio,
+                    "patches_per_image": config.patches_per_image,
+                    "stage": dataclasses.asdict(config.stage),
+                },
+                "package_version": __version__,
             },
-            "package_version": __version__,
-        },
-    )
+        )
     st = result.metrics["stage"]
     _console().print(
         f"{out}: trunk weights after {st['epochs']} epochs on {result.metrics['patches']} "
@@ -527,15 +607,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         check_thresholds,
         expand_inputs,
         predict_images,
+        refuse_overwriting_inputs,
     )
 
     bundle = load_bundle(args.model)
     thresholds = _parse_thresholds(args.threshold or [])
     check_thresholds(thresholds, bundle.classes)
     out = Path(args.out)
+    targets = expand_inputs(list(args.images))
+    refuse_overwriting_inputs(targets, out, inputs=[("model", args.model)])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")
-    targets = expand_inputs(list(args.images))
     if args.qpproj is not None:
         from simsearch_wsi.qupath_project import read_project
 
@@ -550,7 +632,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         write_zarr=not args.no_zarr,
         write_back=args.write_back,
     )
-    with _progress() as progress:
+    with _progress() as progress, naming_output("--out", out):
         results = predict_images(
             targets,
             model,
@@ -634,8 +716,14 @@ def _start_cluster(args: argparse.Namespace, gpus: Sequence[int]) -> tuple[Any, 
 
 def _cmd_cohort(args: argparse.Namespace) -> int:
     from simsearch_wsi.bundle import load_bundle
-    from simsearch_wsi.cohort import CohortEntry, cohort_targets, read_manifest, run_cohort
-    from simsearch_wsi.predict import PredictSettings, check_thresholds
+    from simsearch_wsi.cohort import (
+        COHORT_OUTPUTS,
+        CohortEntry,
+        cohort_targets,
+        read_manifest,
+        run_cohort,
+    )
+    from simsearch_wsi.predict import PredictSettings, check_thresholds, refuse_overwriting_inputs
 
     if (args.manifest is None) == (not args.images):
         raise ConfigError("cohort needs either --manifest FILE.csv or IMAGE paths (not both)")
@@ -646,15 +734,21 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     thresholds = _parse_thresholds(args.threshold or [])
     check_thresholds(thresholds, bundle.classes)
     out = Path(args.out)
+    targets = cohort_targets(entries)
+    refuse_overwriting_inputs(
+        targets,
+        out,
+        inputs=[("model", args.model), ("manifest", args.manifest)],
+        outputs=COHORT_OUTPUTS,
+    )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")
-    targets = cohort_targets(entries)
     device, gpus = _cohort_device(args.device, local=not args.scheduler)
     settings = PredictSettings(thresholds=thresholds, write_back=args.write_back)
     client, cluster = _start_cluster(args, gpus)
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
     try:
-        with _CohortBar() as progress:
+        with _CohortBar() as progress, naming_output("--out", out):
             result = run_cohort(
                 targets,
                 bundle,
@@ -767,6 +861,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         preset=args.preset,
         background=args.background,
     )
+    report_files = ("runs.csv", "summary.csv", "summary.md", "pr_auc.png", "evaluation.json")
+    outputs: list[Named] = [("--out", out / name) for name in report_files]
+    _guard(args, outputs=outputs, inputs=[("benchmark", args.benchmark)], into=[("--out", out)])
     if args.benchmark:
         classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
         benchmark = read_benchmark_csv(
@@ -777,6 +874,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     else:
         benchmark = synthetic_benchmark(out / "data", seed=args.seed)
+    if args.benchmark:  # every image and truth file the manifest names
+        read: list[Named] = [("benchmark image", p) for p in benchmark.unlabelled]
+        for t in (*benchmark.review, *benchmark.test):
+            read += [("benchmark image", t.path), ("truth", t.truth.source)]
+        _guard(args, outputs=outputs, inputs=read, into=[("--out", out)])
     if args.cache is None:  # an evaluation keeps its features with its results
         args.cache = str(out / "feature_cache")
     search = _build_search(args)
@@ -787,7 +889,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     results = []
-    with _progress() as progress:
+    with _progress() as progress, naming_output("--out", out):
         for result in run_ablation(
             benchmark,
             config,
@@ -800,7 +902,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             progress=progress,
         ):
             results.append(result)
-    files = write_report(results, benchmark.classes, out)
+    with naming_output("--out", out):
+        files = write_report(results, benchmark.classes, out)
     record = {
         "benchmark": benchmark.to_dict(),
         "config": config.to_dict(),
@@ -811,7 +914,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "files": {k: str(v) for k, v in files.items()},
     }
-    files["record"] = write_json_atomic(out / "evaluation.json", record)
+    with naming_output("--out", out):
+        files["record"] = write_json_atomic(out / "evaluation.json", record)
     if args.json:
         print(json.dumps(record, indent=2))
         return EXIT_OK
@@ -832,11 +936,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from simsearch_wsi.demo import EXAMPLES_DIR, run_demo
 
     console = _console()
+    examples = Path(args.examples) if args.examples else EXAMPLES_DIR
+    _guard(args, inputs=[("examples folder", examples)], into=[("--out", args.out)])
     if args.cache is None:  # keep the demo self-contained
         args.cache = str(Path(args.out) / "feature_cache")
     search = _build_search(args)
-    examples = Path(args.examples) if args.examples else EXAMPLES_DIR
-    with _progress() as progress:
+    with _progress() as progress, naming_output("--out", args.out):
         result = run_demo(
             Path(args.out),
             seed=args.seed,

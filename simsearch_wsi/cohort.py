@@ -102,6 +102,10 @@ class CohortResult:
         return _summary(self.images)
 
 
+#: Files a cohort run writes into its folder besides each image's (``plate_<name>.png`` too).
+COHORT_OUTPUTS = ("run_metadata.json", "fractions.png", "wells.csv", "dose_response.png")
+
+
 def _summary(images: Sequence[CohortImage]) -> dict[str, int]:
     counts = {s: sum(i.status == s for i in images) for s in ("done", "reused", "failed")}
     return {"total": len(images), **counts}
@@ -330,7 +334,12 @@ def run_cohort(
     from simsearch_wsi.quantify import write_table
 
     settings = settings or PredictSettings()
-    refuse_overwriting_inputs(targets, out_dir)
+    refuse_overwriting_inputs(
+        targets,
+        out_dir,
+        inputs=[("model", bundle.source)] if bundle.source is not None else [],
+        outputs=COHORT_OUTPUTS,
+    )
     _check_columns(targets, group_by=group_by, dose_column=dose_column)
     if resources:
         check_resources(client, resources)

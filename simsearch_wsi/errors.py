@@ -38,3 +38,11 @@ class PlateError(SimSearchError, ValueError):
 
 class ConfigError(SimSearchError, ValueError):
     """A user-supplied parameter is invalid (bad channel name, non-positive size, ...)."""
+
+
+class OutputOverwritesInputError(ConfigError):
+    """An output path resolves to one of the command's inputs (or into/over an input folder)."""
+
+
+class OutputNotWritableError(SimSearchError, OSError):
+    """An output path cannot be written (no permission, read-only, parent is a file, ...)."""

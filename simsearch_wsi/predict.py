@@ -44,6 +44,7 @@ from simsearch_wsi.infer import (
     segment,
 )
 from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.pathguard import Named, check_outputs_not_inputs
 from simsearch_wsi.qupath_geojson import box_features, set_stable_ids, write_feature_collection
 from simsearch_wsi.tiling import display_rgb8, read_overview
 from simsearch_wsi.tissue import TissueMask
@@ -478,26 +479,29 @@ def _reusable(
     return result
 
 
-def refuse_overwriting_inputs(targets: Sequence[PredictTarget], out_dir: Path) -> None:
+def refuse_overwriting_inputs(
+    targets: Sequence[PredictTarget],
+    out_dir: Path,
+    *,
+    inputs: Sequence[Named] = (),
+    outputs: Sequence[str] = (),
+) -> None:
     """Outputs must never replace or land inside an input (e.g. ``x.ome.zarr`` predicted into
-    its own folder would be replaced by the output store of the same name)."""
-    out = out_dir.resolve()
-    inputs = {Path(t.path).resolve() for t in targets}
-    for t in targets:
-        src = Path(t.plate or t.path).resolve()
-        if src.is_dir() and (out == src or src in out.parents):
-            raise ConfigError(
-                f"--out {out_dir} is inside the input {t.path}; choose an output folder outside it"
-            )
-        for suffix in OUTPUT_SUFFIXES:
-            dest = out / f"{t.stem}{suffix}"
-            if dest in inputs:
-                raise ConfigError(
-                    f"{dest}: the output for {t.path} would replace an input; choose another "
-                    "--out folder"
-                )
-    if out / "quantification.csv" in inputs:
-        raise ConfigError(f"{out / 'quantification.csv'} is an input; choose another --out folder")
+    its own folder would be replaced by the output store of the same name), whatever the path
+    spelling (:func:`~simsearch_wsi.pathguard.check_outputs_not_inputs`).
+
+    ``inputs`` are ``(role, path)`` read besides the images (the model, a manifest);
+    ``outputs`` names of further files the run writes into ``out_dir`` (besides each image's
+    outputs and ``quantification.csv``). Writing labels into an OME-Zarr input (``write_back``)
+    is not an output in this sense. Raises
+    :class:`~simsearch_wsi.errors.OutputOverwritesInputError` (a ``ConfigError``).
+    """
+    written = [
+        ("output", out_dir / f"{t.stem}{suffix}") for t in targets for suffix in OUTPUT_SUFFIXES
+    ]
+    written += [("output", out_dir / name) for name in ("quantification.csv", *outputs)]
+    read: list[Named] = [("plate", t.plate) if t.plate else ("image", t.path) for t in targets]
+    check_outputs_not_inputs(written, [*dict.fromkeys(read), *inputs], into=[("--out", out_dir)])
 
 
 def table_rows(
@@ -583,7 +587,10 @@ def predict_images(
     from simsearch_wsi.quantify import write_table
 
     settings = settings or PredictSettings()
-    refuse_overwriting_inputs(targets, out_dir)
+    source = model.bundle.source
+    refuse_overwriting_inputs(
+        targets, out_dir, inputs=[("model", source)] if source is not None else []
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[PredictResult] = []
     for n, target in enumerate(targets):

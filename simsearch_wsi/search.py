@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from simsearch_wsi.features import (
 from simsearch_wsi.geometry import BoxL0
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.preprocess import ChannelNormalization, fit_normalization
-from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS, Annotation, box_feature
+from simsearch_wsi.qupath_geojson import Annotation, box_feature
 from simsearch_wsi.similarity import (
     PatchGeometry,
     PooledMap,
@@ -44,6 +44,11 @@ from simsearch_wsi.similarity import (
     pooled_map,
     similarity_maps,
 )
+from simsearch_wsi.validation import check_box, check_class_name
+from simsearch_wsi.validation import prototypes_from_annotations as validated_prototypes
+
+#: Opens an image by path (the server passes one that refuses paths outside its folders).
+ImageOpener = Callable[[str], ImageSource]
 
 # Cosine similarity between standardised pooled vectors; a starting point the user moves.
 DEFAULT_THRESHOLD = 0.5
@@ -144,32 +149,11 @@ def prototypes_from_annotations(
 ) -> list[Prototype]:
     """Classified rectangle annotations are prototypes. Everything else is ignored.
 
-    Raises :class:`ConfigError` when there is none, or a prototype is empty or outside the image.
+    The checks are :func:`simsearch_wsi.validation.prototype_from_annotation`'s (the ones
+    ``review`` applies too). Raises :class:`ConfigError` when there is none, or a prototype has
+    a reserved class, is empty, non-finite or outside the image.
     """
-    w0, h0 = image.dimensions
-    protos = []
-    for n, a in enumerate(annotations):
-        if a.object_type != "annotation" or not a.is_rectangle or not a.class_name:
-            continue
-        if a.box.width_l0 < 1 or a.box.height_l0 < 1:
-            raise ConfigError(
-                f"{where}: prototype {n} ({a.class_name}) has zero area; draw a rectangle "
-                "around an example"
-            )
-        inside = BoxL0(0, 0, w0, h0)
-        if not (
-            a.box.intersects(inside)
-            and a.box.x_l0 >= -0.5
-            and a.box.y_l0 >= -0.5
-            and a.box.x1_l0 <= w0 + 0.5
-            and a.box.y1_l0 <= h0 + 0.5
-        ):
-            raise ConfigError(
-                f"{where}: prototype {n} ({a.class_name}) at ({a.box.x_l0:.0f}, "
-                f"{a.box.y_l0:.0f}) size {a.box.width_l0:.0f}x{a.box.height_l0:.0f} is not inside "
-                f"the image ({w0}x{h0}); were the annotations drawn on another image?"
-            )
-        protos.append(Prototype(a.class_name, a.box))
+    protos = validated_prototypes(annotations, where=where, image_size_l0=image.dimensions)
     if not protos:
         raise ConfigError(
             f"{where}: no prototypes found; draw classified rectangle annotations around examples "
@@ -264,6 +248,7 @@ class SimSearch:
         avoid: Sequence[BoxL0] = (),
         patch_size_l0: tuple[float, float] | None = None,
         normalization: ChannelNormalization | None = None,
+        open_image: ImageOpener | None = None,
         progress: ProgressFn | None = None,
     ) -> SuggestResult:
         """Suggestions per class (and optionally background candidates) on ``image``.
@@ -273,15 +258,13 @@ class SimSearch:
         from images the user has not reviewed). ``thresholds`` maps class -> minimum similarity
         (default :data:`DEFAULT_THRESHOLD`); ``patch_size_l0`` (width, height) is the
         experiment's patch size (default: the first prototype's box). ``avoid`` boxes (labelled
-        patches) are kept out of the background candidates."""
+        patches) are kept out of the background candidates. ``open_image`` opens the images of
+        prototypes drawn elsewhere (default :func:`simsearch_wsi.io.open_image`)."""
         if not prototypes:
             raise ConfigError("no prototypes given: draw at least one classified rectangle")
         classes = tuple(dict.fromkeys(p.class_name for p in prototypes))
-        if BACKGROUND_CLASS in classes:
-            raise ConfigError(
-                f"class name {BACKGROUND_CLASS!r} is reserved for background candidates; "
-                "rename that class"
-            )
+        for name in classes:
+            check_class_name(name, label="prototypes")
         thresholds = dict(thresholds or {})
         unknown = set(thresholds) - set(classes)
         if unknown:
@@ -301,6 +284,7 @@ class SimSearch:
             patch_size_l0=(width_l0, height_l0),
             with_mean=bool(n_background),
             normalization=normalization,
+            open_image=open_image,
             progress=progress,
         )
         spec, fmap, geometry, maps, here = sim.spec, sim.fmap, sim.geometry, sim.maps, sim.here
@@ -362,6 +346,7 @@ class SimSearch:
         patch_size_l0: tuple[float, float],
         with_mean: bool = False,
         normalization: ChannelNormalization | None = None,
+        open_image: ImageOpener | None = None,
         progress: ProgressFn | None = None,
     ) -> SimilarityMaps:
         """Per-class similarity maps of ``image`` (embedding it if not cached): ``maps`` is
@@ -375,6 +360,12 @@ class SimSearch:
         seconds_embed = time.perf_counter() - t0
         geometry = PatchGeometry.from_l0(width_l0, height_l0, spec.scale, self.extractor.stride)
         here = [p for p in prototypes if _same_image(p.image, image)]
+        for p in here:
+            check_box(
+                p.box,
+                label=f"prototype ({p.class_name}) on {image.path}",
+                image_size_l0=image.dimensions,
+            )
         parts = []
         if here:
             normalizer = FeatureNormalizer.of(fmap, self.settings.feature_norm)
@@ -384,7 +375,7 @@ class SimSearch:
                 )
             )
         parts += self._foreign_prototype_vectors(
-            image, prototypes, classes, patch_l0, geometry, progress
+            image, prototypes, classes, patch_l0, geometry, open_image, progress
         )
         vectors = PrototypeVectors(
             torch.cat([p.vectors for p in parts]),
@@ -404,18 +395,26 @@ class SimSearch:
         classes: tuple[str, ...],
         patch_l0: float,
         geometry: PatchGeometry,
+        open_image: ImageOpener | None,
         progress: ProgressFn | None,
     ) -> list[PrototypeVectors]:
         """Vectors of prototypes drawn on other images, each embedded on its own image."""
-        from simsearch_wsi.io import open_image
+        from simsearch_wsi.io import open_image as open_any
 
+        opener: ImageOpener = open_image or open_any
         by_image: dict[str, list[Prototype]] = {}
         for p in prototypes:
             if not _same_image(p.image, image):
                 by_image.setdefault(str(p.image), []).append(p)
         parts = []
         for path, protos in by_image.items():
-            with open_image(path) as src:
+            with opener(path) as src:
+                for p in protos:
+                    check_box(
+                        p.box,
+                        label=f"prototype ({p.class_name}) on {path}",
+                        image_size_l0=src.dimensions,
+                    )
                 spec, fmap = self.embed(src, patch_l0, progress=progress)
                 normalizer = FeatureNormalizer.of(fmap, self.settings.feature_norm)
                 parts.append(

@@ -30,7 +30,11 @@ Protocol (version :data:`PROTOCOL_VERSION`, everything under ``/api/v1``; OpenAP
 Rules every route follows:
 
 * an image is a local path or a ``file:`` URI (percent-encoded, as QuPath writes them); it and
-  every other path must resolve (symlinks followed) inside one of the allowed roots (403);
+  every other path must resolve (symlinks followed) inside one of the allowed roots (403),
+  including the paths the server reads from files: the images a session file names are checked
+  before anything is opened, and images are opened only through the same rule (``_Paths``);
+* no output may replace or land inside an input (the session file, the model, an OME-Zarr
+  image), whatever the spelling (400, :mod:`simsearch_wsi.pathguard`);
 * with a token, every route but ``/health`` needs ``Authorization: Bearer <token>`` (401);
   without one, the ``Host`` header must name a loopback address (403; this stops DNS rebinding
   from web pages);
@@ -81,16 +85,23 @@ from simsearch_wsi.infer import PatchModel
 from simsearch_wsi.io import open_image
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.io.uri import local_path
+from simsearch_wsi.pathguard import check_outputs_not_inputs
 from simsearch_wsi.predict import (
     PredictResult,
     PredictSettings,
     check_thresholds,
     expand_inputs,
     predict_images,
+    refuse_overwriting_inputs,
 )
 from simsearch_wsi.qupath_geojson import feature_collection, read_features
 from simsearch_wsi.search import SimSearch
-from simsearch_wsi.session import Session, background_with_session, suggest_with_session
+from simsearch_wsi.session import (
+    SESSION_FILE,
+    Session,
+    background_with_session,
+    suggest_with_session,
+)
 from simsearch_wsi.session_data import train_session
 from simsearch_wsi.train import DEFAULT_STRATEGY, PRESETS, STRATEGIES, TrainConfig, TrainResult
 
@@ -295,7 +306,9 @@ class _Paths:
             resolved.append(r)
         self.roots = tuple(dict.fromkeys(resolved))
 
-    def resolve(self, text: str, *, what: str) -> Path:
+    def resolve(self, text: str, *, what: str, named_by: Path | None = None) -> Path:
+        """``text`` (a path or ``file:`` URI) resolved, when it lies inside an allowed root;
+        else a 403 error naming it (and ``named_by``, the file that named it)."""
         raw = local_path(text, what=what)
         if "\x00" in raw:
             raise ConfigError(f"{what} {text!r}: the path contains a NUL character")
@@ -310,6 +323,8 @@ class _Paths:
             raise ConfigError(f"{what} {text!r}: cannot resolve the path ({exc})") from exc
         if not any(resolved.is_relative_to(root) for root in self.roots):
             shown = "" if str(resolved) == raw else f" (resolves to {resolved})"
+            if named_by is not None:
+                shown += f" (named by {named_by})"
             raise _ApiError(
                 403,
                 "forbidden_path",
@@ -318,6 +333,25 @@ class _Paths:
                 "folder that holds it",
             )
         return resolved
+
+    def opener(self, *, what: str = "image") -> Callable[[str], ImageSource]:
+        """``open_image`` for paths the server did not get from the client directly (plate
+        fields, images named by session files): each passes :meth:`resolve` first (403)."""
+
+        def open_allowed(text: str) -> ImageSource:
+            return open_image(self.resolve(text, what=what))
+
+        return open_allowed
+
+    def session_images(self, session: Session, *, prototypes_only: bool = False) -> list[Path]:
+        """The images ``session`` names (its prototypes' only, with ``prototypes_only``),
+        resolved inside the allowed roots: a session file inside an allowed folder that names
+        an image outside them is refused (403) before anything is opened."""
+        file = session.root / SESSION_FILE
+        images = (
+            sorted({p.image for p in session.prototypes}) if prototypes_only else session.images()
+        )
+        return [self.resolve(p, what="session image", named_by=file) for p in images]
 
 
 # --- jobs ----------------------------------------------------------------------------------------
@@ -921,8 +955,11 @@ def create_app(
             if body.annotations is not None
             else None
         )
+        check_outputs_not_inputs([], [("image", image)], updated=_session_doc(folder))
         with locks.session(folder):
             session = Session.create(folder, exist_ok=True) if folder is not None else None
+            if session is not None:
+                paths.session_images(session, prototypes_only=True)  # 403 before any work
             with open_image(image) as img:
                 result = suggest_with_session(
                     search,
@@ -933,6 +970,7 @@ def create_app(
                     thresholds=dict(body.thresholds),
                     n_background=body.background,
                     engine_lock=locks.engine,
+                    open_image=paths.opener(what="prototype image"),
                 )
         summary = result.summary()
         summary["session"] = str(folder) if folder is not None else None
@@ -944,11 +982,16 @@ def create_app(
         image = paths.resolve(body.image, what="image")
         folder = paths.resolve(body.session, what="session")
         annotations = read_features(body.annotations, where="annotations")
+        check_outputs_not_inputs([], [("image", image)], updated=_session_doc(folder))
         with locks.session(folder):
             session = Session.open(folder)
             with open_image(image) as img:  # checks the image exists and is readable
                 report = session.ingest_review(
-                    img.path, annotations, source=f"HTTP POST {API_PREFIX}/review"
+                    img.path,
+                    annotations,
+                    source=f"HTTP POST {API_PREFIX}/review",
+                    image_size_l0=img.dimensions,
+                    where="annotations",
                 )
             session.save()
         return report.to_dict()
@@ -964,11 +1007,18 @@ def create_app(
         of the session's prototypes, as detections of class ``background``."""
         image = paths.resolve(body.image, what="image")
         folder = paths.resolve(body.session, what="session")
+        check_outputs_not_inputs([], [("image", image)], updated=_session_doc(folder))
         with locks.session(folder):
             session = Session.open(folder)
+            paths.session_images(session, prototypes_only=True)  # 403 before any work
             with open_image(image) as img:
                 result = background_with_session(
-                    search, img, session=session, n=body.n, engine_lock=locks.engine
+                    search,
+                    img,
+                    session=session,
+                    n=body.n,
+                    engine_lock=locks.engine,
+                    open_image=paths.opener(what="prototype image"),
                 )
         summary = result.summary()
         summary["session"] = str(folder)
@@ -1066,7 +1116,15 @@ def create_app(
                 f"{folder}: the session has no prototypes yet, nothing to train on; suggest with "
                 "classified rectangles and review the suggestions first"
             )
-        images = [paths.resolve(p, what="session image") for p in _session_images(session)]
+        images = paths.session_images(session)
+        check_outputs_not_inputs(
+            [("out", out)],
+            [
+                *_session_doc(folder),
+                *[("session image", p) for p in images],
+                *[("noisy image", p) for p in noisy],
+            ],
+        )
         for p in [*images, *noisy]:  # answer a moved slide now rather than in a failed job
             if not p.exists():
                 raise _ApiError(
@@ -1076,8 +1134,7 @@ def create_app(
         config = TrainConfig.preset_config(body.preset, strategy=body.strategy)
         seed = body.seed
 
-        def open_allowed(text: str) -> ImageSource:
-            return open_image(paths.resolve(text, what="image"))
+        open_allowed = paths.opener()
 
         def run(ctx: JobContext) -> dict[str, Any]:
             ctx.progress("reading the session", 0, 1)
@@ -1140,6 +1197,7 @@ def create_app(
         # a missing image (404), a clash of output names, a missing or broken bundle and
         # unknown classes are answered now rather than in a failed job
         targets = expand_inputs([str(p) for p in images])
+        refuse_overwriting_inputs(targets, out, inputs=[("model", model_path)])
         if out.exists() and not out.is_dir():
             raise ConfigError(f"out {out}: exists and is not a folder; give an output folder")
         bundle = load_bundle(model_path)
@@ -1154,8 +1212,7 @@ def create_app(
         )
         device, autocast = search.extractor.device, search.extractor.autocast
 
-        def open_allowed(text: str) -> ImageSource:  # plate fields lie inside their plate
-            return open_image(paths.resolve(text, what="image"))
+        open_allowed = paths.opener()  # plate fields lie inside their plate
 
         def run(ctx: JobContext) -> dict[str, Any]:
             ctx.progress("loading the model", 0, 1)
@@ -1235,12 +1292,9 @@ def _job_created(job: Job) -> JSONResponse:
     )
 
 
-def _session_images(session: Session) -> list[str]:
-    """Every image a session names: prototypes, suggestions, decisions."""
-    images = {p.image for p in session.prototypes}
-    images |= {r.image for r in session.suggestions.values()}
-    images |= {r.image for _, r in session.decisions.values()}
-    return sorted(images)
+def _session_doc(folder: Path | None) -> list[tuple[str, Path | None]]:
+    """The session file a route rewrites, for :func:`check_outputs_not_inputs`."""
+    return [("session file", folder / SESSION_FILE)] if folder is not None else []
 
 
 def _train_summary(

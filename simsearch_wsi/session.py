@@ -50,11 +50,17 @@ from simsearch_wsi.qupath_geojson import (
 )
 from simsearch_wsi.search import (
     DEFAULT_THRESHOLD,
+    ImageOpener,
     SimSearch,
     SuggestResult,
     prototypes_from_annotations,
 )
 from simsearch_wsi.similarity import Prototype
+from simsearch_wsi.validation import (
+    check_box,
+    check_session_document,
+    prototype_from_annotation,
+)
 
 SESSION_FILE = "session.json"
 SESSION_VERSION = 1
@@ -165,14 +171,10 @@ class Session:
             )
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MetadataError(f"{file}: session file is corrupt ({exc})") from exc
-        version = data.get("version")
-        if version != SESSION_VERSION:
-            raise MetadataError(
-                f"{file}: session version {version!r} is not supported by this simsearch_wsi "
-                f"(reads version {SESSION_VERSION}); upgrade simsearch_wsi"
-            )
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise MetadataError(f"{file}: session file is corrupt ({reason})") from None
+        data = check_session_document(data, file, version=SESSION_VERSION)
         try:
             return cls(path, data)
         except (KeyError, TypeError, ValueError) as exc:
@@ -236,9 +238,29 @@ class Session:
             new += 1
         return new
 
+    def check_prototypes_on(self, image: ImageSource) -> None:
+        """Refuse (:class:`ConfigError` naming the session file) a saved prototype drawn on
+        ``image`` that does not lie inside it, e.g. one saved by an older version."""
+        key = _image_key(image.path)
+        for p in self.prototypes:
+            if p.image == key:
+                check_box(
+                    p.box_l0,
+                    label=f"{self.root / SESSION_FILE}: prototype {p.id} ({p.class_name})",
+                    image_size_l0=image.dimensions,
+                    advice="remove it from the session file (or start a new session)",
+                )
+
     def all_prototypes(self) -> list[Prototype]:
         """Every prototype, with the image it was drawn on."""
         return [Prototype(p.class_name, p.box_l0, p.image) for p in self.prototypes]
+
+    def images(self) -> list[str]:
+        """Every image the session names (prototypes, suggestions, decisions), sorted."""
+        images = {p.image for p in self.prototypes}
+        images |= {r.image for r in self.suggestions.values()}
+        images |= {r.image for _, r in self.decisions.values()}
+        return sorted(images)
 
     def labelled_boxes(self, image: str | os.PathLike[str]) -> list[BoxL0]:
         """Boxes on ``image`` the user has labelled (prototypes and decisions)."""
@@ -276,27 +298,38 @@ class Session:
         return None
 
     def ingest_review(
-        self, image: str | os.PathLike[str], annotations: Sequence[Annotation], *, source: str
+        self,
+        image: str | os.PathLike[str],
+        annotations: Sequence[Annotation],
+        *,
+        source: str,
+        image_size_l0: tuple[int, int] | None = None,
+        where: str | None = None,
     ) -> ReviewReport:
-        """Apply the user's decisions on ``image`` (see module docstring)."""
+        """Apply the user's decisions on ``image`` (see module docstring).
+
+        New prototypes (classified rectangles that are not suggestions) are checked as
+        ``suggest`` checks them (:func:`~simsearch_wsi.validation.prototype_from_annotation`;
+        inside the image when ``image_size_l0`` is given) before anything changes: a refused
+        object raises :class:`ConfigError` (naming ``where``, default ``source``) and leaves
+        the session as it was. ``source`` is recorded with the review."""
         key = _image_key(image)
+        matched: list[tuple[Annotation, PatchRecord]] = []
+        new_protos: list[Prototype] = []
+        for n, a in enumerate(annotations):  # check everything first: refusing changes nothing
+            rec = self._match(a, key)
+            if rec is not None:
+                matched.append((a, rec))
+                continue
+            proto = prototype_from_annotation(
+                a, n, where=where or source, image_size_l0=image_size_l0
+            )
+            if proto is not None:
+                new_protos.append(proto)
         report = ReviewReport(image=key)
         thresholds = self.thresholds
         seen: set[str] = set()
-        new_protos: list[Prototype] = []
-        for a in annotations:
-            rec = self._match(a, key)
-            if rec is None:
-                if (
-                    a.object_type == "annotation"
-                    and a.is_rectangle
-                    and a.class_name
-                    and a.class_name not in RESERVED_CLASSES
-                    and a.box.width_l0 >= 1
-                    and a.box.height_l0 >= 1
-                ):
-                    new_protos.append(Prototype(a.class_name, a.box))
-                continue
+        for a, rec in matched:
             seen.add(rec.id)
             decision, final = self._decide(rec, a.class_name, thresholds, report)
             if decision is None:
@@ -428,11 +461,15 @@ def suggest_with_session(
     thresholds: dict[str, float],
     n_background: int = 0,
     engine_lock: AbstractContextManager[Any] | None = None,
+    open_image: ImageOpener | None = None,
     progress: ProgressFn | None = None,
 ) -> SuggestResult:
     """Suggestions on ``image`` from the prototypes in ``annotations`` and, with a session, from
     every saved prototype (saved thresholds apply; given ones are saved). Records what was sent
-    in the session and saves it. ``annotations=None`` uses the session's prototypes only."""
+    in the session and saves it. ``annotations=None`` uses the session's prototypes only.
+
+    ``open_image`` opens the images of saved prototypes drawn on other images (default
+    :func:`simsearch_wsi.io.open_image`; the server passes one that enforces its folders)."""
     if annotations is None and session is None:
         raise ConfigError(
             "suggest needs annotations (prototype rectangles), or a session with saved prototypes"
@@ -444,6 +481,7 @@ def suggest_with_session(
     )
     patch_size = None
     if session is not None:
+        session.check_prototypes_on(image)
         session.add_prototypes(image.path, prototypes)
         session.set_thresholds(thresholds)
         thresholds = session.thresholds
@@ -462,6 +500,7 @@ def suggest_with_session(
             n_background=n_background,
             avoid=session.labelled_boxes(image.path) if session is not None else (),
             patch_size_l0=patch_size,
+            open_image=open_image,
             progress=progress,
         )
     if session is not None:
@@ -477,12 +516,15 @@ def background_with_session(
     session: Session,
     n: int,
     engine_lock: AbstractContextManager[Any] | None = None,
+    open_image: ImageOpener | None = None,
     progress: ProgressFn | None = None,
 ) -> SuggestResult:
-    """Only background candidates (new ids), away from everything labelled; recorded and saved."""
+    """Only background candidates (new ids), away from everything labelled; recorded and saved.
+    ``open_image`` as for :func:`suggest_with_session`."""
     prototypes = session.all_prototypes()
     if not prototypes:
         raise ConfigError(f"{session.root}: the session has no prototypes yet; run suggest first")
+    session.check_prototypes_on(image)
     with engine_lock or nullcontext():
         result = search.suggest(
             image,
@@ -491,6 +533,7 @@ def background_with_session(
             n_background=n,
             avoid=session.labelled_boxes(image.path),
             patch_size_l0=session.patch_size_l0,
+            open_image=open_image,
             progress=progress,
         )
     result = dataclasses.replace(result, suggestions=[], ids=[])

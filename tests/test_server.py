@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -897,6 +898,116 @@ def test_paths_outside_the_allowed_roots(
         _error(r, 403, "forbidden_path", str(outside))
     assert not (outside / "s").exists()
     assert client.get(f"{API}/jobs").json()["jobs"] == []
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_session_file_cannot_name_images_outside_the_roots(
+    client: TestClient,
+    slide: SyntheticSlide,
+    root: Path,
+    outside: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 31: a session.json inside an allowed folder naming a prototype image outside it
+    made /suggest and /background open and embed that image (200). Now 403, before anything
+    is opened, and the session file is unchanged."""
+    import simsearch_wsi.io
+    import simsearch_wsi.server
+
+    secret = outside / "escape.tiff"
+    shutil.copy(slide.path, secret)
+    (root / "escape-link.tiff").symlink_to(secret)
+    opened: list[Path] = []
+    real_open = simsearch_wsi.io.open_image
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(path).resolve())
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(simsearch_wsi.io, "open_image", spy)
+    monkeypatch.setattr(simsearch_wsi.server, "open_image", spy)
+    for n, named in enumerate((secret, root / "escape-link.tiff")):
+        folder = root / f"escape {n}"
+        session = Session.create(folder)
+        session.add_prototypes(slide.path, [Prototype("ring", BoxL0(100, 100, 48, 48))])
+        session.save()
+        file = folder / "session.json"
+        doc = json.loads(file.read_text())
+        doc["prototypes"][0]["image"] = str(named)  # as a hand-edited or copied file may
+        file.write_text(json.dumps(doc))
+        before = _sha(file), _sha(secret)
+        requests = [
+            client.post(f"{API}/suggest", json={"image": str(slide.path), "session": str(folder)}),
+            client.post(
+                f"{API}/suggest",
+                json={
+                    "image": str(slide.path),
+                    "session": str(folder),
+                    "annotations": _prototypes(slide),
+                },
+            ),
+            client.post(
+                f"{API}/background", json={"image": str(slide.path), "session": str(folder)}
+            ),
+        ]
+        for r in requests:
+            message = _error(r, 403, "forbidden_path", "outside the folders")
+            assert str(secret) in message and f"named by {file}" in message
+        assert (_sha(file), _sha(secret)) == before
+    assert secret not in opened and slide.path.resolve() not in opened
+
+
+def test_review_over_http_refuses_a_stray_rectangle(
+    client: TestClient, slide: SyntheticSlide, root: Path
+) -> None:
+    """Issue 31: review saved a rectangle far outside the image as a prototype; now it is
+    refused as suggest refuses it, and the session stays byte-identical."""
+    folder = root / "stray"
+    session = Session.create(folder)
+    session.add_prototypes(slide.path, [Prototype("ring", BoxL0(100, 100, 48, 48))])
+    session.save()
+    file = folder / "session.json"
+    before = _sha(file)
+    for feature, text in (
+        (_box_annotation(50_000, 50_000, 48, "ring"), "is not inside the image (1024x768)"),
+        (_box_annotation(1e308, 10, 48, "ring"), "at (1e+308, 10)"),
+        (_box_annotation(10, 10, 48, REJECTED_CLASS), "is reserved"),
+    ):
+        r = client.post(
+            f"{API}/review",
+            json={
+                "image": str(slide.path),
+                "session": str(folder),
+                "annotations": [_box_annotation(200, 200, 48, "ring"), feature],
+            },
+        )
+        message = _error(r, 400, "ConfigError", text)
+        assert message.startswith("annotations: prototype 1") and len(message) < 400
+    assert _sha(file) == before
+
+
+def test_jobs_never_write_over_their_inputs(
+    client: TestClient, predict_inputs: tuple[Path, Path], root: Path
+) -> None:
+    """A predict job whose output folder is its model, or lies inside an OME-Zarr input, is
+    refused before it is queued."""
+    image, model = predict_inputs
+    before = _sha(model), _sha(image)
+    r = client.post(
+        f"{API}/jobs/predict",
+        json={"images": [str(image)], "model": str(model), "out": str(model)},
+    )
+    _error(r, 400, "OutputOverwritesInputError", f"is the input model {model}")
+    r = client.post(
+        f"{API}/jobs/predict",
+        json={"images": [str(image)], "model": str(model), "out": str(image.parent)},
+    )
+    assert r.status_code == 202  # the folder holding the inputs is fine: no name clashes
+    _wait_job(client, r.json()["job_id"])
+    assert (_sha(model), _sha(image)) == before
 
 
 def test_token(search: SimSearch, root: Path) -> None:

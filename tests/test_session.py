@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +267,112 @@ def test_cli_session_errors(
         == 1
     )
     assert "needs --annotations" in capsys.readouterr().err
+
+
+# --- issue 31: damaged session files and stray objects -------------------------------------------
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda d: 42, "holds a JSON object, not a JSON int"),
+        (lambda d: {**d, "version": "1"}, "session version '1' is not supported"),
+        (
+            lambda d: {**d, "classes": {"A": {"color": [1, 2, 3], "threshold": "high"}}},
+            "classes['A'].threshold must be a finite number, got 'high' (str)",
+        ),
+        (
+            lambda d: {**d, "classes": {"A": {"color": [1, 2, 3], "threshold": True}}},
+            "classes['A'].threshold must be a finite number",
+        ),
+        (lambda d: {**d, "prototypes": {}}, "prototypes must be a list, got dict"),
+        (
+            lambda d: {**d, "prototypes": [{**d["prototypes"][0], "box": ["0", 0, 9, 9]}]},
+            "prototypes[0].box[0] must be a finite number",
+        ),
+        (
+            lambda d: {**d, "prototypes": [{**d["prototypes"][0], "class_name": "B"}]},
+            "prototypes[0] has class 'B', which is not in classes",
+        ),
+        (
+            lambda d: {**d, "decisions": [{"decision": "maybe", "record": {}}]},
+            "decisions[0].decision must be one of positive, negative",
+        ),
+        (lambda d: {**d, "patch_size_l0": [0, 10]}, "patch_size_l0[0] must be a positive size"),
+    ],
+    ids=[
+        "int",
+        "version-text",
+        "threshold-text",
+        "threshold-bool",
+        "prototypes-dict",
+        "box-text",
+        "unknown-class",
+        "decision",
+        "patch-size",
+    ],
+)
+def test_a_damaged_session_file_fails_at_open_naming_it(
+    tmp_path: Path, edit: Any, says: str
+) -> None:
+    """Issue 31: a session.json that is not an object, or holds a threshold as a string, gave
+    a traceback later; now opening it fails with one line naming the file and the field."""
+    from simsearch_wsi.geometry import BoxL0
+    from simsearch_wsi.similarity import Prototype
+
+    session = Session.create(tmp_path / "s")
+    session.add_prototypes("x.tiff", [Prototype("A", BoxL0(0, 0, 10, 10))])
+    session.save()
+    file = tmp_path / "s" / SESSION_FILE
+    file.write_text(json.dumps(edit(json.loads(file.read_text()))))
+    with pytest.raises(MetadataError) as info:
+        Session.open(tmp_path / "s")
+    message = str(info.value)
+    assert message.startswith(f"{file}: not a usable session file: ") and "\n" not in message
+    assert says in message
+
+
+def test_ingest_review_checks_every_new_prototype_before_changing_anything(
+    tmp_path: Path, synthetic_slide: Any
+) -> None:
+    """Issue 31: a rectangle far outside the image became a prototype; later suggests failed
+    without pointing at it. Now the review is refused and the session (in memory and on
+    disk) is unchanged; a session damaged earlier names its stray prototype."""
+    from simsearch_wsi.geometry import BoxL0
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.qupath_geojson import Annotation
+    from simsearch_wsi.similarity import Prototype
+
+    def rect(x: float, y: float, side: float, name: str) -> Annotation:
+        return Annotation(name, BoxL0(x, y, side, side), True, "annotation")
+
+    session = Session.create(tmp_path / "s")
+    session.add_prototypes(synthetic_slide.path, [Prototype("A", BoxL0(10, 10, 40, 40))])
+    session.save()
+    file = tmp_path / "s" / SESSION_FILE
+    saved, state = file.read_bytes(), session.to_dict()
+    size = (synthetic_slide.width, synthetic_slide.height)
+    for stray, says in (
+        (rect(1e6, 1e6, 40, "A"), f"is not inside the image ({size[0]}x{size[1]})"),
+        (rect(1e308, 0, 40, "A"), "at (1e+308, 0)"),
+        (rect(5, 5, 0.5, "A"), "zero area"),
+        (rect(5, 5, 40, BACKGROUND_CLASS), "is reserved"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(says)) as info:
+            session.ingest_review(
+                synthetic_slide.path,
+                [rect(100, 100, 40, "B"), stray],
+                source="r.geojson",
+                image_size_l0=size,
+            )
+        assert str(info.value).startswith("r.geojson: prototype 1 ")
+        assert len(str(info.value)) < 400
+        assert session.to_dict() == state
+    assert file.read_bytes() == saved
+    # a stray prototype saved by an older version is named by the next suggest
+    session.prototypes.append(
+        dataclasses.replace(session.prototypes[0], id="proto-stray", box=(1e6, 1e6, 40, 40))
+    )
+    with (
+        open_image(synthetic_slide.path) as img,
+        pytest.raises(ConfigError, match=r"prototype proto-stray .* is not inside the image"),
+    ):
+        session.check_prototypes_on(img)
