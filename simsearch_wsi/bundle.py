@@ -192,7 +192,7 @@ class ModelBundle:
         what the head reads (format version 2; version 1 bundles are ``"trunk"``):
         ``"trunk"`` = the Gaussian-pooled features of the trunk with ``context_a`` (the
         fine-tuned model); ``"search"`` = the similarity search's unit window vectors,
-        normalised per image with ``feature_norm`` (the search probe,
+        normalised per image with ``feature_norm`` (the search head,
         :mod:`simsearch_wsi.probe`; the trunk is then the search's, unchanged).
     feature_norm
         the feature normalisation of a ``"search"`` head (``"none"`` for ``"trunk"``).

@@ -452,7 +452,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from simsearch_wsi.train import TrainConfig
 
     session = Session.open(args.session)
-    config = TrainConfig.preset_config(args.preset, strategy=args.strategy)
+    config = TrainConfig.preset_config(args.preset, strategy=args.strategy).replace(
+        head_input=args.head_input
+    )
     out = Path(args.out) if args.out else session.root / "model.zip"
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; give a file name such as model.zip")
@@ -1254,6 +1256,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["quick", "fast", "paper"],
         help="fast: minutes on a laptop CPU; paper: the SimSearch paper's epochs and schedules "
         "(default: %(default)s)",
+    )
+    p_train.add_argument(
+        "--head-input",
+        default="trunk",
+        choices=["trunk", "search", "auto"],
+        help="trunk: fine-tune the trunk (the paper's stages); search: a head on the search's own "
+        "window vectors (seconds, no trunk training); auto: both, the better on held-out "
+        "patches kept (default: %(default)s; docs/evaluation.md, 'Training study')",
     )
     p_train.add_argument(
         "--out", default=None, metavar="MODEL.zip", help="bundle to write (default: DIR/model.zip)"

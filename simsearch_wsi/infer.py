@@ -373,7 +373,11 @@ def detect(
     search places its suggestions). Boxes are the model's patch, clipped to the image."""
     p = maps.probabilities
     finite = np.isfinite(p).all(axis=0)
-    best = np.where(finite, np.nanargmax(np.where(np.isfinite(p), p, -1.0), axis=0), -1)
+    # the most probable class among the user's classes (background competes through the
+    # thresholds: a window below its class's threshold is not a detection)
+    fg = np.array([n != BACKGROUND_CLASS for n in maps.classes])
+    ranked = np.where(np.isfinite(p) & fg[:, None, None], p, -1.0)
+    best = np.where(finite, np.argmax(ranked, axis=0), -1)
     kh, kw = maps.geometry.kernel_hw
     out: list[Detection] = []
     for c, name in enumerate(maps.classes):

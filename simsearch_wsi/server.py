@@ -103,7 +103,15 @@ from simsearch_wsi.session import (
     suggest_with_session,
 )
 from simsearch_wsi.session_data import train_session
-from simsearch_wsi.train import DEFAULT_STRATEGY, PRESETS, STRATEGIES, TrainConfig, TrainResult
+from simsearch_wsi.train import (
+    DEFAULT_HEAD_INPUT,
+    DEFAULT_STRATEGY,
+    HEAD_INPUTS,
+    PRESETS,
+    STRATEGIES,
+    TrainConfig,
+    TrainResult,
+)
 
 __all__ = [
     "API_PREFIX",
@@ -633,10 +641,17 @@ class TrainJobRequest(_Body):
         description="unreviewed images to mine noisy patches from; default: the session's "
         "unreviewed images",
     )
+    head_input: str = Field(
+        DEFAULT_HEAD_INPUT,
+        description="trunk: fine-tune the trunk; search: a head on the search's own window "
+        "vectors; auto: both, the better on held-out patches kept",
+        json_schema_extra={"enum": list(HEAD_INPUTS)},
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1, strict=True)
 
     _strategy = field_validator("strategy")(_one_of(STRATEGIES, "strategy"))
     _preset = field_validator("preset")(_one_of(PRESETS, "preset"))
+    _head_input = field_validator("head_input")(_one_of(HEAD_INPUTS, "head input"))
 
 
 class PredictJobRequest(_Body):
@@ -1131,7 +1146,9 @@ def create_app(
                     404, "ImageNotFoundError", f"{p}: no such file or directory; check the path"
                 )
         # looked up per request (not bound at import), so tests can shrink the presets
-        config = TrainConfig.preset_config(body.preset, strategy=body.strategy)
+        config = TrainConfig.preset_config(body.preset, strategy=body.strategy).replace(
+            head_input=body.head_input
+        )
         seed = body.seed
 
         open_allowed = paths.opener()

@@ -61,13 +61,14 @@ from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS
 from simsearch_wsi.similarity import PatchGeometry
 
 STRATEGIES = ("pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn")
-#: what the model's head reads: ``search`` = the search probe on the similarity search's own
+#: what the model's head reads: ``search`` = the search head on the similarity search's own
 #: normalised window vectors (:mod:`simsearch_wsi.probe`), ``trunk`` = the fine-tuned trunk's
 #: pooled features (the paper's stages), ``auto`` = both, the better on held-out patches kept
 HEAD_INPUTS = ("auto", "search", "trunk")
 DEFAULT_HEAD_INPUT = "trunk"
-#: in ``auto``, the fine-tuned model is kept only when its held-out macro average precision beats
-#: the probe's by more than this (ties and noise go to the cheaper, search-consistent probe)
+#: in ``auto``, the search head is kept only when its held-out macro average precision beats the
+#: fine-tuned trunk's by more than this (ties go to the trunk, which won most rows of the
+#: training study in docs/evaluation.md)
 SELECTION_MARGIN = 0.02
 DEFAULT_STRATEGY = "pos+neg+selflearn"
 PRESETS = ("quick", "fast", "paper")
@@ -624,12 +625,12 @@ def train_patch_model(
 ) -> TrainResult:
     """Train the model of ``config`` on ``data`` and return its bundle.
 
-    ``config.head_input`` chooses what is trained: ``search`` fits the search probe on
+    ``config.head_input`` chooses what is trained: ``search`` fits the search head on
     ``search``'s window vectors (seconds; no trunk training), ``trunk`` runs the strategy's
     stages on ``trunk`` (a copy; the caller's module is left as it was), ``auto`` does both and
-    keeps the fine-tuned model only where its held-out macro average precision beats the
-    probe's by more than :data:`SELECTION_MARGIN` (``metrics["selection"]`` says which and
-    why). The probe that is kept is refitted on every clean patch (training + held-out)."""
+    keeps the search head only where its held-out macro average precision beats the fine-tuned
+    trunk's by more than :data:`SELECTION_MARGIN` (``metrics["selection"]`` says which and
+    why). A search head that is kept is refitted on every clean patch (training + held-out)."""
     device = torch.device(device)
     notes = list(data.notes)
     clean = data.clean
@@ -682,7 +683,7 @@ def train_patch_model(
     if search is not None and head_input in ("auto", "search"):
         t0 = time.perf_counter()
         if progress is not None:
-            progress("search probe | fitting", 0, 1)
+            progress("search head | fitting", 0, 1)
         fitted = _fit_search_head(search, train_set, negatives, clean.classes)
         probe = _Candidate("search", _memory_weight(fitted), fitted.bias, None, memory=fitted)
         if val_set is not None:
@@ -697,7 +698,7 @@ def train_patch_model(
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if progress is not None:
-            progress("search probe | fitting", 1, 1)
+            progress("search head | fitting", 1, 1)
     if head_input in ("auto", "trunk"):
         if not freeze_early:
             notes.append(
@@ -809,20 +810,20 @@ def _select(
     else:
         probe, tuned = by_kind["search"], by_kind["trunk"]
         if math.isnan(probe.val_ap) or math.isnan(tuned.val_ap):
-            chosen = probe
-            record["reason"] = "no held-out patches to compare on: kept the search probe"
-        elif tuned.val_ap > probe.val_ap + SELECTION_MARGIN:
             chosen = tuned
+            record["reason"] = "no held-out patches to compare on: kept the fine-tuned trunk"
+        elif probe.val_ap > tuned.val_ap + SELECTION_MARGIN:
+            chosen = probe
             record["reason"] = (
-                f"the fine-tuned trunk beat the search probe on held-out patches "
-                f"({tuned.val_ap:.3f} > {probe.val_ap:.3f} + {SELECTION_MARGIN})"
+                f"the search head beat the fine-tuned trunk on held-out patches "
+                f"({probe.val_ap:.3f} > {tuned.val_ap:.3f} + {SELECTION_MARGIN})"
             )
         else:
-            chosen = probe
+            chosen = tuned
             record["reason"] = (
-                f"the fine-tuned trunk did not beat the search probe by more than "
-                f"{SELECTION_MARGIN} on held-out patches ({tuned.val_ap:.3f} vs "
-                f"{probe.val_ap:.3f}): kept the probe"
+                f"the search head did not beat the fine-tuned trunk by more than "
+                f"{SELECTION_MARGIN} on held-out patches ({probe.val_ap:.3f} vs "
+                f"{tuned.val_ap:.3f}): kept the fine-tuned trunk"
             )
     record["kept"] = chosen.head_input
     metrics["selection"] = record

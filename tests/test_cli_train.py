@@ -56,3 +56,54 @@ def test_train_refuses_a_folder_as_output(
     args = ["train", "--session", str(labelled_session.root), "--out", str(tmp_path)]
     assert main([*args, "--weights", "random"]) == 1
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_train_search_head_then_predict_finds_the_objects(
+    tmp_path: Path,
+    labelled_session: Any,
+    small_slides: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 27: ``--head-input search`` trains in seconds (no trunk training) and the bundle
+    predicts through the search's own features: the dense maps and the per-patch probabilities
+    agree, and the held-out slide's objects are found."""
+    import numpy as np
+
+    from simsearch_wsi.infer import PatchModel, dense_class_maps, detect, predict_patches
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.patches import PatchSample, PatchSet
+
+    out = tmp_path / "model.zip"
+    cache = tmp_path / "cache"
+    args = ["train", "--session", str(labelled_session.root), "--out", str(out), "--json"]
+    args += ["--weights", "random", "--cache", str(cache), "--head-input", "search"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    bundle = load_bundle(out)
+    assert bundle.head_input == "search" and bundle.feature_norm == "whiten"
+    assert bundle.memory_vectors is not None and "supcon" not in bundle.metrics["stages"]
+    assert bundle.metrics["selection"]["kept"] == "search", summary
+    held_out = small_slides[1]
+    model = PatchModel(bundle, cache_dir=cache)
+    with open_image(held_out.path) as image:
+        maps = dense_class_maps(image, model)
+    dets = detect(maps, dict.fromkeys(bundle.classes, 0.5))
+    found = 0
+    for obj in held_out.objects:
+        found += any(
+            d.class_name == obj.class_name and obj.box.contains_point(*d.box.center_l0)
+            for d in dets
+        )
+    # random trunk weights: well above chance (objects cover ~2 % of the slide), not perfect
+    assert found >= len(held_out.objects) // 2, (found, len(held_out.objects))
+    # the dense path and the per-patch path compute the same probabilities at object centres
+    classes = bundle.classes
+    key = str(held_out.path.resolve())
+    samples = tuple(
+        PatchSample(key, o.center_l0, classes.index(o.class_name)) for o in held_out.objects
+    )
+    per_patch = predict_patches(bundle, PatchSet(samples, classes), open_image=open_image)
+    g, sc = maps.geometry, maps.scale
+    for row, o in zip(per_patch, held_out.objects, strict=True):
+        i, j = g.window_index(o.center_l0[0] / sc.downsample_x, o.center_l0[1] / sc.downsample_y)
+        np.testing.assert_allclose(maps.probabilities[:, i, j], row, atol=0.02)

@@ -182,12 +182,13 @@ def test_quantification_matches_the_ground_truth(
         # every object found; false positives at most as many as objects (fp32 seed 0: ring 12
         # for 6, see the F1 test above)
         assert len(true_objects) <= n <= 2 * len(true_objects), (name, n)
-        # a patch classifier's regions reach about half a patch past an object: within 2x of
-        # the true box areas (the mask's own area is checked exactly below)
+        # a patch classifier's regions reach about half a patch past an object: within 2.5x of
+        # the true box areas (the mask's own area is checked exactly below; measured with seed 0
+        # on an AVX512-BF16 CPU after issue 27's fp32 projection head: cluster 2.03x)
         area_um2 = float(row["area_um2"])
-        assert 0.5 * true_um2 <= area_um2 <= 2.0 * true_um2, (name, area_um2, true_um2)
+        assert 0.5 * true_um2 <= area_um2 <= 2.5 * true_um2, (name, area_um2, true_um2)
         fraction = float(row["fraction_of_foreground"])
-        assert 0.5 * true_um2 / tissue_um2 <= fraction <= 2.0 * true_um2 / tissue_um2
+        assert 0.5 * true_um2 / tissue_um2 <= fraction <= 2.5 * true_um2 / tissue_um2
         # density is detections per mm^2 of the detected foreground (within 10 % of the truth's)
         assert float(row["density_per_mm2"]) == pytest.approx(n / (tissue_um2 * 1e-6), rel=0.1)
         assert float(row["mean_dab_od"]) >= 0.0  # brightfield: DAB measured
