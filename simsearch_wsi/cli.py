@@ -935,11 +935,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 # --- demo ---------------------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from simsearch_wsi.demo import EXAMPLES_DIR, run_demo
+    from simsearch_wsi.demo import EXAMPLES_DIR, HE_PROTOTYPES, IHC_PROTOTYPES, run_demo
 
     console = _console()
     examples = Path(args.examples) if args.examples else EXAMPLES_DIR
-    _guard(args, inputs=[("examples folder", examples)], into=[("--out", args.out)])
+    # the inputs are the prototype files (an output folder beside them inside the examples
+    # folder overwrites nothing; a missing file is the demo's own one-line error)
+    _guard(
+        args,
+        inputs=[("prototypes", examples / name) for name in (HE_PROTOTYPES, IHC_PROTOTYPES)],
+        into=[("--out", args.out)],
+    )
     if args.cache is None:  # keep the demo self-contained
         args.cache = str(Path(args.out) / "feature_cache")
     search = _build_search(args)

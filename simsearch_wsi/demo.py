@@ -427,6 +427,17 @@ def _experiment_he(run: _Run, bench: Benchmark) -> None:
         + f"; mean {np.nanmean(list(aps.values())):.2f} | "
         f"{np.nanmean(list(search_aps.values())):.2f}"
     )
+    behind = [c for c in bench.classes if aps[c] < search_aps[c] - 0.005]
+    if behind:
+        result.findings.append(
+            "synthetic H&E: the trained model is below the search alone for "
+            + ", ".join(f"{c} ({aps[c]:.2f} < {search_aps[c]:.2f})" for c in behind)
+            + f": the {DEMO_PRESET!r} preset trains for about a minute on one reviewed slide, "
+            "and it ranks some look-alikes or places some detections off-centre where the "
+            "prototypes' cosine does not; for these classes use the search's suggestions, or "
+            "review more suggestions and train with a longer preset (docs/evaluation.md, "
+            "'Training study')"
+        )
 
 
 def _experiment_ihc(run: _Run, ihc: TruthImage) -> None:

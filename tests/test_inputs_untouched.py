@@ -272,13 +272,16 @@ def test_predict_cohort_evaluate_demo_outputs_equal_to_inputs_are_refused(
     )
     examples = tmp_path / "examples"
     examples.mkdir()
-    (examples / "protos.geojson").write_text("{}")
+    protos = examples / "synthetic_he.prototypes.geojson"
+    protos.write_text("{}")
+    # an output folder beside the prototypes overwrites nothing (tests/test_demo.py); an output
+    # at a prototype file's path would
     _refused(
-        ["demo", "--examples", str(examples), "--out", str(examples / "run"), *FAST],
-        [examples],
+        ["demo", "--examples", str(examples), "--out", str(protos), *FAST],
+        [protos],
         capsys,
-        names=str(examples),
-        says="examples folder",
+        names=str(protos),
+        says="prototypes",
     )
 
 

@@ -121,7 +121,7 @@ def test_pretrain_cli_errors_are_one_line(
 def test_corrupt_pretrained_file_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsUnavailableError, match="not a readable"):
+    with pytest.raises(WeightsUnavailableError, match="not a PyTorch weights file"):
         build_trunk("resnet18-l3", bad)
 
 
