@@ -29,6 +29,7 @@ from simsearch_wsi.patches import (
     PatchSet,
     stratified_split,
 )
+from simsearch_wsi.precision import autocast_pays_off
 from simsearch_wsi.preprocess import fit_normalization
 from simsearch_wsi.search import SimSearch
 from simsearch_wsi.session_data import collect_training_data, train_session
@@ -327,6 +328,37 @@ def test_each_strategy_beats_the_untrained_trunk_on_a_held_out_slide(
     assert any("random" in n for n in result.notes)
     assert result.bundle.strategy == strategy
     assert result.bundle.classes == ("ring", "cluster", "stripes", "background")
+
+
+@pytest.mark.parametrize(
+    "precision",
+    [
+        "fp32",
+        pytest.param(
+            "bf16",
+            marks=pytest.mark.skipif(
+                not autocast_pays_off(torch.device("cpu")),
+                reason="this CPU has no native bf16 (AVX512-BF16/AMX): training runs in fp32",
+            ),
+        ),
+    ],
+)
+def test_both_precision_paths_train_a_model_that_beats_the_untrained_trunk(
+    tmp_path: Path,
+    labelled_session: Any,
+    untrained: tuple[float, float],
+    small_slides: Any,
+    precision: str,
+) -> None:
+    """Issue 27: the same training check on the fp32 path (forced) and the bf16 path (where the
+    CPU takes it), so a machine of either kind runs both where it can."""
+    config = tiny_config("pos+neg", autocast=precision == "bf16")
+    result = train_session(labelled_session, _search(tmp_path), config, open_image=_open)
+    for stage in result.metrics["stages"].values():
+        assert all(np.isfinite(stage.get("loss", [0.0])))
+    acc, ce = _heldout_scores(result.bundle, small_slides[1])
+    base_acc, base_ce = untrained
+    assert acc > base_acc and ce < base_ce, (precision, acc, base_acc, ce, base_ce)
 
 
 def test_training_is_deterministic_and_leaves_the_search_trunk_alone(
