@@ -40,7 +40,12 @@ from numpy.typing import NDArray
 from simsearch_wsi.errors import ConfigError
 from simsearch_wsi.featurecache import FeatureMap
 from simsearch_wsi.featurenorm import FeatureNormalizer
-from simsearch_wsi.similarity import PatchGeometry, pool
+from simsearch_wsi.similarity import (
+    PatchGeometry,
+    iter_pooled_blocks,
+    pooled_hw,
+    valid_windows,
+)
 
 #: each labelled patch enters the memory in this many rotations (0, 90, 180, 270 degrees), as
 #: the search embeds its prototypes
@@ -171,45 +176,23 @@ def memory_logits_map(
     """Logits (K, Hp, Wp) float32 of every pooled window, NaN where the window's centre cell was
     not embedded; ``Hp = H_f - kh + 1``, ``Wp = W_f - kw + 1`` (the windows of
     :func:`simsearch_wsi.similarity.similarity_maps`, same indexing)."""
-    kh, kw = geometry.kernel_hw
-    hf, wf, d = fmap.shape
+    d = fmap.shape[2]
     if head.vectors.shape[1] != d:
         raise ConfigError(
             f"the model takes {head.vectors.shape[1]}-dim vectors, the feature map has {d}; it "
             "was trained with another backbone or channel selection"
         )
-    hp, wp = hf - kh + 1, wf - kw + 1
-    if hp <= 0 or wp <= 0:
-        raise ConfigError(
-            f"the image is smaller than one patch ({wf}x{hf} cells < {kw}x{kh}); use a smaller "
-            "patch or a finer level"
-        )
+    hp, wp = pooled_hw(fmap, geometry)
     k = head.n_classes
     out = np.full((k, hp, wp), np.nan, dtype=np.float32)
-    kernel = geometry.kernel()
-    tc = fmap.tile_cells
-    tiles = list(zip(*np.nonzero(fmap.computed), strict=True))
-    band_y, band = -1, None
-    for n, (ty, tx) in enumerate(tiles):
-        y0, x0 = int(ty) * tc, int(tx) * tc
-        if y0 >= hp or x0 >= wp:
-            continue
-        if band_y != y0:
-            band_y = y0
-            band = fmap.read_cells(y0, min(y0 + tc + kh - 1, hf), 0, wf)
-        assert band is not None
-        x1 = min(x0 + tc + kw - 1, wf)
-        block = torch.from_numpy(band[:, x0:x1].astype(np.float32)).permute(2, 0, 1)
-        vecs = normalizer(pool(block, kernel), dim=0)  # (D, h', w')
-        h2, w2 = min(tc, vecs.shape[1]), min(tc, vecs.shape[2])
-        flat = vecs[:, :h2, :w2].reshape(d, -1).T
-        logits = head.logits(*head.similarities(flat))  # (h2 * w2, K)
+    blocks = iter_pooled_blocks(
+        fmap, geometry, normalizer, progress=progress, what="applying the model"
+    )
+    for y0, x0, vectors in blocks:
+        _, h2, w2 = vectors.shape
+        logits = head.logits(*head.similarities(vectors.reshape(d, -1).T))  # (h2 * w2, K)
         out[:, y0 : y0 + h2, x0 : x0 + w2] = logits.T.reshape(k, h2, w2).numpy()
-        if progress is not None:
-            progress("applying the model", n + 1, len(tiles))
-    kh2, kw2 = kh // 2, kw // 2
-    valid = fmap.computed_cells()[kh2 : kh2 + hp, kw2 : kw2 + wp]
-    out[:, ~valid] = np.nan
+    out[:, ~valid_windows(fmap, geometry)] = np.nan
     return out
 
 

@@ -29,7 +29,7 @@ positions in between are interpolated). The similarity reported is the value at 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,62 @@ class PooledMap:
     tile_cells: int
 
 
+def pooled_hw(fmap: FeatureMap, geometry: PatchGeometry) -> tuple[int, int]:
+    """(Hp, Wp): the pooled windows of ``fmap`` for ``geometry`` ("valid" pooling); a
+    :class:`ConfigError` when the image is smaller than one patch."""
+    kh, kw = geometry.kernel_hw
+    hf, wf, _ = fmap.shape
+    hp, wp = hf - kh + 1, wf - kw + 1
+    if hp <= 0 or wp <= 0:
+        raise ConfigError(
+            f"the image is smaller than one patch ({wf}x{hf} cells < {kw}x{kh}); use a smaller "
+            "patch or a finer level"
+        )
+    return hp, wp
+
+
+def valid_windows(fmap: FeatureMap, geometry: PatchGeometry) -> NDArray[np.bool_]:
+    """(Hp, Wp) bool: windows whose centre cell was embedded."""
+    kh, kw = geometry.kernel_hw
+    hp, wp = pooled_hw(fmap, geometry)
+    return fmap.computed_cells()[kh // 2 : kh // 2 + hp, kw // 2 : kw // 2 + wp]
+
+
+def iter_pooled_blocks(
+    fmap: FeatureMap,
+    geometry: PatchGeometry,
+    normalizer: FeatureNormalizer,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+    what: str = "pooling windows",
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Normalised unit window vectors of every embedded tile, one tile at a time:
+    ``(y0, x0, vectors)`` with ``vectors`` (D, h, w) float32 for windows ``[y0:y0+h,
+    x0:x0+w]`` (whose top-left cell lies in the tile). Reads one band of tile rows (plus the
+    kernel's overlap) at a time."""
+    kh, kw = geometry.kernel_hw
+    hf, wf, _ = fmap.shape
+    hp, wp = pooled_hw(fmap, geometry)
+    kernel = geometry.kernel()
+    tc = fmap.tile_cells
+    tiles = list(zip(*np.nonzero(fmap.computed), strict=True))
+    band_y, band = -1, None
+    for n, (ty, tx) in enumerate(tiles):
+        y0, x0 = int(ty) * tc, int(tx) * tc
+        if y0 >= hp or x0 >= wp:
+            continue
+        if band is None or band_y != y0:
+            band_y = y0
+            band = fmap.read_cells(y0, min(y0 + tc + kh - 1, hf), 0, wf)
+        x1 = min(x0 + tc + kw - 1, wf)
+        block = torch.from_numpy(band[:, x0:x1].astype(np.float32)).permute(2, 0, 1)
+        vectors = normalizer(pool(block, kernel), dim=0)  # (D, h', w')
+        h2, w2 = min(tc, vectors.shape[1]), min(tc, vectors.shape[2])
+        yield y0, x0, vectors[:, :h2, :w2]
+        if progress is not None:
+            progress(what, n + 1, len(tiles))
+
+
 def pooled_map(
     fmap: FeatureMap,
     geometry: PatchGeometry,
@@ -233,16 +289,10 @@ def pooled_map(
     import zarr
 
     kh, kw = geometry.kernel_hw
-    hf, wf, d = fmap.shape
-    hp, wp = hf - kh + 1, wf - kw + 1
-    if hp <= 0 or wp <= 0:
-        raise ConfigError(
-            f"the image is smaller than one patch ({wf}x{hf} cells < {kw}x{kh}); use a smaller "
-            "patch or a finer level"
-        )
+    d = fmap.shape[2]
+    hp, wp = pooled_hw(fmap, geometry)
     tc = fmap.tile_cells
-    cy, cx = kh // 2, kw // 2
-    valid = fmap.computed_cells()[cy : cy + hp, cx : cx + wp]
+    valid = valid_windows(fmap, geometry)
     path = fmap.path.with_name(f"{fmap.path.name}.pooled-{kh}x{kw}-{feature_norm_tag(norm)}")
     if not path.is_dir():
         with atomic_path(path) as tmp:
@@ -256,25 +306,12 @@ def pooled_map(
                 compressors=None,
             )
             normalizer = FeatureNormalizer.of(fmap, norm)
-            kernel = geometry.kernel()
-            tiles = list(zip(*np.nonzero(fmap.computed), strict=True))
-            band_y, band = -1, None
-            for n, (ty, tx) in enumerate(tiles):
-                y0, x0 = int(ty) * tc, int(tx) * tc
-                if y0 >= hp or x0 >= wp:
-                    continue
-                if band_y != y0:  # one band of tile rows (+ the overlap) at a time
-                    band_y = y0
-                    band = fmap.read_cells(y0, min(y0 + tc + kh - 1, hf), 0, wf)
-                assert band is not None
-                x1 = min(x0 + tc + kw - 1, wf)
-                block = torch.from_numpy(band[:, x0:x1].astype(np.float32)).permute(2, 0, 1)
-                pooled = normalizer(pool(block, kernel), dim=0)  # (D, h', w')
-                h2, w2 = min(tc, pooled.shape[1]), min(tc, pooled.shape[2])
-                bf16 = pooled[:, :h2, :w2].permute(1, 2, 0).contiguous().to(torch.bfloat16)
+            for y0, x0, vectors in iter_pooled_blocks(
+                fmap, geometry, normalizer, progress=progress
+            ):
+                _, h2, w2 = vectors.shape
+                bf16 = vectors.permute(1, 2, 0).contiguous().to(torch.bfloat16)
                 arr[y0 : y0 + h2, x0 : x0 + w2] = bf16.view(torch.int16).numpy().view(np.uint16)
-                if progress is not None:
-                    progress("pooling windows", n + 1, len(tiles))
     group = zarr.open_group(str(path), mode="r")
     return PooledMap(path, group["pooled"], fmap.computed, valid, tc)
 

@@ -738,12 +738,8 @@ def train_patch_model(
         w, b = _memory_weight(memory), memory.bias
     metrics["head_input"] = chosen.head_input
     metrics["notes"] = notes
-    if chosen.head_input == "search":
-        state_src = base_trunk.state_dict()
-        base = {"kind": weights.kind, "identity": weights.identity}
-    else:
-        state_src = encoder.trunk.state_dict()
-        base = {"kind": weights.kind, "identity": weights.identity}
+    # a search head reads the search's trunk, unchanged; a trunk head its fine-tuned copy
+    state_src = (base_trunk if chosen.head_input == "search" else encoder.trunk).state_dict()
     trunk_state = {k: v.detach().cpu().contiguous() for k, v in state_src.items()}
     bundle = ModelBundle(
         backbone=spec.name,
@@ -766,7 +762,7 @@ def train_patch_model(
         metrics=metrics,
         provenance={
             **data.provenance,
-            "base_weights": base,
+            "base_weights": {"kind": weights.kind, "identity": weights.identity},
             "frozen": list(
                 ("conv1", "layer1", "layer2")
                 if freeze_early and chosen.head_input == "trunk"
