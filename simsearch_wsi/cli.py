@@ -618,13 +618,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     targets = expand_inputs(list(args.images))
     refuse_overwriting_inputs(targets, out, inputs=[("model", args.model)])
+    _guard(args, inputs=[("image", p) for p in args.images])  # --cache is written into
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")
     if args.qpproj is not None:
         from simsearch_wsi.qupath_project import read_project
 
         read_project(args.qpproj)  # fails early (and clearly) without paquo/QuPath
-    model = PatchModel(bundle, device=_resolve_device(args.device), autocast=not args.no_autocast)
+    model = PatchModel(
+        bundle,
+        device=_resolve_device(args.device),
+        autocast=not args.no_autocast,
+        cache_dir=args.cache,
+    )
     settings = PredictSettings(
         thresholds=thresholds,
         simplify_px=args.simplify_px,
@@ -1342,6 +1348,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_pred.add_argument(
         "images", nargs="+", metavar="IMAGE", help="slides, images, OME-Zarr images or plates"
+    )
+    p_pred.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="feature cache for models trained with --head-input search (they read the search's "
+        "features: pass the search's --cache to reuse them; default: a temporary folder per image)",
     )
     p_pred.add_argument("--model", required=True, metavar="MODEL.zip", help="a trained bundle")
     p_pred.add_argument("--out", required=True, metavar="DIR", help="output folder")

@@ -107,3 +107,28 @@ def test_train_search_head_then_predict_finds_the_objects(
     for row, o in zip(per_patch, held_out.objects, strict=True):
         i, j = g.window_index(o.center_l0[0] / sc.downsample_x, o.center_l0[1] / sc.downsample_y)
         np.testing.assert_allclose(maps.probabilities[:, i, j], row, atol=0.02)
+
+
+def test_predict_with_a_search_head_uses_the_given_cache(
+    tmp_path: Path, labelled_session: Any, small_slides: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``predict --cache`` puts a search-head model's feature maps where the search keeps its
+    own (so a slide the search embedded is not embedded again)."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    model = tmp_path / "m.zip"
+    args = ["train", "--session", str(labelled_session.root), "--out", str(model)]
+    assert (
+        main([*args, "--weights", "random", "--cache", str(cache), "--head-input", "search"]) == 0
+    )
+    shutil.rmtree(cache)
+    slide = str(small_slides[1].path)
+    out = tmp_path / "pred"
+    capsys.readouterr()
+    assert (
+        main(["predict", slide, "--model", str(model), "--out", str(out), "--cache", str(cache)])
+        == 0
+    )
+    assert [p for p in cache.iterdir() if p.suffix == ".zarr"]
+    assert any(out.iterdir())
