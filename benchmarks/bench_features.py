@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from simsearch_wsi.backbones import build_trunk
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.features import (
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import (
     AnalysisScale,
     FeatureExtractor,
     analysis_tiles,
@@ -39,8 +39,8 @@ from simsearch_wsi.features import (
     prepare_pixels,
     read_analysis_region,
 )
+from simsearch_wsi.features.preprocess import fit_normalization
 from simsearch_wsi.io import open_image
-from simsearch_wsi.preprocess import fit_normalization
 
 
 def _extractor(device: str, autocast: bool) -> FeatureExtractor:
@@ -54,7 +54,7 @@ def _sync(device: str) -> None:
 
 
 def bench_pipeline(work: Path, device: str, quick: bool) -> dict[str, Any]:
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     size = 2048 if quick else 4096
     slide = make_synthetic_slide(
@@ -114,7 +114,7 @@ def bench_per_window(device: str, quick: bool) -> dict[str, Any]:
     the paper's sliding-window stride (0.1 x 64 = 6.4 px); timed on a sample of windows and
     extrapolated to the same area. Both warm, bf16 autocast, min of repeats.
     """
-    from simsearch_wsi.similarity import PatchGeometry, pool
+    from simsearch_wsi.search.similarity import PatchGeometry, pool
 
     ex = _extractor(device, True)
     rng = np.random.default_rng(0)
@@ -160,10 +160,10 @@ def bench_query(work: Path, quick: bool) -> dict[str, Any]:
     """Query time on a cached map of a 20x slide's size; features are synthetic float16."""
     import zarr
 
-    from simsearch_wsi.featurecache import FeatureMap
-    from simsearch_wsi.features import FeatureSpec
-    from simsearch_wsi.preprocess import ChannelNormalization
-    from simsearch_wsi.similarity import (
+    from simsearch_wsi.features.cache import FeatureMap
+    from simsearch_wsi.features.extractor import FeatureSpec
+    from simsearch_wsi.features.preprocess import ChannelNormalization
+    from simsearch_wsi.search.similarity import (
         PatchGeometry,
         PrototypeVectors,
         similarity_maps,
@@ -245,10 +245,10 @@ with tifffile.TiffWriter(path, bigtiff=True) as tw:
         tw.write(tiles(s), shape=(s, s, 3), dtype=np.uint8, tile=(tile, tile),
                  photometric="rgb", compression="jpeg", subfiletype=1)
 rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-from simsearch_wsi.backbones import build_trunk
-from simsearch_wsi.features import FeatureExtractor, AnalysisScale, make_feature_spec
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.preprocess import fit_normalization
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.extractor import FeatureExtractor, AnalysisScale, make_feature_spec
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.preprocess import fit_normalization
 from simsearch_wsi.io import open_image
 trunk, spec, info = build_trunk(weights="random", seed=0)
 ex = FeatureExtractor(trunk, spec, info, autocast=True)

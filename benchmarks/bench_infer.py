@@ -40,8 +40,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from simsearch_wsi.bundle import ModelBundle
-from simsearch_wsi.features import (
+from simsearch_wsi.features.extractor import (
     AnalysisScale,
     analysis_tiles,
     iter_tile_features,
@@ -49,11 +48,12 @@ from simsearch_wsi.features import (
     prepare_pixels,
     read_analysis_region,
 )
-from simsearch_wsi.infer import PatchModel, dense_class_maps, untrained_bundle
+from simsearch_wsi.features.tissue import detect_foreground
+from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, untrained_bundle
 from simsearch_wsi.io import open_image
 from simsearch_wsi.io.base import ImageMetadata, ImageSource, levels_from_shapes
-from simsearch_wsi.similarity import PatchGeometry
-from simsearch_wsi.tissue import detect_foreground
+from simsearch_wsi.search.similarity import PatchGeometry
+from simsearch_wsi.train.bundle import ModelBundle
 
 T = TypeVar("T")
 CLASSES = ("tumour", "stroma", "necrosis", "background")
@@ -91,7 +91,7 @@ def bench_dense(
     work: Path, device: str, precisions: list[bool], *, quick: bool, repeats: int, context_a: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Returns the results and, for ``per_window``, the slide, bundle and dense times."""
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     size = 2048 if quick else 4096
     slide = make_synthetic_slide(
@@ -193,8 +193,8 @@ def bench_per_window(
 ) -> dict[str, Any]:
     """``predict_patches`` on ``n_windows`` windows sampled from the slide's dense map, each
     cropped with the bundle's context; extrapolated to every window of the slide."""
-    from simsearch_wsi.infer import predict_patches
-    from simsearch_wsi.patches import PatchSample, PatchSet
+    from simsearch_wsi.infer.dense import predict_patches
+    from simsearch_wsi.train.patches import PatchSample, PatchSet
 
     slide, bundle = state["slide"], state["bundle"]
     maps = state[f"maps_{autocast}"]
@@ -256,7 +256,7 @@ def _per_window_model_only(
 ) -> float:
     """Seconds per window of the bundle's encoder alone (trunk + pooling, no reading) on
     batches of 64 random crops: a lower bound for any per-window classifier."""
-    from simsearch_wsi.model import PatchEncoder
+    from simsearch_wsi.train.model import PatchEncoder
 
     trunk, spec = bundle.build_trunk()
     trunk = trunk.to(device).to(memory_format=torch.channels_last)
@@ -355,9 +355,9 @@ def _synthetic_maps(side: int, rng: np.random.Generator, sigma_cells: float) -> 
     smooth random logits: blobs of each class, about half of the area background."""
     from scipy.ndimage import gaussian_filter
 
-    from simsearch_wsi.features import FeatureSpec
-    from simsearch_wsi.infer import ClassMaps
-    from simsearch_wsi.preprocess import ChannelNormalization
+    from simsearch_wsi.features.extractor import FeatureSpec
+    from simsearch_wsi.features.preprocess import ChannelNormalization
+    from simsearch_wsi.infer.dense import ClassMaps
 
     stride = 16
     geo = PatchGeometry(PATCH_PX, PATCH_PX, stride)
@@ -385,8 +385,8 @@ def _synthetic_maps(side: int, rng: np.random.Generator, sigma_cells: float) -> 
 
 
 def _synthetic_detections(n: int, side: int, rng: np.random.Generator) -> list[Any]:
-    from simsearch_wsi.geometry import BoxL0
-    from simsearch_wsi.infer import Detection
+    from simsearch_wsi.core.geometry import BoxL0
+    from simsearch_wsi.infer.dense import Detection
 
     half = PATCH_PX / 2
     centres = rng.uniform(half, side - half, size=(n, 2))
@@ -418,16 +418,16 @@ def bench_outputs(
     work: Path, *, quick: bool, n_detections: int, dense_mp_s: dict[str, float]
 ) -> dict[str, Any]:
     """Every writer of ``predict`` on one large slide's results, with peak RSS."""
-    from simsearch_wsi.infer import detect, segment
-    from simsearch_wsi.labels_zarr import write_label_image
-    from simsearch_wsi.polygons import mask_to_polygons, polygons_to_features
-    from simsearch_wsi.predict import (
+    from simsearch_wsi.infer.dense import detect, segment
+    from simsearch_wsi.infer.predict import (
         _quantify,
         detection_features,
         segmentation_subdivision,
         write_overlay,
     )
-    from simsearch_wsi.qupath_geojson import feature_collection, write_feature_collection
+    from simsearch_wsi.io.labels import write_label_image
+    from simsearch_wsi.qupath.geojson import feature_collection, write_feature_collection
+    from simsearch_wsi.qupath.polygons import mask_to_polygons, polygons_to_features
 
     side = 16_000 if quick else 32_000
     rng = np.random.default_rng(0)

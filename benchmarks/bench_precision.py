@@ -4,7 +4,7 @@ The bare trunk (resnet18-l3, seeded random weights) on the same tensors: a train
 (forward + backward + Adam, a batch of 32 crops of 112 x 112 px, what a contrastive stage runs)
 and dense inference (a batch of 4 tiles of 512 x 512 px, what `embed` and `predict` run). Also
 prints what oneDNN reports (native bf16 or not), which is what
-``simsearch_wsi.precision.autocast_pays_off`` uses to decide.
+``simsearch_wsi.features.precision.autocast_pays_off`` uses to decide.
 
     .venv/bin/python benchmarks/bench_precision.py            # about a minute on 2 cores
     .venv/bin/python benchmarks/bench_precision.py --repeats 5
@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from simsearch_wsi.backbones import build_trunk
-from simsearch_wsi.precision import cpu_has_native_bf16
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.precision import cpu_has_native_bf16
 
 
 def _best(fn: Callable[[], None], repeats: int) -> float:

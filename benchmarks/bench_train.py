@@ -27,18 +27,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from simsearch_wsi.augment import AugmentConfig, augment_batch
-from simsearch_wsi.backbones import WeightsInfo, build_trunk
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.features import FeatureExtractor
+from simsearch_wsi.features.backbones import WeightsInfo, build_trunk
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import FeatureExtractor
 from simsearch_wsi.io import open_image
-from simsearch_wsi.losses import nt_xent, supcon
-from simsearch_wsi.model import PatchEncoder, ProjectionHead, freeze, set_trainable, train_mode
-from simsearch_wsi.search import SimSearch
-from simsearch_wsi.session import Session
-from simsearch_wsi.similarity import PatchGeometry
-from simsearch_wsi.simulate import label_from_truth
-from simsearch_wsi.train import StageConfig, TrainConfig
+from simsearch_wsi.review.session import Session
+from simsearch_wsi.review.simulate import label_from_truth
+from simsearch_wsi.search.engine import SimSearch
+from simsearch_wsi.search.similarity import PatchGeometry
+from simsearch_wsi.train.augment import AugmentConfig, augment_batch
+from simsearch_wsi.train.fit import StageConfig, TrainConfig
+from simsearch_wsi.train.losses import nt_xent, supcon
+from simsearch_wsi.train.model import (
+    PatchEncoder,
+    ProjectionHead,
+    freeze,
+    set_trainable,
+    train_mode,
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -145,8 +151,8 @@ def bench_steps(device: torch.device, quick: bool) -> dict[str, Any]:
 
 def bench_pipeline(work: Path, device: torch.device, quick: bool) -> dict[str, Any]:
     """A real fast-preset run on a synthetic session (reading, augmentation, optimiser)."""
-    from simsearch_wsi.session_data import train_session
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.review.data import train_session
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     kw = {"width": 1024, "height": 768, "n_per_class": 6}
     a = make_synthetic_slide(work / "a.tiff", seed=0, **kw)

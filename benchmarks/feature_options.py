@@ -35,17 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from simsearch_wsi import featurenorm
-from simsearch_wsi.backbones import build_trunk
 from simsearch_wsi.eval.benchmark import synthetic_benchmark
 from simsearch_wsi.eval.derived import IHC_CLASSES, ihc_pseudo_truth
 from simsearch_wsi.eval.search_quality import object_search_quality, region_search_quality
 from simsearch_wsi.eval.user import TruthImage
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.featurenorm import FEATURE_NORMS
-from simsearch_wsi.features import FeatureExtractor
+from simsearch_wsi.features import norm as featurenorm
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import FeatureExtractor
+from simsearch_wsi.features.norm import FEATURE_NORMS
 from simsearch_wsi.io import open_image
-from simsearch_wsi.search import SearchSettings, SimSearch
+from simsearch_wsi.search.engine import SearchSettings, SimSearch
 
 IHC_MPP = 0.5
 IHC_PATCH_PX = 48.0
@@ -54,7 +54,7 @@ IHC_PATCH_PX = 48.0
 def _ihc_image(root: Path) -> TruthImage:
     from skimage import data
 
-    from simsearch_wsi.synthetic import write_pyramidal_tiff
+    from simsearch_wsi.synthetic.slides import write_pyramidal_tiff
 
     rgb = np.asarray(data.immunohistochemistry())
     path = root / "skimage_ihc.tiff"
@@ -68,7 +68,7 @@ def _own_pretrain(out: Path, slides: list[Path], device: str, epochs: int | None
     """``pretrain`` on the benchmark's slides with the embedded trunk's recipe."""
     import train_embedded_trunk as recipe  # benchmarks/ is on sys.path when run as a script
 
-    from simsearch_wsi.backbones import embedded_weights_path, get_backbone_spec
+    from simsearch_wsi.features.backbones import embedded_weights_path, get_backbone_spec
 
     meta = json.loads(
         torch.load(
@@ -81,7 +81,7 @@ def _own_pretrain(out: Path, slides: list[Path], device: str, epochs: int | None
     n_epochs = epochs or int(meta["config"]["stage"]["epochs"])
     path = out / f"own-{objective}-e{n_epochs}.pth"
     if not path.is_file():
-        from simsearch_wsi.cli import main as cli_main
+        from simsearch_wsi.cli.main import main as cli_main
 
         argv = recipe.pretrain_args(
             slides, path, objective=objective, epochs=n_epochs, cache=out / "cache", device=device

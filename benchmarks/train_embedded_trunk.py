@@ -6,7 +6,7 @@ Data (all public, licences in ``simsearch_wsi/weights/README.md``):
 * real slides from ``../shared/data``: CMU-1-Small-Region.svs (CC0), the TCGA frozen section
   (TCGA open access), bankhead2022_OS-1-detail.ome.tif (OpenSlide test data, free to use);
 * scikit-image's IHC sample (``skimage.data.immunohistochemistry``, bundled with scikit-image);
-* synthetic H&E-like slides (:func:`simsearch_wsi.synthetic.make_synthetic_slide`) with seeds
+* synthetic H&E-like slides (:func:`simsearch_wsi.synthetic.slides.make_synthetic_slide`) with seeds
   9000+ — disjoint from the evaluation benchmark's (seed 0: 0..4) and the demo's.
 
 GPL-licensed files in ``../shared/data`` (the pathml samples) are left out on purpose.
@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simsearch_wsi.atomic import atomic_path
-from simsearch_wsi.backbones import EMBEDDED_RESNET18_L3, sha256_of
-from simsearch_wsi.cli import main as cli_main
+from simsearch_wsi.cli.main import main as cli_main
+from simsearch_wsi.core.atomic import atomic_path
+from simsearch_wsi.features.backbones import EMBEDDED_RESNET18_L3, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -57,7 +57,7 @@ def pretraining_images(work: Path) -> list[tuple[Path, str]]:
     ``work`` (reused when present)."""
     from skimage import data
 
-    from simsearch_wsi.synthetic import make_synthetic_slide, write_pyramidal_tiff
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide, write_pyramidal_tiff
 
     missing = [p for p, _ in REAL_SLIDES if not (SHARED / p).is_file()]
     if missing:

@@ -7,7 +7,7 @@ class, flags N wrong suggestions per class, confirms background), and every arm 
 the held-out test slides with the paper's matching, all in one run:
 
 * ``search``: the similarity search alone (suggestions ranked by cosine similarity);
-* ``probe``: the search probe (``head_input=search``; :mod:`simsearch_wsi.probe`), on
+* ``probe``: the search probe (``head_input=search``; :mod:`simsearch_wsi.search.probe`), on
   prototypes only / + approved / + flagged negatives (the label ablation);
 * ``trunk``: the paper's fine-tuned trunk (``head_input=trunk``), the preset's stages,
   float32 and, where the CPU has native bf16, bf16 autocast;
@@ -33,20 +33,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from simsearch_wsi.backbones import build_trunk
 from simsearch_wsi.eval.ablation import score_model, score_search
 from simsearch_wsi.eval.benchmark import Benchmark, synthetic_benchmark
 from simsearch_wsi.eval.metrics import paper_match_radius_l0
 from simsearch_wsi.eval.user import UserConfig, simulate_review
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.features import FeatureExtractor
-from simsearch_wsi.infer import PatchModel
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import FeatureExtractor
+from simsearch_wsi.features.precision import autocast_pays_off
+from simsearch_wsi.infer.dense import PatchModel
 from simsearch_wsi.io import open_image
-from simsearch_wsi.precision import autocast_pays_off
-from simsearch_wsi.search import SearchSettings, SimSearch
-from simsearch_wsi.session import Session
-from simsearch_wsi.session_data import train_session
-from simsearch_wsi.train import TrainConfig
+from simsearch_wsi.review.data import train_session
+from simsearch_wsi.review.session import Session
+from simsearch_wsi.search.engine import SearchSettings, SimSearch
+from simsearch_wsi.train.fit import TrainConfig
 
 #: (name, split, benchmark seed, prototypes per class)
 CASES = (

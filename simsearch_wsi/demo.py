@@ -40,32 +40,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from simsearch_wsi.atomic import atomic_path, write_json_atomic
-from simsearch_wsi.bundle import save_bundle
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.atomic import atomic_path, write_json_atomic
+from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.eval.ablation import score_model, score_search
 from simsearch_wsi.eval.benchmark import Benchmark, synthetic_benchmark
 from simsearch_wsi.eval.derived import IHC_CLASSES, ihc_pseudo_truth, label_fractions
 from simsearch_wsi.eval.metrics import paper_match_radius_l0
 from simsearch_wsi.eval.thresholded import segmentation_iou_on_truth
 from simsearch_wsi.eval.user import ReviewOutcome, TruthImage, UserConfig, simulate_review
-from simsearch_wsi.infer import PatchModel, dense_class_maps, segment
+from simsearch_wsi.features.preprocess import channel_correlation, fit_normalization
+from simsearch_wsi.features.tiling import display_rgb8, foreground_tiles, read_overview
+from simsearch_wsi.features.tissue import TissueMask, detect_foreground
+from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, segment
+from simsearch_wsi.infer.predict import PredictResult, PredictTarget, predict_images
 from simsearch_wsi.io import ImageSource, open_image, open_plate
-from simsearch_wsi.predict import PredictResult, PredictTarget, predict_images
-from simsearch_wsi.preprocess import channel_correlation, fit_normalization
-from simsearch_wsi.qupath_geojson import box_features, read_annotations, write_feature_collection
-from simsearch_wsi.search import SimSearch, prototypes_from_annotations
-from simsearch_wsi.session import Session
-from simsearch_wsi.session_data import train_session
-from simsearch_wsi.similarity import Prototype
-from simsearch_wsi.synthetic import (
+from simsearch_wsi.qupath.geojson import box_features, read_annotations, write_feature_collection
+from simsearch_wsi.review.data import train_session
+from simsearch_wsi.review.session import Session
+from simsearch_wsi.search.engine import SimSearch, prototypes_from_annotations
+from simsearch_wsi.search.similarity import Prototype
+from simsearch_wsi.synthetic.slides import (
     make_fluorescence_slide,
     make_synthetic_plate,
     write_pyramidal_tiff,
 )
-from simsearch_wsi.tiling import display_rgb8, foreground_tiles, read_overview
-from simsearch_wsi.tissue import TissueMask, detect_foreground
-from simsearch_wsi.train import TrainConfig
+from simsearch_wsi.train.bundle import save_bundle
+from simsearch_wsi.train.fit import TrainConfig
 
 ProgressFn = Callable[[str, int, int], None]
 

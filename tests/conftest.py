@@ -33,7 +33,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_slide(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A 3-level brightfield pyramidal TIFF with stamped motifs and its ground truth."""
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     return make_synthetic_slide(tmp_path_factory.mktemp("slide") / "synthetic.tiff", seed=0)
 
@@ -41,7 +41,7 @@ def synthetic_slide(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[n
 @pytest.fixture(scope="session")
 def fluorescence_slide(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A multichannel (DAPI, GFP, Cy5) uint16 OME-TIFF pyramid and its ground truth."""
-    from simsearch_wsi.synthetic import make_fluorescence_slide
+    from simsearch_wsi.synthetic.slides import make_fluorescence_slide
 
     return make_fluorescence_slide(tmp_path_factory.mktemp("fluo") / "fluo.ome.tiff", seed=1)
 
@@ -49,7 +49,7 @@ def fluorescence_slide(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
 @pytest.fixture(scope="session")
 def synthetic_plate(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A 2x3-well, 2-fields-per-well OME-Zarr HCS plate (NGFF 0.4) and its ground truth."""
-    from simsearch_wsi.synthetic import make_synthetic_plate
+    from simsearch_wsi.synthetic.slides import make_synthetic_plate
 
     return make_synthetic_plate(tmp_path_factory.mktemp("plate") / "plate.ome.zarr", seed=2)
 
@@ -61,7 +61,7 @@ SMALL_SLIDE = {"width": 1024, "height": 768, "n_per_class": 6}
 @pytest.fixture(scope="session")
 def small_slides(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Three small brightfield slides (seeds 0, 1, 2): labelled, held out, and unreviewed."""
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     root = tmp_path_factory.mktemp("small")
     return tuple(
@@ -75,8 +75,8 @@ def make_labelled_session(small_slides):  # type: ignore[no-untyped-def]
     """Builds a review session on slide 0 in a folder: per class 1 prototype, 2 approved
     suggestions and 1 rejected one (a motif of another class), plus 3 confirmed background
     patches; slide 0 marked reviewed."""
-    from simsearch_wsi.session import Session
-    from simsearch_wsi.simulate import label_from_truth
+    from simsearch_wsi.review.session import Session
+    from simsearch_wsi.review.simulate import label_from_truth
 
     def build(root: Path) -> Session:
         return label_from_truth(Session.create(root), small_slides[0], background=3, seed=0)
@@ -95,7 +95,7 @@ def tiny_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every training preset shrunk to seconds (for CLI, server and QuPath-script tests): one
     step per contrastive stage, a few linear epochs, and 60 % held out so that even 3 patches
     per class give validation metrics."""
-    from simsearch_wsi.train import StageConfig, TrainConfig
+    from simsearch_wsi.train.fit import StageConfig, TrainConfig
 
     real = TrainConfig.preset_config
 
@@ -122,9 +122,9 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, small_slides) -> Path:
     """An untrained model bundle (.zip; seeded random trunk and head, classes ring, cluster,
     stripes and background, thresholds 0.3) for 48 px patches on the small slides; built in
     seconds, for tests of what runs a model (predict over the CLI, the server, the scripts)."""
-    from simsearch_wsi.bundle import save_bundle
-    from simsearch_wsi.infer import untrained_bundle
+    from simsearch_wsi.infer.dense import untrained_bundle
     from simsearch_wsi.io import open_image
+    from simsearch_wsi.train.bundle import save_bundle
 
     with open_image(small_slides[1].path) as image:
         bundle = untrained_bundle([image], classes=TINY_BUNDLE_CLASSES, threshold=0.3, seed=2)

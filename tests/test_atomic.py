@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from simsearch_wsi.atomic import atomic_path, write_json_atomic
+from simsearch_wsi.core.atomic import atomic_path, write_json_atomic
 
 
 def test_success_replaces_and_leaves_no_temporaries(tmp_path: Path) -> None:

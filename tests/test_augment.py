@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from simsearch_wsi.augment import AugmentConfig, _rotate, augment_batch
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.train.augment import AugmentConfig, _rotate, augment_batch
 
 OFF: dict[str, Any] = {
     "hflip": False,

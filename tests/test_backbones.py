@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from simsearch_wsi.backbones import (
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.features.backbones import (
     WeightsUnavailableError,
     available_backbones,
     build_trunk,
     get_backbone_spec,
     resolve_auto_weights,
 )
-from simsearch_wsi.errors import ConfigError
 
 
 def _conv1(trunk: torch.nn.Module) -> torch.Tensor:
@@ -126,7 +126,7 @@ def test_imagenet_checksum_is_verified(tmp_path: Path) -> None:
 
 def _unreachable_imagenet(monkeypatch: pytest.MonkeyPatch) -> None:
     """Publish the ImageNet file at a loopback port that refuses connections (port 9)."""
-    from simsearch_wsi import backbones
+    from simsearch_wsi.features import backbones
 
     spec = get_backbone_spec("resnet18-l3")
     assert spec.imagenet is not None
@@ -157,7 +157,7 @@ def test_verified_imagenet_file_is_used(tmp_path: Path, monkeypatch: pytest.Monk
     """The cache path and checksum logic, with a stand-in file whose hash we publish."""
     import torchvision
 
-    from simsearch_wsi import backbones
+    from simsearch_wsi.features import backbones
 
     net = torchvision.models.resnet18(weights=None)
     ckpt = tmp_path / "checkpoints" / "stand-in.pth"
@@ -179,7 +179,7 @@ def test_verified_imagenet_file_is_used(tmp_path: Path, monkeypatch: pytest.Monk
 def test_embedded_trunk_ships_with_provenance() -> None:
     """The package carries fp16 trunk weights with the command, seed, data hashes and licences
     that made them; they load into the trunk as float32 and give non-degenerate features."""
-    from simsearch_wsi.backbones import embedded_weights_path
+    from simsearch_wsi.features.backbones import embedded_weights_path
 
     spec = get_backbone_spec("resnet18-l3")
     path = embedded_weights_path(spec)
@@ -202,7 +202,7 @@ def test_embedded_trunk_ships_with_provenance() -> None:
 
 
 def test_missing_embedded_file_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    from simsearch_wsi import backbones
+    from simsearch_wsi.features import backbones
 
     spec = get_backbone_spec("resnet18-l3")
     monkeypatch.setitem(
@@ -217,7 +217,7 @@ def test_missing_embedded_file_says_what_to_do(monkeypatch: pytest.MonkeyPatch) 
 def test_auto_prefers_cached_imagenet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvision
 
-    from simsearch_wsi import backbones
+    from simsearch_wsi.features import backbones
 
     ckpt = tmp_path / "checkpoints" / "stand-in.pth"
     ckpt.parent.mkdir()
@@ -259,7 +259,7 @@ def test_cli_auto_weights_notice(
 ) -> None:
     """`embed` without --weights, offline and with an empty torch cache, uses the embedded
     trunk and says so in one line on stderr."""
-    from simsearch_wsi.cli import main
+    from simsearch_wsi.cli.main import main
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     args = ["embed", str(synthetic_slide.path), "--cache", str(tmp_path / "c")]

@@ -12,9 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from simsearch_wsi import backbones
-from simsearch_wsi.backbones import BackboneSpec, build_trunk
-from simsearch_wsi.bundle import (
+from simsearch_wsi.core.errors import SimSearchError
+from simsearch_wsi.features import backbones
+from simsearch_wsi.features.backbones import BackboneSpec, build_trunk
+from simsearch_wsi.features.preprocess import ChannelNormalization
+from simsearch_wsi.search.similarity import PatchGeometry
+from simsearch_wsi.train.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     BundleError,
@@ -23,9 +26,6 @@ from simsearch_wsi.bundle import (
     load_bundle,
     save_bundle,
 )
-from simsearch_wsi.errors import SimSearchError
-from simsearch_wsi.preprocess import ChannelNormalization
-from simsearch_wsi.similarity import PatchGeometry
 
 CLASSES = ("tumor", "stroma", "background")
 

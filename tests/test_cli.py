@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from simsearch_wsi.cli import main
-from simsearch_wsi.qupath_geojson import validate_feature_collection
+from simsearch_wsi.cli.main import main
+from simsearch_wsi.qupath.geojson import validate_feature_collection
 
 
 def test_info_json(synthetic_slide: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,7 +61,7 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 def test_console_script_exit_code(tmp_path: Path) -> None:
     """The installed entry point exits non-zero with one line on stderr."""
     proc = subprocess.run(
-        [sys.executable, "-m", "simsearch_wsi.cli", "info", str(tmp_path / "nope.tif")],
+        [sys.executable, "-m", "simsearch_wsi.cli.main", "info", str(tmp_path / "nope.tif")],
         capture_output=True,
         text=True,
         check=False,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from simsearch_wsi.cli import main
+from simsearch_wsi.cli.main import main
 
 
 def test_predict_writes_every_output_and_resumes(

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from simsearch_wsi.bundle import load_bundle
-from simsearch_wsi.cli import main
+from simsearch_wsi.cli.main import main
+from simsearch_wsi.train.bundle import load_bundle
 
 
 def test_train_writes_a_bundle(
@@ -69,9 +69,9 @@ def test_train_search_head_then_predict_finds_the_objects(
     agree, and the held-out slide's objects are found."""
     import numpy as np
 
-    from simsearch_wsi.infer import PatchModel, dense_class_maps, detect, predict_patches
+    from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, detect, predict_patches
     from simsearch_wsi.io import open_image
-    from simsearch_wsi.patches import PatchSample, PatchSet
+    from simsearch_wsi.train.patches import PatchSample, PatchSet
 
     out = tmp_path / "model.zip"
     cache = tmp_path / "cache"

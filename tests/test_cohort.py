@@ -18,9 +18,9 @@ distributed = pytest.importorskip("distributed", reason="needs the 'distributed'
 
 from PIL import Image  # noqa: E402
 
-from simsearch_wsi.cli import main  # noqa: E402
-from simsearch_wsi.cohort import CohortEntry, cohort_targets, read_manifest, run_cohort  # noqa: E402
-from simsearch_wsi.infer import untrained_bundle  # noqa: E402
+from simsearch_wsi.cli.main import main  # noqa: E402
+from simsearch_wsi.cohort.run import CohortEntry, cohort_targets, read_manifest, run_cohort  # noqa: E402
+from simsearch_wsi.infer.dense import untrained_bundle  # noqa: E402
 from simsearch_wsi.io import open_image  # noqa: E402
 
 
@@ -187,7 +187,7 @@ def test_a_plate_map_gives_metadata_to_its_wells(tmp_path: Path, synthetic_plate
 
 
 def test_manifest_errors_are_clear(tmp_path: Path, synthetic_plate: Any, small_slides: Any) -> None:
-    from simsearch_wsi.errors import ConfigError
+    from simsearch_wsi.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no 'path' column"):
         read_manifest(_manifest(tmp_path / "a.csv", [{"image": "x.svs"}]))
@@ -209,7 +209,7 @@ N_KILL_SLIDES = 6
 @pytest.fixture(scope="module")
 def kill_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A manifest of six small synthetic slides in two groups."""
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     root = tmp_path_factory.mktemp("kill")
     rows = []
@@ -251,7 +251,7 @@ def test_a_killed_run_resumes_to_the_outputs_of_an_uninterrupted_run(
     assert main(["cohort", *common, "--out", str(full)]) == 0
     capsys.readouterr()
 
-    cmd = [sys.executable, "-m", "simsearch_wsi.cli", "cohort", *common, "--out", str(killed)]
+    cmd = [sys.executable, "-m", "simsearch_wsi.cli.main", "cohort", *common, "--out", str(killed)]
     proc = subprocess.Popen(
         cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -288,8 +288,8 @@ def test_a_killed_run_resumes_to_the_outputs_of_an_uninterrupted_run(
 
 
 def test_tasks_needing_a_resource_no_worker_offers_are_refused() -> None:
-    from simsearch_wsi.cohort import check_resources
-    from simsearch_wsi.errors import ConfigError
+    from simsearch_wsi.cohort.run import check_resources
+    from simsearch_wsi.core.errors import ConfigError
 
     class Client:
         def __init__(self, resources: list[dict[str, float]]) -> None:
@@ -320,7 +320,7 @@ def test_local_clusters_set_up_their_workers_for_torch(
     torch, with glibc's adaptive allocator (not Dask's MALLOC_TRIM_THRESHOLD_); with GPUs one
     worker per GPU that sees only that GPU and declares the GPU resource (checked here without
     a GPU: the worker processes' environment and resources)."""
-    from simsearch_wsi.cluster import start_local_cluster
+    from simsearch_wsi.cohort.cluster import start_local_cluster
 
     for name in ("MALLOC_TRIM_THRESHOLD_", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)

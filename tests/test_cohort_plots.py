@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simsearch_wsi.cohort_plots import (
+from simsearch_wsi.cohort.plots import (
     default_dose_column,
     default_group_column,
     dose_series,
@@ -21,8 +21,8 @@ from simsearch_wsi.cohort_plots import (
     well_rows,
     write_cohort_plots,
 )
-from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.quantify import write_table
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.infer.quantify import write_table
 
 
 def _stat(

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from simsearch_wsi.backbones import build_trunk, resolve_auto_weights
 from simsearch_wsi.eval.benchmark import Benchmark, synthetic_benchmark
 from simsearch_wsi.eval.search_quality import SearchQuality, object_search_quality
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.features import FeatureExtractor
+from simsearch_wsi.features.backbones import build_trunk, resolve_auto_weights
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import FeatureExtractor
 from simsearch_wsi.io import open_image
-from simsearch_wsi.search import SearchSettings, SimSearch
+from simsearch_wsi.search.engine import SearchSettings, SimSearch
 
 #: this test's benchmark instance and draws, measured on 2 CPU cores (docs/evaluation.md)
 MEASURED_DEFAULT_PR_AUC = 0.918  # seeded random weights: 0.515

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from simsearch_wsi.bundle import load_bundle
-from simsearch_wsi.cli import main
+from simsearch_wsi.cli.main import main
 from simsearch_wsi.io import open_image, open_plate
-from simsearch_wsi.labels_zarr import validate_label_store
-from simsearch_wsi.qupath_geojson import validate_feature_collection
-from simsearch_wsi.session import Session
+from simsearch_wsi.io.labels import validate_label_store
+from simsearch_wsi.qupath.geojson import validate_feature_collection
+from simsearch_wsi.review.session import Session
+from simsearch_wsi.train.bundle import load_bundle
 
 
 def test_demo_outputs(

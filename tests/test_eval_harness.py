@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.eval.ablation import (
     AblationConfig,
     ClassScore,
@@ -116,7 +116,7 @@ def test_example_prototypes_sit_on_their_classes(tmp_path: Path) -> None:
 
     from simsearch_wsi.demo import EXAMPLES_DIR, HE_PER_CLASS, HE_SIZE
     from simsearch_wsi.eval.derived import ihc_pseudo_truth
-    from simsearch_wsi.qupath_geojson import read_annotations
+    from simsearch_wsi.qupath.geojson import read_annotations
 
     he = read_annotations(EXAMPLES_DIR / "synthetic_he.prototypes.geojson")
     ihc = read_annotations(EXAMPLES_DIR / "skimage_ihc.prototypes.geojson")
@@ -127,7 +127,7 @@ def test_example_prototypes_sit_on_their_classes(tmp_path: Path) -> None:
         assert ihc_truth.mask_fraction(a.box, a.class_name) > 0.85, a
     # the review slide the H&E prototypes were drawn on is the benchmark's review0
     from simsearch_wsi.eval.benchmark import SYNTHETIC_CLASSES, SYNTHETIC_DISTRACTORS
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     slide = make_synthetic_slide(  # what synthetic_benchmark writes as review0
         tmp_path / "review0.tiff",
@@ -298,12 +298,12 @@ def test_run_specs_and_config_checks() -> None:
 def test_tiny_ablation_end_to_end_and_resume(tmp_path: Path, tiny_training: None) -> None:
     """search and pos on tiny synthetic slides: every run scores every class, the report is
     written, and a second call reuses the finished runs."""
-    from simsearch_wsi.backbones import build_trunk
     from simsearch_wsi.eval.ablation import run_ablation
-    from simsearch_wsi.featurecache import FeatureCache
-    from simsearch_wsi.features import FeatureExtractor
+    from simsearch_wsi.features.backbones import build_trunk
+    from simsearch_wsi.features.cache import FeatureCache
+    from simsearch_wsi.features.extractor import FeatureExtractor
     from simsearch_wsi.io import open_image
-    from simsearch_wsi.search import SimSearch
+    from simsearch_wsi.search.engine import SimSearch
 
     bench = synthetic_benchmark(
         tmp_path / "data",
@@ -345,7 +345,7 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path: Path, tiny_training: None
 def test_cli_evaluate_bad_manifest_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from simsearch_wsi.cli import main
+    from simsearch_wsi.cli.main import main
 
     (tmp_path / "a.tiff").write_bytes(b"")
     manifest = _write_csv(tmp_path / "m.csv", [["image", "role", "truth"], ["a.tiff", "x", ""]])
@@ -363,8 +363,8 @@ def test_cli_evaluate_runs_resumes_and_reports(
 ) -> None:
     """A one-cell grid on a manifest of small synthetic slides: the report files, the record,
     then --report-only reuses the finished run."""
-    from simsearch_wsi.cli import main
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.cli.main import main
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     rows = [["image", "role", "truth", "mpp"]]
     for k, role in enumerate(("review", "unlabelled", "test")):

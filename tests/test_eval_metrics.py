@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.eval import (
     GroundTruth,
     assign_ranked,
@@ -22,12 +23,11 @@ from simsearch_wsi.eval import (
     precision_recall_curve,
     rank_order,
 )
-from simsearch_wsi.geometry import BoxL0
 
 
 @dataclass(frozen=True)
 class Det:
-    """Stand-in for simsearch_wsi.infer.Detection (same fields; importing infer pulls in torch)."""
+    """Stand-in for simsearch_wsi.infer.dense.Detection (same fields; importing infer pulls in torch)."""
 
     class_name: str
     box: BoxL0

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from shapely.geometry import MultiPoint, Point, Polygon
 
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.eval import (
     GroundTruth,
     read_truth,
@@ -19,8 +20,7 @@ from simsearch_wsi.eval import (
     truth_from_label_array,
     truth_from_synthetic,
 )
-from simsearch_wsi.geometry import BoxL0
-from simsearch_wsi.qupath_geojson import box_feature, geometry_feature, write_feature_collection
+from simsearch_wsi.qupath.geojson import box_feature, geometry_feature, write_feature_collection
 
 NAN4 = [math.nan] * 4
 
@@ -246,7 +246,7 @@ def test_mask_files_round_trip(tmp_path: Path, suffix: str) -> None:
 
 
 def test_mask_from_ome_zarr_labels(tmp_path: Path) -> None:
-    from simsearch_wsi.labels_zarr import write_label_image
+    from simsearch_wsi.io.labels import write_label_image
 
     m = label_mask()
     classes = ["ring", "cluster"]
@@ -295,7 +295,7 @@ def test_mask_errors(tmp_path: Path) -> None:
 
 # --- synthetic slides -----------------------------------------------------------------------
 def test_synthetic_truth_and_its_files(tmp_path: Path) -> None:
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     slide = make_synthetic_slide(
         tmp_path / "s.tiff", width=512, height=384, n_per_class=2, n_levels=1, seed=0

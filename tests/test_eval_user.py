@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.eval.truth import GroundTruth
 from simsearch_wsi.eval.user import (
     BACKGROUND_MAX_FRACTION,
@@ -21,8 +22,7 @@ from simsearch_wsi.eval.user import (
     review_ranked,
     square_box,
 )
-from simsearch_wsi.geometry import BoxL0
-from simsearch_wsi.similarity import Prototype, Suggestion
+from simsearch_wsi.search.similarity import Prototype, Suggestion
 
 
 def sug(name: str, cx: float, cy: float, sim: float) -> Suggestion:
@@ -178,15 +178,15 @@ def test_user_config_rejects_nonsense() -> None:
 def test_simulated_review_records_a_session(tmp_path: Path, small_slides) -> None:  # type: ignore[no-untyped-def]
     """A whole review on a real (synthetic) slide with the search: prototypes, decisions and
     thresholds land in the session, and approved suggestions are on true objects."""
-    from simsearch_wsi.backbones import build_trunk
     from simsearch_wsi.eval.metrics import paper_match_radius_l0
     from simsearch_wsi.eval.truth import truth_from_synthetic
     from simsearch_wsi.eval.user import simulate_review
-    from simsearch_wsi.featurecache import FeatureCache
-    from simsearch_wsi.features import FeatureExtractor
+    from simsearch_wsi.features.backbones import build_trunk
+    from simsearch_wsi.features.cache import FeatureCache
+    from simsearch_wsi.features.extractor import FeatureExtractor
     from simsearch_wsi.io import open_image
-    from simsearch_wsi.search import SimSearch
-    from simsearch_wsi.session import Session
+    from simsearch_wsi.review.session import Session
+    from simsearch_wsi.search.engine import SimSearch
 
     trunk, spec, info = build_trunk("resnet18-l3", "random", seed=0)
     search = SimSearch(FeatureExtractor(trunk, spec, info), FeatureCache(tmp_path / "cache"))
@@ -231,7 +231,7 @@ def test_given_prototypes_reach_the_session_and_cover_every_class(
     from types import SimpleNamespace
 
     from simsearch_wsi.eval.user import simulate_review
-    from simsearch_wsi.session import Session
+    from simsearch_wsi.review.session import Session
 
     monkeypatch.chdir(tmp_path)
     image = TruthImage(tmp_path / "a.tiff", truth_of(ring=[(100, 100)], disc=[(300, 300)]))

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from simsearch_wsi.backbones import build_trunk
-from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.featurenorm import (
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import FeatureExtractor
+from simsearch_wsi.features.norm import (
     FEATURE_NORMS,
     FeatureNormalizer,
     channel_correlation,
@@ -21,10 +22,9 @@ from simsearch_wsi.featurenorm import (
     whitening_transform,
     zca_transform,
 )
-from simsearch_wsi.features import FeatureExtractor
 from simsearch_wsi.io import open_image
-from simsearch_wsi.search import SearchSettings, SimSearch
-from simsearch_wsi.similarity import Prototype
+from simsearch_wsi.search.engine import SearchSettings, SimSearch
+from simsearch_wsi.search.similarity import Prototype
 
 
 def test_unknown_option_is_refused_with_the_choices() -> None:
@@ -125,7 +125,7 @@ def test_map_and_prototypes_are_normalised_alike(
 def test_very_wide_maps_are_standardised_only(
     random_search: SimSearch, synthetic_slide: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from simsearch_wsi import featurenorm
+    from simsearch_wsi.features import norm as featurenorm
 
     with open_image(synthetic_slide.path) as img:
         _, fmap = random_search.embed(img, 48)

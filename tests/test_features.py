@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from simsearch_wsi.backbones import build_trunk
-from simsearch_wsi.errors import ConfigError, CorruptImageError
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.features import (
+from simsearch_wsi.core.errors import ConfigError, CorruptImageError
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import (
     AnalysisScale,
     FeatureExtractor,
     embed_region,
     make_feature_spec,
 )
+from simsearch_wsi.features.preprocess import fit_normalization
 from simsearch_wsi.io import ArraySource, open_image
-from simsearch_wsi.preprocess import fit_normalization
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_cache_reuse_invalidation_and_resume(he_crop: ArraySource, tmp_path: Pat
 
 
 def test_cache_invalidated_when_file_changes(tmp_path: Path, extractor: FeatureExtractor) -> None:
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     path = tmp_path / "s.tiff"
     make_synthetic_slide(path, width=512, height=384, n_per_class=1, seed=0)
@@ -232,7 +232,9 @@ def test_foreground_only_tiles(
 @pytest.fixture()
 def force_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU bf16 autocast even where this CPU only emulates bf16 (slow, numerically the same)."""
-    monkeypatch.setattr("simsearch_wsi.features.autocast_pays_off", lambda device, dtype=None: True)
+    monkeypatch.setattr(
+        "simsearch_wsi.features.extractor.autocast_pays_off", lambda device, dtype=None: True
+    )
 
 
 def test_bf16_autocast_preserves_rankings(he_crop: ArraySource, force_bf16: None) -> None:
@@ -269,17 +271,19 @@ def test_precision_is_part_of_the_key(he_crop: ArraySource, force_bf16: None) ->
 def test_autocast_only_where_it_pays_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU without native bf16 runs fp32 even when autocast is asked for (emulated bf16 was
     7x slower than fp32); CUDA always autocasts."""
-    from simsearch_wsi import precision
+    from simsearch_wsi.features import precision
 
     assert precision.autocast_pays_off("cuda", torch.float16) is True
     assert precision.autocast_pays_off("cpu") is precision.cpu_has_native_bf16()
     assert precision.autocast_pays_off("meta") is False
     trunk, spec_b, info = build_trunk(weights="random", seed=0)
     monkeypatch.setattr(
-        "simsearch_wsi.features.autocast_pays_off", lambda device, dtype=None: False
+        "simsearch_wsi.features.extractor.autocast_pays_off", lambda device, dtype=None: False
     )
     assert FeatureExtractor(trunk, spec_b, info, autocast=True).precision == "cpu-fp32"
-    monkeypatch.setattr("simsearch_wsi.features.autocast_pays_off", lambda device, dtype=None: True)
+    monkeypatch.setattr(
+        "simsearch_wsi.features.extractor.autocast_pays_off", lambda device, dtype=None: True
+    )
     assert FeatureExtractor(trunk, spec_b, info, autocast=True).precision == "cpu-bf16"
 
 
@@ -308,7 +312,7 @@ def test_resume_after_crash_before_rename_and_corrupt_partial(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from simsearch_wsi import featurecache
+    from simsearch_wsi.features import cache as featurecache
 
     cache = FeatureCache(tmp_path)
     spec = make_feature_spec(
@@ -353,7 +357,7 @@ def test_resume_after_crash_before_rename_and_corrupt_partial(
 # --- issue 31: a failed tile read stops the reads around it -------------------------------------
 def test_prefetch_stops_after_a_failed_read() -> None:
     """A read that fails is raised once, and nothing is read after it."""
-    from simsearch_wsi.features import prefetched
+    from simsearch_wsi.features.extractor import prefetched
 
     seen: list[int] = []
 
@@ -376,7 +380,7 @@ def test_prefetch_waits_for_the_read_ahead_when_the_caller_fails() -> None:
     import threading
     import time
 
-    from simsearch_wsi.features import prefetched
+    from simsearch_wsi.features.extractor import prefetched
 
     started: list[int] = []
     finished: list[int] = []

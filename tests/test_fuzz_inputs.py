@@ -5,7 +5,7 @@ suggest ... --weights random``. Each must end with exit code 1 and exactly one l
 names the input, with no traceback and no asyncio / logging noise, and must leave every input
 byte-identical. A few damaged-but-usable inputs (a Z stack, NaN pixels) must instead succeed.
 
-All cases run in **one** child interpreter (``python -c`` calling ``simsearch_wsi.cli.main`` per
+All cases run in **one** child interpreter (``python -c`` calling ``simsearch_wsi.cli.main.main`` per
 case with stdout/stderr redirected): stderr there is the real stderr a user sees, with no pytest
 logging capture in between, and torch is imported once. Grow the suite by adding a case to
 ``CASES`` (or ``USABLE``): a builder that writes the input under a folder and returns its path.
@@ -329,7 +329,7 @@ USABLE = [
 # --- the child interpreter ----------------------------------------------------------------------
 _DRIVER = r"""
 import contextlib, io, json, sys, traceback
-from simsearch_wsi.cli import main
+from simsearch_wsi.cli.main import main
 
 runs = json.loads(open(sys.argv[1]).read())
 results = {}
@@ -490,8 +490,8 @@ def test_child_interpreter_left_no_noise(fuzz_results: dict[str, Any]) -> None:
 
 # --- bad pixels in the engine, without the command line -----------------------------------------
 def test_tissue_detection_treats_non_finite_pixels_as_background() -> None:
+    from simsearch_wsi.features.tissue import detect_foreground
     from simsearch_wsi.io import ArraySource
-    from simsearch_wsi.tissue import detect_foreground
 
     fl = np.zeros((128, 128, 2), np.float32)
     fl[32:96, 32:96] = 5.0  # a bright square on black
@@ -512,8 +512,8 @@ def test_tissue_detection_treats_non_finite_pixels_as_background() -> None:
 
 def test_tissue_detection_on_a_downsampled_overview_ignores_nan() -> None:
     """The block mean of a large level skips NaN instead of spreading it over the block."""
+    from simsearch_wsi.features.tissue import detect_foreground
     from simsearch_wsi.io import ArraySource
-    from simsearch_wsi.tissue import detect_foreground
 
     fl = np.zeros((512, 512, 1), np.float32)
     fl[128:384, 128:384] = 10.0
@@ -523,9 +523,9 @@ def test_tissue_detection_on_a_downsampled_overview_ignores_nan() -> None:
 
 
 def test_tissue_detection_refuses_an_image_without_finite_pixels() -> None:
-    from simsearch_wsi.errors import CorruptImageError
+    from simsearch_wsi.core.errors import CorruptImageError
+    from simsearch_wsi.features.tissue import detect_foreground
     from simsearch_wsi.io import ArraySource
-    from simsearch_wsi.tissue import detect_foreground
 
     src = ArraySource(np.full((32, 32, 3), np.nan, np.float32), path="nan.tif")
     with pytest.raises(CorruptImageError, match=r"nan\.tif: every pixel .* NaN or infinite"):
@@ -533,7 +533,7 @@ def test_tissue_detection_refuses_an_image_without_finite_pixels() -> None:
 
 
 def test_normalization_clears_non_finite_values() -> None:
-    from simsearch_wsi.preprocess import ChannelNormalization
+    from simsearch_wsi.features.preprocess import ChannelNormalization
 
     norm = ChannelNormalization(low=(0.0,), high=(2.0,), channel_names=("a",), method="fixed-range")
     x = np.array([[np.nan], [np.inf], [-np.inf], [1.0]], np.float32)
@@ -541,7 +541,7 @@ def test_normalization_clears_non_finite_values() -> None:
 
 
 def test_display_of_an_overview_with_nan() -> None:
-    from simsearch_wsi.tiling import display_rgb8
+    from simsearch_wsi.features.tiling import display_rgb8
 
     a = np.random.default_rng(0).random((16, 16, 2)).astype(np.float32)
     a[:4] = np.nan

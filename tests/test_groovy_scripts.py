@@ -30,18 +30,18 @@ from typing import Any
 import pytest
 import uvicorn
 
-from simsearch_wsi.backbones import build_trunk
-from simsearch_wsi.bundle import load_bundle
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.features import FeatureExtractor
-from simsearch_wsi.geometry import BoxL0
-from simsearch_wsi.qupath_geojson import BACKGROUND_CLASS, REJECTED_CLASS
-from simsearch_wsi.search import SearchSettings, SimSearch
-from simsearch_wsi.server import API_PREFIX, PROTOCOL_VERSION, create_app
-from simsearch_wsi.session import Session
-from simsearch_wsi.similarity import Prototype
-from simsearch_wsi.synthetic import SyntheticSlide, make_synthetic_slide
-from simsearch_wsi.train import DEFAULT_STRATEGY
+from simsearch_wsi.core.geometry import BoxL0
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import FeatureExtractor
+from simsearch_wsi.qupath.geojson import BACKGROUND_CLASS, REJECTED_CLASS
+from simsearch_wsi.review.session import Session
+from simsearch_wsi.search.engine import SearchSettings, SimSearch
+from simsearch_wsi.search.similarity import Prototype
+from simsearch_wsi.server.app import API_PREFIX, PROTOCOL_VERSION, create_app
+from simsearch_wsi.synthetic.slides import SyntheticSlide, make_synthetic_slide
+from simsearch_wsi.train.bundle import load_bundle
+from simsearch_wsi.train.fit import DEFAULT_STRATEGY
 
 GROOVY = shutil.which("groovy")
 JAVA_17 = Path("/usr/lib/jvm/java-17-openjdk-amd64")

@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from simsearch_wsi.bundle import ModelBundle
-from simsearch_wsi.infer import (
+from simsearch_wsi.infer.dense import (
     PatchModel,
     dense_class_maps,
     detect,
@@ -18,7 +17,8 @@ from simsearch_wsi.infer import (
     untrained_bundle,
 )
 from simsearch_wsi.io import open_image
-from simsearch_wsi.patches import PatchSample, PatchSet
+from simsearch_wsi.train.bundle import ModelBundle
+from simsearch_wsi.train.patches import PatchSample, PatchSet
 
 CLASSES = ("ring", "cluster", "stripes", "background")
 
@@ -86,7 +86,7 @@ def test_detections_and_segmentation_follow_the_maps(small_slides: Any) -> None:
 
 
 def test_box_clipping() -> None:
-    from simsearch_wsi.geometry import BoxL0
+    from simsearch_wsi.core.geometry import BoxL0
 
     assert BoxL0(-4, 10, 20, 20).clipped(100, 25) == BoxL0(0, 10, 16, 15)
     assert BoxL0(10, 10, 5, 5).clipped(100, 100) == BoxL0(10, 10, 5, 5)
@@ -97,7 +97,7 @@ def test_box_clipping() -> None:
 def test_channels_the_model_needs_must_be_there(
     tmp_path: Path, small_slides: Any, fluorescence_slide: Any
 ) -> None:
-    from simsearch_wsi.errors import ConfigError
+    from simsearch_wsi.core.errors import ConfigError
 
     bundle = _bundle(small_slides[1], context_a=32)
     with open_image(fluorescence_slide.path) as image, pytest.raises(ConfigError, match="channels"):

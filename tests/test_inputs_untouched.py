@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from simsearch_wsi.cli import main
-from simsearch_wsi.errors import ConfigError, OutputOverwritesInputError
-from simsearch_wsi.geometry import BoxL0
-from simsearch_wsi.pathguard import check_outputs_not_inputs, naming_output
-from simsearch_wsi.qupath_geojson import REJECTED_CLASS
-from simsearch_wsi.session import SESSION_FILE, Session
-from simsearch_wsi.similarity import Prototype
-from simsearch_wsi.synthetic import make_synthetic_omezarr_slide
+from simsearch_wsi.cli.main import main
+from simsearch_wsi.core.errors import ConfigError, OutputOverwritesInputError
+from simsearch_wsi.core.geometry import BoxL0
+from simsearch_wsi.core.pathguard import check_outputs_not_inputs, naming_output
+from simsearch_wsi.qupath.geojson import REJECTED_CLASS
+from simsearch_wsi.review.session import SESSION_FILE, Session
+from simsearch_wsi.search.similarity import Prototype
+from simsearch_wsi.synthetic.slides import make_synthetic_omezarr_slide
 
 FAST = ["--weights", "random", "--tile-size", "512"]
 

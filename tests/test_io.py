@@ -12,7 +12,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from simsearch_wsi.errors import (
+from simsearch_wsi.core.errors import (
     ConfigError,
     CorruptImageError,
     ImageNotFoundError,
@@ -75,7 +75,7 @@ def test_fluorescence_ome_tiff(fluorescence_slide: Any) -> None:
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_ome_zarr_image_versions(tmp_path: Path, version: Literal["0.4", "0.5"]) -> None:
-    from simsearch_wsi.synthetic import write_ome_zarr_image
+    from simsearch_wsi.synthetic.slides import write_ome_zarr_image
 
     rng = np.random.default_rng(3)
     cyx = rng.integers(0, 4000, size=(2, 300, 200), dtype=np.uint16)
@@ -459,7 +459,7 @@ def test_malformed_ngff_metadata(tmp_path: Path, attrs: dict[str, Any], message:
     """Issue 31: malformed NGFF metadata raised AttributeError/KeyError; now MetadataError."""
     import zarr
 
-    from simsearch_wsi.errors import MetadataError
+    from simsearch_wsi.core.errors import MetadataError
 
     path = tmp_path / "bad.ome.zarr"
     group = zarr.open_group(str(path), mode="w", zarr_format=2)
@@ -472,7 +472,7 @@ def test_malformed_ngff_metadata(tmp_path: Path, attrs: dict[str, Any], message:
 def test_ngff_dataset_of_strings_and_damaged_json(tmp_path: Path) -> None:
     import zarr
 
-    from simsearch_wsi.errors import MetadataError
+    from simsearch_wsi.core.errors import MetadataError
 
     path = tmp_path / "text.zarr"
     group = zarr.open_group(str(path), mode="w", zarr_format=2)
@@ -516,7 +516,7 @@ def test_many_corrupt_tiles_give_one_error_and_no_asyncio_noise(tmp_path: Path) 
     script = (
         "import gc, sys\n"
         "from simsearch_wsi.io import open_image\n"
-        "from simsearch_wsi.errors import CorruptImageError\n"
+        "from simsearch_wsi.core.errors import CorruptImageError\n"
         "img = open_image(sys.argv[1])\n"
         "for _ in range(3):\n"
         "    try:\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simsearch_wsi.errors import UnsupportedFormatError
+from simsearch_wsi.core.errors import UnsupportedFormatError
 from simsearch_wsi.io import is_plate, open_image, open_plate
 
 pytestmark = pytest.mark.shared_data

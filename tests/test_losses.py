@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.losses import nt_xent, supcon
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.train.losses import nt_xent, supcon
 
 # --------------------------------------------------------------------------- naive references
 

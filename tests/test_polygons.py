@@ -9,9 +9,9 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon, box
 
-from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.polygons import mask_to_polygons, polygons_to_features
-from simsearch_wsi.qupath_geojson import feature_collection, validate_feature_collection
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.qupath.geojson import feature_collection, validate_feature_collection
+from simsearch_wsi.qupath.polygons import mask_to_polygons, polygons_to_features
 
 
 def _pixel_union(mask: NDArray[np.bool_]) -> shapely.Geometry:
@@ -229,7 +229,7 @@ def test_features_reject_labels_without_a_class() -> None:
 
 
 def test_clip_to_image_cuts_what_reaches_past_the_edge() -> None:
-    from simsearch_wsi.polygons import clip_to_image
+    from simsearch_wsi.qupath.polygons import clip_to_image
 
     labels = np.zeros((4, 4), dtype=np.uint8)
     labels[:, 2:] = 1  # its last column reaches x = 16 at 4 px per mask pixel

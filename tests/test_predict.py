@@ -14,31 +14,37 @@ import pytest
 import zarr
 from PIL import Image
 
-from simsearch_wsi.backbones import build_trunk
-from simsearch_wsi.bundle import ModelBundle, load_bundle, save_bundle
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.eval.thresholded import detection_scores, rasterize_objects, segmentation_iou
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.features import FeatureExtractor
-from simsearch_wsi.infer import PatchModel, dense_class_maps, detect, segment, untrained_bundle
-from simsearch_wsi.io import open_image
-from simsearch_wsi.labels_zarr import validate_label_store
-from simsearch_wsi.predict import (
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import FeatureExtractor
+from simsearch_wsi.features.tiling import read_overview
+from simsearch_wsi.infer.dense import (
+    PatchModel,
+    dense_class_maps,
+    detect,
+    segment,
+    untrained_bundle,
+)
+from simsearch_wsi.infer.predict import (
     PredictSettings,
     PredictTarget,
     expand_inputs,
     predict_images,
     sample_on_grid,
 )
-from simsearch_wsi.quantify import dab_od
-from simsearch_wsi.qupath_geojson import read_features, validate_feature_collection
-from simsearch_wsi.search import SimSearch
-from simsearch_wsi.session import Session
-from simsearch_wsi.session_data import train_session
-from simsearch_wsi.simulate import label_from_truth
-from simsearch_wsi.synthetic import make_synthetic_omezarr_slide
-from simsearch_wsi.tiling import read_overview
-from simsearch_wsi.train import TrainConfig
+from simsearch_wsi.infer.quantify import dab_od
+from simsearch_wsi.io import open_image
+from simsearch_wsi.io.labels import validate_label_store
+from simsearch_wsi.qupath.geojson import read_features, validate_feature_collection
+from simsearch_wsi.review.data import train_session
+from simsearch_wsi.review.session import Session
+from simsearch_wsi.review.simulate import label_from_truth
+from simsearch_wsi.search.engine import SimSearch
+from simsearch_wsi.synthetic.slides import make_synthetic_omezarr_slide
+from simsearch_wsi.train.bundle import ModelBundle, load_bundle, save_bundle
+from simsearch_wsi.train.fit import TrainConfig
 
 MOTIFS = ("ring", "cluster", "stripes")
 
@@ -97,7 +103,7 @@ def test_detection_f1_and_segmentation_iou_on_a_held_out_slide(
     iou = segmentation_iou(seg.labels, truth, classes=seg.classes)
     # measured with bf16 training (a CPU with native bf16): F1 1.0 / 0.92 / 1.0, IoU 0.66 /
     # 0.53 / 0.62 (training seed 1: F1 1.0 / 0.8 / 1.0, IoU 0.7 / 0.54 / 0.74); in fp32 (an
-    # AVX2 CPU, simsearch_wsi.precision): F1 0.67 / 1.0 / 1.0, the ring's recall whole and
+    # AVX2 CPU, simsearch_wsi.features.precision): F1 0.67 / 1.0 / 1.0, the ring's recall whole and
     # its precision halved by false positives (seed 1: 1.0 / 1.0 / 1.0; seed 2: 1.0 / 0.4 /
     # 1.0). One tiny training from random weights varies this much with its seed; the
     # evaluation harness (docs/evaluation.md) measures strategies over repeats instead.

@@ -1,4 +1,4 @@
-"""Tests of simsearch_wsi.preprocess: percentile normalisation, channel report and selection."""
+"""Tests of simsearch_wsi.features.preprocess: percentile normalisation, channel report and selection."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import warnings
 import numpy as np
 import pytest
 
-from simsearch_wsi.errors import ConfigError, MetadataError
-from simsearch_wsi.io.memory import ArraySource
-from simsearch_wsi.preprocess import (
+from simsearch_wsi.core.errors import ConfigError, MetadataError
+from simsearch_wsi.features.preprocess import (
     ChannelNormalization,
     channel_correlation,
     fit_normalization,
     image_channel_percentiles,
     select_channels,
 )
-from simsearch_wsi.tissue import TissueMask
+from simsearch_wsi.features.tissue import TissueMask
+from simsearch_wsi.io.memory import ArraySource
 
 
 def _fluo_images(seed: int) -> list[np.ndarray]:
@@ -197,7 +197,7 @@ def test_select_channels_by_name_index_and_unknown() -> None:
 
 
 def test_suggest_channels_drops_the_more_redundant_of_a_pair() -> None:
-    from simsearch_wsi.preprocess import ChannelCorrelationReport
+    from simsearch_wsi.features.preprocess import ChannelCorrelationReport
 
     matrix = np.array(
         [

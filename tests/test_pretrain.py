@@ -10,24 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from simsearch_wsi.backbones import (
+from simsearch_wsi.cli.main import main
+from simsearch_wsi.features.backbones import (
     WeightsInfo,
     WeightsUnavailableError,
     build_trunk,
     get_backbone_spec,
 )
-from simsearch_wsi.cli import main
+from simsearch_wsi.features.preprocess import fit_normalization
+from simsearch_wsi.features.tissue import detect_foreground
 from simsearch_wsi.io import open_image
-from simsearch_wsi.preprocess import fit_normalization
-from simsearch_wsi.pretrain import (
+from simsearch_wsi.train.fit import StageConfig
+from simsearch_wsi.train.pretrain import (
     PRETRAIN_FORMAT,
     PretrainConfig,
     foreground_centers,
     pretrain_trunk,
     save_pretrained,
 )
-from simsearch_wsi.tissue import detect_foreground
-from simsearch_wsi.train import StageConfig
 
 TINY = PretrainConfig(
     patches_per_image=24,
@@ -128,7 +128,7 @@ def test_corrupt_pretrained_file_is_refused(tmp_path: Path) -> None:
 def test_masked_objective_pieces() -> None:
     """Masks blank exactly the asked share of cells; targets are the cells' own pixels,
     standardised per cell; the loss only looks at blanked cells."""
-    from simsearch_wsi.masked import PixelDecoder, cell_targets, cells_of, random_cell_mask
+    from simsearch_wsi.train.masked import PixelDecoder, cell_targets, cells_of, random_cell_mask
 
     gen = torch.Generator().manual_seed(0)
     mask = random_cell_mask(5, 4, 6, 0.5, gen)
@@ -153,7 +153,7 @@ def test_masked_loss_only_sees_blanked_cells() -> None:
     visible cells too would give the mask ratio."""
     from torch.nn.functional import pixel_shuffle, pixel_unshuffle
 
-    from simsearch_wsi.masked import PixelDecoder, cell_targets, masked_loss
+    from simsearch_wsi.train.masked import PixelDecoder, cell_targets, masked_loss
 
     class Cells(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The search head (simsearch_wsi.probe) and what the loop keeps (issue 27)."""
+"""The search head (simsearch_wsi.search.probe) and what the loop keeps (issue 27)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from simsearch_wsi.bundle import load_bundle, save_bundle
-from simsearch_wsi.infer import class_log_odds, untrained_bundle
+from simsearch_wsi.infer.dense import class_log_odds, untrained_bundle
 from simsearch_wsi.io import open_image
-from simsearch_wsi.patches import PatchSet
-from simsearch_wsi.probe import MemoryHead, fit_memory_head, macro_average_precision
-from simsearch_wsi.train import SELECTION_MARGIN, _Candidate, _select
+from simsearch_wsi.search.probe import MemoryHead, fit_memory_head, macro_average_precision
+from simsearch_wsi.train.bundle import load_bundle, save_bundle
+from simsearch_wsi.train.fit import SELECTION_MARGIN, _Candidate, _select
+from simsearch_wsi.train.patches import PatchSet
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ import pytest
 from numpy.typing import NDArray
 from skimage.color import hed2rgb
 
-from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.quantify import (
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.infer.quantify import (
     ClassStats,
     dab_od,
     region_stats,

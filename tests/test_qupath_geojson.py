@@ -15,9 +15,9 @@ import pytest
 from shapely.geometry import LineString, MultiPoint, MultiPolygon, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.geometry import BoxL0
-from simsearch_wsi.qupath_geojson import (
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import BoxL0
+from simsearch_wsi.qupath.geojson import (
     BACKGROUND_CLASS,
     REJECTED_CLASS,
     RESERVED_CLASSES,
@@ -580,8 +580,8 @@ def test_class_color_is_stable_across_runs() -> None:
 def test_box_features_in_bulk_equal_box_feature_one_by_one() -> None:
     """The vectorised writer gives what box_feature gives per box (apart from the random ids),
     and the collection validates."""
-    from simsearch_wsi.geometry import BoxL0
-    from simsearch_wsi.qupath_geojson import box_features
+    from simsearch_wsi.core.geometry import BoxL0
+    from simsearch_wsi.qupath.geojson import box_features
 
     rng = np.random.default_rng(0)
     boxes = np.column_stack([rng.uniform(0, 900, (50, 2)), rng.uniform(0.5, 80, (50, 2))])

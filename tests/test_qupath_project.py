@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from simsearch_wsi.qupath_project import QuPathUnavailableError, read_project, write_objects
+from simsearch_wsi.qupath.project import QuPathUnavailableError, read_project, write_objects
 
 
 def _paquo_with_qupath() -> bool:
@@ -63,9 +63,9 @@ def test_paquo_without_qupath_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path:
 def test_round_trip_through_a_real_project(tmp_path: Path) -> None:  # pragma: no cover
     from paquo.projects import QuPathProject
 
-    from simsearch_wsi.geometry import BoxL0
-    from simsearch_wsi.qupath_geojson import box_feature
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.core.geometry import BoxL0
+    from simsearch_wsi.qupath.geojson import box_feature
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     slide = make_synthetic_slide(tmp_path / "s.tiff", width=512, height=384, n_per_class=1)
     with QuPathProject(tmp_path / "proj", mode="x") as qp:
@@ -105,8 +105,8 @@ def test_objects_go_in_as_detections_and_annotations_replacing_earlier_ones(
     """Against a stand-in for paquo's API (the real one needs QuPath): detections and
     segmentation annotations are added by their objectType, and objects of the replaced
     classes from an earlier run are removed first; other classes stay."""
-    from simsearch_wsi.geometry import BoxL0
-    from simsearch_wsi.qupath_geojson import box_feature
+    from simsearch_wsi.core.geometry import BoxL0
+    from simsearch_wsi.qupath.geojson import box_feature
 
     image = tmp_path / "slide.tiff"
     image.write_bytes(b"")

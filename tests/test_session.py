@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from simsearch_wsi.cli import main
-from simsearch_wsi.errors import ConfigError, MetadataError
-from simsearch_wsi.qupath_geojson import (
+from simsearch_wsi.cli.main import main
+from simsearch_wsi.core.errors import ConfigError, MetadataError
+from simsearch_wsi.qupath.geojson import (
     BACKGROUND_CLASS,
     REJECTED_CLASS,
     validate_feature_collection,
 )
-from simsearch_wsi.session import SESSION_FILE, Session
+from simsearch_wsi.review.session import SESSION_FILE, Session
 
 
 def _protos(slide: Any, path: Path, per_class: int = 1) -> Path:
@@ -181,7 +181,7 @@ def test_mining_an_unreviewed_image_with_saved_prototypes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Noisy mining: suggest on another image with the session's prototypes, no annotations."""
-    from simsearch_wsi.synthetic import make_synthetic_slide
+    from simsearch_wsi.synthetic.slides import make_synthetic_slide
 
     other = make_synthetic_slide(
         tmp_path / "other.tiff", width=1024, height=768, n_per_class=3, seed=7
@@ -242,8 +242,8 @@ def test_session_errors(tmp_path: Path) -> None:
         Session.open(tmp_path / "s")
     fresh = Session.create(tmp_path / "t")
     with pytest.raises(ConfigError, match="reserved"):
-        from simsearch_wsi.geometry import BoxL0
-        from simsearch_wsi.similarity import Prototype
+        from simsearch_wsi.core.geometry import BoxL0
+        from simsearch_wsi.search.similarity import Prototype
 
         fresh.add_prototypes("x.tiff", [Prototype(REJECTED_CLASS, BoxL0(0, 0, 10, 10))])
 
@@ -315,8 +315,8 @@ def test_a_damaged_session_file_fails_at_open_naming_it(
 ) -> None:
     """Issue 31: a session.json that is not an object, or holds a threshold as a string, gave
     a traceback later; now opening it fails with one line naming the file and the field."""
-    from simsearch_wsi.geometry import BoxL0
-    from simsearch_wsi.similarity import Prototype
+    from simsearch_wsi.core.geometry import BoxL0
+    from simsearch_wsi.search.similarity import Prototype
 
     session = Session.create(tmp_path / "s")
     session.add_prototypes("x.tiff", [Prototype("A", BoxL0(0, 0, 10, 10))])
@@ -336,10 +336,10 @@ def test_ingest_review_checks_every_new_prototype_before_changing_anything(
     """Issue 31: a rectangle far outside the image became a prototype; later suggests failed
     without pointing at it. Now the review is refused and the session (in memory and on
     disk) is unchanged; a session damaged earlier names its stray prototype."""
-    from simsearch_wsi.geometry import BoxL0
+    from simsearch_wsi.core.geometry import BoxL0
     from simsearch_wsi.io import open_image
-    from simsearch_wsi.qupath_geojson import Annotation
-    from simsearch_wsi.similarity import Prototype
+    from simsearch_wsi.qupath.geojson import Annotation
+    from simsearch_wsi.search.similarity import Prototype
 
     def rect(x: float, y: float, side: float, name: str) -> Annotation:
         return Annotation(name, BoxL0(x, y, side, side), True, "annotation")

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from simsearch_wsi.backbones import build_trunk
-from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.features import FeatureExtractor
-from simsearch_wsi.geometry import BoxL0
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import BoxL0
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import FeatureExtractor
 from simsearch_wsi.io import ArraySource, open_image
-from simsearch_wsi.search import SearchSettings, SimSearch
-from simsearch_wsi.similarity import PatchGeometry, Prototype, Suggestion, pool
+from simsearch_wsi.search.engine import SearchSettings, SimSearch
+from simsearch_wsi.search.similarity import PatchGeometry, Prototype, Suggestion, pool
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +168,8 @@ def test_background_candidates(synthetic_slide: Any, search: SimSearch) -> None:
 
 
 def test_bad_prototypes(search: SimSearch) -> None:
-    from simsearch_wsi.qupath_geojson import Annotation
-    from simsearch_wsi.search import prototypes_from_annotations
+    from simsearch_wsi.qupath.geojson import Annotation
+    from simsearch_wsi.search.engine import prototypes_from_annotations
 
     src = ArraySource(np.full((256, 256, 3), 200, np.uint8), mpp=0.5)
     with pytest.raises(ConfigError, match="no prototypes"):
@@ -198,7 +198,7 @@ def test_geojson_output_is_valid_qupath(
     import json
     import uuid
 
-    from simsearch_wsi.qupath_geojson import (
+    from simsearch_wsi.qupath.geojson import (
         read_annotations,
         validate_feature_collection,
         write_feature_collection,
@@ -227,8 +227,8 @@ def test_geojson_output_is_valid_qupath(
 def test_non_square_prototype_rotation0_is_the_cached_window(search: SimSearch) -> None:
     """Issue-3 review: a non-square prototype's rotation-0 vector equals the pooled map's
     vector of its window (it was embedded off-centre before)."""
-    from simsearch_wsi.featurenorm import FeatureNormalizer
-    from simsearch_wsi.similarity import embed_prototypes, pooled_map
+    from simsearch_wsi.features.norm import FeatureNormalizer
+    from simsearch_wsi.search.similarity import embed_prototypes, pooled_map
 
     rng = np.random.default_rng(3)
     img = rng.integers(60, 230, (384, 384, 3), dtype=np.uint8)
@@ -243,7 +243,7 @@ def test_non_square_prototype_rotation0_is_the_cached_window(search: SimSearch) 
         x_a, y_a = (96 + w / 2) / spec.scale.downsample_x, (128 + h / 2) / spec.scale.downsample_y
         i, j = geo.window_index(x_a, y_a)
         pm = pooled_map(fmap, geo)
-        from simsearch_wsi.similarity import as_bf16
+        from simsearch_wsi.search.similarity import as_bf16
 
         cached = as_bf16(np.asarray(pm.array[i, j])).float()
         cos = float(torch.dot(vecs.vectors[0], cached) / cached.norm())
@@ -253,8 +253,8 @@ def test_non_square_prototype_rotation0_is_the_cached_window(search: SimSearch) 
 def test_bf16_query_ranks_like_fp32(synthetic_slide: Any, search: SimSearch) -> None:
     from scipy.stats import spearmanr
 
-    from simsearch_wsi.featurenorm import FeatureNormalizer
-    from simsearch_wsi.similarity import embed_prototypes, similarity_maps
+    from simsearch_wsi.features.norm import FeatureNormalizer
+    from simsearch_wsi.search.similarity import embed_prototypes, similarity_maps
 
     proto = Prototype("ring", synthetic_slide.objects_of("ring")[0].box)
     with open_image(synthetic_slide.path) as img:
@@ -285,7 +285,7 @@ def test_normalisation_is_fitted_once_per_image(
     search: SimSearch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Repeated queries on a fluorescence image read no pixels for the normalisation."""
-    import simsearch_wsi.search as search_module
+    import simsearch_wsi.search.engine as search_module
 
     calls: list[int] = []
     real = search_module.fit_normalization

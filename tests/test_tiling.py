@@ -1,4 +1,4 @@
-"""Tests of simsearch_wsi.tiling: grid partition, halos, level-0 round trips, reads, masks."""
+"""Tests of simsearch_wsi.features.tiling: grid partition, halos, level-0 round trips, reads, masks."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.geometry import lvl_to_l0_location
-from simsearch_wsi.io.memory import ArraySource
-from simsearch_wsi.tiling import (
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import lvl_to_l0_location
+from simsearch_wsi.features.tiling import (
     Tile,
     foreground_tiles,
     read_overview,
@@ -20,7 +19,8 @@ from simsearch_wsi.tiling import (
     stitch,
     tile_grid,
 )
-from simsearch_wsi.tissue import TissueMask
+from simsearch_wsi.features.tissue import TissueMask
+from simsearch_wsi.io.memory import ArraySource
 
 
 def _fluo_source(h: int, w: int, *, n_levels: int = 1, seed: int = 0) -> ArraySource:

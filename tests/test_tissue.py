@@ -1,4 +1,4 @@
-"""Tests of simsearch_wsi.tissue: brightfield / fluorescence foreground masks and their frame."""
+"""Tests of simsearch_wsi.features.tissue: brightfield / fluorescence foreground masks and their frame."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image
 
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.features.tissue import TissueMask, detect_foreground
 from simsearch_wsi.io.memory import ArraySource
-from simsearch_wsi.tissue import TissueMask, detect_foreground
 
 
 def _disk(h: int, w: int, cy: float, cx: float, r: float) -> NDArray[np.bool_]:
@@ -177,7 +177,7 @@ def test_to_level_nearest_neighbour_and_png(tmp_path: Path) -> None:
 
 
 def test_huge_single_level_is_streamed_not_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("simsearch_wsi.tiling._BAND_PIXELS", 20_000)
+    monkeypatch.setattr("simsearch_wsi.features.tiling._BAND_PIXELS", 20_000)
     src, (cy, cx, r) = _brightfield_blob(9)
     single = ArraySource(src.read_level(0), mpp=0.5)
     windows: list[tuple[int, int, int, int]] = []

@@ -9,36 +9,36 @@ import numpy as np
 import pytest
 import torch
 
-from simsearch_wsi.backbones import build_trunk
-from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.featurecache import FeatureCache
-from simsearch_wsi.features import (
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import (
     AnalysisScale,
     FeatureExtractor,
     embed_region,
     make_feature_spec,
     read_analysis_region,
 )
-from simsearch_wsi.infer import predict_patches
+from simsearch_wsi.features.precision import autocast_pays_off
+from simsearch_wsi.features.preprocess import fit_normalization
+from simsearch_wsi.infer.dense import predict_patches
 from simsearch_wsi.io import open_image
-from simsearch_wsi.model import PatchEncoder, set_trainable, train_mode
-from simsearch_wsi.patches import (
+from simsearch_wsi.review.data import collect_training_data, train_session
+from simsearch_wsi.search.engine import SimSearch
+from simsearch_wsi.search.similarity import PatchGeometry
+from simsearch_wsi.train.fit import (
+    StageConfig,
+    TrainConfig,
+    classification_metrics,
+    pick_thresholds,
+)
+from simsearch_wsi.train.model import PatchEncoder, set_trainable, train_mode
+from simsearch_wsi.train.patches import (
     CropGeometry,
     PatchReader,
     PatchSample,
     PatchSet,
     stratified_split,
-)
-from simsearch_wsi.precision import autocast_pays_off
-from simsearch_wsi.preprocess import fit_normalization
-from simsearch_wsi.search import SimSearch
-from simsearch_wsi.session_data import collect_training_data, train_session
-from simsearch_wsi.similarity import PatchGeometry
-from simsearch_wsi.train import (
-    StageConfig,
-    TrainConfig,
-    classification_metrics,
-    pick_thresholds,
 )
 
 STRATEGIES = ("pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn")
@@ -414,8 +414,8 @@ def test_validation_split_sets_thresholds(tmp_path: Path, labelled_session: Any)
 
 
 def test_one_class_without_background_is_refused(tmp_path: Path, small_slides: Any) -> None:
-    from simsearch_wsi.session import Session
-    from simsearch_wsi.similarity import Prototype
+    from simsearch_wsi.review.session import Session
+    from simsearch_wsi.search.similarity import Prototype
 
     slide = small_slides[0]
     session = Session.create(tmp_path / "s")
@@ -454,7 +454,7 @@ def test_fluorescence_channels_are_encoded_one_by_one(
 ) -> None:
     """Multichannel images train through the shared trunk channel by channel (Microsnoop): the
     head sees 256 features per channel, and the dataset's percentile normalisation is kept."""
-    from simsearch_wsi.train import TrainingData, train_patch_model
+    from simsearch_wsi.train.fit import TrainingData, train_patch_model
 
     slide = fluorescence_slide
     key = str(slide.path.resolve())

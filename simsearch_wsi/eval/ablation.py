@@ -31,20 +31,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from simsearch_wsi.atomic import write_json_atomic
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.atomic import write_json_atomic
+from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.eval.benchmark import Benchmark
 from simsearch_wsi.eval.metrics import ClassPR, class_pr, paper_match_radius_l0, pool_class_pr
 from simsearch_wsi.eval.thresholded import segmentation_iou_on_truth
 from simsearch_wsi.eval.user import NO_THRESHOLD, ReviewOutcome, UserConfig, simulate_review
-from simsearch_wsi.features import ProgressFn
-from simsearch_wsi.infer import PatchModel, dense_class_maps, detect, segment
+from simsearch_wsi.features.extractor import ProgressFn
+from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, detect, segment
 from simsearch_wsi.io.base import ImageSource
-from simsearch_wsi.search import SimSearch
-from simsearch_wsi.session import Session
-from simsearch_wsi.session_data import train_session
-from simsearch_wsi.similarity import Prototype
-from simsearch_wsi.train import STRATEGIES, TrainConfig
+from simsearch_wsi.review.data import train_session
+from simsearch_wsi.review.session import Session
+from simsearch_wsi.search.engine import SimSearch
+from simsearch_wsi.search.similarity import Prototype
+from simsearch_wsi.train.fit import STRATEGIES, TrainConfig
 
 __all__ = [
     "ALL_STRATEGIES",

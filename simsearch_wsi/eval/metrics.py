@@ -43,9 +43,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.spatial import cKDTree
 
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.eval.truth import GroundTruth
-from simsearch_wsi.geometry import BoxL0
 
 __all__ = [
     "ClassPR",
@@ -64,8 +64,8 @@ __all__ = [
 
 
 class ScoredDetection(Protocol):
-    """What the scores need of a detection: a class and a box (:class:`~simsearch_wsi.infer.
-    Detection` and :class:`~simsearch_wsi.similarity.Suggestion` have them). The default score,
+    """What the scores need of a detection: a class and a box (:class:`~simsearch_wsi.infer.dense.
+    Detection` and :class:`~simsearch_wsi.search.similarity.Suggestion` have them). The default score,
     ``"probability"``, also needs ``probabilities`` (class -> probability), as detections have.
     """
 

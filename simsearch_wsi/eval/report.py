@@ -26,10 +26,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from simsearch_wsi.atomic import atomic_path, write_text_atomic
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.atomic import atomic_path, write_text_atomic
+from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.eval.ablation import RunResult
-from simsearch_wsi.quantify import write_table
+from simsearch_wsi.infer.quantify import write_table
 
 __all__ = ["SummaryRow", "mean_std", "run_rows", "summarize", "summary_markdown", "write_report"]
 

@@ -1,7 +1,7 @@
 """How good are the similarity search's suggestions from a few prototypes, before any training?
 
 This scores the first step of SimSearch for one feature option (trunk weights + feature
-normalisation, i.e. one :class:`~simsearch_wsi.search.SimSearch`):
+normalisation, i.e. one :class:`~simsearch_wsi.search.engine.SimSearch`):
 
 * **object truth** (:func:`object_search_quality`): ``repeats`` times, P random true objects per
   class of the benchmark's review images become prototypes
@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.eval.ablation import OpenImage, score_search
 from simsearch_wsi.eval.benchmark import Benchmark
 from simsearch_wsi.eval.metrics import paper_match_radius_l0
 from simsearch_wsi.eval.user import NO_THRESHOLD, TruthImage, pick_prototypes, square_box
-from simsearch_wsi.features import ProgressFn
-from simsearch_wsi.search import SimSearch
-from simsearch_wsi.similarity import Prototype
+from simsearch_wsi.features.extractor import ProgressFn
+from simsearch_wsi.search.engine import SimSearch
+from simsearch_wsi.search.similarity import Prototype
 
 #: a region prototype must lie at least this much inside its class's region
 REGION_PROTOTYPE_INSIDE = 0.9

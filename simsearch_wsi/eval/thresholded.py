@@ -18,11 +18,11 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import linear_sum_assignment
 
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.eval.truth import GroundTruth, pixel_span_of_box
-from simsearch_wsi.geometry import BoxL0
-from simsearch_wsi.infer import Detection
-from simsearch_wsi.synthetic import SyntheticObject
+from simsearch_wsi.infer.dense import Detection
+from simsearch_wsi.synthetic.slides import SyntheticObject
 
 __all__ = [
     "DetectionScore",

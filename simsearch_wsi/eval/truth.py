@@ -17,7 +17,7 @@ Readers
     a label image (PNG, TIFF, ``.npy`` or an OME-Zarr label array): each connected component of
     label ``k`` is one object of ``classes[k - 1]``.
 :func:`truth_from_synthetic`
-    the objects of a :class:`~simsearch_wsi.synthetic.SyntheticSlide`.
+    the objects of a :class:`~simsearch_wsi.synthetic.slides.SyntheticSlide`.
 :func:`read_truth`
     any of the file readers, chosen by the file's suffix.
 
@@ -39,11 +39,11 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
-from simsearch_wsi.errors import ConfigError
-from simsearch_wsi.geometry import BoxL0
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import BoxL0
 
 if TYPE_CHECKING:
-    from simsearch_wsi.synthetic import SyntheticSlide
+    from simsearch_wsi.synthetic.slides import SyntheticSlide
 
 __all__ = [
     "CSV_SUFFIXES",
@@ -408,7 +408,7 @@ def read_truth_csv(
         explicit centres; they take precedence over the box centre, and may replace ``x, y``
         in a table of points.
 
-    So the table :meth:`simsearch_wsi.synthetic.SyntheticSlide.to_csv` writes (``class, x_l0,
+    So the table :meth:`simsearch_wsi.synthetic.slides.SyntheticSlide.to_csv` writes (``class, x_l0,
     y_l0, width_l0, height_l0, center_x_l0, center_y_l0``) loads as it is. The delimiter is a
     comma, or a tab for ``.tsv`` files. A header without rows is an image without objects.
 
@@ -507,7 +507,7 @@ def read_truth_geojson(
     points tool writes) is one point per position; any other geometry (polygon, rectangle,
     line, collection) gives its bounding box and its centroid (the box centre when the centroid
     is undefined, e.g. a zero-area polygon). Geometries are read by
-    :func:`simsearch_wsi.qupath_geojson.read_features`.
+    :func:`simsearch_wsi.qupath.geojson.read_features`.
 
     Parameters
     ----------
@@ -531,7 +531,7 @@ def read_truth_geojson(
     import shapely
     from shapely.geometry import MultiPoint, Point
 
-    from simsearch_wsi.qupath_geojson import read_features
+    from simsearch_wsi.qupath.geojson import read_features
 
     p = _check_file(path, "ground-truth GeoJSON")
     if unclassified not in ("skip", "error"):

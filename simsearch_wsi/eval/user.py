@@ -25,7 +25,7 @@ Given images with ground truth, for each class:
 Prototypes can also be given (the user's own rectangles, e.g. a QuPath GeoJSON file) instead of
 picked; true objects within ``radius_l0`` of their centres are then the prototypes' own.
 
-The decisions go into a :class:`~simsearch_wsi.session.Session` exactly as a real review would,
+The decisions go into a :class:`~simsearch_wsi.review.session.Session` exactly as a real review would,
 so training runs on it unchanged. Everything random comes from the ``rng`` passed in.
 """
 
@@ -40,14 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.eval.truth import GroundTruth
-from simsearch_wsi.features import ProgressFn
-from simsearch_wsi.geometry import BoxL0
+from simsearch_wsi.features.extractor import ProgressFn
 from simsearch_wsi.io.base import ImageSource
-from simsearch_wsi.search import SimSearch, SuggestResult
-from simsearch_wsi.session import Session
-from simsearch_wsi.similarity import Prototype, Suggestion
+from simsearch_wsi.review.session import Session
+from simsearch_wsi.search.engine import SimSearch, SuggestResult
+from simsearch_wsi.search.similarity import Prototype, Suggestion
 
 __all__ = [
     "BACKGROUND_MAX_FRACTION",

@@ -22,8 +22,8 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from simsearch_wsi.errors import ConfigError, CorruptImageError, RegionError
-from simsearch_wsi.geometry import validate_mpp
+from simsearch_wsi.core.errors import ConfigError, CorruptImageError, RegionError
+from simsearch_wsi.core.geometry import validate_mpp
 
 Modality = Literal["brightfield", "fluorescence"]
 
@@ -307,7 +307,7 @@ class ImageSource(ABC):
         if width * height > MAX_REGION_PIXELS:
             raise RegionError(
                 f"{self.path}: region {width}x{height} is too large for one read "
-                f"(>{MAX_REGION_PIXELS} px); read it in tiles (simsearch_wsi.tiling)"
+                f"(>{MAX_REGION_PIXELS} px); read it in tiles (simsearch_wsi.features.tiling)"
             )
         lv = self.levels[level]
         x0 = math.floor(location_l0[0] / lv.downsample_x + 0.5)
@@ -335,7 +335,7 @@ class ImageSource(ABC):
 
     def read_level(self, level: int) -> NDArray[Any]:
         """Read a whole level as (H, W, C). Use only for small levels; for an overview of any
-        image use :func:`simsearch_wsi.tiling.read_overview`, which streams large levels."""
+        image use :func:`simsearch_wsi.features.tiling.read_overview`, which streams large levels."""
         if not 0 <= level < self.level_count:
             raise RegionError(
                 f"{self.path}: level {level} does not exist; the image has levels "

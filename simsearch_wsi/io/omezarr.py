@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from simsearch_wsi.errors import CorruptImageError, MetadataError, UnsupportedFormatError
-from simsearch_wsi.geometry import validate_mpp
+from simsearch_wsi.core.errors import CorruptImageError, MetadataError, UnsupportedFormatError
+from simsearch_wsi.core.geometry import validate_mpp
 from simsearch_wsi.io.base import (
     ImageMetadata,
     ImageSource,

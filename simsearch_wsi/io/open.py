@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from simsearch_wsi.errors import CorruptImageError, ImageNotFoundError, UnsupportedFormatError
+from simsearch_wsi.core.errors import CorruptImageError, ImageNotFoundError, UnsupportedFormatError
 from simsearch_wsi.io.base import ImageSource, Modality
 
 SUPPORTED_FORMATS = (

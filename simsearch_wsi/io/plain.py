@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch_wsi.errors import CorruptImageError, UnsupportedFormatError
+from simsearch_wsi.core.errors import CorruptImageError, UnsupportedFormatError
 from simsearch_wsi.io.memory import ArraySource
 
 

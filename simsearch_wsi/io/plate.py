@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simsearch_wsi.errors import ImageNotFoundError, PlateError
+from simsearch_wsi.core.errors import ImageNotFoundError, PlateError
 from simsearch_wsi.io.base import ImageSource, Modality
 from simsearch_wsi.io.omezarr import ngff_attrs_kind, open_zarr_group
 

@@ -18,8 +18,8 @@ import numpy as np
 from numpy.typing import NDArray
 from zarr.storage import WrapperStore
 
-from simsearch_wsi.errors import ConfigError, CorruptImageError, UnsupportedFormatError
-from simsearch_wsi.geometry import validate_mpp
+from simsearch_wsi.core.errors import ConfigError, CorruptImageError, UnsupportedFormatError
+from simsearch_wsi.core.geometry import validate_mpp
 from simsearch_wsi.io.base import (
     ImageMetadata,
     ImageSource,

@@ -6,7 +6,7 @@ import os
 import re
 from urllib.parse import unquote, urlsplit
 
-from simsearch_wsi.errors import ConfigError
+from simsearch_wsi.core.errors import ConfigError
 
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:([/\\]|$)")
 _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")

@@ -1,0 +1,433 @@
+"""Similarity search for one image: embed once (cached), then answer prototype queries cheaply.
+
+This is the orchestration layer the CLI and the server share. The first prototype of an
+experiment fixes the patch size (its level-0 width and height) and so the analysis scale; later
+prototypes of other sizes are embedded at the experiment's patch size, centred on their own box
+centre (their own size is not used).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import BoxL0
+from simsearch_wsi.features.cache import FeatureCache, FeatureMap
+from simsearch_wsi.features.extractor import (
+    AnalysisScale,
+    FeatureExtractor,
+    FeatureSpec,
+    ProgressFn,
+    make_feature_spec,
+)
+from simsearch_wsi.features.norm import DEFAULT_FEATURE_NORM, FeatureNormalizer, check_feature_norm
+from simsearch_wsi.features.preprocess import ChannelNormalization, fit_normalization
+from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.qupath.geojson import Annotation, box_feature
+from simsearch_wsi.search.similarity import (
+    PatchGeometry,
+    PooledMap,
+    Prototype,
+    PrototypeVectors,
+    Suggestion,
+    background_candidates,
+    embed_prototypes,
+    extract_suggestions,
+    pooled_map,
+    similarity_maps,
+)
+from simsearch_wsi.search.validation import check_box, check_class_name
+from simsearch_wsi.search.validation import prototypes_from_annotations as validated_prototypes
+
+#: Opens an image by path (the server passes one that refuses paths outside its folders).
+ImageOpener = Callable[[str], ImageSource]
+
+# Cosine similarity between standardised pooled vectors; a starting point the user moves.
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Knobs of the search. ``feature_norm`` (:mod:`simsearch_wsi.features.norm`) changes the
+    similarity values, so thresholds are tied to it; the others do not change what a suggestion
+    means."""
+
+    tile_size: int = 1024
+    batch_size: int = 4
+    feature_norm: str = DEFAULT_FEATURE_NORM
+    min_distance_fraction: float = 1.0
+    max_per_class: int = 500
+    channels: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_feature_norm(self.feature_norm)
+
+
+@dataclass
+class SuggestResult:
+    """Suggestions for one image, with everything needed to reproduce them."""
+
+    image: str
+    classes: tuple[str, ...]
+    thresholds: dict[str, float]
+    suggestions: list[Suggestion]
+    background: list[Suggestion]
+    scale: AnalysisScale
+    geometry: PatchGeometry
+    feature_cache: str
+    weights: str
+    seconds_embed: float
+    seconds_query: float
+    feature_norm: str = DEFAULT_FEATURE_NORM
+    notes: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # stable ids: the GeoJSON ids QuPath keeps, by which a review is matched to suggestions
+        if not self.ids:
+            n = len(self.suggestions) + len(self.background)
+            self.ids = [str(uuid.uuid4()) for _ in range(n)]
+
+    def all_suggestions(self) -> list[tuple[str, Suggestion]]:
+        """(id, suggestion) pairs: class suggestions, then background candidates."""
+        return list(zip(self.ids, [*self.suggestions, *self.background], strict=True))
+
+    def geojson_features(self) -> list[dict[str, Any]]:
+        """QuPath detections named ``<class> #<rank>``, with ``similarity`` and ``rank``."""
+        return [
+            box_feature(
+                s.box,
+                class_name=s.class_name,
+                measurements={"similarity": s.similarity, "rank": s.rank},
+                name=f"{s.class_name} #{s.rank}",
+                id=sid,
+            )
+            for sid, s in self.all_suggestions()
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        per_class = {c: sum(1 for s in self.suggestions if s.class_name == c) for c in self.classes}
+        return {
+            "image": self.image,
+            "suggestions_per_class": per_class,
+            "background_candidates": len(self.background),
+            "thresholds": self.thresholds,
+            "analysis_scale": self.scale.to_dict(),
+            "patch": self.geometry.to_dict(),
+            "feature_cache": self.feature_cache,
+            "weights": self.weights,
+            "feature_norm": self.feature_norm,
+            "seconds_embed": round(self.seconds_embed, 3),
+            "seconds_query": round(self.seconds_query, 3),
+            "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True)
+class SimilarityMaps:
+    """Similarity maps of one image and what they were computed with."""
+
+    spec: FeatureSpec
+    fmap: FeatureMap
+    geometry: PatchGeometry
+    classes: tuple[str, ...]
+    maps: NDArray[np.float32]
+    here: list[Prototype]
+    seconds_embed: float
+
+
+def prototypes_from_annotations(
+    annotations: Sequence[Annotation], image: ImageSource, *, where: str
+) -> list[Prototype]:
+    """Classified rectangle annotations are prototypes. Everything else is ignored.
+
+    The checks are :func:`simsearch_wsi.search.validation.prototype_from_annotation`'s (the ones
+    ``review`` applies too). Raises :class:`ConfigError` when there is none, or a prototype has
+    a reserved class, is empty, non-finite or outside the image.
+    """
+    protos = validated_prototypes(annotations, where=where, image_size_l0=image.dimensions)
+    if not protos:
+        raise ConfigError(
+            f"{where}: no prototypes found; draw classified rectangle annotations around examples "
+            "(classification set, rectangle tool) and export them"
+        )
+    return protos
+
+
+class SimSearch:
+    """Embed once, query many times (feature maps cached per image on disk)."""
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        cache: FeatureCache,
+        settings: SearchSettings | None = None,
+    ) -> None:
+        self.extractor = extractor
+        self.cache = cache
+        self.settings = settings or SearchSettings()
+        self._normalizations: dict[str, ChannelNormalization] = {}
+
+    def normalization_for(self, image: ImageSource) -> ChannelNormalization:
+        """Brightfield: fixed 0..255; otherwise the paper's percentile rule on this image.
+
+        Fitted once per image (by identity) and kept, so repeated queries read no pixels."""
+        key = image.identity()
+        if key not in self._normalizations:
+            self._normalizations[key] = fit_normalization([image])
+        return self._normalizations[key]
+
+    def feature_spec(
+        self,
+        image: ImageSource,
+        patch_size_l0: float,
+        *,
+        normalization: ChannelNormalization | None = None,
+    ) -> FeatureSpec:
+        scale = AnalysisScale.for_patch(image, patch_size_l0)
+        return make_feature_spec(
+            image,
+            self.extractor,
+            scale,
+            normalization or self.normalization_for(image),
+            channels=self.settings.channels,
+            tile_size=self.settings.tile_size,
+            tiles="foreground",
+        )
+
+    def embed(
+        self,
+        image: ImageSource,
+        patch_size_l0: float,
+        *,
+        normalization: ChannelNormalization | None = None,
+        progress: ProgressFn | None = None,
+    ) -> tuple[FeatureSpec, FeatureMap]:
+        """The image's feature map at the scale for ``patch_size_l0``, from the cache or computed
+        over foreground tiles."""
+        spec = self.feature_spec(image, patch_size_l0, normalization=normalization)
+        fmap = self.cache.get_or_compute(
+            image,
+            self.extractor,
+            spec,
+            batch_size=self.settings.batch_size,
+            progress=progress,
+        )
+        return spec, fmap
+
+    def pool(
+        self,
+        spec: FeatureSpec,
+        fmap: FeatureMap,
+        patch_size_l0: float,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> PooledMap:
+        """Pool the map for square patches of ``patch_size_l0`` level-0 pixels (cached), so
+        that queries with prototypes of that size need no pooling."""
+        geometry = PatchGeometry.from_l0(
+            patch_size_l0, patch_size_l0, spec.scale, self.extractor.stride
+        )
+        return pooled_map(fmap, geometry, norm=self.settings.feature_norm, progress=progress)
+
+    def suggest(
+        self,
+        image: ImageSource,
+        prototypes: Sequence[Prototype],
+        *,
+        thresholds: dict[str, float] | None = None,
+        n_background: int = 0,
+        avoid: Sequence[BoxL0] = (),
+        patch_size_l0: tuple[float, float] | None = None,
+        normalization: ChannelNormalization | None = None,
+        open_image: ImageOpener | None = None,
+        progress: ProgressFn | None = None,
+    ) -> SuggestResult:
+        """Suggestions per class (and optionally background candidates) on ``image``.
+
+        Prototypes may come from other images (``Prototype.image``): each is embedded on its own
+        image, standardised with that image's statistics (this is how noisy patches are mined
+        from images the user has not reviewed). ``thresholds`` maps class -> minimum similarity
+        (default :data:`DEFAULT_THRESHOLD`); ``patch_size_l0`` (width, height) is the
+        experiment's patch size (default: the first prototype's box). ``avoid`` boxes (labelled
+        patches) are kept out of the background candidates. ``open_image`` opens the images of
+        prototypes drawn elsewhere (default :func:`simsearch_wsi.io.open_image`)."""
+        if not prototypes:
+            raise ConfigError("no prototypes given: draw at least one classified rectangle")
+        classes = tuple(dict.fromkeys(p.class_name for p in prototypes))
+        for name in classes:
+            check_class_name(name, label="prototypes")
+        thresholds = dict(thresholds or {})
+        unknown = set(thresholds) - set(classes)
+        if unknown:
+            raise ConfigError(
+                f"threshold given for unknown class(es) {sorted(unknown)}; classes of the "
+                f"prototypes: {list(classes)}"
+            )
+        used = {c: float(thresholds.get(c, DEFAULT_THRESHOLD)) for c in classes}
+        width_l0, height_l0 = patch_size_l0 or (
+            prototypes[0].box.width_l0,
+            prototypes[0].box.height_l0,
+        )
+        t0 = time.perf_counter()
+        sim = self.similarity(
+            image,
+            prototypes,
+            patch_size_l0=(width_l0, height_l0),
+            with_mean=bool(n_background),
+            normalization=normalization,
+            open_image=open_image,
+            progress=progress,
+        )
+        spec, fmap, geometry, maps, here = sim.spec, sim.fmap, sim.geometry, sim.maps, sim.here
+        t1 = t0 + sim.seconds_embed
+        suggestions = extract_suggestions(
+            maps,
+            classes,
+            geometry,
+            spec,
+            thresholds=used,
+            min_distance_a=self.settings.min_distance_fraction * geometry.width_a,
+            max_per_class=self.settings.max_per_class,
+            exclude=here,
+            image_size_l0=image.dimensions,
+        )
+        background: list[Suggestion] = []
+        if n_background:
+            avoid_boxes = [p.box for p in here] + [s.box for s in suggestions] + list(avoid)
+            background = background_candidates(
+                maps[len(classes)],
+                geometry,
+                spec,
+                n_high=n_background,
+                n_low=n_background,
+                avoid=avoid_boxes,
+                image_size_l0=image.dimensions,
+            )
+        t2 = time.perf_counter()
+        notes = []
+        if any(
+            abs(p.box.width_l0 - width_l0) > 1 or abs(p.box.height_l0 - height_l0) > 1
+            for p in prototypes
+        ):
+            notes.append(
+                f"prototypes differ in size: the experiment's patch size is {width_l0:.0f}x"
+                f"{height_l0:.0f} px; others are used at that size, centred on their box"
+            )
+        return SuggestResult(
+            image=str(image.path),
+            classes=classes,
+            thresholds=used,
+            suggestions=suggestions,
+            background=background,
+            scale=spec.scale,
+            geometry=geometry,
+            feature_cache=str(fmap.path),
+            weights=self.extractor.weights.description,
+            seconds_embed=t1 - t0,
+            seconds_query=t2 - t1,
+            feature_norm=self.settings.feature_norm,
+            notes=notes,
+        )
+
+    def similarity(
+        self,
+        image: ImageSource,
+        prototypes: Sequence[Prototype],
+        *,
+        patch_size_l0: tuple[float, float],
+        with_mean: bool = False,
+        normalization: ChannelNormalization | None = None,
+        open_image: ImageOpener | None = None,
+        progress: ProgressFn | None = None,
+    ) -> SimilarityMaps:
+        """Per-class similarity maps of ``image`` (embedding it if not cached): ``maps`` is
+        (K [+1], H', W') over pooled windows (NaN where not embedded), the extra last map (with
+        ``with_mean``) being the similarity to the mean of all prototype vectors."""
+        classes = tuple(dict.fromkeys(p.class_name for p in prototypes))
+        width_l0, height_l0 = patch_size_l0
+        patch_l0 = max(width_l0, height_l0)
+        t0 = time.perf_counter()
+        spec, fmap = self.embed(image, patch_l0, normalization=normalization, progress=progress)
+        seconds_embed = time.perf_counter() - t0
+        geometry = PatchGeometry.from_l0(width_l0, height_l0, spec.scale, self.extractor.stride)
+        here = [p for p in prototypes if _same_image(p.image, image)]
+        for p in here:
+            check_box(
+                p.box,
+                label=f"prototype ({p.class_name}) on {image.path}",
+                image_size_l0=image.dimensions,
+            )
+        parts = []
+        if here:
+            normalizer = FeatureNormalizer.of(fmap, self.settings.feature_norm)
+            parts.append(
+                embed_prototypes(
+                    image, self.extractor, spec, geometry, here, classes, normalizer=normalizer
+                )
+            )
+        parts += self._foreign_prototype_vectors(
+            image, prototypes, classes, patch_l0, geometry, open_image, progress
+        )
+        vectors = PrototypeVectors(
+            torch.cat([p.vectors for p in parts]),
+            torch.cat([p.class_index for p in parts]),
+            classes,
+        )
+        extra = vectors.mean_vector()[None] if with_mean else None
+        maps = similarity_maps(
+            fmap, geometry, vectors, extra_vectors=extra, norm=self.settings.feature_norm
+        )
+        return SimilarityMaps(spec, fmap, geometry, classes, maps, here, seconds_embed)
+
+    def _foreign_prototype_vectors(
+        self,
+        image: ImageSource,
+        prototypes: Sequence[Prototype],
+        classes: tuple[str, ...],
+        patch_l0: float,
+        geometry: PatchGeometry,
+        open_image: ImageOpener | None,
+        progress: ProgressFn | None,
+    ) -> list[PrototypeVectors]:
+        """Vectors of prototypes drawn on other images, each embedded on its own image."""
+        from simsearch_wsi.io import open_image as open_any
+
+        opener: ImageOpener = open_image or open_any
+        by_image: dict[str, list[Prototype]] = {}
+        for p in prototypes:
+            if not _same_image(p.image, image):
+                by_image.setdefault(str(p.image), []).append(p)
+        parts = []
+        for path, protos in by_image.items():
+            with opener(path) as src:
+                for p in protos:
+                    check_box(
+                        p.box,
+                        label=f"prototype ({p.class_name}) on {path}",
+                        image_size_l0=src.dimensions,
+                    )
+                spec, fmap = self.embed(src, patch_l0, progress=progress)
+                normalizer = FeatureNormalizer.of(fmap, self.settings.feature_norm)
+                parts.append(
+                    embed_prototypes(
+                        src, self.extractor, spec, geometry, protos, classes, normalizer=normalizer
+                    )
+                )
+        return parts
+
+
+def _same_image(prototype_image: str | None, image: ImageSource) -> bool:
+    if prototype_image is None:
+        return True
+    from pathlib import Path
+
+    return Path(prototype_image).resolve() == image.path.resolve()

@@ -1,0 +1,922 @@
+"""Training the patch model: self-learning on noisy patches, supervised contrastive with the
+user's negatives, then a linear classifier (SimSearch, section 2 of DESIGN.md).
+
+Stages (each optional stage is switched by the strategy):
+
+(a) ``selflearn`` - SimCLR (NT-Xent, tau 0.5) on the noisy patches mined from images the user did
+    not review, with a 2-layer projection head, strong augmentations (flips, rotation, solarize,
+    coarse dropout, brightness/contrast);
+(b) ``supcon`` - supervised contrastive loss (tau 0.07) on the user's clean patches; with
+    negatives, the patches the user rejected for class y join the denominator of anchors of
+    class y; the same augmentations minus solarize and dropout;
+(c) ``linear`` - projection head dropped, trunk frozen, a linear layer on the pooled features
+    trained with cross-entropy.
+
+Every stage oversamples under-represented classes (each class equally likely per draw). With
+pretrained trunk weights, conv1 and the first two blocks stay frozen in (a) and (b); with random
+weights nothing is frozen (freezing random filters would only cripple the model) and a note says
+so. Everything is seeded from one ``seed`` with private generators: two runs on the CPU with the
+same inputs give the same bundle.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import nn
+
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.features.backbones import BackboneSpec, WeightsInfo
+from simsearch_wsi.features.extractor import AnalysisScale, ProgressFn, prefetched
+from simsearch_wsi.features.precision import autocast_pays_off
+from simsearch_wsi.features.preprocess import ChannelNormalization
+from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.qupath.geojson import BACKGROUND_CLASS
+from simsearch_wsi.search.probe import (
+    MEMORY_ROTATIONS,
+    MemoryHead,
+    fit_memory_head,
+    macro_average_precision,
+)
+from simsearch_wsi.search.similarity import PatchGeometry
+from simsearch_wsi.train.augment import AugmentConfig, augment_batch
+from simsearch_wsi.train.bundle import ModelBundle
+from simsearch_wsi.train.losses import nt_xent, supcon
+from simsearch_wsi.train.model import (
+    PatchEncoder,
+    ProjectionHead,
+    freeze,
+    set_trainable,
+    train_mode,
+)
+from simsearch_wsi.train.patches import (
+    CropGeometry,
+    PatchReader,
+    PatchSet,
+    stratified_split,
+)
+
+STRATEGIES = ("pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn")
+#: what the model's head reads: ``search`` = the search head on the similarity search's own
+#: normalised window vectors (:mod:`simsearch_wsi.search.probe`), ``trunk`` = the fine-tuned trunk's
+#: pooled features (the paper's stages), ``auto`` = both, the better on held-out patches kept
+HEAD_INPUTS = ("auto", "search", "trunk")
+DEFAULT_HEAD_INPUT = "trunk"
+#: in ``auto``, the search head is kept only when its held-out macro average precision beats the
+#: fine-tuned trunk's by more than this (ties go to the trunk, which won most rows of the
+#: training study in docs/evaluation.md)
+SELECTION_MARGIN = 0.02
+DEFAULT_STRATEGY = "pos+neg+selflearn"
+PRESETS = ("quick", "fast", "paper")
+DEFAULT_CONFIDENCE = 0.5
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Optimisation of one stage: Adam at ``lr``, multiplied by ``decay_factor`` after
+    ``decay_epoch`` epochs (step decay; ``None`` = constant). An epoch is one pass over the
+    stage's patches (oversampled draws), capped at ``max_steps_per_epoch`` batches."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    decay_epoch: int | None = None
+    decay_factor: float = 1.0
+    temperature: float = 0.5
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 2 or not self.lr > 0:
+            raise ConfigError(
+                f"stage needs epochs >= 0, batch size >= 2 and lr > 0, got {self.epochs}, "
+                f"{self.batch_size}, {self.lr}"
+            )
+        if not self.temperature > 0 or not 0 < self.decay_factor <= 1:
+            raise ConfigError(
+                f"temperature must be > 0 and decay factor in (0, 1], got {self.temperature}, "
+                f"{self.decay_factor}"
+            )
+
+    def steps_per_epoch(self, n_patches: int) -> int:
+        steps = max(1, math.ceil(n_patches / self.batch_size))
+        return min(steps, self.max_steps_per_epoch) if self.max_steps_per_epoch else steps
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run does besides its data. Build with :meth:`preset`."""
+
+    strategy: str
+    preset: str
+    selflearn: StageConfig
+    supcon: StageConfig
+    linear: StageConfig
+    projection_dim: int = 128
+    context_a: int = 32
+    jitter_a: int = 8
+    linear_views: int = 8
+    noisy_per_class: int = 64
+    background_per_image: int = 48
+    val_fraction: float = 0.2
+    min_val_per_class: int = 2
+    autocast: bool = True
+    head_input: str = DEFAULT_HEAD_INPUT
+    noisy_augment: AugmentConfig = field(default_factory=AugmentConfig.noisy)
+    clean_augment: AugmentConfig = field(default_factory=AugmentConfig.clean)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}"
+            )
+        if self.head_input not in HEAD_INPUTS:
+            raise ConfigError(
+                f"unknown head input {self.head_input!r}; use one of {', '.join(HEAD_INPUTS)}"
+            )
+        if not 0 <= self.val_fraction < 1 or self.linear_views < 1 or self.context_a < 0:
+            raise ConfigError("val_fraction must be in [0, 1), linear_views >= 1, context >= 0")
+
+    @property
+    def uses_negatives(self) -> bool:
+        return "neg" in self.strategy.split("+")
+
+    @property
+    def uses_selflearn(self) -> bool:
+        return "selflearn" in self.strategy.split("+")
+
+    @classmethod
+    def preset_config(cls, name: str = "fast", *, strategy: str = DEFAULT_STRATEGY) -> TrainConfig:
+        """``paper``: the SimSearch paper's epochs, optimiser, schedules, batch sizes and
+        temperatures. ``fast``: a few minutes on 2 CPU cores (fewer, capped epochs). ``quick``:
+        about a minute on 2 CPU cores (the demo, smoke runs): a dozen contrastive steps per
+        stage, fewer noisy and background patches."""
+        if name == "paper":
+            return cls(
+                strategy=strategy,
+                preset=name,
+                selflearn=StageConfig(100, 128, 1e-3, 50, 0.05, 0.5),
+                supcon=StageConfig(50, 32, 1e-3, 25, 0.1, 0.07),
+                linear=StageConfig(100, 32, 1e-3),
+            )
+        if name == "fast":
+            return cls(
+                strategy=strategy,
+                preset=name,
+                selflearn=StageConfig(8, 64, 1e-3, 6, 0.05, 0.5, max_steps_per_epoch=6),
+                supcon=StageConfig(16, 32, 1e-3, 12, 0.1, 0.07, max_steps_per_epoch=6),
+                linear=StageConfig(60, 64, 1e-2, 40, 0.1),
+            )
+        if name == "quick":
+            return cls(
+                strategy=strategy,
+                preset=name,
+                selflearn=StageConfig(3, 32, 1e-3, None, 1.0, 0.5, max_steps_per_epoch=4),
+                supcon=StageConfig(6, 32, 1e-3, None, 1.0, 0.07, max_steps_per_epoch=4),
+                linear=StageConfig(40, 64, 1e-2, 30, 0.1),
+                noisy_per_class=32,
+                background_per_image=32,
+                linear_views=4,
+            )
+        raise ConfigError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["noisy_augment"] = self.noisy_augment.to_dict()
+        d["clean_augment"] = self.clean_augment.to_dict()
+        return d
+
+
+@dataclass
+class TrainingData:
+    """What a run trains on. ``clean`` holds the user's positives and background (classes =
+    the user's classes, then ``background``); ``negatives`` and ``noisy`` label into the same
+    classes (a negative's label is the class it was rejected for)."""
+
+    clean: PatchSet
+    negatives: PatchSet
+    noisy: PatchSet
+    patch_size_l0: tuple[float, float]
+    normalization: ChannelNormalization
+    channels: tuple[str, ...]
+    rgb: bool
+    mpp: float | None
+    colors: dict[str, tuple[int, int, int]]
+    notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "clean": self.clean.class_counts(),
+            "negatives": self.negatives.class_counts(),
+            "noisy": self.noisy.class_counts(),
+        }
+
+
+# --- the stages ---------------------------------------------------------------------------------
+@dataclass
+class TrainRun:
+    """What every stage shares."""
+
+    encoder: PatchEncoder
+    reader: PatchReader
+    config: TrainConfig
+    device: torch.device
+    freeze_early: bool
+    rng: np.random.Generator
+    gen: torch.Generator
+    progress: ProgressFn | None
+    n_channels: int
+
+    def autocast(self) -> Any:
+        enabled = self.config.autocast and autocast_pays_off(self.device)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def child_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, 2**62))
+
+
+def _new_head(in_dim: int, out_dim: int, seed: int) -> ProjectionHead:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        head = ProjectionHead(in_dim, out_dim)
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            _init_linear(m, gen)
+    return head
+
+
+def _init_linear(layer: nn.Linear, gen: torch.Generator) -> None:
+    """PyTorch's default Linear initialisation, drawn from a private generator."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=gen)
+        if layer.bias is not None:
+            layer.bias.uniform_(-bound, bound, generator=gen)
+
+
+class StageLoop:
+    """What every training stage's loop shares: Adam at ``stage.lr`` with the stage's step
+    decay, the optimiser step, the running loss, progress and the stage's record."""
+
+    def __init__(
+        self, run: TrainRun, name: str, stage: StageConfig, params: list[Any], steps: int
+    ) -> None:
+        self.run, self.name, self.stage, self.steps = run, name, stage, steps
+        self.opt = torch.optim.Adam(params, lr=stage.lr)
+        self.sched = (
+            torch.optim.lr_scheduler.StepLR(
+                self.opt, step_size=stage.decay_epoch, gamma=stage.decay_factor
+            )
+            if stage.decay_epoch
+            else None
+        )
+        self.losses: list[float] = []
+        self.views = 0
+        self.epoch = 0
+        self._epoch_loss = 0.0
+        self._t0 = time.perf_counter()
+
+    def step(self, loss: torch.Tensor, k: int, views: int) -> None:
+        """Back-propagate ``loss`` of batch ``k`` of the current epoch (``views`` samples)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.opt.step()
+        self._epoch_loss += float(loss.detach())
+        self.views += views
+        if self.run.progress is not None:
+            self.run.progress(
+                f"{self.name} | epoch {self.epoch + 1}/{self.stage.epochs} "
+                f"loss {self._epoch_loss / (k + 1):.3f}",
+                self.epoch * self.steps + k + 1,
+                self.stage.epochs * self.steps,
+            )
+
+    def end_epoch(self) -> None:
+        self.losses.append(self._epoch_loss / self.steps)
+        self._epoch_loss = 0.0
+        self.epoch += 1
+        if self.sched is not None:
+            self.sched.step()
+
+    def record(self, n_patches: int, **extra: Any) -> dict[str, Any]:
+        seconds = time.perf_counter() - self._t0
+        return {
+            "patches": n_patches,
+            "epochs": self.stage.epochs,
+            "steps_per_epoch": self.steps,
+            **extra,
+            "loss": [round(v, 5) for v in self.losses],
+            "views": self.views,
+            "seconds": round(seconds, 2),
+            "views_per_s": round(self.views / seconds, 1) if seconds > 0 else None,
+        }
+
+
+def contrastive_stage(
+    run: TrainRun,
+    name: str,
+    patches: PatchSet,
+    stage: StageConfig,
+    augment: AugmentConfig,
+    *,
+    negatives: PatchSet | None = None,
+) -> dict[str, Any]:
+    """SimCLR (``negatives is None`` and ``name == 'selflearn'``) or SupCon on ``patches``."""
+    enc = run.encoder
+    head = _new_head(
+        enc.feature_dim(run.n_channels), run.config.projection_dim, child_seed(run.rng)
+    )
+    head.to(run.device)
+    params = set_trainable(enc.trunk, freeze_early=run.freeze_early) + list(head.parameters())
+    steps = stage.steps_per_epoch(len(patches))
+    loop = StageLoop(run, name, stage, params, steps)
+    labels_all = torch.from_numpy(patches.labels)
+    jitter = np.random.default_rng(child_seed(run.rng))
+    window = enc.window_a
+    for _epoch in range(stage.epochs):
+        train_mode(enc.trunk, freeze_early=run.freeze_early)
+        head.train()
+        batches = [patches.draw(stage.batch_size, run.rng) for _ in range(steps)]
+        neg_batches: list[NDArray[np.int64] | None] = [
+            negatives.draw(stage.batch_size, run.rng)
+            if negatives is not None and len(negatives)
+            else None
+            for _ in range(steps)
+        ]
+
+        def load(
+            item: tuple[NDArray[np.int64], NDArray[np.int64] | None],
+        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            idx, nidx = item
+            x = run.reader.read([patches.samples[i] for i in idx], rng=jitter)
+            if nidx is None or negatives is None:
+                return x, None
+            return x, run.reader.read([negatives.samples[i] for i in nidx], rng=jitter)
+
+        for k, (x, xn) in enumerate(prefetched(load, list(zip(batches, neg_batches, strict=True)))):
+            x = x.to(run.device)
+            b = x.shape[0]
+            v = torch.cat([augment_batch(x, augment, run.gen, window=window) for _ in range(2)])
+            if xn is not None:
+                v = torch.cat(
+                    [v, augment_batch(xn.to(run.device), augment, run.gen, window=window)]
+                )
+            with run.autocast():
+                pooled = enc(v)
+            # the projection head and the loss in float32: bf16 logits at tau = 0.07 are
+            # too coarse (issue 27: training diverged on CPUs with native bf16)
+            z = head(pooled.float())
+            if name == "selflearn":
+                loss = nt_xent(z[:b], z[b : 2 * b], temperature=stage.temperature)
+            else:
+                y = labels_all[batches[k]].to(run.device)
+                nb = neg_batches[k]
+                loss = supcon(
+                    z[: 2 * b],
+                    torch.cat([y, y]),
+                    negatives=None if nb is None else z[2 * b :],
+                    negative_labels=(
+                        None
+                        if nb is None or negatives is None
+                        else torch.from_numpy(negatives.labels[nb]).to(run.device)
+                    ),
+                    temperature=stage.temperature,
+                )
+            loop.step(loss, k, v.shape[0])
+        loop.end_epoch()
+    freeze(enc.trunk)
+    return loop.record(len(patches))
+
+
+@torch.no_grad()
+def embed_patches(
+    encoder: PatchEncoder,
+    reader: PatchReader,
+    patches: PatchSet,
+    *,
+    device: torch.device,
+    views: int = 1,
+    augment: AugmentConfig | None = None,
+    gen: torch.Generator | None = None,
+    jitter: np.random.Generator | None = None,
+    batch_size: int = 64,
+    autocast: bool = True,
+) -> torch.Tensor:
+    """Pooled features (views, N, D) float32 on the CPU: view 0 is the crop as it is, further
+    views are augmented (``augment`` with ``gen``; ``jitter`` shifts every view's crop)."""
+    encoder.eval()
+    enabled = autocast and autocast_pays_off(device)
+    out = []
+    chunks = [patches.samples[i : i + batch_size] for i in range(0, len(patches), batch_size)]
+    for x in prefetched(lambda c: reader.read(c, rng=jitter), chunks):
+        x = x.to(device)
+        per_view = []
+        for v in range(views):
+            xv = (
+                x
+                if v == 0 or augment is None or gen is None
+                else augment_batch(x, augment, gen, window=encoder.window_a)
+            )
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+                per_view.append(encoder(xv).float().cpu())
+        out.append(torch.stack(per_view))
+    if not out:
+        return torch.empty(views, 0, encoder.spec.out_channels)
+    return torch.cat(out, dim=1)
+
+
+def _train_linear(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    stage: StageConfig,
+    *,
+    rng: np.random.Generator,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Cross-entropy linear layer on (M, D) features, oversampling classes equally; returns
+    (K, D) weight and (K,) bias acting on the raw features (standardisation folded in)."""
+    mu = feats.mean(dim=0)
+    sd = feats.std(dim=0).clamp_min(1e-6)
+    xs = (feats - mu) / sd
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        layer = nn.Linear(feats.shape[1], n_classes)
+    _init_linear(layer, gen)
+    opt = torch.optim.Adam(layer.parameters(), lr=stage.lr)
+    sched = (
+        torch.optim.lr_scheduler.StepLR(opt, step_size=stage.decay_epoch, gamma=stage.decay_factor)
+        if stage.decay_epoch
+        else None
+    )
+    counts = torch.bincount(labels, minlength=n_classes).double()
+    p = (1.0 / counts[labels]).numpy()
+    p = p / p.sum()
+    steps = stage.steps_per_epoch(len(labels))
+    losses = []
+    for _ in range(stage.epochs):
+        total = 0.0
+        for _ in range(steps):
+            idx = torch.from_numpy(rng.choice(len(labels), size=stage.batch_size, p=p))
+            loss = F.cross_entropy(layer(xs[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            total += float(loss.detach())
+        losses.append(total / steps)
+        if sched is not None:
+            sched.step()
+    w = layer.weight.detach() / sd
+    b = layer.bias.detach() - w @ mu
+    return w, b, [round(v, 5) for v in losses]
+
+
+# --- metrics ------------------------------------------------------------------------------------
+def classification_metrics(
+    probs: NDArray[np.float32], labels: NDArray[np.int64], classes: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix
+    (rows = truth) of argmax predictions; ``probs`` (N, K), ``labels`` (N,)."""
+    k = len(classes)
+    pred = probs.argmax(axis=1)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    per_class = {}
+    recalls = []
+    for c, name in enumerate(classes):
+        tp = confusion[c, c]
+        support = confusion[c].sum()
+        predicted = confusion[:, c].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {
+            "precision": round(float(precision), 4),
+            "recall": round(float(recall), 4),
+            "f1": round(float(f1), 4),
+            "support": int(support),
+        }
+        if support:
+            recalls.append(recall)
+    return {
+        "n": len(labels),
+        "accuracy": round(float((pred == labels).mean()), 4) if len(labels) else None,
+        "balanced_accuracy": round(float(np.mean(recalls)), 4) if recalls else None,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def pick_thresholds(
+    probs: NDArray[np.float32], labels: NDArray[np.int64], classes: Sequence[str]
+) -> dict[str, float]:
+    """Per class, the confidence threshold (on the class probability of windows predicted as
+    that class) that maximises F1 on held-out patches; the middle of the best range."""
+    pred = probs.argmax(axis=1)
+    grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    out = {}
+    for c, name in enumerate(classes):
+        truth = labels == c
+        f1s = []
+        for t in grid:
+            hit = (pred == c) & (probs[:, c] >= t)
+            tp = float((hit & truth).sum())
+            denom = float(hit.sum() + truth.sum())
+            f1s.append(2 * tp / denom if denom else 0.0)
+        f1 = np.asarray(f1s)
+        best = np.flatnonzero(f1 >= f1.max() - 1e-9)
+        out[name] = float(grid[best[len(best) // 2]]) if f1.max() > 0 else DEFAULT_CONFIDENCE
+    return out
+
+
+def _probs(w: torch.Tensor, b: torch.Tensor, feats: torch.Tensor) -> NDArray[np.float32]:
+    out: NDArray[np.float32] = torch.softmax(feats @ w.T + b, dim=1).numpy()
+    return out
+
+
+# --- the whole run ------------------------------------------------------------------------------
+class SearchView(Protocol):
+    """The similarity search a model is trained next to: its normalised window vectors of any
+    labelled patch (what :mod:`simsearch_wsi.search.probe` fits on) and what defines them."""
+
+    feature_norm: str
+    weights: WeightsInfo
+
+    def vectors(self, patches: PatchSet, rotations: int = 1) -> torch.Tensor:
+        """(rotations, N, D) unit vectors of each patch's window turned by 0, 90, 180, 270
+        degrees (the first ``rotations`` of them)."""
+        ...
+
+
+@dataclass
+class TrainResult:
+    bundle: ModelBundle
+    metrics: dict[str, Any]
+    notes: list[str]
+
+
+@dataclass
+class _Candidate:
+    """One model of a run: its head, what the head reads, held-out probabilities."""
+
+    head_input: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    val_probs: NDArray[np.float32] | None
+    val_ap: float = float("nan")
+    memory: MemoryHead | None = None
+
+
+def _memory_weight(memory: MemoryHead) -> torch.Tensor:
+    """(K, 2) the bundle's ``head_weight`` of a search head: ``a_c`` and ``g_c``."""
+    g = memory.neg_weight if memory.neg_weight is not None else torch.zeros_like(memory.scale)
+    return torch.stack([memory.scale, g], dim=1)
+
+
+def _fit_search_head(
+    view: SearchView,
+    train_set: PatchSet,
+    negatives: PatchSet | None,
+    classes: Sequence[str],
+) -> MemoryHead:
+    """The search head on ``view``'s vectors of ``train_set`` and the user's rejected
+    suggestions, each in its 4 rotations (as the search embeds prototypes)."""
+    n_off = MEMORY_ROTATIONS
+    xs = view.vectors(train_set, n_off)
+    ids = np.tile(np.arange(len(train_set)), n_off)
+    xn, yn, idn = None, None, None
+    if negatives is not None and len(negatives):
+        xn = view.vectors(negatives, n_off).reshape(-1, xs.shape[-1])
+        yn = np.tile(negatives.labels, n_off)
+        idn = np.tile(np.arange(len(negatives)), n_off)
+    background = list(classes).index(BACKGROUND_CLASS) if BACKGROUND_CLASS in classes else -1
+    return fit_memory_head(
+        xs.reshape(-1, xs.shape[-1]),
+        np.tile(train_set.labels, n_off),
+        ids,
+        len(classes),
+        background=background,
+        negatives=xn,
+        negative_labels=yn,
+        negative_ids=idn,
+    )
+
+
+def train_patch_model(
+    data: TrainingData,
+    *,
+    trunk: nn.Module,
+    spec: BackboneSpec,
+    weights: WeightsInfo,
+    config: TrainConfig,
+    open_image: Callable[[str], ImageSource],
+    search: SearchView | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train the model of ``config`` on ``data`` and return its bundle.
+
+    ``config.head_input`` chooses what is trained: ``search`` fits the search head on
+    ``search``'s window vectors (seconds; no trunk training), ``trunk`` runs the strategy's
+    stages on ``trunk`` (a copy; the caller's module is left as it was), ``auto`` does both and
+    keeps the search head only where its held-out macro average precision beats the fine-tuned
+    trunk's by more than :data:`SELECTION_MARGIN` (``metrics["selection"]`` says which and
+    why). A search head that is kept is refitted on every clean patch (training + held-out)."""
+    device = torch.device(device)
+    notes = list(data.notes)
+    clean = data.clean
+    present = [c for c, n in clean.class_counts().items() if n > 0]
+    if len(present) < 2:
+        raise ConfigError(
+            f"training needs patches of at least two classes (the user's classes and "
+            f"background); have {clean.class_counts()}. Approve suggestions, confirm background "
+            "candidates, or add prototypes of another class"
+        )
+    head_input = config.head_input
+    if search is None and head_input == "search":
+        raise ConfigError(
+            "head input 'search' needs the similarity search the session was reviewed with"
+        )
+    if search is None:
+        head_input = "trunk"
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(child_seed(rng))
+    freeze_early = weights.kind != "random"
+    base_trunk = trunk
+    trunk = copy.deepcopy(trunk).to(device).to(memory_format=torch.channels_last)
+    freeze(trunk)
+    first_image = clean.samples[0].image
+    n_channels = len(data.channels)
+    with open_image(first_image) as first:
+        scale = AnalysisScale.for_patch(first, max(data.patch_size_l0))
+    geometry = PatchGeometry.from_l0(*data.patch_size_l0, scale, spec.stride)
+    encoder = PatchEncoder(trunk, spec, geometry, rgb=data.rgb, context_a=config.context_a)
+    encoder.to(device)
+    crop = CropGeometry(
+        max(data.patch_size_l0), encoder.window_a, config.context_a, config.jitter_a
+    )
+    metrics: dict[str, Any] = {"counts": data.counts(), "stages": {}}
+    split = (
+        stratified_split(clean, config.val_fraction, rng, min_per_class=config.min_val_per_class)
+        if config.val_fraction > 0
+        else None
+    )
+    train_set, val_set = split if split is not None else (clean, None)
+    if val_set is None:
+        notes.append(
+            "too few patches per class to hold some out: no validation metrics, confidence "
+            f"thresholds default to {DEFAULT_CONFIDENCE}"
+        )
+    negatives = data.negatives if config.uses_negatives and len(data.negatives) else None
+    if config.uses_negatives and negatives is None:
+        notes.append("the session has no negatives (rejected suggestions) to train with")
+    candidates: list[_Candidate] = []
+    if search is not None and head_input in ("auto", "search"):
+        t0 = time.perf_counter()
+        if progress is not None:
+            progress("search head | fitting", 0, 1)
+        fitted = _fit_search_head(search, train_set, negatives, clean.classes)
+        probe = _Candidate("search", _memory_weight(fitted), fitted.bias, None, memory=fitted)
+        if val_set is not None:
+            probe.val_probs = fitted.probabilities(search.vectors(val_set, 1)[0])
+        candidates.append(probe)
+        metrics["stages"]["search_head"] = {
+            "memory": len(fitted.vectors),
+            "negatives": 0 if negatives is None else len(negatives),
+            "scale": [round(float(v), 4) for v in fitted.scale],
+            "counter_weight": [round(float(v), 4) for v in _memory_weight(fitted)[:, 1]],
+            "bias": [round(float(v), 4) for v in fitted.bias],
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        if progress is not None:
+            progress("search head | fitting", 1, 1)
+    if head_input in ("auto", "trunk"):
+        if not freeze_early:
+            notes.append(
+                "trunk weights are random (not pretrained): all layers are trained, none frozen; "
+                "use --weights imagenet or weights from `simsearch-wsi pretrain` for better models"
+            )
+        candidates.append(
+            _fine_tune(
+                data,
+                encoder,
+                crop,
+                config,
+                device=device,
+                freeze_early=freeze_early,
+                rng=rng,
+                gen=gen,
+                progress=progress,
+                n_channels=n_channels,
+                split=(train_set, val_set),
+                negatives=negatives,
+                metrics=metrics,
+                notes=notes,
+                open_image=open_image,
+            )
+        )
+    chosen = _select(candidates, val_set, clean.classes, head_input, metrics)
+    thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
+    if val_set is not None and chosen.val_probs is not None:
+        metrics["validation"] = classification_metrics(
+            chosen.val_probs, val_set.labels, clean.classes
+        )
+        thresholds = pick_thresholds(chosen.val_probs, val_set.labels, clean.classes)
+    w, b, memory = chosen.weight, chosen.bias, chosen.memory
+    if chosen.head_input == "search" and search is not None and val_set is not None:
+        # the held-out patches chose the model and its thresholds; now they join its memory
+        memory = _fit_search_head(search, clean, negatives, clean.classes)
+        w, b = _memory_weight(memory), memory.bias
+    metrics["head_input"] = chosen.head_input
+    metrics["notes"] = notes
+    # a search head reads the search's trunk, unchanged; a trunk head its fine-tuned copy
+    state_src = (base_trunk if chosen.head_input == "search" else encoder.trunk).state_dict()
+    trunk_state = {k: v.detach().cpu().contiguous() for k, v in state_src.items()}
+    bundle = ModelBundle(
+        backbone=spec.name,
+        trunk_state=trunk_state,
+        head_weight=w.contiguous(),
+        head_bias=b.contiguous(),
+        classes=clean.classes,
+        colors={c: data.colors[c] for c in clean.classes},
+        thresholds=thresholds,
+        patch_size_l0=data.patch_size_l0,
+        mpp=data.mpp,
+        analysis_downsample=scale.downsample_x,
+        context_a=config.context_a,
+        geometry=geometry.to_dict(),
+        normalization=data.normalization.to_dict(),
+        channels=data.channels,
+        rgb=data.rgb,
+        strategy=config.strategy,
+        config={**config.to_dict(), "seed": seed, "device": str(device)},
+        metrics=metrics,
+        provenance={
+            **data.provenance,
+            "base_weights": {"kind": weights.kind, "identity": weights.identity},
+            "frozen": list(
+                ("conv1", "layer1", "layer2")
+                if freeze_early and chosen.head_input == "trunk"
+                else ()
+            ),
+        },
+        head_input=chosen.head_input,
+        feature_norm=search.feature_norm if chosen.head_input == "search" and search else "none",
+        memory_vectors=None if memory is None else memory.vectors.to(torch.float16),
+        memory_owner=None if memory is None else memory.owner,
+    )
+    return TrainResult(bundle, metrics, notes)
+
+
+def _select(
+    candidates: list[_Candidate],
+    val_set: PatchSet | None,
+    classes: Sequence[str],
+    head_input: str,
+    metrics: dict[str, Any],
+) -> _Candidate:
+    """The candidate to keep (see :func:`train_patch_model`); records why in
+    ``metrics["selection"]``."""
+    if val_set is not None:
+        for c in candidates:
+            if c.val_probs is not None:
+                c.val_ap = macro_average_precision(
+                    c.val_probs, val_set.labels, classes, skip=BACKGROUND_CLASS
+                )
+    by_kind = {c.head_input: c for c in candidates}
+    record: dict[str, Any] = {
+        "asked": head_input,
+        "validation_ap": {
+            c.head_input: None if math.isnan(c.val_ap) else round(c.val_ap, 4) for c in candidates
+        },
+        "margin": SELECTION_MARGIN,
+    }
+    if len(candidates) == 1:
+        chosen = candidates[0]
+        record["reason"] = f"only the {chosen.head_input} model was trained"
+    else:
+        probe, tuned = by_kind["search"], by_kind["trunk"]
+        if math.isnan(probe.val_ap) or math.isnan(tuned.val_ap):
+            chosen = tuned
+            record["reason"] = "no held-out patches to compare on: kept the fine-tuned trunk"
+        elif probe.val_ap > tuned.val_ap + SELECTION_MARGIN:
+            chosen = probe
+            record["reason"] = (
+                f"the search head beat the fine-tuned trunk on held-out patches "
+                f"({probe.val_ap:.3f} > {tuned.val_ap:.3f} + {SELECTION_MARGIN})"
+            )
+        else:
+            chosen = tuned
+            record["reason"] = (
+                f"the search head did not beat the fine-tuned trunk by more than "
+                f"{SELECTION_MARGIN} on held-out patches ({probe.val_ap:.3f} vs "
+                f"{tuned.val_ap:.3f}): kept the fine-tuned trunk"
+            )
+    record["kept"] = chosen.head_input
+    metrics["selection"] = record
+    return chosen
+
+
+def _fine_tune(
+    data: TrainingData,
+    encoder: PatchEncoder,
+    crop: CropGeometry,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    freeze_early: bool,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    progress: ProgressFn | None,
+    n_channels: int,
+    split: tuple[PatchSet, PatchSet | None],
+    negatives: PatchSet | None,
+    metrics: dict[str, Any],
+    notes: list[str],
+    open_image: Callable[[str], ImageSource],
+) -> _Candidate:
+    """The paper's stages on ``encoder``'s trunk (in place): a baseline linear probe,
+    self-learning, supervised contrastive, then the linear head."""
+    train_set, val_set = split
+    clean = data.clean
+    lin_cfg = config.linear
+    with PatchReader(crop, data.normalization, data.channels, open_image) as reader:
+        run = TrainRun(
+            encoder, reader, config, device, freeze_early, rng, gen, progress, n_channels
+        )
+
+        def fit_linear(tag: str) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+            feats = embed_patches(
+                encoder,
+                reader,
+                train_set,
+                device=device,
+                views=config.linear_views,
+                augment=config.clean_augment,
+                gen=gen,
+                jitter=np.random.default_rng(child_seed(rng)),
+                autocast=config.autocast,
+            )
+            labels = torch.from_numpy(train_set.labels).repeat(config.linear_views)
+            if progress is not None:
+                progress(f"{tag} | fitting", 1, 1)
+            return _train_linear(
+                feats.reshape(-1, feats.shape[-1]),
+                labels,
+                len(clean.classes),
+                lin_cfg,
+                rng=rng,
+                seed=child_seed(rng),
+            )
+
+        if val_set is not None:
+            w0, b0, _ = fit_linear("baseline linear probe")
+            val_feats_before = embed_patches(
+                encoder, reader, val_set, device=device, autocast=config.autocast
+            )[0]
+            metrics["baseline_validation"] = classification_metrics(
+                _probs(w0, b0, val_feats_before), val_set.labels, clean.classes
+            )
+        if config.uses_selflearn:
+            if len(data.noisy) >= 2:
+                metrics["stages"]["selflearn"] = contrastive_stage(
+                    run, "selflearn", data.noisy, config.selflearn, config.noisy_augment
+                )
+            else:
+                notes.append("no noisy patches were mined: the self-learning stage was skipped")
+        metrics["stages"]["supcon"] = contrastive_stage(
+            run, "supcon", train_set, config.supcon, config.clean_augment, negatives=negatives
+        )
+        t0 = time.perf_counter()
+        w, b, lin_losses = fit_linear("linear")
+        metrics["stages"]["linear"] = {
+            "epochs": lin_cfg.epochs,
+            "loss": lin_losses,
+            "views": len(train_set) * config.linear_views,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        val_probs = None
+        if val_set is not None:
+            val_feats = embed_patches(
+                encoder, reader, val_set, device=device, autocast=config.autocast
+            )[0]
+            val_probs = _probs(w, b, val_feats)
+            metrics["trunk_validation"] = classification_metrics(
+                val_probs, val_set.labels, clean.classes
+            )
+    return _Candidate("trunk", w, b, val_probs)
