@@ -41,7 +41,7 @@ from simsearch_wsi.cohort.run import CohortEntry, cohort_targets, run_cohort
 from simsearch_wsi.infer.dense import PatchModel, untrained_bundle
 from simsearch_wsi.infer.predict import PredictSettings, predict_images
 from simsearch_wsi.io import open_image
-from simsearch_wsi.synthetic.slides import make_synthetic_slide
+from simsearch_wsi.synthetic import make_synthetic_slide
 from simsearch_wsi.train.bundle import ModelBundle
 
 CLASSES = ("ring", "cluster", "stripes", "background")

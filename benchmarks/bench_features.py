@@ -54,7 +54,7 @@ def _sync(device: str) -> None:
 
 
 def bench_pipeline(work: Path, device: str, quick: bool) -> dict[str, Any]:
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     size = 2048 if quick else 4096
     slide = make_synthetic_slide(

@@ -91,7 +91,7 @@ def bench_dense(
     work: Path, device: str, precisions: list[bool], *, quick: bool, repeats: int, context_a: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Returns the results and, for ``per_window``, the slide, bundle and dense times."""
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     size = 2048 if quick else 4096
     slide = make_synthetic_slide(

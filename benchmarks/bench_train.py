@@ -152,7 +152,7 @@ def bench_steps(device: torch.device, quick: bool) -> dict[str, Any]:
 def bench_pipeline(work: Path, device: torch.device, quick: bool) -> dict[str, Any]:
     """A real fast-preset run on a synthetic session (reading, augmentation, optimiser)."""
     from simsearch_wsi.review.data import train_session
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     kw = {"width": 1024, "height": 768, "n_per_class": 6}
     a = make_synthetic_slide(work / "a.tiff", seed=0, **kw)

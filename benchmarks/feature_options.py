@@ -54,7 +54,7 @@ IHC_PATCH_PX = 48.0
 def _ihc_image(root: Path) -> TruthImage:
     from skimage import data
 
-    from simsearch_wsi.synthetic.slides import write_pyramidal_tiff
+    from simsearch_wsi.io.tiff_writer import write_pyramidal_tiff
 
     rgb = np.asarray(data.immunohistochemistry())
     path = root / "skimage_ihc.tiff"

@@ -6,7 +6,7 @@ Data (all public, licences in ``simsearch_wsi/weights/README.md``):
 * real slides from ``../shared/data``: CMU-1-Small-Region.svs (CC0), the TCGA frozen section
   (TCGA open access), bankhead2022_OS-1-detail.ome.tif (OpenSlide test data, free to use);
 * scikit-image's IHC sample (``skimage.data.immunohistochemistry``, bundled with scikit-image);
-* synthetic H&E-like slides (:func:`simsearch_wsi.synthetic.slides.make_synthetic_slide`) with seeds
+* synthetic H&E-like slides (:func:`simsearch_wsi.synthetic.make_synthetic_slide`) with seeds
   9000+ — disjoint from the evaluation benchmark's (seed 0: 0..4) and the demo's.
 
 GPL-licensed files in ``../shared/data`` (the pathml samples) are left out on purpose.
@@ -57,7 +57,8 @@ def pretraining_images(work: Path) -> list[tuple[Path, str]]:
     ``work`` (reused when present)."""
     from skimage import data
 
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide, write_pyramidal_tiff
+    from simsearch_wsi.io.tiff_writer import write_pyramidal_tiff
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     missing = [p for p, _ in REAL_SLIDES if not (SHARED / p).is_file()]
     if missing:

@@ -54,16 +54,13 @@ from simsearch_wsi.features.tissue import TissueMask, detect_foreground
 from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, segment
 from simsearch_wsi.infer.predict import PredictResult, PredictTarget, predict_images
 from simsearch_wsi.io import ImageSource, open_image, open_plate
+from simsearch_wsi.io.tiff_writer import write_pyramidal_tiff
 from simsearch_wsi.qupath.geojson import box_features, read_annotations, write_feature_collection
 from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SimSearch, prototypes_from_annotations
 from simsearch_wsi.search.similarity import Prototype
-from simsearch_wsi.synthetic.slides import (
-    make_fluorescence_slide,
-    make_synthetic_plate,
-    write_pyramidal_tiff,
-)
+from simsearch_wsi.synthetic import make_fluorescence_slide, make_synthetic_plate
 from simsearch_wsi.train.bundle import save_bundle
 from simsearch_wsi.train.fit import TrainConfig
 

@@ -33,7 +33,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_slide(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A 3-level brightfield pyramidal TIFF with stamped motifs and its ground truth."""
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     return make_synthetic_slide(tmp_path_factory.mktemp("slide") / "synthetic.tiff", seed=0)
 
@@ -41,7 +41,7 @@ def synthetic_slide(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[n
 @pytest.fixture(scope="session")
 def fluorescence_slide(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A multichannel (DAPI, GFP, Cy5) uint16 OME-TIFF pyramid and its ground truth."""
-    from simsearch_wsi.synthetic.slides import make_fluorescence_slide
+    from simsearch_wsi.synthetic import make_fluorescence_slide
 
     return make_fluorescence_slide(tmp_path_factory.mktemp("fluo") / "fluo.ome.tiff", seed=1)
 
@@ -49,7 +49,7 @@ def fluorescence_slide(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
 @pytest.fixture(scope="session")
 def synthetic_plate(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A 2x3-well, 2-fields-per-well OME-Zarr HCS plate (NGFF 0.4) and its ground truth."""
-    from simsearch_wsi.synthetic.slides import make_synthetic_plate
+    from simsearch_wsi.synthetic import make_synthetic_plate
 
     return make_synthetic_plate(tmp_path_factory.mktemp("plate") / "plate.ome.zarr", seed=2)
 
@@ -61,7 +61,7 @@ SMALL_SLIDE = {"width": 1024, "height": 768, "n_per_class": 6}
 @pytest.fixture(scope="session")
 def small_slides(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Three small brightfield slides (seeds 0, 1, 2): labelled, held out, and unreviewed."""
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     root = tmp_path_factory.mktemp("small")
     return tuple(

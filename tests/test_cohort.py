@@ -209,7 +209,7 @@ N_KILL_SLIDES = 6
 @pytest.fixture(scope="module")
 def kill_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A manifest of six small synthetic slides in two groups."""
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     root = tmp_path_factory.mktemp("kill")
     rows = []

@@ -127,7 +127,7 @@ def test_example_prototypes_sit_on_their_classes(tmp_path: Path) -> None:
         assert ihc_truth.mask_fraction(a.box, a.class_name) > 0.85, a
     # the review slide the H&E prototypes were drawn on is the benchmark's review0
     from simsearch_wsi.eval.benchmark import SYNTHETIC_CLASSES, SYNTHETIC_DISTRACTORS
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     slide = make_synthetic_slide(  # what synthetic_benchmark writes as review0
         tmp_path / "review0.tiff",
@@ -364,7 +364,7 @@ def test_cli_evaluate_runs_resumes_and_reports(
     """A one-cell grid on a manifest of small synthetic slides: the report files, the record,
     then --report-only reuses the finished run."""
     from simsearch_wsi.cli.main import main
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     rows = [["image", "role", "truth", "mpp"]]
     for k, role in enumerate(("review", "unlabelled", "test")):

@@ -27,7 +27,8 @@ from simsearch_wsi.eval import (
 
 @dataclass(frozen=True)
 class Det:
-    """Stand-in for simsearch_wsi.infer.dense.Detection (same fields; importing infer pulls in torch)."""
+    """Stand-in for simsearch_wsi.infer.dense.Detection (same fields; importing infer pulls in
+    torch)."""
 
     class_name: str
     box: BoxL0

@@ -295,7 +295,7 @@ def test_mask_errors(tmp_path: Path) -> None:
 
 # --- synthetic slides -----------------------------------------------------------------------
 def test_synthetic_truth_and_its_files(tmp_path: Path) -> None:
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     slide = make_synthetic_slide(
         tmp_path / "s.tiff", width=512, height=384, n_per_class=2, n_levels=1, seed=0

@@ -195,7 +195,7 @@ def test_cache_reuse_invalidation_and_resume(he_crop: ArraySource, tmp_path: Pat
 
 
 def test_cache_invalidated_when_file_changes(tmp_path: Path, extractor: FeatureExtractor) -> None:
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     path = tmp_path / "s.tiff"
     make_synthetic_slide(path, width=512, height=384, n_per_class=1, seed=0)

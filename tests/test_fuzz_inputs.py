@@ -5,7 +5,7 @@ suggest ... --weights random``. Each must end with exit code 1 and exactly one l
 names the input, with no traceback and no asyncio / logging noise, and must leave every input
 byte-identical. A few damaged-but-usable inputs (a Z stack, NaN pixels) must instead succeed.
 
-All cases run in **one** child interpreter (``python -c`` calling ``simsearch_wsi.cli.main.main`` per
+All cases run in **one** child interpreter (``python -c`` calling ``simsearch_wsi.cli``'s main per
 case with stdout/stderr redirected): stderr there is the real stderr a user sees, with no pytest
 logging capture in between, and torch is imported once. Grow the suite by adding a case to
 ``CASES`` (or ``USABLE``): a builder that writes the input under a folder and returns its path.

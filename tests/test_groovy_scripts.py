@@ -38,8 +38,8 @@ from simsearch_wsi.qupath.geojson import BACKGROUND_CLASS, REJECTED_CLASS
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SearchSettings, SimSearch
 from simsearch_wsi.search.similarity import Prototype
-from simsearch_wsi.server.app import API_PREFIX, PROTOCOL_VERSION, create_app
-from simsearch_wsi.synthetic.slides import SyntheticSlide, make_synthetic_slide
+from simsearch_wsi.server import API_PREFIX, PROTOCOL_VERSION, create_app
+from simsearch_wsi.synthetic import SyntheticSlide, make_synthetic_slide
 from simsearch_wsi.train.bundle import load_bundle
 from simsearch_wsi.train.fit import DEFAULT_STRATEGY
 

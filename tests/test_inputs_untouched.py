@@ -24,7 +24,7 @@ from simsearch_wsi.core.pathguard import check_outputs_not_inputs, naming_output
 from simsearch_wsi.qupath.geojson import REJECTED_CLASS
 from simsearch_wsi.review.session import SESSION_FILE, Session
 from simsearch_wsi.search.similarity import Prototype
-from simsearch_wsi.synthetic.slides import make_synthetic_omezarr_slide
+from simsearch_wsi.synthetic import make_synthetic_omezarr_slide
 
 FAST = ["--weights", "random", "--tile-size", "512"]
 

@@ -75,7 +75,7 @@ def test_fluorescence_ome_tiff(fluorescence_slide: Any) -> None:
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_ome_zarr_image_versions(tmp_path: Path, version: Literal["0.4", "0.5"]) -> None:
-    from simsearch_wsi.synthetic.slides import write_ome_zarr_image
+    from simsearch_wsi.io.omezarr_writer import write_ome_zarr_image
 
     rng = np.random.default_rng(3)
     cyx = rng.integers(0, 4000, size=(2, 300, 200), dtype=np.uint16)

@@ -300,7 +300,7 @@ def test_bad_inputs_raise_config_error(
 # --- labels on OME-Zarr input images --------------------------------------------------------
 @pytest.fixture(params=["0.4", "0.5"])
 def input_image(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    from simsearch_wsi.synthetic.slides import make_synthetic_omezarr_slide
+    from simsearch_wsi.synthetic import make_synthetic_omezarr_slide
 
     return make_synthetic_omezarr_slide(
         tmp_path / f"img-{request.param}.ome.zarr",
@@ -390,7 +390,7 @@ def test_add_labels_failure_keeps_existing_labels(
 
 
 def test_add_labels_in_bioformats2raw_layout(tmp_path: Path) -> None:
-    from simsearch_wsi.synthetic.slides import write_ome_zarr_image
+    from simsearch_wsi.io.omezarr_writer import write_ome_zarr_image
 
     root = tmp_path / "b2r.ome.zarr"
     group = zarr.open_group(str(root), mode="w", zarr_format=2)
@@ -414,7 +414,7 @@ def test_add_labels_refuses_bad_inputs(input_image: Any, tmp_path: Path) -> None
 
 
 def test_add_labels_refuses_other_ngff_versions(tmp_path: Path) -> None:
-    from simsearch_wsi.synthetic.slides import write_ome_zarr_image
+    from simsearch_wsi.io.omezarr_writer import write_ome_zarr_image
 
     img = write_ome_zarr_image(
         tmp_path / "old.ome.zarr", np.zeros((1, 32, 32), np.uint8), mpp=0.5, channel_names=["C"]

@@ -42,7 +42,7 @@ from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.review.simulate import label_from_truth
 from simsearch_wsi.search.engine import SimSearch
-from simsearch_wsi.synthetic.slides import make_synthetic_omezarr_slide
+from simsearch_wsi.synthetic import make_synthetic_omezarr_slide
 from simsearch_wsi.train.bundle import ModelBundle, load_bundle, save_bundle
 from simsearch_wsi.train.fit import TrainConfig
 

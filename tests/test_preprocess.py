@@ -1,4 +1,4 @@
-"""Tests of simsearch_wsi.features.preprocess: percentile normalisation, channel report and selection."""
+"""Tests of features.preprocess: percentile normalisation, channel report and selection."""
 
 from __future__ import annotations
 

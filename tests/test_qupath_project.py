@@ -65,7 +65,7 @@ def test_round_trip_through_a_real_project(tmp_path: Path) -> None:  # pragma: n
 
     from simsearch_wsi.core.geometry import BoxL0
     from simsearch_wsi.qupath.geojson import box_feature
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     slide = make_synthetic_slide(tmp_path / "s.tiff", width=512, height=384, n_per_class=1)
     with QuPathProject(tmp_path / "proj", mode="x") as qp:

@@ -34,14 +34,14 @@ from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SearchSettings, SimSearch
 from simsearch_wsi.search.similarity import Prototype
-from simsearch_wsi.server.app import (
+from simsearch_wsi.server import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
     create_app,
     is_loopback,
     local_path,
 )
-from simsearch_wsi.synthetic.slides import SyntheticSlide, make_synthetic_slide
+from simsearch_wsi.synthetic import SyntheticSlide, make_synthetic_slide
 from simsearch_wsi.train.bundle import load_bundle
 from simsearch_wsi.train.fit import DEFAULT_STRATEGY, STRATEGIES
 
@@ -557,7 +557,7 @@ def test_train_job_cancelled_while_training(
 
         return train_session(*args, progress=progress, **kwargs)
 
-    monkeypatch.setattr("simsearch_wsi.server.app.train_session", slow_train)
+    monkeypatch.setattr("simsearch_wsi.server.routes.train.train_session", slow_train)
     session = _training_session(root / "train" / "exp cancel", train_slide)
     out = root / "models" / "cancelled.zip"
     body = {"session": str(session.root), "out": str(out), "strategy": "pos"}
@@ -769,7 +769,7 @@ def test_predict_job_runs_beside_the_engine_and_cancels(
         progress("embedding tiles", 1, 2)  # raises once the job is cancelled
         raise AssertionError("not cancelled")
 
-    monkeypatch.setattr("simsearch_wsi.server.app.predict_images", slow_predict)
+    monkeypatch.setattr("simsearch_wsi.server.routes.predict.predict_images", slow_predict)
     image, model = predict_inputs
     out = root / "predict" / "cancelled"
     body = {"images": [str(image)], "model": str(model), "out": str(out)}
@@ -915,7 +915,8 @@ def test_a_session_file_cannot_name_images_outside_the_roots(
     made /suggest and /background open and embed that image (200). Now 403, before anything
     is opened, and the session file is unchanged."""
     import simsearch_wsi.io
-    import simsearch_wsi.server.app
+    import simsearch_wsi.server.paths
+    import simsearch_wsi.server.routes.review
 
     secret = outside / "escape.tiff"
     shutil.copy(slide.path, secret)
@@ -928,7 +929,8 @@ def test_a_session_file_cannot_name_images_outside_the_roots(
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(simsearch_wsi.io, "open_image", spy)
-    monkeypatch.setattr(simsearch_wsi.server.app, "open_image", spy)
+    monkeypatch.setattr(simsearch_wsi.server.paths, "open_image", spy)
+    monkeypatch.setattr(simsearch_wsi.server.routes.review, "open_image", spy)
     for n, named in enumerate((secret, root / "escape-link.tiff")):
         folder = root / f"escape {n}"
         session = Session.create(folder)

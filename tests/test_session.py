@@ -181,7 +181,7 @@ def test_mining_an_unreviewed_image_with_saved_prototypes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Noisy mining: suggest on another image with the session's prototypes, no annotations."""
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     other = make_synthetic_slide(
         tmp_path / "other.tiff", width=1024, height=768, n_per_class=3, seed=7

@@ -1,4 +1,4 @@
-"""Tests of simsearch_wsi.synthetic.slides: files read back right, ground truth matches the pixels."""
+"""Tests of simsearch_wsi.synthetic: files read back right, ground truth matches the pixels."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ome_zarr_models.v04.well import Well as WellV04
 from ome_zarr_models.v05.image import Image as ImageV05
 
 from simsearch_wsi.core.errors import ConfigError
-from simsearch_wsi.synthetic.slides import (
+from simsearch_wsi.synthetic import (
     CLASS_COLORS,
     SyntheticPlate,
     SyntheticSlide,

@@ -1,4 +1,4 @@
-"""Tests of simsearch_wsi.features.tiling: grid partition, halos, level-0 round trips, reads, masks."""
+"""Tests of features.tiling: grid partition, halos, level-0 round trips, reads, masks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of simsearch_wsi.features.tissue: brightfield / fluorescence foreground masks and their frame."""
+"""Tests of features.tissue: brightfield / fluorescence foreground masks and their frame."""
 
 from __future__ import annotations
 

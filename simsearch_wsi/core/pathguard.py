@@ -23,8 +23,8 @@ Writing labels into an OME-Zarr input (``predict --write-back``) is a feature, n
 this sense: it adds ``labels/`` and replaces no file of the input.
 
 :func:`naming_output` turns an ``OSError`` raised while writing an output into a one-line
-:class:`~simsearch_wsi.core.errors.OutputNotWritableError` that names the path the user gave (not the
-hidden temporary the atomic writer used).
+:class:`~simsearch_wsi.core.errors.OutputNotWritableError` that names the path the user
+gave (not the hidden temporary the atomic writer used).
 """
 
 from __future__ import annotations

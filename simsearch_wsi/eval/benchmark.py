@@ -203,7 +203,7 @@ def synthetic_benchmark(
     stain_jitter: float = 0.15,
 ) -> Benchmark:
     """Seeded synthetic H&E-like slides (``ring``, ``cluster``, ``stripes`` motifs of about 48
-    px on mottled tissue; :func:`~simsearch_wsi.synthetic.slides.make_synthetic_slide`) under
+    px on mottled tissue; :func:`~simsearch_wsi.synthetic.make_synthetic_slide`) under
     ``root``, with their truth as CSV; test images also get a box mask for segmentation IoU.
 
     With ``distractors``, as many look-alikes of each class (a filled disc, a doublet of
@@ -211,7 +211,7 @@ def synthetic_benchmark(
     suggestion on one is wrong and the simulated user flags it. ``stain_jitter`` varies each
     slide's stain strength per channel (technical noise between slides). Slides already
     written with the same parameters are reused (their feature caches stay valid)."""
-    from simsearch_wsi.synthetic.slides import make_synthetic_slide
+    from simsearch_wsi.synthetic import make_synthetic_slide
 
     out = Path(root)
     params = _synthetic_params(

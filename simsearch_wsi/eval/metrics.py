@@ -64,8 +64,9 @@ __all__ = [
 
 
 class ScoredDetection(Protocol):
-    """What the scores need of a detection: a class and a box (:class:`~simsearch_wsi.infer.dense.
-    Detection` and :class:`~simsearch_wsi.search.similarity.Suggestion` have them). The default score,
+    """What the scores need of a detection: a class and a box
+    (:class:`~simsearch_wsi.infer.dense.Detection` and
+    :class:`~simsearch_wsi.search.similarity.Suggestion` have them). The default score,
     ``"probability"``, also needs ``probabilities`` (class -> probability), as detections have.
     """
 

@@ -22,7 +22,7 @@ from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.eval.truth import GroundTruth, pixel_span_of_box
 from simsearch_wsi.infer.dense import Detection
-from simsearch_wsi.synthetic.slides import SyntheticObject
+from simsearch_wsi.synthetic import SyntheticObject
 
 __all__ = [
     "DetectionScore",

@@ -17,7 +17,7 @@ Readers
     a label image (PNG, TIFF, ``.npy`` or an OME-Zarr label array): each connected component of
     label ``k`` is one object of ``classes[k - 1]``.
 :func:`truth_from_synthetic`
-    the objects of a :class:`~simsearch_wsi.synthetic.slides.SyntheticSlide`.
+    the objects of a :class:`~simsearch_wsi.synthetic.SyntheticSlide`.
 :func:`read_truth`
     any of the file readers, chosen by the file's suffix.
 
@@ -43,7 +43,7 @@ from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.geometry import BoxL0
 
 if TYPE_CHECKING:
-    from simsearch_wsi.synthetic.slides import SyntheticSlide
+    from simsearch_wsi.synthetic import SyntheticSlide
 
 __all__ = [
     "CSV_SUFFIXES",
@@ -408,7 +408,7 @@ def read_truth_csv(
         explicit centres; they take precedence over the box centre, and may replace ``x, y``
         in a table of points.
 
-    So the table :meth:`simsearch_wsi.synthetic.slides.SyntheticSlide.to_csv` writes (``class, x_l0,
+    So the table :meth:`simsearch_wsi.synthetic.SyntheticSlide.to_csv` writes (``class, x_l0,
     y_l0, width_l0, height_l0, center_x_l0, center_y_l0``) loads as it is. The delimiter is a
     comma, or a tab for ``.tsv`` files. A header without rows is an image without objects.
 

@@ -25,8 +25,8 @@ Given images with ground truth, for each class:
 Prototypes can also be given (the user's own rectangles, e.g. a QuPath GeoJSON file) instead of
 picked; true objects within ``radius_l0`` of their centres are then the prototypes' own.
 
-The decisions go into a :class:`~simsearch_wsi.review.session.Session` exactly as a real review would,
-so training runs on it unchanged. Everything random comes from the ``rng`` passed in.
+The decisions go into a :class:`~simsearch_wsi.review.session.Session` exactly as a real review
+would, so training runs on it unchanged. Everything random comes from the ``rng`` passed in.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ A cache entry is a Zarr store ``<root>/<image stem>.<key16>.zarr`` holding
 * ``features``: (H_f, W_f, D) float16 on the analysis grid, chunked one tile per chunk; only
   foreground tiles are ever written (absent chunks read as 0);
 * ``computed``: (n_tiles_y, n_tiles_x) uint8, 1 where a tile was embedded;
-* attributes: the :class:`~simsearch_wsi.features.extractor.FeatureSpec`, the image identity and the key.
+* attributes: the :class:`~simsearch_wsi.features.extractor.FeatureSpec`, the image identity
+  and the key.
 
 The key hashes the image identity (path, size, mtime) with the backbone, weights, analysis scale,
 normalisation, channels and tiling, so changing any of them gives a new entry. Work in progress

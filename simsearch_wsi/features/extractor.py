@@ -206,9 +206,9 @@ class FeatureExtractor:
         where to run; the caller decides (the CLI's ``--device``).
     autocast
         run in bfloat16 (CPU) / float16 (CUDA) autocast where that is faster
-        (:func:`~simsearch_wsi.features.precision.autocast_pays_off`: CUDA, or a CPU with native bf16;
-        elsewhere fp32). On an AVX-512 BF16 CPU bf16 was measured 1.9x faster than fp32 for this
-        trunk and rank-preserving (docs/benchmarks.md).
+        (:func:`~simsearch_wsi.features.precision.autocast_pays_off`: CUDA, or a CPU with native
+        bf16; elsewhere fp32). On an AVX-512 BF16 CPU bf16 was measured 1.9x faster than fp32 for
+        this trunk and rank-preserving (docs/benchmarks.md).
     """
 
     def __init__(
@@ -331,7 +331,8 @@ def make_feature_spec(
     """Validate and freeze the parameters of a feature map for ``image``.
 
     ``tiles``: ``"all"`` embeds every tile; ``"foreground"`` only tiles touching the tissue /
-    foreground mask of :func:`simsearch_wsi.features.tissue.detect_foreground` (part of the cache key).
+    foreground mask of :func:`simsearch_wsi.features.tissue.detect_foreground` (part of the cache
+    key).
     """
     stride = extractor.stride
     if tile_size <= 0 or tile_size % stride or tile_size > MAX_TILE_SIZE:

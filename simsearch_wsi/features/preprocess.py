@@ -19,8 +19,8 @@ Which pixels are measured
 Statistics are computed on a low-resolution overview of the image, never on level 0 of a large
 image: the finest pyramid level that has at most ``max_pixels`` pixels, read whole; when every
 level is larger, every f-th pixel of the coarsest level (rows and columns, streamed in bands;
-see :func:`simsearch_wsi.features.tiling.read_overview` with ``reduce="sample"``). Pyramid levels are
-averages of level-0 pixels, so percentiles of a coarse level are slightly narrower than those of
+see :func:`simsearch_wsi.features.tiling.read_overview` with ``reduce="sample"``). Pyramid levels
+are averages of level-0 pixels, so percentiles of a coarse level are slightly narrower than those of
 level 0; use a large ``max_pixels`` to measure closer to full resolution. A foreground mask
 restricts the statistics to tissue; when the mask selects no pixel of the overview, the whole
 overview is used.

@@ -200,8 +200,8 @@ def foreground_tiles(
     level, tile_size, halo
         as for :func:`tile_grid`; the grid covers the whole level.
     mask
-        a foreground mask of ``image`` (see :func:`simsearch_wsi.features.tissue.detect_foreground`);
-        ``None`` keeps every tile.
+        a foreground mask of ``image`` (see
+        :func:`simsearch_wsi.features.tissue.detect_foreground`); ``None`` keeps every tile.
     min_fraction
         keep a tile when the foreground covers strictly more than this fraction of its core's
         area, in [0, 1); the default 0 keeps every tile touching the foreground.

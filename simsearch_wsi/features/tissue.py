@@ -4,7 +4,8 @@
 side and never reads full-resolution pixels of a large image. The result, a
 :class:`TissueMask`, knows its own frame (level-0 pixels per mask pixel along each axis), so it
 can answer "how much of this level-0 box is foreground?" (:meth:`TissueMask.fraction_in_box`,
-used by :func:`simsearch_wsi.features.tiling.foreground_tiles`) and be resampled onto any level's grid.
+used by :func:`simsearch_wsi.features.tiling.foreground_tiles`) and be resampled onto any
+level's grid.
 
 Algorithm
 ---------

@@ -1,8 +1,8 @@
 """Dense inference with a model bundle: class probability maps, detections, segmentation.
 
 Never one window at a time. The trained trunk runs once over the image's tiles (as in
-:mod:`simsearch_wsi.features.extractor`); because the pooling kernel and the linear head are both linear,
-the head is applied to every feature **cell** first (``K`` scores per cell instead of ``D``
+:mod:`simsearch_wsi.features.extractor`); because the pooling kernel and the linear head are both
+linear, the head is applied to every feature **cell** first (``K`` scores per cell instead of ``D``
 features), and the ``K``-channel score map is then pooled with the Gaussian window kernel:
 
     logits(i, j) = sum_cells kernel * (W f_cell) + b = W (sum_cells kernel * f_cell) + b

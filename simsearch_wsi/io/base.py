@@ -335,7 +335,8 @@ class ImageSource(ABC):
 
     def read_level(self, level: int) -> NDArray[Any]:
         """Read a whole level as (H, W, C). Use only for small levels; for an overview of any
-        image use :func:`simsearch_wsi.features.tiling.read_overview`, which streams large levels."""
+        image use :func:`simsearch_wsi.features.tiling.read_overview`, which streams large
+        levels."""
         if not 0 <= level < self.level_count:
             raise RegionError(
                 f"{self.path}: level {level} does not exist; the image has levels "

@@ -28,6 +28,9 @@ Layout written by :func:`write_label_image`::
                 .zgroup .zattrs  multiscales (y, x) + image-label
                 0/ 1/ ...        uint8 or uint16 (H >> k, W >> k)
 
+What differs between NGFF 0.4 and 0.5 (Zarr format, codecs, where the metadata lives) comes from
+:mod:`simsearch_wsi.io.ngff`.
+
 Why the metadata is written with zarr's API rather than ``ome_zarr.writer``: ome-zarr 0.18's
 ``write_multiscale`` / ``write_multiscale_labels`` name the levels ``s0``, ``s1``, ... (QuPath
 and this project want numeric paths) and, with zarr 3, default to zarr's ``Zstd`` codec for
@@ -47,14 +50,16 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from simsearch_wsi.core.atomic import atomic_path, write_json_atomic
+from simsearch_wsi.core.checks import check_positive_int
 from simsearch_wsi.core.errors import ConfigError, MetadataError, UnsupportedFormatError
 from simsearch_wsi.core.geometry import validate_mpp
+from simsearch_wsi.io.ngff import NGFF_FORMATS, NgffFormat, ngff_format
 
 __all__ = [
     "add_labels_to_ome_zarr",
@@ -62,17 +67,16 @@ __all__ = [
     "write_label_image",
 ]
 
-NgffVersion = Literal["0.4", "0.5"]
-
 # A new pyramid level is added while the smaller side of the last level is at least this.
 _MIN_LEVEL_SIDE = 256
 # Largest number of classes: label values must fit in uint16.
 _MAX_CLASSES = 65535
 # Tolerance for probabilities slightly outside [0, 1] from floating-point error.
 _PROB_TOL = 1e-6
-# Blosc with lz4 inside: what every Blosc build (including Java readers QuPath uses) decodes
-_BLOSC_CNAME: Literal["lz4"] = "lz4"
-_BLOSC_LEVEL = 5
+# The multiscales "metadata.description" of every image and label image written here.
+_DESCRIPTION = "simsearch_wsi.io.labels"
+# write_label_image writes NGFF 0.4 (QuPath 0.6 reads it).
+_NEW_STORE_FORMAT = ngff_format("0.4")
 
 
 # --- argument checks --------------------------------------------------------------------------
@@ -193,12 +197,6 @@ def _check_pixel_size(pixel_size_um: tuple[float, float] | None) -> tuple[float,
     )
 
 
-def _check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 def _n_levels(n_levels: int | None, height: int, width: int) -> int:
     """Default: halve until the smaller side of the last level is below 256 px."""
     if n_levels is None:
@@ -206,7 +204,7 @@ def _n_levels(n_levels: int | None, height: int, width: int) -> int:
         while min(height, width) >> (n - 1) >= _MIN_LEVEL_SIDE and min(height, width) >> n >= 1:
             n += 1
         return n
-    n = _check_positive_int("n_levels", n_levels)
+    n = check_positive_int("n_levels", n_levels)
     if min(height, width) >> (n - 1) < 1:
         raise ConfigError(
             f"n_levels={n} is too many for a {height}x{width} mask: the smallest level would be "
@@ -269,89 +267,49 @@ def _nearest_resample(
 
 # --- zarr writing ---------------------------------------------------------------------------
 def _write_array(
+    fmt: NgffFormat,
     group: Any,
     key: str,
     data: NDArray[Any],
-    chunks: tuple[int, ...],
     *,
-    zarr_format: Literal[2, 3],
+    chunks: tuple[int, ...],
     dimension_names: tuple[str, ...],
 ) -> None:
-    """Create array ``key`` of ``group`` (Blosc-lz4, fill 0) and write ``data`` to it."""
-    chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape, strict=True))
-    if zarr_format == 2:
-        import numcodecs
-
-        arr = group.create_array(
-            key,
-            shape=data.shape,
-            chunks=chunks,
-            dtype=data.dtype,
-            compressors=numcodecs.Blosc(
-                cname=_BLOSC_CNAME, clevel=_BLOSC_LEVEL, shuffle=numcodecs.Blosc.SHUFFLE
-            ),
-            chunk_key_encoding={"name": "v2", "separator": "/"},
-            fill_value=0,
-        )
-    else:
-        import zarr.codecs
-
-        arr = group.create_array(
-            key,
-            shape=data.shape,
-            chunks=chunks,
-            dtype=data.dtype,
-            compressors=zarr.codecs.BloscCodec(
-                cname=_BLOSC_CNAME, clevel=_BLOSC_LEVEL, shuffle="shuffle"
-            ),
-            dimension_names=dimension_names,
-            fill_value=0,
-        )
-    arr[...] = data
-
-
-def _ngff(attrs: dict[str, Any], version: NgffVersion) -> dict[str, Any]:
-    """Wrap NGFF attributes the way ``version`` stores them (0.5: under ``ome``)."""
-    if version == "0.4":
-        return attrs
-    return {"ome": {"version": "0.5", **attrs}}
+    """Every array of this module is written here (one place to fail in the atomicity tests)."""
+    fmt.write_array(group, key, data=data, chunks=chunks, dimension_names=dimension_names)
 
 
 def _multiscales(
+    fmt: NgffFormat,
     *,
-    version: NgffVersion,
     name: str,
     axes: list[dict[str, Any]],
     transforms: list[list[dict[str, Any]]],
     method: str,
 ) -> list[dict[str, Any]]:
-    ms: dict[str, Any] = {
-        "name": name,
-        "axes": axes,
-        "datasets": [
-            {"path": str(k), "coordinateTransformations": t} for k, t in enumerate(transforms)
-        ],
-        "type": method,
-        "metadata": {"method": method, "description": "simsearch_wsi.io.labels"},
-    }
-    if version == "0.4":
-        ms = {"version": "0.4", **ms}
-    return [ms]
+    return [
+        fmt.multiscale(
+            name=name,
+            axes=axes,
+            transforms=transforms,
+            type_=method,
+            metadata={"method": method, "description": _DESCRIPTION},
+        )
+    ]
 
 
 def _image_label(
-    classes: Sequence[str], rgb: Sequence[tuple[int, int, int]], version: NgffVersion
+    fmt: NgffFormat, classes: Sequence[str], rgb: Sequence[tuple[int, int, int]]
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "colors": [
-            {"label-value": k, "rgba": [r, g, b, 255]} for k, (r, g, b) in enumerate(rgb, 1)
-        ],
-        "properties": [{"label-value": k, "class": c} for k, c in enumerate(classes, 1)],
-        "source": {"image": "../../"},
-    }
-    if version == "0.4":
-        meta["version"] = "0.4"
-    return meta
+    return fmt.image_label(
+        {
+            "colors": [
+                {"label-value": k, "rgba": [r, g, b, 255]} for k, (r, g, b) in enumerate(rgb, 1)
+            ],
+            "properties": [{"label-value": k, "class": c} for k, c in enumerate(classes, 1)],
+            "source": {"image": "../../"},
+        }
+    )
 
 
 def _write_label_group(
@@ -359,7 +317,7 @@ def _write_label_group(
     name: str,
     levels: Sequence[NDArray[Any]],
     *,
-    version: NgffVersion,
+    fmt: NgffFormat,
     axes: list[dict[str, Any]],
     transforms: list[list[dict[str, Any]]],
     classes: Sequence[str],
@@ -367,23 +325,15 @@ def _write_label_group(
     chunk: int,
 ) -> None:
     """Write ``levels`` (y, x) and the label metadata into the (new, empty) label ``group``."""
-    zarr_format: Literal[2, 3] = 2 if version == "0.4" else 3
     for k, lvl in enumerate(levels):
-        _write_array(
-            group,
-            str(k),
-            lvl,
-            (chunk, chunk),
-            zarr_format=zarr_format,
-            dimension_names=("y", "x"),
-        )
+        _write_array(fmt, group, str(k), lvl, chunks=(chunk, chunk), dimension_names=("y", "x"))
     attrs = {
         "multiscales": _multiscales(
-            version=version, name=name, axes=axes, transforms=transforms, method="nearest"
+            fmt, name=name, axes=axes, transforms=transforms, method="nearest"
         ),
-        "image-label": _image_label(classes, rgb, version),
+        "image-label": _image_label(fmt, classes, rgb),
     }
-    group.attrs.update(_ngff(attrs, version))
+    fmt.write_attrs(group, attrs)
 
 
 def _space_axes(unit: str | None) -> list[dict[str, Any]]:
@@ -395,11 +345,9 @@ def _hex(rgb: tuple[int, int, int]) -> str:
 
 
 def _omero(
-    channel_names: Sequence[str], rgb: Sequence[tuple[int, int, int]], name: str
+    fmt: NgffFormat, channel_names: Sequence[str], rgb: Sequence[tuple[int, int, int]], name: str
 ) -> dict[str, Any]:
-    return {
-        "name": name,
-        "version": "0.4",
+    content = {
         "channels": [
             {
                 "label": ch,
@@ -414,6 +362,7 @@ def _omero(
         ],
         "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0},
     }
+    return {"name": name, **fmt.omero(content)}
 
 
 def _refuse_existing(path: Path, overwrite: bool, what: str) -> None:
@@ -496,8 +445,6 @@ def write_label_image(
         on invalid inputs (shapes, label values > K, missing colours, ...) or an existing
         ``path`` without ``overwrite``.
     """
-    import zarr
-
     out = Path(path)
     names, rgb = _check_classes(classes, colors)
     k_classes = len(names)
@@ -507,7 +454,7 @@ def write_label_image(
     pixel = _check_pixel_size(pixel_size_um)
     name = _check_name(name)
     n = _n_levels(n_levels, h, w)
-    chunk = _check_positive_int("chunk", chunk)
+    chunk = check_positive_int("chunk", chunk)
     _refuse_existing(out, overwrite, "output OME-Zarr")
 
     label_levels = _label_pyramid(mask, n)
@@ -530,42 +477,44 @@ def write_label_image(
     yx_transforms = [[{"type": "scale", "scale": [sy * 2**k, sx * 2**k]}] for k in range(n)]
     cyx_transforms = [[{"type": "scale", "scale": [1.0, sy * 2**k, sx * 2**k]}] for k in range(n)]
     image_name = out.name
+    fmt = _NEW_STORE_FORMAT
     with atomic_path(out) as tmp:
-        root = zarr.open_group(tmp, mode="w", zarr_format=2)
+        root = fmt.create_group(tmp)
         for k, lvl in enumerate(image_levels):
             _write_array(
-                root, str(k), lvl, (1, chunk, chunk), zarr_format=2, dimension_names=("c", "y", "x")
+                fmt, root, str(k), lvl, chunks=(1, chunk, chunk), dimension_names=("c", "y", "x")
             )
-        root.attrs.update(
+        fmt.write_attrs(
+            root,
             {
                 "multiscales": _multiscales(
-                    version="0.4",
+                    fmt,
                     name=image_name,
                     axes=[{"name": "c", "type": "channel"}, *_space_axes(unit)],
                     transforms=cyx_transforms,
                     method=method,
                 ),
-                "omero": _omero(channel_names, channel_rgb, image_name),
-            }
+                "omero": _omero(fmt, channel_names, channel_rgb, image_name),
+            },
         )
         labels_group = root.create_group("labels")
         _write_label_group(
             labels_group.create_group(name),
             name,
             label_levels,
-            version="0.4",
+            fmt=fmt,
             axes=_space_axes(unit),
             transforms=yx_transforms,
             classes=names,
             rgb=rgb,
             chunk=chunk,
         )
-        labels_group.attrs.update({"labels": [name]})
+        fmt.write_attrs(labels_group, {"labels": [name]})
     return out
 
 
-def _ngff_version_of(group: Any, where: Path) -> tuple[NgffVersion, dict[str, Any]]:
-    """The image group's NGFF version (0.4 or 0.5) and its NGFF attributes."""
+def _ngff_format_of(group: Any, where: Path) -> tuple[NgffFormat, dict[str, Any]]:
+    """The image group's NGFF format (0.4 or 0.5) and its NGFF attributes."""
     attrs = dict(group.attrs)
     ome = attrs.get("ome")
     ngff: dict[str, Any] = ome if isinstance(ome, dict) else attrs
@@ -577,10 +526,9 @@ def _ngff_version_of(group: Any, where: Path) -> tuple[NgffVersion, dict[str, An
         )
     version = str(ome.get("version") if isinstance(ome, dict) else ms[0].get("version"))
     zarr_format = int(group.metadata.zarr_format)
-    if version == "0.4" and zarr_format == 2:
-        return "0.4", ngff
-    if version == "0.5" and zarr_format == 3:
-        return "0.5", ngff
+    fmt = NGFF_FORMATS.get(version)
+    if fmt is not None and fmt.zarr_format == zarr_format:
+        return fmt, ngff
     raise MetadataError(
         f"{where}: OME-Zarr version {version!r} on Zarr v{zarr_format} is not supported for "
         "adding labels (supported: NGFF 0.4 on Zarr v2, 0.5 on Zarr v3); convert the image "
@@ -670,42 +618,30 @@ def _image_levels(
     return shapes, transforms, yx_axes
 
 
-def _zattrs_file(group_dir: Path, version: NgffVersion) -> Path:
-    return group_dir / (".zattrs" if version == "0.4" else "zarr.json")
-
-
-def _read_labels_list(labels_dir: Path, version: NgffVersion) -> list[str]:
+def _read_labels_list(labels_dir: Path, fmt: NgffFormat) -> list[str]:
     """The ``labels`` list of an existing labels group (MetadataError if not a Zarr group)."""
-    marker = labels_dir / (".zgroup" if version == "0.4" else "zarr.json")
-    if not marker.is_file():
+    if not fmt.group_file(labels_dir).is_file():
         raise MetadataError(
-            f"{labels_dir}: exists but is not a Zarr v{2 if version == '0.4' else 3} group; "
+            f"{labels_dir}: exists but is not a Zarr v{fmt.zarr_format} group; "
             "move it away before adding labels"
         )
-    attrs_file = _zattrs_file(labels_dir, version)
+    attrs_file = fmt.attrs_file(labels_dir)
     doc: dict[str, Any] = (
         json.loads(attrs_file.read_text(encoding="utf-8")) if attrs_file.is_file() else {}
     )
-    if version == "0.4":
-        found = doc.get("labels", [])
-    else:
-        found = doc.get("attributes", {}).get("ome", {}).get("labels", [])
+    found = fmt.document_ngff(doc).get("labels", [])
     if not isinstance(found, list):
         raise MetadataError(f"{labels_dir}: 'labels' metadata is not a list")
     return [str(x) for x in found]
 
 
-def _append_label_name(labels_dir: Path, version: NgffVersion, name: str) -> None:
+def _append_label_name(labels_dir: Path, fmt: NgffFormat, name: str) -> None:
     """Add ``name`` to the labels group's ``labels`` list (atomic rewrite of its metadata)."""
-    attrs_file = _zattrs_file(labels_dir, version)
+    attrs_file = fmt.attrs_file(labels_dir)
     doc: dict[str, Any] = (
         json.loads(attrs_file.read_text(encoding="utf-8")) if attrs_file.is_file() else {}
     )
-    if version == "0.4":
-        target = doc
-    else:
-        target = doc.setdefault("attributes", {}).setdefault("ome", {"version": "0.5"})
-        target.setdefault("version", "0.5")
+    target = fmt.editable_document_ngff(doc)
     names = list(target.get("labels", []))
     if name not in names:
         names.append(name)
@@ -762,14 +698,12 @@ def add_labels_to_ome_zarr(
     UnsupportedFormatError
         ``image_path`` is not an OME-Zarr image (e.g. a plate).
     """
-    import zarr
-
     names, rgb = _check_classes(classes, colors)
     mask = _check_labels(labels, len(names))
     name = _check_name(name)
-    chunk = _check_positive_int("chunk", chunk)
+    chunk = check_positive_int("chunk", chunk)
     img_dir, group = _open_image_group(Path(image_path))
-    version, ngff = _ngff_version_of(group, img_dir)
+    fmt, ngff = _ngff_format_of(group, img_dir)
     shapes, transforms, yx_axes = _image_levels(group, ngff, img_dir)
     if mask.shape != shapes[0]:
         raise ConfigError(
@@ -785,11 +719,10 @@ def add_labels_to_ome_zarr(
         )
         for k, shape in enumerate(shapes)
     ]
-    zarr_format: Literal[2, 3] = 2 if version == "0.4" else 3
     labels_dir = img_dir / "labels"
     label_dir = labels_dir / name
     write_kwargs: dict[str, Any] = {
-        "version": version,
+        "fmt": fmt,
         "axes": yx_axes,
         "transforms": transforms,
         "classes": names,
@@ -798,11 +731,11 @@ def add_labels_to_ome_zarr(
     }
     if not labels_dir.exists():
         with atomic_path(labels_dir) as tmp:
-            lg = zarr.open_group(tmp, mode="w", zarr_format=zarr_format)
+            lg = fmt.create_group(tmp)
             _write_label_group(lg.create_group(name), name, levels, **write_kwargs)
-            lg.attrs.update(_ngff({"labels": [name]}, version))
+            fmt.write_attrs(lg, {"labels": [name]})
         return label_dir
-    if name in _read_labels_list(labels_dir, version) and not overwrite:
+    if name in _read_labels_list(labels_dir, fmt) and not overwrite:
         raise ConfigError(
             f"{label_dir}: label {name!r} already exists; pass another name or overwrite=True "
             "to replace it"
@@ -810,9 +743,9 @@ def add_labels_to_ome_zarr(
     _refuse_existing(label_dir, overwrite, f"label {name!r}")
     with atomic_path(label_dir) as tmp:
         # a standalone group in ``tmp``; the rename makes it the child ``name`` of labels/
-        label_group = zarr.open_group(tmp, mode="w", zarr_format=zarr_format)
+        label_group = fmt.create_group(tmp)
         _write_label_group(label_group, name, levels, **write_kwargs)
-    _append_label_name(labels_dir, version, name)
+    _append_label_name(labels_dir, fmt, name)
     return label_dir
 
 
@@ -884,12 +817,10 @@ def validate_label_store(path: str | os.PathLike[str]) -> None:
     UnsupportedFormatError
         ``path`` is not an OME-Zarr image.
     """
-    import ome_zarr_models.v04 as v04
-    import ome_zarr_models.v05 as v05
-
     img_dir, group = _open_image_group(Path(path))
-    version, ngff = _ngff_version_of(group, img_dir)
-    models: Any = v04 if version == "0.4" else v05
+    fmt, ngff = _ngff_format_of(group, img_dir)
+    version = fmt.version
+    models: Any = fmt.validation_models()
     try:
         models.Image.from_zarr(group)
     except Exception as exc:  # pydantic and zarr raise several types
@@ -906,8 +837,7 @@ def validate_label_store(path: str | os.PathLike[str]) -> None:
             f"{img_dir / 'labels'}: not a valid OME-Zarr {version} labels group: "
             f"{_first_message(exc)}"
         ) from exc
-    label_attrs = dict(labels_group.attrs)
-    label_ngff = label_attrs.get("ome", {}) if version == "0.5" else label_attrs
+    label_ngff = fmt.ngff_attrs(dict(labels_group.attrs))
     image_shapes, _, _ = _image_levels(group, ngff, img_dir)
     for label_name in label_ngff.get("labels", []):
         where = img_dir / "labels" / str(label_name)
@@ -920,8 +850,7 @@ def validate_label_store(path: str | os.PathLike[str]) -> None:
             raise MetadataError(
                 f"{where}: not a valid OME-Zarr {version} label image: {_first_message(exc)}"
             ) from exc
-        attrs = dict(lg.attrs)
-        lngff: dict[str, Any] = attrs.get("ome", {}) if version == "0.5" else attrs
+        lngff = fmt.ngff_attrs(dict(lg.attrs))
         image_label = lngff.get("image-label")
         if not isinstance(image_label, dict):
             raise MetadataError(f"{where}: has no 'image-label' metadata")

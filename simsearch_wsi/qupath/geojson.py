@@ -85,7 +85,7 @@ _RESERVED_COLORS: dict[str, tuple[int, int, int]] = {
     BACKGROUND_CLASS: (128, 128, 128),
     REJECTED_CLASS: (0, 0, 0),
 }
-# Colours of the synthetic data's classes (the same as ``simsearch_wsi.synthetic.slides.CLASS_COLORS``,
+# Colours of the synthetic data's classes (the same as ``simsearch_wsi.synthetic`` uses,
 # so ground truth and suggestions show the same colour in QuPath).
 _CLASS_COLORS: dict[str, tuple[int, int, int]] = {
     "ring": (200, 0, 200),

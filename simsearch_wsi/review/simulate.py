@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.similarity import Prototype
-from simsearch_wsi.synthetic.slides import SyntheticSlide
+from simsearch_wsi.synthetic import SyntheticSlide
 
 
 def label_from_truth(

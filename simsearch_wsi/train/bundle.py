@@ -505,8 +505,8 @@ class ModelBundle:
         ------
         BundleError
             if the backbone is not registered (a custom backbone must be registered with
-            :func:`simsearch_wsi.features.backbones.register_backbone` before the bundle is used), or the
-            stored trunk weights do not fit it.
+            :func:`simsearch_wsi.features.backbones.register_backbone` before the bundle is used),
+            or the stored trunk weights do not fit it.
         """
         try:
             spec = get_backbone_spec(self.backbone)

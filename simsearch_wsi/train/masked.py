@@ -9,9 +9,9 @@ predicts every cell's pixels from its feature vector, and the loss is the mean s
 the blanked cells only, against targets standardised per cell (MAE's normalised-pixel loss: the
 texture, not the cell's mean colour, has to be predicted).
 
-Inputs are what the trunk sees (:func:`simsearch_wsi.features.extractor.trunk_input`), so RGB and grey
-(one fluorescence channel) crops train the same way. Frames: crops are (N, 3, S, S) with ``S`` a
-multiple of the stride; the trunk gives (N, D, S/stride, S/stride).
+Inputs are what the trunk sees (:func:`simsearch_wsi.features.extractor.trunk_input`), so RGB and
+grey (one fluorescence channel) crops train the same way. Frames: crops are (N, 3, S, S) with
+``S`` a multiple of the stride; the trunk gives (N, D, S/stride, S/stride).
 """
 
 from __future__ import annotations

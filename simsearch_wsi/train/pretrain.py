@@ -3,14 +3,15 @@ cohort, giving trunk weights.
 
 This is the offline path to a useful trunk: ImageNet weights cannot be downloaded on machines
 without internet, and a trunk adapted to the cohort's tissue and stain helps everyone. The
-result is a weights file that ``--weights PATH`` (:func:`simsearch_wsi.features.backbones.build_trunk`)
-loads like any other.
+result is a weights file that ``--weights PATH``
+(:func:`simsearch_wsi.features.backbones.build_trunk`) loads like any other.
 
-Patches are centred on random foreground pixels (:func:`simsearch_wsi.features.tissue.detect_foreground`)
-of every image, equally many per image, read on the fly at the analysis scale of
-``patch_size_l0`` (as the search reads them), each image normalised by the cohort's percentile
-rule (brightfield: fixed range). Starting from random weights every layer is trained; from
-pretrained weights conv1 and the first two blocks stay frozen (as in SimSearch's stage a).
+Patches are centred on random foreground pixels
+(:func:`simsearch_wsi.features.tissue.detect_foreground`) of every image, equally many per
+image, read on the fly at the analysis scale of ``patch_size_l0`` (as the search reads them),
+each image normalised by the cohort's percentile rule (brightfield: fixed range). Starting from
+random weights every layer is trained; from pretrained weights conv1 and the first two blocks
+stay frozen (as in SimSearch's stage a).
 
 Objectives (``PretrainConfig.objective``; ``masked`` is the default because it gave better
 similarity-search features than SimCLR at equal training time, docs/evaluation.md):
@@ -19,8 +20,8 @@ similarity-search features than SimCLR at equal training time, docs/evaluation.m
     SimSearch's stage a: NT-Xent between two augmented views of each patch, on the pooled
     window vector (what the similarity search compares), through a projection head.
 ``masked``
-    masked-image modelling (:mod:`simsearch_wsi.train.masked`, the Microsnoop idea): blank half of the
-    trunk's cells and predict their pixels from the context; one view per patch, so a step costs
+    masked-image modelling (:mod:`simsearch_wsi.train.masked`, the Microsnoop idea): blank half of
+    the trunk's cells and predict their pixels from the context; one view per patch, so a step costs
     about half of SimCLR's.
 """
 
@@ -193,8 +194,8 @@ def pretrain_trunk(
 
 
 def masked_stage(run: TrainRun, patches: PatchSet, config: PretrainConfig) -> dict[str, Any]:
-    """The masked objective (:mod:`simsearch_wsi.train.masked`) on ``patches``, with the optimiser and
-    schedule of ``config.stage``; returns the stage's record (as the contrastive stage's)."""
+    """The masked objective (:mod:`simsearch_wsi.train.masked`) on ``patches``, with the optimiser
+    and schedule of ``config.stage``; returns the stage's record (as the contrastive stage's)."""
     stage = config.stage
     trunk = run.encoder.trunk
     spec = run.encoder.spec

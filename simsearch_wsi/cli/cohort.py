@@ -1,0 +1,202 @@
+"""``cohort``: run a model bundle over many slides and plates on Dask (a local cluster or a
+running scheduler), resumable, with failing images reported and the others finished."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from simsearch_wsi.cli.argtypes import int_at_least
+from simsearch_wsi.cli.console import rich_console
+from simsearch_wsi.cli.exitcodes import EXIT_ERROR, EXIT_OK
+from simsearch_wsi.cli.options import DEVICE, NO_AUTOCAST, THRESHOLD, parse_device, parse_thresholds
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.pathguard import naming_output
+
+if TYPE_CHECKING:
+    from simsearch_wsi.cli.options import Subparsers
+
+
+def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
+    """Add ``cohort`` to the commands (the model bundle fixes trunk, weights and channels)."""
+    p_coh = sub.add_parser(
+        "cohort",
+        help="run a model over many slides and plates on Dask (resumable, failures isolated)",
+        description="Run a model bundle over a cohort on Dask distributed: a local cluster of "
+        "worker processes (--workers) or any running scheduler (--scheduler). Each image gets "
+        "what predict writes; quantification.csv gathers every finished image with the "
+        "manifest's metadata, run_metadata.json records the run. A re-run skips finished "
+        "images; a failing image is reported and does not stop the others (exit code 1).",
+    )
+    p_coh.add_argument("images", nargs="*", metavar="IMAGE", help="images or plates")
+    p_coh.add_argument(
+        "--manifest", default=None, metavar="FILE.csv", help="CSV with a path column + metadata"
+    )
+    p_coh.add_argument("--model", required=True, metavar="MODEL.zip", help="a trained bundle")
+    p_coh.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p_coh.add_argument(
+        "--workers",
+        type=int_at_least(1),
+        default=None,
+        help="local worker processes (default: 2; with --device cuda one per GPU)",
+    )
+    p_coh.add_argument(
+        "--scheduler", default=None, metavar="ADDRESS", help="a running Dask scheduler instead"
+    )
+    p_coh.add_argument("--overwrite", action="store_true", help="redo finished images too")
+    THRESHOLD.add(p_coh)
+    p_coh.add_argument("--write-back", action="store_true", help="labels into OME-Zarr inputs")
+    DEVICE.add(
+        p_coh,
+        default="cpu",
+        help="cpu, or cuda[:N]: tasks then ask for the workers' GPU resource (default: cpu)",
+    )
+    NO_AUTOCAST.add(p_coh, help="run the trunk in float32")
+    p_coh.add_argument(
+        "--group-by",
+        default=None,
+        metavar="COLUMN",
+        help="manifest column grouping the images in the plots (default: the first repeated one)",
+    )
+    p_coh.add_argument(
+        "--dose-column",
+        default=None,
+        metavar="COLUMN",
+        help="manifest column for the dose-response plot (default: 'dose' or 'concentration')",
+    )
+    p_coh.set_defaults(func=_cmd_cohort)
+
+
+def _cmd_cohort(args: argparse.Namespace) -> int:
+    from simsearch_wsi.cohort.run import (
+        COHORT_OUTPUTS,
+        CohortEntry,
+        cohort_targets,
+        read_manifest,
+        run_cohort,
+    )
+    from simsearch_wsi.infer.predict import (
+        PredictSettings,
+        check_thresholds,
+        refuse_overwriting_inputs,
+    )
+    from simsearch_wsi.train.bundle import load_bundle
+
+    if (args.manifest is None) == (not args.images):
+        raise ConfigError("cohort needs either --manifest FILE.csv or IMAGE paths (not both)")
+    entries = (
+        read_manifest(args.manifest) if args.manifest else [CohortEntry(p) for p in args.images]
+    )
+    bundle = load_bundle(args.model)
+    thresholds = parse_thresholds(args.threshold or [])
+    check_thresholds(thresholds, bundle.classes)
+    out = Path(args.out)
+    targets = cohort_targets(entries)
+    refuse_overwriting_inputs(
+        targets,
+        out,
+        inputs=[("model", args.model), ("manifest", args.manifest)],
+        outputs=COHORT_OUTPUTS,
+    )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")
+    device, gpus = _worker_device(args.device, local=not args.scheduler)
+    settings = PredictSettings(thresholds=thresholds, write_back=args.write_back)
+    client, cluster = _start_cluster(args, gpus)
+    arguments = {k: v for k, v in vars(args).items() if k != "func"}
+    try:
+        with _CohortBar() as bar, naming_output("--out", out):
+            result = run_cohort(
+                targets,
+                bundle,
+                out,
+                client=client,
+                settings=settings,
+                overwrite=args.overwrite,
+                device=device,
+                autocast=not args.no_autocast,
+                resources={"GPU": 1} if device.startswith("cuda") else None,
+                group_by=args.group_by,
+                dose_column=args.dose_column,
+                arguments=arguments,
+                progress=bar,
+            )
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    console = rich_console()
+    counts = result.summary
+    console.print(
+        f"{counts['total']} images: {counts['done']} done, {counts['reused']} already "
+        f"finished, {counts['failed']} failed",
+        markup=False,
+    )
+    for image in result.failed:
+        console.print(f"  failed {image.path}: {image.error}", markup=False)
+    table = result.table or "none (no image finished)"
+    console.print(f"table {table}; run record {result.metadata}", markup=False)
+    if result.plots:
+        console.print("plots " + ", ".join(str(p) for p in result.plots.values()), markup=False)
+    return EXIT_ERROR if result.failed else EXIT_OK
+
+
+def _worker_device(name: str, *, local: bool) -> tuple[str, list[int]]:
+    """The device the workers use and, for a local CUDA cluster, the GPUs (one worker each).
+
+    With ``--scheduler`` the workers may have GPUs the driver lacks, so only the name is
+    checked here; the tasks then ask for the ``GPU`` resource.
+    """
+    import torch
+
+    device = parse_device(name, allow_auto=False, here=local)
+    if device.type == "cpu" or not local:
+        return str(device), []
+    gpus = [device.index] if device.index is not None else list(range(torch.cuda.device_count()))
+    return "cuda", gpus  # each worker sees only its GPU, as cuda:0
+
+
+def _start_cluster(args: argparse.Namespace, gpus: Sequence[int]) -> tuple[Any, Any]:
+    """(client, cluster to close or None) for ``--scheduler`` or a local cluster."""
+    from simsearch_wsi.cohort.cluster import import_distributed, start_local_cluster
+
+    if args.scheduler:
+        distributed = import_distributed()
+        try:
+            return distributed.Client(args.scheduler, timeout="30s"), None
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(
+                f"--scheduler {args.scheduler}: cannot connect ({exc}); start the scheduler "
+                "first ('dask scheduler') and give its tcp://HOST:PORT address"
+            ) from None
+    if gpus and args.workers is not None:
+        gpus = list(gpus)[: args.workers]
+    return start_local_cluster(args.workers or 2, cores=os.cpu_count() or 1, gpus=gpus)
+
+
+class _CohortBar:
+    """done / failed / remaining with ETA, for ``cohort``."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), transient=False
+        )
+        self._task: Any = None
+
+    def __call__(self, done: int, failed: int, total: int) -> None:
+        text = f"images: {done - failed} done, {failed} failed, {total - done} remaining"
+        if self._task is None:
+            self._task = self._progress.add_task(text, total=total)
+        self._progress.update(self._task, completed=done, description=text)
+
+    def __enter__(self) -> _CohortBar:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()

@@ -1,0 +1,185 @@
+"""``embed`` and ``suggest``: fill the feature cache ahead of time, and find patches similar to
+prototype rectangles, written as QuPath detections (to a file, a project, a review session)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING
+
+from simsearch_wsi.cli.argtypes import int_at_least
+from simsearch_wsi.cli.console import progress, rich_console
+from simsearch_wsi.cli.engine import build_search, patch_size_l0
+from simsearch_wsi.cli.exitcodes import EXIT_OK
+from simsearch_wsi.cli.inputs import guard, project_objects, report_skipped, session_file
+from simsearch_wsi.cli.options import THRESHOLD, add_patch_size, parse_thresholds
+from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.pathguard import naming_output
+
+if TYPE_CHECKING:
+    from simsearch_wsi.cli.options import Subparsers
+
+
+def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
+    """Add ``embed`` and ``suggest`` to the commands."""
+    p_embed = sub.add_parser(
+        "embed",
+        parents=[engine],
+        help="compute and cache dense features of images",
+        description="Fill the feature cache for each image (foreground tiles only) so that later "
+        "suggest calls with the same patch size answer without re-embedding.",
+    )
+    p_embed.add_argument("images", nargs="+", metavar="IMAGE")
+    add_patch_size(p_embed, "expected prototype size")
+    p_embed.set_defaults(func=_cmd_embed)
+
+    p_sug = sub.add_parser(
+        "suggest",
+        parents=[engine],
+        help="find patches similar to prototype rectangles",
+        description="Read QuPath annotations (classified rectangles are prototypes), find "
+        "similar patches on the image and write them as QuPath detections with 'similarity' and "
+        "'rank' measurements.",
+    )
+    p_sug.add_argument("image", metavar="IMAGE")
+    p_sug.add_argument(
+        "--annotations",
+        default=None,
+        metavar="IN.geojson",
+        help="QuPath GeoJSON export with the prototype rectangles",
+    )
+    p_sug.add_argument(
+        "--out",
+        default=None,
+        metavar="OUT.geojson",
+        help="where to write the suggestions (QuPath detections)",
+    )
+    THRESHOLD.add(
+        p_sug,
+        default=[],
+        metavar="CLASS=VALUE",
+        help="minimum similarity per class (repeatable; default 0.5)",
+    )
+    p_sug.add_argument(
+        "--background",
+        type=int_at_least(0),
+        default=0,
+        metavar="N",
+        help="also propose N most and N least similar unlabelled patches as "
+        "'background' candidates",
+    )
+    p_sug.add_argument("--json", action="store_true", help="print a JSON summary")
+    p_sug.add_argument(
+        "--qpproj",
+        default=None,
+        metavar="PROJECT",
+        help="QuPath project: read the prototypes of IMAGE from it (unless --annotations) and "
+        "write the suggestions into it (needs paquo and QuPath: extra 'qupath')",
+    )
+    p_sug.add_argument(
+        "--session",
+        default=None,
+        metavar="DIR",
+        help="review session folder (created if missing): prototypes and thresholds are saved "
+        "there and used for later images; without --annotations the saved prototypes are used",
+    )
+    p_sug.set_defaults(func=_cmd_suggest)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from simsearch_wsi.io import open_image
+
+    guard(args, inputs=[("image", p) for p in args.images])
+    search = build_search(args)
+    console = rich_console()
+    with progress() as bars:
+        for path in args.images:
+            with open_image(path, mpp=args.mpp) as img:
+                patch_l0 = patch_size_l0(args, img)
+                spec, fmap = search.embed(img, patch_l0, progress=bars)
+                search.pool(spec, fmap, patch_l0, progress=bars)
+                h, w, d = fmap.shape
+                console.print(
+                    f"{path}: {w}x{h} cells x {d} features at level {spec.scale.level} "
+                    f"(resample {spec.scale.resample:.3g}), {int(fmap.computed.sum())}/"
+                    f"{fmap.computed.size} tiles embedded -> {fmap.path}",
+                    markup=False,
+                )
+    return EXIT_OK
+
+
+def _cmd_suggest(args: argparse.Namespace) -> int:
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.qupath.geojson import read_annotations, write_feature_collection
+    from simsearch_wsi.review.session import Session, suggest_with_session
+
+    thresholds = parse_thresholds(args.threshold)
+    if args.annotations is None and args.session is None and args.qpproj is None:
+        raise ConfigError(
+            "suggest needs --annotations IN.geojson (prototypes), --qpproj PROJECT, or "
+            "--session DIR with saved prototypes"
+        )
+    if args.out is None and args.qpproj is None:
+        raise ConfigError("suggest needs --out OUT.geojson (or --qpproj PROJECT to write into)")
+    guard(
+        args,
+        outputs=[("--out", args.out)],
+        inputs=[("image", args.image), ("annotations", args.annotations)],
+        updated=session_file(args.session),
+    )
+    skipped: list[str] = []
+    annotations = read_annotations(args.annotations, skipped=skipped) if args.annotations else None
+    if args.qpproj is not None and annotations is None:
+        annotations = list(project_objects(args.qpproj, args.image))
+    with naming_output("--session", args.session):
+        session = Session.create(args.session, exist_ok=True) if args.session else None
+    search = build_search(args)
+    with (
+        open_image(args.image, mpp=args.mpp) as img,
+        progress() as bars,
+        naming_output("--session", args.session),
+    ):
+        result = suggest_with_session(
+            search,
+            img,
+            session=session,
+            annotations=annotations,
+            where=str(args.annotations),
+            thresholds=thresholds,
+            n_background=args.background,
+            progress=bars,
+        )
+    if args.out is not None:
+        with naming_output("--out", args.out):
+            write_feature_collection(args.out, result.geojson_features())
+    if args.qpproj is not None:
+        from simsearch_wsi.qupath.geojson import BACKGROUND_CLASS
+        from simsearch_wsi.qupath.project import write_objects
+
+        write_objects(
+            args.qpproj,
+            args.image,
+            result.geojson_features(),
+            replace_classes={*result.classes, BACKGROUND_CLASS},
+        )
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console = rich_console()
+        counts = ", ".join(f"{c}: {n}" for c, n in summary["suggestions_per_class"].items())
+        console.print(
+            f"{args.out or args.qpproj}: {counts}"
+            + (f", background: {len(result.background)}" if args.background else ""),
+            markup=False,
+        )
+        thr = ", ".join(f"{c}={v:.2f}" for c, v in result.thresholds.items())
+        console.print(
+            f"  thresholds {thr}; weights: {result.weights}; embed "
+            f"{result.seconds_embed:.1f} s, query {result.seconds_query:.2f} s",
+            markup=False,
+        )
+        for note in result.notes:
+            console.print(f"  note: {note}", markup=False)
+    report_skipped(skipped)
+    return EXIT_OK

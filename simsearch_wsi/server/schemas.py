@@ -1,0 +1,246 @@
+"""Request and response bodies of the protocol (pydantic models; the OpenAPI schema comes from
+them). Request bodies forbid unknown fields and non-finite numbers."""
+
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from simsearch_wsi.server.jobs import JobState
+from simsearch_wsi.train.fit import (
+    DEFAULT_HEAD_INPUT,
+    DEFAULT_STRATEGY,
+    HEAD_INPUTS,
+    PRESETS,
+    STRATEGIES,
+)
+
+__all__ = [
+    "ERROR_RESPONSES",
+    "BackgroundRequest",
+    "EmbedJobRequest",
+    "ErrorDetail",
+    "ErrorResponse",
+    "FeatureCollectionResponse",
+    "FolderPath",
+    "GeoJSON",
+    "HealthResponse",
+    "ImagePath",
+    "JobCreated",
+    "JobInfo",
+    "JobList",
+    "JobProgress",
+    "PredictJobRequest",
+    "ReviewRequest",
+    "SuggestRequest",
+    "TrainJobRequest",
+]
+
+
+# --- requests ------------------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+ImagePath = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=4096,
+        description="absolute local path, or file: URI as QuPath's getCurrentServer().getURIs()",
+    ),
+]
+FolderPath = Annotated[str, Field(min_length=1, max_length=4096)]
+GeoJSON = dict[str, Any] | list[Any]
+
+
+def _geojson_value(value: Any) -> Any:
+    if value is not None and not isinstance(value, dict | list):
+        raise ValueError(
+            "must be GeoJSON: a FeatureCollection object, a Feature or an array of Features "
+            f"(got a JSON {type(value).__name__})"
+        )
+    return value
+
+
+class SuggestRequest(_Body):
+    image: ImagePath
+    annotations: GeoJSON | None = Field(
+        None,
+        description="QuPath GeoJSON (FeatureCollection) whose classified rectangles are "
+        "prototypes; null: the session's saved prototypes",
+    )
+    session: FolderPath | None = Field(
+        None, description="review session folder (created if missing)"
+    )
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="class -> minimum similarity (default 0.5)"
+    )
+    background: int = Field(
+        0, ge=0, le=10_000, description="also return N most and N least similar unlabelled patches"
+    )
+
+    _annotations = field_validator("annotations", mode="before")(_geojson_value)
+
+
+class ReviewRequest(_Body):
+    image: ImagePath
+    annotations: GeoJSON = Field(description="the objects exported from QuPath after review")
+    session: FolderPath
+
+    _annotations = field_validator("annotations", mode="before")(_geojson_value)
+
+
+class BackgroundRequest(_Body):
+    image: ImagePath
+    session: FolderPath
+    n: int = Field(10, ge=1, le=10_000, description="candidates of each kind")
+
+
+class EmbedJobRequest(_Body):
+    images: list[ImagePath] = Field(min_length=1, max_length=10_000)
+    patch_size_px: float = Field(
+        64.0, gt=0, le=1_000_000, description="expected prototype size in level-0 pixels"
+    )
+
+
+def _one_of(allowed: Sequence[str], what: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
+        return value
+
+    return check
+
+
+class TrainJobRequest(_Body):
+    session: FolderPath = Field(description="the review session folder to train from")
+    out: FolderPath | None = Field(
+        None,
+        description="where to write the model bundle (a .zip file); default <session>/model.zip",
+    )
+    strategy: str = Field(
+        DEFAULT_STRATEGY,
+        description="training stages: positives, negatives (rejected suggestions), "
+        "self-learning on noisy patches",
+        json_schema_extra={"enum": list(STRATEGIES)},
+    )
+    preset: str = Field(
+        "fast",
+        description="fast: minutes on a CPU; paper: the SimSearch paper's schedules",
+        json_schema_extra={"enum": list(PRESETS)},
+    )
+    noisy_images: list[ImagePath] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="unreviewed images to mine noisy patches from; default: the session's "
+        "unreviewed images",
+    )
+    head_input: str = Field(
+        DEFAULT_HEAD_INPUT,
+        description="trunk: fine-tune the trunk; search: a head on the search's own window "
+        "vectors; auto: both, the better on held-out patches kept",
+        json_schema_extra={"enum": list(HEAD_INPUTS)},
+    )
+    seed: int = Field(0, ge=0, le=2**63 - 1, strict=True)
+
+    _strategy = field_validator("strategy")(_one_of(STRATEGIES, "strategy"))
+    _preset = field_validator("preset")(_one_of(PRESETS, "preset"))
+    _head_input = field_validator("head_input")(_one_of(HEAD_INPUTS, "head input"))
+
+
+class PredictJobRequest(_Body):
+    images: list[ImagePath] = Field(
+        min_length=1,
+        max_length=10_000,
+        description="slides, images, OME-Zarr images or plates (a plate: every field)",
+    )
+    model: FolderPath = Field(description="the model bundle (.zip) to apply, as a train job writes")
+    out: FolderPath = Field(description="output folder (created if missing)")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="class -> confidence threshold in [0, 1]; classes left out keep the model's",
+    )
+    simplify_px: float = Field(
+        1.0, ge=0, le=10_000, description="polygon simplification tolerance in mask pixels"
+    )
+    min_area_um2: float = Field(
+        0.0,
+        ge=0,
+        le=1e12,
+        description="drop segmentation pieces (and fill holes) under this area in um2",
+    )
+    write_back: bool = Field(
+        False, description="also add the label mask to OME-Zarr inputs as labels/simsearch"
+    )
+    force: bool = Field(
+        False, description="redo images whose outputs exist for the same model and settings"
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _probabilities(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, p in value.items():
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name}={p}: give a probability in [0, 1]")
+        return value
+
+
+# --- responses -----------------------------------------------------------------------------------
+class HealthResponse(BaseModel):
+    status: str
+    protocol: int
+    version: str
+    backbone: str
+    weights: str
+    device: str
+    auth_required: bool
+
+
+class FeatureCollectionResponse(BaseModel):
+    type: Literal["FeatureCollection"]
+    features: list[dict[str, Any]]
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobCreated(BaseModel):
+    job_id: str
+
+
+class JobProgress(BaseModel):
+    stage: str
+    done: int
+    total: int
+
+
+class JobInfo(BaseModel):
+    id: str
+    kind: str
+    state: JobState
+    progress: JobProgress
+    error: str | None
+    result: Any
+    params: dict[str, Any]
+    cancel_requested: bool
+    created: str | None
+    started: str | None
+    finished: str | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+#: The error answers every route may give, for the OpenAPI document.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 415, 422)
+}
