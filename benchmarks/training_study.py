@@ -114,29 +114,40 @@ def run_case(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     bf16_native = autocast_pays_off(torch.device("cpu"))
-    variants: list[tuple[str, str, bool, set[str]]] = []
+    variants: list[tuple[str, dict[str, Any], set[str]]] = []
+    search_head = {"head_input": "search"}
     for arm in arms:
         if arm == "probe":
-            variants += [("probe", "search", True, set())]
+            variants += [("probe", search_head, set())]
         elif arm == "probe-labels":
             variants += [
-                ("probe: prototypes only", "search", True, {"positive", "negative", "background"}),
-                ("probe: + approved", "search", True, {"negative", "background"}),
-                ("probe: + approved + flagged", "search", True, {"background"}),
+                ("probe: prototypes only", search_head, {"positive", "negative", "background"}),
+                ("probe: + approved", search_head, {"negative", "background"}),
+                ("probe: + approved + flagged", search_head, {"background"}),
             ]
         elif arm == "trunk":
-            variants += [("trunk fp32", "trunk", False, set())]
+            variants += [("trunk fp32", {"head_input": "trunk", "autocast": False}, set())]
             if bf16_native:
-                variants += [("trunk bf16", "trunk", True, set())]
+                variants += [("trunk bf16", {"head_input": "trunk", "autocast": True}, set())]
+        elif arm == "trunk-linear-negatives":
+            # the linear head with and without the rejected suggestions' not-class loss
+            for flag in (False, True):
+                variants += [
+                    (
+                        f"trunk fp32, head {'with' if flag else 'without'} negatives",
+                        {"head_input": "trunk", "autocast": False, "linear_negatives": flag},
+                        set(),
+                    )
+                ]
         elif arm == "auto":
-            variants += [("auto", "auto", True, set())]
-    for label, head_input, autocast, drop in variants:
+            variants += [("auto", {"head_input": "auto", "autocast": True}, set())]
+    for label, changes, drop in variants:
         sess = (
             _session_without(session, out / name / f"session-{len(row['arms'])}", drop)
             if drop
             else session
         )
-        config = TrainConfig.preset_config(preset).replace(head_input=head_input, autocast=autocast)
+        config = TrainConfig.preset_config(preset).replace(**changes)
         t0 = time.perf_counter()
         trained = train_session(
             sess, search, config, open_image=open_image, noisy_images=bench.unlabelled, seed=seed
@@ -202,7 +213,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_output/training_study"))
     parser.add_argument("--cases", default=",".join(c[0] for c in CASES))
     parser.add_argument(
-        "--arms", default="probe,trunk,auto", help="comma list of probe, probe-labels, trunk, auto"
+        "--arms",
+        default="probe,trunk,auto",
+        help="comma list of probe, probe-labels, trunk, trunk-linear-negatives, auto",
     )
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--weights", default="embedded")

@@ -29,7 +29,9 @@ from simsearch_wsi.search.similarity import PatchGeometry
 from simsearch_wsi.train.fit import (
     StageConfig,
     TrainConfig,
+    _train_linear,
     classification_metrics,
+    not_class_loss,
     pick_thresholds,
 )
 from simsearch_wsi.train.model import PatchEncoder, set_trainable, train_mode
@@ -488,3 +490,35 @@ def test_fluorescence_channels_are_encoded_one_by_one(
     probs = predict_patches(bundle, data.clean, open_image=_open)
     m = classification_metrics(probs, data.clean.labels, classes)
     assert m["balanced_accuracy"] >= 0.75  # it learned its own training patches
+
+
+def test_not_class_loss_is_the_two_way_cross_entropy_against_background() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    # class 2 is background: softplus(z_y - z_bg) per row, i.e. -log(p_bg / (p_bg + p_y))
+    want = torch.log1p(torch.exp(torch.tensor(1.5))) + torch.log1p(torch.exp(torch.tensor(2.0)))
+    assert float(not_class_loss(logits, labels, 2)) == pytest.approx(float(want) / 2, rel=1e-6)
+    # the other classes do not enter: moving class 1's logit in row 0 changes nothing
+    moved = logits.clone()
+    moved[0, 1] = 10.0
+    assert float(not_class_loss(moved, labels, 2)) == pytest.approx(float(want) / 2, rel=1e-6)
+
+
+def test_rejected_suggestions_in_the_linear_head_lower_their_class() -> None:
+    """Issue 27 option ``linear_negatives``: the head scores a rejected look-alike lower for the
+    class it was rejected for than the same head trained without it."""
+    rng = np.random.default_rng(0)
+    pos = torch.from_numpy(rng.normal(0, 1, (60, 8)).astype(np.float32))
+    pos[:30, 0] += 3.0  # class 0; the rest background
+    labels = torch.tensor([0] * 30 + [1] * 30)
+    look_alike = torch.from_numpy(rng.normal(0, 1, (20, 8)).astype(np.float32))
+    look_alike[:, 0] += 3.0
+    look_alike[:, 1] += 3.0  # like class 0, plus one feature the positives lack
+    stage = StageConfig(30, 32, 1e-2)
+    p_c = []
+    for negatives in (None, (look_alike, torch.zeros(20, dtype=torch.long))):
+        w, b, _ = _train_linear(
+            pos, labels, 2, stage, rng=np.random.default_rng(1), seed=1, negatives=negatives
+        )
+        p_c.append(float(torch.softmax(look_alike @ w.T + b, dim=1)[:, 0].mean()))
+    assert p_c[1] < p_c[0] - 0.2

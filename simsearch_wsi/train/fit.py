@@ -125,6 +125,10 @@ class TrainConfig:
     context_a: int = 32
     jitter_a: int = 8
     linear_views: int = 8
+    #: whether the linear head also learns from the rejected suggestions (background over the
+    #: class they were rejected for; only where the strategy uses negatives). Off: the training
+    #: study measured it lower on every case (docs/evaluation.md, issue 27)
+    linear_negatives: bool = False
     noisy_per_class: int = 64
     background_per_image: int = 48
     val_fraction: float = 0.2
@@ -447,12 +451,22 @@ def _train_linear(
     *,
     rng: np.random.Generator,
     seed: int,
+    negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+    background: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Cross-entropy linear layer on (M, D) features, oversampling classes equally; returns
-    (K, D) weight and (K,) bias acting on the raw features (standardisation folded in)."""
+    (K, D) weight and (K,) bias acting on the raw features (standardisation folded in).
+
+    ``negatives`` = ((R, D) features, (R,) class indices) of suggestions the user rejected for
+    that class: each step adds :func:`not_class_loss` (background over the rejected class, class
+    ``background`` = the last by default), so flagged look-alikes push the head away from
+    them."""
     mu = feats.mean(dim=0)
     sd = feats.std(dim=0).clamp_min(1e-6)
     xs = (feats - mu) / sd
+    xn, yn = None, None
+    if negatives is not None and len(negatives[1]):
+        xn, yn = (negatives[0] - mu) / sd, negatives[1]
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         layer = nn.Linear(feats.shape[1], n_classes)
@@ -473,6 +487,9 @@ def _train_linear(
         for _ in range(steps):
             idx = torch.from_numpy(rng.choice(len(labels), size=stage.batch_size, p=p))
             loss = F.cross_entropy(layer(xs[idx]), labels[idx])
+            if xn is not None and yn is not None:
+                jdx = torch.from_numpy(rng.choice(len(yn), size=stage.batch_size))
+                loss = loss + not_class_loss(layer(xn[jdx]), yn[jdx], background % n_classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
@@ -483,6 +500,15 @@ def _train_linear(
     w = layer.weight.detach() / sd
     b = layer.bias.detach() - w @ mu
     return w, b, [round(v, 5) for v in losses]
+
+
+def not_class_loss(logits: torch.Tensor, labels: torch.Tensor, background: int) -> torch.Tensor:
+    """Mean ``softplus(z_y - z_bg)`` of (N, K) logits: each sample, known *not* to be its (N,)
+    class ``y``, should score background above ``y`` (the two-way cross-entropy between them).
+    It says nothing about the other classes, so a look-alike of one class is not pushed into
+    another."""
+    rows = torch.arange(len(labels))
+    return F.softplus(logits[rows, labels] - logits[:, background]).mean()
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -873,6 +899,23 @@ def _fine_tune(
                 autocast=config.autocast,
             )
             labels = torch.from_numpy(train_set.labels).repeat(config.linear_views)
+            rejected = None
+            if negatives is not None and config.linear_negatives:
+                neg_feats = embed_patches(
+                    encoder,
+                    reader,
+                    negatives,
+                    device=device,
+                    views=config.linear_views,
+                    augment=config.clean_augment,
+                    gen=gen,
+                    jitter=np.random.default_rng(child_seed(rng)),
+                    autocast=config.autocast,
+                )
+                rejected = (
+                    neg_feats.reshape(-1, neg_feats.shape[-1]),
+                    torch.from_numpy(negatives.labels).repeat(config.linear_views),
+                )
             if progress is not None:
                 progress(f"{tag} | fitting", 1, 1)
             return _train_linear(
@@ -882,6 +925,7 @@ def _fine_tune(
                 lin_cfg,
                 rng=rng,
                 seed=child_seed(rng),
+                negatives=rejected,
             )
 
         if val_set is not None:
