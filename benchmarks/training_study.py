@@ -130,12 +130,12 @@ def run_case(
             if bf16_native:
                 variants += [("trunk bf16", {"head_input": "trunk", "autocast": True}, set())]
         elif arm == "trunk-linear-negatives":
-            # the linear head with and without the rejected suggestions' not-class loss
-            for flag in (False, True):
+            # the linear head with the rejected suggestions' loss at these weights (0 = off)
+            for weight in (0.0, 0.1, 0.3):
                 variants += [
                     (
-                        f"trunk fp32, head {'with' if flag else 'without'} negatives",
-                        {"head_input": "trunk", "autocast": False, "linear_negatives": flag},
+                        f"trunk fp32, negatives x{weight:g}",
+                        {"head_input": "trunk", "autocast": False, "linear_negatives": weight},
                         set(),
                     )
                 ]

@@ -125,10 +125,10 @@ class TrainConfig:
     context_a: int = 32
     jitter_a: int = 8
     linear_views: int = 8
-    #: whether the linear head also learns from the rejected suggestions (background over the
-    #: class they were rejected for; only where the strategy uses negatives). Off: the training
-    #: study measured it lower on every case (docs/evaluation.md, issue 27)
-    linear_negatives: bool = False
+    #: weight of the rejected suggestions' loss in the linear head (background over the class
+    #: they were rejected for; only where the strategy uses negatives); 0 = off. Off: the
+    #: training study measured 1.0 lower on every case (docs/evaluation.md, issue 27)
+    linear_negatives: float = 0.0
     noisy_per_class: int = 64
     background_per_image: int = 48
     val_fraction: float = 0.2
@@ -149,6 +149,8 @@ class TrainConfig:
             )
         if not 0 <= self.val_fraction < 1 or self.linear_views < 1 or self.context_a < 0:
             raise ConfigError("val_fraction must be in [0, 1), linear_views >= 1, context >= 0")
+        if self.linear_negatives < 0:
+            raise ConfigError(f"linear_negatives must be >= 0, got {self.linear_negatives}")
 
     @property
     def uses_negatives(self) -> bool:
@@ -452,15 +454,16 @@ def _train_linear(
     rng: np.random.Generator,
     seed: int,
     negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+    negatives_weight: float = 1.0,
     background: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Cross-entropy linear layer on (M, D) features, oversampling classes equally; returns
     (K, D) weight and (K,) bias acting on the raw features (standardisation folded in).
 
     ``negatives`` = ((R, D) features, (R,) class indices) of suggestions the user rejected for
-    that class: each step adds :func:`not_class_loss` (background over the rejected class, class
-    ``background`` = the last by default), so flagged look-alikes push the head away from
-    them."""
+    that class: each step adds ``negatives_weight`` x :func:`not_class_loss` (background over
+    the rejected class, class ``background`` = the last by default), so flagged look-alikes push
+    the head away from them."""
     mu = feats.mean(dim=0)
     sd = feats.std(dim=0).clamp_min(1e-6)
     xs = (feats - mu) / sd
@@ -489,7 +492,8 @@ def _train_linear(
             loss = F.cross_entropy(layer(xs[idx]), labels[idx])
             if xn is not None and yn is not None:
                 jdx = torch.from_numpy(rng.choice(len(yn), size=stage.batch_size))
-                loss = loss + not_class_loss(layer(xn[jdx]), yn[jdx], background % n_classes)
+                not_c = not_class_loss(layer(xn[jdx]), yn[jdx], background % n_classes)
+                loss = loss + negatives_weight * not_c
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
@@ -900,7 +904,7 @@ def _fine_tune(
             )
             labels = torch.from_numpy(train_set.labels).repeat(config.linear_views)
             rejected = None
-            if negatives is not None and config.linear_negatives:
+            if negatives is not None and config.linear_negatives > 0:
                 neg_feats = embed_patches(
                     encoder,
                     reader,
@@ -926,6 +930,7 @@ def _fine_tune(
                 rng=rng,
                 seed=child_seed(rng),
                 negatives=rejected,
+                negatives_weight=config.linear_negatives,
             )
 
         if val_set is not None:
