@@ -83,10 +83,10 @@ def _cohort(
     try:
         targets = cohort_targets([CohortEntry(str(p)) for p in slides])
         t1 = time.perf_counter()
-        result = run_cohort(targets, bundle, out, client=client)
+        result = run_cohort(targets, bundle, out_dir=out, client=client)
         seconds = time.perf_counter() - t1
         t2 = time.perf_counter()
-        again = run_cohort(targets, bundle, out, client=client)
+        again = run_cohort(targets, bundle, out_dir=out, client=client)
         resume = time.perf_counter() - t2
     finally:
         client.close()
@@ -127,7 +127,7 @@ def main() -> None:
             results = predict_images(
                 cohort_targets([CohortEntry(str(p)) for p in slides]),
                 model,
-                root / f"inproc{rep}",
+                out_dir=root / f"inproc{rep}",
                 open_image=open_image,
                 settings=PredictSettings(),
             )

@@ -65,8 +65,10 @@ def bench_pipeline(work: Path, device: str, quick: bool) -> dict[str, Any]:
         norm = fit_normalization([img])
         for autocast in (False, True):
             ex = _extractor(device, autocast)
-            spec = make_feature_spec(img, ex, AnalysisScale.for_level(img, 0), norm, tile_size=1024)
-            tiles, _, _ = analysis_tiles(img, spec, None)
+            spec = make_feature_spec(
+                img, ex, scale=AnalysisScale.for_level(img, 0), normalization=norm, tile_size=1024
+            )
+            tiles, _, _ = analysis_tiles(img, spec, mask=None)
             idx = [0, 1, 2]
             read = 1024 + 2 * spec.halo
             batch = np.stack(
@@ -76,7 +78,7 @@ def bench_pipeline(work: Path, device: str, quick: bool) -> dict[str, Any]:
                             img, spec.scale, t.x_a - spec.halo, t.y_a - spec.halo, read, read
                         ),
                         spec,
-                        idx,
+                        idx=idx,
                     )
                     for t in tiles
                 ]
@@ -93,7 +95,7 @@ def bench_pipeline(work: Path, device: str, quick: bool) -> dict[str, Any]:
                 runs_bare.append(time.perf_counter() - t0)
                 cache = FeatureCache(work / f"cache_{autocast}_{rep}")
                 t0 = time.perf_counter()
-                cache.get_or_compute(img, ex, spec, batch_size=2)
+                cache.get_or_compute(img, ex, spec=spec, batch_size=2)
                 _sync(device)
                 runs_pipe.append(time.perf_counter() - t0)
             bare, pipe = min(runs_bare), min(runs_pipe)
@@ -202,14 +204,14 @@ def bench_query(work: Path, quick: bool) -> dict[str, Any]:
     vecs = torch.nn.functional.normalize(torch.randn(3 * 5 * 4, d), dim=1)
     protos = PrototypeVectors(vecs, torch.arange(3).repeat_interleave(20), ("a", "b", "c"))
     t0 = time.perf_counter()
-    maps = similarity_maps(fmap, geo, protos)  # pools the map once for this patch size
+    maps = similarity_maps(fmap, geo, prototypes=protos)  # pools the map once for this patch size
     first_s = time.perf_counter() - t0
     times = {}
     for precision in ("bf16", "fp32"):
         runs = []
         for _ in range(2):
             t0 = time.perf_counter()
-            maps = similarity_maps(fmap, geo, protos, precision=precision)
+            maps = similarity_maps(fmap, geo, prototypes=protos, precision=precision)
             runs.append(time.perf_counter() - t0)
         times[precision] = round(min(runs), 2)
     return {
@@ -253,10 +255,10 @@ from simsearch_wsi.io import open_image
 trunk, spec, info = build_trunk(weights="random", seed=0)
 ex = FeatureExtractor(trunk, spec, info, autocast=True)
 img = open_image(path)
-fspec = make_feature_spec(img, ex, AnalysisScale.for_level(img, level), fit_normalization([img]),
-                          tile_size=1024)
+fspec = make_feature_spec(img, ex, scale=AnalysisScale.for_level(img, level),
+                          normalization=fit_normalization([img]), tile_size=1024)
 t0 = time.perf_counter()
-FeatureCache(work / f"memcache_{side}").get_or_compute(img, ex, fspec, batch_size=2)
+FeatureCache(work / f"memcache_{side}").get_or_compute(img, ex, spec=fspec, batch_size=2)
 print(side, img.levels[level].width * img.levels[level].height / 1e6,
       time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -115,8 +115,8 @@ def bench_dense(
             spec = make_feature_spec(
                 img,
                 ex,
-                scale,
-                bundle.channel_normalization(),
+                scale=scale,
+                normalization=bundle.channel_normalization(),
                 channels=list(bundle.channels),
                 tile_size=tile_size,
                 tiles="foreground",
@@ -125,7 +125,7 @@ def bench_dense(
             t0 = time.perf_counter()
             mask = detect_foreground(img)
             t1 = time.perf_counter()
-            grid, ny, nx = analysis_tiles(img, spec, mask)
+            grid, ny, nx = analysis_tiles(img, spec, mask=mask)
             fixed = {"detect_foreground_s": t1 - t0, "analysis_tiles_s": time.perf_counter() - t1}
             halo, read = spec.halo, tile_size + 2 * spec.halo
             tiles = np.stack(
@@ -135,7 +135,7 @@ def bench_dense(
                             img, spec.scale, t.x_a - halo, t.y_a - halo, read, read
                         ),
                         spec,
-                        [0, 1, 2],
+                        idx=[0, 1, 2],
                     )
                     for t in grid
                 ]
@@ -158,7 +158,9 @@ def bench_dense(
                 _sync(device)
                 runs["bare"].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                for _tl, _f in iter_tile_features(img, ex, spec, grid, batch_size=batch_size):
+                for _tl, _f in iter_tile_features(
+                    img, ex, spec=spec, tiles=grid, batch_size=batch_size
+                ):
                     pass
                 _sync(device)
                 runs["tiles"].append(time.perf_counter() - t0)
@@ -261,7 +263,8 @@ def _per_window_model_only(
     trunk, spec = bundle.build_trunk()
     trunk = trunk.to(device).to(memory_format=torch.channels_last)
     geometry = PatchGeometry(**bundle.geometry)
-    encoder = PatchEncoder(trunk, spec, geometry, rgb=True, context_a=bundle.context_a).to(device)
+    encoder = PatchEncoder(trunk, spec, geometry=geometry, rgb=True, context_a=bundle.context_a)
+    encoder = encoder.to(device)
     encoder.eval()
     x = torch.rand(64, 3, crop, crop, generator=torch.Generator().manual_seed(0)).to(device)
     dev = torch.device(device).type
@@ -486,7 +489,7 @@ def bench_outputs(
     steps["write_label_image (OME-Zarr + probabilities)"]["store_mb"] = _tree_mb(store)
     png = work / "slide_overlay.png"
     _, steps["write_overlay (PNG)"] = _measure(
-        lambda: write_overlay(png, image, seg, COLORS, detections)
+        lambda: write_overlay(png, image, seg=seg, colors=COLORS, detections=detections)
     )
     counted = Counter(d.class_name for d in detections)
     counts = {c: int(counted.get(c, 0)) for c in seg.classes}

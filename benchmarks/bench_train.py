@@ -64,7 +64,8 @@ def _step_rate(
     """Views/s of training steps on random crops (68-px patches + 32 px context = 128 px)."""
     trunk, spec, _ = build_trunk("resnet18-l3", "random", seed=0)
     trunk = trunk.to(device).to(memory_format=torch.channels_last)
-    enc = PatchEncoder(trunk, spec, PatchGeometry(68, 68, 16), rgb=True, context_a=32).to(device)
+    geometry = PatchGeometry(68, 68, 16)
+    enc = PatchEncoder(trunk, spec, geometry=geometry, rgb=True, context_a=32).to(device)
     head = ProjectionHead(256).to(device)
     params = set_trainable(trunk, freeze_early=freeze_early) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
@@ -77,9 +78,9 @@ def _step_rate(
     for step in range(steps + 2):
         _sync(device)
         t0 = time.perf_counter()
-        v = torch.cat([augment_batch(x, aug, gen, window=64) for _ in range(2)])
+        v = torch.cat([augment_batch(x, aug, generator=gen, window=64) for _ in range(2)])
         if n_neg:
-            v = torch.cat([v, augment_batch(x[:n_neg], aug, gen, window=64)])
+            v = torch.cat([v, augment_batch(x[:n_neg], aug, generator=gen, window=64)])
         train_mode(trunk, freeze_early=freeze_early)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             z = head(enc(v)).float()
@@ -106,7 +107,8 @@ def _step_rate(
 def _forward_rate(*, device: torch.device, autocast: bool, batch: int, steps: int) -> float:
     trunk, spec, _ = build_trunk("resnet18-l3", "random", seed=0)
     trunk = trunk.to(device).to(memory_format=torch.channels_last)
-    enc = PatchEncoder(trunk, spec, PatchGeometry(68, 68, 16), rgb=True, context_a=32).to(device)
+    geometry = PatchGeometry(68, 68, 16)
+    enc = PatchEncoder(trunk, spec, geometry=geometry, rgb=True, context_a=32).to(device)
     enc.eval()
     x = torch.rand(batch, 3, 128, 128, generator=torch.Generator().manual_seed(0)).to(device)
     times = []
@@ -174,7 +176,7 @@ def bench_pipeline(work: Path, device: torch.device, quick: bool) -> dict[str, A
     result = train_session(
         session,
         search,
-        config,
+        config=config,
         open_image=lambda p: open_image(p),
         noisy_images=[c.path],
         device=device,

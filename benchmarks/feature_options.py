@@ -146,7 +146,7 @@ def main() -> None:
         for norm, shrink in runs:
             if shrink is not None:
                 featurenorm.WHITEN_SHRINKAGE = shrink  # the module's knob (cache files keyed on it)
-            search = SimSearch(extractor, cache, SearchSettings(feature_norm=norm))
+            search = SimSearch(extractor, cache, settings=SearchSettings(feature_norm=norm))
             t0 = time.perf_counter()
             synth = object_search_quality(
                 search,
@@ -158,7 +158,7 @@ def main() -> None:
             region = region_search_quality(
                 search,
                 ihc,
-                IHC_CLASSES,
+                classes=IHC_CLASSES,
                 open_image=partial(open_image, mpp=IHC_MPP),
                 patch_size_l0=IHC_PATCH_PX,
                 repeats=args.repeats,

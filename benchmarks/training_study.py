@@ -95,7 +95,7 @@ def run_case(
     outcome = simulate_review(
         search,
         session,
-        bench.review,
+        images=bench.review,
         classes=bench.classes,
         config=UserConfig(prototypes, 5, 8),
         patch_size_l0=bench.patch_size_l0,
@@ -106,7 +106,7 @@ def run_case(
     row: dict[str, Any] = {"case": name, "split": split, "review": outcome.to_dict(), "arms": {}}
     t0 = time.perf_counter()
     scores = score_search(
-        search, bench, session.all_prototypes(), open_image=open_image, radius_l0=radius
+        search, bench, prototypes=session.all_prototypes(), open_image=open_image, radius_l0=radius
     )
     row["arms"]["search"] = {
         "ap": {s.class_name: s.ap for s in scores},
@@ -150,7 +150,12 @@ def run_case(
         config = TrainConfig.preset_config(preset).replace(**changes)
         t0 = time.perf_counter()
         trained = train_session(
-            sess, search, config, open_image=open_image, noisy_images=bench.unlabelled, seed=seed
+            sess,
+            search,
+            config=config,
+            open_image=open_image,
+            noisy_images=bench.unlabelled,
+            seed=seed,
         )
         t1 = time.perf_counter()
         model = PatchModel(trained.bundle, cache_dir=search.cache.root)
@@ -228,7 +233,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     trunk, spec, info = build_trunk("resnet18-l3", args.weights, seed=0)
     extractor = FeatureExtractor(trunk, spec, info, device=torch.device("cpu"))
-    search = SimSearch(extractor, FeatureCache(out / "cache"), SearchSettings())
+    search = SimSearch(extractor, FeatureCache(out / "cache"), settings=SearchSettings())
     w, h = (int(v) for v in args.size.split("x"))
     wanted = set(args.cases.split(","))
     rows = []

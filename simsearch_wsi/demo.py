@@ -316,7 +316,7 @@ def _loop(
     outcome = simulate_review(
         run.search,
         session,
-        images,
+        images=images,
         classes=classes,
         config=UserConfig(
             prototypes_per_class=max(1, len(prototypes) // len(classes)),
@@ -332,7 +332,7 @@ def _loop(
     trained = train_session(
         session,
         run.search,
-        TrainConfig.preset_config(DEMO_PRESET),
+        config=TrainConfig.preset_config(DEMO_PRESET),
         open_image=open_fn,
         noisy_images=noisy_images,
         device=run.device,
@@ -357,7 +357,7 @@ def _predict(
     (result,) = predict_images(
         [PredictTarget(str(path), path.name.split(".")[0])],
         model,
-        out,
+        out_dir=out,
         open_image=open_fn,
         resume=False,
         progress=progress,
@@ -398,7 +398,12 @@ def _experiment_he(run: _Run, bench: Benchmark) -> None:
     result.files["H&E model bundle"] = bundle_path
     radius = paper_match_radius_l0(bench.patch_size_l0)
     searched = score_search(
-        search, bench, prototypes, open_image=open_image, radius_l0=radius, progress=progress
+        search,
+        bench,
+        prototypes=prototypes,
+        open_image=open_image,
+        radius_l0=radius,
+        progress=progress,
     )
     scored = score_model(model, bench, open_image=open_image, radius_l0=radius, progress=progress)
     test = bench.test[0].path

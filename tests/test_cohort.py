@@ -128,7 +128,7 @@ def test_an_external_scheduler_runs_a_plate(tmp_path: Path, synthetic_plate: Any
             result = run_cohort(
                 cohort_targets(entries),
                 bundle,
-                tmp_path / "out",
+                out_dir=tmp_path / "out",
                 client=client,
                 resources={"GPU": 1},  # as the CLI asks with --device cuda
             )

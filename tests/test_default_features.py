@@ -45,7 +45,7 @@ def _quality(weights: str, tmp: Path, bench_root: Path) -> tuple[SearchQuality, 
     search = SimSearch(
         FeatureExtractor(trunk, spec, info, device=torch.device("cpu")),
         FeatureCache(tmp / "cache"),
-        SearchSettings(),
+        settings=SearchSettings(),
     )
     bench = small_benchmark(bench_root)
     quality = object_search_quality(search, bench, open_image=open_image, repeats=3, seed=0)

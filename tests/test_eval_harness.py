@@ -254,14 +254,14 @@ def test_summary_and_report_files(tmp_path: Path) -> None:
     table = summary_markdown(rows, ["ring", "disc"])
     assert "| search | 5 | 0 | 2 | 0.500 ± 0.141 |" in table
     assert table.count("\n") == 4 and "n/a" in table
-    files = write_report(results, ["ring", "disc"], tmp_path / "report")
+    files = write_report(results, ["ring", "disc"], out_dir=tmp_path / "report")
     with files["runs"].open() as fh:
         runs = list(csv.DictReader(fh))
     assert len(runs) == 8 and runs[0]["strategy"] == "search" and runs[0]["threshold"] == "0.7"
     assert files["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert files["table"].read_text() == table
     with pytest.raises(ConfigError, match="no finished runs"):
-        write_report([], ["ring"], tmp_path / "empty")
+        write_report([], ["ring"], out_dir=tmp_path / "empty")
 
 
 # --- the ablation ---------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path: Path, tiny_training: None
         strategies=("search", "pos"), prototypes=(2,), negatives=(1,), repeats=1
     )
     out = tmp_path / "out"
-    results = list(run_ablation(bench, config, search, out, open_image=open_image))
+    results = list(run_ablation(bench, config, search=search, out_dir=out, open_image=open_image))
     assert [r.spec.key for r in results] == ["search_P2_N1_r0", "pos_P2_N1_r0"]
     for r in results:
         assert [s.class_name for s in r.scores] == list(bench.classes)
@@ -332,10 +332,10 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path: Path, tiny_training: None
     assert results[0].review == results[1].review  # one shared review
     record = json.loads((out / "runs" / "pos_P2_N1_r0.json").read_text())
     assert record["settings"]["benchmark"] == bench.digest()
-    again = list(run_ablation(bench, config, search, out, open_image=open_image))
+    again = list(run_ablation(bench, config, search=search, out_dir=out, open_image=open_image))
     assert all(r.reused for r in again)
     assert [r.mean_ap for r in again] == pytest.approx([r.mean_ap for r in results])
-    files = write_report(again, bench.classes, out)
+    files = write_report(again, bench.classes, out_dir=out)
     assert files["summary"].exists()
 
 

@@ -107,11 +107,11 @@ def test_higher_score_steals_the_only_truth() -> None:
     # and takes the only centre, B finds it taken -> A TP, B FP despite being nearer
     pred = [[8.0, 0.0], [1.0, 0.0]]
     np.testing.assert_array_equal(
-        match_ranked(pred, [0.9, 0.5], truth, max_distance_l0=10), [True, False]
+        match_ranked(pred, [0.9, 0.5], true_xy_l0=truth, max_distance_l0=10), [True, False]
     )
     # swap the scores: B first -> B TP, A FP
     np.testing.assert_array_equal(
-        match_ranked(pred, [0.5, 0.9], truth, max_distance_l0=10), [False, True]
+        match_ranked(pred, [0.5, 0.9], true_xy_l0=truth, max_distance_l0=10), [False, True]
     )
 
 
@@ -119,11 +119,11 @@ def test_nearest_unmatched_truth_is_taken() -> None:
     truth = [[0.0, 0.0], [5.0, 0.0]]
     # first detection (4, 0): distances 4 and 1 -> takes truth 1; second (1, 0): truth 1 is
     # taken, truth 0 at distance 1 -> takes truth 0
-    got = assign_ranked([[4.0, 0.0], [1.0, 0.0]], [0.9, 0.8], truth, max_distance_l0=6)
+    got = assign_ranked([[4.0, 0.0], [1.0, 0.0]], [0.9, 0.8], true_xy_l0=truth, max_distance_l0=6)
     np.testing.assert_array_equal(got, [1, 0])
     # third detection near both: both taken -> FP
     got = assign_ranked(
-        [[4.0, 0.0], [1.0, 0.0], [2.0, 0.0]], [0.9, 0.8, 0.7], truth, max_distance_l0=6
+        [[4.0, 0.0], [1.0, 0.0], [2.0, 0.0]], [0.9, 0.8, 0.7], true_xy_l0=truth, max_distance_l0=6
     )
     np.testing.assert_array_equal(got, [1, 0, -1])
 
@@ -134,44 +134,51 @@ def test_ties_keep_input_order() -> None:
     # equal scores: the detection listed first is ranked first and takes the centre
     pred = [[6.0, 0.0], [1.0, 0.0]]
     np.testing.assert_array_equal(
-        match_ranked(pred, [0.5, 0.5], truth, max_distance_l0=10), [True, False]
+        match_ranked(pred, [0.5, 0.5], true_xy_l0=truth, max_distance_l0=10), [True, False]
     )
     np.testing.assert_array_equal(
-        match_ranked(pred[::-1], [0.5, 0.5], truth, max_distance_l0=10), [True, False]
+        match_ranked(pred[::-1], [0.5, 0.5], true_xy_l0=truth, max_distance_l0=10), [True, False]
     )
     # equally near centres: the one listed first is taken
-    got = assign_ranked([[0.0, 0.0]], [1.0], [[3.0, 0.0], [-3.0, 0.0]], max_distance_l0=5)
+    got = assign_ranked(
+        [[0.0, 0.0]], [1.0], true_xy_l0=[[3.0, 0.0], [-3.0, 0.0]], max_distance_l0=5
+    )
     np.testing.assert_array_equal(got, [0])
     # (1, 7) and (5, 5) are both sqrt(50) away from the origin: still a tie, first taken
-    got = assign_ranked([[0.0, 0.0]], [1.0], [[5.0, 5.0], [1.0, 7.0]], max_distance_l0=8)
+    got = assign_ranked([[0.0, 0.0]], [1.0], true_xy_l0=[[5.0, 5.0], [1.0, 7.0]], max_distance_l0=8)
     np.testing.assert_array_equal(got, [0])
 
 
 def test_radius_is_inclusive() -> None:
     # (3, 4) is exactly 5 from the origin
-    assert match_ranked([[3.0, 4.0]], [1.0], [[0.0, 0.0]], max_distance_l0=5.0).tolist() == [True]
-    assert match_ranked([[3.0, 4.0]], [1.0], [[0.0, 0.0]], max_distance_l0=4.999).tolist() == [
-        False
-    ]
+    assert match_ranked(
+        [[3.0, 4.0]], [1.0], true_xy_l0=[[0.0, 0.0]], max_distance_l0=5.0
+    ).tolist() == [True]
+    assert match_ranked(
+        [[3.0, 4.0]], [1.0], true_xy_l0=[[0.0, 0.0]], max_distance_l0=4.999
+    ).tolist() == [False]
     # half-pixel coordinates: (0.5, 1.5) -> (2, 3.5) is (1.5, 2) = 2.5 away
-    assert match_ranked([[0.5, 1.5]], [1.0], [[2.0, 3.5]], max_distance_l0=2.5).tolist() == [True]
+    assert match_ranked(
+        [[0.5, 1.5]], [1.0], true_xy_l0=[[2.0, 3.5]], max_distance_l0=2.5
+    ).tolist() == [True]
 
 
 def test_matching_empty_inputs_and_errors() -> None:
-    assert match_ranked(np.zeros((0, 2)), [], [[0.0, 0.0]], max_distance_l0=1).shape == (0,)
-    assert match_ranked([[0.0, 0.0]], [1.0], np.zeros((0, 2)), max_distance_l0=1).tolist() == [
-        False
-    ]
+    none = match_ranked(np.zeros((0, 2)), [], true_xy_l0=[[0.0, 0.0]], max_distance_l0=1)
+    assert none.shape == (0,)
+    assert match_ranked(
+        [[0.0, 0.0]], [1.0], true_xy_l0=np.zeros((0, 2)), max_distance_l0=1
+    ).tolist() == [False]
     with pytest.raises(ConfigError, match="max_distance_l0"):
-        match_ranked([[0.0, 0.0]], [1.0], [[0.0, 0.0]], max_distance_l0=0)
+        match_ranked([[0.0, 0.0]], [1.0], true_xy_l0=[[0.0, 0.0]], max_distance_l0=0)
     with pytest.raises(ConfigError, match="max_distance_l0"):
-        match_ranked([[0.0, 0.0]], [1.0], [[0.0, 0.0]], max_distance_l0=math.inf)
+        match_ranked([[0.0, 0.0]], [1.0], true_xy_l0=[[0.0, 0.0]], max_distance_l0=math.inf)
     with pytest.raises(ConfigError, match="2 values for 1"):
-        match_ranked([[0.0, 0.0]], [1.0, 2.0], [[0.0, 0.0]], max_distance_l0=1)
+        match_ranked([[0.0, 0.0]], [1.0, 2.0], true_xy_l0=[[0.0, 0.0]], max_distance_l0=1)
     with pytest.raises(ConfigError, match="NaN"):
-        match_ranked([[0.0, 0.0]], [math.nan], [[0.0, 0.0]], max_distance_l0=1)
+        match_ranked([[0.0, 0.0]], [math.nan], true_xy_l0=[[0.0, 0.0]], max_distance_l0=1)
     with pytest.raises(ConfigError, match=r"\(n, 2\)"):
-        match_ranked([[0.0, 0.0, 0.0]], [1.0], [[0.0, 0.0]], max_distance_l0=1)
+        match_ranked([[0.0, 0.0, 0.0]], [1.0], true_xy_l0=[[0.0, 0.0]], max_distance_l0=1)
 
 
 # --- brute force on random data ---------------------------------------------------------------
@@ -234,10 +241,10 @@ def test_match_ranked_matches_brute_force(seed: int) -> None:
     true = rng.integers(0, 40, size=(int(rng.integers(0, 30)), 2)).astype(float)
     scores = np.round(rng.random(len(pred)), 1)
     radius = float(rng.integers(1, 8))
-    got = match_ranked(pred, scores, true, max_distance_l0=radius)
+    got = match_ranked(pred, scores, true_xy_l0=true, max_distance_l0=radius)
     assert got.tolist() == brute_force_match(pred, scores, true, radius)
     # each centre matched at most once
-    idx = assign_ranked(pred, scores, true, max_distance_l0=radius)
+    idx = assign_ranked(pred, scores, true_xy_l0=true, max_distance_l0=radius)
     assert len(set(idx[idx >= 0].tolist())) == int((idx >= 0).sum())
 
 

@@ -52,39 +52,42 @@ def test_review_stops_before_the_n_plus_first_wrong(two_images: list[TruthImage]
         (0, sug("ring", 500, 100, 0.70)),  # ring 2, below the stop for N = 1
     ]
     approved, flagged, threshold = review_ranked(
-        ranked, two_images, "ring", negatives=1, radius_l0=10
+        ranked, two_images, class_name="ring", negatives=1, radius_l0=10
     )
     assert [s.similarity for _, s in approved] == [0.95, 0.90, 0.80]
     assert [s.similarity for _, s in flagged] == [0.85]
     assert threshold == 0.80  # the last suggestion kept
     # N = 0: the threshold stops just above the first wrong suggestion
     approved, flagged, threshold = review_ranked(
-        ranked, two_images, "ring", negatives=0, radius_l0=10
+        ranked, two_images, class_name="ring", negatives=0, radius_l0=10
     )
     assert len(approved) == 2 and flagged == [] and threshold == 0.90
     # N large: every correct suggestion is approved, every wrong one flagged
     approved, flagged, threshold = review_ranked(
-        ranked, two_images, "ring", negatives=10, radius_l0=10
+        ranked, two_images, class_name="ring", negatives=10, radius_l0=10
     )
     assert len(approved) == 4 and len(flagged) == 2 and threshold == 0.70
 
 
 def test_review_distance_is_the_matching_radius(two_images: list[TruthImage]) -> None:
     ranked = [(0, sug("ring", 110, 100, 0.9)), (0, sug("ring", 300, 111, 0.8))]
-    approved, flagged, _ = review_ranked(ranked, two_images, "ring", negatives=5, radius_l0=10)
+    approved, flagged, _ = review_ranked(
+        ranked, two_images, class_name="ring", negatives=5, radius_l0=10
+    )
     assert len(approved) == 1 and len(flagged) == 1  # 10 px is in, 11 px is out
 
 
 def test_review_skips_suggestions_on_prototype_objects(two_images: list[TruthImage]) -> None:
     ranked = [(0, sug("ring", 100, 100, 0.99)), (0, sug("ring", 700, 100, 0.5))]
     approved, flagged, threshold = review_ranked(
-        ranked, two_images, "ring", negatives=0, radius_l0=10, claimed={(0, 0)}
+        ranked, two_images, class_name="ring", negatives=0, radius_l0=10, claimed={(0, 0)}
     )
     assert approved == [] and flagged == [] and threshold is None
 
 
 def test_review_of_a_class_without_suggestions(two_images: list[TruthImage]) -> None:
-    assert review_ranked([], two_images, "ring", negatives=3, radius_l0=10) == ([], [], None)
+    nothing = review_ranked([], two_images, class_name="ring", negatives=3, radius_l0=10)
+    assert nothing == ([], [], None)
 
 
 def test_region_classes_are_judged_by_area(tmp_path: Path) -> None:
@@ -105,7 +108,9 @@ def test_region_classes_are_judged_by_area(tmp_path: Path) -> None:
         (0, Suggestion("Stroma", BoxL0(80, 10, 40, 40), 0.7, 4)),  # half Stroma: correct
     ]
     assert REGION_FRACTION == 0.5
-    approved, flagged, threshold = review_ranked(ranked, images, "Stroma", negatives=1, radius_l0=5)
+    approved, flagged, threshold = review_ranked(
+        ranked, images, class_name="Stroma", negatives=1, radius_l0=5
+    )
     assert [s.rank for _, s in approved] == [1, 2, 4] and [s.rank for _, s in flagged] == [3]
     assert threshold == 0.7
     # background: confirmed only where (almost) nothing is labelled
@@ -151,19 +156,22 @@ def test_pick_prototypes_is_seeded_and_without_replacement(two_images: list[Trut
 def test_given_prototypes_claim_their_objects(two_images: list[TruthImage]) -> None:
     key = two_images[0].key
     protos = [Prototype("ring", square_box((302, 99), 48), image=key)]
-    assert claimed_by_prototypes(protos, two_images, ["ring", "disc"], radius_l0=10) == {
+    assert claimed_by_prototypes(protos, two_images, classes=["ring", "disc"], radius_l0=10) == {
         "ring": {(0, 1)},
         "disc": set(),
     }
     with pytest.raises(ConfigError, match="not among the classes"):
         claimed_by_prototypes(
-            [Prototype("star", square_box((0, 0), 8), image=key)], two_images, ["ring"], radius_l0=1
+            [Prototype("star", square_box((0, 0), 8), image=key)],
+            two_images,
+            classes=["ring"],
+            radius_l0=1,
         )
     with pytest.raises(ConfigError, match="not on a review image"):
         claimed_by_prototypes(
             [Prototype("ring", square_box((0, 0), 8), image="/elsewhere.tiff")],
             two_images,
-            ["ring"],
+            classes=["ring"],
             radius_l0=1,
         )
 
@@ -196,7 +204,7 @@ def test_simulated_review_records_a_session(tmp_path: Path, small_slides) -> Non
     outcome = simulate_review(
         search,
         session,
-        images,
+        images=images,
         classes=("ring", "cluster"),
         config=UserConfig(prototypes_per_class=2, negatives_per_class=2, background=4),
         patch_size_l0=48,
@@ -261,7 +269,7 @@ def test_given_prototypes_reach_the_session_and_cover_every_class(
     outcome = simulate_review(
         search,  # type: ignore[arg-type]
         session,
-        [image],
+        images=[image],
         classes=("ring",),
         prototypes=[relative],
         **kwargs,  # type: ignore[arg-type]
@@ -273,7 +281,7 @@ def test_given_prototypes_reach_the_session_and_cover_every_class(
         simulate_review(
             search,  # type: ignore[arg-type]
             Session.create(tmp_path / "s2"),
-            [image],
+            images=[image],
             classes=("ring", "disc"),
             prototypes=[relative],
             **kwargs,  # type: ignore[arg-type]

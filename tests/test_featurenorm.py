@@ -74,7 +74,7 @@ def test_normalizer_is_affine_then_unit_length() -> None:
 def random_search(tmp_path_factory: pytest.TempPathFactory) -> SimSearch:
     trunk, spec, info = build_trunk(weights="random", seed=0)
     ex = FeatureExtractor(trunk, spec, info, autocast=False)
-    return SimSearch(ex, FeatureCache(tmp_path_factory.mktemp("cache")), SearchSettings())
+    return SimSearch(ex, FeatureCache(tmp_path_factory.mktemp("cache")), settings=SearchSettings())
 
 
 def test_whitening_transform_is_cached_beside_the_entry(
@@ -103,7 +103,7 @@ def test_map_and_prototypes_are_normalised_alike(
     at the prototype's own window is its cosine with itself (about 1 in bf16), and each option
     has its own pooled cache."""
     search = SimSearch(
-        random_search.extractor, random_search.cache, SearchSettings(feature_norm=norm)
+        random_search.extractor, random_search.cache, settings=SearchSettings(feature_norm=norm)
     )
     box = synthetic_slide.objects_of("stripes")[0].box
     with open_image(synthetic_slide.path) as img:

@@ -42,8 +42,10 @@ def test_tiled_map_equals_single_pass(
 ) -> None:
     """Issue 3: stitched tiles equal one pass over the region, away from the image border."""
     scale = AnalysisScale.for_level(he_crop, 0)
-    spec = make_feature_spec(he_crop, extractor, scale, fit_normalization([he_crop]), tile_size=128)
-    fmap = FeatureCache(tmp_path).get_or_compute(he_crop, extractor, spec)
+    spec = make_feature_spec(
+        he_crop, extractor, scale=scale, normalization=fit_normalization([he_crop]), tile_size=128
+    )
+    fmap = FeatureCache(tmp_path).get_or_compute(he_crop, extractor, spec=spec)
     assert fmap.shape == (512 // 16, 640 // 16, 256)
     assert fmap.computed.all()
     # one pass over an interior region far from the border (>= halo from every edge); with
@@ -82,8 +84,12 @@ def test_resampled_features_match_the_pyramid_level(
     standardisation, matching cells agree far better than shifted (unrelated) cells."""
     with open_image(synthetic_slide.path) as img:
         norm = fit_normalization([img])
-        s_level = make_feature_spec(img, extractor, AnalysisScale.for_level(img, 1), norm)
-        s_resampled = make_feature_spec(img, extractor, AnalysisScale.for_level(img, 0, 2.0), norm)
+        s_level = make_feature_spec(
+            img, extractor, scale=AnalysisScale.for_level(img, 1), normalization=norm
+        )
+        s_resampled = make_feature_spec(
+            img, extractor, scale=AnalysisScale.for_level(img, 0, resample=2.0), normalization=norm
+        )
         a = embed_region(img, extractor, s_level, 256, 256, 256, 256).flatten(1)
         b = embed_region(img, extractor, s_resampled, 256, 256, 256, 256).flatten(1)
 
@@ -101,9 +107,11 @@ def test_stitching_with_fractional_resample(
     he_crop: ArraySource, extractor: FeatureExtractor, tmp_path: Path
 ) -> None:
     """Resample 23/16: tiles still stitch like one pass (origins land on whole pixels)."""
-    scale = AnalysisScale.for_level(he_crop, 0, 23 / 16)
-    spec = make_feature_spec(he_crop, extractor, scale, fit_normalization([he_crop]), tile_size=128)
-    fmap = FeatureCache(tmp_path).get_or_compute(he_crop, extractor, spec)
+    scale = AnalysisScale.for_level(he_crop, 0, resample=23 / 16)
+    spec = make_feature_spec(
+        he_crop, extractor, scale=scale, normalization=fit_normalization([he_crop]), tile_size=128
+    )
+    fmap = FeatureCache(tmp_path).get_or_compute(he_crop, extractor, spec=spec)
     single = embed_region(he_crop, extractor, spec, 128, 128, 160, 96)
     tiled = torch.from_numpy(fmap.read_cells(8, 14, 8, 18).astype(np.float32)).permute(2, 0, 1)
     assert (single - tiled).abs().max().item() < 2e-3 * single.abs().max().item() + 1e-2
@@ -115,24 +123,29 @@ def test_fluorescence_channels_share_the_trunk(
     with open_image(fluorescence_slide.path) as img:
         norm = fit_normalization([img])
         scale = AnalysisScale.for_level(img, 0)
-        spec_all = make_feature_spec(img, extractor, scale, norm)
+        spec_all = make_feature_spec(img, extractor, scale=scale, normalization=norm)
         assert not spec_all.rgb and spec_all.channels == ("DAPI", "GFP", "Cy5")
         f_all = embed_region(img, extractor, spec_all, 256, 256, 128, 128)
         assert f_all.shape[0] == 3 * 256
-        spec_gfp = make_feature_spec(img, extractor, scale, norm, channels=["GFP"])
+        spec_gfp = make_feature_spec(
+            img, extractor, scale=scale, normalization=norm, channels=["GFP"]
+        )
         f_gfp = embed_region(img, extractor, spec_gfp, 256, 256, 128, 128)
         assert f_gfp.shape[0] == 256
         # per-channel encoding: the GFP block of the full map is the GFP-only map
         torch.testing.assert_close(f_all[256:512], f_gfp, atol=1e-4, rtol=1e-4)
         with pytest.raises(ConfigError, match=r"channel 'FITC' is unknown; available channels are"):
-            make_feature_spec(img, extractor, scale, norm, channels=["FITC"])
+            make_feature_spec(img, extractor, scale=scale, normalization=norm, channels=["FITC"])
 
 
 def test_brightfield_rgb_is_one_trunk_pass(
     he_crop: ArraySource, extractor: FeatureExtractor
 ) -> None:
     spec = make_feature_spec(
-        he_crop, extractor, AnalysisScale.for_level(he_crop, 0), fit_normalization([he_crop])
+        he_crop,
+        extractor,
+        scale=AnalysisScale.for_level(he_crop, 0),
+        normalization=fit_normalization([he_crop]),
     )
     assert spec.rgb and spec.channels == ("R", "G", "B")
     assert embed_region(he_crop, extractor, spec, 0, 0, 64, 64).shape == (256, 4, 4)
@@ -151,11 +164,13 @@ def test_cache_reuse_invalidation_and_resume(he_crop: ArraySource, tmp_path: Pat
     ex = _CountingExtractor(trunk, spec_b, info, autocast=False)
     cache = FeatureCache(tmp_path)
     norm = fit_normalization([he_crop])
-    spec = make_feature_spec(he_crop, ex, AnalysisScale.for_level(he_crop, 0), norm, tile_size=256)
-    first = cache.get_or_compute(he_crop, ex, spec)
+    spec = make_feature_spec(
+        he_crop, ex, scale=AnalysisScale.for_level(he_crop, 0), normalization=norm, tile_size=256
+    )
+    first = cache.get_or_compute(he_crop, ex, spec=spec)
     n_tiles = first.computed.size
     assert _CountingExtractor.calls == n_tiles == 6
-    again = cache.get_or_compute(he_crop, ex, spec)  # reused: no trunk call
+    again = cache.get_or_compute(he_crop, ex, spec=spec)  # reused: no trunk call
     assert _CountingExtractor.calls == n_tiles and again.path == first.path
     # another process sees the same entry (keyed by content for in-memory images)
     assert FeatureCache(tmp_path).contains(
@@ -163,18 +178,24 @@ def test_cache_reuse_invalidation_and_resume(he_crop: ArraySource, tmp_path: Pat
     )
     # invalidated when a key part changes: level, weights, normalisation
     other_level = make_feature_spec(
-        he_crop, ex, AnalysisScale.for_level(he_crop, 1), norm, tile_size=256
+        he_crop, ex, scale=AnalysisScale.for_level(he_crop, 1), normalization=norm, tile_size=256
     )
     assert not cache.contains(he_crop, other_level)
     trunk2, spec2, info2 = build_trunk(weights="random", seed=5)
     ex2 = FeatureExtractor(trunk2, spec2, info2, autocast=False)
     assert not cache.contains(
         he_crop,
-        make_feature_spec(he_crop, ex2, AnalysisScale.for_level(he_crop, 0), norm, tile_size=256),
+        make_feature_spec(
+            he_crop,
+            ex2,
+            scale=AnalysisScale.for_level(he_crop, 0),
+            normalization=norm,
+            tile_size=256,
+        ),
     )
     # resume: an interrupted run keeps its finished tiles
     spec_r = make_feature_spec(
-        he_crop, ex, AnalysisScale.for_level(he_crop, 0), norm, tile_size=128
+        he_crop, ex, scale=AnalysisScale.for_level(he_crop, 0), normalization=norm, tile_size=128
     )
     before = _CountingExtractor.calls
 
@@ -183,14 +204,14 @@ def test_cache_reuse_invalidation_and_resume(he_crop: ArraySource, tmp_path: Pat
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cache.get_or_compute(he_crop, ex, spec_r, batch_size=4, progress=stop_after_two)
+        cache.get_or_compute(he_crop, ex, spec=spec_r, batch_size=4, progress=stop_after_two)
     assert not cache.contains(he_crop, spec_r)  # nothing complete under the final name
     done_first = _CountingExtractor.calls - before
-    resumed = cache.get_or_compute(he_crop, ex, spec_r, batch_size=4)
+    resumed = cache.get_or_compute(he_crop, ex, spec=spec_r, batch_size=4)
     total = resumed.computed.size
     assert _CountingExtractor.calls - before == total  # no tile embedded twice
     assert done_first == 8 < total
-    fresh = FeatureCache(tmp_path / "fresh").get_or_compute(he_crop, ex, spec_r)
+    fresh = FeatureCache(tmp_path / "fresh").get_or_compute(he_crop, ex, spec=spec_r)
     np.testing.assert_array_equal(resumed.read(), fresh.read())
 
 
@@ -202,9 +223,13 @@ def test_cache_invalidated_when_file_changes(tmp_path: Path, extractor: FeatureE
     cache = FeatureCache(tmp_path / "cache")
     with open_image(path) as img:
         spec = make_feature_spec(
-            img, extractor, AnalysisScale.for_level(img, 1), fit_normalization([img]), tile_size=256
+            img,
+            extractor,
+            scale=AnalysisScale.for_level(img, 1),
+            normalization=fit_normalization([img]),
+            tile_size=256,
         )
-        cache.get_or_compute(img, extractor, spec)
+        cache.get_or_compute(img, extractor, spec=spec)
         assert cache.contains(img, spec)
     make_synthetic_slide(path, width=512, height=384, n_per_class=1, seed=1)
     with open_image(path) as img:
@@ -217,10 +242,12 @@ def test_foreground_only_tiles(
     with open_image(synthetic_slide.path) as img:
         norm = fit_normalization([img])
         scale = AnalysisScale.for_level(img, 2)
-        spec = make_feature_spec(img, extractor, scale, norm, tile_size=64, tiles="foreground")
-        all_tiles = make_feature_spec(img, extractor, scale, norm, tile_size=64)
+        spec = make_feature_spec(
+            img, extractor, scale=scale, normalization=norm, tile_size=64, tiles="foreground"
+        )
+        all_tiles = make_feature_spec(img, extractor, scale=scale, normalization=norm, tile_size=64)
         assert spec.key(img.identity()) != all_tiles.key(img.identity())  # mask is in the key
-        fmap = FeatureCache(tmp_path).get_or_compute(img, extractor, spec)
+        fmap = FeatureCache(tmp_path).get_or_compute(img, extractor, spec=spec)
         assert 0 < fmap.computed.sum() < fmap.computed.size
         skipped = np.argwhere(~fmap.computed)[0]
         block = fmap.read_cells(
@@ -246,7 +273,9 @@ def test_bf16_autocast_preserves_rankings(he_crop: ArraySource, force_bf16: None
     fp32 = FeatureExtractor(trunk, spec_b, info, autocast=False)
     bf16 = FeatureExtractor(trunk, spec_b, info, autocast=True)
     norm = fit_normalization([he_crop])
-    spec = make_feature_spec(he_crop, fp32, AnalysisScale.for_level(he_crop, 0), norm)
+    spec = make_feature_spec(
+        he_crop, fp32, scale=AnalysisScale.for_level(he_crop, 0), normalization=norm
+    )
     a = embed_region(he_crop, fp32, spec, 0, 0, 640, 512).flatten(1)
     b = embed_region(he_crop, bf16, spec, 0, 0, 640, 512).flatten(1)
     a = a - a.mean(dim=1, keepdim=True)
@@ -263,8 +292,8 @@ def test_precision_is_part_of_the_key(he_crop: ArraySource, force_bf16: None) ->
     assert (fp32.precision, bf16.precision) == ("cpu-fp32", "cpu-bf16")
     norm = fit_normalization([he_crop])
     scale = AnalysisScale.for_level(he_crop, 0)
-    a = make_feature_spec(he_crop, fp32, scale, norm)
-    b = make_feature_spec(he_crop, bf16, scale, norm)
+    a = make_feature_spec(he_crop, fp32, scale=scale, normalization=norm)
+    b = make_feature_spec(he_crop, bf16, scale=scale, normalization=norm)
     assert a.key(he_crop.identity()) != b.key(he_crop.identity())
 
 
@@ -292,17 +321,17 @@ def test_bad_batch_size_and_no_foreground(extractor: FeatureExtractor, tmp_path:
     spec = make_feature_spec(
         glass,
         extractor,
-        AnalysisScale.for_level(glass, 0),
-        fit_normalization([glass]),
+        scale=AnalysisScale.for_level(glass, 0),
+        normalization=fit_normalization([glass]),
         tile_size=128,
         tiles="foreground",
     )
     cache = FeatureCache(tmp_path)
     for bad in (0, -1):
         with pytest.raises(ConfigError, match="batch size must be a positive integer"):
-            cache.get_or_compute(glass, extractor, spec, batch_size=bad)
+            cache.get_or_compute(glass, extractor, spec=spec, batch_size=bad)
     with pytest.raises(ConfigError, match="no foreground"):
-        cache.get_or_compute(glass, extractor, spec)
+        cache.get_or_compute(glass, extractor, spec=spec)
     assert not any(tmp_path.iterdir())  # nothing cached for an empty run
 
 
@@ -318,8 +347,8 @@ def test_resume_after_crash_before_rename_and_corrupt_partial(
     spec = make_feature_spec(
         he_crop,
         extractor,
-        AnalysisScale.for_level(he_crop, 0),
-        fit_normalization([he_crop]),
+        scale=AnalysisScale.for_level(he_crop, 0),
+        normalization=fit_normalization([he_crop]),
         tile_size=256,
     )
     final = cache.entry_path(he_crop, spec)
@@ -333,17 +362,17 @@ def test_resume_after_crash_before_rename_and_corrupt_partial(
 
     monkeypatch.setattr(Path, "rename", crash)
     with pytest.raises(KeyboardInterrupt):
-        cache.get_or_compute(he_crop, extractor, spec)
+        cache.get_or_compute(he_crop, extractor, spec=spec)
     monkeypatch.setattr(Path, "rename", real_rename)
     assert partial.is_dir() and not final.exists()
-    done = cache.get_or_compute(he_crop, extractor, spec)  # resumes, rewrites the statistics
+    done = cache.get_or_compute(he_crop, extractor, spec=spec)  # resumes, rewrites the statistics
     assert done.computed.all() and done.channel_std.shape == (256,)
     # a partial folder that is not a readable store is discarded and recomputed
     spec2 = make_feature_spec(
         he_crop,
         extractor,
-        AnalysisScale.for_level(he_crop, 1),
-        fit_normalization([he_crop]),
+        scale=AnalysisScale.for_level(he_crop, 1),
+        normalization=fit_normalization([he_crop]),
         tile_size=256,
     )
     broken = cache.entry_path(he_crop, spec2)
@@ -351,7 +380,7 @@ def test_resume_after_crash_before_rename_and_corrupt_partial(
     broken.mkdir(parents=True)
     (broken / "zarr.json").write_text("{not json")
     assert featurecache._open_partial(broken, "k") is None and not broken.exists()
-    assert cache.get_or_compute(he_crop, extractor, spec2).computed.all()
+    assert cache.get_or_compute(he_crop, extractor, spec=spec2).computed.all()
 
 
 # --- issue 31: a failed tile read stops the reads around it -------------------------------------
@@ -413,7 +442,10 @@ def test_nan_pixels_give_finite_features(extractor: FeatureExtractor) -> None:
     clean = arr.copy()
     clean[~np.isfinite(clean)] = 0.0
     spec = make_feature_spec(
-        img, extractor, AnalysisScale.for_level(img, 0), fit_normalization([ArraySource(clean)])
+        img,
+        extractor,
+        scale=AnalysisScale.for_level(img, 0),
+        normalization=fit_normalization([ArraySource(clean)]),
     )
     feats = embed_region(img, extractor, spec, 0, 0, 96, 96)
     assert torch.isfinite(feats).all()

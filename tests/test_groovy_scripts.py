@@ -199,7 +199,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             prototypes.append(f)
     trunk, spec, info = build_trunk(weights="random", seed=0)
     extractor = FeatureExtractor(trunk, spec, info, autocast=False)
-    search = SimSearch(extractor, FeatureCache(root / "cache"), SearchSettings(tile_size=512))
+    search = SimSearch(
+        extractor, FeatureCache(root / "cache"), settings=SearchSettings(tile_size=512)
+    )
     server, thread, url = _serve(create_app(search, allowed_roots=[root]))
     try:
         yield World(root, slide, _java_uri(slide.path), url, prototypes, search)
@@ -393,9 +395,9 @@ def _training_session(folder: Path, slide: SyntheticSlide) -> Session:
         first, *rest = slide.objects_of(name)
         session.add_prototypes(slide.path, [Prototype(name, first.box)])
         for obj in rest:
-            session.add_decision(slide.path, "positive", name, obj.box)
+            session.add_decision(slide.path, "positive", class_name=name, box=obj.box)
         other = slide.objects_of(slide.classes[(k + 1) % len(slide.classes)])[0]
-        session.add_decision(slide.path, "negative", name, other.box)
+        session.add_decision(slide.path, "negative", class_name=name, box=other.box)
     side = 40.0
     near = [
         BoxL0(o.x_l0 - 16, o.y_l0 - 16, o.width_l0 + 32, o.height_l0 + 32) for o in slide.objects
@@ -407,7 +409,7 @@ def _training_session(folder: Path, slide: SyntheticSlide) -> Session:
     ]
     free = [b for b in free if not any(b.intersects(o) for o in near)]
     for box in free[:: len(free) // 8][:8]:
-        session.add_decision(slide.path, "background", BACKGROUND_CLASS, box)
+        session.add_decision(slide.path, "background", class_name=BACKGROUND_CLASS, box=box)
     session.save()
     return session
 

@@ -61,7 +61,7 @@ def fast_model(tmp_path_factory: pytest.TempPathFactory, small_slides: Any) -> P
     result = train_session(
         session,
         search,
-        TrainConfig.preset_config("fast"),
+        config=TrainConfig.preset_config("fast"),
         open_image=open_image,
         noisy_images=[small_slides[2].path],
         seed=0,
@@ -77,7 +77,7 @@ def predicted(
     out = tmp_path_factory.mktemp("predicted")
     model = PatchModel(load_bundle(fast_model))
     (result,) = predict_images(
-        expand_inputs([str(small_slides[1].path)]), model, out, open_image=open_image
+        expand_inputs([str(small_slides[1].path)]), model, out_dir=out, open_image=open_image
     )
     return out, result
 
@@ -219,7 +219,12 @@ def test_dab_is_the_mean_optical_density_of_each_class_region(
     root = zarr.open_group(result.outputs["ome_zarr"], mode="r")
     scale = root.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     mpp = small_slides[1].mpp
-    lab = sample_on_grid(labels, (scale[-1] / mpp, scale[-2] / mpp), rgb.shape[:2], (ds_x, ds_y))
+    lab = sample_on_grid(
+        labels,
+        (scale[-1] / mpp, scale[-2] / mpp),
+        shape=rgb.shape[:2],
+        grid_downsample=(ds_x, ds_y),
+    )
     od = dab_od(np.clip(rgb[..., :3], 0, 255).astype(np.uint8))
     for k, row in enumerate(result.rows, start=1):
         assert row["class_name"] == MOTIFS[k - 1]
@@ -233,12 +238,12 @@ def test_a_rerun_with_the_same_model_and_settings_reuses_the_outputs(
     model = PatchModel(load_bundle(fast_model))
     targets = expand_inputs([str(small_slides[1].path)])
     stamp = os.stat(first.outputs["geojson"]).st_mtime_ns
-    (again,) = predict_images(targets, model, out, open_image=open_image)
+    (again,) = predict_images(targets, model, out_dir=out, open_image=open_image)
     assert again.reused and again.rows == first.rows
     assert os.stat(first.outputs["geojson"]).st_mtime_ns == stamp
     # other thresholds: the image is run again, and a threshold of 1 removes the class
     strict = PredictSettings(thresholds={"cluster": 1.0})
-    (redo,) = predict_images(targets, model, out, open_image=open_image, settings=strict)
+    (redo,) = predict_images(targets, model, out_dir=out, open_image=open_image, settings=strict)
     assert not redo.reused
     assert redo.n_detections["cluster"] == 0
     assert {r["class_name"]: r["area_um2"] for r in redo.rows}["cluster"] == 0.0
@@ -266,7 +271,7 @@ def test_a_plate_gives_one_row_per_well_field_and_class(
     results = predict_images(
         targets,
         PatchModel(bundle),
-        tmp_path / "out",
+        out_dir=tmp_path / "out",
         open_image=open_image,
         settings=PredictSettings(write_overlay=False, write_back=True),
     )
@@ -291,7 +296,7 @@ def test_a_plate_gives_one_row_per_well_field_and_class(
     again = predict_images(
         targets,
         PatchModel(bundle),
-        tmp_path / "out",
+        out_dir=tmp_path / "out",
         open_image=open_image,
         settings=PredictSettings(write_overlay=False, write_back=True),
     )
@@ -315,7 +320,7 @@ def test_images_the_model_does_not_fit_are_refused(
         bundle = _untrained_bundle([im])
     target = PredictTarget(str(small_slides[0].path), "small0")
     with pytest.raises(ConfigError, match="channels"):
-        predict_images([target], PatchModel(bundle), tmp_path, open_image=open_image)
+        predict_images([target], PatchModel(bundle), out_dir=tmp_path, open_image=open_image)
     assert not (tmp_path / "small0.geojson").exists()
 
 
@@ -330,11 +335,11 @@ def test_outputs_never_replace_an_input(tmp_path: Path, synthetic_plate: Any) ->
         model = PatchModel(_untrained_bundle([im]))
     targets = expand_inputs([str(image.path)])
     with pytest.raises(ConfigError, match="would replace an input"):
-        predict_images(targets, model, tmp_path, open_image=open_image)
+        predict_images(targets, model, out_dir=tmp_path, open_image=open_image)
     well = Path(expand_inputs([str(synthetic_plate.path)])[0].path).parent
     with pytest.raises(ConfigError, match="inside the input"):
         predict_images(
-            expand_inputs([str(synthetic_plate.path)]), model, well, open_image=open_image
+            expand_inputs([str(synthetic_plate.path)]), model, out_dir=well, open_image=open_image
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ome.zarr"]
     assert sorted(p.name for p in well.iterdir() if not p.name.startswith(".")) == ["0", "1"]
@@ -350,7 +355,11 @@ def test_image_by_image_runs_build_one_table(
     fast = PredictSettings(write_zarr=False, write_overlay=False)
     for slide in small_slides[:2]:
         predict_images(
-            expand_inputs([str(slide.path)]), model, out, open_image=open_image, settings=fast
+            expand_inputs([str(slide.path)]),
+            model,
+            out_dir=out,
+            open_image=open_image,
+            settings=fast,
         )
     with (out / "quantification.csv").open(newline="") as fh:
         images = {r["image"] for r in csv.DictReader(fh)}
@@ -359,7 +368,7 @@ def test_image_by_image_runs_build_one_table(
     predict_images(
         expand_inputs([str(small_slides[2].path)]),
         model,
-        out,
+        out_dir=out,
         open_image=open_image,
         settings=other,
     )

@@ -181,19 +181,19 @@ def test_select_channels_by_name_index_and_unknown() -> None:
     rng = np.random.default_rng(5)
     arr = rng.random((4, 5, 3))
     names = ("DAPI", "CD3", "CD8")
-    out, got = select_channels(arr, names, ["CD8", 0])
+    out, got = select_channels(arr, names, wanted=["CD8", 0])
     assert got == ("CD8", "DAPI")
     np.testing.assert_array_equal(out, arr[..., [2, 0]])
-    out, got = select_channels(arr, names, ["cd3", "2"])  # case-insensitive, digit string
+    out, got = select_channels(arr, names, wanted=["cd3", "2"])  # case-insensitive, digit string
     assert got == ("CD3", "CD8")
     with pytest.raises(ConfigError, match="CD3"):
-        select_channels(arr, names, ["PanCK"])
+        select_channels(arr, names, wanted=["PanCK"])
     with pytest.raises(ConfigError):
-        select_channels(arr, names, [3])
+        select_channels(arr, names, wanted=[3])
     with pytest.raises(ConfigError):
-        select_channels(arr, names, ["DAPI", 0])
+        select_channels(arr, names, wanted=["DAPI", 0])
     with pytest.raises(ConfigError):
-        select_channels(arr[..., :2], names, ["DAPI"])
+        select_channels(arr[..., :2], names, wanted=["DAPI"])
 
 
 def test_suggest_channels_drops_the_more_redundant_of_a_pair() -> None:

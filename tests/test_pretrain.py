@@ -17,6 +17,7 @@ from simsearch_wsi.features.backbones import (
     build_trunk,
     get_backbone_spec,
 )
+from simsearch_wsi.features.extractor import FeatureExtractor
 from simsearch_wsi.features.preprocess import fit_normalization
 from simsearch_wsi.features.tissue import detect_foreground
 from simsearch_wsi.io import open_image
@@ -42,11 +43,10 @@ def _pretrain(small_slides: Any, trunk: torch.nn.Module, config: PretrainConfig)
     spec = get_backbone_spec("resnet18-l3")
     with open_image(paths[0]) as image:
         norm = fit_normalization([image])
+    weights = WeightsInfo("random", "random:seed0", "seeded random")
     return pretrain_trunk(
         paths,
-        trunk=trunk,
-        spec=spec,
-        weights=WeightsInfo("random", "random:seed0", "seeded random"),
+        FeatureExtractor(trunk, spec, weights, autocast=False),
         normalization=norm,
         channels=("R", "G", "B"),
         rgb=True,
@@ -61,7 +61,7 @@ def test_foreground_centers_lie_on_tissue(small_slides: Any) -> None:
     slide = small_slides[0]
     with open_image(slide.path) as image:
         mask = detect_foreground(image)
-        pts = foreground_centers(image, 200, np.random.default_rng(0))
+        pts = foreground_centers(image, 200, rng=np.random.default_rng(0))
     assert len(pts) == 200
     on_tissue = [slide.tissue_mask[int(y), int(x)] for x, y in pts]
     assert np.mean(on_tissue) > 0.9
@@ -78,7 +78,8 @@ def test_pretrain_changes_the_trunk_and_the_weights_load_back(
     assert result.metrics["patches"] == 48 and result.metrics["stage"]["epochs"] == 2
     assert not torch.equal(result.state_dict["conv1.weight"], start["conv1.weight"])  # random:
     assert any("every layer" in n for n in result.notes)  # nothing frozen
-    out = save_pretrained(tmp_path / "trunk.pth", result, backbone=spec.name, base_weights=info)
+    base = FeatureExtractor(trunk, spec, info, autocast=False)
+    out = save_pretrained(tmp_path / "trunk.pth", result, base=base)
     loaded, _, loaded_info = build_trunk("resnet18-l3", out)
     assert loaded_info.kind == "file"
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -131,11 +132,11 @@ def test_masked_objective_pieces() -> None:
     from simsearch_wsi.train.masked import PixelDecoder, cell_targets, cells_of, random_cell_mask
 
     gen = torch.Generator().manual_seed(0)
-    mask = random_cell_mask(5, 4, 6, 0.5, gen)
+    mask = random_cell_mask(5, 4, 6, ratio=0.5, generator=gen)
     assert mask.shape == (5, 4, 6) and (mask.sum(dim=(1, 2)) == 12).all()
     assert not torch.equal(mask[0], mask[1])  # each sample its own cells
     with pytest.raises(Exception, match="mask ratio"):
-        random_cell_mask(1, 2, 2, 1.0, gen)
+        random_cell_mask(1, 2, 2, ratio=1.0, generator=gen)
     x = torch.rand(2, 3, 32, 48, generator=gen)
     cells = cells_of(x, 16)
     assert cells.shape == (2, 2, 3, 3 * 256)
@@ -166,7 +167,7 @@ def test_masked_loss_only_sees_blanked_cells() -> None:
     raw = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     x = pixel_shuffle(cell_targets(raw, 16).permute(0, 3, 1, 2), 16)  # standardised cells
     gen = torch.Generator().manual_seed(2)
-    loss = masked_loss(Cells(), Identity(768, 16), x, stride=16, mask_ratio=0.25, generator=gen)
+    loss = masked_loss(Cells(), Identity(768, 16), x=x, stride=16, mask_ratio=0.25, generator=gen)
     assert float(loss) == pytest.approx(1.0, abs=1e-3)
 
 

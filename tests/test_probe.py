@@ -39,12 +39,12 @@ def _clusters(seed: int = 0) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, to
 def test_flagged_look_alikes_push_the_class_away_from_them() -> None:
     x, labels, look, probe_look = _clusters()
     ids = np.arange(len(x))
-    plain = fit_memory_head(x, labels, ids, 2, background=1)
+    plain = fit_memory_head(x, labels, sample_ids=ids, n_classes=2, background=1)
     flagged = fit_memory_head(
         x,
         labels,
-        ids,
-        2,
+        sample_ids=ids,
+        n_classes=2,
         background=1,
         negatives=look,
         negative_labels=np.zeros(len(look), dtype=np.int64),
@@ -62,7 +62,7 @@ def test_without_labels_beyond_the_prototypes_the_head_ranks_like_the_search() -
     """Before any counter-example matters, the class score is the cosine to the nearest
     positive: the ranking of the search."""
     x, labels, _, _ = _clusters(1)
-    head = fit_memory_head(x, labels, np.arange(len(x)), 2, background=1)
+    head = fit_memory_head(x, labels, sample_ids=np.arange(len(x)), n_classes=2, background=1)
     queries = _unit(torch.randn(50, 16, generator=torch.Generator().manual_seed(3)))
     pos, _ = head.similarities(queries)
     search_rank = np.argsort(-pos[:, 0].numpy())
@@ -115,7 +115,7 @@ def test_selection_keeps_the_fine_tuned_model_only_when_it_wins_by_the_margin() 
     assert kept == "trunk" and record["margin"] == SELECTION_MARGIN
     kept, _ = run(bad, good)
     assert kept == "trunk"
-    assert macro_average_precision(good, labels, classes, skip="background") == 1.0
+    assert macro_average_precision(good, labels, classes=classes, skip="background") == 1.0
 
 
 def test_search_head_bundle_round_trips(tmp_path: Path, synthetic_slide: Any) -> None:

@@ -52,7 +52,7 @@ def test_paquo_without_qupath_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setattr(sys, "meta_path", [_Finder(), *sys.meta_path])
     monkeypatch.delitem(sys.modules, "paquo.projects", raising=False)
     with pytest.raises(QuPathUnavailableError, match="cannot find a QuPath installation"):
-        write_objects(tmp_path / "p.qpproj", "a.svs", [])
+        write_objects(tmp_path / "p.qpproj", "a.svs", features=[])
 
 
 @pytest.mark.skipif(
@@ -73,7 +73,7 @@ def test_round_trip_through_a_real_project(tmp_path: Path) -> None:  # pragma: n
     feats = [
         box_feature(BoxL0(10, 10, 40, 40), class_name="ring", measurements={"similarity": 0.7})
     ]
-    assert write_objects(tmp_path / "proj", slide.path, feats) == 1
+    assert write_objects(tmp_path / "proj", slide.path, features=feats) == 1
     images = read_project(tmp_path / "proj")
     assert [a.class_name for a in images[0].annotations] == ["ring"]
 
@@ -154,7 +154,10 @@ def test_objects_go_in_as_detections_and_annotations_replacing_earlier_ones(
         box_feature(BoxL0(0, 0, 10, 10), class_name="ring", measurements={"probability ring": 0.9}),
         box_feature(BoxL0(5, 5, 20, 20), class_name="ring", object_type="annotation"),
     ]
-    assert write_objects(tmp_path / "p.qpproj", image, features, replace_classes={"ring"}) == 2
+    assert (
+        write_objects(tmp_path / "p.qpproj", image, features=features, replace_classes={"ring"})
+        == 2
+    )
     assert old_ring not in hierarchy.detections and kept in hierarchy.annotations
     (det,) = hierarchy.detections
     assert det.path_class.name == "ring" and det.measurements == {"probability ring": 0.9}

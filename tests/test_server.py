@@ -82,7 +82,9 @@ def extractor() -> FeatureExtractor:
 
 @pytest.fixture(scope="module")
 def search(extractor: FeatureExtractor, root: Path) -> SimSearch:
-    return SimSearch(extractor, FeatureCache(root / "cache"), SearchSettings(tile_size=512))
+    return SimSearch(
+        extractor, FeatureCache(root / "cache"), settings=SearchSettings(tile_size=512)
+    )
 
 
 @contextlib.contextmanager
@@ -325,7 +327,9 @@ def test_cancel_jobs(extractor: FeatureExtractor, slide: SyntheticSlide, root: P
     """A queued job is cancelled at once; a running embed stops at its next progress report
     and leaves a resumable partial cache entry."""
     cache = root / "cancel-cache"
-    search = SimSearch(extractor, FeatureCache(cache), SearchSettings(tile_size=256, batch_size=1))
+    search = SimSearch(
+        extractor, FeatureCache(cache), settings=SearchSettings(tile_size=256, batch_size=1)
+    )
     started, release = threading.Event(), threading.Event()
     original = search.embed
 
@@ -369,7 +373,9 @@ def test_engine_runs_one_thing_at_a_time(
     extractor: FeatureExtractor, slide: SyntheticSlide, root: Path
 ) -> None:
     """An embed job and a suggest at the same time never run the trunk concurrently."""
-    search = SimSearch(extractor, FeatureCache(root / "lock-cache"), SearchSettings(tile_size=256))
+    search = SimSearch(
+        extractor, FeatureCache(root / "lock-cache"), settings=SearchSettings(tile_size=256)
+    )
     active, peak = [0], [0]
     guard = threading.Lock()
 
@@ -439,12 +445,12 @@ def _training_session(folder: Path, slide: SyntheticSlide) -> Session:
         first, *rest = slide.objects_of(name)
         session.add_prototypes(slide.path, [Prototype(name, first.box)])
         for obj in rest:
-            session.add_decision(slide.path, "positive", name, obj.box)
+            session.add_decision(slide.path, "positive", class_name=name, box=obj.box)
         other = slide.objects_of(slide.classes[(k + 1) % len(slide.classes)])[0]
-        session.add_decision(slide.path, "negative", name, other.box)
+        session.add_decision(slide.path, "negative", class_name=name, box=other.box)
     assert session.patch_size_l0 is not None
     for box in _background_boxes(slide, max(session.patch_size_l0), 8):
-        session.add_decision(slide.path, "background", BACKGROUND_CLASS, box)
+        session.add_decision(slide.path, "background", class_name=BACKGROUND_CLASS, box=box)
     session.save()
     return session
 
@@ -761,7 +767,7 @@ def test_predict_job_runs_beside_the_engine_and_cancels(
     progress report of the library, before the table is written."""
     started, release = threading.Event(), threading.Event()
 
-    def slow_predict(targets: Any, model: Any, out: Path, **kwargs: Any) -> Any:
+    def slow_predict(targets: Any, model: Any, **kwargs: Any) -> Any:
         progress = kwargs["progress"]
         progress("images", 0, len(targets))
         started.set()

@@ -28,7 +28,7 @@ def search(tmp_path_factory: pytest.TempPathFactory) -> SimSearch:
     return SimSearch(
         ex,
         FeatureCache(tmp_path_factory.mktemp("cache")),
-        SearchSettings(tile_size=512, feature_norm="standardize"),
+        settings=SearchSettings(tile_size=512, feature_norm="standardize"),
     )
 
 
@@ -238,7 +238,13 @@ def test_non_square_prototype_rotation0_is_the_cached_window(search: SimSearch) 
         geo = PatchGeometry(w / spec.scale.downsample_x, h / spec.scale.downsample_y, 16)
         proto = Prototype("A", BoxL0(96, 128, w, h))
         vecs = embed_prototypes(
-            src, search.extractor, spec, geo, [proto], ["A"], normalizer=FeatureNormalizer.of(fmap)
+            src,
+            search.extractor,
+            spec=spec,
+            geometry=geo,
+            prototypes=[proto],
+            classes=["A"],
+            normalizer=FeatureNormalizer.of(fmap),
         )
         x_a, y_a = (96 + w / 2) / spec.scale.downsample_x, (128 + h / 2) / spec.scale.downsample_y
         i, j = geo.window_index(x_a, y_a)
@@ -267,14 +273,14 @@ def test_bf16_query_ranks_like_fp32(synthetic_slide: Any, search: SimSearch) -> 
         vecs = embed_prototypes(
             img,
             search.extractor,
-            spec,
-            geo,
-            [proto],
-            ["ring"],
+            spec=spec,
+            geometry=geo,
+            prototypes=[proto],
+            classes=["ring"],
             normalizer=FeatureNormalizer.of(fmap),
         )
-    bf = similarity_maps(fmap, geo, vecs, precision="bf16")[0]
-    fp = similarity_maps(fmap, geo, vecs, precision="fp32")[0]
+    bf = similarity_maps(fmap, geo, prototypes=vecs, precision="bf16")[0]
+    fp = similarity_maps(fmap, geo, prototypes=vecs, precision="fp32")[0]
     ok = np.isfinite(fp)
     assert np.array_equal(ok, np.isfinite(bf))
     assert np.abs(bf[ok] - fp[ok]).max() < 0.02

@@ -109,14 +109,14 @@ def test_patch_labels_must_index_classes() -> None:
 
 def test_stratified_split_holds_out_each_class() -> None:
     patches = _set({"a": 10, "b": 20})
-    split = stratified_split(patches, 0.2, np.random.default_rng(0), min_per_class=2)
+    split = stratified_split(patches, 0.2, rng=np.random.default_rng(0), min_per_class=2)
     assert split is not None
     train, val = split
     assert val.class_counts() == {"a": 2, "b": 4}
     assert train.class_counts() == {"a": 8, "b": 16}
     keys = {(*s.center_l0, s.label) for s in train.samples}
     assert not keys & {(*s.center_l0, s.label) for s in val.samples}
-    assert stratified_split(patches, 0.1, np.random.default_rng(0), min_per_class=2) is None
+    assert stratified_split(patches, 0.1, rng=np.random.default_rng(0), min_per_class=2) is None
 
 
 def test_reader_crops_match_a_direct_read(small_slides: Any) -> None:
@@ -126,7 +126,7 @@ def test_reader_crops_match_a_direct_read(small_slides: Any) -> None:
         scale = AnalysisScale.for_patch(image, 48)
         obj = slide.objects[0]
         crop = CropGeometry(48, 64, 32, max_jitter_a=8)
-        with PatchReader(crop, norm, image.channel_names, _open) as reader:
+        with PatchReader(crop, norm, channels=image.channel_names, open_image=_open) as reader:
             sample = PatchSample(str(slide.path), obj.center_l0, 0)
             x = reader.read([sample])
             assert x.shape == (1, 3, 128, 128) and x.dtype == torch.float32
@@ -161,10 +161,10 @@ def test_encoder_with_full_context_equals_dense_features(small_slides: Any) -> N
     with open_image(slide.path) as image:
         norm = fit_normalization([image])
         scale = AnalysisScale.for_patch(image, 48)
-        geometry = PatchGeometry.from_l0(48, 48, scale, 16)
-        fspec = make_feature_spec(image, extractor, scale, norm, tile_size=256)
+        geometry = PatchGeometry.from_l0(48, 48, scale=scale, stride=16)
+        fspec = make_feature_spec(image, extractor, scale=scale, normalization=norm, tile_size=256)
         kh, kw = geometry.kernel_hw
-        encoder = PatchEncoder(trunk, spec, geometry, rgb=True, context_a=spec.halo).eval()
+        encoder = PatchEncoder(trunk, spec, geometry=geometry, rgb=True, context_a=spec.halo).eval()
         i, j = 20, 31  # window's top-left feature cell
         dense = embed_region(image, extractor, fspec, 16 * j, 16 * i, 16 * kw, 16 * kh)
         expected = (dense * geometry.kernel()).sum(dim=(-2, -1))
@@ -190,11 +190,11 @@ def test_pretrained_trunks_freeze_conv1_and_two_blocks() -> None:
 
 def test_encoder_rejects_wrong_crop_size() -> None:
     trunk, spec, _ = build_trunk("resnet18-l3", "random", seed=0)
-    enc = PatchEncoder(trunk, spec, PatchGeometry(64, 64, 16), rgb=True, context_a=32)
+    enc = PatchEncoder(trunk, spec, geometry=PatchGeometry(64, 64, 16), rgb=True, context_a=32)
     with pytest.raises(ConfigError, match="128x128"):
         enc(torch.zeros(1, 3, 96, 96))
     with pytest.raises(ConfigError, match="multiple"):
-        PatchEncoder(trunk, spec, PatchGeometry(64, 64, 16), rgb=True, context_a=20)
+        PatchEncoder(trunk, spec, geometry=PatchGeometry(64, 64, 16), rgb=True, context_a=20)
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -203,12 +203,12 @@ def test_classification_metrics_and_thresholds() -> None:
         [[0.9, 0.1], [0.6, 0.4], [0.55, 0.45], [0.2, 0.8], [0.3, 0.7]], dtype=np.float32
     )
     labels = np.array([0, 0, 1, 1, 1])
-    m = classification_metrics(probs, labels, ("a", "b"))
+    m = classification_metrics(probs, labels, classes=("a", "b"))
     assert m["accuracy"] == 0.8
     assert m["balanced_accuracy"] == pytest.approx((1.0 + 2 / 3) / 2, abs=1e-4)
     assert m["confusion"] == [[2, 0], [1, 2]]
     assert m["per_class"]["a"]["precision"] == pytest.approx(2 / 3, abs=1e-4)
-    thr = pick_thresholds(probs, labels, ("a", "b"))
+    thr = pick_thresholds(probs, labels, classes=("a", "b"))
     # class a is perfect once the 0.55 window is cut: threshold in (0.55, 0.6]
     assert 0.55 < thr["a"] <= 0.6
     assert thr["b"] <= 0.7
@@ -221,7 +221,7 @@ def test_training_data_from_a_session(
     search = _search(tmp_path)
     unreviewed = small_slides[2].path
     data = collect_training_data(
-        labelled_session, search, tiny_config(), open_image=_open, noisy_images=[unreviewed]
+        labelled_session, search, config=tiny_config(), open_image=_open, noisy_images=[unreviewed]
     )
     assert data.clean.classes == ("ring", "cluster", "stripes", "background")
     counts = data.clean.class_counts()
@@ -250,7 +250,7 @@ def test_background_is_mined_when_few_were_confirmed(tmp_path: Path, labelled_se
         if decision == "background":
             del labelled_session.decisions[rid]
     data = collect_training_data(
-        labelled_session, _search(tmp_path), tiny_config("pos"), open_image=_open
+        labelled_session, _search(tmp_path), config=tiny_config("pos"), open_image=_open
     )
     bg = [s for s in data.clean.samples if s.label == 3]
     assert len(bg) == 16 and {s.source for s in bg} == {"mined-background"}
@@ -262,7 +262,7 @@ def test_selflearn_without_unreviewed_images_mines_the_reviewed_ones(
     tmp_path: Path, labelled_session: Any
 ) -> None:
     data = collect_training_data(
-        labelled_session, _search(tmp_path), tiny_config(), open_image=_open
+        labelled_session, _search(tmp_path), config=tiny_config(), open_image=_open
     )
     assert len(data.noisy) > 0
     assert any("every session image was reviewed" in n for n in data.notes)
@@ -285,7 +285,7 @@ def _heldout(slide: Any, classes: tuple[str, ...]) -> PatchSet:
 def _heldout_scores(bundle: Any, slide: Any) -> tuple[float, float]:
     patches = _heldout(slide, bundle.classes)
     probs = predict_patches(bundle, patches, open_image=_open)
-    m = classification_metrics(probs, patches.labels, patches.classes)
+    m = classification_metrics(probs, patches.labels, classes=patches.classes)
     true_p = probs[np.arange(len(patches)), patches.labels]
     return float(m["balanced_accuracy"]), float(-np.log(true_p + 1e-9).mean())
 
@@ -299,7 +299,7 @@ def untrained(
     baseline = train_session(
         make_labelled_session(root / "session"),
         _search(root),
-        tiny_config("pos", supcon=StageConfig(0, 24, 1e-3, temperature=0.07)),
+        config=tiny_config("pos", supcon=StageConfig(0, 24, 1e-3, temperature=0.07)),
         open_image=_open,
     )
     assert set(baseline.metrics["stages"]) == {"supcon", "linear"}
@@ -319,7 +319,11 @@ def test_each_strategy_beats_the_untrained_trunk_on_a_held_out_slide(
     unreviewed = [small_slides[2].path]
     base_acc, base_ce = untrained
     result = train_session(
-        labelled_session, search, tiny_config(strategy), open_image=_open, noisy_images=unreviewed
+        labelled_session,
+        search,
+        config=tiny_config(strategy),
+        open_image=_open,
+        noisy_images=unreviewed,
     )
     stages = result.metrics["stages"]
     assert ("selflearn" in stages) == ("selflearn" in strategy)
@@ -355,7 +359,7 @@ def test_both_precision_paths_train_a_model_that_beats_the_untrained_trunk(
     """Issue 27: the same training check on the fp32 path (forced) and the bf16 path (where the
     CPU takes it), so a machine of either kind runs both where it can."""
     config = tiny_config("pos+neg", autocast=precision == "bf16")
-    result = train_session(labelled_session, _search(tmp_path), config, open_image=_open)
+    result = train_session(labelled_session, _search(tmp_path), config=config, open_image=_open)
     for stage in result.metrics["stages"].values():
         assert all(np.isfinite(stage.get("loss", [0.0])))
     acc, ce = _heldout_scores(result.bundle, small_slides[1])
@@ -370,14 +374,16 @@ def test_training_is_deterministic_and_leaves_the_search_trunk_alone(
     before = {k: v.clone() for k, v in search.extractor.trunk.state_dict().items()}
     rng_state = torch.random.get_rng_state()
     runs = [
-        train_session(labelled_session, search, tiny_config("pos+neg"), open_image=_open, seed=7)
+        train_session(
+            labelled_session, search, config=tiny_config("pos+neg"), open_image=_open, seed=7
+        )
         for _ in range(2)
     ]
     a, b = (r.bundle for r in runs)
     assert torch.equal(a.head_weight, b.head_weight)
     assert all(torch.equal(a.trunk_state[k], b.trunk_state[k]) for k in a.trunk_state)
     other = train_session(
-        labelled_session, search, tiny_config("pos+neg"), open_image=_open, seed=8
+        labelled_session, search, config=tiny_config("pos+neg"), open_image=_open, seed=8
     )
     assert not torch.equal(a.head_weight, other.bundle.head_weight)
     after = search.extractor.trunk.state_dict()
@@ -391,7 +397,7 @@ def test_pretrained_weights_keep_early_blocks_frozen(tmp_path: Path, labelled_se
     torch.save(trunk.state_dict(), path)
     search = _search(tmp_path, path)
     assert search.extractor.weights.kind == "file"
-    result = train_session(labelled_session, search, tiny_config("pos"), open_image=_open)
+    result = train_session(labelled_session, search, config=tiny_config("pos"), open_image=_open)
     state = result.bundle.trunk_state
     start = trunk.state_dict()
     assert torch.equal(state["conv1.weight"], start["conv1.weight"])
@@ -405,7 +411,7 @@ def test_validation_split_sets_thresholds(tmp_path: Path, labelled_session: Any)
     result = train_session(
         labelled_session,
         _search(tmp_path),
-        tiny_config("pos", val_fraction=0.34, min_val_per_class=1),
+        config=tiny_config("pos", val_fraction=0.34, min_val_per_class=1),
         open_image=_open,
     )
     m = result.metrics
@@ -426,7 +432,7 @@ def test_one_class_without_background_is_refused(tmp_path: Path, small_slides: A
     search = _search(tmp_path)
     cfg = tiny_config("pos", background_per_image=0)
     with pytest.raises(ConfigError, match="at least two classes"):
-        train_session(session, search, cfg, open_image=_open)
+        train_session(session, search, config=cfg, open_image=_open)
 
 
 def test_unknown_strategy_and_preset() -> None:
@@ -480,15 +486,14 @@ def test_fluorescence_channels_are_encoded_one_by_one(
         colors={c: (255, 0, 0) for c in classes},
     )
     trunk, spec, info = build_trunk("resnet18-l3", "random", seed=0)
-    result = train_patch_model(
-        data, trunk=trunk, spec=spec, weights=info, config=tiny_config("pos"), open_image=_open
-    )
+    extractor = FeatureExtractor(trunk, spec, info, autocast=False)
+    result = train_patch_model(data, extractor, config=tiny_config("pos"), open_image=_open)
     bundle = result.bundle
     assert not bundle.rgb and bundle.channels == tuple(channels)
     assert bundle.feature_dim == 256 * len(channels)
     assert bundle.normalization["method"] == "simsearch-percentile"
     probs = predict_patches(bundle, data.clean, open_image=_open)
-    m = classification_metrics(probs, data.clean.labels, classes)
+    m = classification_metrics(probs, data.clean.labels, classes=classes)
     assert m["balanced_accuracy"] >= 0.75  # it learned its own training patches
 
 
@@ -497,11 +502,15 @@ def test_not_class_loss_is_the_two_way_cross_entropy_against_background() -> Non
     labels = torch.tensor([0, 1])
     # class 2 is background: softplus(z_y - z_bg) per row, i.e. -log(p_bg / (p_bg + p_y))
     want = torch.log1p(torch.exp(torch.tensor(1.5))) + torch.log1p(torch.exp(torch.tensor(2.0)))
-    assert float(not_class_loss(logits, labels, 2)) == pytest.approx(float(want) / 2, rel=1e-6)
+    assert float(not_class_loss(logits, labels, background=2)) == pytest.approx(
+        float(want) / 2, rel=1e-6
+    )
     # the other classes do not enter: moving class 1's logit in row 0 changes nothing
     moved = logits.clone()
     moved[0, 1] = 10.0
-    assert float(not_class_loss(moved, labels, 2)) == pytest.approx(float(want) / 2, rel=1e-6)
+    assert float(not_class_loss(moved, labels, background=2)) == pytest.approx(
+        float(want) / 2, rel=1e-6
+    )
 
 
 def test_rejected_suggestions_in_the_linear_head_lower_their_class() -> None:

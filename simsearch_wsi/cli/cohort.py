@@ -112,7 +112,7 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
             result = run_cohort(
                 targets,
                 bundle,
-                out,
+                out_dir=out,
                 client=client,
                 settings=settings,
                 overwrite=args.overwrite,

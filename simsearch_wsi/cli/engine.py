@@ -60,7 +60,7 @@ def build_search(args: argparse.Namespace) -> SimSearch:
         channels=channels,
         **({"feature_norm": args.feature_norm} if args.feature_norm else {}),
     )
-    return SimSearch(extractor, cache, settings)
+    return SimSearch(extractor, cache, settings=settings)
 
 
 def patch_size_l0(args: argparse.Namespace, image: ImageSource) -> float:

@@ -157,8 +157,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         for result in run_ablation(
             benchmark,
             config,
-            search,
-            out,
+            search=search,
+            out_dir=out,
             open_image=opener,
             device=search.extractor.device,
             resume=not args.no_resume,
@@ -167,7 +167,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         ):
             results.append(result)
     with naming_output("--out", out):
-        files = write_report(results, benchmark.classes, out)
+        files = write_report(results, benchmark.classes, out_dir=out)
     record = {
         "benchmark": benchmark.to_dict(),
         "config": config.to_dict(),

@@ -132,7 +132,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         results = predict_images(
             targets,
             model,
-            out,
+            out_dir=out,
             open_image=lambda p: open_image(p, mpp=args.mpp),
             settings=settings,
             resume=not args.force,
@@ -147,7 +147,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             write_objects(
                 args.qpproj,
                 r.image,
-                doc["features"],
+                features=doc["features"],
                 replace_classes={*bundle.classes, BACKGROUND_CLASS},
             )
     table = out / "quantification.csv"

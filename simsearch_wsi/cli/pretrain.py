@@ -114,16 +114,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     with progress() as bars:
         result = pretrain_trunk(
             paths,
-            trunk=ext.trunk,
-            spec=ext.spec,
-            weights=ext.weights,
+            ext,
             normalization=normalization,
             channels=channels,
             rgb=rgb,
             patch_size_l0=patch_l0,
             open_image=lambda p: open_image(p, mpp=args.mpp),
             config=config,
-            device=ext.device,
             seed=args.seed,
             progress=bars,
         )
@@ -131,8 +128,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         out = save_pretrained(
             args.out,
             result,
-            backbone=ext.spec.name,
-            base_weights=ext.weights,
+            base=ext,
             extra={
                 "images": paths,
                 "patch_size_l0": patch_l0,

@@ -97,7 +97,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             with open_image(path, mpp=args.mpp) as img:
                 patch_l0 = patch_size_l0(args, img)
                 spec, fmap = search.embed(img, patch_l0, progress=bars)
-                search.pool(spec, fmap, patch_l0, progress=bars)
+                search.pool(spec, fmap, patch_size_l0=patch_l0, progress=bars)
                 h, w, d = fmap.shape
                 console.print(
                     f"{path}: {w}x{h} cells x {d} features at level {spec.scale.level} "
@@ -159,7 +159,7 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
         write_objects(
             args.qpproj,
             args.image,
-            result.geojson_features(),
+            features=result.geojson_features(),
             replace_classes={*result.classes, BACKGROUND_CLASS},
         )
     summary = result.summary()

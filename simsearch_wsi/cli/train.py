@@ -93,7 +93,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train_session(
             session,
             search,
-            config,
+            config=config,
             open_image=lambda p: open_image(p, mpp=args.mpp),
             noisy_images=args.noisy_images or (),
             device=search.extractor.device,

@@ -246,7 +246,7 @@ def _run_one(
         result = predict_target(
             target,
             model,
-            Path(out_dir),
+            out_dir=Path(out_dir),
             open_image=open_image,
             settings=settings,
             resume=resume,
@@ -302,8 +302,8 @@ def check_resources(client: Any, resources: Mapping[str, float]) -> None:
 def run_cohort(
     targets: Sequence[PredictTarget],
     bundle: ModelBundle,
-    out_dir: Path,
     *,
+    out_dir: Path,
     client: Any,
     settings: PredictSettings | None = None,
     overwrite: bool = False,
@@ -382,7 +382,7 @@ def run_cohort(
             progress(done, failed, len(targets))
     finished = [i for i in images if i is not None]
     # every image finished in this folder with this model and settings (this run's included)
-    rows = table_rows(out_dir, digest, settings, [])
+    rows = table_rows(out_dir, digest, settings=settings, results=[])
     table = write_table(out_dir / "quantification.csv", rows) if rows else None
     plots: dict[str, Path] = {}
     if table is not None:

@@ -224,8 +224,8 @@ def _pooled(parts: dict[str, list[ClassPR]], classes: Sequence[str]) -> dict[str
 def score_search(
     search: SimSearch,
     benchmark: Benchmark,
-    prototypes: Sequence[Prototype],
     *,
+    prototypes: Sequence[Prototype],
     open_image: OpenImage,
     radius_l0: float,
     progress: ProgressFn | None = None,
@@ -357,9 +357,9 @@ def _load_finished(path: Path, settings: dict[str, Any], spec: RunSpec) -> RunRe
 def run_ablation(
     benchmark: Benchmark,
     config: AblationConfig,
+    *,
     search: SimSearch,
     out_dir: Path,
-    *,
     open_image: OpenImage,
     device: torch.device | str = "cpu",
     resume: bool = True,
@@ -393,7 +393,7 @@ def run_ablation(
             outcome = simulate_review(
                 search,
                 session,
-                benchmark.review,
+                images=benchmark.review,
                 classes=benchmark.classes,
                 config=UserConfig(spec.prototypes, spec.negatives, config.background),
                 patch_size_l0=benchmark.patch_size_l0,
@@ -411,7 +411,7 @@ def run_ablation(
             scores = score_search(
                 search,
                 benchmark,
-                session.all_prototypes(),
+                prototypes=session.all_prototypes(),
                 open_image=open_image,
                 radius_l0=radius_l0,
                 progress=progress,
@@ -421,7 +421,7 @@ def run_ablation(
             trained = train_session(
                 session,
                 search,
-                TrainConfig.preset_config(config.preset, strategy=spec.strategy),
+                config=TrainConfig.preset_config(config.preset, strategy=spec.strategy),
                 open_image=open_image,
                 noisy_images=benchmark.unlabelled,
                 device=device,

@@ -82,7 +82,7 @@ ScoreFn = Callable[[Any], float]
 
 
 def paper_match_radius_l0(
-    patch_width_l0: float, stride_fraction: float = 0.1, multiple: float = 3.0
+    patch_width_l0: float, *, stride_fraction: float = 0.1, multiple: float = 3.0
 ) -> float:
     """The paper's match radius in level-0 pixels: ``multiple x stride``, where the stride is
     ``stride_fraction x patch_width_l0`` (default 3 x 0.1 x patch width = 0.3 x patch width).
@@ -133,8 +133,8 @@ def rank_order(scores: ArrayLike) -> NDArray[np.intp]:
 def assign_ranked(
     pred_xy_l0: ArrayLike,
     scores: ArrayLike,
-    true_xy_l0: ArrayLike,
     *,
+    true_xy_l0: ArrayLike,
     max_distance_l0: float,
 ) -> NDArray[np.intp]:
     """For each detection, the index of the true centre it matched, or -1 (see the module
@@ -191,14 +191,17 @@ def assign_ranked(
 def match_ranked(
     pred_xy_l0: ArrayLike,
     scores: ArrayLike,
-    true_xy_l0: ArrayLike,
     *,
+    true_xy_l0: ArrayLike,
     max_distance_l0: float,
 ) -> NDArray[np.bool_]:
     """(n,) True where the detection, in input order, is a true positive under the ranked
     rule (see :func:`assign_ranked` for the arguments and the module docstring for the rule).
     """
-    return assign_ranked(pred_xy_l0, scores, true_xy_l0, max_distance_l0=max_distance_l0) >= 0
+    return (
+        assign_ranked(pred_xy_l0, scores, true_xy_l0=true_xy_l0, max_distance_l0=max_distance_l0)
+        >= 0
+    )
 
 
 def _tp_flags(tp: ArrayLike, n_true: int) -> tuple[NDArray[np.bool_], int]:
@@ -217,7 +220,7 @@ def _tp_flags(tp: ArrayLike, n_true: int) -> tuple[NDArray[np.bool_], int]:
 
 
 def precision_recall_curve(
-    tp: ArrayLike, n_true: int, scores: ArrayLike | None = None
+    tp: ArrayLike, n_true: int, *, scores: ArrayLike | None = None
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """Precision and recall after each detection in rank order.
 
@@ -380,7 +383,7 @@ def class_pr(
     s = _scores([fn(d) for d in mine], len(mine), f"scores of {class_name!r} detections")
     xy = np.array([d.box.center_l0 for d in mine], dtype=np.float64).reshape(-1, 2)
     true = truth.centres(class_name)
-    tp = match_ranked(xy, s, true, max_distance_l0=r)
+    tp = match_ranked(xy, s, true_xy_l0=true, max_distance_l0=r)
     order = np.argsort(-s, kind="stable")
     return _class_pr_ranked(class_name, s[order], tp[order], len(true))
 

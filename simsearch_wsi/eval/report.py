@@ -152,7 +152,7 @@ def plot_pr_auc(rows: Sequence[SummaryRow], classes: Sequence[str]) -> Figure:
 
 
 def write_report(
-    results: Sequence[RunResult], classes: Sequence[str], out_dir: Path
+    results: Sequence[RunResult], classes: Sequence[str], *, out_dir: Path
 ) -> dict[str, Path]:
     """Write the files of the module docstring into ``out_dir``; returns them by role."""
     if not results:

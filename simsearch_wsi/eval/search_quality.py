@@ -110,7 +110,7 @@ def object_search_quality(
         scores = score_search(
             search,
             benchmark,
-            prototypes,
+            prototypes=prototypes,
             open_image=open_image,
             radius_l0=radius,
             progress=progress,
@@ -159,8 +159,8 @@ def region_prototypes(
 def region_search_quality(
     search: SimSearch,
     image: TruthImage,
-    classes: Sequence[str],
     *,
+    classes: Sequence[str],
     open_image: OpenImage,
     patch_size_l0: float,
     top_k: int = 25,

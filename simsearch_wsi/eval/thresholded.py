@@ -121,7 +121,7 @@ def rasterize_objects(
             continue
         k = list(classes).index(o.class_name) + 1
         box = BoxL0(o.x_l0, o.y_l0, o.width_l0, o.height_l0)
-        (i0, i1), (j0, j1) = pixel_span_of_box(box, downsample, shape)
+        (i0, i1), (j0, j1) = pixel_span_of_box(box, downsample, shape=shape)
         labels[i0:i1, j0:j1] = k
     return labels
 

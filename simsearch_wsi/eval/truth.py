@@ -280,7 +280,7 @@ class GroundTruth:
         mask, or for a box off the mask."""
         if self.mask is None or (class_name is not None and class_name not in self.mask_classes):
             return 0.0
-        (i0, i1), (j0, j1) = pixel_span_of_box(box_l0, self.mask_downsample, self.mask.shape)
+        (i0, i1), (j0, j1) = pixel_span_of_box(box_l0, self.mask_downsample, shape=self.mask.shape)
         if i1 <= i0 or j1 <= j0:
             return 0.0
         window = self.mask[i0:i1, j0:j1]
@@ -306,7 +306,7 @@ class GroundTruth:
             for x, y, w, h in self.boxes(name):
                 if not np.isfinite([x, y, w, h]).all():
                     continue
-                (i0, i1), (j0, j1) = pixel_span_of_box(BoxL0(x, y, w, h), (ds_x, ds_y), shape)
+                (i0, i1), (j0, j1) = pixel_span_of_box(BoxL0(x, y, w, h), (ds_x, ds_y), shape=shape)
                 mask[i0:i1, j0:j1] = k
         return GroundTruth(
             self.class_names,
@@ -654,7 +654,7 @@ def _load_label_image(p: Path) -> NDArray[Any]:
 
 
 def pixel_span_of_box(
-    box_l0: BoxL0, downsample: tuple[float, float], shape: tuple[int, ...]
+    box_l0: BoxL0, downsample: tuple[float, float], *, shape: tuple[int, ...]
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """((i0, i1), (j0, j1)): the rows and columns of a mask of ``shape`` (H, W) at
     ``downsample`` (x, y) whose pixel centres lie in ``box_l0``: pixel j's centre

@@ -173,8 +173,8 @@ def pick_prototypes(
 def claimed_by_prototypes(
     prototypes: Sequence[Prototype],
     images: Sequence[TruthImage],
-    classes: Sequence[str],
     *,
+    classes: Sequence[str],
     radius_l0: float,
 ) -> dict[str, set[tuple[int, int]]]:
     """Per class, the ``(image index, object index)`` true objects within ``radius_l0`` of a
@@ -205,8 +205,8 @@ def claimed_by_prototypes(
 def review_ranked(
     ranked: Sequence[tuple[int, Suggestion]],
     images: Sequence[TruthImage],
-    class_name: str,
     *,
+    class_name: str,
     negatives: int,
     radius_l0: float,
     claimed: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
@@ -294,8 +294,8 @@ def review_background(
 def simulate_review(
     search: SimSearch,
     session: Session,
-    images: Sequence[TruthImage],
     *,
+    images: Sequence[TruthImage],
     classes: Sequence[str],
     config: UserConfig,
     patch_size_l0: float,
@@ -320,7 +320,7 @@ def simulate_review(
             rng=rng,
         )
     else:
-        taken = claimed_by_prototypes(prototypes, images, classes, radius_l0=radius_l0)
+        taken = claimed_by_prototypes(prototypes, images, classes=classes, radius_l0=radius_l0)
         # every prototype names its image by the key the session uses
         prototypes = [
             dataclasses.replace(p, image=str(Path(p.image).resolve())) if p.image else p
@@ -358,15 +358,15 @@ def simulate_review(
         approved, flagged, threshold = review_ranked(
             ranked,
             images,
-            name,
+            class_name=name,
             negatives=config.negatives_per_class,
             radius_l0=radius_l0,
             claimed=claimed,
         )
         for i, s in approved:
-            session.add_decision(images[i].key, "positive", name, s.box)
+            session.add_decision(images[i].key, "positive", class_name=name, box=s.box)
         for i, s in flagged:
-            session.add_decision(images[i].key, "negative", name, s.box)
+            session.add_decision(images[i].key, "negative", class_name=name, box=s.box)
         outcome.suggested[name] = len(ranked)
         outcome.approved[name] = len(approved)
         outcome.flagged[name] = len(flagged)
@@ -377,9 +377,9 @@ def simulate_review(
     for im, result in zip(images, results, strict=True):
         confirmed, rejected = review_background(result.background, im.truth, radius_l0=radius_l0)
         for s in confirmed:
-            session.add_decision(im.key, "background", "background", s.box)
+            session.add_decision(im.key, "background", class_name="background", box=s.box)
         for s in rejected:
-            session.add_decision(im.key, "not_background", "background", s.box)
+            session.add_decision(im.key, "not_background", class_name="background", box=s.box)
         outcome.background += len(confirmed)
         outcome.not_background += len(rejected)
         if im.key not in session.reviewed_images:

@@ -122,8 +122,8 @@ class FeatureCache:
         self,
         image: ImageSource,
         extractor: FeatureExtractor,
-        spec: FeatureSpec,
         *,
+        spec: FeatureSpec,
         batch_size: int = 4,
         progress: ProgressFn | None = None,
     ) -> FeatureMap:
@@ -142,7 +142,7 @@ class FeatureCache:
         key = spec.key(image.identity())
         partial = final.with_name(final.name + ".partial")
         mask = detect_foreground(image) if spec.tiles == "foreground" else None
-        tiles, ny, nx = analysis_tiles(image, spec, mask)
+        tiles, ny, nx = analysis_tiles(image, spec, mask=mask)
         if not tiles:
             raise ConfigError(
                 f"{image.path}: no foreground (tissue) found to embed; check the image, or embed "
@@ -177,7 +177,7 @@ class FeatureCache:
         computed = np.asarray(computed_arr[:]).astype(bool)
         todo = [t for t in tiles if not computed[t.index_y, t.index_x]]
         for tile, f in iter_tile_features(
-            image, extractor, spec, todo, batch_size=batch_size, progress=progress
+            image, extractor, spec=spec, tiles=todo, batch_size=batch_size, progress=progress
         ):
             y0, x0 = tile.index_y * tc, tile.index_x * tc
             block = f.permute(1, 2, 0).numpy().astype(np.float16)

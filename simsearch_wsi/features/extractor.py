@@ -65,7 +65,9 @@ class AnalysisScale:
     downsample_y: float
 
     @classmethod
-    def for_level(cls, image: ImageSource, level: int = 0, resample: float = 1.0) -> AnalysisScale:
+    def for_level(
+        cls, image: ImageSource, level: int = 0, *, resample: float = 1.0
+    ) -> AnalysisScale:
         if not 0 <= level < image.level_count:
             raise ConfigError(
                 f"{image.path}: level {level} does not exist (0..{image.level_count - 1})"
@@ -108,7 +110,7 @@ class AnalysisScale:
                 f"{quantised:.0f} but the coarsest level is {image.levels[-1].downsample:.0f}; "
                 "add pyramid levels to the file (e.g. convert it to a pyramidal TIFF)"
             )
-        return cls.for_level(image, level, resample)
+        return cls.for_level(image, level, resample=resample)
 
     def box_to_analysis(self, box: BoxL0) -> tuple[float, float, float, float]:
         """(x_a, y_a, width_a, height_a) of a level-0 box on the analysis grid."""
@@ -321,9 +323,9 @@ class FeatureSpec:
 def make_feature_spec(
     image: ImageSource,
     extractor: FeatureExtractor,
+    *,
     scale: AnalysisScale,
     normalization: ChannelNormalization,
-    *,
     channels: Sequence[str | int] | None = None,
     tile_size: int = 1024,
     tiles: str = "all",
@@ -378,7 +380,7 @@ class GridTile:
 
 
 def analysis_tiles(
-    image: ImageSource, spec: FeatureSpec, mask: TissueMask | None = None
+    image: ImageSource, spec: FeatureSpec, *, mask: TissueMask | None = None
 ) -> tuple[list[GridTile], int, int]:
     """Tiles of the analysis grid whose core touches the foreground, and the grid's tile counts
     (n_tiles_y, n_tiles_x). Without a mask every tile is kept."""
@@ -402,7 +404,7 @@ def analysis_tiles(
     return tiles, ny, nx
 
 
-def prepare_pixels(raw: NDArray[Any], spec: FeatureSpec, idx: list[int]) -> NDArray[Any]:
+def prepare_pixels(raw: NDArray[Any], spec: FeatureSpec, *, idx: list[int]) -> NDArray[Any]:
     """Select the spec's channels of an (H, W, C) read, keeping the raw dtype; the extractor
     normalises on the device (pass ``normalization=spec.normalization``)."""
     return raw[..., idx] if len(idx) != raw.shape[2] else raw
@@ -425,7 +427,7 @@ def embed_region(
         image, spec.scale, x_a - halo, y_a - halo, width_a + 2 * halo, height_a + 2 * halo
     )
     feats = extractor(
-        prepare_pixels(raw, spec, idx)[None], rgb=spec.rgb, normalization=spec.normalization
+        prepare_pixels(raw, spec, idx=idx)[None], rgb=spec.rgb, normalization=spec.normalization
     )[0]
     c = halo // s
     return feats[:, c : c + height_a // s, c : c + width_a // s]
@@ -434,9 +436,9 @@ def embed_region(
 def iter_tile_features(
     image: ImageSource,
     extractor: FeatureExtractor,
+    *,
     spec: FeatureSpec,
     tiles: Sequence[GridTile],
-    *,
     batch_size: int = 4,
     progress: ProgressFn | None = None,
 ) -> Iterator[tuple[GridTile, torch.Tensor]]:
@@ -459,7 +461,7 @@ def iter_tile_features(
                         image, spec.scale, tl.x_a - halo, tl.y_a - halo, side, side
                     ),
                     spec,
-                    idx,
+                    idx=idx,
                 )
                 for tl in chunk
             ]

@@ -111,6 +111,7 @@ def resolve_channels(channel_names: Sequence[str], wanted: Sequence[ChannelKey])
 def select_channels(
     array_hwc: NDArray[Any],
     channel_names: Sequence[str],
+    *,
     wanted: Sequence[ChannelKey],
 ) -> tuple[NDArray[Any], tuple[str, ...]]:
     """Pick channels of an (H, W, C) (or any (..., C)) array by name or index.

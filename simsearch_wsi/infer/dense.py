@@ -144,7 +144,7 @@ def untrained_bundle(
     rgb = first.is_brightfield and first.n_channels == 3
     trunk, spec, _ = build_trunk("resnet18-l3", "random", seed=seed)
     scale = AnalysisScale.for_patch(first, patch_size_l0)
-    geometry = PatchGeometry.from_l0(patch_size_l0, patch_size_l0, scale, spec.stride)
+    geometry = PatchGeometry.from_l0(patch_size_l0, patch_size_l0, scale=scale, stride=spec.stride)
     dim = spec.out_channels * (1 if rgb else first.n_channels)
     gen = torch.Generator().manual_seed(seed)
     return ModelBundle(
@@ -231,15 +231,15 @@ def dense_class_maps(
     spec = make_feature_spec(
         image,
         ext,
-        scale,
-        normalization,
+        scale=scale,
+        normalization=normalization,
         channels=list(bundle.channels),
         tile_size=tile_size,
         tiles=tiles,
     )
-    geometry = PatchGeometry.from_l0(width_l0, height_l0, scale, ext.stride)
+    geometry = PatchGeometry.from_l0(width_l0, height_l0, scale=scale, stride=ext.stride)
     mask = detect_foreground(image) if tiles == "foreground" else None
-    grid, _, _ = analysis_tiles(image, spec, mask)
+    grid, _, _ = analysis_tiles(image, spec, mask=mask)
     width_a, height_a = scale.analysis_size(image)
     s = ext.stride
     hc, wc = -(-height_a // s), -(-width_a // s)
@@ -248,7 +248,7 @@ def dense_class_maps(
     embedded = torch.zeros(1, hc, wc)
     weight = model.weight
     for tl, f in iter_tile_features(
-        image, ext, spec, grid, batch_size=batch_size, progress=progress
+        image, ext, spec=spec, tiles=grid, batch_size=batch_size, progress=progress
     ):
         y0, x0 = tl.y_a // s, tl.x_a // s
         h, w = f.shape[1], f.shape[2]
@@ -284,13 +284,15 @@ def _search_spec(
     spec = make_feature_spec(
         image,
         model.extractor,
-        scale,
-        fit_normalization([image]),
+        scale=scale,
+        normalization=fit_normalization([image]),
         channels=list(model.bundle.channels),
         tile_size=tile_size,
         tiles=tiles,
     )
-    return spec, PatchGeometry.from_l0(width_l0, height_l0, scale, model.extractor.stride)
+    return spec, PatchGeometry.from_l0(
+        width_l0, height_l0, scale=scale, stride=model.extractor.stride
+    )
 
 
 @contextmanager
@@ -315,11 +317,11 @@ def _search_class_maps(
     spec, geometry = _search_spec(image, model, tile_size=tile_size, tiles=tiles)
     with _feature_cache(model) as cache:
         fmap = cache.get_or_compute(
-            image, model.extractor, spec, batch_size=batch_size, progress=progress
+            image, model.extractor, spec=spec, batch_size=batch_size, progress=progress
         )
         normalizer = FeatureNormalizer.of(fmap, bundle.feature_norm)
         assert model.memory is not None  # a search head always has one (ModelBundle checks)
-        logits = memory_logits_map(fmap, geometry, normalizer, model.memory)
+        logits = memory_logits_map(fmap, geometry, normalizer=normalizer, head=model.memory)
     probs = torch.softmax(torch.from_numpy(logits), dim=0).numpy().astype(np.float32)
     width_a, height_a = spec.scale.analysis_size(image)
     return ClassMaps(
@@ -504,13 +506,22 @@ def predict_patches(
     trunk, spec = bundle.build_trunk()
     trunk = trunk.to(device).to(memory_format=torch.channels_last)
     geometry = PatchGeometry(**bundle.geometry)
-    encoder = PatchEncoder(trunk, spec, geometry, rgb=bundle.rgb, context_a=bundle.context_a)
+    encoder = PatchEncoder(
+        trunk, spec, geometry=geometry, rgb=bundle.rgb, context_a=bundle.context_a
+    )
     encoder.to(device)
     crop = CropGeometry(max(bundle.patch_size_l0), encoder.window_a, bundle.context_a, 0)
     normalization = ChannelNormalization.from_dict(bundle.normalization)
-    with PatchReader(crop, normalization, bundle.channels, open_image) as reader:
+    with PatchReader(
+        crop, normalization, channels=bundle.channels, open_image=open_image
+    ) as reader:
         feats = embed_patches(
-            encoder, reader, patches, device=device, autocast=autocast, batch_size=batch_size
+            encoder,
+            reader,
+            patches=patches,
+            device=device,
+            autocast=autocast,
+            batch_size=batch_size,
         )[0]
     logits = feats @ bundle.head_weight.float().T + bundle.head_bias.float()
     out: NDArray[np.float32] = torch.softmax(logits, dim=1).numpy()
@@ -527,7 +538,7 @@ def _search_patch_probabilities(
     for path, rows in by_image.items():
         with open_image(path) as image, _feature_cache(model) as cache:
             spec, geometry = _search_spec(image, model, tile_size=1024, tiles="foreground")
-            fmap = cache.get_or_compute(image, model.extractor, spec)
+            fmap = cache.get_or_compute(image, model.extractor, spec=spec)
             normalizer = FeatureNormalizer.of(fmap, model.bundle.feature_norm)
             kh, kw = geometry.kernel_hw
             hf, wf, _ = fmap.shape
@@ -540,8 +551,8 @@ def _search_patch_probabilities(
                     for n in rows
                 ]
             )
-            ij = window_indices(centers_a, geometry, (hf - kh + 1, wf - kw + 1))
-            vecs = window_vectors(fmap, geometry, normalizer, ij)
+            ij = window_indices(centers_a, geometry, pooled_hw=(hf - kh + 1, wf - kw + 1))
+            vecs = window_vectors(fmap, geometry, normalizer=normalizer, windows_ij=ij)
         assert model.memory is not None
         out[rows] = model.memory.probabilities(vecs)
     return out

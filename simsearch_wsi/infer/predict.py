@@ -203,6 +203,7 @@ def segmentation_subdivision(maps: ClassMaps, max_pixels: int = MAX_SEGMENTATION
 def sample_on_grid(
     mask: NDArray[Any],
     mask_downsample: tuple[float, float],
+    *,
     shape: tuple[int, int],
     grid_downsample: tuple[float, float],
 ) -> NDArray[Any]:
@@ -240,10 +241,10 @@ def detection_features(
 def write_overlay(
     path: Path,
     image: ImageSource,
+    *,
     seg: Segmentation,
     colors: dict[str, tuple[int, int, int]],
     detections: Sequence[Detection],
-    *,
     max_pixels: int = 1_000_000,
 ) -> Path:
     """A PNG thumbnail (about ``max_pixels``) with the segmentation classes blended in (45 %)
@@ -252,7 +253,9 @@ def write_overlay(
 
     thumb, ds_x, ds_y = read_overview(image, max_pixels=max_pixels)
     rgb = display_rgb8(thumb, brightfield=image.is_brightfield)
-    lab = sample_on_grid(seg.labels, seg.downsample, rgb.shape[:2], (ds_x, ds_y))
+    lab = sample_on_grid(
+        seg.labels, seg.downsample, shape=rgb.shape[:2], grid_downsample=(ds_x, ds_y)
+    )
     palette = np.zeros((len(seg.classes) + 1, 3), dtype=np.float32)
     for k, name in enumerate(seg.classes, start=1):
         palette[k] = colors.get(name, (255, 0, 0))
@@ -288,8 +291,8 @@ def _quantify(
         fg = sample_on_grid(
             np.asarray(foreground.mask),
             (foreground.downsample_x, foreground.downsample_y),
-            seg.labels.shape,
-            seg.downsample,
+            shape=seg.labels.shape,
+            grid_downsample=seg.downsample,
         ).astype(bool)
     stats = region_stats(
         seg.labels,
@@ -301,7 +304,9 @@ def _quantify(
     )
     if image.is_brightfield and image.n_channels == 3:
         thumb, ds_x, ds_y = read_overview(image, max_pixels=DAB_OVERVIEW_PIXELS)
-        lab_small = sample_on_grid(seg.labels, seg.downsample, thumb.shape[:2], (ds_x, ds_y))
+        lab_small = sample_on_grid(
+            seg.labels, seg.downsample, shape=thumb.shape[:2], grid_downsample=(ds_x, ds_y)
+        )
         rgb = np.clip(thumb[..., :3], 0, 255).astype(np.uint8)
         dab = region_stats(
             lab_small, classes=seg.classes, downsample=(ds_x, ds_y), mpp=None, rgb=rgb
@@ -323,7 +328,9 @@ def _write_back(image: ImageSource, seg: Segmentation, colors: dict[str, Any]) -
             f"{image.path}: writing labels back at full resolution needs a {width}x{height} "
             "mask; use the separate <stem>.ome.zarr output instead of --write-back"
         )
-    full = sample_on_grid(seg.labels, seg.downsample, (height, width), (1.0, 1.0))
+    full = sample_on_grid(
+        seg.labels, seg.downsample, shape=(height, width), grid_downsample=(1.0, 1.0)
+    )
     return add_labels_to_ome_zarr(
         image.path, full, classes=seg.classes, colors=colors, name=LABEL_NAME, overwrite=True
     )
@@ -332,8 +339,8 @@ def _write_back(image: ImageSource, seg: Segmentation, colors: dict[str, Any]) -
 def predict_image(
     image: ImageSource,
     model: PatchModel,
-    out_dir: Path,
     *,
+    out_dir: Path,
     stem: str | None = None,
     settings: PredictSettings | None = None,
     extra_columns: dict[str, Any] | None = None,
@@ -404,7 +411,13 @@ def predict_image(
         outputs["ome_zarr"] = str(store)
     if settings.write_overlay:
         png = out_dir / f"{stem}_overlay.png"
-        write_overlay(png, image, seg, colors, detections)  # type: ignore[arg-type]
+        write_overlay(
+            png,
+            image,
+            seg=seg,
+            colors=colors,  # type: ignore[arg-type]
+            detections=detections,
+        )
         outputs["overlay"] = str(png)
     if settings.write_back and Path(image.path).is_dir():
         outputs["labels"] = str(_write_back(image, seg, colors))
@@ -505,7 +518,7 @@ def refuse_overwriting_inputs(
 
 
 def table_rows(
-    out_dir: Path, model_digest: str, settings: PredictSettings, results: Sequence[PredictResult]
+    out_dir: Path, model_digest: str, *, settings: PredictSettings, results: Sequence[PredictResult]
 ) -> list[dict[str, Any]]:
     """Rows of this run's images, then those of earlier runs into the same folder with the same
     model (:func:`~simsearch_wsi.infer.dense.bundle_digest`) and settings (so image-by-image runs,
@@ -526,8 +539,8 @@ def table_rows(
 def predict_target(
     target: PredictTarget,
     model: PatchModel,
-    out_dir: Path,
     *,
+    out_dir: Path,
     open_image: Callable[[str], ImageSource],
     settings: PredictSettings,
     resume: bool = True,
@@ -554,7 +567,7 @@ def predict_target(
         result = predict_image(
             image,
             model,
-            out_dir,
+            out_dir=out_dir,
             stem=target.stem,
             settings=settings,
             extra_columns=target.extra,
@@ -569,8 +582,8 @@ def predict_target(
 def predict_images(
     targets: Sequence[PredictTarget],
     model: PatchModel,
-    out_dir: Path,
     *,
+    out_dir: Path,
     open_image: Callable[[str], ImageSource],
     settings: PredictSettings | None = None,
     resume: bool = True,
@@ -600,7 +613,7 @@ def predict_images(
             predict_target(
                 target,
                 model,
-                out_dir,
+                out_dir=out_dir,
                 open_image=open_image,
                 settings=settings,
                 resume=resume,
@@ -610,6 +623,7 @@ def predict_images(
     if progress is not None:
         progress("images", len(targets), len(targets))
     write_table(
-        out_dir / "quantification.csv", table_rows(out_dir, model.identity, settings, results)
+        out_dir / "quantification.csv",
+        table_rows(out_dir, model.identity, settings=settings, results=results),
     )
     return results

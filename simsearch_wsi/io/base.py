@@ -92,7 +92,7 @@ RGB_CHANNEL_NAMES = ("R", "G", "B")
 
 
 def default_modality(
-    n_channels: int, dtype: np.dtype[Any], channel_names: tuple[str, ...] = RGB_CHANNEL_NAMES
+    n_channels: int, dtype: np.dtype[Any], *, channel_names: tuple[str, ...] = RGB_CHANNEL_NAMES
 ) -> Modality:
     """Guess: three uint8 channels named like RGB are a brightfield scan; the rest fluorescence.
 

@@ -344,7 +344,7 @@ class OmeZarrSource(ImageSource):
             levels=levels,
             dtype=dtype,
             channel_names=tuple(names),
-            modality=default_modality(n_channels, dtype, tuple(names)),
+            modality=default_modality(n_channels, dtype, channel_names=tuple(names)),
             mpp=mpp,
             mpp_source="metadata" if mpp is not None else "unknown",
             bit_depth=bit_depth_of(dtype),

@@ -118,7 +118,7 @@ class TiffSource(ImageSource):
         fmt = _format_name(props, tf)
         mpp, mpp_source, mpp_note = _mpp_from_properties(props, path)
         names = _channel_names(tf, n_channels, dtype)
-        modality = default_modality(n_channels, dtype, names)
+        modality = default_modality(n_channels, dtype, channel_names=names)
         extra: dict[str, Any] = {"axes": axes}
         for key, name in (
             ("tiffslide.vendor", "vendor"),

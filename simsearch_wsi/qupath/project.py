@@ -89,8 +89,8 @@ def find_image(images: list[ProjectImage], image: str | os.PathLike[str]) -> Pro
 def write_objects(
     project: str | os.PathLike[str],
     image: str | os.PathLike[str],
-    features: list[dict[str, Any]],
     *,
+    features: list[dict[str, Any]],
     replace_classes: set[str] | None = None,
 ) -> int:
     """Add GeoJSON objects (as written by this project: detections, and annotations such as

@@ -40,8 +40,8 @@ from simsearch_wsi.train.patches import PatchSample, PatchSet
 def collect_training_data(
     session: Session,
     search: SimSearch,
-    config: TrainConfig,
     *,
+    config: TrainConfig,
     open_image: Callable[[str], ImageSource],
     noisy_images: Sequence[str | os.PathLike[str]] = (),
     seed: int = 0,
@@ -109,7 +109,7 @@ def collect_training_data(
             mined = mine_image(
                 search,
                 image,
-                prototypes,
+                prototypes=prototypes,
                 thresholds=thresholds,
                 patch_size_l0=session.patch_size_l0,
                 avoid=session.labelled_boxes(path),
@@ -184,6 +184,7 @@ class SearchVectors:
         self,
         search: SimSearch,
         patch_size_l0: tuple[float, float],
+        *,
         open_image: Callable[[str], ImageSource],
     ) -> None:
         self.search = search
@@ -208,7 +209,9 @@ class SearchVectors:
         for path, rows in by_image.items():
             with self.open_image(path) as image:
                 spec, fmap = self.search.embed(image, max(width_l0, height_l0))
-                geometry = PatchGeometry.from_l0(width_l0, height_l0, spec.scale, ext.stride)
+                geometry = PatchGeometry.from_l0(
+                    width_l0, height_l0, scale=spec.scale, stride=ext.stride
+                )
                 normalizer = FeatureNormalizer.of(fmap, self.feature_norm)
                 protos = [
                     Prototype(
@@ -223,7 +226,13 @@ class SearchVectors:
                     for n in rows
                 ]
                 vecs = embed_prototypes(
-                    image, ext, spec, geometry, protos, classes, normalizer=normalizer
+                    image,
+                    ext,
+                    spec=spec,
+                    geometry=geometry,
+                    prototypes=protos,
+                    classes=classes,
+                    normalizer=normalizer,
                 ).vectors  # (4 * n, D), the rotations of each patch together
             if out is None:
                 out = torch.zeros(rotations, len(patches), vecs.shape[1])
@@ -234,8 +243,8 @@ class SearchVectors:
 def train_session(
     session: Session,
     search: SimSearch,
-    config: TrainConfig,
     *,
+    config: TrainConfig,
     open_image: Callable[[str], ImageSource],
     noisy_images: Sequence[str | os.PathLike[str]] = (),
     device: torch.device | str = "cpu",
@@ -247,21 +256,18 @@ def train_session(
     data = collect_training_data(
         session,
         search,
-        config,
+        config=config,
         open_image=open_image,
         noisy_images=noisy_images,
         seed=seed,
         progress=progress,
     )
-    ext = search.extractor
     return train_patch_model(
         data,
-        trunk=ext.trunk,
-        spec=ext.spec,
-        weights=ext.weights,
+        search.extractor,
         config=config,
         open_image=open_image,
-        search=SearchVectors(search, data.patch_size_l0, open_image),
+        search=SearchVectors(search, data.patch_size_l0, open_image=open_image),
         device=device,
         seed=seed,
         progress=progress,

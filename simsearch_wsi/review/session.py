@@ -401,7 +401,7 @@ class Session:
         return None, rec  # unclassified: nothing decided
 
     def add_decision(
-        self, image: str | os.PathLike[str], decision: Decision, class_name: str, box: BoxL0
+        self, image: str | os.PathLike[str], decision: Decision, *, class_name: str, box: BoxL0
     ) -> str:
         """Record a labelled patch without a suggestion round trip (scripted labelling, a
         simulated user); ``class_name`` is the patch's class, for a negative the class it is

@@ -33,13 +33,13 @@ def label_from_truth(
     )
     for c in slide.classes:
         for o in slide.objects_of(c)[p : p + n]:
-            session.add_decision(slide.path, "positive", c, o.box)
+            session.add_decision(slide.path, "positive", class_name=c, box=o.box)
         others = [o for o in slide.objects if o.class_name != c][:negatives_per_class]
         for o in others:
-            session.add_decision(slide.path, "negative", c, o.box)
+            session.add_decision(slide.path, "negative", class_name=c, box=o.box)
     size = slide.objects[0].width_l0 if slide.objects else 48.0
     for box in slide.background_boxes(background, seed=seed, size_l0=size):
-        session.add_decision(slide.path, "background", "background", box)
+        session.add_decision(slide.path, "background", class_name="background", box=box)
     key = str(slide.path.resolve())
     if reviewed and key not in session.reviewed_images:
         session.reviewed_images.append(key)

@@ -169,6 +169,7 @@ class SimSearch:
         self,
         extractor: FeatureExtractor,
         cache: FeatureCache,
+        *,
         settings: SearchSettings | None = None,
     ) -> None:
         self.extractor = extractor
@@ -196,8 +197,8 @@ class SimSearch:
         return make_feature_spec(
             image,
             self.extractor,
-            scale,
-            normalization or self.normalization_for(image),
+            scale=scale,
+            normalization=normalization or self.normalization_for(image),
             channels=self.settings.channels,
             tile_size=self.settings.tile_size,
             tiles="foreground",
@@ -217,7 +218,7 @@ class SimSearch:
         fmap = self.cache.get_or_compute(
             image,
             self.extractor,
-            spec,
+            spec=spec,
             batch_size=self.settings.batch_size,
             progress=progress,
         )
@@ -227,14 +228,14 @@ class SimSearch:
         self,
         spec: FeatureSpec,
         fmap: FeatureMap,
-        patch_size_l0: float,
         *,
+        patch_size_l0: float,
         progress: ProgressFn | None = None,
     ) -> PooledMap:
         """Pool the map for square patches of ``patch_size_l0`` level-0 pixels (cached), so
         that queries with prototypes of that size need no pooling."""
         geometry = PatchGeometry.from_l0(
-            patch_size_l0, patch_size_l0, spec.scale, self.extractor.stride
+            patch_size_l0, patch_size_l0, scale=spec.scale, stride=self.extractor.stride
         )
         return pooled_map(fmap, geometry, norm=self.settings.feature_norm, progress=progress)
 
@@ -292,8 +293,8 @@ class SimSearch:
         suggestions = extract_suggestions(
             maps,
             classes,
-            geometry,
-            spec,
+            geometry=geometry,
+            spec=spec,
             thresholds=used,
             min_distance_a=self.settings.min_distance_fraction * geometry.width_a,
             max_per_class=self.settings.max_per_class,
@@ -306,7 +307,7 @@ class SimSearch:
             background = background_candidates(
                 maps[len(classes)],
                 geometry,
-                spec,
+                spec=spec,
                 n_high=n_background,
                 n_low=n_background,
                 avoid=avoid_boxes,
@@ -358,7 +359,9 @@ class SimSearch:
         t0 = time.perf_counter()
         spec, fmap = self.embed(image, patch_l0, normalization=normalization, progress=progress)
         seconds_embed = time.perf_counter() - t0
-        geometry = PatchGeometry.from_l0(width_l0, height_l0, spec.scale, self.extractor.stride)
+        geometry = PatchGeometry.from_l0(
+            width_l0, height_l0, scale=spec.scale, stride=self.extractor.stride
+        )
         here = [p for p in prototypes if _same_image(p.image, image)]
         for p in here:
             check_box(
@@ -371,7 +374,13 @@ class SimSearch:
             normalizer = FeatureNormalizer.of(fmap, self.settings.feature_norm)
             parts.append(
                 embed_prototypes(
-                    image, self.extractor, spec, geometry, here, classes, normalizer=normalizer
+                    image,
+                    self.extractor,
+                    spec=spec,
+                    geometry=geometry,
+                    prototypes=here,
+                    classes=classes,
+                    normalizer=normalizer,
                 )
             )
         parts += self._foreign_prototype_vectors(
@@ -384,7 +393,7 @@ class SimSearch:
         )
         extra = vectors.mean_vector()[None] if with_mean else None
         maps = similarity_maps(
-            fmap, geometry, vectors, extra_vectors=extra, norm=self.settings.feature_norm
+            fmap, geometry, prototypes=vectors, extra_vectors=extra, norm=self.settings.feature_norm
         )
         return SimilarityMaps(spec, fmap, geometry, classes, maps, here, seconds_embed)
 
@@ -419,7 +428,13 @@ class SimSearch:
                 normalizer = FeatureNormalizer.of(fmap, self.settings.feature_norm)
                 parts.append(
                     embed_prototypes(
-                        src, self.extractor, spec, geometry, protos, classes, normalizer=normalizer
+                        src,
+                        self.extractor,
+                        spec=spec,
+                        geometry=geometry,
+                        prototypes=protos,
+                        classes=classes,
+                        normalizer=normalizer,
                     )
                 )
         return parts

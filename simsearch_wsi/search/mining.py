@@ -40,8 +40,8 @@ class MinedPatches:
 def mine_image(
     search: SimSearch,
     image: ImageSource,
-    prototypes: Sequence[Prototype],
     *,
+    prototypes: Sequence[Prototype],
     thresholds: dict[str, float],
     patch_size_l0: tuple[float, float],
     avoid: Sequence[BoxL0] = (),
@@ -60,8 +60,8 @@ def mine_image(
         suggestions = extract_suggestions(
             sim.maps,
             classes,
-            geometry,
-            spec,
+            geometry=geometry,
+            spec=spec,
             thresholds={c: thresholds[c] for c in classes},
             min_distance_a=geometry.width_a,
             max_per_class=n_per_class,
@@ -77,7 +77,7 @@ def mine_image(
         below = (np.where(np.isfinite(maps), maps, np.inf) < thr).all(axis=0)
         eligible: NDArray[np.bool_] = np.asarray(finite & below, dtype=bool)
         near = [*avoid, *(p.box for p in sim.here), *(t.box for t in taken)]
-        eligible &= ~windows_near(eligible.shape, near, geometry, spec)
+        eligible &= ~windows_near(eligible.shape, near, geometry=geometry, spec=spec)
         cells = np.argwhere(eligible)
         if len(cells):
             pick = rng.choice(len(cells), size=min(n_background, len(cells)), replace=False)

@@ -124,7 +124,7 @@ class MemoryHead:
 
 
 def window_indices(
-    centers_a: NDArray[np.float64], geometry: PatchGeometry, pooled_hw: tuple[int, int]
+    centers_a: NDArray[np.float64], geometry: PatchGeometry, *, pooled_hw: tuple[int, int]
 ) -> NDArray[np.int64]:
     """(N, 2) pooled-window indices (i, j) of analysis-pixel centres ``centers_a`` (N, 2) as
     (x, y), clipped to the ``(Hp, Wp)`` windows of the map."""
@@ -139,6 +139,7 @@ def window_indices(
 def window_vectors(
     fmap: FeatureMap,
     geometry: PatchGeometry,
+    *,
     normalizer: FeatureNormalizer,
     windows_ij: NDArray[np.int64],
 ) -> torch.Tensor:
@@ -168,9 +169,9 @@ def window_vectors(
 def memory_logits_map(
     fmap: FeatureMap,
     geometry: PatchGeometry,
+    *,
     normalizer: FeatureNormalizer,
     head: MemoryHead,
-    *,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> NDArray[np.float32]:
     """Logits (K, Hp, Wp) float32 of every pooled window, NaN where the window's centre cell was
@@ -186,7 +187,7 @@ def memory_logits_map(
     k = head.n_classes
     out = np.full((k, hp, wp), np.nan, dtype=np.float32)
     blocks = iter_pooled_blocks(
-        fmap, geometry, normalizer, progress=progress, what="applying the model"
+        fmap, geometry, normalizer=normalizer, progress=progress, what="applying the model"
     )
     for y0, x0, vectors in blocks:
         _, h2, w2 = vectors.shape
@@ -206,9 +207,9 @@ def _group_weights(groups: NDArray[np.int64]) -> torch.Tensor:
 def fit_memory_head(
     vectors: torch.Tensor,
     labels: NDArray[np.int64],
+    *,
     sample_ids: NDArray[np.int64],
     n_classes: int,
-    *,
     background: int,
     negatives: torch.Tensor | None = None,
     negative_labels: NDArray[np.int64] | None = None,
@@ -285,7 +286,7 @@ def fit_memory_head(
 
 
 def macro_average_precision(
-    probs: NDArray[np.float32], labels: NDArray[np.int64], classes: Sequence[str], *, skip: str
+    probs: NDArray[np.float32], labels: NDArray[np.int64], *, classes: Sequence[str], skip: str
 ) -> float:
     """Mean over classes (except ``skip``, e.g. background) present in ``labels`` of the
     average precision of ranking all samples by that class's probability; NaN when none is

@@ -71,7 +71,7 @@ class PatchGeometry:
 
     @classmethod
     def from_l0(
-        cls, width_l0: float, height_l0: float, scale: AnalysisScale, stride: int
+        cls, width_l0: float, height_l0: float, *, scale: AnalysisScale, stride: int
     ) -> PatchGeometry:
         """The patch of a level-0 size on ``scale``'s analysis grid."""
         _, _, width_a, height_a = scale.box_to_analysis(BoxL0(0, 0, width_l0, height_l0))
@@ -155,11 +155,11 @@ class PrototypeVectors:
 def embed_prototypes(
     image: ImageSource,
     extractor: FeatureExtractor,
+    *,
     spec: FeatureSpec,
     geometry: PatchGeometry,
     prototypes: Sequence[Prototype],
     classes: Sequence[str],
-    *,
     normalizer: FeatureNormalizer | None = None,
 ) -> PrototypeVectors:
     """Four rotation vectors per prototype (see module docstring), normalised with
@@ -182,7 +182,7 @@ def embed_prototypes(
         x0, y0 = (j - ox) * s - halo, (i - oy) * s - halo
         side = k * s + 2 * halo
         raw = read_analysis_region(image, spec.scale, x0, y0, side, side)
-        norm = prepare_pixels(raw, spec, idx)
+        norm = prepare_pixels(raw, spec, idx=idx)
         for r in range(4):
             crops.append(np.ascontiguousarray(np.rot90(norm, k=r, axes=(0, 1))))
             owners.append(list(classes).index(proto.class_name))
@@ -245,8 +245,8 @@ def valid_windows(fmap: FeatureMap, geometry: PatchGeometry) -> NDArray[np.bool_
 def iter_pooled_blocks(
     fmap: FeatureMap,
     geometry: PatchGeometry,
-    normalizer: FeatureNormalizer,
     *,
+    normalizer: FeatureNormalizer,
     progress: Callable[[str, int, int], None] | None = None,
     what: str = "pooling windows",
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -307,7 +307,7 @@ def pooled_map(
             )
             normalizer = FeatureNormalizer.of(fmap, norm)
             for y0, x0, vectors in iter_pooled_blocks(
-                fmap, geometry, normalizer, progress=progress
+                fmap, geometry, normalizer=normalizer, progress=progress
             ):
                 _, h2, w2 = vectors.shape
                 bf16 = vectors.permute(1, 2, 0).contiguous().to(torch.bfloat16)
@@ -324,8 +324,8 @@ def as_bf16(bits: NDArray[Any]) -> torch.Tensor:
 def similarity_maps(
     fmap: FeatureMap,
     geometry: PatchGeometry,
-    prototypes: PrototypeVectors,
     *,
+    prototypes: PrototypeVectors,
     extra_vectors: torch.Tensor | None = None,
     norm: str = DEFAULT_FEATURE_NORM,
     precision: str = "bf16",
@@ -459,9 +459,9 @@ def _iou(a: BoxL0, b: BoxL0) -> float:
 def extract_suggestions(
     maps: NDArray[np.float32],
     classes: Sequence[str],
+    *,
     geometry: PatchGeometry,
     spec: FeatureSpec,
-    *,
     thresholds: dict[str, float],
     min_distance_a: float | None = None,
     max_per_class: int = 500,
@@ -525,7 +525,7 @@ def _suppress_across_classes(suggestions: list[Suggestion], *, iou_max: float) -
 
 
 def windows_near(
-    shape: tuple[int, ...], boxes: Sequence[BoxL0], geometry: PatchGeometry, spec: FeatureSpec
+    shape: tuple[int, ...], boxes: Sequence[BoxL0], *, geometry: PatchGeometry, spec: FeatureSpec
 ) -> NDArray[np.bool_]:
     """(Hp, Wp) mask of the pooled windows (map ``shape``) that overlap any of ``boxes``."""
     near = np.zeros(shape[-2:], dtype=bool)
@@ -542,8 +542,8 @@ def windows_near(
 def background_candidates(
     mean_map: NDArray[np.float32],
     geometry: PatchGeometry,
-    spec: FeatureSpec,
     *,
+    spec: FeatureSpec,
     n_high: int = 10,
     n_low: int = 10,
     avoid: Sequence[BoxL0] = (),
@@ -557,7 +557,8 @@ def background_candidates(
     """
     m = mean_map.copy()
     kh, kw = geometry.kernel_hw
-    m[windows_near(m.shape, avoid, geometry, spec)] = np.nan  # away from labelled patches
+    near_labelled = windows_near(m.shape, avoid, geometry=geometry, spec=spec)
+    m[near_labelled] = np.nan  # away from labelled patches
     min_cells = max(kh, kw)
     high = local_maxima(m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_high)
     low = local_maxima(-m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_low)

@@ -240,8 +240,8 @@ def _dropout_mask(
 def augment_batch(
     x: torch.Tensor,
     config: AugmentConfig,
-    generator: torch.Generator,
     *,
+    generator: torch.Generator,
     window: int | None = None,
 ) -> torch.Tensor:
     """Augment a batch of context crops, each sample with its own random parameters.

@@ -36,8 +36,13 @@ from numpy.typing import NDArray
 from torch import nn
 
 from simsearch_wsi.core.errors import ConfigError
-from simsearch_wsi.features.backbones import BackboneSpec, WeightsInfo
-from simsearch_wsi.features.extractor import AnalysisScale, ProgressFn, prefetched
+from simsearch_wsi.features.backbones import WeightsInfo
+from simsearch_wsi.features.extractor import (
+    AnalysisScale,
+    FeatureExtractor,
+    ProgressFn,
+    prefetched,
+)
 from simsearch_wsi.features.precision import autocast_pays_off
 from simsearch_wsi.features.preprocess import ChannelNormalization
 from simsearch_wsi.io.base import ImageSource
@@ -279,7 +284,7 @@ class StageLoop:
     decay, the optimiser step, the running loss, progress and the stage's record."""
 
     def __init__(
-        self, run: TrainRun, name: str, stage: StageConfig, params: list[Any], steps: int
+        self, run: TrainRun, name: str, *, stage: StageConfig, params: list[Any], steps: int
     ) -> None:
         self.run, self.name, self.stage, self.steps = run, name, stage, steps
         self.opt = torch.optim.Adam(params, lr=stage.lr)
@@ -296,7 +301,7 @@ class StageLoop:
         self._epoch_loss = 0.0
         self._t0 = time.perf_counter()
 
-    def step(self, loss: torch.Tensor, k: int, views: int) -> None:
+    def step(self, loss: torch.Tensor, k: int, *, views: int) -> None:
         """Back-propagate ``loss`` of batch ``k`` of the current epoch (``views`` samples)."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
@@ -335,10 +340,10 @@ class StageLoop:
 def contrastive_stage(
     run: TrainRun,
     name: str,
+    *,
     patches: PatchSet,
     stage: StageConfig,
     augment: AugmentConfig,
-    *,
     negatives: PatchSet | None = None,
 ) -> dict[str, Any]:
     """SimCLR (``negatives is None`` and ``name == 'selflearn'``) or SupCon on ``patches``."""
@@ -349,7 +354,7 @@ def contrastive_stage(
     head.to(run.device)
     params = set_trainable(enc.trunk, freeze_early=run.freeze_early) + list(head.parameters())
     steps = stage.steps_per_epoch(len(patches))
-    loop = StageLoop(run, name, stage, params, steps)
+    loop = StageLoop(run, name, stage=stage, params=params, steps=steps)
     labels_all = torch.from_numpy(patches.labels)
     jitter = np.random.default_rng(child_seed(run.rng))
     window = enc.window_a
@@ -376,10 +381,12 @@ def contrastive_stage(
         for k, (x, xn) in enumerate(prefetched(load, list(zip(batches, neg_batches, strict=True)))):
             x = x.to(run.device)
             b = x.shape[0]
-            v = torch.cat([augment_batch(x, augment, run.gen, window=window) for _ in range(2)])
+            v = torch.cat(
+                [augment_batch(x, augment, generator=run.gen, window=window) for _ in range(2)]
+            )
             if xn is not None:
                 v = torch.cat(
-                    [v, augment_batch(xn.to(run.device), augment, run.gen, window=window)]
+                    [v, augment_batch(xn.to(run.device), augment, generator=run.gen, window=window)]
                 )
             with run.autocast():
                 pooled = enc(v)
@@ -402,7 +409,7 @@ def contrastive_stage(
                     ),
                     temperature=stage.temperature,
                 )
-            loop.step(loss, k, v.shape[0])
+            loop.step(loss, k, views=v.shape[0])
         loop.end_epoch()
     freeze(enc.trunk)
     return loop.record(len(patches))
@@ -412,8 +419,8 @@ def contrastive_stage(
 def embed_patches(
     encoder: PatchEncoder,
     reader: PatchReader,
-    patches: PatchSet,
     *,
+    patches: PatchSet,
     device: torch.device,
     views: int = 1,
     augment: AugmentConfig | None = None,
@@ -435,7 +442,7 @@ def embed_patches(
             xv = (
                 x
                 if v == 0 or augment is None or gen is None
-                else augment_batch(x, augment, gen, window=encoder.window_a)
+                else augment_batch(x, augment, generator=gen, window=encoder.window_a)
             )
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
                 per_view.append(encoder(xv).float().cpu())
@@ -492,7 +499,7 @@ def _train_linear(
             loss = F.cross_entropy(layer(xs[idx]), labels[idx])
             if xn is not None and yn is not None:
                 jdx = torch.from_numpy(rng.choice(len(yn), size=stage.batch_size))
-                not_c = not_class_loss(layer(xn[jdx]), yn[jdx], background % n_classes)
+                not_c = not_class_loss(layer(xn[jdx]), yn[jdx], background=background % n_classes)
                 loss = loss + negatives_weight * not_c
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -506,7 +513,7 @@ def _train_linear(
     return w, b, [round(v, 5) for v in losses]
 
 
-def not_class_loss(logits: torch.Tensor, labels: torch.Tensor, background: int) -> torch.Tensor:
+def not_class_loss(logits: torch.Tensor, labels: torch.Tensor, *, background: int) -> torch.Tensor:
     """Mean ``softplus(z_y - z_bg)`` of (N, K) logits: each sample, known *not* to be its (N,)
     class ``y``, should score background above ``y`` (the two-way cross-entropy between them).
     It says nothing about the other classes, so a look-alike of one class is not pushed into
@@ -517,7 +524,7 @@ def not_class_loss(logits: torch.Tensor, labels: torch.Tensor, background: int) 
 
 # --- metrics ------------------------------------------------------------------------------------
 def classification_metrics(
-    probs: NDArray[np.float32], labels: NDArray[np.int64], classes: Sequence[str]
+    probs: NDArray[np.float32], labels: NDArray[np.int64], *, classes: Sequence[str]
 ) -> dict[str, Any]:
     """Accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix
     (rows = truth) of argmax predictions; ``probs`` (N, K), ``labels`` (N,)."""
@@ -552,7 +559,7 @@ def classification_metrics(
 
 
 def pick_thresholds(
-    probs: NDArray[np.float32], labels: NDArray[np.int64], classes: Sequence[str]
+    probs: NDArray[np.float32], labels: NDArray[np.int64], *, classes: Sequence[str]
 ) -> dict[str, float]:
     """Per class, the confidence threshold (on the class probability of windows predicted as
     that class) that maximises F1 on held-out patches; the middle of the best range."""
@@ -637,8 +644,8 @@ def _fit_search_head(
     return fit_memory_head(
         xs.reshape(-1, xs.shape[-1]),
         np.tile(train_set.labels, n_off),
-        ids,
-        len(classes),
+        sample_ids=ids,
+        n_classes=len(classes),
         background=background,
         negatives=xn,
         negative_labels=yn,
@@ -648,14 +655,12 @@ def _fit_search_head(
 
 def train_patch_model(
     data: TrainingData,
+    extractor: FeatureExtractor,
     *,
-    trunk: nn.Module,
-    spec: BackboneSpec,
-    weights: WeightsInfo,
     config: TrainConfig,
     open_image: Callable[[str], ImageSource],
     search: SearchView | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
@@ -663,11 +668,13 @@ def train_patch_model(
 
     ``config.head_input`` chooses what is trained: ``search`` fits the search head on
     ``search``'s window vectors (seconds; no trunk training), ``trunk`` runs the strategy's
-    stages on ``trunk`` (a copy; the caller's module is left as it was), ``auto`` does both and
-    keeps the search head only where its held-out macro average precision beats the fine-tuned
-    trunk's by more than :data:`SELECTION_MARGIN` (``metrics["selection"]`` says which and
-    why). A search head that is kept is refitted on every clean patch (training + held-out)."""
-    device = torch.device(device)
+    stages on ``extractor``'s trunk (a copy; the extractor and its trunk are left as they were),
+    ``auto`` does both and keeps the search head only where its held-out macro average precision
+    beats the fine-tuned trunk's by more than :data:`SELECTION_MARGIN` (``metrics["selection"]``
+    says which and why). A search head that is kept is refitted on every clean patch (training
+    + held-out). ``device`` defaults to the extractor's."""
+    trunk, spec, weights = extractor.trunk, extractor.spec, extractor.weights
+    device = torch.device(extractor.device if device is None else device)
     notes = list(data.notes)
     clean = data.clean
     present = [c for c, n in clean.class_counts().items() if n > 0]
@@ -694,15 +701,17 @@ def train_patch_model(
     n_channels = len(data.channels)
     with open_image(first_image) as first:
         scale = AnalysisScale.for_patch(first, max(data.patch_size_l0))
-    geometry = PatchGeometry.from_l0(*data.patch_size_l0, scale, spec.stride)
-    encoder = PatchEncoder(trunk, spec, geometry, rgb=data.rgb, context_a=config.context_a)
+    geometry = PatchGeometry.from_l0(*data.patch_size_l0, scale=scale, stride=spec.stride)
+    encoder = PatchEncoder(trunk, spec, geometry=geometry, rgb=data.rgb, context_a=config.context_a)
     encoder.to(device)
     crop = CropGeometry(
         max(data.patch_size_l0), encoder.window_a, config.context_a, config.jitter_a
     )
     metrics: dict[str, Any] = {"counts": data.counts(), "stages": {}}
     split = (
-        stratified_split(clean, config.val_fraction, rng, min_per_class=config.min_val_per_class)
+        stratified_split(
+            clean, config.val_fraction, rng=rng, min_per_class=config.min_val_per_class
+        )
         if config.val_fraction > 0
         else None
     )
@@ -764,9 +773,9 @@ def train_patch_model(
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
     if val_set is not None and chosen.val_probs is not None:
         metrics["validation"] = classification_metrics(
-            chosen.val_probs, val_set.labels, clean.classes
+            chosen.val_probs, val_set.labels, classes=clean.classes
         )
-        thresholds = pick_thresholds(chosen.val_probs, val_set.labels, clean.classes)
+        thresholds = pick_thresholds(chosen.val_probs, val_set.labels, classes=clean.classes)
     w, b, memory = chosen.weight, chosen.bias, chosen.memory
     if chosen.head_input == "search" and search is not None and val_set is not None:
         # the held-out patches chose the model and its thresholds; now they join its memory
@@ -826,7 +835,7 @@ def _select(
         for c in candidates:
             if c.val_probs is not None:
                 c.val_ap = macro_average_precision(
-                    c.val_probs, val_set.labels, classes, skip=BACKGROUND_CLASS
+                    c.val_probs, val_set.labels, classes=classes, skip=BACKGROUND_CLASS
                 )
     by_kind = {c.head_input: c for c in candidates}
     record: dict[str, Any] = {
@@ -885,7 +894,9 @@ def _fine_tune(
     train_set, val_set = split
     clean = data.clean
     lin_cfg = config.linear
-    with PatchReader(crop, data.normalization, data.channels, open_image) as reader:
+    with PatchReader(
+        crop, data.normalization, channels=data.channels, open_image=open_image
+    ) as reader:
         run = TrainRun(
             encoder, reader, config, device, freeze_early, rng, gen, progress, n_channels
         )
@@ -894,7 +905,7 @@ def _fine_tune(
             feats = embed_patches(
                 encoder,
                 reader,
-                train_set,
+                patches=train_set,
                 device=device,
                 views=config.linear_views,
                 augment=config.clean_augment,
@@ -908,7 +919,7 @@ def _fine_tune(
                 neg_feats = embed_patches(
                     encoder,
                     reader,
-                    negatives,
+                    patches=negatives,
                     device=device,
                     views=config.linear_views,
                     augment=config.clean_augment,
@@ -936,20 +947,29 @@ def _fine_tune(
         if val_set is not None:
             w0, b0, _ = fit_linear("baseline linear probe")
             val_feats_before = embed_patches(
-                encoder, reader, val_set, device=device, autocast=config.autocast
+                encoder, reader, patches=val_set, device=device, autocast=config.autocast
             )[0]
             metrics["baseline_validation"] = classification_metrics(
-                _probs(w0, b0, val_feats_before), val_set.labels, clean.classes
+                _probs(w0, b0, val_feats_before), val_set.labels, classes=clean.classes
             )
         if config.uses_selflearn:
             if len(data.noisy) >= 2:
                 metrics["stages"]["selflearn"] = contrastive_stage(
-                    run, "selflearn", data.noisy, config.selflearn, config.noisy_augment
+                    run,
+                    "selflearn",
+                    patches=data.noisy,
+                    stage=config.selflearn,
+                    augment=config.noisy_augment,
                 )
             else:
                 notes.append("no noisy patches were mined: the self-learning stage was skipped")
         metrics["stages"]["supcon"] = contrastive_stage(
-            run, "supcon", train_set, config.supcon, config.clean_augment, negatives=negatives
+            run,
+            "supcon",
+            patches=train_set,
+            stage=config.supcon,
+            augment=config.clean_augment,
+            negatives=negatives,
         )
         t0 = time.perf_counter()
         w, b, lin_losses = fit_linear("linear")
@@ -962,10 +982,10 @@ def _fine_tune(
         val_probs = None
         if val_set is not None:
             val_feats = embed_patches(
-                encoder, reader, val_set, device=device, autocast=config.autocast
+                encoder, reader, patches=val_set, device=device, autocast=config.autocast
             )[0]
             val_probs = _probs(w, b, val_feats)
             metrics["trunk_validation"] = classification_metrics(
-                val_probs, val_set.labels, clean.classes
+                val_probs, val_set.labels, classes=clean.classes
             )
     return _Candidate("trunk", w, b, val_probs)

@@ -26,7 +26,7 @@ from simsearch_wsi.core.errors import ConfigError
 class PixelDecoder(nn.Module):
     """(N, D, h, w) cell features -> (N, 3, h * stride, w * stride) predicted pixels."""
 
-    def __init__(self, in_dim: int, stride: int, hidden_dim: int = 256) -> None:
+    def __init__(self, in_dim: int, stride: int, *, hidden_dim: int = 256) -> None:
         super().__init__()
         self.stride = stride
         self.hidden = nn.Conv2d(in_dim, hidden_dim, 1)
@@ -37,7 +37,7 @@ class PixelDecoder(nn.Module):
 
 
 def random_cell_mask(
-    n: int, h: int, w: int, ratio: float, generator: torch.Generator
+    n: int, h: int, w: int, *, ratio: float, generator: torch.Generator
 ) -> torch.Tensor:
     """(n, h, w) bool: exactly ``round(ratio * h * w)`` (at least 1) cells per sample are True."""
     if not 0.0 < ratio < 1.0:
@@ -68,8 +68,8 @@ def cell_targets(x: torch.Tensor, stride: int) -> torch.Tensor:
 def masked_loss(
     trunk: nn.Module,
     decoder: PixelDecoder,
-    x: torch.Tensor,
     *,
+    x: torch.Tensor,
     stride: int,
     mask_ratio: float,
     generator: torch.Generator,
@@ -80,7 +80,7 @@ def masked_loss(
     if hs % stride or ws % stride:
         raise ConfigError(f"crops must be a multiple of the stride {stride}, got {hs}x{ws}")
     h, w = hs // stride, ws // stride
-    mask = random_cell_mask(n, h, w, mask_ratio, generator).to(x.device)
+    mask = random_cell_mask(n, h, w, ratio=mask_ratio, generator=generator).to(x.device)
     pixel_mask = mask.repeat_interleave(stride, dim=1).repeat_interleave(stride, dim=2)
     visible = x.masked_fill(pixel_mask[:, None], 0.0)
     f = trunk(visible.contiguous(memory_format=torch.channels_last))

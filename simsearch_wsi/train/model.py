@@ -37,8 +37,8 @@ class PatchEncoder(nn.Module):
         self,
         trunk: nn.Module,
         spec: BackboneSpec,
-        geometry: PatchGeometry,
         *,
+        geometry: PatchGeometry,
         rgb: bool,
         context_a: int,
     ) -> None:
@@ -93,7 +93,7 @@ class PatchEncoder(nn.Module):
 class ProjectionHead(nn.Module):
     """The 2-layer MLP of the contrastive stages: (N, D) -> (N, out_dim)."""
 
-    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int | None = None) -> None:
+    def __init__(self, in_dim: int, out_dim: int = 128, *, hidden_dim: int | None = None) -> None:
         super().__init__()
         hidden = hidden_dim or in_dim
         self.net = nn.Sequential(

@@ -117,7 +117,7 @@ class CropGeometry:
 
 
 def stratified_split(
-    patches: PatchSet, fraction: float, rng: np.random.Generator, *, min_per_class: int
+    patches: PatchSet, fraction: float, *, rng: np.random.Generator, min_per_class: int
 ) -> tuple[PatchSet, PatchSet] | None:
     """Hold out ``fraction`` of each class (seeded); ``None`` when some class has fewer than
     ``min_per_class`` samples to hold out (too few to measure anything)."""
@@ -158,9 +158,9 @@ class PatchReader:
         self,
         crop: CropGeometry,
         normalization: ChannelNormalization,
+        *,
         channels: Sequence[str],
         open_image: Callable[[str], ImageSource],
-        *,
         cache_bytes: int = 512 << 20,
     ) -> None:
         self.crop = crop

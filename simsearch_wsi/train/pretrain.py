@@ -42,8 +42,13 @@ from torch import nn
 
 from simsearch_wsi.core.atomic import atomic_path
 from simsearch_wsi.core.errors import ConfigError
-from simsearch_wsi.features.backbones import BackboneSpec, WeightsInfo
-from simsearch_wsi.features.extractor import AnalysisScale, ProgressFn, prefetched, trunk_input
+from simsearch_wsi.features.extractor import (
+    AnalysisScale,
+    FeatureExtractor,
+    ProgressFn,
+    prefetched,
+    trunk_input,
+)
 from simsearch_wsi.features.preprocess import ChannelNormalization
 from simsearch_wsi.features.tissue import detect_foreground
 from simsearch_wsi.io.base import ImageSource
@@ -105,7 +110,7 @@ class PretrainResult:
 
 
 def foreground_centers(
-    image: ImageSource, n: int, rng: np.random.Generator
+    image: ImageSource, n: int, *, rng: np.random.Generator
 ) -> list[tuple[float, float]]:
     """``n`` random level-0 points (x, y) on the image's foreground (uniform over the mask's
     foreground pixels, uniform inside each); the whole image when no foreground is found."""
@@ -123,25 +128,24 @@ def foreground_centers(
 
 def pretrain_trunk(
     image_paths: Sequence[str],
+    extractor: FeatureExtractor,
     *,
-    trunk: nn.Module,
-    spec: BackboneSpec,
-    weights: WeightsInfo,
     normalization: ChannelNormalization,
     channels: Sequence[str],
     rgb: bool,
     patch_size_l0: float,
     open_image: Callable[[str], ImageSource],
     config: PretrainConfig | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
 ) -> PretrainResult:
     """Self-supervised training (``config.objective``) on random foreground patches of
-    ``image_paths``; returns the trained trunk's state dict (``trunk`` itself is not
-    modified)."""
+    ``image_paths``, starting from ``extractor``'s trunk; returns the trained trunk's state dict
+    (the extractor and its trunk are not modified). ``device`` defaults to the extractor's."""
     config = config or PretrainConfig()
-    device = torch.device(device)
+    trunk, spec, weights = extractor.trunk, extractor.spec, extractor.weights
+    device = torch.device(extractor.device if device is None else device)
     if not image_paths:
         raise ConfigError("pretraining needs at least one image")
     rng = np.random.default_rng(seed)
@@ -150,7 +154,7 @@ def pretrain_trunk(
         if progress is not None:
             progress("finding foreground", k, len(image_paths))
         with open_image(path) as image:
-            centers = foreground_centers(image, config.patches_per_image, rng)
+            centers = foreground_centers(image, config.patches_per_image, rng=rng)
         samples += [PatchSample(path, c, k, "random") for c in centers]
     if progress is not None:
         progress("finding foreground", len(image_paths), len(image_paths))
@@ -164,8 +168,9 @@ def pretrain_trunk(
     freeze(trunk)
     with open_image(image_paths[0]) as first:
         scale = AnalysisScale.for_patch(first, patch_size_l0)
-    geometry = PatchGeometry.from_l0(patch_size_l0, patch_size_l0, scale, spec.stride)
-    encoder = PatchEncoder(trunk, spec, geometry, rgb=rgb, context_a=config.context_a).to(device)
+    geometry = PatchGeometry.from_l0(patch_size_l0, patch_size_l0, scale=scale, stride=spec.stride)
+    encoder = PatchEncoder(trunk, spec, geometry=geometry, rgb=rgb, context_a=config.context_a)
+    encoder.to(device)
     crop = CropGeometry(patch_size_l0, encoder.window_a, config.context_a, config.jitter_a)
     train_cfg = TrainConfig.preset_config("fast").replace(
         selflearn=config.stage,
@@ -174,14 +179,16 @@ def pretrain_trunk(
         noisy_augment=config.augment,
     )
     gen = torch.Generator().manual_seed(child_seed(rng))
-    with PatchReader(crop, normalization, channels, open_image) as reader:
+    with PatchReader(crop, normalization, channels=channels, open_image=open_image) as reader:
         run = TrainRun(
             encoder, reader, train_cfg, device, freeze_early, rng, gen, progress, len(channels)
         )
         if config.objective == "simclr":
-            stage = contrastive_stage(run, "selflearn", patches, config.stage, config.augment)
+            stage = contrastive_stage(
+                run, "selflearn", patches=patches, stage=config.stage, augment=config.augment
+            )
         else:
-            stage = masked_stage(run, patches, config)
+            stage = masked_stage(run, patches, config=config)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.trunk.state_dict().items()}
     metrics = {
         "objective": config.objective,
@@ -193,7 +200,7 @@ def pretrain_trunk(
     return PretrainResult(state, metrics, notes)
 
 
-def masked_stage(run: TrainRun, patches: PatchSet, config: PretrainConfig) -> dict[str, Any]:
+def masked_stage(run: TrainRun, patches: PatchSet, *, config: PretrainConfig) -> dict[str, Any]:
     """The masked objective (:mod:`simsearch_wsi.train.masked`) on ``patches``, with the optimiser
     and schedule of ``config.stage``; returns the stage's record (as the contrastive stage's)."""
     stage = config.stage
@@ -211,7 +218,7 @@ def masked_stage(run: TrainRun, patches: PatchSet, config: PretrainConfig) -> di
     params = set_trainable(trunk, freeze_early=run.freeze_early) + list(decoder.parameters())
     augment = dataclasses.replace(config.augment, solarize_p=0.0, dropout_p=0.0)
     steps = stage.steps_per_epoch(len(patches))
-    loop = StageLoop(run, "masked", stage, params, steps)
+    loop = StageLoop(run, "masked", stage=stage, params=params, steps=steps)
     jitter = np.random.default_rng(child_seed(run.rng))
     for _ in range(stage.epochs):
         train_mode(trunk, freeze_early=run.freeze_early)
@@ -222,18 +229,18 @@ def masked_stage(run: TrainRun, patches: PatchSet, config: PretrainConfig) -> di
             return run.reader.read([patches.samples[i] for i in idx], rng=jitter)
 
         for k, x in enumerate(prefetched(load, batches)):
-            x = augment_batch(x.to(run.device), augment, gen)
+            x = augment_batch(x.to(run.device), augment, generator=gen)
             inputs = trunk_input(x, spec, rgb=run.encoder.rgb)
             with run.autocast():
                 loss = masked_loss(
                     trunk,
                     decoder,
-                    inputs,
+                    x=inputs,
                     stride=spec.stride,
                     mask_ratio=config.mask_ratio,
                     generator=gen,
                 )
-            loop.step(loss, k, inputs.shape[0])
+            loop.step(loss, k, views=inputs.shape[0])
         loop.end_epoch()
     freeze(trunk)
     return loop.record(len(patches), mask_ratio=config.mask_ratio)
@@ -243,16 +250,17 @@ def save_pretrained(
     path: str | Path,
     result: PretrainResult,
     *,
-    backbone: str,
-    base_weights: WeightsInfo,
+    base: FeatureExtractor,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the trunk weights (``{"state_dict": ..., "simsearch_wsi": json}``) atomically; the
-    file loads with ``--weights PATH`` and ``torch.load(weights_only=True)``."""
+    file loads with ``--weights PATH`` and ``torch.load(weights_only=True)``. ``base`` is the
+    extractor pretraining started from: its backbone and weights are recorded."""
+    base_weights = base.weights
     meta = {
         "format": PRETRAIN_FORMAT,
         "version": 1,
-        "backbone": backbone,
+        "backbone": base.spec.name,
         "base_weights": {"kind": base_weights.kind, "identity": base_weights.identity},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "metrics": result.metrics,

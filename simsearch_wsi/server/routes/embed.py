@@ -47,7 +47,7 @@ def router(ctx: ServerContext) -> APIRouter:
                 with open_image(path) as img, locks.engine:
                     task.check_cancelled()
                     spec, fmap = search.embed(img, patch, progress=progress)
-                    search.pool(spec, fmap, patch, progress=progress)
+                    search.pool(spec, fmap, patch_size_l0=patch, progress=progress)
                     h, w, d = fmap.shape
                     done.append(
                         {

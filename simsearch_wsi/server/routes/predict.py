@@ -92,7 +92,7 @@ def router(ctx: ServerContext) -> APIRouter:
             results = predict_images(
                 targets,
                 model,
-                out,
+                out_dir=out,
                 open_image=open_allowed,
                 settings=settings,
                 resume=not body.force,

@@ -88,7 +88,7 @@ def router(ctx: ServerContext) -> APIRouter:
                 result = train_session(
                     current,
                     search,
-                    config,
+                    config=config,
                     open_image=open_allowed,
                     noisy_images=noisy,
                     device=search.extractor.device,
