@@ -901,11 +901,13 @@ def _fine_tune(
             encoder, reader, config, device, freeze_early, rng, gen, progress, n_channels
         )
 
-        def fit_linear(tag: str) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        def views_of(patches: PatchSet) -> tuple[torch.Tensor, torch.Tensor]:
+            """(M, D) features of ``config.linear_views`` augmented views of each patch and
+            their (M,) labels."""
             feats = embed_patches(
                 encoder,
                 reader,
-                patches=train_set,
+                patches=patches,
                 device=device,
                 views=config.linear_views,
                 augment=config.clean_augment,
@@ -913,28 +915,18 @@ def _fine_tune(
                 jitter=np.random.default_rng(child_seed(rng)),
                 autocast=config.autocast,
             )
-            labels = torch.from_numpy(train_set.labels).repeat(config.linear_views)
+            labels = torch.from_numpy(patches.labels).repeat(config.linear_views)
+            return feats.reshape(-1, feats.shape[-1]), labels
+
+        def fit_linear(tag: str) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+            feats, labels = views_of(train_set)
             rejected = None
             if negatives is not None and config.linear_negatives > 0:
-                neg_feats = embed_patches(
-                    encoder,
-                    reader,
-                    patches=negatives,
-                    device=device,
-                    views=config.linear_views,
-                    augment=config.clean_augment,
-                    gen=gen,
-                    jitter=np.random.default_rng(child_seed(rng)),
-                    autocast=config.autocast,
-                )
-                rejected = (
-                    neg_feats.reshape(-1, neg_feats.shape[-1]),
-                    torch.from_numpy(negatives.labels).repeat(config.linear_views),
-                )
+                rejected = views_of(negatives)
             if progress is not None:
                 progress(f"{tag} | fitting", 1, 1)
             return _train_linear(
-                feats.reshape(-1, feats.shape[-1]),
+                feats,
                 labels,
                 len(clean.classes),
                 lin_cfg,
