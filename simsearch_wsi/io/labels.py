@@ -60,6 +60,7 @@ from simsearch_wsi.core.checks import check_positive_int
 from simsearch_wsi.core.errors import ConfigError, MetadataError, UnsupportedFormatError
 from simsearch_wsi.core.geometry import validate_mpp
 from simsearch_wsi.io.ngff import NGFF_FORMATS, NgffFormat, ngff_format
+from simsearch_wsi.io.pyramid import check_n_levels
 
 __all__ = [
     "add_labels_to_ome_zarr",
@@ -204,13 +205,7 @@ def _n_levels(n_levels: int | None, height: int, width: int) -> int:
         while min(height, width) >> (n - 1) >= _MIN_LEVEL_SIDE and min(height, width) >> n >= 1:
             n += 1
         return n
-    n = check_positive_int("n_levels", n_levels)
-    if min(height, width) >> (n - 1) < 1:
-        raise ConfigError(
-            f"n_levels={n} is too many for a {height}x{width} mask: the smallest level would be "
-            "empty; use fewer levels"
-        )
-    return n
+    return check_n_levels(n_levels, width=width, height=height, what="mask")
 
 
 # --- pyramids -------------------------------------------------------------------------------

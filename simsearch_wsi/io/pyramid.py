@@ -13,13 +13,13 @@ from simsearch_wsi.core.errors import ConfigError
 __all__ = ["area_pyramid", "check_n_levels", "halve"]
 
 
-def check_n_levels(n_levels: int, *, width: int, height: int) -> int:
+def check_n_levels(n_levels: int, *, width: int, height: int, what: str = "image") -> int:
     """``n_levels`` as an ``int`` when a ``width`` x ``height`` image has that many non-empty
     halvings; :class:`ConfigError` otherwise."""
     n = check_positive_int("n_levels", n_levels)
     if min(width, height) >> (n - 1) < 1:
         raise ConfigError(
-            f"n_levels={n} is too many for a {width}x{height} image: the smallest level would "
+            f"n_levels={n} is too many for a {width}x{height} {what}: the smallest level would "
             "be empty; use fewer levels"
         )
     return n
