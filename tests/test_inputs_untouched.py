@@ -449,3 +449,26 @@ def test_naming_output_names_the_path_the_user_gave(tmp_path: Path) -> None:
         naming_output("--out", out),
     ):
         raise FileNotFoundError(2, "No such file", str(tmp_path / "elsewhere.tiff"))
+
+
+def test_a_cohort_refuses_an_input_where_a_plate_plot_would_go(tmp_path: Path) -> None:
+    """Issue 31 gap: ``plate_<name>.png`` (one per plate) is checked against the inputs too."""
+    from simsearch_wsi.cohort.run import cohort_outputs
+    from simsearch_wsi.infer.predict import PredictTarget, refuse_overwriting_inputs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    picture = out / "plate_P1.png"  # an image the user keeps in the output folder
+    picture.write_bytes(b"\x89PNG")
+    field = PredictTarget(
+        path=str(tmp_path / "P1.ome.zarr" / "A" / "1" / "0"),
+        stem="P1_A1_f0",
+        extra={"plate": "P1.ome.zarr", "well": "A1"},
+        plate=str(tmp_path / "P1.ome.zarr"),
+    )
+    image = PredictTarget(path=str(picture), stem="plate_P1_image")
+    assert cohort_outputs([field, image])[-1] == "plate_P1.png"
+    with pytest.raises(OutputOverwritesInputError, match=r"plate_P1\.png"):
+        refuse_overwriting_inputs([field, image], out, outputs=cohort_outputs([field, image]))
+    refuse_overwriting_inputs([image], out, outputs=cohort_outputs([image]))  # no plate: no plot
+    assert picture.read_bytes() == b"\x89PNG"

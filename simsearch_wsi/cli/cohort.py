@@ -72,8 +72,8 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
 
 def _cmd_cohort(args: argparse.Namespace) -> int:
     from simsearch_wsi.cohort.run import (
-        COHORT_OUTPUTS,
         CohortEntry,
+        cohort_outputs,
         cohort_targets,
         read_manifest,
         run_cohort,
@@ -99,7 +99,7 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
         targets,
         out,
         inputs=[("model", args.model), ("manifest", args.manifest)],
-        outputs=COHORT_OUTPUTS,
+        outputs=cohort_outputs(targets),
     )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")

@@ -12,7 +12,7 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path, PurePath
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "dose_series",
     "metadata_columns",
     "plate_matrix",
+    "plate_plot_files",
     "plot_dose",
     "plot_fractions",
     "plot_plate",
@@ -559,6 +560,14 @@ def _file_name(plate: str, taken: set[str]) -> str:
     return name
 
 
+def plate_plot_files(plates: Iterable[str]) -> list[str]:
+    """File names of the plate plots :func:`write_cohort_plots` writes for ``plates`` (in
+    order; ``plate_<name>.png``, made unique), so a run can check them against its inputs
+    before it starts."""
+    taken: set[str] = set()
+    return [f"{_file_name(plate, taken)}.png" for plate in dict.fromkeys(plates)]
+
+
 def write_cohort_plots(
     table: PathArg,
     out_dir: PathArg,
@@ -600,10 +609,10 @@ def write_cohort_plots(
     wells = well_rows(rows)
     if wells:
         written["wells"] = write_table(out / "wells.csv", wells)
-        taken: set[str] = set()
-        for plate in dict.fromkeys(w["plate"] for w in wells):
-            name = _file_name(plate, taken)
-            written[name] = plot_plate(wells, out / f"{name}.png", plate=plate, colors=colors)
+        plates = list(dict.fromkeys(w["plate"] for w in wells))
+        for plate, file in zip(plates, plate_plot_files(plates), strict=True):
+            name = file.removesuffix(".png")
+            written[name] = plot_plate(wells, out / file, plate=plate, colors=colors)
     if dose:
         written["dose_response"] = plot_dose(
             units, out / "dose_response.png", dose_column=dose, group_by=group, colors=colors

@@ -102,8 +102,18 @@ class CohortResult:
         return _summary(self.images)
 
 
-#: Files a cohort run writes into its folder besides each image's (``plate_<name>.png`` too).
+#: Files a cohort run writes into its folder besides each image's (and its plates' plots,
+#: :func:`cohort_outputs`).
 COHORT_OUTPUTS = ("run_metadata.json", "fractions.png", "wells.csv", "dose_response.png")
+
+
+def cohort_outputs(targets: Sequence[PredictTarget]) -> tuple[str, ...]:
+    """Names of every file a cohort run of ``targets`` writes into its folder besides each
+    image's: :data:`COHORT_OUTPUTS` and one ``plate_<name>.png`` per plate."""
+    from simsearch_wsi.cohort.plots import plate_plot_files
+
+    plates = [str(t.extra["plate"]) for t in targets if t.plate and "plate" in t.extra]
+    return (*COHORT_OUTPUTS, *plate_plot_files(plates))
 
 
 def _summary(images: Sequence[CohortImage]) -> dict[str, int]:
@@ -338,7 +348,7 @@ def run_cohort(
         targets,
         out_dir,
         inputs=[("model", bundle.source)] if bundle.source is not None else [],
-        outputs=COHORT_OUTPUTS,
+        outputs=cohort_outputs(targets),
     )
     _check_columns(targets, group_by=group_by, dose_column=dose_column)
     if resources:
