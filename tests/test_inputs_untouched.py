@@ -472,3 +472,40 @@ def test_a_cohort_refuses_an_input_where_a_plate_plot_would_go(tmp_path: Path) -
         refuse_overwriting_inputs([field, image], out, outputs=cohort_outputs([field, image]))
     refuse_overwriting_inputs([image], out, outputs=cohort_outputs([image]))  # no plate: no plot
     assert picture.read_bytes() == b"\x89PNG"
+
+
+def test_an_unwritable_out_is_refused_before_the_session_changes(
+    slide: Path, prototypes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 31 gap: ``suggest --session S --out X`` with X unwritable saved the session's
+    'suggestions sent' first and then failed on X; now X is checked before any work."""
+    session = _session(tmp_path / "s", slide)
+    before = _digest(session / SESSION_FILE)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "out.geojson"
+    argv = ["suggest", str(slide), "--annotations", str(prototypes), "--session", str(session)]
+    err = _refused(
+        [*argv, "--out", str(out), *FAST],
+        [slide, prototypes, session / SESSION_FILE],
+        capsys,
+        names=str(out),
+        says="cannot be written",
+    )
+    assert "is not a folder" in err
+    assert _digest(session / SESSION_FILE) == before
+    fresh = tmp_path / "new-session"
+    argv[-1] = str(fresh)
+    _refused([*argv, "--out", str(out), *FAST], [slide], capsys, names=str(out))
+    assert not fresh.exists()  # not even created
+
+
+def test_check_writable(tmp_path: Path) -> None:
+    from simsearch_wsi.core.errors import OutputNotWritableError
+    from simsearch_wsi.core.pathguard import check_writable
+
+    check_writable("--out", tmp_path / "new" / "deeper" / "x.csv")  # folders get created
+    check_writable("--out", None)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(OutputNotWritableError, match=r"--out .*f/x\.csv: cannot be written"):
+        check_writable("--out", tmp_path / "f" / "x.csv")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from simsearch_wsi.cli.options import WEIGHTS_NAMES
-from simsearch_wsi.core.pathguard import Named, check_outputs_not_inputs
+from simsearch_wsi.core.pathguard import Named, check_outputs_not_inputs, check_writable
 
 
 def _engine_paths(args: argparse.Namespace) -> tuple[list[Named], list[Named]]:
@@ -31,11 +31,14 @@ def guard(
     into: Sequence[Named] = (),
     updated: Sequence[Named] = (),
 ) -> None:
-    """Refuse, before any work, an output that would replace or land inside an input."""
+    """Refuse, before any work, an output that would replace or land inside an input, or that
+    cannot be written."""
     engine_inputs, engine_into = _engine_paths(args)
     check_outputs_not_inputs(
         outputs, [*inputs, *engine_inputs], into=[*into, *engine_into], updated=updated
     )
+    for label, path in outputs:
+        check_writable(label, path)
 
 
 def session_file(folder: str | None) -> list[Named]:

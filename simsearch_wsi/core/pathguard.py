@@ -173,6 +173,30 @@ def _concerns(filename: object, out: Path) -> bool:
     return name.parent == out.parent and name.name.startswith(f".{out.name}.")
 
 
+def check_writable(label: str, path: str | os.PathLike[str] | None) -> None:
+    """Refuse, before any work, an output that cannot be created: the nearest existing folder
+    on its way must be a folder this process may write into. Catches a missing permission or a
+    parent that is a file up front, so a command does not first update a session and then fail
+    on its output (:class:`~simsearch_wsi.core.errors.OutputNotWritableError`)."""
+    if path is None or not os.fspath(path):
+        return
+    given = Path(os.fspath(path))
+    target = Path(os.path.abspath(given))
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        reason = f"{ancestor} is not a folder"
+    elif not os.access(ancestor, os.W_OK | os.X_OK):
+        reason = f"no permission to write in {ancestor}"
+    else:
+        return
+    raise OutputNotWritableError(
+        f"{label} {os.fspath(given)}: cannot be written ({reason}); choose a path in a folder "
+        "you can write to"
+    )
+
+
 @contextmanager
 def naming_output(label: str, path: str | os.PathLike[str] | None) -> Iterator[None]:
     """Turn an ``OSError`` about writing ``path`` (or its temporary, or a folder above it) into
