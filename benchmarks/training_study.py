@@ -11,7 +11,11 @@ the held-out test slides with the paper's matching, all in one run:
   prototypes only / + approved / + flagged negatives (the label ablation);
 * ``trunk``: the paper's fine-tuned trunk (``head_input=trunk``), the preset's stages,
   float32 and, where the CPU has native bf16, bf16 autocast;
-* ``auto``: the loop's default (both trained, the better on held-out patches kept).
+* ``auto``: the loop's default (both trained, the better on held-out patches kept);
+* ``ensemble``: the search head and the fp32 trunk, each alone and combined: ``x`` the mean of
+  their log-probabilities per window, renormalised (a product of the two experts); ``+`` the
+  same after scaling each model's centred log-probabilities to unit spread over the image;
+  all scored here from the same class maps (is a combined model worth building?).
 
 Cases are split into ``dev`` (where defaults were chosen) and ``held-out`` (never looked at while
 choosing). Run::
@@ -24,6 +28,7 @@ and read ``study.md`` there (docs/evaluation.md has the table).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -35,13 +40,13 @@ import torch
 
 from simsearch_wsi.eval.ablation import score_model, score_search
 from simsearch_wsi.eval.benchmark import Benchmark, synthetic_benchmark
-from simsearch_wsi.eval.metrics import paper_match_radius_l0
+from simsearch_wsi.eval.metrics import class_pr, paper_match_radius_l0, pool_class_pr
 from simsearch_wsi.eval.user import UserConfig, simulate_review
 from simsearch_wsi.features.backbones import build_trunk
 from simsearch_wsi.features.cache import FeatureCache
 from simsearch_wsi.features.extractor import FeatureExtractor
 from simsearch_wsi.features.precision import autocast_pays_off
-from simsearch_wsi.infer.dense import PatchModel
+from simsearch_wsi.infer.dense import ClassMaps, PatchModel, dense_class_maps, detect
 from simsearch_wsi.io import open_image
 from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
@@ -74,6 +79,71 @@ def _session_without(session: Session, root: Path, drop: set[str]) -> Session:
 
 def _mean(scores: list[Any]) -> float:
     return float(np.nanmean([s.ap for s in scores]))
+
+
+def _logits(m: ClassMaps, equal_spread: bool) -> Any:
+    """(K, Hp, Wp) float64 log-probabilities of ``m``; with ``equal_spread`` centred over the
+    classes and divided by their standard deviation over the image's windows (so a saturated,
+    overconfident model does not outvote a calibrated one)."""
+    logp = np.log(np.maximum(m.probabilities.astype(np.float64), 1e-300))
+    if not equal_spread:
+        return logp
+    z = logp - np.nanmean(logp, axis=0, keepdims=True)
+    return z / max(float(np.nanstd(z)), 1e-12)
+
+
+def _product_of_experts(maps: list[ClassMaps], *, equal_spread: bool = False) -> ClassMaps:
+    """One set of class maps from several models' maps of the same windows: the mean of the
+    log-probabilities, renormalised over the classes (NaN where any model has no value)."""
+    logp = np.mean([_logits(m, equal_spread) for m in maps], axis=0)
+    logp -= np.logaddexp.reduce(logp, axis=0, keepdims=True)
+    probs = np.exp(logp).astype(np.float32)
+    probs[:, ~np.isfinite(np.stack([m.probabilities for m in maps])).all(axis=(0, 1))] = np.nan
+    return dataclasses.replace(maps[0], probabilities=probs)
+
+
+def _score_maps(bench: Benchmark, maps: list[ClassMaps], radius: float) -> dict[str, float]:
+    """PR-AUC per class of ``detect``'s detections on each test image's maps, ranked by
+    log-odds (what ``score_model`` does, without segmentation)."""
+    parts: dict[str, list[Any]] = {c: [] for c in bench.classes}
+    for t, m in zip(bench.test, maps, strict=True):
+        found = detect(m, dict.fromkeys(m.classes, 0.0))
+        for c in bench.classes:
+            parts[c].append(
+                class_pr(
+                    found,
+                    t.truth,
+                    class_name=c,
+                    max_distance_l0=radius,
+                    score=lambda d: float(d.score),
+                )
+            )
+    return {c: pool_class_pr(parts[c]).ap for c in bench.classes}
+
+
+def _ensemble_rows(
+    bench: Benchmark, models: dict[str, PatchModel], radius: float
+) -> dict[str, dict[str, Any]]:
+    """Each model alone and the product of all, scored from the same maps."""
+    per_model: dict[str, list[ClassMaps]] = {}
+    for label, model in models.items():
+        per_model[label] = []
+        for t in bench.test:
+            with open_image(t.path) as image:
+                per_model[label].append(dense_class_maps(image, model))
+    combos = dict(per_model)
+    shapes = {m[0].probabilities.shape for m in per_model.values()}
+    if len(shapes) == 1:
+        for tag, equal in ((" x ", False), (" + ", True)):
+            combos[tag.join(per_model)] = [
+                _product_of_experts(list(group), equal_spread=equal)
+                for group in zip(*per_model.values(), strict=True)
+            ]
+    rows = {}
+    for label, maps in combos.items():
+        ap = _score_maps(bench, maps, radius)
+        rows[label] = {"ap": ap, "mean": float(np.nanmean(list(ap.values())))}
+    return rows
 
 
 def run_case(
@@ -141,6 +211,25 @@ def run_case(
                 ]
         elif arm == "auto":
             variants += [("auto", {"head_input": "auto", "autocast": True}, set())]
+    if "ensemble" in arms:
+        models = {}
+        for label, changes in (
+            ("probe", {"head_input": "search"}),
+            ("trunk fp32", {"head_input": "trunk", "autocast": False}),
+        ):
+            config = TrainConfig.preset_config(preset).replace(**changes)
+            trained = train_session(
+                session,
+                search,
+                config=config,
+                open_image=open_image,
+                noisy_images=bench.unlabelled,
+                seed=seed,
+            )
+            models[label] = PatchModel(trained.bundle, cache_dir=search.cache.root)
+        for label, scored in _ensemble_rows(bench, models, radius).items():
+            row["arms"][f"ensemble: {label}"] = scored
+            print(f"{name}: ensemble: {label}: {scored['mean']:.3f}", flush=True)
     for label, changes, drop in variants:
         sess = (
             _session_without(session, out / name / f"session-{len(row['arms'])}", drop)
@@ -220,7 +309,7 @@ def main() -> None:
     parser.add_argument(
         "--arms",
         default="probe,trunk,auto",
-        help="comma list of probe, probe-labels, trunk, trunk-linear-negatives, auto",
+        help="comma list of probe, probe-labels, trunk, trunk-linear-negatives, auto, ensemble",
     )
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--weights", default="embedded")
