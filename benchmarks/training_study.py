@@ -42,16 +42,23 @@ from simsearch_wsi.eval.ablation import score_model, score_search
 from simsearch_wsi.eval.benchmark import Benchmark, synthetic_benchmark
 from simsearch_wsi.eval.metrics import class_pr, paper_match_radius_l0, pool_class_pr
 from simsearch_wsi.eval.user import UserConfig, simulate_review
-from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.backbones import WeightsInfo, build_trunk
 from simsearch_wsi.features.cache import FeatureCache
 from simsearch_wsi.features.extractor import FeatureExtractor
 from simsearch_wsi.features.precision import autocast_pays_off
-from simsearch_wsi.infer.dense import ClassMaps, PatchModel, dense_class_maps, detect
+from simsearch_wsi.infer.dense import (
+    ClassMaps,
+    PatchModel,
+    bundle_digest,
+    dense_class_maps,
+    detect,
+)
 from simsearch_wsi.io import open_image
-from simsearch_wsi.review.data import train_session
+from simsearch_wsi.review.data import SearchVectors, collect_training_data, train_session
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SearchSettings, SimSearch
-from simsearch_wsi.train.fit import TrainConfig
+from simsearch_wsi.train.bundle import ModelBundle
+from simsearch_wsi.train.fit import TrainConfig, _fit_search_head, _memory_weight
 
 #: (name, split, benchmark seed, prototypes per class)
 CASES = (
@@ -122,9 +129,12 @@ def _score_maps(bench: Benchmark, maps: list[ClassMaps], radius: float) -> dict[
 
 
 def _ensemble_rows(
-    bench: Benchmark, models: dict[str, PatchModel], radius: float
+    bench: Benchmark,
+    models: dict[str, PatchModel],
+    radius: float,
+    pairs: list[tuple[str, str]],
 ) -> dict[str, dict[str, Any]]:
-    """Each model alone and the product of all, scored from the same maps."""
+    """Each model alone and each pair combined (``x`` and ``+``), scored from the same maps."""
     per_model: dict[str, list[ClassMaps]] = {}
     for label, model in models.items():
         per_model[label] = []
@@ -132,18 +142,68 @@ def _ensemble_rows(
             with open_image(t.path) as image:
                 per_model[label].append(dense_class_maps(image, model))
     combos = dict(per_model)
-    shapes = {m[0].probabilities.shape for m in per_model.values()}
-    if len(shapes) == 1:
+    for a, b in pairs:
+        if per_model[a][0].probabilities.shape != per_model[b][0].probabilities.shape:
+            continue
         for tag, equal in ((" x ", False), (" + ", True)):
-            combos[tag.join(per_model)] = [
-                _product_of_experts(list(group), equal_spread=equal)
-                for group in zip(*per_model.values(), strict=True)
+            combos[a + tag + b] = [
+                _product_of_experts([ma, mb], equal_spread=equal)
+                for ma, mb in zip(per_model[a], per_model[b], strict=True)
             ]
     rows = {}
     for label, maps in combos.items():
         ap = _score_maps(bench, maps, radius)
         rows[label] = {"ap": ap, "mean": float(np.nanmean(list(ap.values())))}
     return rows
+
+
+def _tuned_search_head(
+    trunk_bundle: ModelBundle,
+    session: Session,
+    search: SimSearch,
+    config: TrainConfig,
+    *,
+    bench: Benchmark,
+    cache: Path,
+    seed: int,
+) -> PatchModel:
+    """The search head fitted on the *fine-tuned* trunk's normalised window vectors (the
+    search's pooling and feature normalisation, the fine-tuned trunk's features): the memory
+    head's robustness with the features the paper's stages adapted."""
+    trunk, spec = trunk_bundle.build_trunk()
+    identity = f"tuned:{bundle_digest(trunk_bundle)}"
+    tuned = SimSearch(
+        FeatureExtractor(trunk, spec, WeightsInfo("bundle", identity, "fine-tuned trunk")),
+        FeatureCache(cache),
+        settings=search.settings,
+    )
+    data = collect_training_data(
+        session,
+        search,
+        config=config,
+        open_image=open_image,
+        noisy_images=bench.unlabelled,
+        seed=seed,
+    )
+    view = SearchVectors(tuned, data.patch_size_l0, open_image=open_image)
+    negatives = data.negatives if len(data.negatives) else None
+    memory = _fit_search_head(view, data.clean, negatives, data.clean.classes)
+    bundle = ModelBundle(
+        **{
+            **{f.name: getattr(trunk_bundle, f.name) for f in dataclasses.fields(ModelBundle)},
+            "head_input": "search",
+            "head_weight": _memory_weight(memory).contiguous(),
+            "head_bias": memory.bias.contiguous(),
+            "feature_norm": search.settings.feature_norm,
+            "memory_vectors": memory.vectors.to(torch.float16),
+            "memory_owner": memory.owner,
+            "provenance": {
+                **trunk_bundle.provenance,
+                "base_weights": {"kind": "bundle", "identity": identity},
+            },
+        }
+    )
+    return PatchModel(bundle, cache_dir=cache)
 
 
 def run_case(
@@ -209,10 +269,35 @@ def run_case(
                         set(),
                     )
                 ]
+        elif arm == "tuned":
+            variants += [
+                ("tuned-search fp32", {"head_input": "tuned-search", "autocast": False}, set())
+            ]
+            if bf16_native:
+                variants += [
+                    ("tuned-search bf16", {"head_input": "tuned-search", "autocast": True}, set())
+                ]
+        elif arm == "trunk-frozen":
+            # the linear head on the untrained trunk's pooled features (no self-learning, no
+            # supervised contrastive stage): does fine-tuning the trunk help or distort?
+            base = TrainConfig.preset_config(preset)
+            variants += [
+                (
+                    "trunk fp32, frozen (linear head only)",
+                    {
+                        "head_input": "trunk",
+                        "autocast": False,
+                        "strategy": "pos",
+                        "supcon": dataclasses.replace(base.supcon, epochs=0),
+                    },
+                    set(),
+                )
+            ]
         elif arm == "auto":
             variants += [("auto", {"head_input": "auto", "autocast": True}, set())]
     if "ensemble" in arms:
         models = {}
+        trained_by: dict[str, Any] = {}
         for label, changes in (
             ("probe", {"head_input": "search"}),
             ("trunk fp32", {"head_input": "trunk", "autocast": False}),
@@ -226,8 +311,19 @@ def run_case(
                 noisy_images=bench.unlabelled,
                 seed=seed,
             )
+            trained_by[label] = trained
             models[label] = PatchModel(trained.bundle, cache_dir=search.cache.root)
-        for label, scored in _ensemble_rows(bench, models, radius).items():
+        models["tuned probe"] = _tuned_search_head(
+            trained_by["trunk fp32"].bundle,
+            session,
+            search,
+            TrainConfig.preset_config(preset),
+            bench=bench,
+            cache=out / name / "tuned-cache",
+            seed=seed,
+        )
+        pairs = [("probe", "trunk fp32"), ("tuned probe", "trunk fp32")]
+        for label, scored in _ensemble_rows(bench, models, radius, pairs).items():
             row["arms"][f"ensemble: {label}"] = scored
             print(f"{name}: ensemble: {label}: {scored['mean']:.3f}", flush=True)
     for label, changes, drop in variants:
@@ -309,7 +405,8 @@ def main() -> None:
     parser.add_argument(
         "--arms",
         default="probe,trunk,auto",
-        help="comma list of probe, probe-labels, trunk, trunk-linear-negatives, auto, ensemble",
+        help="comma list of probe, probe-labels, trunk, tuned, trunk-frozen, "
+        "trunk-linear-negatives, auto, ensemble",
     )
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--weights", default="embedded")

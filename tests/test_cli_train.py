@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from simsearch_wsi.cli.main import main
 from simsearch_wsi.train.bundle import load_bundle
@@ -97,6 +98,60 @@ def test_train_search_head_then_predict_finds_the_objects(
     # random trunk weights: well above chance (objects cover ~2 % of the slide), not perfect
     assert found >= len(held_out.objects) // 2, (found, len(held_out.objects))
     # the dense path and the per-patch path compute the same probabilities at object centres
+    classes = bundle.classes
+    key = str(held_out.path.resolve())
+    samples = tuple(
+        PatchSample(key, o.center_l0, classes.index(o.class_name)) for o in held_out.objects
+    )
+    per_patch = predict_patches(bundle, PatchSet(samples, classes), open_image=open_image)
+    g, sc = maps.geometry, maps.scale
+    for row, o in zip(per_patch, held_out.objects, strict=True):
+        i, j = g.window_index(o.center_l0[0] / sc.downsample_x, o.center_l0[1] / sc.downsample_y)
+        np.testing.assert_allclose(maps.probabilities[:, i, j], row, atol=0.02)
+
+
+def test_tuned_search_head_reads_the_fine_tuned_trunk_and_never_the_search_cache(
+    tmp_path: Path, labelled_session: Any, small_slides: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 27 ``--head-input tuned-search``: the paper's stages fine-tune the trunk, the search
+    head is fitted on that trunk's window vectors, and the bundle keeps the fine-tuned trunk.
+    Its feature maps are named after the fine-tuned weights, so a cache the search filled with
+    its own trunk's maps is never read for it; dense and per-patch probabilities agree."""
+    import numpy as np
+
+    from simsearch_wsi.features.backbones import build_trunk
+    from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, detect, predict_patches
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.train.patches import PatchSample, PatchSet
+
+    out = tmp_path / "model.zip"
+    cache = tmp_path / "cache"
+    args = ["train", "--session", str(labelled_session.root), "--out", str(out), "--json"]
+    args += ["--weights", "random", "--cache", str(cache), "--head-input", "tuned-search"]
+    assert main(args) == 0
+    capsys.readouterr()
+    bundle = load_bundle(out)
+    assert bundle.head_input == "search" and bundle.memory_vectors is not None
+    assert bundle.provenance["search_trunk"] == "fine-tuned"
+    assert "supcon" in bundle.metrics["stages"] and "tuned_search_head" in bundle.metrics["stages"]
+    base, _, info = build_trunk("resnet18-l3", "random", seed=0)
+    changed = [
+        k
+        for k, v in base.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, bundle.trunk_state[k])
+    ]
+    assert changed, "the bundle must hold the fine-tuned trunk, not the search's"
+    model = PatchModel(bundle, cache_dir=cache)
+    assert model.extractor.weights.identity != info.identity
+    held_out = small_slides[1]
+    with open_image(held_out.path) as image:
+        maps = dense_class_maps(image, model)
+    dets = detect(maps, dict.fromkeys(bundle.classes, 0.5))
+    found = sum(
+        any(d.class_name == o.class_name and o.box.contains_point(*d.box.center_l0) for d in dets)
+        for o in held_out.objects
+    )
+    assert found >= len(held_out.objects) // 2, (found, len(held_out.objects))
     classes = bundle.classes
     key = str(held_out.path.resolve())
     samples = tuple(

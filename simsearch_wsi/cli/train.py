@@ -44,10 +44,11 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
     p_train.add_argument(
         "--head-input",
         default="trunk",
-        choices=["trunk", "search", "auto"],
+        choices=["trunk", "search", "auto", "tuned-search"],
         help="trunk: fine-tune the trunk (the paper's stages); search: a head on the search's own "
         "window vectors (seconds, no trunk training); auto: both, the better on held-out "
-        "patches kept (default: %(default)s; docs/evaluation.md, 'Training study')",
+        "patches kept; tuned-search: fine-tune the trunk, then the search head on its window "
+        "vectors (default: %(default)s; docs/evaluation.md, 'Training study')",
     )
     p_train.add_argument(
         "--out", default=None, metavar="MODEL.zip", help="bundle to write (default: DIR/model.zip)"

@@ -88,7 +88,13 @@ class PatchModel:
         #: a digest of the trunk and head weights (a rerun with the same model can be skipped)
         self.identity = bundle_digest(bundle)
         base = bundle.provenance.get("base_weights", {})
-        if bundle.head_input == "search" and isinstance(base, dict) and base.get("identity"):
+        shares_search_trunk = bundle.provenance.get("search_trunk", "search") == "search"
+        if (
+            bundle.head_input == "search"
+            and shares_search_trunk
+            and isinstance(base, dict)
+            and base.get("identity")
+        ):
             # the search's own trunk: its feature maps are the search's (a shared cache serves)
             info = WeightsInfo(
                 str(base.get("kind", "bundle")), str(base["identity"]), "the search's trunk"

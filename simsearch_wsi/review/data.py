@@ -24,7 +24,8 @@ import torch
 
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.geometry import BoxL0
-from simsearch_wsi.features.extractor import ProgressFn
+from simsearch_wsi.features.backbones import WeightsInfo
+from simsearch_wsi.features.extractor import FeatureExtractor, ProgressFn
 from simsearch_wsi.features.norm import FeatureNormalizer
 from simsearch_wsi.features.preprocess import fit_normalization, resolve_channels
 from simsearch_wsi.io.base import ImageSource
@@ -192,6 +193,23 @@ class SearchVectors:
         self.open_image = open_image
         self.feature_norm = search.settings.feature_norm
         self.weights = search.extractor.weights
+
+    def with_trunk(self, trunk: torch.nn.Module, identity: str) -> SearchVectors:
+        """The same vectors read through ``trunk`` (a fine-tuned copy of the search's), its
+        feature maps cached beside the search's under the weights name ``identity``."""
+        ext = self.search.extractor
+        other = SimSearch(
+            FeatureExtractor(
+                trunk,
+                ext.spec,
+                WeightsInfo("bundle", identity, "fine-tuned trunk"),
+                device=ext.device,
+                autocast=ext.autocast,
+            ),
+            self.search.cache,
+            settings=self.search.settings,
+        )
+        return SearchVectors(other, self.patch_size_l0, open_image=self.open_image)
 
     def vectors(self, patches: PatchSet, rotations: int = 1) -> torch.Tensor:
         """(rotations, N, D) unit vectors of the window centred on each patch, turned by 0, 90,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -74,8 +75,10 @@ from simsearch_wsi.train.patches import (
 STRATEGIES = ("pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn")
 #: what the model's head reads: ``search`` = the search head on the similarity search's own
 #: normalised window vectors (:mod:`simsearch_wsi.search.probe`), ``trunk`` = the fine-tuned trunk's
-#: pooled features (the paper's stages), ``auto`` = both, the better on held-out patches kept
-HEAD_INPUTS = ("auto", "search", "trunk")
+#: pooled features (the paper's stages), ``auto`` = both, the better on held-out patches kept,
+#: ``tuned-search`` = the paper's stages fine-tune the trunk, then the search head is fitted on
+#: the fine-tuned trunk's normalised window vectors (the bundle keeps that trunk)
+HEAD_INPUTS = ("auto", "search", "trunk", "tuned-search")
 DEFAULT_HEAD_INPUT = "trunk"
 #: in ``auto``, the search head is kept only when its held-out macro average precision beats the
 #: fine-tuned trunk's by more than this (ties go to the trunk, which won most rows of the
@@ -598,6 +601,11 @@ class SearchView(Protocol):
         degrees (the first ``rotations`` of them)."""
         ...
 
+    def with_trunk(self, trunk: nn.Module, identity: str) -> SearchView:
+        """The same view (pooling, feature normalisation, patch geometry) over another trunk
+        of the same backbone; ``identity`` names its weights (feature caches are keyed on it)."""
+        ...
+
 
 @dataclass
 class TrainResult:
@@ -616,6 +624,16 @@ class _Candidate:
     val_probs: NDArray[np.float32] | None
     val_ap: float = float("nan")
     memory: MemoryHead | None = None
+
+
+def _state_identity(module: nn.Module) -> str:
+    """A name for ``module``'s weights: a digest of its state (feature caches are keyed on
+    it, so maps of a fine-tuned trunk never mix with the search's)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return f"tuned:{digest.hexdigest()[:16]}"
 
 
 def _memory_weight(memory: MemoryHead) -> torch.Tensor:
@@ -685,9 +703,9 @@ def train_patch_model(
             "candidates, or add prototypes of another class"
         )
     head_input = config.head_input
-    if search is None and head_input == "search":
+    if search is None and head_input in ("search", "tuned-search"):
         raise ConfigError(
-            "head input 'search' needs the similarity search the session was reviewed with"
+            f"head input {head_input!r} needs the similarity search the session was reviewed with"
         )
     if search is None:
         head_input = "trunk"
@@ -744,7 +762,8 @@ def train_patch_model(
         }
         if progress is not None:
             progress("search head | fitting", 1, 1)
-    if head_input in ("auto", "trunk"):
+    tuned = head_input == "tuned-search"
+    if head_input in ("auto", "trunk", "tuned-search"):
         if not freeze_early:
             notes.append(
                 "trunk weights are random (not pretrained): all layers are trained, none frozen; "
@@ -769,6 +788,21 @@ def train_patch_model(
                 open_image=open_image,
             )
         )
+    view = search
+    if tuned and search is not None:
+        # the fine-tuned trunk's linear head gives way to the search head on its features
+        candidates.pop()
+        view = search.with_trunk(encoder.trunk, _state_identity(encoder.trunk))
+        t0 = time.perf_counter()
+        fitted = _fit_search_head(view, train_set, negatives, clean.classes)
+        probe = _Candidate("search", _memory_weight(fitted), fitted.bias, None, memory=fitted)
+        if val_set is not None:
+            probe.val_probs = fitted.probabilities(view.vectors(val_set, 1)[0])
+        candidates.append(probe)
+        metrics["stages"]["tuned_search_head"] = {
+            "memory": len(fitted.vectors),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
     chosen = _select(candidates, val_set, clean.classes, head_input, metrics)
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
     if val_set is not None and chosen.val_probs is not None:
@@ -777,14 +811,17 @@ def train_patch_model(
         )
         thresholds = pick_thresholds(chosen.val_probs, val_set.labels, classes=clean.classes)
     w, b, memory = chosen.weight, chosen.bias, chosen.memory
-    if chosen.head_input == "search" and search is not None and val_set is not None:
+    if chosen.head_input == "search" and view is not None and val_set is not None:
         # the held-out patches chose the model and its thresholds; now they join its memory
-        memory = _fit_search_head(search, clean, negatives, clean.classes)
+        memory = _fit_search_head(view, clean, negatives, clean.classes)
         w, b = _memory_weight(memory), memory.bias
     metrics["head_input"] = chosen.head_input
     metrics["notes"] = notes
-    # a search head reads the search's trunk, unchanged; a trunk head its fine-tuned copy
-    state_src = (base_trunk if chosen.head_input == "search" else encoder.trunk).state_dict()
+    # a search head reads the search's trunk, unchanged (or, tuned, the fine-tuned copy); a
+    # trunk head its fine-tuned copy
+    state_src = (
+        base_trunk if chosen.head_input == "search" and not tuned else encoder.trunk
+    ).state_dict()
     trunk_state = {k: v.detach().cpu().contiguous() for k, v in state_src.items()}
     bundle = ModelBundle(
         backbone=spec.name,
@@ -810,8 +847,15 @@ def train_patch_model(
             "base_weights": {"kind": weights.kind, "identity": weights.identity},
             "frozen": list(
                 ("conv1", "layer1", "layer2")
-                if freeze_early and chosen.head_input == "trunk"
+                if freeze_early and (chosen.head_input == "trunk" or tuned)
                 else ()
+            ),
+            # which trunk a search head reads: the search's own (its feature maps can be
+            # shared with the search) or the fine-tuned copy in this bundle
+            **(
+                {"search_trunk": "fine-tuned" if tuned else "search"}
+                if chosen.head_input == "search"
+                else {}
             ),
         },
         head_input=chosen.head_input,
