@@ -41,7 +41,7 @@ from simsearch_wsi.search.similarity import Prototype
 from simsearch_wsi.server import API_PREFIX, PROTOCOL_VERSION, create_app
 from simsearch_wsi.synthetic import SyntheticSlide, make_synthetic_slide
 from simsearch_wsi.train.bundle import load_bundle
-from simsearch_wsi.train.fit import DEFAULT_STRATEGY
+from simsearch_wsi.train.choices import DEFAULT_STRATEGY
 
 GROOVY = shutil.which("groovy")
 JAVA_17 = Path("/usr/lib/jvm/java-17-openjdk-amd64")

@@ -43,7 +43,7 @@ from simsearch_wsi.server import (
 )
 from simsearch_wsi.synthetic import SyntheticSlide, make_synthetic_slide
 from simsearch_wsi.train.bundle import load_bundle
-from simsearch_wsi.train.fit import DEFAULT_STRATEGY, STRATEGIES
+from simsearch_wsi.train.choices import DEFAULT_STRATEGY, STRATEGIES
 
 with warnings.catch_warnings():  # starlette 1.x prefers httpx2; httpx works the same here
     warnings.simplefilter("ignore", StarletteDeprecationWarning)

@@ -14,6 +14,12 @@ from simsearch_wsi.cli.inputs import guard, session_file
 from simsearch_wsi.cli.options import PRESET, SEED
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import naming_output
+from simsearch_wsi.train.choices import (
+    DEFAULT_HEAD_INPUT,
+    DEFAULT_STRATEGY,
+    HEAD_INPUTS,
+    STRATEGIES,
+)
 
 if TYPE_CHECKING:
     from simsearch_wsi.cli.options import Subparsers
@@ -32,8 +38,8 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
     p_train.add_argument("--session", required=True, metavar="DIR")
     p_train.add_argument(
         "--strategy",
-        default="pos+neg+selflearn",
-        choices=["pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn"],
+        default=DEFAULT_STRATEGY,
+        choices=list(STRATEGIES),
         help="which data to train on (default: %(default)s)",
     )
     PRESET.add(
@@ -43,8 +49,8 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
     )
     p_train.add_argument(
         "--head-input",
-        default="trunk",
-        choices=["trunk", "search", "auto", "tuned-search"],
+        default=DEFAULT_HEAD_INPUT,
+        choices=list(HEAD_INPUTS),
         help="trunk: fine-tune the trunk (the paper's stages); search: a head on the search's own "
         "window vectors (seconds, no trunk training); auto: both, the better on held-out "
         "patches kept; tuned-search: fine-tune the trunk, then the search head on its window "

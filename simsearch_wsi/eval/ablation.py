@@ -44,7 +44,8 @@ from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SimSearch
 from simsearch_wsi.search.similarity import Prototype
-from simsearch_wsi.train.fit import STRATEGIES, TrainConfig
+from simsearch_wsi.train.choices import STRATEGIES
+from simsearch_wsi.train.fit import TrainConfig
 
 __all__ = [
     "ALL_STRATEGIES",

@@ -57,6 +57,13 @@ from simsearch_wsi.search.probe import (
 from simsearch_wsi.search.similarity import PatchGeometry
 from simsearch_wsi.train.augment import AugmentConfig, augment_batch
 from simsearch_wsi.train.bundle import ModelBundle
+from simsearch_wsi.train.choices import (
+    DEFAULT_HEAD_INPUT,
+    DEFAULT_STRATEGY,
+    HEAD_INPUTS,
+    PRESETS,
+    STRATEGIES,
+)
 from simsearch_wsi.train.losses import nt_xent, supcon
 from simsearch_wsi.train.model import (
     PatchEncoder,
@@ -72,20 +79,10 @@ from simsearch_wsi.train.patches import (
     stratified_split,
 )
 
-STRATEGIES = ("pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn")
-#: what the model's head reads: ``search`` = the search head on the similarity search's own
-#: normalised window vectors (:mod:`simsearch_wsi.search.probe`), ``trunk`` = the fine-tuned trunk's
-#: pooled features (the paper's stages), ``auto`` = both, the better on held-out patches kept,
-#: ``tuned-search`` = the paper's stages fine-tune the trunk, then the search head is fitted on
-#: the fine-tuned trunk's normalised window vectors (the bundle keeps that trunk)
-HEAD_INPUTS = ("auto", "search", "trunk", "tuned-search")
-DEFAULT_HEAD_INPUT = "trunk"
 #: in ``auto``, the search head is kept only when its held-out macro average precision beats the
 #: fine-tuned trunk's by more than this (ties go to the trunk, which won most rows of the
 #: training study in docs/evaluation.md)
 SELECTION_MARGIN = 0.02
-DEFAULT_STRATEGY = "pos+neg+selflearn"
-PRESETS = ("quick", "fast", "paper")
 DEFAULT_CONFIDENCE = 0.5
 
 
@@ -703,11 +700,13 @@ def train_patch_model(
             "candidates, or add prototypes of another class"
         )
     head_input = config.head_input
-    if search is None and head_input in ("search", "tuned-search"):
+    if search is None and head_input == "search":
         raise ConfigError(
-            f"head input {head_input!r} needs the similarity search the session was reviewed with"
+            "head input 'search' needs the similarity search the session was reviewed with"
         )
     if search is None:
+        if head_input == "tuned-search":
+            notes.append("no similarity search given: the fine-tuned trunk's linear head is kept")
         head_input = "trunk"
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(child_seed(rng))

@@ -1,0 +1,17 @@
+"""The names a training run is configured by, in one place and without importing torch (the
+CLI's parser and the server's schemas offer them before any engine code loads)."""
+
+from __future__ import annotations
+
+#: which data a run trains on (SimSearch's strategies)
+STRATEGIES = ("pos", "pos+neg", "pos+selflearn", "pos+neg+selflearn")
+DEFAULT_STRATEGY = "pos+neg+selflearn"
+#: schedules (:meth:`simsearch_wsi.train.fit.TrainConfig.preset_config`)
+PRESETS = ("quick", "fast", "paper")
+#: what the model's head reads: ``search`` = the search head on the similarity search's own
+#: normalised window vectors (:mod:`simsearch_wsi.search.probe`), ``trunk`` = the fine-tuned
+#: trunk's pooled features (the paper's stages), ``auto`` = both, the better on held-out
+#: patches kept, ``tuned-search`` = the paper's stages fine-tune the trunk, then the search head
+#: is fitted on the fine-tuned trunk's normalised window vectors (the bundle keeps that trunk)
+HEAD_INPUTS = ("auto", "search", "trunk", "tuned-search")
+DEFAULT_HEAD_INPUT = "trunk"
