@@ -498,9 +498,7 @@ def test_train_job(client: TestClient, train_slide: SyntheticSlide, root: Path) 
     for key in ("validation", "baseline_validation"):
         assert set(metrics[key]) == {"n", "accuracy", "balanced_accuracy"}
         assert metrics[key]["n"] > 0 and 0 <= metrics[key]["balanced_accuracy"] <= 1
-    # the paper's stages, then (default head input tuned-search, issue 27) the search head on
-    # the fine-tuned trunk
-    assert list(metrics["stages"]) == ["selflearn", "supcon", "linear", "tuned_search_head"]
+    assert list(metrics["stages"]) == ["selflearn", "supcon", "linear"]
     for name in ("selflearn", "supcon"):
         assert metrics["stages"][name]["seconds"] > 0 and metrics["stages"][name]["views_per_s"] > 0
     assert metrics["counts"]["clean"] == {c: 6 for c in session.classes} | {BACKGROUND_CLASS: 8}

@@ -14,4 +14,4 @@ PRESETS = ("quick", "fast", "paper")
 #: patches kept, ``tuned-search`` = the paper's stages fine-tune the trunk, then the search head
 #: is fitted on the fine-tuned trunk's normalised window vectors (the bundle keeps that trunk)
 HEAD_INPUTS = ("auto", "search", "trunk", "tuned-search")
-DEFAULT_HEAD_INPUT = "tuned-search"
+DEFAULT_HEAD_INPUT = "trunk"
