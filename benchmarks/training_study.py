@@ -42,23 +42,21 @@ from simsearch_wsi.eval.ablation import score_model, score_search
 from simsearch_wsi.eval.benchmark import Benchmark, synthetic_benchmark
 from simsearch_wsi.eval.metrics import class_pr, paper_match_radius_l0, pool_class_pr
 from simsearch_wsi.eval.user import UserConfig, simulate_review
-from simsearch_wsi.features.backbones import WeightsInfo, build_trunk
+from simsearch_wsi.features.backbones import build_trunk
 from simsearch_wsi.features.cache import FeatureCache
 from simsearch_wsi.features.extractor import FeatureExtractor
 from simsearch_wsi.features.precision import autocast_pays_off
 from simsearch_wsi.infer.dense import (
     ClassMaps,
     PatchModel,
-    bundle_digest,
     dense_class_maps,
     detect,
 )
 from simsearch_wsi.io import open_image
-from simsearch_wsi.review.data import SearchVectors, collect_training_data, train_session
+from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SearchSettings, SimSearch
-from simsearch_wsi.train.bundle import ModelBundle
-from simsearch_wsi.train.fit import TrainConfig, _fit_search_head, _memory_weight
+from simsearch_wsi.train.fit import TrainConfig
 
 #: (name, split, benchmark seed, prototypes per class)
 CASES = (
@@ -157,55 +155,6 @@ def _ensemble_rows(
     return rows
 
 
-def _tuned_search_head(
-    trunk_bundle: ModelBundle,
-    session: Session,
-    search: SimSearch,
-    config: TrainConfig,
-    *,
-    bench: Benchmark,
-    cache: Path,
-    seed: int,
-) -> PatchModel:
-    """The search head fitted on the *fine-tuned* trunk's normalised window vectors (the
-    search's pooling and feature normalisation, the fine-tuned trunk's features): the memory
-    head's robustness with the features the paper's stages adapted."""
-    trunk, spec = trunk_bundle.build_trunk()
-    identity = f"tuned:{bundle_digest(trunk_bundle)}"
-    tuned = SimSearch(
-        FeatureExtractor(trunk, spec, WeightsInfo("bundle", identity, "fine-tuned trunk")),
-        FeatureCache(cache),
-        settings=search.settings,
-    )
-    data = collect_training_data(
-        session,
-        search,
-        config=config,
-        open_image=open_image,
-        noisy_images=bench.unlabelled,
-        seed=seed,
-    )
-    view = SearchVectors(tuned, data.patch_size_l0, open_image=open_image)
-    negatives = data.negatives if len(data.negatives) else None
-    memory = _fit_search_head(view, data.clean, negatives, data.clean.classes)
-    bundle = ModelBundle(
-        **{
-            **{f.name: getattr(trunk_bundle, f.name) for f in dataclasses.fields(ModelBundle)},
-            "head_input": "search",
-            "head_weight": _memory_weight(memory).contiguous(),
-            "head_bias": memory.bias.contiguous(),
-            "feature_norm": search.settings.feature_norm,
-            "memory_vectors": memory.vectors.to(torch.float16),
-            "memory_owner": memory.owner,
-            "provenance": {
-                **trunk_bundle.provenance,
-                "base_weights": {"kind": "bundle", "identity": identity},
-            },
-        }
-    )
-    return PatchModel(bundle, cache_dir=cache)
-
-
 def run_case(
     name: str,
     split: str,
@@ -297,10 +246,11 @@ def run_case(
             variants += [("auto", {"head_input": "auto", "autocast": True}, set())]
     if "ensemble" in arms:
         models = {}
-        trained_by: dict[str, Any] = {}
         for label, changes in (
             ("probe", {"head_input": "search"}),
             ("trunk fp32", {"head_input": "trunk", "autocast": False}),
+            # the same trunk training (same seed), then the search head on its vectors
+            ("tuned probe", {"head_input": "tuned-search", "autocast": False}),
         ):
             config = TrainConfig.preset_config(preset).replace(**changes)
             trained = train_session(
@@ -311,17 +261,7 @@ def run_case(
                 noisy_images=bench.unlabelled,
                 seed=seed,
             )
-            trained_by[label] = trained
             models[label] = PatchModel(trained.bundle, cache_dir=search.cache.root)
-        models["tuned probe"] = _tuned_search_head(
-            trained_by["trunk fp32"].bundle,
-            session,
-            search,
-            TrainConfig.preset_config(preset),
-            bench=bench,
-            cache=out / name / "tuned-cache",
-            seed=seed,
-        )
         pairs = [("probe", "trunk fp32"), ("tuned probe", "trunk fp32")]
         for label, scored in _ensemble_rows(bench, models, radius, pairs).items():
             row["arms"][f"ensemble: {label}"] = scored

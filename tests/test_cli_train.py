@@ -59,6 +59,36 @@ def test_train_refuses_a_folder_as_output(
     assert "is a folder" in capsys.readouterr().err
 
 
+def _assert_finds_and_agrees(bundle: Any, model: Any, held_out: Any) -> None:
+    """A search-head model finds at least half of the held-out slide's objects (random trunk
+    weights: well above chance, objects cover ~2 % of the slide, not perfect), and its dense
+    maps and per-patch probabilities agree at the object centres."""
+    import numpy as np
+
+    from simsearch_wsi.infer.dense import dense_class_maps, detect, predict_patches
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.train.patches import PatchSample, PatchSet
+
+    with open_image(held_out.path) as image:
+        maps = dense_class_maps(image, model)
+    dets = detect(maps, dict.fromkeys(bundle.classes, 0.5))
+    found = sum(
+        any(d.class_name == o.class_name and o.box.contains_point(*d.box.center_l0) for d in dets)
+        for o in held_out.objects
+    )
+    assert found >= len(held_out.objects) // 2, (found, len(held_out.objects))
+    classes = bundle.classes
+    key = str(held_out.path.resolve())
+    samples = tuple(
+        PatchSample(key, o.center_l0, classes.index(o.class_name)) for o in held_out.objects
+    )
+    per_patch = predict_patches(bundle, PatchSet(samples, classes), open_image=open_image)
+    g, sc = maps.geometry, maps.scale
+    for row, o in zip(per_patch, held_out.objects, strict=True):
+        i, j = g.window_index(o.center_l0[0] / sc.downsample_x, o.center_l0[1] / sc.downsample_y)
+        np.testing.assert_allclose(maps.probabilities[:, i, j], row, atol=0.02)
+
+
 def test_train_search_head_then_predict_finds_the_objects(
     tmp_path: Path,
     labelled_session: Any,
@@ -68,11 +98,8 @@ def test_train_search_head_then_predict_finds_the_objects(
     """Issue 27: ``--head-input search`` trains in seconds (no trunk training) and the bundle
     predicts through the search's own features: the dense maps and the per-patch probabilities
     agree, and the held-out slide's objects are found."""
-    import numpy as np
 
-    from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, detect, predict_patches
-    from simsearch_wsi.io import open_image
-    from simsearch_wsi.train.patches import PatchSample, PatchSet
+    from simsearch_wsi.infer.dense import PatchModel
 
     out = tmp_path / "model.zip"
     cache = tmp_path / "cache"
@@ -86,28 +113,7 @@ def test_train_search_head_then_predict_finds_the_objects(
     assert bundle.metrics["selection"]["kept"] == "search", summary
     held_out = small_slides[1]
     model = PatchModel(bundle, cache_dir=cache)
-    with open_image(held_out.path) as image:
-        maps = dense_class_maps(image, model)
-    dets = detect(maps, dict.fromkeys(bundle.classes, 0.5))
-    found = 0
-    for obj in held_out.objects:
-        found += any(
-            d.class_name == obj.class_name and obj.box.contains_point(*d.box.center_l0)
-            for d in dets
-        )
-    # random trunk weights: well above chance (objects cover ~2 % of the slide), not perfect
-    assert found >= len(held_out.objects) // 2, (found, len(held_out.objects))
-    # the dense path and the per-patch path compute the same probabilities at object centres
-    classes = bundle.classes
-    key = str(held_out.path.resolve())
-    samples = tuple(
-        PatchSample(key, o.center_l0, classes.index(o.class_name)) for o in held_out.objects
-    )
-    per_patch = predict_patches(bundle, PatchSet(samples, classes), open_image=open_image)
-    g, sc = maps.geometry, maps.scale
-    for row, o in zip(per_patch, held_out.objects, strict=True):
-        i, j = g.window_index(o.center_l0[0] / sc.downsample_x, o.center_l0[1] / sc.downsample_y)
-        np.testing.assert_allclose(maps.probabilities[:, i, j], row, atol=0.02)
+    _assert_finds_and_agrees(bundle, model, held_out)
 
 
 def test_tuned_search_head_reads_the_fine_tuned_trunk_and_never_the_search_cache(
@@ -117,12 +123,9 @@ def test_tuned_search_head_reads_the_fine_tuned_trunk_and_never_the_search_cache
     head is fitted on that trunk's window vectors, and the bundle keeps the fine-tuned trunk.
     Its feature maps are named after the fine-tuned weights, so a cache the search filled with
     its own trunk's maps is never read for it; dense and per-patch probabilities agree."""
-    import numpy as np
 
     from simsearch_wsi.features.backbones import build_trunk
-    from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, detect, predict_patches
-    from simsearch_wsi.io import open_image
-    from simsearch_wsi.train.patches import PatchSample, PatchSet
+    from simsearch_wsi.infer.dense import PatchModel
 
     out = tmp_path / "model.zip"
     cache = tmp_path / "cache"
@@ -144,24 +147,7 @@ def test_tuned_search_head_reads_the_fine_tuned_trunk_and_never_the_search_cache
     model = PatchModel(bundle, cache_dir=cache)
     assert model.extractor.weights.identity != info.identity
     held_out = small_slides[1]
-    with open_image(held_out.path) as image:
-        maps = dense_class_maps(image, model)
-    dets = detect(maps, dict.fromkeys(bundle.classes, 0.5))
-    found = sum(
-        any(d.class_name == o.class_name and o.box.contains_point(*d.box.center_l0) for d in dets)
-        for o in held_out.objects
-    )
-    assert found >= len(held_out.objects) // 2, (found, len(held_out.objects))
-    classes = bundle.classes
-    key = str(held_out.path.resolve())
-    samples = tuple(
-        PatchSample(key, o.center_l0, classes.index(o.class_name)) for o in held_out.objects
-    )
-    per_patch = predict_patches(bundle, PatchSet(samples, classes), open_image=open_image)
-    g, sc = maps.geometry, maps.scale
-    for row, o in zip(per_patch, held_out.objects, strict=True):
-        i, j = g.window_index(o.center_l0[0] / sc.downsample_x, o.center_l0[1] / sc.downsample_y)
-        np.testing.assert_allclose(maps.probabilities[:, i, j], row, atol=0.02)
+    _assert_finds_and_agrees(bundle, model, held_out)
 
 
 def test_predict_with_a_search_head_uses_the_given_cache(

@@ -668,6 +668,22 @@ def _fit_search_head(
     )
 
 
+def _search_candidate(
+    view: SearchView,
+    train_set: PatchSet,
+    val_set: PatchSet | None,
+    negatives: PatchSet | None,
+    classes: Sequence[str],
+) -> _Candidate:
+    """The search head on ``view`` fitted on ``train_set`` (and the rejected ``negatives``),
+    with its probabilities of the held-out ``val_set``."""
+    fitted = _fit_search_head(view, train_set, negatives, classes)
+    probe = _Candidate("search", _memory_weight(fitted), fitted.bias, None, memory=fitted)
+    if val_set is not None:
+        probe.val_probs = fitted.probabilities(view.vectors(val_set, 1)[0])
+    return probe
+
+
 def train_patch_model(
     data: TrainingData,
     extractor: FeatureExtractor,
@@ -746,10 +762,9 @@ def train_patch_model(
         t0 = time.perf_counter()
         if progress is not None:
             progress("search head | fitting", 0, 1)
-        fitted = _fit_search_head(search, train_set, negatives, clean.classes)
-        probe = _Candidate("search", _memory_weight(fitted), fitted.bias, None, memory=fitted)
-        if val_set is not None:
-            probe.val_probs = fitted.probabilities(search.vectors(val_set, 1)[0])
+        probe = _search_candidate(search, train_set, val_set, negatives, clean.classes)
+        fitted = probe.memory
+        assert fitted is not None
         candidates.append(probe)
         metrics["stages"]["search_head"] = {
             "memory": len(fitted.vectors),
@@ -793,13 +808,10 @@ def train_patch_model(
         candidates.pop()
         view = search.with_trunk(encoder.trunk, _state_identity(encoder.trunk))
         t0 = time.perf_counter()
-        fitted = _fit_search_head(view, train_set, negatives, clean.classes)
-        probe = _Candidate("search", _memory_weight(fitted), fitted.bias, None, memory=fitted)
-        if val_set is not None:
-            probe.val_probs = fitted.probabilities(view.vectors(val_set, 1)[0])
+        probe = _search_candidate(view, train_set, val_set, negatives, clean.classes)
         candidates.append(probe)
         metrics["stages"]["tuned_search_head"] = {
-            "memory": len(fitted.vectors),
+            "memory": 0 if probe.memory is None else len(probe.memory.vectors),
             "seconds": round(time.perf_counter() - t0, 2),
         }
     chosen = _select(candidates, val_set, clean.classes, head_input, metrics)
