@@ -204,9 +204,9 @@ def run_case(
                 ("probe: + approved", search_head, {"negative", "background"}),
                 ("probe: + approved + flagged", search_head, {"background"}),
             ]
-        elif arm == "trunk":
+        elif arm in ("trunk", "trunk-fp32"):
             variants += [("trunk fp32", {"head_input": "trunk", "autocast": False}, set())]
-            if bf16_native:
+            if bf16_native and arm == "trunk":
                 variants += [("trunk bf16", {"head_input": "trunk", "autocast": True}, set())]
         elif arm == "trunk-linear-negatives":
             # the linear head with the rejected suggestions' loss at these weights (0 = off)
@@ -218,11 +218,11 @@ def run_case(
                         set(),
                     )
                 ]
-        elif arm == "tuned":
+        elif arm in ("tuned", "tuned-fp32"):
             variants += [
                 ("tuned-search fp32", {"head_input": "tuned-search", "autocast": False}, set())
             ]
-            if bf16_native:
+            if bf16_native and arm == "tuned":
                 variants += [
                     ("tuned-search bf16", {"head_input": "tuned-search", "autocast": True}, set())
                 ]
@@ -244,6 +244,10 @@ def run_case(
             ]
         elif arm == "auto":
             variants += [("auto", {"head_input": "auto", "autocast": True}, set())]
+        elif arm == "auto-fp32":
+            # fp32 and the same seed: the model it keeps is the trunk fp32 or tuned-search fp32
+            # arm's model, bit for bit
+            variants += [("auto fp32", {"head_input": "auto", "autocast": False}, set())]
     if "ensemble" in arms:
         models = {}
         for label, changes in (
@@ -283,22 +287,32 @@ def run_case(
             seed=seed,
         )
         t1 = time.perf_counter()
-        model = PatchModel(trained.bundle, cache_dir=search.cache.root)
+        bundle = trained.bundle
+        model = PatchModel(bundle, cache_dir=search.cache.root)
         scores = score_model(model, bench, open_image=open_image, radius_l0=radius)
         row["arms"][label] = {
             "ap": {s.class_name: s.ap for s in scores},
+            "f1": {s.class_name: s.f1 for s in scores},
+            "iou": {s.class_name: s.iou for s in scores},
+            "thresholds": dict(bundle.thresholds),
             "mean": _mean(scores),
-            "kept": trained.bundle.head_input,
+            "kept": bundle.head_input,
             "selection": trained.metrics.get("selection", {}).get("reason"),
             "seconds_train": round(t1 - t0, 1),
             "seconds_score": round(time.perf_counter() - t1, 1),
         }
+        a = row["arms"][label]
         print(
-            f"{name}: {label}: {row['arms'][label]['mean']:.3f} "
-            f"(search {row['arms']['search']['mean']:.3f})",
+            f"{name}: {label}: {a['mean']:.3f} (search {row['arms']['search']['mean']:.3f})"
+            f"; at thresholds F1 {_avg(a['f1']):.3f}, IoU {_avg(a['iou']):.3f}",
             flush=True,
         )
     return row
+
+
+def _avg(values: dict[str, float]) -> float:
+    finite = [v for v in values.values() if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def write_report(rows: list[dict[str, Any]], out: Path, header: str) -> str:
@@ -325,7 +339,25 @@ def write_report(rows: list[dict[str, Any]], out: Path, header: str) -> str:
                 for a in arms
             ]
             lines.append(f"| **mean {split}** | | " + " | ".join(means) + " |")
-    lines += ["", "Per class (held-out cases):", ""]
+    thresholded = [a for a in arms if any("f1" in r["arms"].get(a, {}) for r in rows)]
+    if thresholded:
+        lines += [
+            "",
+            "At each model's own thresholds (what `predict` writes): detection F1 / "
+            "segmentation IoU, class means:",
+            "",
+            "| case | split | " + " | ".join(thresholded) + " |",
+            "|---|---|" + "---|" * len(thresholded),
+        ]
+        for r in rows:
+            cells = [
+                f"{_avg(r['arms'][a]['f1']):.2f} / {_avg(r['arms'][a]['iou']):.2f}"
+                if a in r["arms"]
+                else ""
+                for a in thresholded
+            ]
+            lines.append(f"| {r['case']} | {r['split']} | " + " | ".join(cells) + " |")
+    lines += ["", "Per class (every case):", ""]
     for r in rows:
         per = "; ".join(
             f"{a}: " + ", ".join(f"{c} {v:.2f}" for c, v in r["arms"][a]["ap"].items())

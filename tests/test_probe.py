@@ -108,6 +108,26 @@ def test_selection_keeps_the_fine_tuned_model_only_when_it_wins_by_the_margin() 
         chosen = _select(cands, val_labels, classes, "auto", metrics)  # type: ignore[arg-type]
         return chosen.head_input, metrics["selection"]  # type: ignore[return-value]
 
+    def run3(probe_p: np.ndarray, trunk_p: np.ndarray, tuned_p: np.ndarray) -> str:
+        w = torch.zeros(2, 2)
+        cands = [
+            _Candidate("search", w, torch.zeros(2), probe_p),
+            _Candidate("trunk", w, torch.zeros(2), trunk_p),
+            _Candidate("tuned-search", w, torch.zeros(2), tuned_p),
+        ]
+        metrics: dict[str, object] = {}
+        val_labels = type("V", (), {"labels": labels})()
+        chosen = _select(cands, val_labels, classes, "auto", metrics)  # type: ignore[arg-type]
+        record = metrics["selection"]
+        assert record["kept"] == chosen.kind  # type: ignore[index]
+        assert chosen.head_input == ("trunk" if chosen.kind == "trunk" else "search")
+        return chosen.kind
+
+    # auto with the search head on the fine-tuned trunk as a third candidate: the best search
+    # head is kept only where it beats the trunk's linear head by the margin
+    assert run3(bad, bad, good) == "tuned-search"
+    assert run3(good, bad, bad) == "search"
+    assert run3(bad, good, good) == "trunk"
     assert val.classes == classes
     kept, record = run(good, bad)
     assert kept == "search" and "beat the fine-tuned" in str(record["reason"])
@@ -140,3 +160,60 @@ def test_search_head_bundle_round_trips(tmp_path: Path, synthetic_slide: Any) ->
     assert back.feature_dim == base.feature_dim
     with pytest.raises(ValueError, match="memory_owner values"):
         dataclasses.replace(bundle, memory_owner=torch.tensor([0, 0, 1, 1, 2, 9]))
+
+
+def test_auto_compares_three_heads_and_records_which_it_kept(
+    tmp_path: Path, labelled_session: Any, small_slides: Any
+) -> None:
+    """``auto`` with held-out patches trains the search head on the search's trunk, the
+    fine-tuned trunk's linear head and the search head on the fine-tuned trunk, scores all
+    three on the held-out patches, and the bundle is the one the record names; without
+    held-out patches it trains as ``trunk`` and says so."""
+    from simsearch_wsi.features.backbones import build_trunk
+    from simsearch_wsi.features.cache import FeatureCache
+    from simsearch_wsi.features.extractor import FeatureExtractor
+    from simsearch_wsi.review.data import train_session
+    from simsearch_wsi.search.engine import SimSearch
+    from simsearch_wsi.train.fit import TrainConfig
+
+    trunk, spec, info = build_trunk("resnet18-l3", "random", seed=0)
+    search = SimSearch(FeatureExtractor(trunk, spec, info), FeatureCache(tmp_path / "cache"))
+    base = TrainConfig.preset_config("quick", strategy="pos")
+    # one short supervised contrastive stage: this tests the selection, not the training
+    quick = base.replace(
+        head_input="auto",
+        supcon=dataclasses.replace(base.supcon, epochs=1, max_steps_per_epoch=2),
+        linear=dataclasses.replace(base.linear, epochs=5),
+        linear_views=1,
+    )
+    # the session has 3 patches per class: half of them held out (2 per class)
+    held = train_session(
+        labelled_session,
+        search,
+        config=quick.replace(val_fraction=0.5, min_val_per_class=1),
+        open_image=open_image,
+        noisy_images=[small_slides[2].path],
+        seed=0,
+    ).bundle
+    record = held.metrics["selection"]
+    assert set(record["validation_ap"]) == {"search", "trunk", "tuned-search"}
+    assert all(v is not None for v in record["validation_ap"].values())
+    kept = record["kept"]
+    assert held.head_input == ("trunk" if kept == "trunk" else "search")
+    if kept != "trunk":
+        assert held.provenance["search_trunk"] == (
+            "fine-tuned" if kept == "tuned-search" else "search"
+        )
+    assert "tuned_search_head" in held.metrics["stages"]
+    # too few patches to hold any out: the trunk's linear head, as ``trunk``, with a note
+    plain = train_session(
+        labelled_session,
+        search,
+        config=quick,
+        open_image=open_image,
+        noisy_images=[small_slides[2].path],
+        seed=0,
+    )
+    assert plain.bundle.head_input == "trunk"
+    assert "tuned_search_head" not in plain.bundle.metrics["stages"]
+    assert any(n.startswith("auto: too few labelled patches") for n in plain.notes)

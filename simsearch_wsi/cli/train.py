@@ -17,6 +17,7 @@ from simsearch_wsi.core.pathguard import naming_output
 from simsearch_wsi.train.choices import (
     DEFAULT_HEAD_INPUT,
     DEFAULT_STRATEGY,
+    HEAD_INPUT_HELP,
     HEAD_INPUTS,
     STRATEGIES,
 )
@@ -51,10 +52,7 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         "--head-input",
         default=DEFAULT_HEAD_INPUT,
         choices=list(HEAD_INPUTS),
-        help="trunk: fine-tune the trunk (the paper's stages); search: a head on the search's own "
-        "window vectors (seconds, no trunk training); auto: both, the better on held-out "
-        "patches kept; tuned-search: fine-tune the trunk, then the search head on its window "
-        "vectors (default: %(default)s; docs/evaluation.md, 'Training study')",
+        help=f"{HEAD_INPUT_HELP} (default: %(default)s)",
     )
     p_train.add_argument(
         "--out", default=None, metavar="MODEL.zip", help="bundle to write (default: DIR/model.zip)"

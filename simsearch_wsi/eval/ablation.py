@@ -153,7 +153,8 @@ def run_specs(config: AblationConfig) -> list[RunSpec]:
 
 @dataclass(frozen=True)
 class ClassScore:
-    """One class of one run: PR-AUC over the test images, counts, and IoU (NaN if none)."""
+    """One class of one run: PR-AUC over the test images, counts, IoU (NaN if none), and the
+    detection F1 at the model's thresholds (NaN for the search)."""
 
     class_name: str
     ap: float
@@ -161,6 +162,7 @@ class ClassScore:
     n_pred: int
     n_tp: int
     iou: float
+    f1: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,6 +172,7 @@ class ClassScore:
             "n_pred": self.n_pred,
             "n_tp": self.n_tp,
             "iou": None if math.isnan(self.iou) else self.iou,
+            "f1": None if math.isnan(self.f1) else self.f1,
         }
 
     @classmethod
@@ -177,7 +180,15 @@ class ClassScore:
         def num(v: Any) -> float:
             return math.nan if v is None else float(v)
 
-        return cls(d["class"], num(d["ap"]), d["n_true"], d["n_pred"], d["n_tp"], num(d["iou"]))
+        return cls(
+            d["class"],
+            num(d["ap"]),
+            d["n_true"],
+            d["n_pred"],
+            d["n_tp"],
+            num(d["iou"]),
+            num(d.get("f1")),
+        )
 
 
 @dataclass
@@ -270,22 +281,25 @@ def score_model(
     log-odds map where it is the most probable class, ranked by its log-odds), and
     segmentation IoU at the model's thresholds against test truth with a mask."""
     parts: dict[str, list[ClassPR]] = {c: [] for c in benchmark.classes}
+    kept: dict[str, list[ClassPR]] = {c: [] for c in benchmark.classes}
     inter: dict[str, list[float]] = {c: [] for c in benchmark.classes}
     everything = dict.fromkeys(model.classes, 0.0)
     for t in benchmark.test:
         with open_image(t.path) as image:
             maps = dense_class_maps(image, model, progress=progress)
         detections = detect(maps, everything)
+        at_thresholds = detect(maps, model.bundle.thresholds)
         for c in benchmark.classes:
-            parts[c].append(
-                class_pr(
-                    detections,
-                    t.truth,
-                    class_name=c,
-                    max_distance_l0=radius_l0,
-                    score=lambda d: float(d.score),  # log-odds: ordered where p rounds to 1
+            for out, found in ((parts, detections), (kept, at_thresholds)):
+                out[c].append(
+                    class_pr(
+                        found,
+                        t.truth,
+                        class_name=c,
+                        max_distance_l0=radius_l0,
+                        score=lambda d: float(d.score),  # log-odds: ordered where p rounds to 1
+                    )
                 )
-            )
         if t.truth.mask is not None:
             seg = segment(maps, model.bundle.thresholds)
             iou = segmentation_iou_on_truth(
@@ -295,6 +309,7 @@ def score_model(
                 if c in iou:
                     inter[c].append(iou[c])
     pooled = _pooled(parts, benchmark.classes)
+    thresholded = _pooled(kept, benchmark.classes)
     return [
         ClassScore(
             c,
@@ -303,9 +318,17 @@ def score_model(
             r.n_pred,
             r.n_tp,
             float(np.nanmean(inter[c])) if any(not math.isnan(v) for v in inter[c]) else math.nan,
+            _f1(thresholded[c]),
         )
         for c, r in pooled.items()
     ]
+
+
+def _f1(r: ClassPR) -> float:
+    """F1 of all of a class's detections (NaN without true objects)."""
+    if not r.n_true:
+        return math.nan
+    return 2.0 * r.n_tp / (r.n_pred + r.n_true)
 
 
 # --- the grid -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from simsearch_wsi.server.jobs import JobState
 from simsearch_wsi.train.choices import (
     DEFAULT_HEAD_INPUT,
     DEFAULT_STRATEGY,
+    HEAD_INPUT_HELP,
     HEAD_INPUTS,
     PRESETS,
     STRATEGIES,
@@ -138,9 +139,7 @@ class TrainJobRequest(_Body):
     )
     head_input: str = Field(
         DEFAULT_HEAD_INPUT,
-        description="trunk: fine-tune the trunk; search: a head on the search's own window "
-        "vectors; auto: both, the better on held-out patches kept; tuned-search: fine-tune the "
-        "trunk, then the search head on its window vectors",
+        description=HEAD_INPUT_HELP,
         json_schema_extra={"enum": list(HEAD_INPUTS)},
     )
     seed: int = Field(0, ge=0, le=2**63 - 1, strict=True)

@@ -10,8 +10,17 @@ DEFAULT_STRATEGY = "pos+neg+selflearn"
 PRESETS = ("quick", "fast", "paper")
 #: what the model's head reads: ``search`` = the search head on the similarity search's own
 #: normalised window vectors (:mod:`simsearch_wsi.search.probe`), ``trunk`` = the fine-tuned
-#: trunk's pooled features (the paper's stages), ``auto`` = both, the better on held-out
-#: patches kept, ``tuned-search`` = the paper's stages fine-tune the trunk, then the search head
-#: is fitted on the fine-tuned trunk's normalised window vectors (the bundle keeps that trunk)
+#: trunk's pooled features (the paper's stages), ``tuned-search`` = the paper's stages
+#: fine-tune the trunk, then the search head is fitted on the fine-tuned trunk's normalised
+#: window vectors (the bundle keeps that trunk), ``auto`` = all three, a search head kept only
+#: where it beats the trunk's head on held-out patches
 HEAD_INPUTS = ("auto", "search", "trunk", "tuned-search")
 DEFAULT_HEAD_INPUT = "trunk"
+#: what the CLI's ``--head-input`` and the server's ``head_input`` say about the choices
+HEAD_INPUT_HELP = (
+    "trunk: fine-tune the trunk (the paper's stages) and train a linear head; search: a head on "
+    "the search's own window vectors (seconds, no trunk training); tuned-search: fine-tune the "
+    "trunk, then the search head on its window vectors; auto: all three, a search head kept "
+    "only where it beats the linear head on held-out patches (docs/evaluation.md, 'Training "
+    "study')"
+)

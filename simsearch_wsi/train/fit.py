@@ -613,14 +613,22 @@ class TrainResult:
 
 @dataclass
 class _Candidate:
-    """One model of a run: its head, what the head reads, held-out probabilities."""
+    """One model of a run: its kind (``search``: the search head on the search's trunk,
+    ``trunk``: the fine-tuned trunk's linear head, ``tuned-search``: the search head on the
+    fine-tuned trunk), its head, held-out probabilities, and the view a search head reads."""
 
-    head_input: str
+    kind: str
     weight: torch.Tensor
     bias: torch.Tensor
     val_probs: NDArray[np.float32] | None
     val_ap: float = float("nan")
     memory: MemoryHead | None = None
+    view: SearchView | None = None
+
+    @property
+    def head_input(self) -> str:
+        """What the bundle's head reads: ``search`` (window vectors) or ``trunk``."""
+        return "trunk" if self.kind == "trunk" else "search"
 
 
 def _state_identity(module: nn.Module) -> str:
@@ -678,7 +686,9 @@ def _search_candidate(
     """The search head on ``view`` fitted on ``train_set`` (and the rejected ``negatives``),
     with its probabilities of the held-out ``val_set``."""
     fitted = _fit_search_head(view, train_set, negatives, classes)
-    probe = _Candidate("search", _memory_weight(fitted), fitted.bias, None, memory=fitted)
+    probe = _Candidate(
+        "search", _memory_weight(fitted), fitted.bias, None, memory=fitted, view=view
+    )
     if val_set is not None:
         probe.val_probs = fitted.probabilities(view.vectors(val_set, 1)[0])
     return probe
@@ -700,10 +710,13 @@ def train_patch_model(
     ``config.head_input`` chooses what is trained: ``search`` fits the search head on
     ``search``'s window vectors (seconds; no trunk training), ``trunk`` runs the strategy's
     stages on ``extractor``'s trunk (a copy; the extractor and its trunk are left as they were),
-    ``auto`` does both and keeps the search head only where its held-out macro average precision
-    beats the fine-tuned trunk's by more than :data:`SELECTION_MARGIN` (``metrics["selection"]``
-    says which and why). A search head that is kept is refitted on every clean patch (training
-    + held-out). ``device`` defaults to the extractor's."""
+    ``tuned-search`` fine-tunes the trunk, then fits the search head on the fine-tuned trunk's
+    window vectors, ``auto`` trains all three (the search head on either trunk and the trunk's
+    linear head) and keeps the better search head only where its held-out macro average
+    precision beats the linear head's by more than :data:`SELECTION_MARGIN`
+    (``metrics["selection"]`` says which and why; without held-out patches it trains as
+    ``trunk``). A search head that is kept is refitted on every clean patch (training +
+    held-out). ``device`` defaults to the extractor's."""
     trunk, spec, weights = extractor.trunk, extractor.spec, extractor.weights
     device = torch.device(extractor.device if device is None else device)
     notes = list(data.notes)
@@ -758,6 +771,13 @@ def train_patch_model(
     if config.uses_negatives and negatives is None:
         notes.append("the session has no negatives (rejected suggestions) to train with")
     candidates: list[_Candidate] = []
+    if head_input == "auto" and val_set is None:
+        # nothing to choose by: the fine-tuned trunk's linear head, as ``trunk``
+        notes.append(
+            "auto: too few labelled patches to hold some out and compare heads on; trained the "
+            "fine-tuned trunk's linear head (as --head-input trunk)"
+        )
+        head_input = "trunk"
     if search is not None and head_input in ("auto", "search"):
         t0 = time.perf_counter()
         if progress is not None:
@@ -776,7 +796,6 @@ def train_patch_model(
         }
         if progress is not None:
             progress("search head | fitting", 1, 1)
-    tuned = head_input == "tuned-search"
     if head_input in ("auto", "trunk", "tuned-search"):
         if not freeze_early:
             notes.append(
@@ -802,19 +821,23 @@ def train_patch_model(
                 open_image=open_image,
             )
         )
-    view = search
-    if tuned and search is not None:
-        # the fine-tuned trunk's linear head gives way to the search head on its features
-        candidates.pop()
-        view = search.with_trunk(encoder.trunk, _state_identity(encoder.trunk))
+    if search is not None and head_input in ("auto", "tuned-search"):
+        # the search head on the fine-tuned trunk's window vectors (in tuned-search it replaces
+        # the trunk's linear head; in auto it is one more candidate)
+        if head_input == "tuned-search":
+            candidates.pop()
+        tuned_view = search.with_trunk(encoder.trunk, _state_identity(encoder.trunk))
         t0 = time.perf_counter()
-        probe = _search_candidate(view, train_set, val_set, negatives, clean.classes)
+        probe = _search_candidate(tuned_view, train_set, val_set, negatives, clean.classes)
+        probe.kind = "tuned-search"
         candidates.append(probe)
         metrics["stages"]["tuned_search_head"] = {
             "memory": 0 if probe.memory is None else len(probe.memory.vectors),
             "seconds": round(time.perf_counter() - t0, 2),
         }
     chosen = _select(candidates, val_set, clean.classes, head_input, metrics)
+    tuned = chosen.kind == "tuned-search"
+    view = chosen.view
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
     if val_set is not None and chosen.val_probs is not None:
         metrics["validation"] = classification_metrics(
@@ -892,36 +915,39 @@ def _select(
                 c.val_ap = macro_average_precision(
                     c.val_probs, val_set.labels, classes=classes, skip=BACKGROUND_CLASS
                 )
-    by_kind = {c.head_input: c for c in candidates}
     record: dict[str, Any] = {
         "asked": head_input,
         "validation_ap": {
-            c.head_input: None if math.isnan(c.val_ap) else round(c.val_ap, 4) for c in candidates
+            c.kind: None if math.isnan(c.val_ap) else round(c.val_ap, 4) for c in candidates
         },
         "margin": SELECTION_MARGIN,
     }
     if len(candidates) == 1:
         chosen = candidates[0]
-        record["reason"] = f"only the {chosen.head_input} model was trained"
+        record["reason"] = f"only the {chosen.kind} model was trained"
     else:
-        probe, tuned = by_kind["search"], by_kind["trunk"]
-        if math.isnan(probe.val_ap) or math.isnan(tuned.val_ap):
-            chosen = tuned
+        # the fine-tuned trunk's linear head is kept unless a search head beats it clearly
+        base = next(c for c in candidates if c.kind == "trunk")
+        others = [c for c in candidates if c.kind != "trunk"]
+        best = max(others, key=lambda c: -math.inf if math.isnan(c.val_ap) else c.val_ap)
+        what = "search head" if best.kind == "search" else "search head on the fine-tuned trunk"
+        if math.isnan(best.val_ap) or math.isnan(base.val_ap):
+            chosen = base
             record["reason"] = "no held-out patches to compare on: kept the fine-tuned trunk"
-        elif probe.val_ap > tuned.val_ap + SELECTION_MARGIN:
-            chosen = probe
+        elif best.val_ap > base.val_ap + SELECTION_MARGIN:
+            chosen = best
             record["reason"] = (
-                f"the search head beat the fine-tuned trunk on held-out patches "
-                f"({probe.val_ap:.3f} > {tuned.val_ap:.3f} + {SELECTION_MARGIN})"
+                f"the {what} beat the fine-tuned trunk on held-out patches "
+                f"({best.val_ap:.3f} > {base.val_ap:.3f} + {SELECTION_MARGIN})"
             )
         else:
-            chosen = tuned
+            chosen = base
             record["reason"] = (
-                f"the search head did not beat the fine-tuned trunk by more than "
-                f"{SELECTION_MARGIN} on held-out patches ({probe.val_ap:.3f} vs "
-                f"{tuned.val_ap:.3f}): kept the fine-tuned trunk"
+                f"the {what} did not beat the fine-tuned trunk by more than "
+                f"{SELECTION_MARGIN} on held-out patches ({best.val_ap:.3f} vs "
+                f"{base.val_ap:.3f}): kept the fine-tuned trunk"
             )
-    record["kept"] = chosen.head_input
+    record["kept"] = chosen.kind
     metrics["selection"] = record
     return chosen
 
