@@ -45,7 +45,7 @@ from simsearch_wsi.features.cache import FeatureCache
 from simsearch_wsi.features.extractor import FeatureExtractor
 from simsearch_wsi.io import open_image
 from simsearch_wsi.search.engine import SearchSettings, SimSearch
-from simsearch_wsi.search.similarity import Prototype
+from simsearch_wsi.search.similarity import DENSE_POOL_FRACTION, Prototype
 from simsearch_wsi.synthetic.dense import make_dense_field
 
 #: name -> make_dense_field arguments (review seed 100 + k, test seed 200 + k)
@@ -64,6 +64,82 @@ MODES = {
 }
 
 
+def _predict_scores(
+    search: SimSearch,
+    review: Any,
+    test: Any,
+    truth: Any,
+    *,
+    size: float,
+    seed: int,
+) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Detections of a model trained (search head, ``quick`` preset, strategy ``pos``) on the
+    review field, as a user who approved 60 suggestions there would: positives at 60 random
+    objects' centres, background at 60 random points at least half an object from every centre
+    (gaps and the borders between touching objects); more patches would not fit in memory on a
+    small machine (the search head embeds every patch in one batch). Scored on the test field with
+    ``detect`` as before (a patch apart) and with ``object_size_l0``: rule -> tolerance ->
+    (recall, PR-AUC, detections)."""
+    from simsearch_wsi.features.preprocess import fit_normalization
+    from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, detect
+    from simsearch_wsi.review.data import SearchVectors
+    from simsearch_wsi.train.fit import TrainConfig, TrainingData, train_patch_model
+    from simsearch_wsi.train.patches import PatchSample, PatchSet
+
+    cls = review.classes[0]
+    classes = (cls, "background")
+    centres = np.array([o.center_l0 for o in review.objects])
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(centres), size=min(60, len(centres)), replace=False)
+    samples = [
+        PatchSample(str(review.path), (float(centres[i, 0]), float(centres[i, 1])), 0)
+        for i in sorted(chosen)
+    ]
+    background: list[PatchSample] = []
+    while len(background) < 60:
+        x, y = rng.uniform(size, review.width - size), rng.uniform(size, review.height - size)
+        if np.hypot(*(centres - (x, y)).T).min() >= 0.5 * size:
+            background.append(PatchSample(str(review.path), (float(x), float(y)), 1))
+    patch = DENSE_POOL_FRACTION * size
+    with open_image(review.path) as img:
+        data = TrainingData(
+            clean=PatchSet(tuple(samples + background), classes),
+            negatives=PatchSet((), classes),
+            noisy=PatchSet((), classes),
+            patch_size_l0=(patch, patch),
+            normalization=fit_normalization([img]),
+            channels=img.channel_names,
+            rgb=img.is_brightfield and img.n_channels == 3,
+            mpp=img.mpp,
+            colors={c: (200, 0, 0) for c in classes},
+        )
+    config = TrainConfig.preset_config("quick", strategy="pos").replace(head_input="search")
+    result = train_patch_model(
+        data,
+        search.extractor,
+        config=config,
+        open_image=open_image,
+        search=SearchVectors(search, (patch, patch), open_image=open_image),
+        seed=seed,
+    )
+    with open_image(test.path) as img:
+        maps = dense_class_maps(img, PatchModel(result.bundle))
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for rule, obj in (("a patch apart", None), ("object size", (size, size))):
+        dets = detect(maps, {cls: 0.0}, object_size_l0=obj)
+        out[rule] = {}
+        for tol, fraction in RADII.items():
+            pr = class_pr(
+                dets,
+                truth,
+                class_name=cls,
+                max_distance_l0=fraction * size,
+                score=lambda d: d.score,
+            )
+            out[rule][tol] = (pr.n_tp / pr.n_true, pr.ap, len(dets))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench_output/dense"))
@@ -73,6 +149,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument(
+        "--predict",
+        action="store_true",
+        help="also train a model (search head) on each review field and score its detections",
+    )
     parser.add_argument(
         "--tune", action="store_true", help="fields of other seeds (300 + k, 400 + k) for tuning"
     )
@@ -156,6 +237,29 @@ def main() -> None:
                 + f", {secs[0]:.1f} s",
                 flush=True,
             )
+            if args.predict and mode == "dense":
+                t0 = time.perf_counter()
+                pred = _predict_scores(search, review, test, truth, size=size, seed=k)
+                for rule, by_tol in pred.items():
+                    prow: dict[str, Any] = {
+                        "case": name,
+                        "mode": f"predict, {rule}",
+                        "objects": len(test.objects),
+                        "object_px": size,
+                        "suggestions": float(next(iter(by_tol.values()))[2]),
+                        "seconds_first": time.perf_counter() - t0,
+                        "seconds_query": None,
+                    }
+                    for tol, (rec, ap, _) in by_tol.items():
+                        prow[tol] = {
+                            "radius_px": RADII[tol] * size,
+                            "recall": rec,
+                            "recall_min": rec,
+                            "pr_auc": ap,
+                            "pr_auc_min": ap,
+                        }
+                    rows.append(prow)
+                    print(f"{name:>20} {prow['mode']}: {by_tol}", flush=True)
     record = {
         "size": args.size,
         "prototypes": args.prototypes,

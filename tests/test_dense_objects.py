@@ -78,6 +78,9 @@ def test_suggest_reaches_every_touching_nucleus_once(
     with open_image(field.path) as img:
         old = before.suggest(img, protos, thresholds={CLS: -1.0})
         new = dense.suggest(img, protos, thresholds={CLS: -1.0})
+        # a session passes its patch size (the object's): pooled over half of it all the same
+        again = dense.suggest(img, protos, thresholds={CLS: -1.0}, patch_size_l0=size)
+    assert again.geometry == new.geometry and again.suggestions == new.suggestions
     # the old rule keeps suggestions a patch (= a nucleus) apart: touching nuclei hide each other
     reached_old, _ = _assignment([s.box for s in old.suggestions], centres, radius)
     assert reached_old < 0.7

@@ -68,8 +68,8 @@ class SearchSettings:
 
     ``dense``: the prototype boxes are the objects (e.g. nuclei drawn tightly), which may touch.
     The object size is the median prototype box; the analysis scale is set by it; features are
-    pooled over :data:`~simsearch_wsi.search.similarity.DENSE_POOL_FRACTION` of it (unless a
-    patch size is given); suggestions are kept
+    pooled over :data:`~simsearch_wsi.search.similarity.DENSE_POOL_FRACTION` of it (of the
+    experiment's patch size where one is given, e.g. a session's); suggestions are kept
     :data:`~simsearch_wsi.search.similarity.DENSE_SPACING_FRACTION` of the object's shorter
     side apart and their boxes are the object's size. Off (default): the first prototype's box
     is the patch, suggestions are ``min_distance_fraction`` patch widths apart, boxes are the
@@ -285,7 +285,9 @@ class SimSearch:
         image, standardised with that image's statistics (this is how noisy patches are mined
         from images the user has not reviewed). ``thresholds`` maps class -> minimum similarity
         (default :data:`DEFAULT_THRESHOLD`); ``patch_size_l0`` (width, height) is the
-        experiment's patch size (default: the first prototype's box). ``avoid`` boxes (labelled
+        experiment's patch size (default: the first prototype's box; with ``settings.dense``
+        the default is the median prototype box, and features are pooled over part of it, see
+        :class:`SearchSettings`). ``avoid`` boxes (labelled
         patches) are kept out of the background candidates. ``open_image`` opens the images of
         prototypes drawn elsewhere (default :func:`simsearch_wsi.io.open_image`)."""
         if not prototypes:
@@ -303,10 +305,10 @@ class SimSearch:
         used = {c: float(thresholds.get(c, DEFAULT_THRESHOLD)) for c in classes}
         dense = self.settings.dense
         object_l0 = object_size_l0(prototypes) if dense else None
-        if patch_size_l0 is not None:
+        if object_l0 is not None:  # pooled over part of the experiment's size (the object's)
+            width_l0, height_l0 = (DENSE_POOL_FRACTION * v for v in patch_size_l0 or object_l0)
+        elif patch_size_l0 is not None:
             width_l0, height_l0 = patch_size_l0
-        elif object_l0 is not None:
-            width_l0, height_l0 = (DENSE_POOL_FRACTION * v for v in object_l0)
         else:
             width_l0, height_l0 = prototypes[0].box.width_l0, prototypes[0].box.height_l0
         t0 = time.perf_counter()
