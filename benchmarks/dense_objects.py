@@ -72,6 +72,7 @@ def _predict_scores(
     *,
     size: float,
     seed: int,
+    before: bool = False,
 ) -> dict[str, dict[str, tuple[float, float, int]]]:
     """Detections of a model trained (search head, ``quick`` preset, strategy ``pos``) on the
     review field, as a user who approved 60 suggestions there would: positives at 60 random
@@ -79,7 +80,8 @@ def _predict_scores(
     (gaps and the borders between touching objects); more patches would not fit in memory on a
     small machine (the search head embeds every patch in one batch). Scored on the test field with
     ``detect`` as before (a patch apart) and with ``object_size_l0``: rule -> tolerance ->
-    (recall, PR-AUC, detections)."""
+    (recall, PR-AUC, detections). ``before``: the model of a session without ``--dense`` (its
+    patch the object box, not half of it), scored a patch apart only."""
     from simsearch_wsi.features.preprocess import fit_normalization
     from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, detect
     from simsearch_wsi.review.data import SearchVectors
@@ -100,7 +102,7 @@ def _predict_scores(
         x, y = rng.uniform(size, review.width - size), rng.uniform(size, review.height - size)
         if np.hypot(*(centres - (x, y)).T).min() >= 0.5 * size:
             background.append(PatchSample(str(review.path), (float(x), float(y)), 1))
-    patch = DENSE_POOL_FRACTION * size
+    patch = size if before else DENSE_POOL_FRACTION * size
     with open_image(review.path) as img:
         data = TrainingData(
             clean=PatchSet(tuple(samples + background), classes),
@@ -125,7 +127,12 @@ def _predict_scores(
     with open_image(test.path) as img:
         maps = dense_class_maps(img, PatchModel(result.bundle))
     out: dict[str, dict[str, tuple[float, float, int]]] = {}
-    for rule, obj in (("a patch apart", None), ("object size", (size, size))):
+    rules: list[tuple[str, tuple[float, float] | None]] = [("a patch apart", None)]
+    if before:
+        rules = [("object-box patch, a patch apart (before)", None)]
+    else:
+        rules.append(("object size", (size, size)))
+    for rule, obj in rules:
         dets = detect(maps, {cls: 0.0}, object_size_l0=obj)
         out[rule] = {}
         for tol, fraction in RADII.items():
@@ -153,6 +160,11 @@ def main() -> None:
         "--predict",
         action="store_true",
         help="also train a model (search head) on each review field and score its detections",
+    )
+    parser.add_argument(
+        "--predict-before",
+        action="store_true",
+        help="with --predict: the model a session without --dense trains (object-box patch)",
     )
     parser.add_argument(
         "--tune", action="store_true", help="fields of other seeds (300 + k, 400 + k) for tuning"
@@ -239,7 +251,9 @@ def main() -> None:
             )
             if args.predict and mode == "dense":
                 t0 = time.perf_counter()
-                pred = _predict_scores(search, review, test, truth, size=size, seed=k)
+                pred = _predict_scores(
+                    search, review, test, truth, size=size, seed=k, before=args.predict_before
+                )
                 for rule, by_tol in pred.items():
                     prow: dict[str, Any] = {
                         "case": name,

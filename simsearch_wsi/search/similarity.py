@@ -447,16 +447,23 @@ def spaced_peaks(
     ``max_peaks`` ``(i, j, di, dj)``: the maximum's cell and its sub-cell offset."""
     cand = local_maxima(m, threshold=threshold, min_distance_cells=1, max_peaks=10 * max_peaks)
     s = float(geometry.stride)
+    r = max(float(spacing_a), 1e-6)
     kept: list[tuple[int, int, float, float]] = []
-    kept_xy = np.zeros((0, 2))
-    r2 = float(spacing_a) ** 2
+    grid: dict[tuple[int, int], list[tuple[float, float]]] = {}  # kept centres by r-sized bin
     for i, j in cand:  # strongest first
         di, dj = refine_peak(m, int(i), int(j))
-        xy = np.array([s * (j + dj), s * (i + di)])
-        if len(kept_xy) and float(((kept_xy - xy) ** 2).sum(axis=1).min()) < r2:
+        x, y = s * (j + dj), s * (i + di)
+        bx, by = math.floor(x / r), math.floor(y / r)
+        near = (
+            (x - kx) ** 2 + (y - ky) ** 2 < r * r
+            for gx in (bx - 1, bx, bx + 1)
+            for gy in (by - 1, by, by + 1)
+            for kx, ky in grid.get((gx, gy), ())
+        )
+        if any(near):
             continue
         kept.append((int(i), int(j), di, dj))
-        kept_xy = np.vstack([kept_xy, xy])
+        grid.setdefault((bx, by), []).append((x, y))
         if len(kept) == max_peaks:
             break
     return kept
