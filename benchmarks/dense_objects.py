@@ -81,7 +81,7 @@ def _predict_scores(
     small machine (the search head embeds every patch in one batch). Scored on the test field with
     ``detect`` as before (a patch apart) and with ``object_size_l0``: rule -> tolerance ->
     (recall, PR-AUC, detections). ``before``: the model of a session without ``--dense`` (its
-    patch the object box, not half of it), scored a patch apart only."""
+    patch the object box, not half of it)."""
     from simsearch_wsi.features.preprocess import fit_normalization
     from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, detect
     from simsearch_wsi.review.data import SearchVectors
@@ -127,11 +127,12 @@ def _predict_scores(
     with open_image(test.path) as img:
         maps = dense_class_maps(img, PatchModel(result.bundle))
     out: dict[str, dict[str, tuple[float, float, int]]] = {}
-    rules: list[tuple[str, tuple[float, float] | None]] = [("a patch apart", None)]
+    rules: list[tuple[str, tuple[float, float] | None]] = [
+        ("a patch apart", None),
+        ("object size", (size, size)),
+    ]
     if before:
-        rules = [("object-box patch, a patch apart (before)", None)]
-    else:
-        rules.append(("object size", (size, size)))
+        rules = [(f"object-box patch, {rule}", obj) for rule, obj in rules]
     for rule, obj in rules:
         dets = detect(maps, {cls: 0.0}, object_size_l0=obj)
         out[rule] = {}
