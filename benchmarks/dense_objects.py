@@ -22,7 +22,12 @@ apart, boxes of the patch), ``dense`` (``SearchSettings(dense=True)``) and ``den
 (``dense_fine=True`` too: a finer analysis scale). ``--tune`` uses fields of other seeds (what
 the fractions were chosen on); the reported table uses the default seeds.
 
+``--predict`` (with mode ``dense``) also trains a search-head model on each review field and
+scores its detections with ``detect``'s patch rule and with ``object_size_l0``; the model's
+patch is half the object, or the object box with ``--predict-before``.
+
     .venv/bin/python benchmarks/dense_objects.py --out bench_output/dense --threads 1
+    .venv/bin/python benchmarks/dense_objects.py --out DIR --modes dense --predict
 
 Writes ``results.json`` and ``results.md`` under --out. Results: docs/evaluation.md.
 """
