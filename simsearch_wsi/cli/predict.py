@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simsearch_wsi.cli.argtypes import non_negative_float
+from simsearch_wsi.cli.argtypes import non_negative_float, positive_float
 from simsearch_wsi.cli.console import progress, rich_console
 from simsearch_wsi.cli.exitcodes import EXIT_OK
 from simsearch_wsi.cli.inputs import guard
@@ -70,6 +70,15 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         default=0.0,
         help="drop segmentation pieces (and fill holes) under this area (default: %(default)s)",
     )
+    p_pred.add_argument(
+        "--object-size-px",
+        type=positive_float,
+        default=None,
+        metavar="PX",
+        help="objects of this size (level-0 px) smaller than the model's patch, which may touch "
+        "(nuclei, blood cells): detections half an object apart with boxes of the object's "
+        "size, instead of a patch apart with boxes of the patch",
+    )
     p_pred.add_argument("--no-zarr", action="store_true", help="do not write <stem>.ome.zarr")
     p_pred.add_argument(
         "--write-back",
@@ -127,6 +136,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         write_zarr=not args.no_zarr,
         write_back=args.write_back,
+        object_size_px=args.object_size_px,
     )
     with progress() as bars, naming_output("--out", out):
         results = predict_images(

@@ -53,6 +53,8 @@ MAX_TILE_SIZE = 4096
 # the 16-px stride) land on whole level pixels, and tiles stitch exactly.
 RESAMPLE_DENOMINATOR = 16
 MAX_RESAMPLE = 8.0
+#: the most a level-0 image is upsampled by default (resample >= 1 / MAX_UPSAMPLE)
+MAX_UPSAMPLE = 4.0
 
 
 @dataclass(frozen=True)
@@ -66,20 +68,33 @@ class AnalysisScale:
 
     @classmethod
     def for_level(
-        cls, image: ImageSource, level: int = 0, *, resample: float = 1.0
+        cls,
+        image: ImageSource,
+        level: int = 0,
+        *,
+        resample: float = 1.0,
+        max_upsample: float = MAX_UPSAMPLE,
     ) -> AnalysisScale:
         if not 0 <= level < image.level_count:
             raise ConfigError(
                 f"{image.path}: level {level} does not exist (0..{image.level_count - 1})"
             )
-        if not resample >= 0.25:
-            raise ConfigError(f"resample must be >= 0.25 (4x upsampling), got {resample}")
+        if not resample >= 1.0 / max_upsample:
+            raise ConfigError(
+                f"resample must be >= {1.0 / max_upsample:g} ({max_upsample:g}x upsampling), "
+                f"got {resample}"
+            )
         lv = image.levels[level]
         return cls(level, float(resample), lv.downsample_x * resample, lv.downsample_y * resample)
 
     @classmethod
     def for_patch(
-        cls, image: ImageSource, patch_size_l0: float, *, target_px: float = TARGET_PATCH_PX
+        cls,
+        image: ImageSource,
+        patch_size_l0: float,
+        *,
+        target_px: float = TARGET_PATCH_PX,
+        max_upsample: float = MAX_UPSAMPLE,
     ) -> AnalysisScale:
         """Scale at which a patch of ``patch_size_l0`` level-0 pixels (its longer side) lands at
         about ``target_px`` analysis pixels.
@@ -89,7 +104,8 @@ class AnalysisScale:
         share one scale, hence one cached feature map. The coarsest pyramid level not coarser
         than that is read, and resampled by a multiple of 1/16 (so tile origins land on whole
         level pixels and tiles stitch exactly). Patches smaller than ``target_px`` are
-        upsampled from level 0 (at most 4x): the trunk's 16-px stride is coarse for them.
+        upsampled from level 0 (at most ``max_upsample``, default 4x): the trunk's 16-px stride
+        is coarse for them.
         """
         if not patch_size_l0 > 0 or not math.isfinite(patch_size_l0):
             raise ConfigError(f"patch size must be > 0 level-0 pixels, got {patch_size_l0}")
@@ -99,18 +115,19 @@ class AnalysisScale:
                 f"{image.path}: a patch of {patch_size_l0:.0f} px is larger than the image "
                 f"({w0}x{h0}); draw smaller prototypes"
             )
-        wanted = max(0.25, patch_size_l0 / target_px)
+        wanted = max(1.0 / max_upsample, patch_size_l0 / target_px)
         quantised = 2.0 ** (round(2.0 * math.log2(wanted)) / 2.0)
         level = image.get_best_level_for_downsample(max(quantised, 1.0))
         d = RESAMPLE_DENOMINATOR
-        resample = max(4, round(quantised / image.levels[level].downsample * d)) / d
+        finest = math.ceil(d / max_upsample)
+        resample = max(finest, round(quantised / image.levels[level].downsample * d)) / d
         if resample > MAX_RESAMPLE:
             raise ConfigError(
                 f"{image.path}: a patch of {patch_size_l0:.0f} px needs a downsample of "
                 f"{quantised:.0f} but the coarsest level is {image.levels[-1].downsample:.0f}; "
                 "add pyramid levels to the file (e.g. convert it to a pyramidal TIFF)"
             )
-        return cls.for_level(image, level, resample=resample)
+        return cls.for_level(image, level, resample=resample, max_upsample=max_upsample)
 
     def box_to_analysis(self, box: BoxL0) -> tuple[float, float, float, float]:
         """(x_a, y_a, width_a, height_a) of a level-0 box on the analysis grid."""

@@ -52,7 +52,14 @@ from simsearch_wsi.features.tissue import TissueMask, detect_foreground
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.qupath.geojson import BACKGROUND_CLASS, class_color
 from simsearch_wsi.search.probe import MemoryHead, memory_logits_map, window_indices, window_vectors
-from simsearch_wsi.search.similarity import PatchGeometry, local_maxima, pool, refine_peak
+from simsearch_wsi.search.similarity import (
+    DENSE_SPACING_FRACTION,
+    PatchGeometry,
+    local_maxima,
+    pool,
+    refine_peak,
+    spaced_peaks,
+)
 from simsearch_wsi.train.bundle import ModelBundle
 from simsearch_wsi.train.fit import embed_patches
 from simsearch_wsi.train.model import PatchEncoder
@@ -195,10 +202,14 @@ class ClassMaps:
     def scale(self) -> AnalysisScale:
         return self.spec.scale
 
-    def window_box_l0(self, i: float, j: float) -> BoxL0:
-        """Level-0 box of window (i, j); a window at the border reaches past the image."""
+    def window_box_l0(
+        self, i: float, j: float, *, size_a: tuple[float, float] | None = None
+    ) -> BoxL0:
+        """Level-0 box of window (i, j) (of ``size_a`` = (width, height) analysis px centred on
+        the window, default the window's own size); a window at the border reaches past the
+        image."""
         cx_a, cy_a = self.geometry.window_center_a(i, j)
-        w_a, h_a = self.geometry.width_a, self.geometry.height_a
+        w_a, h_a = size_a or (self.geometry.width_a, self.geometry.height_a)
         return self.scale.box_to_l0(cx_a - w_a / 2, cy_a - h_a / 2, w_a, h_a)
 
 
@@ -374,11 +385,17 @@ def detect(
     thresholds: dict[str, float],
     *,
     max_per_class: int = 100_000,
+    object_size_l0: tuple[float, float] | None = None,
 ) -> list[Detection]:
     """Local maxima of each (non-background) class's log-odds map where the class reaches its
     probability threshold and is the most probable class; at least one patch width apart
     within a class, placed with sub-cell precision (a parabola through the neighbours, as the
-    search places its suggestions). Boxes are the model's patch, clipped to the image."""
+    search places its suggestions). Boxes are the model's patch, clipped to the image.
+
+    ``object_size_l0`` (width, height in level-0 px; objects smaller than the patch, which may
+    touch): detections are kept :data:`~simsearch_wsi.search.similarity.DENSE_SPACING_FRACTION`
+    of the object's shorter side apart instead (between refined centres, as the search's dense
+    mode) and their boxes are the object's size."""
     p = maps.probabilities
     finite = np.isfinite(p).all(axis=0)
     # the most probable class among the user's classes (background competes through the
@@ -387,6 +404,10 @@ def detect(
     ranked = np.where(np.isfinite(p) & fg[:, None, None], p, -1.0)
     best = np.where(finite, np.argmax(ranked, axis=0), -1)
     kh, kw = maps.geometry.kernel_hw
+    object_a = None
+    if object_size_l0 is not None:
+        _, _, ow_a, oh_a = maps.scale.box_to_analysis(BoxL0(0, 0, *object_size_l0))
+        object_a = (ow_a, oh_a)
     out: list[Detection] = []
     for c, name in enumerate(maps.classes):
         if name == BACKGROUND_CLASS:
@@ -394,17 +415,28 @@ def detect(
         odds = class_log_odds(p, c)
         keep = (best == c) & (p[c] >= thresholds.get(name, 0.5))
         m = np.where(keep, odds, np.nan).astype(np.float32)
-        peaks = local_maxima(
-            m,
-            threshold=-1e6,  # below any log-odds; above the NaN fill
-            min_distance_cells=max(kh, kw),
-            max_peaks=max_per_class,
-        )
-        for i, j in peaks:
+        if object_a is None:
+            peaks = [
+                (int(i), int(j), *refine_peak(odds, int(i), int(j)))
+                for i, j in local_maxima(
+                    m,
+                    threshold=-1e6,  # below any log-odds; above the NaN fill
+                    min_distance_cells=max(kh, kw),
+                    max_peaks=max_per_class,
+                )
+            ]
+        else:
+            peaks = spaced_peaks(
+                m,
+                geometry=maps.geometry,
+                threshold=-1e6,
+                spacing_a=DENSE_SPACING_FRACTION * min(object_a),
+                max_peaks=max_per_class,
+            )
+        for i, j, di, dj in peaks:
             probs = {n: float(p[k, i, j]) for k, n in enumerate(maps.classes)}
-            di, dj = refine_peak(odds, int(i), int(j))
             # clipped to the image: QuPath objects stay inside it
-            box = maps.window_box_l0(i + di, j + dj).clipped(*maps.image_size_l0)
+            box = maps.window_box_l0(i + di, j + dj, size_a=object_a).clipped(*maps.image_size_l0)
             out.append(Detection(name, box, probs[name], probs, float(odds[i, j])))
     return out
 

@@ -80,6 +80,9 @@ class PredictSettings:
     ``thresholds`` override the bundle's per-class confidence thresholds; ``simplify_px`` is the
     polygon tolerance in segmentation-grid pixels; segmentation pieces under ``min_area_um2``
     are dropped; ``write_back`` adds the label mask to OME-Zarr *inputs* as ``labels/simsearch``.
+    ``object_size_px`` (level-0 px; objects smaller than the model's patch, which may touch):
+    detections are spaced and boxed by the object's size
+    (:func:`~simsearch_wsi.infer.dense.detect`); segmentation is unchanged.
     """
 
     thresholds: dict[str, float] = field(default_factory=dict)
@@ -90,6 +93,7 @@ class PredictSettings:
     write_zarr: bool = True
     write_overlay: bool = True
     write_back: bool = False
+    object_size_px: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -366,7 +370,8 @@ def predict_image(
         batch_size=settings.batch_size,
         progress=progress,
     )
-    detections = detect(maps, thresholds)
+    obj = settings.object_size_px
+    detections = detect(maps, thresholds, object_size_l0=None if obj is None else (obj, obj))
     seg = segment(maps, thresholds, cell_subdivision=segmentation_subdivision(maps))
     colors = {c: tuple(int(v) for v in rgb) for c, rgb in bundle.colors.items()}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from simsearch_wsi.features.preprocess import ChannelNormalization, fit_normaliz
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.qupath.geojson import Annotation, box_feature
 from simsearch_wsi.search.similarity import (
+    DENSE_POOL_FRACTION,
     PatchGeometry,
     PooledMap,
     Prototype,
@@ -50,6 +51,11 @@ from simsearch_wsi.search.validation import prototypes_from_annotations as valid
 #: Opens an image by path (the server passes one that refuses paths outside its folders).
 ImageOpener = Callable[[str], ImageSource]
 
+#: ``dense_fine``: the object lands at about this many analysis pixels (up to
+#: DENSE_MAX_UPSAMPLE x upsampled), twice a patch's, so a feature cell is an eighth of an object
+DENSE_OBJECT_PX = 128.0
+DENSE_MAX_UPSAMPLE = 8.0
+
 # Cosine similarity between standardised pooled vectors; a starting point the user moves.
 DEFAULT_THRESHOLD = 0.5
 
@@ -58,7 +64,18 @@ DEFAULT_THRESHOLD = 0.5
 class SearchSettings:
     """Knobs of the search. ``feature_norm`` (:mod:`simsearch_wsi.features.norm`) changes the
     similarity values, so thresholds are tied to it; the others do not change what a suggestion
-    means."""
+    means.
+
+    ``dense``: the prototype boxes are the objects (e.g. nuclei drawn tightly), which may touch.
+    The object size is the median prototype box; the analysis scale is set by it; features are
+    pooled over :data:`~simsearch_wsi.search.similarity.DENSE_POOL_FRACTION` of it (of the
+    experiment's patch size where one is given, e.g. a session's); suggestions are kept
+    :data:`~simsearch_wsi.search.similarity.DENSE_SPACING_FRACTION` of the object's shorter
+    side apart and their boxes are the object's size. Off (default): the first prototype's box
+    is the patch, suggestions are ``min_distance_fraction`` patch widths apart, boxes are the
+    patch. ``dense_fine`` (with ``dense``): a finer analysis scale, the object at about
+    :data:`DENSE_OBJECT_PX` analysis pixels (up to :data:`DENSE_MAX_UPSAMPLE` x upsampled), for
+    objects closer together than the trunk's stride resolves; about 4x the embedding work."""
 
     tile_size: int = 1024
     batch_size: int = 4
@@ -66,6 +83,8 @@ class SearchSettings:
     min_distance_fraction: float = 1.0
     max_per_class: int = 500
     channels: tuple[str, ...] | None = None
+    dense: bool = False
+    dense_fine: bool = False
 
     def __post_init__(self) -> None:
         check_feature_norm(self.feature_norm)
@@ -89,6 +108,7 @@ class SuggestResult:
     feature_norm: str = DEFAULT_FEATURE_NORM
     notes: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
+    object_size_l0: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         # stable ids: the GeoJSON ids QuPath keeps, by which a review is matched to suggestions
@@ -122,6 +142,7 @@ class SuggestResult:
             "thresholds": self.thresholds,
             "analysis_scale": self.scale.to_dict(),
             "patch": self.geometry.to_dict(),
+            "object_size_l0": list(self.object_size_l0) if self.object_size_l0 else None,
             "feature_cache": self.feature_cache,
             "weights": self.weights,
             "feature_norm": self.feature_norm,
@@ -193,7 +214,13 @@ class SimSearch:
         *,
         normalization: ChannelNormalization | None = None,
     ) -> FeatureSpec:
-        scale = AnalysisScale.for_patch(image, patch_size_l0)
+        if self.settings.dense and self.settings.dense_fine:
+            # small objects: a finer scale than a patch gets (measured in docs/evaluation.md)
+            scale = AnalysisScale.for_patch(
+                image, patch_size_l0, target_px=DENSE_OBJECT_PX, max_upsample=DENSE_MAX_UPSAMPLE
+            )
+        else:
+            scale = AnalysisScale.for_patch(image, patch_size_l0)
         return make_feature_spec(
             image,
             self.extractor,
@@ -258,7 +285,9 @@ class SimSearch:
         image, standardised with that image's statistics (this is how noisy patches are mined
         from images the user has not reviewed). ``thresholds`` maps class -> minimum similarity
         (default :data:`DEFAULT_THRESHOLD`); ``patch_size_l0`` (width, height) is the
-        experiment's patch size (default: the first prototype's box). ``avoid`` boxes (labelled
+        experiment's patch size (default: the first prototype's box; with ``settings.dense``
+        the default is the median prototype box, and features are pooled over part of it, see
+        :class:`SearchSettings`). ``avoid`` boxes (labelled
         patches) are kept out of the background candidates. ``open_image`` opens the images of
         prototypes drawn elsewhere (default :func:`simsearch_wsi.io.open_image`)."""
         if not prototypes:
@@ -274,15 +303,20 @@ class SimSearch:
                 f"prototypes: {list(classes)}"
             )
         used = {c: float(thresholds.get(c, DEFAULT_THRESHOLD)) for c in classes}
-        width_l0, height_l0 = patch_size_l0 or (
-            prototypes[0].box.width_l0,
-            prototypes[0].box.height_l0,
-        )
+        dense = self.settings.dense
+        object_l0 = object_size_l0(prototypes) if dense else None
+        if object_l0 is not None:  # pooled over part of the experiment's size (the object's)
+            width_l0, height_l0 = (DENSE_POOL_FRACTION * v for v in patch_size_l0 or object_l0)
+        elif patch_size_l0 is not None:
+            width_l0, height_l0 = patch_size_l0
+        else:
+            width_l0, height_l0 = prototypes[0].box.width_l0, prototypes[0].box.height_l0
         t0 = time.perf_counter()
         sim = self.similarity(
             image,
             prototypes,
             patch_size_l0=(width_l0, height_l0),
+            scale_size_l0=max(object_l0) if object_l0 is not None else None,
             with_mean=bool(n_background),
             normalization=normalization,
             open_image=open_image,
@@ -290,16 +324,23 @@ class SimSearch:
         )
         spec, fmap, geometry, maps, here = sim.spec, sim.fmap, sim.geometry, sim.maps, sim.here
         t1 = t0 + sim.seconds_embed
+        object_a = None
+        if object_l0 is not None:
+            _, _, ow_a, oh_a = spec.scale.box_to_analysis(BoxL0(0, 0, *object_l0))
+            object_a = (ow_a, oh_a)
         suggestions = extract_suggestions(
             maps,
             classes,
             geometry=geometry,
             spec=spec,
             thresholds=used,
-            min_distance_a=self.settings.min_distance_fraction * geometry.width_a,
+            min_distance_a=(
+                None if dense else self.settings.min_distance_fraction * geometry.width_a
+            ),
             max_per_class=self.settings.max_per_class,
             exclude=here,
             image_size_l0=image.dimensions,
+            object_size_a=object_a,
         )
         background: list[Suggestion] = []
         if n_background:
@@ -315,7 +356,12 @@ class SimSearch:
             )
         t2 = time.perf_counter()
         notes = []
-        if any(
+        if object_l0 is not None:
+            notes.append(
+                f"dense objects: object size {object_l0[0]:.0f}x{object_l0[1]:.0f} px (median "
+                f"prototype box), features pooled over {width_l0:.0f}x{height_l0:.0f} px"
+            )
+        elif any(
             abs(p.box.width_l0 - width_l0) > 1 or abs(p.box.height_l0 - height_l0) > 1
             for p in prototypes
         ):
@@ -337,6 +383,7 @@ class SimSearch:
             seconds_query=t2 - t1,
             feature_norm=self.settings.feature_norm,
             notes=notes,
+            object_size_l0=object_l0,
         )
 
     def similarity(
@@ -345,6 +392,7 @@ class SimSearch:
         prototypes: Sequence[Prototype],
         *,
         patch_size_l0: tuple[float, float],
+        scale_size_l0: float | None = None,
         with_mean: bool = False,
         normalization: ChannelNormalization | None = None,
         open_image: ImageOpener | None = None,
@@ -352,10 +400,12 @@ class SimSearch:
     ) -> SimilarityMaps:
         """Per-class similarity maps of ``image`` (embedding it if not cached): ``maps`` is
         (K [+1], H', W') over pooled windows (NaN where not embedded), the extra last map (with
-        ``with_mean``) being the similarity to the mean of all prototype vectors."""
+        ``with_mean``) being the similarity to the mean of all prototype vectors.
+        ``scale_size_l0`` (level-0 px) sets the analysis scale (default: the patch's longer
+        side; dense objects: the object's)."""
         classes = tuple(dict.fromkeys(p.class_name for p in prototypes))
         width_l0, height_l0 = patch_size_l0
-        patch_l0 = max(width_l0, height_l0)
+        patch_l0 = scale_size_l0 or max(width_l0, height_l0)
         t0 = time.perf_counter()
         spec, fmap = self.embed(image, patch_l0, normalization=normalization, progress=progress)
         seconds_embed = time.perf_counter() - t0
@@ -438,6 +488,16 @@ class SimSearch:
                     )
                 )
         return parts
+
+
+def object_size_l0(prototypes: Sequence[Prototype]) -> tuple[float, float]:
+    """(width, height) in level-0 px of the objects the prototypes outline: their median box."""
+    if not prototypes:
+        raise ConfigError("no prototypes given: draw at least one classified rectangle")
+    return (
+        float(np.median([p.box.width_l0 for p in prototypes])),
+        float(np.median([p.box.height_l0 for p in prototypes])),
+    )
 
 
 def _same_image(prototype_image: str | None, image: ImageSource) -> bool:

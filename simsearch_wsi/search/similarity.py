@@ -59,6 +59,12 @@ from simsearch_wsi.features.preprocess import resolve_channels
 from simsearch_wsi.io.base import ImageSource
 
 WINDOW_STRIDE_FRACTION = 0.1
+#: objects smaller than the patch (dense mode): candidates of a class are kept this fraction of
+#: the object's shorter side apart (between refined centres), so touching objects stay apart
+DENSE_SPACING_FRACTION = 0.5
+#: dense mode: features are pooled over this fraction of the object box (measured: a window of
+#: half a nucleus places the maxima nearer the centres than a window of the whole nucleus)
+DENSE_POOL_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -426,6 +432,60 @@ def local_maxima(
     return np.asarray(peaks, dtype=np.int64)
 
 
+def spaced_peaks(
+    m: NDArray[np.float32],
+    *,
+    geometry: PatchGeometry,
+    threshold: float,
+    spacing_a: float,
+    max_peaks: int,
+) -> list[tuple[int, int, float, float]]:
+    """Candidates of a map (Hp, Wp) for objects that may be closer than a patch: every local
+    maximum of its 3 x 3 cells at or above ``threshold`` (NaN ignored), placed below the cell
+    by :func:`refine_peak`, then kept strongest first unless within ``spacing_a`` analysis
+    pixels (Euclidean, between refined centres) of a stronger kept one. Returns at most
+    ``max_peaks`` ``(i, j, di, dj)``: the maximum's cell and its sub-cell offset."""
+    cand = local_maxima(m, threshold=threshold, min_distance_cells=1, max_peaks=10 * max_peaks)
+    s = float(geometry.stride)
+    r = max(float(spacing_a), 1e-6)
+    kept: list[tuple[int, int, float, float]] = []
+    grid: dict[tuple[int, int], list[tuple[float, float]]] = {}  # kept centres by r-sized bin
+    for i, j in cand:  # strongest first
+        di, dj = refine_peak(m, int(i), int(j))
+        x, y = s * (j + dj), s * (i + di)
+        bx, by = math.floor(x / r), math.floor(y / r)
+        near = (
+            (x - kx) ** 2 + (y - ky) ** 2 < r * r
+            for gx in (bx - 1, bx, bx + 1)
+            for gy in (by - 1, by, by + 1)
+            for kx, ky in grid.get((gx, gy), ())
+        )
+        if any(near):
+            continue
+        kept.append((int(i), int(j), di, dj))
+        grid.setdefault((bx, by), []).append((x, y))
+        if len(kept) == max_peaks:
+            break
+    return kept
+
+
+def object_box(
+    geometry: PatchGeometry,
+    spec: FeatureSpec,
+    i: float,
+    j: float,
+    *,
+    object_size_a: tuple[float, float],
+) -> BoxL0:
+    """The level-0 box of an object of ``object_size_a`` (width, height) analysis pixels
+    centred on pooled window (i, j) (fractional), snapped to a tenth of the object's width."""
+    cx_a, cy_a = geometry.window_center_a(i, j)
+    w_a, h_a = object_size_a
+    step = WINDOW_STRIDE_FRACTION * w_a
+    cx_a, cy_a = round(cx_a / step) * step, round(cy_a / step) * step
+    return spec.scale.box_to_l0(cx_a - w_a / 2, cy_a - h_a / 2, w_a, h_a)
+
+
 def _box_from_window(geometry: PatchGeometry, spec: FeatureSpec, i: float, j: float) -> BoxL0:
     cx_a, cy_a = geometry.window_center_a(i, j)
     step = geometry.window_stride_a
@@ -468,6 +528,7 @@ def extract_suggestions(
     exclude: Sequence[Prototype] = (),
     competitive: bool = True,
     image_size_l0: tuple[int, int] | None = None,
+    object_size_a: tuple[float, float] | None = None,
 ) -> list[Suggestion]:
     """Suggestions per class from :func:`similarity_maps` output (module docstring).
 
@@ -476,9 +537,17 @@ def extract_suggestions(
     (the prototypes themselves) are dropped. With ``competitive`` (default) a window can only be
     suggested for the class whose prototypes it resembles most: each class map is masked where
     another class scores higher, so one motif is not suggested under several classes.
+
+    ``object_size_a`` (width, height of the objects in analysis pixels, when they differ from
+    the patch): candidates are found by :func:`spaced_peaks` (``min_distance_a`` apart between
+    refined centres, default :data:`DENSE_SPACING_FRACTION` of the object's shorter side) and
+    boxes are the object's size (:func:`object_box`). Without it, the patch's rule: local
+    maxima ``min_distance_a`` apart on the cell grid, boxes of the patch.
     """
     min_dist = 0.5 * geometry.width_a if min_distance_a is None else min_distance_a
     min_cells = max(1, math.floor(min_dist / geometry.stride))
+    if object_size_a is not None and min_distance_a is None:
+        min_dist = DENSE_SPACING_FRACTION * min(object_size_a)
     out: list[Suggestion] = []
     class_maps = maps[: len(classes)]
     best = np.nanargmax(np.where(np.isfinite(class_maps), class_maps, -np.inf), axis=0)
@@ -486,16 +555,31 @@ def extract_suggestions(
         m = class_maps[c]
         if competitive and len(classes) > 1:
             m = np.where(best == c, m, np.nan).astype(np.float32)
-        peaks = local_maxima(
-            m,
-            threshold=thresholds[name],
-            min_distance_cells=min_cells,
-            max_peaks=max_per_class + len(exclude),
-        )
+        if object_size_a is None:
+            peaks = [
+                (int(i), int(j), *refine_peak(m, int(i), int(j)))
+                for i, j in local_maxima(
+                    m,
+                    threshold=thresholds[name],
+                    min_distance_cells=min_cells,
+                    max_peaks=max_per_class + len(exclude),
+                )
+            ]
+        else:
+            peaks = spaced_peaks(
+                m,
+                geometry=geometry,
+                threshold=thresholds[name],
+                spacing_a=min_dist,
+                max_peaks=max_per_class + len(exclude),
+            )
         found: list[tuple[float, BoxL0]] = []
-        for i, j in peaks:
-            di, dj = refine_peak(m, int(i), int(j))
-            box = _inside(_box_from_window(geometry, spec, i + di, j + dj), image_size_l0)
+        for i, j, di, dj in peaks:
+            if object_size_a is None:
+                box = _box_from_window(geometry, spec, i + di, j + dj)
+            else:
+                box = object_box(geometry, spec, i + di, j + dj, object_size_a=object_size_a)
+            box = _inside(box, image_size_l0)
             if any(p.class_name == name and _contains(p.box, box.center_l0) for p in exclude):
                 continue
             found.append((float(m[i, j]), box))
