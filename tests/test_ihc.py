@@ -270,7 +270,7 @@ def test_regions_from_qupath_annotations_round_trip(field, tmp_path) -> None:
 
 def test_whole_image_without_annotations_uses_tissue(field) -> None:
     img = ArraySource(field.rgb, mpp=MPP)
-    res = quantify_image(img, with_geometry=False)
+    res = quantify_image(img, with_geometry=False, tissue=True)
     (s,) = res.scores
     assert s.region == "Image" and s.n_cells == len(field.centers_xy)
     assert 0 < s.area_um2 <= 240 * 240 * MPP**2

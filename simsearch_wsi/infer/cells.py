@@ -49,6 +49,7 @@ __all__ = [
     "detect_cells",
     "detect_cells_rgb",
     "detect_nuclei",
+    "estimate_image_stains",
     "estimate_stains",
     "stain_od",
 ]
@@ -289,9 +290,10 @@ def detect_nuclei(
     img = img.astype(np.float32, copy=True)
     r_bg = round(params.background_radius_um / px_um)
     if r_bg > 0:
-        size = 2 * r_bg + 1
-        bg = ndi.maximum_filter(ndi.minimum_filter(img, size=size), size=size)
-        img -= bg
+        from skimage.morphology import disk, opening
+
+        # grey opening by a disk (decomposed into a sequence of small footprints: fast)
+        img -= opening(img, disk(r_bg, decomposition="sequence"))
     smooth = ndi.gaussian_filter(img, params.sigma_um / px_um)
     # the smoothed image finds the nuclei; the unsmoothed one (opened by a 3 x 3 square to drop
     # single-pixel noise) sets their outline, so that smoothing does not grow nuclei into the
@@ -697,3 +699,16 @@ def detect_cells(
     out = CellTable.concat(parts, names=names)
     out.level, out.downsample, out.px_um = level, ds, px_um
     return out
+
+
+def estimate_image_stains(
+    image: ImageSource, *, max_pixels: int = 4_000_000, min_od: float = 0.15
+) -> StainVectors:
+    """:func:`estimate_stains` on an overview of a whole image (every pixel of a small image;
+    every f-th pixel per axis of a large one, so stain colours are not averaged)."""
+    from simsearch_wsi.features.tiling import read_overview
+
+    if image.n_channels != 3 or image.dtype != np.uint8:
+        raise ConfigError(f"{image.path}: stain estimation needs uint8 RGB brightfield pixels")
+    overview, _, _ = read_overview(image, max_pixels=max_pixels, reduce="sample")
+    return estimate_stains(np.ascontiguousarray(overview[..., :3]), min_od=min_od)

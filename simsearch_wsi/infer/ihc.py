@@ -9,10 +9,10 @@ threshold (QuPath's "single threshold" mode, classes ``Positive``/``Negative``) 
 
 Regions are the user's QuPath annotations (or TMA cores), read from GeoJSON: a cell belongs to
 every region that contains its nucleus centroid (nested regions each count it). Without
-annotations the region is the whole image, with its area the tissue foreground's when a mask
-is given. Outputs: QuPath cell objects (nucleus and cell outlines, QuPath's measurement names
-and classes), the regions as annotations carrying QuPath's summary measurement names (``Num
-Detections``, ``Num Positive``, ``Positive %``, ``H-score``, ...), and a CSV table.
+annotations the region is the whole image (or, on request, its tissue foreground). Outputs:
+QuPath cell objects (nucleus and cell outlines, QuPath's measurement names and classes), the
+regions as annotations carrying QuPath's summary measurement names (``Num Detections``, ``Num
+Positive``, ``Positive %``, ``H-score``, ...), and a CSV table.
 """
 
 from __future__ import annotations
@@ -435,7 +435,7 @@ def quantify_image(
     params: CellDetectionParams | None = None,
     rule: PositivityRule | None = None,
     stains: StainVectors = QUPATH_H_DAB,
-    tissue: bool = True,
+    tissue: bool = False,
     with_geometry: bool = True,
     tile_px: int = 1024,
     progress: Callable[[int, int], None] | None = None,
@@ -456,8 +456,11 @@ def quantify_image(
         Compartment and thresholds (default :class:`PositivityRule`).
     tissue
         Without annotations: restrict to the tissue foreground
-        (:func:`simsearch_wsi.features.tissue.detect_foreground`; cells outside it are
-        dropped, and densities are per mm^2 of tissue). False: the whole image.
+        (:func:`simsearch_wsi.features.tissue.detect_foreground`; tiles without tissue are
+        skipped, cells outside it are dropped, densities are per mm^2 of tissue). Off by
+        default: on IHC the foreground threshold can miss pale, DAB-negative stroma (it
+        dropped every stromal cell of scikit-image's IHC sample), which would bias positive %.
+        False: the whole image, densities per mm^2 of image.
 
     Returns
     -------
