@@ -10,8 +10,9 @@ centroid, so every cell is found once and none is cut at a tile border):
 2. **Nuclei** (:func:`detect_nuclei`): the hematoxylin OD (or the OD sum) minus a background
    (grey opening of ``background_radius_um``), Gaussian smoothing (``sigma_um``), a threshold
    (``threshold_od``), holes filled, touching nuclei split by a watershed of the distance
-   transform, nuclei outside ``[min_area_um2, max_area_um2]`` dropped. StarDist is not used (not
-   a dependency).
+   transform (of the smoothed image, with a half-maximum outline, where the thresholded area
+   is larger than a nucleus: dense tissue), nuclei outside ``[min_area_um2, max_area_um2]``
+   dropped. StarDist is not used (not a dependency).
 3. **Cells**: nuclei grown by ``cell_expansion_um`` without overlapping
    (:func:`skimage.segmentation.expand_labels`).
 4. **Measurements** per cell, named as QuPath names them (:data:`MEASUREMENTS`): nucleus and
@@ -215,7 +216,7 @@ class CellDetectionParams:
     threshold_od
         Threshold on the background-subtracted, smoothed detection image.
     split
-        Split touching nuclei by a distance-transform watershed.
+        Split touching nuclei (see :func:`detect_nuclei`).
     cell_expansion_um
         Distance the nuclei are grown by to make cells; 0 = cells are the nuclei.
     """
@@ -263,6 +264,70 @@ class CellDetectionParams:
         )
 
 
+def _split(
+    smooth: NDArray[np.float32],
+    mask: NDArray[np.bool_],
+    comp: NDArray[np.int32],
+    n_comp: int,
+    *,
+    thr: float,
+    min_px: float,
+    max_px: float,
+) -> NDArray[np.int32]:
+    """Split touching nuclei. Components of at most ``max_px`` pixels: a watershed of their
+    distance transform (one seed per distance maximum at least a minimal nucleus' radius apart).
+    Larger ones (dense tissue whose OD stays above the threshold between nuclei): one seed per
+    local maximum of the smoothed image with a contrast of at least ``thr`` over its basin,
+    each nucleus the part of its basin above half its peak (the edge of a blurred disk)."""
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    r_min = max(1, round(math.sqrt(min_px / math.pi)))
+    sizes = np.bincount(comp.ravel(), minlength=n_comp + 1)
+    big = sizes > max_px
+    big[0] = False
+    small_mask = mask & ~big[comp]
+    dist = ndi.gaussian_filter(ndi.distance_transform_edt(small_mask), 1.0)
+    small_comp = np.where(small_mask, comp, 0)
+    peaks = peak_local_max(dist, min_distance=r_min, labels=small_comp, exclude_border=False)
+    markers = np.zeros(mask.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    has = np.zeros(n_comp + 1, dtype=bool)
+    has[comp[tuple(peaks.T)]] = True
+    lonely = np.flatnonzero(~has[1:] & ~big[1:]) + 1
+    for k, (r, c) in enumerate(ndi.maximum_position(dist, small_comp, lonely)):
+        markers[int(r), int(c)] = len(peaks) + 1 + k
+    labels: NDArray[np.int32] = np.asarray(watershed(-dist, markers, mask=small_mask), np.int32)
+    if not big.any():
+        return labels
+    big_mask = mask & big[comp]
+    big_comp = np.where(big_mask, comp, 0)
+    bpeaks = peak_local_max(
+        smooth, min_distance=r_min, threshold_abs=thr, labels=big_comp, exclude_border=False
+    )
+    if len(bpeaks) == 0:
+        return labels
+    bmarkers = np.zeros(mask.shape, dtype=np.int32)
+    bmarkers[tuple(bpeaks.T)] = np.arange(1, len(bpeaks) + 1, dtype=np.int32)
+    basins = watershed(-smooth, bmarkers, mask=big_mask)
+    idx = np.arange(1, len(bpeaks) + 1)
+    peak = np.zeros(len(bpeaks) + 1, dtype=np.float32)
+    low = np.zeros(len(bpeaks) + 1, dtype=np.float32)
+    peak[1:] = ndi.maximum(smooth, basins, idx)
+    low[1:] = ndi.minimum(smooth, basins, idx)
+    cut = np.maximum(thr, 0.5 * peak)
+    cut[(peak - low) < thr] = np.inf  # flat: no nucleus there
+    cut[0] = np.inf
+    core = ndi.binary_fill_holes(smooth >= cut[basins])
+    keep = np.flatnonzero(np.isfinite(cut))
+    bmarkers[~np.isin(bmarkers, keep)] = 0
+    blabels = watershed(-smooth, bmarkers, mask=core & big_mask)
+    offset = int(labels.max())
+    labels[blabels > 0] = blabels[blabels > 0] + offset
+    return labels
+
+
 def detect_nuclei(
     od: NDArray[np.float32], *, px_um: float, params: CellDetectionParams
 ) -> NDArray[np.int32]:
@@ -283,8 +348,7 @@ def detect_nuclei(
         (H, W) labels, 0 = background, 1..n nuclei (consecutive).
     """
     from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
-    from skimage.segmentation import relabel_sequential, watershed
+    from skimage.segmentation import relabel_sequential
 
     img = od[..., 0] if params.detection_image == "hematoxylin" else od[..., 0] + od[..., 1]
     img = img.astype(np.float32, copy=True)
@@ -308,21 +372,7 @@ def detect_nuclei(
     if n_comp == 0:
         return np.zeros(mask.shape, dtype=np.int32)
     if params.split:
-        dist = ndi.distance_transform_edt(mask)
-        dist = ndi.gaussian_filter(dist, 1.0)
-        r_min = max(1, round(math.sqrt(min_px / math.pi)))
-        peaks = peak_local_max(dist, min_distance=r_min, labels=comp, exclude_border=False)
-        markers = np.zeros(mask.shape, dtype=np.int32)
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
-        # components without a peak keep one marker each
-        has = np.zeros(n_comp + 1, dtype=bool)
-        has[comp[tuple(peaks.T)]] = True
-        lonely = np.flatnonzero(~has[1:]) + 1
-        if lonely.size:
-            coms = ndi.maximum_position(dist, comp, lonely)
-            for k, (r, c) in enumerate(coms):
-                markers[int(r), int(c)] = len(peaks) + 1 + k
-        labels = watershed(-dist, markers, mask=mask).astype(np.int32)
+        labels = _split(smooth, mask, comp, n_comp, thr=thr, min_px=min_px, max_px=max_px)
     else:
         labels = comp.astype(np.int32)
     areas = np.bincount(labels.ravel())
@@ -443,7 +493,8 @@ def _outline(mask: NDArray[np.bool_], x0: float, y0: float, scale: float) -> Pol
     xy = np.stack([ring[:, 1] - 1 + 0.5 + x0, ring[:, 0] - 1 + 0.5 + y0], axis=1) * scale
     if len(xy) < 4:
         return None
-    poly = Polygon(xy)
+    # drop the collinear points of the pixel-edge contour (0.25 px keeps the shape)
+    poly = Polygon(xy).simplify(0.25 * scale, preserve_topology=True)
     if not poly.is_valid:
         poly = poly.buffer(0)
         if poly.geom_type != "Polygon":
