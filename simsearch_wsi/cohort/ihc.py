@@ -29,6 +29,7 @@ import numpy as np
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.infer.cells import QUPATH_H_DAB, CellDetectionParams, StainVectors
 from simsearch_wsi.infer.ihc import (
+    IhcResult,
     PositivityRule,
     RegionScore,
     cell_features,
@@ -80,7 +81,9 @@ class IhcRun:
     plots: dict[str, Path] = field(default_factory=dict)
 
 
-def _cell_rows(res: Any, rule: PositivityRule) -> list[dict[str, Any]]:
+def cell_rows(res: IhcResult, rule: PositivityRule) -> list[dict[str, Any]]:
+    """One table row per cell of an :class:`~simsearch_wsi.infer.ihc.IhcResult`: centroid
+    (level-0 pixels), class, bin (0..3) and every measurement."""
     names = rule.class_names(res.bins)
     cols = res.cells.measurements
     rows = []
@@ -168,7 +171,7 @@ def quantify_ihc_images(
         gj = write_feature_collection(out / f"{stem}.ihc.geojson", feats)
         outputs = {"geojson": str(gj)}
         if len(res.cells):
-            cells_csv = write_table(out / f"{stem}.cells.csv", _cell_rows(res, rule))
+            cells_csv = write_table(out / f"{stem}.cells.csv", cell_rows(res, rule))
             outputs["cells"] = str(cells_csv)
         rows.extend(score_rows(stem, res.scores, extra=meta))
         done.append(
