@@ -222,6 +222,10 @@ def test_regions_from_qupath_annotations_round_trip(field, tmp_path) -> None:
     )
     res = quantify_image(img, annotations=anns)
     assert [s.region for s in res.scores] == ["left", "right"]
+    assert len(res.cells) == len(field.centers_xy)
+    only_left = quantify_image(img, annotations=anns[:1], with_geometry=False)
+    assert (only_left.cells.x_l0 < 120).all()  # cells outside every region are dropped
+    assert len(only_left.cells) == only_left.scores[0].n_cells
     x = field.centers_xy[:, 0]
     truth = intensity_bins(field.nucleus_dab_od, (0.2, 0.4, 0.6))
     for s, inside in zip(res.scores, (x < 120, x >= 120), strict=True):

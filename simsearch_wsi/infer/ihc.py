@@ -448,8 +448,8 @@ def quantify_image(
         An open uint8 RGB image with a known pixel size.
     annotations
         QuPath objects (:func:`simsearch_wsi.qupath.geojson.read_features`); their annotations
-        and TMA cores are the regions, and only tiles over them are processed. None (or no
-        polygonal annotation): the whole image is one region.
+        and TMA cores are the regions; only tiles over them are processed and only cells
+        inside one of them are kept. None: the whole image is one region.
     params, stains, tile_px, with_geometry, progress
         As in :func:`simsearch_wsi.infer.cells.detect_cells`.
     rule
@@ -471,6 +471,8 @@ def quantify_image(
     ConfigError
         Annotations given but none of them is a polygonal annotation or TMA core.
     """
+    import shapely
+
     from simsearch_wsi.infer.cells import detect_cells
 
     rule = rule or PositivityRule()
@@ -490,7 +492,6 @@ def quantify_image(
             for g in (r.geometry for r in regions)
             if g is not None
         ]
-        import shapely
         from shapely.geometry import box
 
         union = shapely.union_all([r.geometry for r in regions])
@@ -527,6 +528,9 @@ def quantify_image(
         skip_tile=skip,
         progress=progress,
     )
+    if annotations is not None and len(cells):
+        # as QuPath detects inside the annotations only: cells outside every region are dropped
+        cells = cells.take(np.asarray(shapely.contains_xy(union, cells.x_l0, cells.y_l0)))
     if fg_mask is not None and len(cells):
         m = fg_mask.mask
         i = np.clip((cells.y_l0 // fg_mask.downsample_y).astype(np.intp), 0, m.shape[0] - 1)
