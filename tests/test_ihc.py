@@ -179,14 +179,16 @@ def test_tiles_find_each_cell_once(field) -> None:
     )
 
 
-def test_pyramid_level_follows_requested_pixel_size() -> None:
-    # level 0 at 0.25 um/px: cells twice as many pixels across; detection runs on level 1
+@pytest.mark.parametrize("n_levels", [2, 1])
+def test_pyramid_level_follows_requested_pixel_size(n_levels: int) -> None:
+    # level 0 at 0.25 um/px: cells twice as many pixels across; detection runs on level 1, or
+    # on level 0 averaged in 2 x 2 blocks when there is no level 1
     big = make_ihc_cell_field(
         (256, 256), dab_levels=LEVELS, seed=4, pitch_px=64.0, nucleus_radius_px=(9.0, 12.0)
     )
-    img = ArraySource(big.rgb, mpp=0.25, n_levels=2)
-    cells = detect_cells(img, with_geometry=True)
-    assert (cells.level, cells.px_um) == (1, pytest.approx(0.5))
+    img = ArraySource(big.rgb, mpp=0.25, n_levels=n_levels)
+    cells = detect_cells(img, with_geometry=True, tile_px=128)
+    assert (cells.level, cells.px_um) == (n_levels - 1, pytest.approx(0.5))
     assert len(cells) == len(big.centers_xy)
     d = np.hypot(
         cells.x_l0[:, None] - big.centers_xy[:, 0], cells.y_l0[:, None] - big.centers_xy[:, 1]

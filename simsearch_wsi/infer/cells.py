@@ -19,8 +19,9 @@ centroid, so every cell is found once and none is cut at a tile border):
    cell areas, hematoxylin and DAB OD mean/max/min/std dev of the nucleus, the cell and the
    cytoplasm (cell minus nucleus).
 
-Processing happens on the pyramid level closest to ``pixel_size_um`` (QuPath's "requested pixel
-size", 0.5 um) without going coarser; no whole level is loaded.
+Processing happens at about ``pixel_size_um`` (QuPath's "requested pixel size", 0.5 um): on the
+pyramid level closest to it without going coarser, its pixels averaged in f x f blocks when
+that level is at least twice as fine; no whole level is loaded.
 """
 
 from __future__ import annotations
@@ -203,7 +204,8 @@ class CellDetectionParams:
     Attributes
     ----------
     pixel_size_um
-        Work on the pyramid level whose pixel size is closest to this without exceeding it.
+        Work at about this pixel size: the pyramid level closest to it without exceeding it,
+        averaged in integer f x f blocks when it is at least twice as fine.
     detection_image
         ``"hematoxylin"`` (QuPath's "Hematoxylin OD") or ``"od_sum"`` (QuPath's "Optical
         density sum"; better when DAB-positive nuclei hold little hematoxylin).
@@ -264,6 +266,25 @@ class CellDetectionParams:
         )
 
 
+def _label_extreme(
+    values: NDArray[Any], labels: NDArray[Any], n: int, *, kind: str
+) -> NDArray[np.float64]:
+    """(n,) max (``kind="max"``) or min of ``values`` over each label 1..n (NaN where a label
+    has no pixel); only labelled pixels are visited (faster than scipy.ndimage's sort)."""
+    inside = labels > 0
+    lab = labels[inside].astype(np.intp)
+    v = values[inside].astype(np.float64)
+    if kind == "max":
+        out = np.full(n + 1, -np.inf)
+        np.maximum.at(out, lab, v)
+    else:
+        out = np.full(n + 1, np.inf)
+        np.minimum.at(out, lab, v)
+    out[~np.isfinite(out)] = np.nan
+    result: NDArray[np.float64] = out[1:]
+    return result
+
+
 def _split(
     smooth: NDArray[np.float32],
     mask: NDArray[np.bool_],
@@ -311,11 +332,10 @@ def _split(
     bmarkers = np.zeros(mask.shape, dtype=np.int32)
     bmarkers[tuple(bpeaks.T)] = np.arange(1, len(bpeaks) + 1, dtype=np.int32)
     basins = watershed(-smooth, bmarkers, mask=big_mask)
-    idx = np.arange(1, len(bpeaks) + 1)
     peak = np.zeros(len(bpeaks) + 1, dtype=np.float32)
     low = np.zeros(len(bpeaks) + 1, dtype=np.float32)
-    peak[1:] = ndi.maximum(smooth, basins, idx)
-    low[1:] = ndi.minimum(smooth, basins, idx)
+    peak[1:] = _label_extreme(smooth, basins, len(bpeaks), kind="max")
+    low[1:] = _label_extreme(smooth, basins, len(bpeaks), kind="min")
     cut = np.maximum(thr, 0.5 * peak)
     cut[(peak - low) < thr] = np.inf  # flat: no nucleus there
     cut[0] = np.inf
@@ -461,8 +481,6 @@ def _stats(
     values: NDArray[np.float32], labels: NDArray[np.int32], n: int
 ) -> tuple[NDArray[np.float64], ...]:
     """count, mean, max, min, std of ``values`` per label 1..n."""
-    from scipy import ndimage as ndi
-
     flat = labels.ravel()
     v = values.ravel().astype(np.float64)
     count = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
@@ -471,9 +489,8 @@ def _stats(
     safe = np.maximum(count, 1)
     mean = total / safe
     std = np.sqrt(np.maximum(sq / safe - mean * mean, 0.0))
-    idx = np.arange(1, n + 1)
-    vmax = np.asarray(ndi.maximum(values, labels, idx), dtype=np.float64).reshape(-1)
-    vmin = np.asarray(ndi.minimum(values, labels, idx), dtype=np.float64).reshape(-1)
+    vmax = _label_extreme(values, labels, n, kind="max")
+    vmin = _label_extreme(values, labels, n, kind="min")
     empty = count == 0
     for a in (mean, std, vmax, vmin):
         a[empty] = np.nan
@@ -699,9 +716,14 @@ def detect_cells(
         raise ConfigError(f"tile_px must be an integer >= 128, got {tile_px!r}")
     level = image.get_best_level_for_downsample(params.pixel_size_um / image.mpp)
     lv = image.levels[level]
-    ds = math.sqrt(lv.downsample_x * lv.downsample_y)
+    # the level's pixels are averaged in f x f blocks (f the integer that brings them closest
+    # to, not above, the requested size), as QuPath resamples to its requested pixel size
+    f = max(1, math.floor(params.pixel_size_um / (image.mpp * lv.downsample_x) + 1e-6))
+    dsx, dsy = lv.downsample_x * f, lv.downsample_y * f  # level-0 px per working px
+    ds = math.sqrt(dsx * dsy)
     px_um = image.mpp * ds
     halo = math.ceil(params.halo_um() / px_um)
+    work_w, work_h = lv.width // f, lv.height // f
     w0, h0 = image.dimensions
     if boxes_l0:
         b = np.asarray(boxes_l0, dtype=np.float64).reshape(-1, 4)
@@ -710,9 +732,9 @@ def detect_cells(
         by1 = min(float(h0), (b[:, 1] + b[:, 3]).max())
     else:
         bx0, by0, bx1, by1 = 0.0, 0.0, float(w0), float(h0)
-    gx0, gy0 = math.floor(bx0 / lv.downsample_x), math.floor(by0 / lv.downsample_y)
-    gx1 = min(lv.width, math.ceil(bx1 / lv.downsample_x))
-    gy1 = min(lv.height, math.ceil(by1 / lv.downsample_y))
+    gx0, gy0 = math.floor(bx0 / dsx), math.floor(by0 / dsy)
+    gx1 = min(work_w, math.ceil(bx1 / dsx))
+    gy1 = min(work_h, math.ceil(by1 / dsy))
     names = measurement_names(px_um)
     cores = [
         (x, y, min(x + tile_px, gx1), min(y + tile_px, gy1))
@@ -721,18 +743,16 @@ def detect_cells(
     ]
     parts = []
     for k, (x0, y0, x1, y1) in enumerate(cores):
-        core_l0 = (
-            x0 * lv.downsample_x,
-            y0 * lv.downsample_y,
-            x1 * lv.downsample_x,
-            y1 * lv.downsample_y,
-        )
+        core_l0 = (x0 * dsx, y0 * dsy, x1 * dsx, y1 * dsy)
         if skip_tile is None or not skip_tile(core_l0):
             rx0, ry0 = x0 - halo, y0 - halo
-            size = (x1 - x0 + 2 * halo, y1 - y0 + 2 * halo)
-            loc = (round(rx0 * lv.downsample_x), round(ry0 * lv.downsample_y))
-            rgb = np.ascontiguousarray(image.read_region(loc, level, size, fill=255))
-            od = stain_od(rgb, stains)
+            width, height = x1 - x0 + 2 * halo, y1 - y0 + 2 * halo
+            loc = (round(rx0 * dsx), round(ry0 * dsy))
+            rgb = image.read_region(loc, level, (width * f, height * f), fill=255)[..., :3]
+            if f > 1:
+                blocks = rgb.reshape(height, f, width, f, 3).astype(np.float32).mean(axis=(1, 3))
+                rgb = np.rint(blocks).astype(np.uint8)
+            od = stain_od(np.ascontiguousarray(rgb), stains)
             t = _measure_tile(
                 od,
                 px_um=px_um,
@@ -742,7 +762,7 @@ def detect_cells(
                 offset_lvl=(rx0, ry0),
                 downsample=ds,
                 with_geometry=with_geometry,
-                inside=(-rx0, -ry0, lv.width - rx0, lv.height - ry0),
+                inside=(-rx0, -ry0, work_w - rx0, work_h - ry0),
             )
             parts.append(t)
         if progress is not None:
