@@ -30,10 +30,12 @@ import numpy as np
 from simsearch_wsi.infer.cells import (
     QUPATH_H_DAB,
     CellDetectionParams,
+    detect_cells,
     detect_cells_rgb,
     estimate_stains,
 )
 from simsearch_wsi.infer.ihc import PositivityRule, Region, intensity_bins, score_regions
+from simsearch_wsi.io import ArraySource
 from simsearch_wsi.synthetic.ihc import make_ihc_cell_field
 
 THRESHOLDS = (0.2, 0.4, 0.6)
@@ -121,7 +123,9 @@ def public(name: str, rgb: np.ndarray, mpp: float) -> list[dict[str, Any]]:
     ]
     rows = []
     for label, params, stains, thr in settings:
-        cells = detect_cells_rgb(rgb, mpp=mpp, params=params, stains=stains)
+        # what `simsearch-wsi quantify` runs: tiles with a halo, the requested pixel size
+        img = ArraySource(rgb, mpp=mpp)
+        cells = detect_cells(img, params=params, stains=stains, with_geometry=False)
         rule = PositivityRule(thresholds=thr)
         (s,), _ = score_regions(cells, [Region("Image")], rule=rule, mpp=mpp)
         rows.append(
