@@ -129,3 +129,18 @@ def test_quantify_errors_are_one_line(ihc_pngs, tmp_path: Path, capsys) -> None:
     )
     assert code == 1 and "--stains" in capsys.readouterr().err
     assert not (tmp_path / "o" / "ihc_scores.csv").exists()
+
+
+def test_quantify_refuses_an_output_over_its_annotations(ihc_pngs, tmp_path: Path, capsys) -> None:
+    path, _ = ihc_pngs[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    # the user passes an earlier run's output back as the regions: it would be replaced
+    ann = out / f"{path.stem}.ihc.geojson"
+    write_feature_collection(ann, [geometry_feature(box(0, 0, 80, 160), class_name="Tumor")])
+    before = ann.read_bytes()
+    args = ["quantify", str(path), "--mpp", "0.5", "--annotations", str(ann), "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "--annotations" in err and "\n" not in err.strip()
+    assert ann.read_bytes() == before and not (out / "ihc_scores.csv").exists()
