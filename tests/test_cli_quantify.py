@@ -93,7 +93,10 @@ def test_quantify_cohort_manifest_with_groups(ihc_pngs, tmp_path: Path, capsys) 
     assert "same files" in capsys.readouterr().err
     assert not out.exists()
     manifest.write_text(f"path,arm\n{p1},A\n{p2},B\n{p3},A\n", encoding="utf-8")
-    assert main(args) == 0
+    assert main([*args, "--no-outlines"]) == 0
+    doc = json.loads((out / "slide1.ihc.geojson").read_text(encoding="utf-8"))
+    assert {f["properties"]["objectType"] for f in doc["features"]} == {"annotation"}
+    assert len(_rows(out / "slide1.cells.csv")) == len(f1.centers_xy)
     rows = _rows(out / "ihc_scores.csv")
     assert [(r["image"], r["arm"]) for r in rows] == [
         ("slide1", "A"),

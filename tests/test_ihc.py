@@ -274,6 +274,16 @@ def test_regions_from_qupath_annotations_round_trip(field, tmp_path) -> None:
     assert "positive_pct" in header and "h_score" in header
 
 
+def test_tma_cores_are_regions_and_detections_are_not(field) -> None:
+    img = ArraySource(field.rgb, mpp=MPP)
+    core = geometry_feature(box(0, 0, 240, 120), class_name=None, name="A-1")
+    core["properties"]["objectType"] = "tmaCore"  # as QuPath exports a TMA core
+    det = geometry_feature(box(0, 120, 240, 240), class_name="Tumor", object_type="detection")
+    res = quantify_image(img, annotations=read_features([core, det]), with_geometry=False)
+    (s,) = res.scores
+    assert s.region == "A-1" and s.n_cells == int((field.centers_xy[:, 1] < 120).sum())
+
+
 def test_whole_image_without_annotations_uses_tissue(field) -> None:
     img = ArraySource(field.rgb, mpp=MPP)
     res = quantify_image(img, with_geometry=False, tissue=True)

@@ -110,6 +110,7 @@ def quantify_ihc_images(
     stains: StainVectors | str = QUPATH_H_DAB,
     tissue: bool = False,
     tile_px: int = 1024,
+    outlines: bool = True,
     progress: Progress | None = None,
 ) -> IhcRun:
     """Quantify positive cells on every image and write the files of the module docstring.
@@ -126,6 +127,10 @@ def quantify_ihc_images(
         ``(path, stem) -> QuPath objects or None`` (None: whole image / tissue).
     params, rule, tissue, tile_px
         As in :func:`simsearch_wsi.infer.ihc.quantify_image`.
+    outlines
+        Write the cells into ``<stem>.ihc.geojson`` (nucleus and cell outlines); False keeps
+        only the scored regions there (the cells stay in ``<stem>.cells.csv``): faster, and
+        bounded memory per cell on large slides.
     stains
         Stain vectors, or ``"estimate"`` to estimate them per image
         (:func:`simsearch_wsi.infer.cells.estimate_image_stains`).
@@ -163,10 +168,11 @@ def quantify_ihc_images(
                 stains=vec,
                 tissue=tissue,
                 tile_px=tile_px,
+                with_geometry=outlines,
                 progress=tick,
             )
             size = img.dimensions
-        feats = cell_features(res.cells, res.bins, rule=rule)
+        feats = cell_features(res.cells, res.bins, rule=rule) if outlines else []
         feats += region_features(res.regions, res.scores, image_size_l0=size)
         gj = write_feature_collection(out / f"{stem}.ihc.geojson", feats)
         outputs = {"geojson": str(gj)}
