@@ -15,6 +15,8 @@ Three parts, each printed as a table:
 * ``public``: positive % and H-score of the public crops under the default settings, estimated
   stains, the OD-sum detection image and thresholds +-0.05; the QuPath H&E export (no DAB) is
   a negative control.
+* ``--speed``: cell detection throughput (``detect_cells``, default settings, 1024 px tiles) on a
+  4096 x 4096 synthetic field of 16,384 cells at 0.5 um/px, with and without outlines.
 """
 
 from __future__ import annotations
@@ -141,6 +143,27 @@ def public(name: str, rgb: np.ndarray, mpp: float) -> list[dict[str, Any]]:
     return rows
 
 
+def speed() -> list[dict[str, Any]]:
+    import time
+
+    f = make_ihc_cell_field((4096, 4096), dab_levels=(0.05, 0.3, 0.5, 0.8), seed=0)
+    img = ArraySource(f.rgb, mpp=0.5)
+    rows = []
+    for outlines in (False, True):
+        t0 = time.perf_counter()
+        cells = detect_cells(img, with_geometry=outlines)
+        dt = time.perf_counter() - t0
+        rows.append(
+            {
+                "outlines": outlines,
+                "cells": len(cells),
+                "seconds": dt,
+                "MP_per_s": f.rgb.shape[0] * f.rgb.shape[1] / 1e6 / dt,
+            }
+        )
+    return rows
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
@@ -162,6 +185,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "../shared/data"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--speed", action="store_true", help="also time detection on 16.8 MP")
     args = ap.parse_args()
     out: dict[str, Any] = {"synthetic": synthetic(range(5))}
     _table(out["synthetic"])
@@ -185,6 +209,9 @@ def main() -> None:
         out.setdefault("public", []).extend(public("OS-1 H&E (negative control)", rgb, mpp))
     if "public" in out:
         _table(out["public"])
+    if args.speed:
+        out["speed"] = speed()
+        _table(out["speed"])
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 

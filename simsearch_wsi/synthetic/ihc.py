@@ -129,14 +129,17 @@ def make_ihc_cell_field(
 
     od_h = np.zeros((height, width), dtype=np.float64)
     od_d = np.zeros((height, width), dtype=np.float64)
-    yy, xx = np.mgrid[0:height, 0:width]
     for (cx, cy), r, h, d, c in zip(centers, radii, hema, dab, cyto, strict=True):
+        pad = int(np.ceil(r * cell_radius_factor)) + 1
+        x0, y0 = max(0, int(cx) - pad), max(0, int(cy) - pad)
+        x1, y1 = min(width, int(cx) + pad + 1), min(height, int(cy) + pad + 1)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
         d2 = (xx - cx) ** 2 + (yy - cy) ** 2
         nuc = d2 <= r * r
         ring = (d2 <= (r * cell_radius_factor) ** 2) & ~nuc
-        od_h[nuc] = h
-        od_d[nuc] = d
-        od_d[ring] = c
+        od_h[y0:y1, x0:x1][nuc] = h
+        od_d[y0:y1, x0:x1][nuc] = d
+        od_d[y0:y1, x0:x1][ring] = c
     od_rgb = od_h[..., None] * h_vec + od_d[..., None] * d_vec
     od_rgb += np.abs(0.004 * rng.standard_normal(od_rgb.shape))
     rgb = np.clip(np.rint(255.0 * np.power(10.0, -od_rgb)), 0, 255).astype(np.uint8)
