@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import uvicorn
 
@@ -65,7 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS_DIR = REPO / "qupath_scripts"
 STUBS = REPO / "tests" / "groovy" / "stubs"
 LAUNCHER = REPO / "tests" / "groovy" / "launcher.groovy"
-SCRIPTS = ["suggest", "review", "background", "embed", "status", "train", "predict"]
+SCRIPTS = ["suggest", "review", "background", "embed", "status", "train", "predict", "quantify"]
 HELPERS_MARK = "// ------------- HTTP helpers: the same block in every simsearch_*.groovy script"
 
 
@@ -537,6 +538,58 @@ def test_predict_imports_the_objects(world: World, tmp_path: Path, tiny_bundle: 
     assert f"  overlay: {out / 's 1_overlay.png'}" in run.out
     assert f"  quantification.csv: {out / 'quantification.csv'}" in run.out
     assert (out / "quantification.csv").is_file() and (out / "s 1.ome.zarr").is_dir()
+    assert run.record["dialogs"] == []
+
+
+def test_quantify_scores_the_annotations(world: World, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from simsearch_wsi.infer.ihc import intensity_bins
+    from simsearch_wsi.synthetic.ihc import make_ihc_cell_field
+
+    field = make_ihc_cell_field((160, 160), dab_levels=(0.05, 0.3, 0.5, 0.8), seed=5)
+    png = world.root / "ihc slides" / "core 1.png"
+    png.parent.mkdir(exist_ok=True)
+    Image.fromarray(field.rgb).save(png)
+    left = _box(0, 0, 80, 160, "Tumor")
+    other = _box(100, 10, 20, 20, None)  # not selected: not scored
+    old_cell = {
+        **_box(10, 10, 6, 6, "Positive"),
+        "properties": {
+            "objectType": "detection",
+            "classification": {"name": "Positive", "color": [200, 50, 50]},
+            "measurements": {"Nucleus: DAB OD mean": 0.5},
+        },
+    }
+    state = {
+        "uris": [_java_uri(png)],
+        "objects": [left, other, old_cell],
+        "selected": [left["id"]],
+    }
+    props = {
+        "simsearch.url": world.url,
+        "simsearch.mpp": "0.5",
+        "simsearch.threeClasses": "true",
+        "simsearch.maxWait": "120",
+    }
+    run = _run(tmp_path, ["quantify"], props=props, state=state)
+    assert run.rc == 0, run.out
+    inside = field.centers_xy[:, 0] < 80
+    truth = intensity_bins(field.nucleus_dab_od[inside], (0.2, 0.4, 0.6))
+    final = {f["id"]: f for f in run.record["objects"]}
+    assert old_cell["id"] in run.record["removed"]
+    cells = [f for f in final.values() if f["properties"]["objectType"] == "detection"]
+    assert len(cells) == int(inside.sum()) == len(run.record["added"])
+    assert {_class(f) for f in cells} <= {"Negative", "1+", "2+", "3+"}
+    assert all("Cell: DAB OD max" in f["properties"]["measurements"] for f in cells)
+    scored = final[left["id"]]["properties"]["measurements"]
+    assert scored["Num Detections"] == inside.sum()
+    assert scored["Positive %"] == pytest.approx(100 * (truth > 0).mean())
+    p = np.bincount(truth, minlength=4) / truth.size * 100
+    assert scored["H-score"] == pytest.approx(p[1] + 2 * p[2] + 3 * p[3])
+    assert "measurements" not in final[other["id"]]["properties"]
+    (line,) = run.lines("  Tumor: ")
+    assert f"{inside.sum()} cells, positive" in line
     assert run.record["dialogs"] == []
 
 

@@ -5,7 +5,7 @@ the traceback instead. The CLI is where devices, seeds and output are decided; t
 below it takes them as arguments.
 
 Each command sits with its options in its own module of this package (``info``, ``suggest``,
-``review``, ``train``, ``pretrain``, ``predict``, ``cohort``, ``serve``, ``evaluate``,
+``review``, ``train``, ``pretrain``, ``predict``, ``quantify``, ``cohort``, ``serve``, ``evaluate``,
 ``demo``); options shared by several commands are declared once in :mod:`.options`.
 """
 
@@ -24,6 +24,7 @@ from simsearch_wsi.cli import (
     info,
     predict,
     pretrain,
+    quantify,
     review,
     serve,
     suggest,
@@ -44,6 +45,7 @@ _COMMANDS: tuple[Callable[[Subparsers, argparse.ArgumentParser], None], ...] = (
     train.register,  # train
     pretrain.register,  # pretrain
     predict.register,  # predict
+    quantify.register,  # quantify
     cohort.register,  # cohort
     serve.register,  # serve
     evaluate.register,  # evaluate

@@ -22,6 +22,10 @@ Protocol (version :data:`PROTOCOL_VERSION`, everything under ``/api/v1``; OpenAP
 ``POST /jobs/predict``        ``{images, model, out, thresholds?, simplify_px?, min_area_um2?,
                               write_back?, force?}`` -> 202 ``{job_id}``; the result names the
                               files written per image and ``quantification.csv``
+``POST /jobs/quantify``       ``{image, annotations?, mpp?, thresholds?, three_classes?,
+                              compartment?, detection_image?, cell_expansion_um?, stains?,
+                              out?}`` -> 202 ``{job_id}``; the result holds the IHC scores per
+                              region and the cells and scored annotations as QuPath GeoJSON
 ``GET  /jobs``                ``{"jobs": [job, ...]}``
 ``GET  /jobs/{id}``           ``{id, kind, state, progress, error, result, ...}``
 ``DELETE /jobs/{id}``         cancel a queued or running job

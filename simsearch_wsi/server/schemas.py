@@ -32,6 +32,7 @@ __all__ = [
     "JobList",
     "JobProgress",
     "PredictJobRequest",
+    "QuantifyJobRequest",
     "ReviewRequest",
     "SuggestRequest",
     "TrainJobRequest",
@@ -184,6 +185,54 @@ class PredictJobRequest(_Body):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name}={p}: give a probability in [0, 1]")
         return value
+
+
+class QuantifyJobRequest(_Body):
+    image: ImagePath
+    annotations: GeoJSON | None = Field(
+        None,
+        description="QuPath GeoJSON whose annotations (and TMA cores) are the regions to score; "
+        "null or none: the whole image",
+    )
+    mpp: float | None = Field(
+        None, gt=0, le=1e6, description="level-0 um/px when the file has none (PNG, JPEG)"
+    )
+    thresholds: list[float] = Field(
+        default_factory=lambda: [0.2, 0.4, 0.6],
+        min_length=3,
+        max_length=3,
+        description="1+/2+/3+ thresholds on the compartment (QuPath's defaults)",
+    )
+    three_classes: bool = Field(
+        False, description="classify cells 1+/2+/3+/Negative instead of Positive/Negative"
+    )
+    compartment: str = Field(
+        "Nucleus: DAB OD mean",
+        min_length=1,
+        max_length=200,
+        description="the cell measurement compared with the thresholds",
+    )
+    detection_image: str = Field(
+        "hematoxylin",
+        description="image nuclei are found on",
+        json_schema_extra={"enum": ["hematoxylin", "od_sum"]},
+    )
+    cell_expansion_um: float = Field(5.0, ge=0, le=100, description="cell = nucleus grown by this")
+    stains: str = Field(
+        "default",
+        description="hematoxylin/DAB vectors: QuPath's H-DAB default, or estimated on the image",
+        json_schema_extra={"enum": ["default", "estimate"]},
+    )
+    out: FolderPath | None = Field(
+        None,
+        description="also write <stem>.ihc.geojson, <stem>.cells.csv and ihc_scores.csv here",
+    )
+
+    _annotations = field_validator("annotations", mode="before")(_geojson_value)
+    _detection_image = field_validator("detection_image")(
+        _one_of(("hematoxylin", "od_sum"), "detection image")
+    )
+    _stains = field_validator("stains")(_one_of(("default", "estimate"), "stains"))
 
 
 # --- responses -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 :mod:`.embed`       ``POST /jobs/embed``
 :mod:`.train`       ``POST /jobs/train``
 :mod:`.predict`     ``POST /jobs/predict``
+:mod:`.quantify`    ``POST /jobs/quantify``
 :mod:`.jobs`        ``GET /jobs``, ``GET /jobs/{id}``, ``DELETE /jobs/{id}``
 ==================  ==============================================================================
 """
@@ -14,7 +15,7 @@
 from fastapi import APIRouter
 
 from simsearch_wsi.server.context import ServerContext
-from simsearch_wsi.server.routes import embed, health, jobs, predict, review, train
+from simsearch_wsi.server.routes import embed, health, jobs, predict, quantify, review, train
 
 __all__ = ["routers"]
 
@@ -27,5 +28,6 @@ def routers(ctx: ServerContext) -> list[APIRouter]:
         embed.router(ctx),
         train.router(ctx),
         predict.router(ctx),
+        quantify.router(ctx),
         jobs.router(ctx),
     ]

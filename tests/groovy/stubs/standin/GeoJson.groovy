@@ -41,7 +41,9 @@ class GeoJson {
         String type = (props.objectType ?: props.object_type ?: 'annotation').toString().toLowerCase()
         PathClass pc = readClass(props.classification)
         ROI roi = toRoi(ring)
-        PathObject p = type == 'detection' ? new PathDetectionObject(roi, pc) : new PathAnnotationObject(roi, pc)
+        // QuPath's cells and tiles are detections (PathCellObject, PathTileObject)
+        boolean detection = type in ['detection', 'cell', 'tile']
+        PathObject p = detection ? new PathDetectionObject(roi, pc) : new PathAnnotationObject(roi, pc)
         if (feature.id != null)
             p.setID(UUID.fromString(feature.id.toString()))
         if (props.name != null)

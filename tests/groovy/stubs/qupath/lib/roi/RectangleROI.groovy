@@ -15,6 +15,9 @@ class RectangleROI implements ROI {
     double getBoundsY() { return y }
     double getBoundsWidth() { return width }
     double getBoundsHeight() { return height }
+    double getCentroidX() { return x + width / 2 }
+    double getCentroidY() { return y + height / 2 }
+    boolean contains(double px, double py) { return px >= x && px < x + width && py >= y && py < y + height }
 
     List<List<Double>> ring() {
         return [[x, y], [x + width, y], [x + width, y + height], [x, y + height], [x, y]]

@@ -48,5 +48,6 @@ class QP {
         ImageState.get().remove(pathObjects)
     }
 
-    static void fireHierarchyUpdate() {}
+    /** QuPath: tells the viewers and measurement tables that objects changed. The stand-in saves the record. */
+    static void fireHierarchyUpdate() { ImageState.get().save() }
 }

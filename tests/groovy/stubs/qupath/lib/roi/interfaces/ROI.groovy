@@ -8,6 +8,11 @@ interface ROI {
     double getBoundsY()
     double getBoundsWidth()
     double getBoundsHeight()
+    /** The centroid, level-0 pixels (the stand-ins: of the vertices). */
+    double getCentroidX()
+    double getCentroidY()
+    /** Whether the point lies inside the ROI. */
+    boolean contains(double x, double y)
     /** Stand-in only: the exterior ring as [[x, y], ...], closed. */
     List<List<Double>> ring()
 }
