@@ -43,12 +43,12 @@ MOTIFS = ("ring", "cluster", "stripes")
 
 
 def run_head(
-    head: str, slides: Any, *, root: Path, weights: str, preset: str, seed: int
+    head: str, slides: Any, *, root: Path, weights: str, preset: str, seed: int, background: int
 ) -> dict[str, Any]:
     """Train ``head`` on slide 0's labels and score it on slide 1 (module docstring)."""
-    session_dir = root / f"session-{head}-{seed}"
+    session_dir = root / f"session-{head}-{seed}-bg{background}"
     shutil.rmtree(session_dir, ignore_errors=True)
-    session = label_from_truth(Session.create(session_dir), slides[0], background=3)
+    session = label_from_truth(Session.create(session_dir), slides[0], background=background)
     trunk, spec, info = build_trunk("resnet18-l3", weights, seed=0)
     search = SimSearch(FeatureExtractor(trunk, spec, info), FeatureCache(root / f"cache-{weights}"))
     t0 = time.perf_counter()
@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--weights", default="embedded")
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument(
+        "--background", type=int, default=3, help="confirmed background patches (default: 3)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -118,7 +121,13 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         for head in args.heads.split(","):
             row = run_head(
-                head, slides, root=args.out, weights=args.weights, preset=args.preset, seed=seed
+                head,
+                slides,
+                root=args.out,
+                weights=args.weights,
+                preset=args.preset,
+                seed=seed,
+                background=args.background,
             )
             rows.append(row)
             print(
@@ -128,7 +137,8 @@ def main() -> None:
             )
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     lines = [
-        f"weights {args.weights}, preset {args.preset}; ring / cluster / stripes",
+        f"weights {args.weights}, preset {args.preset}, {args.background} confirmed background "
+        "patches; ring / cluster / stripes",
         "",
         "| head | seed | detection F1 | recall | segmentation IoU | area / true area |",
         "|---|---|---|---|---|---|",
