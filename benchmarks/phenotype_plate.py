@@ -252,31 +252,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     truth = {(w, f): plate.cells[(w, f)] for w in HELD_OUT_WELLS for f in range(args.fields)}
     # 4a. the search alone, with the session's prototypes and thresholds (on a copy)
-    t = time.perf_counter()
-    probe = out / "session_search_only"
-    shutil.copytree(session, probe)
-    dets: dict[tuple[str, int], list[tuple[str, float, float, float]]] = {}
-    for w, f in truth:
-        sug = out / "search_only" / f"{w}_f{f}.geojson"
-        sug.parent.mkdir(exist_ok=True)
-        _run(
-            [
-                "suggest",
-                p,
-                "--wells",
-                w,
-                "--fields",
-                str(f),
-                "--session",
-                str(probe),
-                "--out",
-                str(sug),
-                *engine,
-            ]
-        )
-        dets[(w, f)] = _detections_of(json.loads(sug.read_text()), "similarity")
-    results["search"] = _score(dets, truth)
-    times["search on held-out fields"] = time.perf_counter() - t
+    if not args.skip_search:
+        t = time.perf_counter()
+        probe = out / "session_search_only"
+        shutil.copytree(session, probe)
+        dets: dict[tuple[str, int], list[tuple[str, float, float, float]]] = {}
+        for w, f in truth:
+            sug = out / "search_only" / f"{w}_f{f}.geojson"
+            sug.parent.mkdir(exist_ok=True)
+            _run(
+                [
+                    "suggest",
+                    p,
+                    "--wells",
+                    w,
+                    "--fields",
+                    str(f),
+                    "--session",
+                    str(probe),
+                    "--out",
+                    str(sug),
+                    *engine,
+                ]
+            )
+            dets[(w, f)] = _detections_of(json.loads(sug.read_text()), "similarity")
+        results["search"] = _score(dets, truth)
+        times["search on held-out fields"] = time.perf_counter() - t
     # 3 + 4b. train and predict, per head
     for head in args.heads.split(","):
         t = time.perf_counter()
@@ -324,6 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         times[f"predict {head}"] = time.perf_counter() - t
         results[f"model ({head})"] = _score_models(pred, truth)
+        results[f"model ({head}) at cell centres"] = _score_centres(pred, truth)
     return {
         "seed": args.seed,
         "prototypes_per_class": args.prototypes,
@@ -358,6 +360,36 @@ def _score_models(
     return _score(dets, truth)
 
 
+def _score_centres(
+    pred: Path, truth: dict[tuple[str, int], tuple[PhenotypeCell, ...]]
+) -> dict[str, Any]:
+    """Per-cell calls at the true cell centres: the phenotype with the highest probability in
+    the model's probability image (``<stem>.ome.zarr``) at each cell's centre, as a screen with
+    its own nucleus segmentation would classify its cells (no detection step)."""
+    from simsearch_wsi.io import open_image
+
+    right = dict.fromkeys(PHENOTYPES, 0)
+    total = dict.fromkeys(PHENOTYPES, 0)
+    for (w, f), cells in truth.items():
+        with open_image(pred / f"screen_{w}_f{f}.ome.zarr") as img:
+            width, height = img.dimensions
+            probs = img.read_region((0, 0), 0, (width, height))
+            names = img.channel_names
+        with open_image(pred.parent / "screen.ome.zarr" / w[0] / w[1:] / str(f)) as field:
+            sx, sy = width / field.dimensions[0], height / field.dimensions[1]
+        for c in cells:
+            v = probs[min(int(c.y_l0 * sy), height - 1), min(int(c.x_l0 * sx), width - 1)]
+            ranked = [names[i] for i in np.argsort(-v.astype(float)) if names[i] in PHENOTYPES]
+            total[c.phenotype] += 1
+            right[c.phenotype] += ranked[0] == c.phenotype
+    recall = {p: right[p] / total[p] for p in PHENOTYPES}
+    return {
+        "balanced_accuracy": round(float(np.mean(list(recall.values()))), 3),
+        "recall": {p: round(v, 3) for p, v in recall.items()},
+        "cells": sum(total.values()),
+    }
+
+
 def _markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| seed | normalisation | method | balanced accuracy | recall no / cyto / nuclear "
@@ -367,13 +399,48 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         for method, s in r["results"].items():
             rec = " / ".join(f"{s['recall'][p]:.2f}" for p in PHENOTYPES)
+            missed = f"{s['missed_cells']}/{s['cells']}" if "missed_cells" in s else "-"
+            off = f"{s['detections_on_no_cell']}/{s['detections']}" if "detections" in s else "-"
             lines.append(
                 f"| {r['seed']} | {r['normalization']} | {method} | "
-                f"{s['balanced_accuracy']:.3f} | {rec} | "
-                f"{s['missed_cells']}/{s['cells']} | {s['detections_on_no_cell']}/"
-                f"{s['detections']} |"
+                f"{s['balanced_accuracy']:.3f} | {rec} | {missed} | {off} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def rescore(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Score a finished run's folder again (``results.json`` beside it): the same plate and
+    truth (regenerated from the seed), the search's and each model's outputs as written."""
+    import tempfile
+
+    row = json.loads((folder.parent / "results.json").read_text())[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        plate = make_phenotype_plate(
+            Path(tmp) / "screen.ome.zarr",
+            rows=ROWS,
+            columns=COLUMNS,
+            fields_per_well=2,
+            field_size=512,
+            cells_per_field=24,
+            mpp=None,
+            seed=row["seed"],
+        )
+    truth = {(w, f): plate.cells[(w, f)] for w in HELD_OUT_WELLS for f in range(args.fields)}
+    dets = {
+        (w, f): _detections_of(
+            json.loads((folder / "search_only" / f"{w}_f{f}.geojson").read_text()), "similarity"
+        )
+        for w, f in truth
+        if (folder / "search_only").is_dir()
+    }
+    results: dict[str, Any] = {}
+    if (folder / "search_only").is_dir():
+        results["search"] = _score(dets, truth)
+    for pred in sorted(folder.glob("predict_*")):
+        head = pred.name[len("predict_") :]
+        results[f"model ({head})"] = _score_models(pred, truth)
+        results[f"model ({head}) at cell centres"] = _score_centres(pred, truth)
+    return {**row, "results": results}
 
 
 def main() -> None:
@@ -396,10 +463,20 @@ def main() -> None:
         "--threshold", type=float, default=0.3, help="the user's starting similarity threshold"
     )
     parser.add_argument("--fields", type=int, default=1, help="held-out fields per well (1-2)")
+    parser.add_argument(
+        "--rescore", action="store_true", help="score the finished runs under --out again"
+    )
+    parser.add_argument("--skip-search", action="store_true", help="score the trained models only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     root = Path(args.out)
+    if args.rescore:
+        rows = [rescore(root / f"seed{s}", args) for s in args.seeds.split(",")]
+        (root / "results.json").write_text(json.dumps(rows, indent=1))
+        (root / "results.md").write_text(_markdown(rows))
+        print(_markdown(rows))
+        return
     for seed in (int(s) for s in args.seeds.split(",")):
         ns = argparse.Namespace(**{**vars(args), "seed": seed, "out": str(root / f"seed{seed}")})
         rows.append(run(ns))

@@ -1,6 +1,6 @@
 """Seeded synthetic test data written to disk, returned together with its ground truth.
 
-Four generators, all fast enough for unit tests and a demo:
+Five generators, all fast enough for unit tests and a demo:
 
 :func:`make_synthetic_slide` (:mod:`~simsearch_wsi.synthetic.brightfield`)
     a brightfield (H&E-like, uint8 RGB) tiled pyramidal TIFF with motifs of known classes
@@ -13,6 +13,9 @@ Four generators, all fast enough for unit tests and a demo:
 :func:`make_synthetic_plate` (:mod:`~simsearch_wsi.synthetic.plate`)
     an OME-Zarr HCS plate (NGFF 0.4) whose fraction of reporter-positive cells rises across
     columns, like a dose response.
+:func:`make_phenotype_plate` (:mod:`~simsearch_wsi.synthetic.phenotypes`)
+    an OME-Zarr HCS plate of separate cells with three reporter phenotypes (absent,
+    cytoplasmic, nuclear) and plate effects, optionally without a pixel size (issue 30).
 
 The ground truth types are in :mod:`~simsearch_wsi.synthetic.truth`. The file writers they use
 are :mod:`simsearch_wsi.io`'s (:func:`write_pyramidal_tiff`, :func:`write_ome_zarr_image`,
@@ -32,6 +35,7 @@ from simsearch_wsi.qupath.geojson import class_color
 from simsearch_wsi.synthetic.brightfield import make_synthetic_omezarr_slide, make_synthetic_slide
 from simsearch_wsi.synthetic.fluorescence import FLUORESCENCE_CLASSES, make_fluorescence_slide
 from simsearch_wsi.synthetic.motifs import MOTIF_PAINTERS, MotifPainter
+from simsearch_wsi.synthetic.phenotypes import PhenotypePlate, make_phenotype_plate
 from simsearch_wsi.synthetic.plate import make_synthetic_plate
 from simsearch_wsi.synthetic.truth import (
     CLASS_COLORS,
@@ -46,12 +50,14 @@ __all__ = [
     "FLUORESCENCE_CLASSES",
     "MOTIF_PAINTERS",
     "MotifPainter",
+    "PhenotypePlate",
     "SyntheticObject",
     "SyntheticPlate",
     "SyntheticSlide",
     "WellTruth",
     "class_color",
     "make_fluorescence_slide",
+    "make_phenotype_plate",
     "make_synthetic_omezarr_slide",
     "make_synthetic_plate",
     "make_synthetic_slide",
