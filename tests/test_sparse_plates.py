@@ -399,3 +399,20 @@ def test_plate_loop_through_the_server(
         assert [i["stem"] for i in job["result"]["images"]] == ["screen_B2_f1"]
         r = client.post("/api/v1/jobs/predict", json={**pred, "wells": ["Z9"]})
         assert r.status_code == 400 and "its wells are A1, A2, B1, B2" in r.text
+
+
+def test_plate_fields_share_one_foreground_normalisation(cell_plate: Any) -> None:
+    """Issue 30: a plate field is scaled like every other field of its plate (the paper's
+    two-stage rule over the plate, on each field's foreground), so its cells do not saturate:
+    the reporter's high end lies above the sparse field's own 95th percentile (background)."""
+    from simsearch_wsi.features.preprocess import fit_normalization, search_normalization
+
+    with (
+        open_image(cell_plate.field_path("A1", 0)) as a,
+        open_image(cell_plate.field_path("B2", 1)) as b,
+    ):
+        na, nb = search_normalization(a), search_normalization(b)
+        alone = fit_normalization([a])
+    assert na.to_dict() == nb.to_dict()
+    gfp = na.channel_names.index("GFP")
+    assert na.high[gfp] > 2 * alone.high[gfp]

@@ -484,6 +484,9 @@ def fit_normalization(
 SEARCH_NORMALIZATION_SCOPE = "plate"
 #: at most this many fields of a plate are measured (evenly spread over the plate)
 MAX_PLATE_FIELDS = 24
+_MAX_CACHED_PLATES = 8
+#: plate normalisations already fitted, by the measured fields' identities (oldest first)
+_PLATE_NORMALIZATIONS: dict[str, ChannelNormalization] = {}
 
 
 def search_normalization(image: ImageSource) -> ChannelNormalization:
@@ -512,7 +515,16 @@ def search_normalization(image: ImageSource) -> ChannelNormalization:
         fields = [fields[i] for i in sorted(set(picks.tolist()))]
     opened = [f.open(mpp=image.mpp) for f in fields]
     try:
-        return fit_normalization(opened, masks=[detect_foreground(im) for im in opened])
+        # every field of a plate gets the same answer: fitted once per plate and its fields'
+        # identities (a command over many fields, or the server, measures the plate once)
+        key = "\n".join([str(image.mpp), *(im.identity() for im in opened)])
+        if key not in _PLATE_NORMALIZATIONS:
+            if len(_PLATE_NORMALIZATIONS) >= _MAX_CACHED_PLATES:
+                _PLATE_NORMALIZATIONS.pop(next(iter(_PLATE_NORMALIZATIONS)))
+            _PLATE_NORMALIZATIONS[key] = fit_normalization(
+                opened, masks=[detect_foreground(im) for im in opened]
+            )
+        return _PLATE_NORMALIZATIONS[key]
     finally:
         for im in opened:
             im.close()
