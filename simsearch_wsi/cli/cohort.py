@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 from simsearch_wsi.cli.argtypes import int_at_least
 from simsearch_wsi.cli.console import rich_console
 from simsearch_wsi.cli.exitcodes import EXIT_ERROR, EXIT_OK
-from simsearch_wsi.cli.options import DEVICE, NO_AUTOCAST, THRESHOLD, parse_device, parse_thresholds
+from simsearch_wsi.cli.options import (
+    ALL_TILES,
+    DEVICE,
+    NO_AUTOCAST,
+    THRESHOLD,
+    parse_device,
+    parse_thresholds,
+)
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import naming_output
 
@@ -55,6 +62,7 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         help="cpu, or cuda[:N]: tasks then ask for the workers' GPU resource (default: cpu)",
     )
     NO_AUTOCAST.add(p_coh, help="run the trunk in float32")
+    ALL_TILES.add(p_coh)
     p_coh.add_argument(
         "--group-by",
         default=None,
@@ -104,7 +112,11 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")
     device, gpus = _worker_device(args.device, local=not args.scheduler)
-    settings = PredictSettings(thresholds=thresholds, write_back=args.write_back)
+    settings = PredictSettings(
+        thresholds=thresholds,
+        write_back=args.write_back,
+        tiles="all" if args.all_tiles else "foreground",
+    )
     client, cluster = _start_cluster(args, gpus)
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
     try:

@@ -58,6 +58,7 @@ def build_search(args: argparse.Namespace) -> SimSearch:
         tile_size=args.tile_size,
         batch_size=args.batch_size,
         channels=channels,
+        tiles="all" if getattr(args, "all_tiles", False) else "foreground",
         **({"feature_norm": args.feature_norm} if args.feature_norm else {}),
     )
     return SimSearch(extractor, cache, settings=settings)

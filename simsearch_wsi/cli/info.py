@@ -67,7 +67,18 @@ def _print_info(info: dict[str, Any]) -> None:
             f"{info['n_wells']} wells, {info['n_fields']} fields"
         )
         for w in info["wells"]:
-            console.print(f"  well {w['well']:<5} {w['path']:<8} fields {w['fields']}")
+            paths = w.get("field_paths") or []
+            where = f"  {paths[0]}" + (" ..." if len(paths) > 1 else "") if paths else ""
+            console.print(
+                f"  well {w['well']:<5} {w['path']:<8} fields {w['fields']}{where}", markup=False
+            )
+        if info["wells"] and info["wells"][0].get("field_paths"):
+            w0 = info["wells"][0]
+            console.print(
+                f"  one field is one image: give its path ({w0['field_paths'][0]}: row/column/"
+                f"field), or the plate with --wells {w0['well']} --fields {w0['fields'][0]}",
+                markup=False,
+            )
         if "first_field" in info:
             console.print("  first field:")
             _print_image(console, info["first_field"], indent="    ")

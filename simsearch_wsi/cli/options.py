@@ -1,11 +1,12 @@
 """Options that several commands share, each declared once here, and how their values are read.
 
 The engine options (trunk weights and backbone, feature normalisation, device, feature cache,
-tile and batch size, autocast, channels, pixel size) come as one parent parser,
-:func:`engine_parser`; a command that runs the trunk without the whole engine adds the ones it
-takes with :meth:`Option.add`. So do the commands sharing the patch size, seed, training preset
-and per-class thresholds. A command may word an option's help (or default) for itself; the
-option's name, type and limits are the ones declared here. :func:`parse_device` and
+tile and batch size, autocast, channels, pixel size, all tiles or the foreground's) come as one
+parent parser, :func:`engine_parser`; a command that runs the trunk without the whole engine
+adds the ones it takes with :meth:`Option.add`. So do the commands sharing the patch size, seed,
+training preset, per-class thresholds and the plate selection (``--wells``, ``--fields``). A
+command may word an option's help (or default) for itself; the option's name, type and limits
+are the ones declared here. :func:`parse_device` and
 :func:`parse_thresholds` read the values of ``--device`` and ``--threshold`` for every command.
 Options of one command only sit next to that command's handler.
 """
@@ -122,6 +123,13 @@ MPP = _option(
     help="level-0 pixel size in um/px when the file has none",
 )
 
+ALL_TILES = _option(
+    "--all-tiles",
+    action="store_true",
+    help="embed every tile of the image instead of only those the foreground (tissue / cell) "
+    "mask finds; for images where foreground detection is not wanted or misses objects",
+)
+
 ENGINE = (
     WEIGHTS,
     FEATURE_NORM,
@@ -133,6 +141,7 @@ ENGINE = (
     NO_AUTOCAST,
     CHANNELS,
     MPP,
+    ALL_TILES,
 )
 
 
@@ -143,6 +152,30 @@ def engine_parser() -> argparse.ArgumentParser:
     for option in ENGINE:
         option.add(group)
     return engine
+
+
+# --- plates -------------------------------------------------------------------------------------
+WELLS = _option(
+    "--wells",
+    default=None,
+    metavar="A1,B12",
+    help="OME-Zarr plates: only these wells, comma-separated (default: every well); a single "
+    "field can also be given by path, PLATE/A/1/0 (row/column/field)",
+)
+FIELDS = _option(
+    "--fields",
+    default=None,
+    metavar="0,1",
+    help="OME-Zarr plates: only these fields of each well, 0 = the first (default: every field)",
+)
+
+
+def add_plate_selection(parser: argparse.ArgumentParser) -> None:
+    """``--wells`` and ``--fields``: which fields of the plates among the images a command
+    runs on (read by :func:`simsearch_wsi.cli.inputs.images_of`)."""
+    group = parser.add_argument_group("plates")
+    WELLS.add(group)
+    FIELDS.add(group)
 
 
 # --- patch size, training, thresholds -----------------------------------------------------------

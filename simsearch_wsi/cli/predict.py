@@ -13,6 +13,7 @@ from simsearch_wsi.cli.console import progress, rich_console
 from simsearch_wsi.cli.exitcodes import EXIT_OK
 from simsearch_wsi.cli.inputs import guard
 from simsearch_wsi.cli.options import (
+    ALL_TILES,
     BATCH_SIZE,
     CACHE,
     DEVICE,
@@ -20,6 +21,7 @@ from simsearch_wsi.cli.options import (
     NO_AUTOCAST,
     THRESHOLD,
     TILE_SIZE,
+    add_plate_selection,
     parse_device,
     parse_thresholds,
 )
@@ -43,7 +45,11 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         "settings are skipped (--force redoes them).",
     )
     p_pred.add_argument(
-        "images", nargs="+", metavar="IMAGE", help="slides, images, OME-Zarr images or plates"
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="slides, images, OME-Zarr images, plates (every field, or --wells/--fields) or "
+        "plate fields (PLATE/A/1/0)",
     )
     CACHE.add(
         p_pred,
@@ -93,6 +99,8 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
     )
     p_pred.add_argument("--force", action="store_true", help="redo images already done")
     MPP.add(p_pred, help="level-0 um/px when the file has none")
+    ALL_TILES.add(p_pred)
+    add_plate_selection(p_pred)
     p_pred.add_argument("--json", action="store_true", help="print the results as JSON")
     p_pred.set_defaults(func=_cmd_predict)
 
@@ -107,13 +115,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         refuse_overwriting_inputs,
     )
     from simsearch_wsi.io import open_image
+    from simsearch_wsi.io.selection import parse_fields, parse_wells
     from simsearch_wsi.train.bundle import load_bundle
 
     bundle = load_bundle(args.model)
     thresholds = parse_thresholds(args.threshold or [])
     check_thresholds(thresholds, bundle.classes)
     out = Path(args.out)
-    targets = expand_inputs(list(args.images))
+    targets = expand_inputs(
+        list(args.images), wells=parse_wells(args.wells), fields=parse_fields(args.fields)
+    )
     refuse_overwriting_inputs(targets, out, inputs=[("model", args.model)])
     guard(args, inputs=[("image", p) for p in args.images])  # --cache is written into
     if out.exists() and not out.is_dir():
@@ -137,6 +148,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         write_zarr=not args.no_zarr,
         write_back=args.write_back,
         object_size_px=args.object_size_px,
+        tiles="all" if args.all_tiles else "foreground",
     )
     with progress() as bars, naming_output("--out", out):
         results = predict_images(

@@ -13,8 +13,8 @@ from simsearch_wsi.cli.argtypes import int_at_least
 from simsearch_wsi.cli.console import progress, rich_console
 from simsearch_wsi.cli.engine import build_search, patch_size_l0
 from simsearch_wsi.cli.exitcodes import EXIT_OK
-from simsearch_wsi.cli.inputs import guard
-from simsearch_wsi.cli.options import PRESET, SEED, add_patch_size
+from simsearch_wsi.cli.inputs import guard, images_of
+from simsearch_wsi.cli.options import PRESET, SEED, add_patch_size, add_plate_selection
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import naming_output
 
@@ -34,6 +34,7 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         "embedded trunk; random: every layer is trained).",
     )
     p_pre.add_argument("images", nargs="+", metavar="IMAGE")
+    add_plate_selection(p_pre)
     p_pre.add_argument("--out", required=True, metavar="WEIGHTS.pth")
     add_patch_size(p_pre, "patch size")
     p_pre.add_argument(
@@ -76,6 +77,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     if Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out}: is a folder; give a file name such as trunk.pth")
+    args.images = [i.path for i in images_of(args, args.images)]
     guard(args, outputs=[("--out", args.out)], inputs=[("image", p) for p in args.images])
     paths = [str(Path(p).resolve()) for p in args.images]
     opened: list[Any] = []

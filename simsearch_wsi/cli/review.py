@@ -11,7 +11,14 @@ from simsearch_wsi.cli.argtypes import int_at_least
 from simsearch_wsi.cli.console import progress, rich_console
 from simsearch_wsi.cli.engine import build_search
 from simsearch_wsi.cli.exitcodes import EXIT_OK
-from simsearch_wsi.cli.inputs import guard, project_objects, report_skipped, session_file
+from simsearch_wsi.cli.inputs import (
+    guard,
+    one_image,
+    project_objects,
+    report_skipped,
+    session_file,
+)
+from simsearch_wsi.cli.options import add_plate_selection
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import naming_output
 from simsearch_wsi.qupath.geojson import REJECTED_CLASS
@@ -31,7 +38,8 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         "of the new class, deleted ones stay unreviewed; new classified rectangles become "
         "prototypes. Re-ingesting the same file changes nothing.",
     )
-    p_rev.add_argument("image", metavar="IMAGE")
+    p_rev.add_argument("image", metavar="IMAGE", help="an image or one plate field (as suggest)")
+    add_plate_selection(p_rev)
     p_rev.add_argument("--annotations", default=None, metavar="REVIEWED.geojson")
     p_rev.add_argument(
         "--qpproj",
@@ -51,7 +59,8 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         description="Propose the N unlabelled patches most similar and the N least similar to "
         "the mean of the session's prototypes, as detections of class 'background'.",
     )
-    p_bg.add_argument("image", metavar="IMAGE")
+    p_bg.add_argument("image", metavar="IMAGE", help="an image or one plate field (as suggest)")
+    add_plate_selection(p_bg)
     p_bg.add_argument("--session", required=True, metavar="DIR")
     p_bg.add_argument("--out", required=True, metavar="OUT.geojson")
     p_bg.add_argument(
@@ -76,6 +85,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
         raise ConfigError(
             "review needs exactly one of --annotations REVIEWED.geojson or --qpproj PROJECT"
         )
+    args.image = one_image(args, args.image, "review").path
     guard(
         args,
         inputs=[("image", args.image), ("annotations", args.annotations)],
@@ -122,6 +132,7 @@ def _cmd_background(args: argparse.Namespace) -> int:
     from simsearch_wsi.qupath.geojson import write_feature_collection
     from simsearch_wsi.review.session import Session, background_with_session
 
+    args.image = one_image(args, args.image, "background").path
     guard(
         args,
         outputs=[("--out", args.out)],

@@ -12,8 +12,20 @@ from simsearch_wsi.cli.argtypes import int_at_least
 from simsearch_wsi.cli.console import progress, rich_console
 from simsearch_wsi.cli.engine import build_search, patch_size_l0
 from simsearch_wsi.cli.exitcodes import EXIT_OK
-from simsearch_wsi.cli.inputs import guard, project_objects, report_skipped, session_file
-from simsearch_wsi.cli.options import THRESHOLD, add_patch_size, parse_thresholds
+from simsearch_wsi.cli.inputs import (
+    guard,
+    images_of,
+    one_image,
+    project_objects,
+    report_skipped,
+    session_file,
+)
+from simsearch_wsi.cli.options import (
+    THRESHOLD,
+    add_patch_size,
+    add_plate_selection,
+    parse_thresholds,
+)
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import naming_output
 
@@ -30,8 +42,11 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         description="Fill the feature cache for each image (foreground tiles only) so that later "
         "suggest calls with the same patch size answer without re-embedding.",
     )
-    p_embed.add_argument("images", nargs="+", metavar="IMAGE")
+    p_embed.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="images, OME-Zarr images, plates or plate fields"
+    )
     add_patch_size(p_embed, "expected prototype size")
+    add_plate_selection(p_embed)
     p_embed.set_defaults(func=_cmd_embed)
 
     p_sug = sub.add_parser(
@@ -42,7 +57,13 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         "similar patches on the image and write them as QuPath detections with 'similarity' and "
         "'rank' measurements.",
     )
-    p_sug.add_argument("image", metavar="IMAGE")
+    p_sug.add_argument(
+        "image",
+        metavar="IMAGE",
+        help="an image, or one plate field: PLATE/A/1/0 (row/column/field) or PLATE with "
+        "--wells A1 --fields 0",
+    )
+    add_plate_selection(p_sug)
     p_sug.add_argument(
         "--annotations",
         default=None,
@@ -103,6 +124,7 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
 def _cmd_embed(args: argparse.Namespace) -> int:
     from simsearch_wsi.io import open_image
 
+    args.images = [i.path for i in images_of(args, args.images)]
     guard(args, inputs=[("image", p) for p in args.images])
     search = build_search(args)
     console = rich_console()
@@ -128,6 +150,8 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
     from simsearch_wsi.review.session import Session, suggest_with_session
 
     thresholds = parse_thresholds(args.threshold)
+    chosen = one_image(args, args.image, "suggest")
+    args.image = chosen.path
     if args.annotations is None and args.session is None and args.qpproj is None:
         raise ConfigError(
             "suggest needs --annotations IN.geojson (prototypes), --qpproj PROJECT, or "
@@ -146,7 +170,7 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
     if args.qpproj is not None and annotations is None:
         annotations = list(project_objects(args.qpproj, args.image))
     with naming_output("--session", args.session):
-        session = Session.create(args.session, exist_ok=True) if args.session else None
+        session = Session.open_or_new(args.session) if args.session else None
     search = build_search(args)
     if args.dense or args.dense_fine:
         search.settings = dataclasses.replace(
@@ -180,7 +204,7 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             features=result.geojson_features(),
             replace_classes={*result.classes, BACKGROUND_CLASS},
         )
-    summary = result.summary()
+    summary = {**result.summary(), **chosen.extra}  # a plate field: plate, well, ... (issue 30)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from simsearch_wsi.cli.console import progress, rich_console
 from simsearch_wsi.cli.engine import build_search
 from simsearch_wsi.cli.exitcodes import EXIT_OK
-from simsearch_wsi.cli.inputs import guard, session_file
-from simsearch_wsi.cli.options import PRESET, SEED
+from simsearch_wsi.cli.inputs import guard, images_of, session_file
+from simsearch_wsi.cli.options import PRESET, SEED, add_plate_selection
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import naming_output
 from simsearch_wsi.train.choices import (
@@ -65,6 +65,7 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         help="unreviewed images to mine noisy patches from (default: the session's unreviewed "
         "images)",
     )
+    add_plate_selection(p_train)
     SEED.add(p_train)
     p_train.add_argument("--json", action="store_true", help="print the bundle summary as JSON")
     p_train.set_defaults(func=_cmd_train)
@@ -78,6 +79,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from simsearch_wsi.train.fit import TrainConfig
 
     session = Session.open(args.session)
+    if args.noisy_images:
+        args.noisy_images = [i.path for i in images_of(args, args.noisy_images)]
     config = TrainConfig.preset_config(args.preset, strategy=args.strategy).replace(
         head_input=args.head_input
     )

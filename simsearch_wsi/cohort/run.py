@@ -35,11 +35,11 @@ from simsearch_wsi.infer.predict import (
     PredictTarget,
     check_unique_stems,
     expand_inputs,
-    image_stem,
     predict_target,
     refuse_overwriting_inputs,
     table_rows,
 )
+from simsearch_wsi.io.selection import image_stem
 from simsearch_wsi.train.bundle import ModelBundle
 
 __all__ = [

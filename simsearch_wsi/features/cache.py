@@ -35,7 +35,7 @@ from simsearch_wsi.features.extractor import (
     analysis_tiles,
     iter_tile_features,
 )
-from simsearch_wsi.features.tissue import detect_foreground
+from simsearch_wsi.features.tissue import detect_foreground, no_foreground_error
 from simsearch_wsi.io.base import ImageSource
 
 
@@ -144,10 +144,7 @@ class FeatureCache:
         mask = detect_foreground(image) if spec.tiles == "foreground" else None
         tiles, ny, nx = analysis_tiles(image, spec, mask=mask)
         if not tiles:
-            raise ConfigError(
-                f"{image.path}: no foreground (tissue) found to embed; check the image, or embed "
-                "all tiles"
-            )
+            raise no_foreground_error(image)
         s = extractor.stride
         tc = spec.tile_size // s
         width_a, height_a = spec.scale.analysis_size(image)

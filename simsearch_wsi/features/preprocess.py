@@ -476,6 +476,60 @@ def fit_normalization(
     )
 
 
+# --- what the search normalises with ------------------------------------------------------------
+#: how :func:`search_normalization` fits a fluorescence plate field (issue 30): ``"plate"``:
+#: the two-stage rule over the fields of its plate, measured on each field's foreground;
+#: ``"image"``: the field alone, every pixel (the rule before issue 30, and the rule for
+#: images that are no plate field). ``benchmarks/phenotype_plate.py`` compares the two.
+SEARCH_NORMALIZATION_SCOPE = "plate"
+#: at most this many fields of a plate are measured (evenly spread over the plate)
+MAX_PLATE_FIELDS = 24
+_MAX_CACHED_PLATES = 8
+#: plate normalisations already fitted, by the measured fields' identities (oldest first)
+_PLATE_NORMALIZATIONS: dict[str, ChannelNormalization] = {}
+
+
+def search_normalization(image: ImageSource) -> ChannelNormalization:
+    """The channel normalisation the search (and the search head) applies to ``image``.
+
+    Brightfield: the dtype's fixed range. Fluorescence (scope ``"plate"``, the default): the
+    paper's two-stage percentile rule over the fields of the image's plate, so that every field
+    of a plate is scaled alike and a well without any reporter-positive cell is not stretched
+    to look positive; each field measured on its foreground (cells, tissue) when it has one, so
+    between them. An image that is no plate field is measured alone, on every pixel (the
+    former rule: the benchmark of this choice, docs/evaluation.md "Screening plate", has plate
+    fields only).
+    """
+    if SEARCH_NORMALIZATION_SCOPE == "image" or image.is_brightfield:
+        return fit_normalization([image])
+    from simsearch_wsi.features.tissue import detect_foreground
+    from simsearch_wsi.io.selection import field_of
+
+    found = field_of(image.path)
+    if found is None:  # measured only on plates so far: other images keep the former rule
+        return fit_normalization([image])
+    plate, _ = found
+    fields = list(plate.fields())
+    if len(fields) > MAX_PLATE_FIELDS:
+        picks = np.linspace(0, len(fields) - 1, MAX_PLATE_FIELDS).round().astype(int)
+        fields = [fields[i] for i in sorted(set(picks.tolist()))]
+    opened = [f.open(mpp=image.mpp) for f in fields]
+    try:
+        # every field of a plate gets the same answer: fitted once per plate and its fields'
+        # identities (a command over many fields, or the server, measures the plate once)
+        key = "\n".join([str(image.mpp), *(im.identity() for im in opened)])
+        if key not in _PLATE_NORMALIZATIONS:
+            if len(_PLATE_NORMALIZATIONS) >= _MAX_CACHED_PLATES:
+                _PLATE_NORMALIZATIONS.pop(next(iter(_PLATE_NORMALIZATIONS)))
+            _PLATE_NORMALIZATIONS[key] = fit_normalization(
+                opened, masks=[detect_foreground(im) for im in opened]
+            )
+        return _PLATE_NORMALIZATIONS[key]
+    finally:
+        for im in opened:
+            im.close()
+
+
 # --- channel correlation report --------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class ChannelCorrelationReport:

@@ -20,8 +20,18 @@ Algorithm
      pixels; 1 mask pixel when the pixel size is unknown), so that a tissue region populated
      by resolved nuclei reads as one region, then scaled to [0, 1] between its 0.5th and
      99.9th percentiles; ``s`` is the mean over channels (flat channels are skipped).
+   * fluorescence, separate objects (issue 30): a sparse field of single cells smoothed at
+     8 um reads as faint blurs, so each channel is also looked at in full detail (smoothed by
+     1 mask pixel). A channel is *structured* when its maximum stands more than 8 robust
+     standard deviations (MAD) above its median; a channel of noise alone (a reporter that no
+     cell of the field carries) is left out of ``s``, since scaled to its percentiles its
+     noise would read as foreground.
 
-2. A global threshold ``t`` on ``s`` (Otsu by default, or the triangle method).
+2. A global threshold ``t`` on ``s`` (Otsu by default, or the triangle method). Separate
+   objects: in each structured channel, the pixels above the lower of Otsu's threshold and
+   the channel's median plus ``max(6 sd, 0.1 x (max - median))`` (dim cells sit below Otsu's
+   split between the background and the brightest cells); none when they would cover more
+   than half of the image (no dark background between objects).
 3. Guards against images that have no background:
 
    * brightfield: the pixels at or below ``t`` form the "background" class with median ``b``.
@@ -43,6 +53,10 @@ Algorithm
    minimum area is ``min_object_um2`` converted with the image's pixel size; by default it is
    5000 um^2 (about a 70 um square), capped at 0.1% of the mask's pixels so that small images
    keep their content; when the pixel size is unknown the default is 0.1% of the mask's pixels.
+   Fluorescence: the separate objects join the cleaned mask of ``s``; they are kept down to
+   the size of a small nucleus, 10 um^2 (24 level-0 pixels when the pixel size is unknown),
+   so that a field of separate cells keeps every cell instead of losing them as specks of
+   tissue.
 """
 
 from __future__ import annotations
@@ -79,6 +93,12 @@ _FL_MIN_CONTRAST = 0.1
 _SMOOTH_SIGMA_PX = 1.0
 _DEFAULT_MIN_OBJECT_UM2 = 5000.0
 _DEFAULT_MIN_OBJECT_FRACTION = 1e-3
+# Separate fluorescent objects smaller than a small nucleus are noise (issue 30): about 10 um^2,
+# or 24 level-0 pixels (a disc of 5.5 px) when the pixel size is unknown.
+_FL_MIN_CELL_UM2 = 10.0
+_FL_MIN_CELL_PX_L0 = 24.0
+_FL_NOISE_SIGMAS = 6.0
+_FL_STRUCTURE_SIGMAS = 8.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -318,11 +338,34 @@ def detect_foreground(
         if image.mpp is not None:
             sigma_um_px = _FL_SMOOTH_UM / (image.mpp * math.sqrt(ds_x * ds_y))
             sigma_px = min(max(sigma_px, sigma_um_px), _FL_MAX_SIGMA_PX)
-        raw = _fluorescence_foreground(thumb, sigma_px, threshold)
+        detail = ndimage.gaussian_filter(
+            _fill_non_finite_dark(thumb),
+            sigma=(_SMOOTH_SIGMA_PX, _SMOOTH_SIGMA_PX, 0.0),
+            mode="nearest",
+        )
+        structured = _structured_channels(detail)
+        raw = _fluorescence_foreground(thumb, sigma_px, threshold, structured)
     min_px = _min_object_px(image.mpp, min_object_um2, ds_x, ds_y, raw.size)
-    cleaned = _clean(raw, min_px, dilate_px)
+    if modality == "brightfield" or raw.all():
+        cleaned = _clean(raw, min_px, dilate_px)
+    else:
+        # tissue-scale regions, plus every separate cell seen at full detail (issue 30)
+        cells = _fluorescence_objects(detail, structured, threshold)
+        cell_px = (
+            min_px if min_object_um2 is not None else _min_cell_px(image.mpp, ds_x, ds_y, raw.size)
+        )
+        cleaned = _clean(_clean(raw, min_px, 0) | _clean(cells, cell_px, 0), cell_px, dilate_px)
     return TissueMask(
         mask=cleaned, downsample_x=ds_x, downsample_y=ds_y, image_size_l0=image.dimensions
+    )
+
+
+def no_foreground_error(image: ImageSource) -> ConfigError:
+    """The error of a command that found no foreground to work on in ``image``: one line that
+    names the option embedding every tile instead."""
+    return ConfigError(
+        f"{image.path}: no foreground (tissue or cells) found to embed; check the image (channels, "
+        "exposure), or embed every tile with --all-tiles (the server: serve --all-tiles)"
     )
 
 
@@ -379,7 +422,10 @@ def _brightfield_foreground(
 
 
 def _fluorescence_foreground(
-    thumb: NDArray[np.float64], sigma_px: float, threshold: ThresholdMethod
+    thumb: NDArray[np.float64],
+    sigma_px: float,
+    threshold: ThresholdMethod,
+    structured: list[bool] | None = None,
 ) -> NDArray[np.bool_]:
     """(h, w) raw fluorescence foreground of an (h, w, C) thumbnail (module docstring, 1-3).
 
@@ -391,6 +437,8 @@ def _fluorescence_foreground(
     signal = np.zeros(x.shape[:2], dtype=np.float64)
     used = 0
     for c in range(x.shape[2]):
+        if structured is not None and not structured[c]:
+            continue  # noise alone (module docstring, step 1)
         low, high = np.percentile(x[:, :, c], [_FL_LOW_PERCENTILE, _FL_HIGH_PERCENTILE])
         if high - low <= 1e-12 * max(abs(float(high)), 1.0):
             continue
@@ -412,6 +460,54 @@ def _fluorescence_foreground(
     background = float(np.median(signal[bg]))
     foreground: NDArray[np.bool_] = signal > max(t, background + _FL_MIN_CONTRAST)
     return foreground
+
+
+def _channel_noise(x: NDArray[np.float64]) -> tuple[float, float, float]:
+    """(median, robust standard deviation (MAD), maximum) of one (h, w) channel."""
+    med = float(np.median(x))
+    sd = 1.4826 * float(np.median(np.abs(x - med)))
+    return med, sd, float(x.max())
+
+
+def _structured_channels(detail: NDArray[np.float64]) -> list[bool]:
+    """Per channel of an (h, w, C) thumbnail smoothed by 1 mask pixel: does anything stand
+    clearly above the channel's own noise (``max > median + 8 sd``)? A channel of noise alone
+    (a reporter no cell of the field carries) has no object to find, and scaled to its
+    percentiles it would turn its noise into foreground."""
+    out = []
+    for c in range(detail.shape[2]):
+        med, sd, top = _channel_noise(detail[:, :, c])
+        out.append(top - med > max(_FL_STRUCTURE_SIGMAS * sd, 1e-12 * max(abs(top), 1.0)))
+    return out
+
+
+def _fluorescence_objects(
+    detail: NDArray[np.float64], structured: list[bool], threshold: ThresholdMethod
+) -> NDArray[np.bool_]:
+    """(h, w) separate bright objects (cells, nuclei) of an (h, w, C) fluorescence thumbnail
+    smoothed by 1 mask pixel (module docstring, steps 1-2): per structured channel, pixels above
+    the lower of Otsu's threshold and the background's median plus ``max(6 sd, 0.1 x`` its
+    range); empty when they would cover most of the image (no dark background: the
+    tissue-scale mask decides)."""
+    objects: NDArray[np.bool_] = np.zeros(detail.shape[:2], dtype=bool)
+    for c in range(detail.shape[2]):
+        if not structured[c]:
+            continue
+        x = detail[:, :, c]
+        med, sd, top = _channel_noise(x)
+        floor = med + max(_FL_NOISE_SIGMAS * sd, _FL_MIN_CONTRAST * (top - med))
+        objects |= x > min(_global_threshold(x, threshold), floor)
+    if objects.mean() > 0.5:
+        return np.zeros(detail.shape[:2], dtype=bool)
+    return objects
+
+
+def _min_cell_px(mpp: float | None, ds_x: float, ds_y: float, n_pixels: int) -> float:
+    """Smallest separate fluorescence object kept, in mask pixels (module docstring, step 4):
+    a small nucleus, :data:`_FL_MIN_CELL_UM2` or :data:`_FL_MIN_CELL_PX_L0` level-0 pixels
+    without a pixel size, never more than the tissue rule's cap."""
+    area_l0 = _FL_MIN_CELL_PX_L0 if mpp is None else _FL_MIN_CELL_UM2 / (mpp * mpp)
+    return min(area_l0 / (ds_x * ds_y), _DEFAULT_MIN_OBJECT_FRACTION * n_pixels)
 
 
 def _fill_non_finite_dark(thumb: NDArray[np.float64]) -> NDArray[np.float64]:

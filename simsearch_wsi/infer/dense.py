@@ -47,8 +47,12 @@ from simsearch_wsi.features.extractor import (
     make_feature_spec,
 )
 from simsearch_wsi.features.norm import FeatureNormalizer
-from simsearch_wsi.features.preprocess import ChannelNormalization, fit_normalization
-from simsearch_wsi.features.tissue import TissueMask, detect_foreground
+from simsearch_wsi.features.preprocess import (
+    ChannelNormalization,
+    fit_normalization,
+    search_normalization,
+)
+from simsearch_wsi.features.tissue import TissueMask, detect_foreground, no_foreground_error
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.qupath.geojson import BACKGROUND_CLASS, class_color
 from simsearch_wsi.search.probe import MemoryHead, memory_logits_map, window_indices, window_vectors
@@ -257,6 +261,8 @@ def dense_class_maps(
     geometry = PatchGeometry.from_l0(width_l0, height_l0, scale=scale, stride=ext.stride)
     mask = detect_foreground(image) if tiles == "foreground" else None
     grid, _, _ = analysis_tiles(image, spec, mask=mask)
+    if not grid:  # as the search says it (issue 30): never a silent empty result
+        raise no_foreground_error(image)
     width_a, height_a = scale.analysis_size(image)
     s = ext.stride
     hc, wc = -(-height_a // s), -(-width_a // s)
@@ -302,7 +308,7 @@ def _search_spec(
         image,
         model.extractor,
         scale=scale,
-        normalization=fit_normalization([image]),
+        normalization=search_normalization(image),
         channels=list(model.bundle.channels),
         tile_size=tile_size,
         tiles=tiles,

@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from simsearch_wsi.core.atomic import atomic_path, remove_leftovers, write_json_atomic
-from simsearch_wsi.core.errors import ConfigError, ImageNotFoundError
+from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import Named, check_outputs_not_inputs
 from simsearch_wsi.features.extractor import ProgressFn
 from simsearch_wsi.features.tiling import display_rgb8, read_overview
@@ -47,6 +47,7 @@ from simsearch_wsi.infer.dense import (
     segment,
 )
 from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.io.selection import expand_images, image_stem
 from simsearch_wsi.qupath.geojson import box_features, set_stable_ids, write_feature_collection
 
 __all__ = [
@@ -70,7 +71,6 @@ MAX_WRITE_BACK_PIXELS = 1_000_000_000
 LABEL_NAME = "simsearch"
 #: what each image gets in the output folder, after its stem
 OUTPUT_SUFFIXES = (".geojson", ".ome.zarr", "_overlay.png", ".predict.json")
-_IMAGE_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".svs")
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,19 @@ class PredictSettings:
     write_overlay: bool = True
     write_back: bool = False
     object_size_px: float | None = None
+    #: ``"foreground"``: run the model over the tiles the foreground mask touches; ``"all"``:
+    #: over every tile
+    tiles: str = "foreground"
+
+    def __post_init__(self) -> None:
+        if self.tiles not in ("foreground", "all"):
+            raise ConfigError(f"tiles must be 'foreground' or 'all', got {self.tiles!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.tiles == "foreground":  # the default: records of earlier runs still match
+            del out["tiles"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -126,41 +136,21 @@ class PredictResult:
         return dataclasses.asdict(self)
 
 
-def image_stem(path: str | Path) -> str:
-    """Output file stem of an image: its name without image suffixes."""
-    name = Path(path).name
-    for suffix in _IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
-def expand_inputs(paths: Sequence[str]) -> list[PredictTarget]:
-    """The images of a run: slides and images as given, OME-Zarr plates as every field of every
-    well. Raises :class:`ImageNotFoundError` for a missing path and :class:`ConfigError` when
-    two images would get the same output stem."""
-    from simsearch_wsi.io.plate import is_plate, open_plate
-
-    targets: list[PredictTarget] = []
-    for p in paths:
-        if not Path(p).exists():
-            raise ImageNotFoundError(f"{p}: no such file or directory; check the path")
-        if is_plate(p):
-            plate = open_plate(p)
-            plate_stem = image_stem(plate.path)
-            for f in plate.fields():
-                extra = {
-                    "plate": plate.name,
-                    "well": f.well,
-                    "row": f.row,
-                    "column": f.column,
-                    "field": f.field_index,
-                }
-                targets.append(
-                    PredictTarget(str(f.path), f"{plate_stem}_{f.image_id}", extra, str(plate.path))
-                )
-        else:
-            targets.append(PredictTarget(str(p), image_stem(p)))
+def expand_inputs(
+    paths: Sequence[str],
+    *,
+    wells: Sequence[str] | None = None,
+    fields: Sequence[int] | None = None,
+) -> list[PredictTarget]:
+    """The images of a run (:func:`simsearch_wsi.io.selection.expand_images`): slides and images
+    as given, plate fields given by path named ``<plate>_<well>_f<field>`` with their plate
+    columns, OME-Zarr plates as every field of every well, or the ``wells`` and ``fields``
+    selected. Raises :class:`ImageNotFoundError` for a missing path and :class:`ConfigError`
+    when two images would get the same output stem."""
+    targets = [
+        PredictTarget(i.path, i.stem, dict(i.extra), i.plate)
+        for i in expand_images(paths, wells=wells, fields=fields)
+    ]
     check_unique_stems(targets)
     return targets
 
@@ -368,6 +358,7 @@ def predict_image(
         model,
         tile_size=settings.tile_size,
         batch_size=settings.batch_size,
+        tiles=settings.tiles,
         progress=progress,
     )
     obj = settings.object_size_px
@@ -609,22 +600,28 @@ def predict_images(
     refuse_overwriting_inputs(
         targets, out_dir, inputs=[("model", source)] if source is not None else []
     )
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[PredictResult] = []
-    for n, target in enumerate(targets):
-        if progress is not None:
-            progress("images", n, len(targets))
-        results.append(
-            predict_target(
-                target,
-                model,
-                out_dir=out_dir,
-                open_image=open_image,
-                settings=settings,
-                resume=resume,
-                progress=progress,
+    try:
+        for n, target in enumerate(targets):
+            if progress is not None:
+                progress("images", n, len(targets))
+            results.append(
+                predict_target(
+                    target,
+                    model,
+                    out_dir=out_dir,
+                    open_image=open_image,
+                    settings=settings,
+                    resume=resume,
+                    progress=progress,
+                )
             )
-        )
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a failed run leaves no empty output folder behind (issue 30)
+        raise
     if progress is not None:
         progress("images", len(targets), len(targets))
     write_table(

@@ -271,6 +271,15 @@ def _check_metadata_json(path: Path) -> None:
             )
 
 
+def _first_field(attrs: dict[str, Any]) -> str:
+    """``<row>/<column>/0`` of a plate's first well (``A/1/0`` when the metadata has none)."""
+    ngff = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    wells = (ngff.get("plate") or {}).get("wells") if isinstance(ngff, dict) else None
+    if isinstance(wells, list) and wells and isinstance(wells[0], dict):
+        return f"{wells[0].get('path', 'A/1')}/0"
+    return "A/1/0"
+
+
 class OmeZarrSource(ImageSource):
     """An OME-Zarr multiscale image. The first time point and z plane are read."""
 
@@ -281,8 +290,9 @@ class OmeZarrSource(ImageSource):
         series_note = ""
         if kind == "plate":
             raise UnsupportedFormatError(
-                f"{path}: is an OME-Zarr HCS plate, not an image; use open_plate() "
-                "(simsearch-wsi info shows its wells and fields)"
+                f"{path}: is an OME-Zarr HCS plate, not one image; give one field by its path, "
+                f"{path / _first_field(attrs)} (row/column/field; `simsearch-wsi info {path}` "
+                "lists them), or the plate with --wells and --fields where a command takes it"
             )
         if kind == "well":
             raise UnsupportedFormatError(
@@ -298,9 +308,15 @@ class OmeZarrSource(ImageSource):
         fmt_cls = next((f for f in _FORMATS if f.matches(attrs)), None)
         if fmt_cls is None:
             if kind == "other":
+                row_of_plate = ""
+                try:
+                    if ngff_attrs_kind(dict(open_zarr_group(path.parent).attrs)) == "plate":
+                        row_of_plate = f" (a row of a plate: give a field, {path}/<column>/<field>)"
+                except Exception:  # the parent is no Zarr group: nothing more to say
+                    pass
                 raise UnsupportedFormatError(
                     f"{path}: Zarr group has no OME-Zarr 'multiscales' metadata; "
-                    "pass the folder of an OME-Zarr image"
+                    f"pass the folder of an OME-Zarr image{row_of_plate}"
                 )
             _first_multiscale(_Ngff05.ngff_attrs(attrs) or attrs, str(path))
             version = _Ngff05.version_of(attrs) or _NgffFormat.version_of(attrs)

@@ -76,7 +76,7 @@ def write_multiscale_group(
     levels: Sequence[NDArray[Any]],
     *,
     version: NgffVersion,
-    mpp: float,
+    mpp: float | None,
     channel_names: Sequence[str],
     chunk: int,
     name: str,
@@ -84,8 +84,11 @@ def write_multiscale_group(
     """Write CYX ``levels`` as arrays "0", "1", ... of the Zarr ``group`` plus the image metadata.
 
     ``group`` must be of ``version``'s Zarr format (v2 for 0.4, v3 for 0.5). Level ``k`` gets
-    scale ``mpp * 2**k`` on y and x; chunks are (C, ``chunk``, ``chunk``).
+    scale ``mpp * 2**k`` on y and x; chunks are (C, ``chunk``, ``chunk``). ``mpp=None`` writes
+    a pixel size unknown to readers: spatial axes without a unit and scale ``2**k``.
     """
+    unit = {} if mpp is None else {"unit": "micrometer"}
+    pixel = 1.0 if mpp is None else mpp
     fmt = ngff_format(version)
     for k, lvl in enumerate(levels):
         fmt.write_array(
@@ -99,11 +102,12 @@ def write_multiscale_group(
         name=name,
         axes=[
             {"name": "c", "type": "channel"},
-            {"name": "y", "type": "space", "unit": "micrometer"},
-            {"name": "x", "type": "space", "unit": "micrometer"},
+            {"name": "y", "type": "space", **unit},
+            {"name": "x", "type": "space", **unit},
         ],
         transforms=[
-            [{"type": "scale", "scale": [1.0, mpp * 2**k, mpp * 2**k]}] for k in range(len(levels))
+            [{"type": "scale", "scale": [1.0, pixel * 2**k, pixel * 2**k]}]
+            for k in range(len(levels))
         ],
         type_="mean",
         metadata=_MULTISCALE_METADATA,

@@ -91,7 +91,13 @@ class Plate:
             "n_wells": len(self.wells),
             "n_fields": self.n_fields,
             "wells": [
-                {"well": w.name, "path": w.path, "fields": [f.field_index for f in w.fields]}
+                {
+                    "well": w.name,
+                    "path": w.path,
+                    "fields": [f.field_index for f in w.fields],
+                    # what commands take as one image: <plate>/<row>/<column>/<field>
+                    "field_paths": [str(f.path) for f in w.fields],
+                }
                 for w in self.wells
             ],
         }

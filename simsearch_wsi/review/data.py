@@ -27,8 +27,13 @@ from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.features.backbones import WeightsInfo
 from simsearch_wsi.features.extractor import FeatureExtractor, ProgressFn
 from simsearch_wsi.features.norm import FeatureNormalizer
-from simsearch_wsi.features.preprocess import fit_normalization, resolve_channels
+from simsearch_wsi.features.preprocess import (
+    fit_normalization,
+    resolve_channels,
+    search_normalization,
+)
 from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.io.selection import field_of
 from simsearch_wsi.qupath.geojson import BACKGROUND_CLASS, class_color
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SimSearch
@@ -148,7 +153,12 @@ def collect_training_data(
         )
         rgb = first.is_brightfield and len(channels) == 3
         mpp = first.mpp
-        normalization = fit_normalization(opened)
+        fields = {str(Path(im.path).parent.parent.parent) for im in opened}
+        normalization = (  # one plate's fields: the search's plate-wide rule (issue 30)
+            search_normalization(first)
+            if len(fields) == 1 and field_of(first.path) is not None
+            else fit_normalization(opened)
+        )
     finally:
         for im in opened:
             im.close()

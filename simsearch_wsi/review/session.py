@@ -161,6 +161,17 @@ class Session:
         return session
 
     @classmethod
+    def open_or_new(cls, root: str | os.PathLike[str]) -> Session:
+        """The session in ``root``, or a new one that is written (folder and file) only by its
+        first :meth:`save`: a command that fails before then leaves nothing behind (issue 30)."""
+        path = Path(root)
+        if (path / SESSION_FILE).exists():
+            return cls.open(path)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path}: exists and is not a folder; pick a folder for the session")
+        return cls(path, {"created": datetime.now(UTC).isoformat(timespec="seconds")})
+
+    @classmethod
     def open(cls, root: str | os.PathLike[str]) -> Session:
         path = Path(root)
         file = path / SESSION_FILE
@@ -194,6 +205,8 @@ class Session:
         }
 
     def save(self) -> Path:
+        """Write ``session.json`` atomically (creating the folder of a new session)."""
+        self.root.mkdir(parents=True, exist_ok=True)
         return write_json_atomic(self.root / SESSION_FILE, self.to_dict())
 
     # --- classes and prototypes -------------------------------------------------------------

@@ -29,7 +29,7 @@ from simsearch_wsi.features.extractor import (
     make_feature_spec,
 )
 from simsearch_wsi.features.norm import DEFAULT_FEATURE_NORM, FeatureNormalizer, check_feature_norm
-from simsearch_wsi.features.preprocess import ChannelNormalization, fit_normalization
+from simsearch_wsi.features.preprocess import ChannelNormalization, search_normalization
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.qupath.geojson import Annotation, box_feature
 from simsearch_wsi.search.similarity import (
@@ -85,9 +85,13 @@ class SearchSettings:
     channels: tuple[str, ...] | None = None
     dense: bool = False
     dense_fine: bool = False
+    #: ``"foreground"``: embed the tiles the foreground mask touches; ``"all"``: every tile
+    tiles: str = "foreground"
 
     def __post_init__(self) -> None:
         check_feature_norm(self.feature_norm)
+        if self.tiles not in ("foreground", "all"):
+            raise ConfigError(f"tiles must be 'foreground' or 'all', got {self.tiles!r}")
 
 
 @dataclass
@@ -199,12 +203,13 @@ class SimSearch:
         self._normalizations: dict[str, ChannelNormalization] = {}
 
     def normalization_for(self, image: ImageSource) -> ChannelNormalization:
-        """Brightfield: fixed 0..255; otherwise the paper's percentile rule on this image.
+        """Brightfield: fixed 0..255; otherwise the paper's percentile rule over the image's
+        plate, or the image alone (:func:`~simsearch_wsi.features.preprocess.search_normalization`).
 
         Fitted once per image (by identity) and kept, so repeated queries read no pixels."""
         key = image.identity()
         if key not in self._normalizations:
-            self._normalizations[key] = fit_normalization([image])
+            self._normalizations[key] = search_normalization(image)
         return self._normalizations[key]
 
     def feature_spec(
@@ -228,7 +233,7 @@ class SimSearch:
             normalization=normalization or self.normalization_for(image),
             channels=self.settings.channels,
             tile_size=self.settings.tile_size,
-            tiles="foreground",
+            tiles=self.settings.tiles,
         )
 
     def embed(

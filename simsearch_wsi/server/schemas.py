@@ -99,8 +99,41 @@ class BackgroundRequest(_Body):
     n: int = Field(10, ge=1, le=10_000, description="candidates of each kind")
 
 
-class EmbedJobRequest(_Body):
-    images: list[ImagePath] = Field(min_length=1, max_length=10_000)
+class _PlateSelection(_Body):
+    wells: list[str] | None = Field(
+        None,
+        max_length=10_000,
+        description="OME-Zarr plates among the images: only these wells (e.g. ['A1', 'B12']); "
+        "null: every well. One field can also be given as an image by its path, PLATE/A/1/0",
+    )
+    fields: list[int] | None = Field(
+        None,
+        max_length=10_000,
+        description="OME-Zarr plates among the images: only these fields of each well "
+        "(0 = the first); null: every field",
+    )
+
+
+def plate_selection(body: _PlateSelection) -> dict[str, Any]:
+    """The ``wells`` and ``fields`` of a request as :func:`simsearch_wsi.io.selection.expand_images`
+    takes them (checked: well names, field indices from 0)."""
+    from simsearch_wsi.io.selection import parse_fields, parse_wells
+
+    wells = ",".join(body.wells) if body.wells else None
+    fields = ",".join(str(f) for f in body.fields) if body.fields else None
+    return {
+        "wells": parse_wells(wells, option="wells"),
+        "fields": parse_fields(fields, option="fields"),
+    }
+
+
+class EmbedJobRequest(_PlateSelection):
+    images: list[ImagePath] = Field(
+        min_length=1,
+        max_length=10_000,
+        description="images, OME-Zarr images, plates (every field, or wells/fields) or plate "
+        "fields (PLATE/A/1/0)",
+    )
     patch_size_px: float = Field(
         64.0, gt=0, le=1_000_000, description="expected prototype size in level-0 pixels"
     )
@@ -115,7 +148,7 @@ def _one_of(allowed: Sequence[str], what: str) -> Callable[[str], str]:
     return check
 
 
-class TrainJobRequest(_Body):
+class TrainJobRequest(_PlateSelection):
     session: FolderPath = Field(description="the review session folder to train from")
     out: FolderPath | None = Field(
         None,
@@ -150,11 +183,12 @@ class TrainJobRequest(_Body):
     _head_input = field_validator("head_input")(_one_of(HEAD_INPUTS, "head input"))
 
 
-class PredictJobRequest(_Body):
+class PredictJobRequest(_PlateSelection):
     images: list[ImagePath] = Field(
         min_length=1,
         max_length=10_000,
-        description="slides, images, OME-Zarr images or plates (a plate: every field)",
+        description="slides, images, OME-Zarr images, plates (every field, or wells/fields) or "
+        "plate fields (PLATE/A/1/0)",
     )
     model: FolderPath = Field(description="the model bundle (.zip) to apply, as a train job writes")
     out: FolderPath = Field(description="output folder (created if missing)")

@@ -16,6 +16,9 @@ Five generators, all fast enough for unit tests and a demo:
 :func:`make_dense_field` (:mod:`~simsearch_wsi.synthetic.dense`)
     a dense field of touching small objects, every one in the truth: nuclei of a 16-bit
     fluorescence image or red blood cells of a brightfield smear.
+:func:`make_phenotype_plate` (:mod:`~simsearch_wsi.synthetic.phenotypes`)
+    an OME-Zarr HCS plate of separate cells with three reporter phenotypes (absent,
+    cytoplasmic, nuclear) and plate effects, optionally without a pixel size (issue 30).
 
 The ground truth types are in :mod:`~simsearch_wsi.synthetic.truth`. The file writers they use
 are :mod:`simsearch_wsi.io`'s (:func:`write_pyramidal_tiff`, :func:`write_ome_zarr_image`,
@@ -36,6 +39,7 @@ from simsearch_wsi.synthetic.brightfield import make_synthetic_omezarr_slide, ma
 from simsearch_wsi.synthetic.dense import make_dense_field
 from simsearch_wsi.synthetic.fluorescence import FLUORESCENCE_CLASSES, make_fluorescence_slide
 from simsearch_wsi.synthetic.motifs import MOTIF_PAINTERS, MotifPainter
+from simsearch_wsi.synthetic.phenotypes import PhenotypePlate, make_phenotype_plate
 from simsearch_wsi.synthetic.plate import make_synthetic_plate
 from simsearch_wsi.synthetic.truth import (
     CLASS_COLORS,
@@ -50,6 +54,7 @@ __all__ = [
     "FLUORESCENCE_CLASSES",
     "MOTIF_PAINTERS",
     "MotifPainter",
+    "PhenotypePlate",
     "SyntheticObject",
     "SyntheticPlate",
     "SyntheticSlide",
@@ -57,6 +62,7 @@ __all__ = [
     "class_color",
     "make_dense_field",
     "make_fluorescence_slide",
+    "make_phenotype_plate",
     "make_synthetic_omezarr_slide",
     "make_synthetic_plate",
     "make_synthetic_slide",

@@ -1,17 +1,24 @@
 """``POST /jobs/embed``: fill the feature cache (and the pooled windows) of images ahead of time."""
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from simsearch_wsi.io import open_image
+from simsearch_wsi.io.selection import expand_images
 from simsearch_wsi.server.context import ServerContext
 from simsearch_wsi.server.jobs import JobContext
 from simsearch_wsi.server.paths import require_existing
 from simsearch_wsi.server.protocol import API_PREFIX
 from simsearch_wsi.server.routes.jobs import job_created
-from simsearch_wsi.server.schemas import ERROR_RESPONSES, EmbedJobRequest, JobCreated
+from simsearch_wsi.server.schemas import (
+    ERROR_RESPONSES,
+    EmbedJobRequest,
+    JobCreated,
+    plate_selection,
+)
 
 __all__ = ["router"]
 
@@ -32,6 +39,10 @@ def router(ctx: ServerContext) -> APIRouter:
         """Fill the feature cache (and the pooled windows) of images ahead of time."""
         images = [paths.resolve(text, what="image") for text in body.images]
         require_existing(images)  # answer a typo now rather than in a failed job
+        # plates: their fields (as wells/fields select), named like the CLI's
+        images = [
+            Path(i.path) for i in expand_images([str(p) for p in images], **plate_selection(body))
+        ]
         patch = float(body.patch_size_px)
 
         def run(task: JobContext) -> dict[str, Any]:

@@ -22,7 +22,12 @@ from simsearch_wsi.server.context import ServerContext
 from simsearch_wsi.server.jobs import JobContext
 from simsearch_wsi.server.protocol import API_PREFIX
 from simsearch_wsi.server.routes.jobs import job_created
-from simsearch_wsi.server.schemas import ERROR_RESPONSES, JobCreated, PredictJobRequest
+from simsearch_wsi.server.schemas import (
+    ERROR_RESPONSES,
+    JobCreated,
+    PredictJobRequest,
+    plate_selection,
+)
 from simsearch_wsi.train.bundle import ModelBundle, load_bundle
 
 __all__ = ["router"]
@@ -56,7 +61,7 @@ def router(ctx: ServerContext) -> APIRouter:
         out = paths.resolve(body.out, what="output folder")
         # a missing image (404), a clash of output names, a missing or broken bundle and
         # unknown classes are answered now rather than in a failed job
-        targets = expand_inputs([str(p) for p in images])
+        targets = expand_inputs([str(p) for p in images], **plate_selection(body))
         refuse_overwriting_inputs(targets, out, inputs=[("model", model_path)])
         if out.exists() and not out.is_dir():
             raise ConfigError(f"out {out}: exists and is not a folder; give an output folder")
@@ -68,6 +73,7 @@ def router(ctx: ServerContext) -> APIRouter:
             min_area_um2=body.min_area_um2,
             tile_size=search.settings.tile_size,
             batch_size=search.settings.batch_size,
+            tiles=search.settings.tiles,
             write_back=body.write_back,
         )
         device, autocast = search.extractor.device, search.extractor.autocast
@@ -120,6 +126,8 @@ def router(ctx: ServerContext) -> APIRouter:
                 "min_area_um2": body.min_area_um2,
                 "write_back": body.write_back,
                 "force": body.force,
+                **({"wells": body.wells} if body.wells else {}),
+                **({"fields": body.fields} if body.fields else {}),
             },
         )
         return job_created(job)

@@ -55,7 +55,7 @@ def router(ctx: ServerContext) -> APIRouter:
         )
         check_outputs_not_inputs([], [("image", image)], updated=session_doc(folder))
         with locks.session(folder):
-            session = Session.create(folder, exist_ok=True) if folder is not None else None
+            session = Session.open_or_new(folder) if folder is not None else None
             if session is not None:
                 paths.session_images(session, prototypes_only=True)  # 403 before any work
             with open_image(image) as img:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import check_outputs_not_inputs
+from simsearch_wsi.io.selection import expand_images
 from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.server.context import ServerContext
@@ -16,7 +17,12 @@ from simsearch_wsi.server.jobs import JobContext
 from simsearch_wsi.server.paths import require_existing, session_doc
 from simsearch_wsi.server.protocol import API_PREFIX
 from simsearch_wsi.server.routes.jobs import job_created
-from simsearch_wsi.server.schemas import ERROR_RESPONSES, JobCreated, TrainJobRequest
+from simsearch_wsi.server.schemas import (
+    ERROR_RESPONSES,
+    JobCreated,
+    TrainJobRequest,
+    plate_selection,
+)
 from simsearch_wsi.train.bundle import save_bundle
 from simsearch_wsi.train.fit import TrainConfig, TrainResult
 
@@ -45,6 +51,12 @@ def router(ctx: ServerContext) -> APIRouter:
         folder = paths.resolve(body.session, what="session")
         out = paths.resolve(body.out, what="model") if body.out else folder / "model.zip"
         noisy = [paths.resolve(text, what="noisy image") for text in body.noisy_images]
+        if noisy:  # plates: their fields (as wells/fields select)
+            require_existing(noisy)
+            noisy = [
+                Path(i.path)
+                for i in expand_images([str(p) for p in noisy], **plate_selection(body))
+            ]
         if out.suffix.lower() != ".zip":
             raise ConfigError(
                 f"model {out}: not a .zip file name; give a file name ending in .zip for the "
