@@ -153,7 +153,7 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
     from simsearch_wsi.cohort.ihc import IHC_PLOT, IHC_TABLE, quantify_ihc_images
     from simsearch_wsi.infer.cells import CellDetectionParams
     from simsearch_wsi.infer.ihc import PositivityRule
-    from simsearch_wsi.infer.predict import image_stem
+    from simsearch_wsi.io.selection import image_stem
     from simsearch_wsi.io import open_image
     from simsearch_wsi.qupath.geojson import read_features
 

@@ -128,7 +128,7 @@ def _write(
     rule: PositivityRule,
 ) -> dict[str, str]:
     from simsearch_wsi.cohort.ihc import IHC_TABLE, cell_rows
-    from simsearch_wsi.infer.predict import image_stem
+    from simsearch_wsi.io.selection import image_stem
     from simsearch_wsi.infer.quantify import write_table
     from simsearch_wsi.qupath.geojson import write_feature_collection
 
