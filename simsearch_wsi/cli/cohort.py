@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 from simsearch_wsi.cli.argtypes import int_at_least
 from simsearch_wsi.cli.console import rich_console
 from simsearch_wsi.cli.exitcodes import EXIT_ERROR, EXIT_OK
-from simsearch_wsi.cli.options import DEVICE, NO_AUTOCAST, THRESHOLD, parse_device, parse_thresholds
+from simsearch_wsi.cli.options import (
+    DEVICE,
+    MANIFEST,
+    NO_AUTOCAST,
+    THRESHOLD,
+    parse_device,
+    parse_thresholds,
+)
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import naming_output
 
@@ -32,9 +39,7 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         "images; a failing image is reported and does not stop the others (exit code 1).",
     )
     p_coh.add_argument("images", nargs="*", metavar="IMAGE", help="images or plates")
-    p_coh.add_argument(
-        "--manifest", default=None, metavar="FILE.csv", help="CSV with a path column + metadata"
-    )
+    MANIFEST.add(p_coh)
     p_coh.add_argument("--model", required=True, metavar="MODEL.zip", help="a trained bundle")
     p_coh.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p_coh.add_argument(

@@ -122,6 +122,10 @@ MPP = _option(
     help="level-0 pixel size in um/px when the file has none",
 )
 
+MANIFEST = _option(
+    "--manifest", default=None, metavar="FILE.csv", help="CSV with a path column + metadata"
+)
+
 ENGINE = (
     WEIGHTS,
     FEATURE_NORM,
