@@ -65,7 +65,7 @@ final int PROTOCOL_VERSION = 1  // the simsearch-wsi HTTP protocol this script s
 
 Map api = connect(SERVER_URL, TOKEN, PROTOCOL_VERSION)
 if (THRESHOLDS.size() != 3)
-    fail('Set THRESHOLDS to three increasing numbers (1+, 2+, 3+), e.g. [0.2, 0.4, 0.6]')
+    fail('Set THRESHOLDS to three non-decreasing numbers (1+, 2+, 3+), e.g. [0.2, 0.4, 0.6]')
 String image = currentImageUri()
 checkServer(api)
 

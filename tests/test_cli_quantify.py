@@ -47,6 +47,7 @@ def test_quantify_with_annotations(ihc_pngs, tmp_path: Path, capsys) -> None:
     write_feature_collection(
         ann, [geometry_feature(box(0, 0, 80, 160), class_name="Tumor", name="left")]
     )
+    ann_bytes = ann.read_bytes()
     out = tmp_path / "out"
     code = main(
         [
@@ -77,7 +78,12 @@ def test_quantify_with_annotations(ihc_pngs, tmp_path: Path, capsys) -> None:
         "2+",
         "3+",
     )
-    assert ann.exists()  # inputs untouched
+    assert ann.read_bytes() == ann_bytes  # inputs untouched
+    run = json.loads((out / "ihc_run.json").read_text(encoding="utf-8"))
+    assert run["thresholds"] == [0.2, 0.4, 0.6] and run["compartment"] == "Nucleus: DAB OD mean"
+    assert run["single_threshold"] is False and run["detection"]["pixel_size_um"] == 0.5
+    (rec,) = run["images"]
+    assert rec["working_pixel_size_um"] == pytest.approx(0.5) and len(rec["stains"]["dab"]) == 3
 
 
 def test_quantify_cohort_manifest_with_groups(ihc_pngs, tmp_path: Path, capsys) -> None:
@@ -126,7 +132,15 @@ def test_quantify_errors_are_one_line(ihc_pngs, tmp_path: Path, capsys) -> None:
             *("--thresholds", "0.5", "0.2", "0.6"),
         ]
     )
-    assert code == 1 and "increasing" in capsys.readouterr().err
+    assert code == 1 and "non-decreasing" in capsys.readouterr().err
+    code = main(
+        [
+            *("quantify", str(path), "--mpp", "0.5", "--out", str(tmp_path / "o")),
+            *("--compartment", "Nucleus: DAB mean"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "compartment 'Nucleus: DAB mean'" in err and "\n" not in err
     code = main(
         ["quantify", str(path), "--mpp", "0.5", "--out", str(tmp_path / "o"), "--stains", "1,2"]
     )
@@ -147,3 +161,48 @@ def test_quantify_refuses_an_output_over_its_annotations(ihc_pngs, tmp_path: Pat
     err = capsys.readouterr().err
     assert "--annotations" in err and "\n" not in err.strip()
     assert ann.read_bytes() == before and not (out / "ihc_scores.csv").exists()
+
+
+def test_quantify_checks_every_input_before_the_first_detection(
+    ihc_pngs, tmp_path: Path, capsys
+) -> None:
+    (p1, _), (p2, _) = ihc_pngs
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.full((64, 64), 200, np.uint8)).save(gray)
+    out = tmp_path / "out"
+    args = ["quantify", str(p1), "--mpp", "0.5", "--out", str(out)]
+    # the last image is not RGB: refused before the first one is processed
+    assert main([*args[:2], str(gray), *args[2:]]) == 1
+    assert "uint8 RGB" in capsys.readouterr().err
+    assert not (out / "slide1.ihc.geojson").exists() and not (out / "ihc_scores.csv").exists()
+    # the second image's annotations lie outside it: the error names their file
+    anns = tmp_path / "anns"
+    anns.mkdir()
+    write_feature_collection(
+        anns / "slide2.geojson", [geometry_feature(box(500, 500, 600, 600), class_name=None)]
+    )
+    assert main([*args[:2], str(p2), *args[2:], "--annotations", str(anns)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "slide2.geojson: none of its 1 regions overlaps" in err and "\n" not in err
+    assert not (out / "slide1.ihc.geojson").exists()
+    # a manifest column named like a score column
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,n_cells\n{p1},3\n{p2},4\n", encoding="utf-8")
+    assert main(["quantify", "--manifest", str(manifest), "--mpp", "0.5", "--out", str(out)]) == 1
+    assert "clash" in capsys.readouterr().err
+    assert not (out / "slide1.ihc.geojson").exists()
+
+
+def test_rerun_leaves_no_stale_files(tmp_path: Path, capsys) -> None:
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((96, 96, 3), 250, np.uint8)).save(blank)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "blank.cells.csv").write_text("x_l0,y_l0\n1,2\n", encoding="utf-8")
+    (out / "ihc_groups.png").write_bytes(b"old plot")
+    assert main(["quantify", str(blank), "--mpp", "0.5", "--out", str(out)]) == 0
+    lines = (out / "blank.cells.csv").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("x_l0,y_l0,class,bin,")
+    assert not (out / "ihc_groups.png").exists()
+    (row,) = _rows(out / "ihc_scores.csv")
+    assert row["n_cells"] == "0"

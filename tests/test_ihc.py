@@ -14,10 +14,12 @@ from simsearch_wsi.infer.cells import (
     QUPATH_H_DAB,
     CellDetectionParams,
     StainVectors,
+    _measure_tile,
     detect_cells,
     detect_cells_rgb,
     estimate_stains,
     stain_od,
+    working_scale,
 )
 from simsearch_wsi.infer.ihc import (
     PositivityRule,
@@ -92,7 +94,8 @@ def test_cells_found_and_measured(field) -> None:
     assert len(cells) == n
     idx, dist = _match(cells, field)
     assert sorted(idx.tolist()) == list(range(n))  # one detection per cell
-    assert dist.max() < 1.0
+    # same pixel convention in the synthetic field and the detector: no half-pixel offset
+    assert dist.max() < 0.25
     np.testing.assert_allclose(
         cells.measurements["Nucleus: DAB OD mean"], field.nucleus_dab_od[idx], atol=0.01
     )
@@ -103,7 +106,11 @@ def test_cells_found_and_measured(field) -> None:
         cells.measurements["Cytoplasm: DAB OD mean"], field.cytoplasm_dab_od[idx], atol=0.04
     )
     true_area = np.pi * field.nucleus_radius_px[idx] ** 2 * MPP**2
-    np.testing.assert_allclose(cells.measurements["Nucleus: Area µm^2"], true_area, rtol=0.08)
+    # smoothing trims a few edge pixels of a ~100 px nucleus: the worst of the 49 is -12.6 %
+    # (88 px found of 96 rasterised), the median within a few %
+    area = cells.measurements["Nucleus: Area µm^2"]
+    np.testing.assert_allclose(area, true_area, rtol=0.14)
+    assert abs(float(np.median(area / true_area)) - 1.0) < 0.04
     assert (cells.measurements["Cell: Area µm^2"] > 1.4 * true_area).all()
     dab_max = cells.measurements["Cell: DAB OD max"]
     np.testing.assert_allclose(dab_max, field.nucleus_dab_od[idx], atol=0.03)
@@ -142,15 +149,68 @@ def test_thresholds_are_inclusive_and_checked() -> None:
     np.testing.assert_array_equal(
         intensity_bins(np.array([0.19, 0.2, 0.4, 0.6, np.nan]), (0.2, 0.4, 0.6)), [0, 1, 2, 3, 0]
     )
-    with pytest.raises(ConfigError, match="increasing"):
+    with pytest.raises(ConfigError, match="non-decreasing"):
         PositivityRule(thresholds=(0.4, 0.2, 0.6))
-    with pytest.raises(ConfigError, match="compartment"):
-        score_regions(
-            detect_cells_rgb(np.full((64, 64, 3), 255, np.uint8), mpp=MPP),
-            [Region("Image")],
-            rule=PositivityRule(compartment="Nucleus: GFP mean"),
-            mpp=MPP,
-        )
+    assert PositivityRule(thresholds=(0.2, 0.2, 0.6)).thresholds == (0.2, 0.2, 0.6)
+    # a wrong compartment is refused when the rule is made, before any detection
+    with pytest.raises(ConfigError, match="compartment 'Nucleus: GFP mean'"):
+        PositivityRule(compartment="Nucleus: GFP mean")
+    PositivityRule(compartment="Cytoplasm: DAB OD mean")
+
+
+def test_working_scale_within_ten_percent_of_the_request() -> None:
+    # a 40x slide (0.2527 um/px) works at 0.505 um/px (2 x 2 blocks), not at full resolution
+    assert working_scale(0.2527, [1.0, 4.0, 16.0], 0.5) == (0, 2)
+    assert working_scale(0.25, [1.0, 2.0, 4.0], 0.5) == (1, 1)
+    assert working_scale(0.2527, [1.0, 4.0, 16.0], 2.0) == (1, 2)  # 2.02 um/px
+    assert working_scale(0.5, [1.0], 0.5) == (0, 1)
+    # 0.3 um/px: 2 x 2 would be 0.6 (20 % coarser), so 1 x 1 (never coarser beyond 10 %)
+    assert working_scale(0.3, [1.0], 0.5) == (0, 1)
+    assert working_scale(1.0, [1.0], 0.5) == (0, 1)
+
+
+def test_uneven_downsample_scales_each_axis(field) -> None:
+    od = stain_od(field.rgb, QUPATH_H_DAB)
+    kw = {
+        "px_um": MPP,
+        "px_um_known": True,
+        "params": CellDetectionParams(),
+        "core": (0, 0, 240, 240),
+        "offset_lvl": (0, 0),
+        "with_geometry": True,
+    }
+    even = _measure_tile(od, downsample=(1.0, 1.0), **kw)
+    uneven = _measure_tile(od, downsample=(2.0, 1.0), **kw)
+    np.testing.assert_allclose(uneven.x_l0, 2.0 * even.x_l0)
+    np.testing.assert_allclose(uneven.y_l0, even.y_l0)
+    b_even, b_uneven = np.array(even.cells[0].bounds), np.array(uneven.cells[0].bounds)
+    np.testing.assert_allclose(b_uneven[[0, 2]], 2.0 * b_even[[0, 2]], atol=1e-6)
+    np.testing.assert_allclose(b_uneven[[1, 3]], b_even[[1, 3]], atol=1e-6)
+
+
+def test_regions_outside_the_image_are_refused_and_areas_clipped(field) -> None:
+    img = ArraySource(field.rgb, mpp=MPP)
+    far = read_features([geometry_feature(box(1000, 1000, 1100, 1100), class_name=None)])
+    with pytest.raises(ConfigError, match=r"regions\.geojson: none of its 1 regions overlaps"):
+        quantify_image(img, annotations=far, regions_source="regions.geojson")
+    # half of this region lies past the right edge: its area is the half inside
+    half = read_features([geometry_feature(box(120, 0, 360, 240), class_name=None)])
+    res = quantify_image(img, annotations=half, with_geometry=False)
+    assert res.scores[0].area_um2 == pytest.approx(120 * 240 * MPP**2)
+
+
+def test_single_threshold_annotations_leave_out_bins(field) -> None:
+    img = ArraySource(field.rgb, mpp=MPP)
+    res = quantify_image(img, with_geometry=False)
+    (feat,) = region_features(
+        res.regions, res.scores, image_size_l0=img.dimensions, rule=PositivityRule()
+    )
+    meas = feat["properties"]["measurements"]
+    assert "Positive %" in meas and "Num Positive" in meas
+    assert not {"H-score", "Num 1+", "Num 2+", "Num 3+"} & set(meas)
+    three = PositivityRule(single_threshold=False)
+    (feat3,) = region_features(res.regions, res.scores, image_size_l0=img.dimensions, rule=three)
+    assert {"H-score", "Num 1+"} <= set(feat3["properties"]["measurements"])
 
 
 def test_touching_nuclei_are_split() -> None:
@@ -254,16 +314,18 @@ def test_regions_from_qupath_annotations_round_trip(field, tmp_path) -> None:
     ):
         assert name in m
     assert {a.class_name for a in cells_back} == {"Negative", "1+", "2+", "3+"}
-    raw = json.loads(path.read_text(encoding="utf-8"))["features"][0]["properties"]
-    assert raw["nucleusGeometry"]["type"] == "Polygon"
+    raw_feats = json.loads(path.read_text(encoding="utf-8"))["features"]
+    # QuPath reads the nucleus at the Feature's top level, beside "geometry"
+    assert raw_feats[0]["nucleusGeometry"]["type"] == "Polygon"
+    assert "nucleusGeometry" not in raw_feats[0]["properties"]
     left_back = ann_back[0].measurements
     assert left_back["Num Detections"] == res.scores[0].n_cells
     assert left_back["Positive %"] == pytest.approx(res.scores[0].positive_pct, abs=1e-9)
     assert left_back["H-score"] == pytest.approx(res.scores[0].h_score, abs=1e-9)
     assert {"Num Positive", "Num Negative", "Num 1+", "Num 2+", "Num 3+"} <= set(left_back)
     # each cell outline holds its nucleus
-    for a in cells_back[:5]:
-        nuc = a.properties["nucleusGeometry"]
+    for a, raw in zip(cells_back[:5], raw_feats[:5], strict=True):
+        nuc = raw["nucleusGeometry"]
         assert a.geometry.buffer(0.01).contains(
             read_features({"type": "Feature", "geometry": nuc, "properties": {}})[0].geometry
         )

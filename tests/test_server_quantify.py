@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import time
 import warnings
 from collections.abc import Iterator
@@ -93,8 +94,23 @@ def test_quantify_job_scores_and_returns_qupath_objects(world, tmp_path: Path) -
     ]
     assert [f["id"] for f in regions] == [_region(0, 1)["id"]]  # the annotation it scores
     assert regions[0]["properties"]["measurements"]["Num Positive"] == int((truth > 0).sum())
-    assert set(res["outputs"]) == {"geojson", "cells", "table"}
-    assert (out / "ihc_scores.csv").is_file()
+    assert set(res["outputs"]) == {"geojson", "cells", "table", "run"}
+    assert (out / "ihc_scores.csv").is_file() and (out / "ihc_run.json").is_file()
+
+    # a second image into the same folder keeps the first image's rows; a re-run replaces its own
+    other = png.parent / "core b.png"
+    Image.fromarray(np.full((64, 64, 3), 250, np.uint8)).save(other)
+    for image in (other, png):
+        body2 = {"image": str(image), "mpp": 0.5, "out": str(out)}
+        job = _done(client, client.post(f"{API}/jobs/quantify", json=body2).json()["job_id"])
+        assert job["state"] == "done", job
+    with (out / "ihc_scores.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["image"], r["region"]) for r in rows) == [
+        ("core a.png", "Image"),
+        ("core b.png", "Image"),
+    ]
+    assert [r["n_cells"] for r in rows if r["image"] == "core b.png"] == ["0"]
 
 
 def test_quantify_job_refusals(world, tmp_path: Path) -> None:
@@ -102,7 +118,14 @@ def test_quantify_job_refusals(world, tmp_path: Path) -> None:
     r = client.post(f"{API}/jobs/quantify", json={"image": str(tmp_path / "x.png"), "mpp": 0.5})
     assert r.status_code == 403, r.text
     r = client.post(f"{API}/jobs/quantify", json={"image": str(png), "thresholds": [0.4, 0.2, 0.6]})
-    assert r.status_code == 400 and "increasing" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "non-decreasing" in r.json()["error"]["message"]
+    # a wrong compartment is answered at once, not after the image is processed
+    body = {"image": str(png), "mpp": 0.5, "compartment": "Nucleus: DAB"}
+    r = client.post(f"{API}/jobs/quantify", json=body)
+    assert r.status_code == 400 and "compartment" in r.json()["error"]["message"]
+    # an output folder inside the input is refused
+    r = client.post(f"{API}/jobs/quantify", json={"image": str(png), "out": str(png / "sub")})
+    assert r.status_code == 400 and "inside the input" in r.json()["error"]["message"], r.text
     r = client.post(f"{API}/jobs/quantify", json={"image": str(png), "stains": "eosin"})
     assert r.status_code == 422, r.text
     # no pixel size: the job fails with the one-line reason

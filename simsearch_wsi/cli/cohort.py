@@ -15,6 +15,7 @@ from simsearch_wsi.cli.exitcodes import EXIT_ERROR, EXIT_OK
 from simsearch_wsi.cli.options import (
     ALL_TILES,
     DEVICE,
+    MANIFEST,
     NO_AUTOCAST,
     THRESHOLD,
     parse_device,
@@ -39,9 +40,7 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         "images; a failing image is reported and does not stop the others (exit code 1).",
     )
     p_coh.add_argument("images", nargs="*", metavar="IMAGE", help="images or plates")
-    p_coh.add_argument(
-        "--manifest", default=None, metavar="FILE.csv", help="CSV with a path column + metadata"
-    )
+    MANIFEST.add(p_coh)
     p_coh.add_argument("--model", required=True, metavar="MODEL.zip", help="a trained bundle")
     p_coh.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p_coh.add_argument(

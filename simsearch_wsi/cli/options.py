@@ -130,6 +130,10 @@ ALL_TILES = _option(
     "mask finds; for images where foreground detection is not wanted or misses objects",
 )
 
+MANIFEST = _option(
+    "--manifest", default=None, metavar="FILE.csv", help="CSV with a path column + metadata"
+)
+
 ENGINE = (
     WEIGHTS,
     FEATURE_NORM,

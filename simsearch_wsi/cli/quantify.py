@@ -12,7 +12,7 @@ from simsearch_wsi.cli.argtypes import int_at_least, non_negative_float, positiv
 from simsearch_wsi.cli.console import progress, rich_console
 from simsearch_wsi.cli.exitcodes import EXIT_OK
 from simsearch_wsi.cli.inputs import guard, report_skipped
-from simsearch_wsi.cli.options import MPP
+from simsearch_wsi.cli.options import MANIFEST, MPP
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import naming_output
 
@@ -34,9 +34,7 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         "ihc_groups.png when a metadata column groups the images).",
     )
     p.add_argument("images", nargs="*", metavar="IMAGE", help="brightfield slides or images")
-    p.add_argument(
-        "--manifest", default=None, metavar="FILE.csv", help="CSV with a path column + metadata"
-    )
+    MANIFEST.add(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument(
         "--annotations",
@@ -74,7 +72,8 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         "--pixel-size-um",
         type=positive_float,
         default=0.5,
-        help="work on the pyramid level nearest this pixel size (default: %(default)s)",
+        help="work at this pixel size (um/px), within 10%%: a pyramid level averaged in "
+        "integer blocks, e.g. 0.25 um/px slides in 2 x 2 (default: %(default)s, as QuPath)",
     )
     p.add_argument(
         "--nucleus-threshold",
@@ -115,9 +114,9 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tile-px",
-        type=int_at_least(128),
+        type=int_at_least(128, 8192),
         default=1024,
-        help="tile side in working pixels (default: %(default)s)",
+        help="tile side in working pixels, 128..8192 (default: %(default)s)",
     )
     p.add_argument(
         "--no-outlines",
@@ -150,11 +149,11 @@ def parse_stains(text: str) -> StainVectors | str:
 
 
 def _cmd_quantify(args: argparse.Namespace) -> int:
-    from simsearch_wsi.cohort.ihc import IHC_PLOT, IHC_TABLE, quantify_ihc_images
+    from simsearch_wsi.cohort.ihc import IHC_PLOT, IHC_RUN, IHC_TABLE, quantify_ihc_images
     from simsearch_wsi.infer.cells import CellDetectionParams
     from simsearch_wsi.infer.ihc import PositivityRule
-    from simsearch_wsi.io.selection import image_stem
     from simsearch_wsi.io import open_image
+    from simsearch_wsi.io.selection import image_stem
     from simsearch_wsi.qupath.geojson import read_features
 
     entries: list[tuple[str, dict[str, str]]] = [(p, {}) for p in args.images]
@@ -178,7 +177,7 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give an output folder")
-    outputs = [("--out", out / IHC_TABLE), ("--out", out / IHC_PLOT)]
+    outputs = [("--out", out / name) for name in (IHC_TABLE, IHC_PLOT, IHC_RUN)]
     for _, stem, _ in images:
         outputs += [("--out", out / f"{stem}.ihc.geojson"), ("--out", out / f"{stem}.cells.csv")]
     inputs = [("image", p) for p, _ in entries]
@@ -204,11 +203,15 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
     stains = parse_stains(args.stains)
     skipped: list[str] = []
 
-    def annotations_for(path: str, stem: str) -> Any:
+    def annotation_file(path: str, stem: str) -> str | None:
         if ann is None:
             return None
         file = ann if ann.is_file() else ann / f"{stem}.geojson"
-        return read_features(file, skipped=skipped) if file.is_file() else None
+        return str(file) if file.is_file() else None
+
+    def annotations_for(path: str, stem: str) -> Any:
+        file = annotation_file(path, stem)
+        return None if file is None else read_features(file, skipped=skipped)
 
     with progress() as bars, naming_output("--out", out):
         run = quantify_ihc_images(
@@ -216,6 +219,7 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
             out_dir=out,
             open_image=lambda p: open_image(p, mpp=args.mpp),
             annotations=annotations_for,
+            annotation_source=annotation_file,
             params=params,
             rule=rule,
             stains=stains,

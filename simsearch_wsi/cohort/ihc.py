@@ -11,15 +11,17 @@ folder:
 ``<stem>.cells.csv``
     One row per cell: centroid (level-0 pixels), class, intensity bin, measurements.
 
-and, for all images, ``ihc_scores.csv`` (one row per image and region, with the manifest's
-metadata columns) and, when a metadata column groups the images, ``ihc_groups.png``
-(positive % and H-score per image, by group). Every file is written atomically.
+(header only when the image has no cells), and, for all images, ``ihc_scores.csv`` (one row
+per image and region, with the manifest's metadata columns), ``ihc_run.json`` (the settings:
+thresholds, compartment, stains, requested and working pixel size) and, when a metadata column
+groups the images, ``ihc_groups.png`` (positive % and H-score per image, by group; an older one
+is removed when nothing groups the images). Every file is written atomically.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,8 @@ from simsearch_wsi.infer.ihc import (
     PositivityRule,
     RegionScore,
     cell_features,
+    check_extra_columns,
+    image_regions,
     quantify_image,
     region_features,
     score_rows,
@@ -43,12 +47,23 @@ if TYPE_CHECKING:
     from simsearch_wsi.io.base import ImageSource
     from simsearch_wsi.qupath.geojson import Annotation
 
-__all__ = ["IHC_TABLE", "IhcImage", "IhcRun", "plot_ihc_groups", "quantify_ihc_images"]
+__all__ = [
+    "IHC_RUN",
+    "IHC_TABLE",
+    "IhcImage",
+    "IhcRun",
+    "plot_ihc_groups",
+    "quantify_ihc_images",
+    "run_record",
+    "write_cell_table",
+]
 
 #: the cohort table of scores
 IHC_TABLE = "ihc_scores.csv"
 #: the per-group plot
 IHC_PLOT = "ihc_groups.png"
+#: the run's settings (thresholds, compartment, stains, pixel size)
+IHC_RUN = "ihc_run.json"
 
 #: progress callback: (stage, done, total)
 Progress = Callable[[str, int, int], None]
@@ -56,7 +71,8 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class IhcImage:
-    """One image's outcome: its output files, scores, the stains used, seconds taken."""
+    """One image's outcome: its output files, scores, the stains used, seconds taken, the
+    pyramid level and pixel size (µm) detection worked at."""
 
     path: str
     stem: str
@@ -65,6 +81,8 @@ class IhcImage:
     n_cells: int
     stains: dict[str, list[float]]
     seconds: float
+    level: int = 0
+    working_pixel_size_um: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -112,6 +130,7 @@ def quantify_ihc_images(
     tile_px: int = 1024,
     outlines: bool = True,
     progress: Progress | None = None,
+    annotation_source: Callable[[str, str], str | None] | None = None,
 ) -> IhcRun:
     """Quantify positive cells on every image and write the files of the module docstring.
 
@@ -136,8 +155,20 @@ def quantify_ihc_images(
         (:func:`simsearch_wsi.infer.cells.estimate_image_stains`).
     progress
         ``(stage, done, total)``; stage ``"<stem> | tiles"`` per image.
+    annotation_source
+        ``(path, stem) -> name`` of the annotations (their file), for error messages.
+
+    Every image is opened and checked (uint8 RGB, known pixel size), its annotations read and
+    checked (a polygonal region overlapping the image) and its metadata checked against the
+    score columns before the first detection.
+
+    Raises
+    ------
+    ConfigError
+        Any of those checks fails (nothing is written then).
     """
-    from simsearch_wsi.infer.cells import estimate_image_stains
+    from simsearch_wsi.core.atomic import write_json_atomic
+    from simsearch_wsi.infer.cells import check_brightfield, estimate_image_stains
     from simsearch_wsi.qupath.geojson import write_feature_collection
 
     stems = [s for _, s, _ in images]
@@ -147,11 +178,26 @@ def quantify_ihc_images(
     if isinstance(stains, str) and stains != "estimate":
         raise ConfigError(f"stains {stains!r} is unknown; give vectors or 'estimate'")
     rule = rule or PositivityRule()
+    params = params or CellDetectionParams()
+    # every image, its annotations and metadata are checked before the first detection, so
+    # a bad one late in the list does not fail the run after hours of work with no table
+    loaded: list[Sequence[Annotation] | None] = []
+    for path, stem, meta in images:
+        check_extra_columns(meta)
+        with open_image(path) as img:
+            check_brightfield(img)
+            anns = annotations(path, stem)
+            if anns is not None:
+                where = (annotation_source(path, stem) if annotation_source else None) or (
+                    f"annotations of {path}"
+                )
+                image_regions(anns, img.dimensions, mpp=img.mpp, where=where)
+        loaded.append(anns)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     done: list[IhcImage] = []
-    for path, stem, meta in images:
+    for (path, stem, meta), anns in zip(images, loaded, strict=True):
         t0 = time.perf_counter()
         with open_image(path) as img:
             vec = estimate_image_stains(img) if isinstance(stains, str) else stains
@@ -162,7 +208,7 @@ def quantify_ihc_images(
 
             res = quantify_image(
                 img,
-                annotations=annotations(path, stem),
+                annotations=anns,
                 params=params,
                 rule=rule,
                 stains=vec,
@@ -173,12 +219,10 @@ def quantify_ihc_images(
             )
             size = img.dimensions
         feats = cell_features(res.cells, res.bins, rule=rule) if outlines else []
-        feats += region_features(res.regions, res.scores, image_size_l0=size)
+        feats += region_features(res.regions, res.scores, image_size_l0=size, rule=rule)
         gj = write_feature_collection(out / f"{stem}.ihc.geojson", feats)
-        outputs = {"geojson": str(gj)}
-        if len(res.cells):
-            cells_csv = write_table(out / f"{stem}.cells.csv", cell_rows(res, rule))
-            outputs["cells"] = str(cells_csv)
+        cells_csv = write_cell_table(out / f"{stem}.cells.csv", res, rule)
+        outputs = {"geojson": str(gj), "cells": str(cells_csv)}
         rows.extend(score_rows(stem, res.scores, extra=meta))
         done.append(
             IhcImage(
@@ -189,14 +233,79 @@ def quantify_ihc_images(
                 n_cells=len(res.cells),
                 stains={"hematoxylin": list(vec.hematoxylin), "dab": list(vec.dab)},
                 seconds=round(time.perf_counter() - t0, 3),
+                level=res.cells.level,
+                working_pixel_size_um=res.cells.px_um,
             )
         )
     table = write_table(out / IHC_TABLE, rows)
+    write_json_atomic(
+        out / IHC_RUN,
+        run_record(
+            rule=rule,
+            params=params,
+            stains=stains,
+            tissue=tissue,
+            images=[
+                {
+                    "image": i.path,
+                    "stem": i.stem,
+                    "stains": i.stains,
+                    "level": i.level,
+                    "working_pixel_size_um": i.working_pixel_size_um,
+                }
+                for i in done
+            ],
+        ),
+    )
     plots: dict[str, Path] = {}
     group = _group_column(rows, [m for _, _, m in images])
     if group is not None:
         plots["groups"] = plot_ihc_groups(rows, out / IHC_PLOT, group_by=group)
+    else:
+        # a plot of an earlier run would no longer match ihc_scores.csv
+        (out / IHC_PLOT).unlink(missing_ok=True)
     return IhcRun(images=done, table=table, plots=plots)
+
+
+def run_record(
+    *,
+    rule: PositivityRule,
+    params: CellDetectionParams,
+    stains: StainVectors | str,
+    tissue: bool,
+    images: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The settings of a run, as written to ``ihc_run.json``: thresholds, compartment and
+    class mode, the detection settings (requested pixel size, ...), the stain setting, and per
+    image the stain vectors used, the pyramid level and the working pixel size (µm)."""
+    from dataclasses import asdict
+
+    return {
+        "thresholds": list(rule.thresholds),
+        "compartment": rule.compartment,
+        "single_threshold": rule.single_threshold,
+        "detection": asdict(params),
+        "stains": stains
+        if isinstance(stains, str)
+        else {"hematoxylin": list(stains.hematoxylin), "dab": list(stains.dab)},
+        "tissue": tissue,
+        "images": [dict(i) for i in images],
+    }
+
+
+def write_cell_table(path: str | Path, res: IhcResult, rule: PositivityRule) -> Path:
+    """``<stem>.cells.csv`` (:func:`cell_rows`), atomically; with no cells a header-only table,
+    so that the cells of an earlier run of the image do not survive."""
+    import csv
+
+    from simsearch_wsi.core.atomic import atomic_path
+
+    if len(res.cells):
+        return write_table(path, cell_rows(res, rule))
+    target = Path(path)
+    with atomic_path(target) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerow(["x_l0", "y_l0", "class", "bin", *res.cells.measurements])
+    return target
 
 
 def _group_column(rows: list[dict[str, Any]], metas: Sequence[dict[str, str]]) -> str | None:

@@ -20,8 +20,10 @@ centroid, so every cell is found once and none is cut at a tile border):
    cytoplasm (cell minus nucleus).
 
 Processing happens at about ``pixel_size_um`` (QuPath's "requested pixel size", 0.5 um): on the
-pyramid level closest to it without going coarser, its pixels averaged in f x f blocks when
-that level is at least twice as fine; no whole level is loaded.
+coarsest pyramid level at most 10 % coarser than it, its pixels averaged in f x f blocks, f the
+integer that brings them nearest the requested size when that lands within 10 % of it (0.25
+um/px slides work at 0.5 um/px, f = 2), else the largest f not above it; no whole level is
+loaded. See :func:`working_scale`.
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ __all__ = [
     "CellDetectionParams",
     "CellTable",
     "StainVectors",
+    "check_brightfield",
     "detect_cells",
     "detect_cells_rgb",
     "detect_nuclei",
     "estimate_image_stains",
     "estimate_stains",
     "stain_od",
+    "working_scale",
 ]
 
 
@@ -204,8 +208,8 @@ class CellDetectionParams:
     Attributes
     ----------
     pixel_size_um
-        Work at about this pixel size: the pyramid level closest to it without exceeding it,
-        averaged in integer f x f blocks when it is at least twice as fine.
+        Work at about this pixel size (within 10 %, :func:`working_scale`): a pyramid level,
+        its pixels averaged in integer f x f blocks.
     detection_image
         ``"hematoxylin"`` (QuPath's "Hematoxylin OD") or ``"od_sum"`` (QuPath's "Optical
         density sum"; better when DAB-positive nuclei hold little hematoxylin).
@@ -497,8 +501,11 @@ def _stats(
     return count, mean, vmax, vmin, std
 
 
-def _outline(mask: NDArray[np.bool_], x0: float, y0: float, scale: float) -> Polygon | None:
-    """Outer contour of a binary crop as a polygon; pixel (i, j) covers [j, j+1) x [i, i+1)."""
+def _outline(
+    mask: NDArray[np.bool_], x0: float, y0: float, scale: tuple[float, float]
+) -> Polygon | None:
+    """Outer contour of a binary crop as a polygon; pixel (i, j) covers [j, j+1) x [i, i+1);
+    ``scale`` (sx, sy) maps those pixels to level-0 pixels."""
     from shapely.geometry import Polygon
     from skimage.measure import find_contours
 
@@ -507,11 +514,12 @@ def _outline(mask: NDArray[np.bool_], x0: float, y0: float, scale: float) -> Pol
     if not contours:
         return None
     ring = max(contours, key=len)
-    xy = np.stack([ring[:, 1] - 1 + 0.5 + x0, ring[:, 0] - 1 + 0.5 + y0], axis=1) * scale
+    sx, sy = scale
+    xy = np.stack([(ring[:, 1] - 1 + 0.5 + x0) * sx, (ring[:, 0] - 1 + 0.5 + y0) * sy], axis=1)
     if len(xy) < 4:
         return None
     # drop the collinear points of the pixel-edge contour (0.25 px keeps the shape)
-    poly = Polygon(xy).simplify(0.25 * scale, preserve_topology=True)
+    poly = Polygon(xy).simplify(0.25 * min(sx, sy), preserve_topology=True)
     if not poly.is_valid:
         poly = poly.buffer(0)
         if poly.geom_type != "Polygon":
@@ -527,17 +535,19 @@ def _measure_tile(
     params: CellDetectionParams,
     core: tuple[int, int, int, int],
     offset_lvl: tuple[int, int],
-    downsample: float,
+    downsample: tuple[float, float],
     with_geometry: bool,
     inside: tuple[int, int, int, int] | None = None,
 ) -> CellTable:
     """Detect and measure the cells of one tile whose nucleus centroid lies in ``core``
-    (x0, y0, x1, y1 in tile pixels); coordinates out are level-0. Cells do not grow past
+    (x0, y0, x1, y1 in tile pixels); coordinates out are level-0 (``downsample``: level-0
+    pixels per tile pixel along x and along y). Cells do not grow past
     ``inside`` (x0, y0, x1, y1 in tile pixels: the part of the tile within the image)."""
     from scipy import ndimage as ndi
     from skimage.segmentation import expand_labels
 
     names = measurement_names(px_um if px_um_known else None)
+    dsx, dsy = downsample
     nuc = detect_nuclei(od, px_um=px_um, params=params)
     n = int(nuc.max())
     if n == 0:
@@ -568,7 +578,7 @@ def _measure_tile(
     if px_um_known:
         nuc_area, cell_area = n_cnt * px_um * px_um, c_cnt * px_um * px_um
     else:
-        nuc_area, cell_area = n_cnt * downsample * downsample, c_cnt * downsample * downsample
+        nuc_area, cell_area = n_cnt * dsx * dsy, c_cnt * dsx * dsy
     values = [
         nuc_area,
         n_h_mean,
@@ -594,8 +604,8 @@ def _measure_tile(
             sn, sc = slices_n[i], slices_c[i]
             if sn is None or sc is None:
                 continue
-            pn = _outline(nuc[sn] == i + 1, sn[1].start + ox, sn[0].start + oy, downsample)
-            pc = _outline(cell[sc] == i + 1, sc[1].start + ox, sc[0].start + oy, downsample)
+            pn = _outline(nuc[sn] == i + 1, sn[1].start + ox, sn[0].start + oy, (dsx, dsy))
+            pc = _outline(cell[sc] == i + 1, sc[1].start + ox, sc[0].start + oy, (dsx, dsy))
             if pn is None or pc is None:
                 continue
             ok.append(i)
@@ -603,16 +613,58 @@ def _measure_tile(
             cells.append(pc)
         kept = np.asarray(ok, dtype=np.intp)
     return CellTable(
-        x_l0=(cxp[kept] + ox) * downsample,
-        y_l0=(cyp[kept] + oy) * downsample,
+        x_l0=(cxp[kept] + ox) * dsx,
+        y_l0=(cyp[kept] + oy) * dsy,
         measurements={
             k: np.asarray(v, dtype=np.float64)[kept] for k, v in zip(names, values, strict=True)
         },
         nuclei=nuclei,
         cells=cells,
-        downsample=downsample,
+        downsample=math.sqrt(dsx * dsy),
         px_um=px_um if px_um_known else None,
     )
+
+
+#: relative tolerance of the working pixel size around the requested one
+PIXEL_SIZE_TOLERANCE = 0.1
+
+
+def working_scale(
+    mpp: float, level_downsamples: Sequence[float], pixel_size_um: float
+) -> tuple[int, int]:
+    """The pyramid level and integer block factor f that bring level-0 pixels of ``mpp`` µm to
+    about ``pixel_size_um``, as QuPath resamples to its requested pixel size.
+
+    The level is the coarsest whose pixels are at most 10 % (:data:`PIXEL_SIZE_TOLERANCE`)
+    coarser than requested (level 0 when none is); f is ``round(requested / level pixel)``
+    when that lands within 10 % of the request, else the largest f not above it (>= 1).
+    E.g. 0.2527 µm/px and 0.5 requested: f = 2 (0.505 µm/px), not 1.
+
+    Parameters
+    ----------
+    mpp
+        Level-0 pixel size, µm.
+    level_downsamples
+        Level-0 pixels per pixel of each level (x axis), level 0 first.
+    pixel_size_um
+        The requested working pixel size, µm.
+
+    Returns
+    -------
+    (int, int)
+        Level index and f.
+    """
+    tol = PIXEL_SIZE_TOLERANCE
+    level = 0
+    for k, d in enumerate(level_downsamples):
+        if mpp * d <= pixel_size_um * (1 + tol) and d > level_downsamples[level]:
+            level = k
+    lv_um = mpp * level_downsamples[level]
+    ratio = pixel_size_um / lv_um
+    f = max(1, round(ratio))
+    if abs(f * lv_um - pixel_size_um) > tol * pixel_size_um:
+        f = max(1, math.floor(ratio + 1e-6))
+    return level, f
 
 
 def detect_cells_rgb(
@@ -650,9 +702,24 @@ def detect_cells_rgb(
         params=params,
         core=(0, 0, w, h),
         offset_lvl=(0, 0),
-        downsample=1.0,
+        downsample=(1.0, 1.0),
         with_geometry=with_geometry,
     )
+
+
+def check_brightfield(image: ImageSource) -> None:
+    """Refuse (ConfigError) an image :func:`detect_cells` cannot run on: not uint8 RGB, or
+    without a pixel size; cheap, so a run can check all its images before any work."""
+    if image.n_channels != 3 or image.dtype != np.uint8:
+        raise ConfigError(
+            f"{image.path}: cell detection needs brightfield uint8 RGB, got {image.n_channels} "
+            f"channels of {image.dtype}"
+        )
+    if image.mpp is None:
+        raise ConfigError(
+            f"{image.path}: the pixel size is unknown; give it (--mpp) so that areas and "
+            "cell sizes are in micrometres"
+        )
 
 
 def detect_cells(
@@ -702,23 +769,14 @@ def detect_cells(
         Not uint8 RGB, unknown pixel size, a bad tile size.
     """
     params = params or CellDetectionParams()
-    if image.n_channels != 3 or image.dtype != np.uint8:
-        raise ConfigError(
-            f"{image.path}: cell detection needs brightfield uint8 RGB, got {image.n_channels} "
-            f"channels of {image.dtype}"
-        )
-    if image.mpp is None:
-        raise ConfigError(
-            f"{image.path}: the pixel size is unknown; give it (--mpp) so that areas and "
-            "cell sizes are in micrometres"
-        )
-    if isinstance(tile_px, bool) or not isinstance(tile_px, int) or tile_px < 128:
-        raise ConfigError(f"tile_px must be an integer >= 128, got {tile_px!r}")
-    level = image.get_best_level_for_downsample(params.pixel_size_um / image.mpp)
+    check_brightfield(image)
+    assert image.mpp is not None  # checked above
+    if isinstance(tile_px, bool) or not isinstance(tile_px, int) or not 128 <= tile_px <= 8192:
+        raise ConfigError(f"tile_px must be an integer in 128..8192, got {tile_px!r}")
+    level, f = working_scale(
+        image.mpp, [lv.downsample_x for lv in image.levels], params.pixel_size_um
+    )
     lv = image.levels[level]
-    # the level's pixels are averaged in f x f blocks (f the integer that brings them closest
-    # to, not above, the requested size), as QuPath resamples to its requested pixel size
-    f = max(1, math.floor(params.pixel_size_um / (image.mpp * lv.downsample_x) + 1e-6))
     dsx, dsy = lv.downsample_x * f, lv.downsample_y * f  # level-0 px per working px
     ds = math.sqrt(dsx * dsy)
     px_um = image.mpp * ds
@@ -760,7 +818,7 @@ def detect_cells(
                 params=params,
                 core=(halo, halo, halo + x1 - x0, halo + y1 - y0),
                 offset_lvl=(rx0, ry0),
-                downsample=ds,
+                downsample=(dsx, dsy),
                 with_geometry=with_geometry,
                 inside=(-rx0, -ry0, work_w - rx0, work_h - ry0),
             )

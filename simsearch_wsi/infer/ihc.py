@@ -18,8 +18,8 @@ Positive``, ``Positive %``, ``H-score``, ...), and a CSV table.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from simsearch_wsi.infer.cells import (
     CellDetectionParams,
     CellTable,
     StainVectors,
+    measurement_names,
 )
 
 if TYPE_CHECKING:
@@ -47,6 +48,9 @@ __all__ = [
     "Region",
     "RegionScore",
     "cell_features",
+    "check_extra_columns",
+    "clip_regions",
+    "image_regions",
     "intensity_bins",
     "quantify_image",
     "region_features",
@@ -92,8 +96,14 @@ class PositivityRule:
         t = tuple(float(v) for v in self.thresholds)
         if len(t) != 3 or not all(math.isfinite(v) for v in t) or not t[0] <= t[1] <= t[2]:
             raise ConfigError(
-                f"thresholds must be three finite increasing numbers (1+, 2+, 3+), got "
-                f"{self.thresholds!r}"
+                f"thresholds must be three finite non-decreasing numbers (1+, 2+, 3+; equal "
+                f"ones leave a bin empty), got {self.thresholds!r}"
+            )
+        known = dict.fromkeys([*measurement_names(1.0), *measurement_names(None)])
+        if self.compartment not in known:
+            raise ConfigError(
+                f"score compartment {self.compartment!r} is not a cell measurement; use one of "
+                f"{sorted(known)}"
             )
         object.__setattr__(self, "thresholds", t)
 
@@ -161,8 +171,10 @@ class RegionScore:
     positive_per_mm2: float | None
     mean_dab_od: float | None
 
-    def qupath_measurements(self) -> dict[str, float]:
-        """The scores under the names QuPath's measurement table uses for annotations."""
+    def qupath_measurements(self, *, intensity_bins: bool = True) -> dict[str, float]:
+        """The scores under the names QuPath's measurement table uses for annotations;
+        ``intensity_bins=False`` (single-threshold mode, as QuPath's) leaves out ``Num 1+``,
+        ``Num 2+``, ``Num 3+`` and ``H-score``."""
         m: dict[str, float | None] = {
             "Num Detections": self.n_cells,
             "Num Negative": self.n_negative,
@@ -176,6 +188,9 @@ class RegionScore:
             "Num Detections per mm^2": self.cells_per_mm2,
             "Num Positive per mm^2": self.positive_per_mm2,
         }
+        if not intensity_bins:
+            for k in ("Num 1+", "Num 2+", "Num 3+", "H-score"):
+                del m[k]
         return {k: float(v) for k, v in m.items() if v is not None}
 
 
@@ -313,7 +328,8 @@ def score_regions(
 def cell_features(
     cells: CellTable, bins: NDArray[np.integer[Any]], *, rule: PositivityRule
 ) -> list[dict[str, Any]]:
-    """QuPath cell objects: cell outline as geometry, nucleus outline as ``nucleusGeometry``,
+    """QuPath cell objects: cell outline as ``geometry``, nucleus outline as the Feature's
+    ``nucleusGeometry`` (top level, beside ``geometry``, as QuPath writes it),
     class by :class:`PositivityRule`, and every measurement under its QuPath name.
 
     Raises
@@ -339,7 +355,8 @@ def cell_features(
             color=_CLASS_RGB.get(names[i]),
         )
         nucleus = geometry_feature(cells.nuclei[i], class_name=None, object_type="cell")
-        feat["properties"]["nucleusGeometry"] = nucleus["geometry"]
+        # QuPath reads and writes the nucleus next to "geometry", at the Feature's top level
+        feat["nucleusGeometry"] = nucleus["geometry"]
         out.append(feat)
     return out
 
@@ -349,10 +366,12 @@ def region_features(
     scores: Sequence[RegionScore],
     *,
     image_size_l0: tuple[int, int],
+    rule: PositivityRule | None = None,
 ) -> list[dict[str, Any]]:
     """The regions as QuPath annotations carrying their scores (:meth:`RegionScore.
-    qupath_measurements`); a region without geometry is the image rectangle. The annotation
-    keeps the region's id when it has one, so QuPath matches it to the user's annotation."""
+    qupath_measurements`; in ``rule``'s single-threshold mode without the 1+/2+/3+ counts and
+    H-score); a region without geometry is the image rectangle. The annotation keeps the
+    region's id when it has one, so QuPath matches it to the user's annotation."""
     from shapely.geometry import box
 
     from simsearch_wsi.qupath.geojson import geometry_feature
@@ -366,7 +385,9 @@ def region_features(
                 geom,
                 class_name=reg.class_name,
                 object_type="annotation",
-                measurements=sc.qupath_measurements(),
+                measurements=sc.qupath_measurements(
+                    intensity_bins=rule is None or not rule.single_threshold
+                ),
                 name=reg.name,
                 id=reg.id,
             )
@@ -383,11 +404,17 @@ def score_rows(
     """Table rows (one per region) for :func:`simsearch_wsi.infer.quantify.write_table`:
     ``image``, the ``extra`` columns (e.g. a cohort manifest's metadata), then the scores."""
     extra = dict(extra or {})
+    check_extra_columns(extra)
+    return [{"image": image, **extra, **asdict(s)} for s in scores]
+
+
+def check_extra_columns(columns: Iterable[str]) -> None:
+    """Refuse extra (e.g. manifest metadata) columns named like a score column of
+    :func:`score_rows` (ConfigError), so a run can check them before any work."""
     taken = {"image"} | set(RegionScore.__dataclass_fields__)
-    clash = sorted(taken & set(extra))
+    clash = sorted(taken & set(columns))
     if clash:
         raise ConfigError(f"extra columns {clash} clash with the score columns; rename them")
-    return [{"image": image, **extra, **asdict(s)} for s in scores]
 
 
 #: object types read from GeoJSON as regions to score
@@ -418,6 +445,72 @@ def regions_from_annotations(annotations: Sequence[Annotation]) -> list[Region]:
     return out
 
 
+def image_regions(
+    annotations: Sequence[Annotation],
+    image_size_l0: tuple[int, int],
+    *,
+    mpp: float | None,
+    where: str,
+) -> list[Region]:
+    """:func:`regions_from_annotations` then :func:`clip_regions`; what
+    :func:`quantify_image` scores, checkable before any detection.
+
+    Raises
+    ------
+    ConfigError
+        No polygonal annotation or TMA core, or none overlapping the image; ``where`` names
+        the annotations.
+    """
+    regions = regions_from_annotations(annotations)
+    if not regions:
+        raise ConfigError(
+            f"{where}: no polygonal annotation or TMA core to score; draw one in QuPath, or "
+            "leave the annotations out to score the whole image"
+        )
+    return clip_regions(regions, image_size_l0, mpp=mpp, where=where)
+
+
+def clip_regions(
+    regions: Sequence[Region],
+    image_size_l0: tuple[int, int],
+    *,
+    mpp: float | None,
+    where: str,
+) -> list[Region]:
+    """The regions with their areas counted inside the image rectangle ``(0, 0, width,
+    height)`` only (level-0 pixels; ``area_um2`` set from the clipped geometry when ``mpp`` is
+    known), so that a region reaching past the image edge is not diluted by pixels that hold no
+    cells. Geometries are kept as given (they are the user's annotations).
+
+    Raises
+    ------
+    ConfigError
+        No region overlaps the image (annotations of another image?); ``where`` names them.
+    """
+    from shapely.geometry import box
+
+    w, h = image_size_l0
+    frame = box(0, 0, w, h)
+    out = []
+    overlapping = 0
+    for reg in regions:
+        if reg.geometry is None:
+            out.append(reg)
+            overlapping += 1
+            continue
+        inside = reg.geometry.intersection(frame).area
+        overlapping += int(inside > 0)
+        if reg.area_um2 is None and mpp is not None:
+            reg = replace(reg, area_um2=float(inside) * mpp * mpp)
+        out.append(reg)
+    if regions and overlapping == 0:
+        raise ConfigError(
+            f"{where}: none of its {len(regions)} regions overlaps the image ({w} x {h} level-0 "
+            "px); are the annotations from another image, or in another pixel frame?"
+        )
+    return out
+
+
 @dataclass
 class IhcResult:
     """What :func:`quantify_image` found: the cells, their bins, the regions and scores."""
@@ -439,6 +532,7 @@ def quantify_image(
     with_geometry: bool = True,
     tile_px: int = 1024,
     progress: Callable[[int, int], None] | None = None,
+    regions_source: str | None = None,
 ) -> IhcResult:
     """Detect, classify and score the cells of a brightfield IHC image.
 
@@ -454,6 +548,8 @@ def quantify_image(
         As in :func:`simsearch_wsi.infer.cells.detect_cells`.
     rule
         Compartment and thresholds (default :class:`PositivityRule`).
+    regions_source
+        How error messages name the annotations (their file); default the image's path.
     tissue
         Without annotations: restrict to the tissue foreground
         (:func:`simsearch_wsi.features.tissue.detect_foreground`; tiles without tissue are
@@ -469,7 +565,8 @@ def quantify_image(
     Raises
     ------
     ConfigError
-        Annotations given but none of them is a polygonal annotation or TMA core.
+        Annotations given but none of them is a polygonal annotation or TMA core, or none of
+        them overlaps the image.
     """
     import shapely
 
@@ -481,12 +578,9 @@ def quantify_image(
     skip = None
     fg_mask: TissueMask | None = None
     if annotations is not None:
-        regions = regions_from_annotations(annotations)
-        if not regions:
-            raise ConfigError(
-                "the GeoJSON has no polygonal annotation or TMA core to score; draw one in "
-                "QuPath, or leave the annotations out to score the whole image"
-            )
+        regions = image_regions(
+            annotations, (w0, h0), mpp=mpp, where=regions_source or str(image.path)
+        )
         boxes = [
             (g.bounds[0], g.bounds[1], g.bounds[2] - g.bounds[0], g.bounds[3] - g.bounds[1])
             for g in (r.geometry for r in regions)

@@ -37,7 +37,9 @@ class IhcCellField:
     rgb
         (H, W, 3) uint8 brightfield pixels.
     centers_xy
-        (n, 2) nucleus centres (x, y), pixels.
+        (n, 2) nucleus centres (x, y), pixels with the origin at the top-left corner of the
+        image (pixel (i, j) is centred at (j + 0.5, i + 0.5), as QuPath and
+        :mod:`simsearch_wsi.infer.cells` place it).
     nucleus_radius_px
         (n,) nucleus radii, pixels.
     nucleus_dab_od
@@ -134,7 +136,7 @@ def make_ihc_cell_field(
         x0, y0 = max(0, int(cx) - pad), max(0, int(cy) - pad)
         x1, y1 = min(width, int(cx) + pad + 1), min(height, int(cy) + pad + 1)
         yy, xx = np.mgrid[y0:y1, x0:x1]
-        d2 = (xx - cx) ** 2 + (yy - cy) ** 2
+        d2 = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2
         nuc = d2 <= r * r
         ring = (d2 <= (r * cell_radius_factor) ** 2) & ~nuc
         od_h[y0:y1, x0:x1][nuc] = h
