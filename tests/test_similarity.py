@@ -294,13 +294,13 @@ def test_normalisation_is_fitted_once_per_image(
     import simsearch_wsi.search.engine as search_module
 
     calls: list[int] = []
-    real = search_module.fit_normalization
+    real = search_module.search_normalization
 
-    def counting(images: Any, **kw: Any) -> Any:
+    def counting(image: Any, **kw: Any) -> Any:
         calls.append(1)
-        return real(images, **kw)
+        return real(image, **kw)
 
-    monkeypatch.setattr(search_module, "fit_normalization", counting)
+    monkeypatch.setattr(search_module, "search_normalization", counting)
     rng = np.random.default_rng(5)
     src = ArraySource(rng.integers(0, 4000, (128, 128, 2), dtype=np.uint16), mpp=0.5, path="fluo")
     first = search.normalization_for(src)
