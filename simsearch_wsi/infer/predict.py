@@ -21,6 +21,7 @@ density of the class region.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -96,7 +97,19 @@ class PredictSettings:
     object_size_px: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as a dict: the identity of a run's outputs (object ids, the completion
+        record). Options left unset (None by default) are left out, so adding one keeps the
+        identity, ids and completion records of runs made without it."""
+        out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.default is None and out[f.name] is None:
+                del out[f.name]
+        return out
+
+    def __post_init__(self) -> None:
+        obj = self.object_size_px
+        if obj is not None and not (math.isfinite(obj) and obj > 0):
+            raise ConfigError(f"object size must be > 0 level-0 pixels, got {obj}")
 
 
 @dataclass(frozen=True)

@@ -419,13 +419,18 @@ def local_maxima(
     """(n, 2) (i, j) of local maxima >= threshold, strongest first, NaN ignored."""
     from skimage.feature import peak_local_max
 
-    finite = np.isfinite(m)
-    if not finite.any():
+    # peak_local_max keeps values strictly above its threshold (compared in the map's float32):
+    # cells below ``threshold`` (compared in float64) go to a floor under everything kept, and
+    # only the floor is excluded. A cell at or above the threshold stays a maximum or not as
+    # before: any neighbour above it is above the threshold too.
+    keep = np.isfinite(m) & (np.asarray(m, dtype=np.float64) >= float(threshold))
+    if not keep.any():
         return np.zeros((0, 2), dtype=np.int64)
+    floor = np.float32(-np.inf)
     peaks = peak_local_max(
-        np.where(finite, m, np.float32(-1e9)).astype(np.float32),
+        np.where(keep, m, floor).astype(np.float32),
         min_distance=max(1, min_distance_cells),
-        threshold_abs=threshold,
+        threshold_abs=floor,
         exclude_border=False,
         num_peaks=max_peaks,
     )
@@ -472,9 +477,9 @@ def spaced_peaks(
 def object_box(
     geometry: PatchGeometry,
     spec: FeatureSpec,
+    *,
     i: float,
     j: float,
-    *,
     object_size_a: tuple[float, float],
 ) -> BoxL0:
     """The level-0 box of an object of ``object_size_a`` (width, height) analysis pixels
@@ -578,7 +583,7 @@ def extract_suggestions(
             if object_size_a is None:
                 box = _box_from_window(geometry, spec, i + di, j + dj)
             else:
-                box = object_box(geometry, spec, i + di, j + dj, object_size_a=object_size_a)
+                box = object_box(geometry, spec, i=i + di, j=j + dj, object_size_a=object_size_a)
             box = _inside(box, image_size_l0)
             if any(p.class_name == name and _contains(p.box, box.center_l0) for p in exclude):
                 continue
@@ -632,26 +637,47 @@ def background_candidates(
     n_low: int = 10,
     avoid: Sequence[BoxL0] = (),
     image_size_l0: tuple[int, int] | None = None,
+    object_size_a: tuple[float, float] | None = None,
 ) -> list[Suggestion]:
     """Windows most and least similar to the mean of all prototypes, away from labelled boxes.
 
     The highest-similarity unlabelled windows are the hard cases (look-alikes), the lowest are
     easy background; both go to the user to confirm. Returned with class ``"background"``,
     ranked high-to-low then low-to-high; ``similarity`` is to the mean prototype.
+
+    ``object_size_a`` (width, height in analysis pixels; dense objects, as in
+    :func:`extract_suggestions`): each candidate is a box of the object's size centred on its
+    window (:func:`object_box`), the boxes are kept an object apart and clear of ``avoid``.
+    Without it, the boxes are the pooled windows, a window apart.
     """
     m = mean_map.copy()
     kh, kw = geometry.kernel_hw
+    min_cells = max(kh, kw)
+    if object_size_a is not None:
+        # the object's box reaches past its window by (object - window) / 2 on each side, and
+        # by up to half a snapping step more (object_box)
+        snap_a = 0.5 * WINDOW_STRIDE_FRACTION * object_size_a[0]
+        pad_x_a = max(0.0, object_size_a[0] - geometry.width_a) / 2 + snap_a
+        pad_y_a = max(0.0, object_size_a[1] - geometry.height_a) / 2 + snap_a
+        pad_x, pad_y = pad_x_a * spec.scale.downsample_x, pad_y_a * spec.scale.downsample_y
+        avoid = [
+            BoxL0(b.x_l0 - pad_x, b.y_l0 - pad_y, b.width_l0 + 2 * pad_x, b.height_l0 + 2 * pad_y)
+            for b in avoid
+        ]
+        min_cells = max(1, math.ceil(max(object_size_a) / geometry.stride))
     near_labelled = windows_near(m.shape, avoid, geometry=geometry, spec=spec)
     m[near_labelled] = np.nan  # away from labelled patches
-    min_cells = max(kh, kw)
     high = local_maxima(m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_high)
     low = local_maxima(-m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_low)
+
+    def box(i: float, j: float) -> BoxL0:
+        if object_size_a is None:
+            return _box_from_window(geometry, spec, i, j)
+        return object_box(geometry, spec, i=i, j=j, object_size_a=object_size_a)
+
     return [
         Suggestion(
-            "background",
-            _inside(_box_from_window(geometry, spec, float(i), float(j)), image_size_l0),
-            float(m[i, j]),
-            rank,
+            "background", _inside(box(float(i), float(j)), image_size_l0), float(m[i, j]), rank
         )
         for rank, (i, j) in enumerate([*high, *low], start=1)
     ]
