@@ -416,21 +416,17 @@ def refine_peak(m: NDArray[np.float32], i: int, j: int) -> tuple[float, float]:
 def local_maxima(
     m: NDArray[np.float32], *, threshold: float, min_distance_cells: int, max_peaks: int
 ) -> NDArray[np.int64]:
-    """(n, 2) (i, j) of local maxima >= threshold, strongest first, NaN ignored."""
+    """(n, 2) (i, j) of local maxima strictly above ``threshold``, strongest first, NaN
+    ignored (compared in the map's float32)."""
     from skimage.feature import peak_local_max
 
-    # peak_local_max keeps values strictly above its threshold (compared in the map's float32):
-    # cells below ``threshold`` (compared in float64) go to a floor under everything kept, and
-    # only the floor is excluded. A cell at or above the threshold stays a maximum or not as
-    # before: any neighbour above it is above the threshold too.
-    keep = np.isfinite(m) & (np.asarray(m, dtype=np.float64) >= float(threshold))
-    if not keep.any():
+    finite = np.isfinite(m)
+    if not finite.any():
         return np.zeros((0, 2), dtype=np.int64)
-    floor = np.float32(-np.inf)
     peaks = peak_local_max(
-        np.where(keep, m, floor).astype(np.float32),
+        np.where(finite, m, np.float32(-1e9)).astype(np.float32),
         min_distance=max(1, min_distance_cells),
-        threshold_abs=floor,
+        threshold_abs=threshold,
         exclude_border=False,
         num_peaks=max_peaks,
     )
@@ -446,7 +442,7 @@ def spaced_peaks(
     max_peaks: int,
 ) -> list[tuple[int, int, float, float]]:
     """Candidates of a map (Hp, Wp) for objects that may be closer than a patch: every local
-    maximum of its 3 x 3 cells at or above ``threshold`` (NaN ignored), placed below the cell
+    maximum of its 3 x 3 cells above ``threshold`` (NaN ignored), placed below the cell
     by :func:`refine_peak`, then kept strongest first unless within ``spacing_a`` analysis
     pixels (Euclidean, between refined centres) of a stronger kept one. Returns at most
     ``max_peaks`` ``(i, j, di, dj)``: the maximum's cell and its sub-cell offset."""
