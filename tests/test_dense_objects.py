@@ -69,18 +69,31 @@ def test_suggest_reaches_every_touching_nucleus_once(
     field: Any, extractor: FeatureExtractor, tmp_path: Path
 ) -> None:
     centres = np.array([o.center_l0 for o in field.objects])
-    # five nuclei outlined tightly, as a user draws them
-    protos = [Prototype(CLS, o.box) for o in field.objects[:5]]
+    # five nuclei outlined tightly, as a user draws them; the widest first, so the first
+    # prototype's box (a session's patch size) is not the median box (the object size)
+    protos = sorted(
+        (Prototype(CLS, o.box) for o in field.objects[:5]), key=lambda p: -p.box.width_l0
+    )
     size = object_size_l0(protos)
+    first = (protos[0].box.width_l0, protos[0].box.height_l0)
+    assert first[0] > size[0] + 0.5
     radius = 0.3 * max(size)  # the paper's match radius with the box as the patch
     before = SimSearch(extractor, FeatureCache(tmp_path), settings=SearchSettings())
     dense = SimSearch(extractor, FeatureCache(tmp_path), settings=SearchSettings(dense=True))
     with open_image(field.path) as img:
         old = before.suggest(img, protos, thresholds={CLS: -1.0})
         new = dense.suggest(img, protos, thresholds={CLS: -1.0})
-        # a session passes its patch size (the object's): pooled over half of it all the same
-        again = dense.suggest(img, protos, thresholds={CLS: -1.0}, patch_size_l0=size)
-    assert again.geometry == new.geometry and again.suggestions == new.suggestions
+        # a session passes its patch size (the first prototype's box): pooled over half of it,
+        # at the scale of the object and with boxes of the object's size all the same
+        again = dense.suggest(img, protos, thresholds={CLS: -1.0}, patch_size_l0=first)
+    ds = new.scale.downsample_x
+    assert again.scale == new.scale
+    assert new.geometry.width_a == pytest.approx(0.5 * size[0] / ds)
+    assert again.geometry.width_a == pytest.approx(0.5 * first[0] / ds)
+    assert again.geometry.height_a == pytest.approx(0.5 * first[1] / ds)
+    assert again.object_size_l0 == size and again.suggestions
+    for s in again.suggestions:
+        assert abs(s.box.width_l0 - size[0]) < 0.5 and abs(s.box.height_l0 - size[1]) < 0.5
     # the old rule keeps suggestions a patch (= a nucleus) apart: touching nuclei hide each other
     reached_old, _ = _assignment([s.box for s in old.suggestions], centres, radius)
     assert reached_old < 0.7
@@ -176,3 +189,197 @@ def test_finer_analysis_scale_for_small_objects(field: Any) -> None:
         assert fine.resample == 0.125  # 14 px -> 112 analysis px
         with pytest.raises(ConfigError, match="4x upsampling"):
             AnalysisScale.for_level(img, 0, resample=0.125)
+
+
+# --- review fixes (issue 32 follow-up) --------------------------------------------------------
+def test_predict_settings_identity_without_new_options_is_unchanged() -> None:
+    """Object ids and completion records are made from ``to_dict()``: options added later and
+    left unset must not change it, or every earlier run's ids and records would be lost."""
+    from simsearch_wsi.infer.predict import PredictSettings
+
+    before = {  # PredictSettings().to_dict() before object_size_px existed, in field order
+        "thresholds": {},
+        "simplify_px": 1.0,
+        "min_area_um2": 0.0,
+        "tile_size": 1024,
+        "batch_size": 4,
+        "write_zarr": True,
+        "write_overlay": True,
+        "write_back": False,
+    }
+    assert PredictSettings().to_dict() == before
+    assert str(PredictSettings().to_dict()) == str(before)  # the string the ids are made from
+    sized = PredictSettings(object_size_px=14.0).to_dict()
+    assert sized == {**before, "object_size_px": 14.0}
+    for bad in (0.0, -3.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="object size must be > 0"):
+            PredictSettings(object_size_px=bad)
+
+
+def test_predict_object_size_spaces_and_sizes_detections(tmp_path: Path) -> None:
+    import json
+
+    from simsearch_wsi.infer.dense import PatchModel, untrained_bundle
+    from simsearch_wsi.infer.predict import PredictSettings, expand_inputs, predict_images
+
+    f = make_dense_field(
+        tmp_path / "f.tiff", kind="blood", width=96, height=96, spacing=1.0, seed=5
+    )
+    with open_image(f.path) as img:
+        # every class above its threshold somewhere: thresholds low enough for random weights
+        model = PatchModel(untrained_bundle([img], patch_size_l0=48.0, threshold=0.05))
+    targets = expand_inputs([str(f.path)])
+    fast = {"write_zarr": False, "write_overlay": False, "tile_size": 256}
+
+    def boxes(out: Path) -> list[tuple[float, float]]:
+        doc = json.loads((out / "f.geojson").read_text())
+        sizes = []
+        for feat in doc["features"]:
+            if feat["properties"]["objectType"] != "detection":
+                continue
+            xs = [p[0] for p in feat["geometry"]["coordinates"][0]]
+            ys = [p[1] for p in feat["geometry"]["coordinates"][0]]
+            sizes.append((max(xs) - min(xs), max(ys) - min(ys)))
+        return sizes
+
+    plain = predict_images(
+        targets,
+        model,
+        out_dir=tmp_path / "plain",
+        open_image=open_image,
+        settings=PredictSettings(**fast),  # type: ignore[arg-type]
+    )
+    sized = predict_images(
+        targets,
+        model,
+        out_dir=tmp_path / "sized",
+        open_image=open_image,
+        settings=PredictSettings(object_size_px=12.0, **fast),  # type: ignore[arg-type]
+    )
+    old, new = boxes(tmp_path / "plain"), boxes(tmp_path / "sized")
+    assert old and len(new) > len(old)  # half an object apart instead of a patch apart
+    assert all(
+        w == pytest.approx(12.0, abs=0.01) and h == pytest.approx(12.0, abs=0.01) for w, h in new
+    )
+    assert max(w for w, _ in old) > 40.0  # the patch's boxes (clipped at the border)
+    assert sum(plain[0].n_detections.values()) == len(old)
+    assert sum(sized[0].n_detections.values()) == len(new)
+    # a run without the option records the same settings as before the option existed
+    record = json.loads((tmp_path / "plain" / "f.predict.json").read_text())
+    assert "object_size_px" not in record["run"]["settings"]
+    with pytest.raises(ConfigError, match="larger than the model's patch") as err:
+        predict_images(
+            targets,
+            model,
+            out_dir=tmp_path / "big",
+            open_image=open_image,
+            settings=PredictSettings(object_size_px=60.0, **fast),  # type: ignore[arg-type]
+        )
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "big" / "f.geojson").exists()
+
+
+def test_peak_thresholds_are_strict_as_documented() -> None:
+    """local_maxima and spaced_peaks keep maxima strictly above the threshold, compared in the
+    map's float32 (what their docstrings say; making them inclusive changes which windows the
+    self-learning mines, hence the trained models of other tests)."""
+    from simsearch_wsi.search.similarity import local_maxima, spaced_peaks
+
+    m = np.zeros((9, 9), dtype=np.float32)
+    m[2, 2], m[6, 6] = 0.5, np.nextafter(np.float32(0.5), np.float32(1))
+    m[6, 2] = np.nan
+    assert local_maxima(m, threshold=0.5, min_distance_cells=1, max_peaks=10).tolist() == [[6, 6]]
+    both = local_maxima(m, threshold=np.nextafter(0.5, -np.inf), min_distance_cells=1, max_peaks=10)
+    assert both.tolist() == [[6, 6], [2, 2]]
+    geometry = PatchGeometry(32.0, 32.0, 16)
+    peaks = spaced_peaks(m, geometry=geometry, threshold=0.5, spacing_a=8.0, max_peaks=10)
+    assert [(i, j) for i, j, _, _ in peaks] == [(6, 6)]
+
+
+def _tiny_spec(scale: AnalysisScale) -> FeatureSpec:
+    spec: Any = FeatureSpec.__new__(FeatureSpec)
+    object.__setattr__(spec, "scale", scale)
+    return spec  # type: ignore[no-any-return]
+
+
+def test_dense_background_candidates_are_object_sized() -> None:
+    from simsearch_wsi.search.similarity import background_candidates
+
+    scale = AnalysisScale(level=0, resample=0.25, downsample_x=0.25, downsample_y=0.25)
+    spec = _tiny_spec(scale)
+    geometry = PatchGeometry(32.0, 32.0, 16)  # pooled over half an object of 16 level-0 px
+    mean_map = np.random.default_rng(1).uniform(-1, 1, (40, 40)).astype(np.float32)
+    avoid = [BoxL0(40.0, 40.0, 16.0, 16.0), BoxL0(100.0, 60.0, 16.0, 16.0)]
+    size = (168, 168)
+    windows = background_candidates(
+        mean_map, geometry, spec=spec, n_high=6, n_low=6, avoid=avoid, image_size_l0=size
+    )
+    assert windows and all(b.box.width_l0 == pytest.approx(8.0) for b in windows)
+    dense = background_candidates(
+        mean_map,
+        geometry,
+        spec=spec,
+        n_high=6,
+        n_low=6,
+        avoid=avoid,
+        image_size_l0=size,
+        object_size_a=(64.0, 64.0),
+    )
+    assert len(dense) == 12
+    for b in dense:  # the object's size, clear of the labelled boxes
+        assert b.box.width_l0 == pytest.approx(16.0) and b.box.height_l0 == pytest.approx(16.0)
+        assert not any(b.box.intersects(a) for a in avoid)
+    for part in (dense[:6], dense[6:]):  # an object apart (less the snapping to 1/10 of it)
+        xy = np.array([b.box.center_l0 for b in part])
+        gap = np.abs(xy[:, None] - xy[None]).max(-1) + 1e9 * np.eye(len(part))
+        assert gap.min() >= 16.0 - 1.6 - 1e-6
+
+
+def test_object_box_takes_the_window_by_keyword() -> None:
+    import inspect
+
+    from simsearch_wsi.search.similarity import object_box
+
+    params = list(inspect.signature(object_box).parameters.values())
+    assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] == ["geometry", "spec"]
+    scale = AnalysisScale(level=0, resample=0.25, downsample_x=0.25, downsample_y=0.25)
+    box = object_box(
+        PatchGeometry(32.0, 32.0, 16), _tiny_spec(scale), i=1.0, j=2.0, object_size_a=(80.0, 48.0)
+    )
+    # window (1, 2) is centred at (16 x (2 + 1), 16 x (1 + 1)) = (48, 32) analysis px, on the
+    # snapping grid (a tenth of the object: 8 px)
+    assert box == BoxL0(2.0, 2.0, 20.0, 12.0)
+
+
+def test_dense_fine_scale_and_its_size_guard(extractor: FeatureExtractor, tmp_path: Path) -> None:
+    """``dense_fine`` reads a 14-px object 8x upsampled (64 x 64 px -> 32 x 32 feature cells of
+    256 channels: 512 KiB in float16) and refuses a map over ``dense_fine_max_bytes`` before
+    embedding anything."""
+    f = make_dense_field(
+        tmp_path / "b.tiff", kind="blood", width=64, height=64, radius=7.0, spacing=1.0, seed=3
+    )
+    protos = [Prototype("rbc", o.box) for o in f.objects[:3]]
+    size = object_size_l0(protos)
+    exact = 32 * 32 * 256 * 2
+
+    def search(limit: int) -> SimSearch:
+        settings = SearchSettings(
+            dense=True,
+            dense_fine=True,
+            dense_fine_max_bytes=limit,
+            feature_norm="standardize",
+            tile_size=512,
+        )
+        return SimSearch(extractor, FeatureCache(tmp_path / "cache"), settings=settings)
+
+    with open_image(f.path) as img:
+        with pytest.raises(ConfigError, match="crop the image to a region") as err:
+            search(exact - 1).suggest(img, protos, thresholds={"rbc": 0.0})
+        assert "\n" not in str(err.value) and "--dense" in str(err.value)
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+        result = search(exact).suggest(img, protos, thresholds={"rbc": 0.0})
+    assert result.scale.resample == 0.125 and result.object_size_l0 == size
+    assert result.suggestions
+    for s in result.suggestions:  # the object's size, not the pooled window's
+        assert s.box.width_l0 == pytest.approx(size[0], abs=0.5)
+        assert s.box.height_l0 == pytest.approx(size[1], abs=0.5)

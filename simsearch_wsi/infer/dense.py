@@ -401,7 +401,8 @@ def detect(
     ``object_size_l0`` (width, height in level-0 px; objects smaller than the patch, which may
     touch): detections are kept :data:`~simsearch_wsi.search.similarity.DENSE_SPACING_FRACTION`
     of the object's shorter side apart instead (between refined centres, as the search's dense
-    mode) and their boxes are the object's size."""
+    mode) and their boxes are the object's size. Raises :class:`ConfigError` when it is not
+    positive or is larger than the patch."""
     p = maps.probabilities
     finite = np.isfinite(p).all(axis=0)
     # the most probable class among the user's classes (background competes through the
@@ -412,7 +413,17 @@ def detect(
     kh, kw = maps.geometry.kernel_hw
     object_a = None
     if object_size_l0 is not None:
-        _, _, ow_a, oh_a = maps.scale.box_to_analysis(BoxL0(0, 0, *object_size_l0))
+        ow_l0, oh_l0 = object_size_l0
+        patch = maps.window_box_l0(0, 0)
+        if not all(math.isfinite(v) and v > 0 for v in object_size_l0):
+            raise ConfigError(f"object size must be > 0 level-0 pixels, got {ow_l0}x{oh_l0}")
+        if ow_l0 > patch.width_l0 + 1e-6 or oh_l0 > patch.height_l0 + 1e-6:
+            raise ConfigError(
+                f"object size {ow_l0:g}x{oh_l0:g} px is larger than the model's patch "
+                f"({patch.width_l0:g}x{patch.height_l0:g} level-0 px on this image); the object "
+                "size is for objects smaller than the patch: leave it out"
+            )
+        _, _, ow_a, oh_a = maps.scale.box_to_analysis(BoxL0(0, 0, ow_l0, oh_l0))
         object_a = (ow_a, oh_a)
     out: list[Detection] = []
     for c, name in enumerate(maps.classes):

@@ -21,6 +21,7 @@ density of the class region.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -101,10 +102,20 @@ class PredictSettings:
     def __post_init__(self) -> None:
         if self.tiles not in ("foreground", "all"):
             raise ConfigError(f"tiles must be 'foreground' or 'all', got {self.tiles!r}")
+        obj = self.object_size_px
+        if obj is not None and not (math.isfinite(obj) and obj > 0):
+            raise ConfigError(f"object size must be > 0 level-0 pixels, got {obj}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a dict: the identity of a run's outputs (object ids, the completion
+        record). Options left at a default that did not exist before (None-valued options
+        unset, ``tiles`` "foreground") are left out, so adding one keeps the identity, ids and
+        completion records of runs made without it."""
         out = dataclasses.asdict(self)
-        if self.tiles == "foreground":  # the default: records of earlier runs still match
+        for f in dataclasses.fields(self):
+            if f.default is None and out[f.name] is None:
+                del out[f.name]
+        if self.tiles == "foreground":
             del out["tiles"]
         return out
 

@@ -55,6 +55,10 @@ ImageOpener = Callable[[str], ImageSource]
 #: DENSE_MAX_UPSAMPLE x upsampled), twice a patch's, so a feature cell is an eighth of an object
 DENSE_OBJECT_PX = 128.0
 DENSE_MAX_UPSAMPLE = 8.0
+#: ``dense_fine`` refuses an image whose feature map (float16 on disk, in the cache) would take
+#: more than this: at 8x upsampling a level-0 pixel costs 128 bytes per 256-channel encoding
+#: (a 2000 x 2000 px region 0.5 GB, a 100k x 100k px slide 1.3 TB)
+DENSE_FINE_MAX_BYTES = 16 * 2**30
 
 # Cosine similarity between standardised pooled vectors; a starting point the user moves.
 DEFAULT_THRESHOLD = 0.5
@@ -75,7 +79,9 @@ class SearchSettings:
     is the patch, suggestions are ``min_distance_fraction`` patch widths apart, boxes are the
     patch. ``dense_fine`` (with ``dense``): a finer analysis scale, the object at about
     :data:`DENSE_OBJECT_PX` analysis pixels (up to :data:`DENSE_MAX_UPSAMPLE` x upsampled), for
-    objects closer together than the trunk's stride resolves; about 4x the embedding work."""
+    objects closer together than the trunk's stride resolves; about 4x the embedding work.
+    An image whose feature map would take more than ``dense_fine_max_bytes`` (cells x channels x
+    2 bytes, the whole image) is refused before embedding (:meth:`SimSearch.feature_spec`)."""
 
     tile_size: int = 1024
     batch_size: int = 4
@@ -85,6 +91,7 @@ class SearchSettings:
     channels: tuple[str, ...] | None = None
     dense: bool = False
     dense_fine: bool = False
+    dense_fine_max_bytes: int = DENSE_FINE_MAX_BYTES
     #: ``"foreground"``: embed the tiles the foreground mask touches; ``"all"``: every tile
     tiles: str = "foreground"
 
@@ -219,14 +226,18 @@ class SimSearch:
         *,
         normalization: ChannelNormalization | None = None,
     ) -> FeatureSpec:
-        if self.settings.dense and self.settings.dense_fine:
+        """What the image's feature map for patches of ``patch_size_l0`` level-0 px is made
+        with. Raises :class:`ConfigError` with ``dense_fine`` when the map would take more than
+        ``settings.dense_fine_max_bytes``."""
+        fine = self.settings.dense and self.settings.dense_fine
+        if fine:
             # small objects: a finer scale than a patch gets (measured in docs/evaluation.md)
             scale = AnalysisScale.for_patch(
                 image, patch_size_l0, target_px=DENSE_OBJECT_PX, max_upsample=DENSE_MAX_UPSAMPLE
             )
         else:
             scale = AnalysisScale.for_patch(image, patch_size_l0)
-        return make_feature_spec(
+        spec = make_feature_spec(
             image,
             self.extractor,
             scale=scale,
@@ -235,6 +246,27 @@ class SimSearch:
             tile_size=self.settings.tile_size,
             tiles=self.settings.tiles,
         )
+        if fine:
+            self._check_dense_fine_size(image, spec)
+        return spec
+
+    def _check_dense_fine_size(self, image: ImageSource, spec: FeatureSpec) -> None:
+        """Refuse a ``dense_fine`` feature map over the byte budget (before any embedding)."""
+        s = self.extractor.stride
+        width_a, height_a = spec.scale.analysis_size(image)
+        cells = -(-width_a // s) * -(-height_a // s)
+        d = self.extractor.out_dim(len(spec.channels), spec.rgb)
+        n_bytes = cells * d * 2  # float16
+        limit = self.settings.dense_fine_max_bytes
+        if n_bytes > limit:
+            w0, h0 = image.dimensions
+            raise ConfigError(
+                f"{image.path}: --dense-fine would embed this {w0}x{h0} px image "
+                f"at {1 / spec.scale.downsample_x:g}x its resolution, a feature map of about "
+                f"{n_bytes / 2**30:.1f} GiB ({cells} cells x {d} channels; limit "
+                f"{limit / 2**30:.1f} GiB) and the time to match; crop the image to a region "
+                "(e.g. export one from QuPath) or use --dense"
+            )
 
     def embed(
         self,
@@ -358,6 +390,7 @@ class SimSearch:
                 n_low=n_background,
                 avoid=avoid_boxes,
                 image_size_l0=image.dimensions,
+                object_size_a=object_a,
             )
         t2 = time.perf_counter()
         notes = []

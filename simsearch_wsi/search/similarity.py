@@ -416,7 +416,8 @@ def refine_peak(m: NDArray[np.float32], i: int, j: int) -> tuple[float, float]:
 def local_maxima(
     m: NDArray[np.float32], *, threshold: float, min_distance_cells: int, max_peaks: int
 ) -> NDArray[np.int64]:
-    """(n, 2) (i, j) of local maxima >= threshold, strongest first, NaN ignored."""
+    """(n, 2) (i, j) of local maxima strictly above ``threshold``, strongest first, NaN
+    ignored (compared in the map's float32)."""
     from skimage.feature import peak_local_max
 
     finite = np.isfinite(m)
@@ -441,7 +442,7 @@ def spaced_peaks(
     max_peaks: int,
 ) -> list[tuple[int, int, float, float]]:
     """Candidates of a map (Hp, Wp) for objects that may be closer than a patch: every local
-    maximum of its 3 x 3 cells at or above ``threshold`` (NaN ignored), placed below the cell
+    maximum of its 3 x 3 cells above ``threshold`` (NaN ignored), placed below the cell
     by :func:`refine_peak`, then kept strongest first unless within ``spacing_a`` analysis
     pixels (Euclidean, between refined centres) of a stronger kept one. Returns at most
     ``max_peaks`` ``(i, j, di, dj)``: the maximum's cell and its sub-cell offset."""
@@ -472,9 +473,9 @@ def spaced_peaks(
 def object_box(
     geometry: PatchGeometry,
     spec: FeatureSpec,
+    *,
     i: float,
     j: float,
-    *,
     object_size_a: tuple[float, float],
 ) -> BoxL0:
     """The level-0 box of an object of ``object_size_a`` (width, height) analysis pixels
@@ -578,7 +579,7 @@ def extract_suggestions(
             if object_size_a is None:
                 box = _box_from_window(geometry, spec, i + di, j + dj)
             else:
-                box = object_box(geometry, spec, i + di, j + dj, object_size_a=object_size_a)
+                box = object_box(geometry, spec, i=i + di, j=j + dj, object_size_a=object_size_a)
             box = _inside(box, image_size_l0)
             if any(p.class_name == name and _contains(p.box, box.center_l0) for p in exclude):
                 continue
@@ -632,26 +633,47 @@ def background_candidates(
     n_low: int = 10,
     avoid: Sequence[BoxL0] = (),
     image_size_l0: tuple[int, int] | None = None,
+    object_size_a: tuple[float, float] | None = None,
 ) -> list[Suggestion]:
     """Windows most and least similar to the mean of all prototypes, away from labelled boxes.
 
     The highest-similarity unlabelled windows are the hard cases (look-alikes), the lowest are
     easy background; both go to the user to confirm. Returned with class ``"background"``,
     ranked high-to-low then low-to-high; ``similarity`` is to the mean prototype.
+
+    ``object_size_a`` (width, height in analysis pixels; dense objects, as in
+    :func:`extract_suggestions`): each candidate is a box of the object's size centred on its
+    window (:func:`object_box`), the boxes are kept an object apart and clear of ``avoid``.
+    Without it, the boxes are the pooled windows, a window apart.
     """
     m = mean_map.copy()
     kh, kw = geometry.kernel_hw
+    min_cells = max(kh, kw)
+    if object_size_a is not None:
+        # the object's box reaches past its window by (object - window) / 2 on each side, and
+        # by up to half a snapping step more (object_box)
+        snap_a = 0.5 * WINDOW_STRIDE_FRACTION * object_size_a[0]
+        pad_x_a = max(0.0, object_size_a[0] - geometry.width_a) / 2 + snap_a
+        pad_y_a = max(0.0, object_size_a[1] - geometry.height_a) / 2 + snap_a
+        pad_x, pad_y = pad_x_a * spec.scale.downsample_x, pad_y_a * spec.scale.downsample_y
+        avoid = [
+            BoxL0(b.x_l0 - pad_x, b.y_l0 - pad_y, b.width_l0 + 2 * pad_x, b.height_l0 + 2 * pad_y)
+            for b in avoid
+        ]
+        min_cells = max(1, math.ceil(max(object_size_a) / geometry.stride))
     near_labelled = windows_near(m.shape, avoid, geometry=geometry, spec=spec)
     m[near_labelled] = np.nan  # away from labelled patches
-    min_cells = max(kh, kw)
     high = local_maxima(m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_high)
     low = local_maxima(-m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_low)
+
+    def box(i: float, j: float) -> BoxL0:
+        if object_size_a is None:
+            return _box_from_window(geometry, spec, i, j)
+        return object_box(geometry, spec, i=i, j=j, object_size_a=object_size_a)
+
     return [
         Suggestion(
-            "background",
-            _inside(_box_from_window(geometry, spec, float(i), float(j)), image_size_l0),
-            float(m[i, j]),
-            rank,
+            "background", _inside(box(float(i), float(j)), image_size_l0), float(m[i, j]), rank
         )
         for rank, (i, j) in enumerate([*high, *low], start=1)
     ]
