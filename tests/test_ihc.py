@@ -173,7 +173,6 @@ def test_uneven_downsample_scales_each_axis(field) -> None:
     od = stain_od(field.rgb, QUPATH_H_DAB)
     kw = {
         "px_um": MPP,
-        "px_um_known": True,
         "params": CellDetectionParams(),
         "core": (0, 0, 240, 240),
         "offset_lvl": (0, 0),

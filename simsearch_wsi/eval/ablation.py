@@ -35,7 +35,7 @@ from simsearch_wsi.core.atomic import write_json_atomic
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.eval.benchmark import Benchmark
 from simsearch_wsi.eval.metrics import ClassPR, class_pr, paper_match_radius_l0, pool_class_pr
-from simsearch_wsi.eval.thresholded import segmentation_iou_on_truth
+from simsearch_wsi.eval.thresholded import DetectionScore, segmentation_iou_on_truth
 from simsearch_wsi.eval.user import NO_THRESHOLD, ReviewOutcome, UserConfig, simulate_review
 from simsearch_wsi.features.extractor import ProgressFn
 from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, detect, segment
@@ -328,7 +328,7 @@ def _f1(r: ClassPR) -> float:
     """F1 of all of a class's detections (NaN without true objects)."""
     if not r.n_true:
         return math.nan
-    return 2.0 * r.n_tp / (r.n_pred + r.n_true)
+    return DetectionScore(r.class_name, r.n_tp, r.n_pred, r.n_true).f1
 
 
 # --- the grid -----------------------------------------------------------------------------------

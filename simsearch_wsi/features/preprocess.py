@@ -39,7 +39,7 @@ from numpy.typing import NDArray
 from simsearch_wsi.core.errors import ConfigError, MetadataError
 from simsearch_wsi.features.tiling import read_overview
 from simsearch_wsi.features.tissue import TissueMask
-from simsearch_wsi.io.base import ImageSource
+from simsearch_wsi.io.base import ImageSource, path_identity
 
 METHOD_PERCENTILE = "simsearch-percentile"
 METHOD_FIXED = "fixed-range"
@@ -513,21 +513,21 @@ def search_normalization(image: ImageSource) -> ChannelNormalization:
     if len(fields) > MAX_PLATE_FIELDS:
         picks = np.linspace(0, len(fields) - 1, MAX_PLATE_FIELDS).round().astype(int)
         fields = [fields[i] for i in sorted(set(picks.tolist()))]
-    opened = [f.open(mpp=image.mpp) for f in fields]
-    try:
-        # every field of a plate gets the same answer: fitted once per plate and its fields'
-        # identities (a command over many fields, or the server, measures the plate once)
-        key = "\n".join([str(image.mpp), *(im.identity() for im in opened)])
-        if key not in _PLATE_NORMALIZATIONS:
-            if len(_PLATE_NORMALIZATIONS) >= _MAX_CACHED_PLATES:
-                _PLATE_NORMALIZATIONS.pop(next(iter(_PLATE_NORMALIZATIONS)))
-            _PLATE_NORMALIZATIONS[key] = fit_normalization(
-                opened, masks=[detect_foreground(im) for im in opened]
-            )
-        return _PLATE_NORMALIZATIONS[key]
-    finally:
-        for im in opened:
-            im.close()
+    # every field of a plate gets the same answer: fitted once per plate and its fields'
+    # identities (a command over many fields, or the server, measures the plate once; the
+    # fields are opened only to fit)
+    key = "\n".join([str(image.mpp), *(path_identity(f.path) for f in fields)])
+    if key not in _PLATE_NORMALIZATIONS:
+        opened = [f.open(mpp=image.mpp) for f in fields]
+        try:
+            fitted = fit_normalization(opened, masks=[detect_foreground(im) for im in opened])
+        finally:
+            for im in opened:
+                im.close()
+        if len(_PLATE_NORMALIZATIONS) >= _MAX_CACHED_PLATES:
+            _PLATE_NORMALIZATIONS.pop(next(iter(_PLATE_NORMALIZATIONS)))
+        _PLATE_NORMALIZATIONS[key] = fitted
+    return _PLATE_NORMALIZATIONS[key]
 
 
 # --- channel correlation report --------------------------------------------------------------

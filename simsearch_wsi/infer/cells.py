@@ -482,9 +482,10 @@ def measurement_names(px_um: float | None) -> list[str]:
 
 
 def _stats(
-    values: NDArray[np.float32], labels: NDArray[np.int32], n: int
+    values: NDArray[np.float32], labels: NDArray[np.int32], n: int, *, extremes: bool = True
 ) -> tuple[NDArray[np.float64], ...]:
-    """count, mean, max, min, std of ``values`` per label 1..n."""
+    """count, mean, max, min, std of ``values`` per label 1..n (max and min NaN without
+    ``extremes``: they are the slow part)."""
     flat = labels.ravel()
     v = values.ravel().astype(np.float64)
     count = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
@@ -493,8 +494,11 @@ def _stats(
     safe = np.maximum(count, 1)
     mean = total / safe
     std = np.sqrt(np.maximum(sq / safe - mean * mean, 0.0))
-    vmax = _label_extreme(values, labels, n, kind="max")
-    vmin = _label_extreme(values, labels, n, kind="min")
+    if extremes:
+        vmax = _label_extreme(values, labels, n, kind="max")
+        vmin = _label_extreme(values, labels, n, kind="min")
+    else:
+        vmax, vmin = np.full(n, np.nan), np.full(n, np.nan)
     empty = count == 0
     for a in (mean, std, vmax, vmin):
         a[empty] = np.nan
@@ -531,7 +535,6 @@ def _measure_tile(
     od: NDArray[np.float32],
     *,
     px_um: float,
-    px_um_known: bool,
     params: CellDetectionParams,
     core: tuple[int, int, int, int],
     offset_lvl: tuple[int, int],
@@ -546,7 +549,7 @@ def _measure_tile(
     from scipy import ndimage as ndi
     from skimage.segmentation import expand_labels
 
-    names = measurement_names(px_um if px_um_known else None)
+    names = measurement_names(px_um)
     dsx, dsy = downsample
     nuc = detect_nuclei(od, px_um=px_um, params=params)
     n = int(nuc.max())
@@ -572,13 +575,10 @@ def _measure_tile(
     hema, dab = od[..., 0], od[..., 1]
     cyto = np.where(nuc > 0, 0, cell).astype(np.int32)
     n_cnt, n_dab_mean, n_dab_max, n_dab_min, n_dab_std = _stats(dab, nuc, n)
-    _, n_h_mean, _, _, _ = _stats(hema, nuc, n)
+    _, n_h_mean, _, _, _ = _stats(hema, nuc, n, extremes=False)
     c_cnt, c_dab_mean, c_dab_max, _, _ = _stats(dab, cell, n)
-    _, cy_dab_mean, _, _, _ = _stats(dab, cyto, n)
-    if px_um_known:
-        nuc_area, cell_area = n_cnt * px_um * px_um, c_cnt * px_um * px_um
-    else:
-        nuc_area, cell_area = n_cnt * dsx * dsy, c_cnt * dsx * dsy
+    _, cy_dab_mean, _, _, _ = _stats(dab, cyto, n, extremes=False)
+    nuc_area, cell_area = n_cnt * px_um * px_um, c_cnt * px_um * px_um
     values = [
         nuc_area,
         n_h_mean,
@@ -621,7 +621,7 @@ def _measure_tile(
         nuclei=nuclei,
         cells=cells,
         downsample=math.sqrt(dsx * dsy),
-        px_um=px_um if px_um_known else None,
+        px_um=px_um,
     )
 
 
@@ -698,7 +698,6 @@ def detect_cells_rgb(
     return _measure_tile(
         od,
         px_um=px_um,
-        px_um_known=True,
         params=params,
         core=(0, 0, w, h),
         offset_lvl=(0, 0),
@@ -814,7 +813,6 @@ def detect_cells(
             t = _measure_tile(
                 od,
                 px_um=px_um,
-                px_um_known=True,
                 params=params,
                 core=(halo, halo, halo + x1 - x0, halo + y1 - y0),
                 offset_lvl=(rx0, ry0),

@@ -589,6 +589,7 @@ def quantify_image(
         from shapely.geometry import box
 
         union = shapely.union_all([r.geometry for r in regions])
+        shapely.prepare(union)  # tested once per tile and once per cell
 
         def skip(core: tuple[float, float, float, float]) -> bool:
             return not union.intersects(box(*core))
@@ -600,16 +601,14 @@ def quantify_image(
             from simsearch_wsi.features.tissue import detect_foreground
 
             fg_mask = detect_foreground(image)
-            m = fg_mask.mask
-            mx, my = fg_mask.downsample_x, fg_mask.downsample_y
+            tissue_mask = fg_mask
             if mpp is not None:
-                area_um2 = float(m.sum()) * mx * my * mpp * mpp
+                area_um2 = float(fg_mask.mask.sum()) * fg_mask.downsample_x
+                area_um2 *= fg_mask.downsample_y * mpp * mpp
 
             def skip(core: tuple[float, float, float, float]) -> bool:
                 x0, y0, x1, y1 = core
-                j0, i0 = int(x0 // mx), int(y0 // my)
-                j1, i1 = math.ceil(x1 / mx), math.ceil(y1 / my)
-                return not bool(m[i0:i1, j0:j1].any())
+                return tissue_mask.fraction_in_box(x0, y0, x1 - x0, y1 - y0) == 0
 
         regions = [Region(name="Image", area_um2=area_um2)]
     cells = detect_cells(

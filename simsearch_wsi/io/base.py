@@ -13,6 +13,7 @@ decoder handle per thread; the OME-Zarr and in-memory backends are read-only). A
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -105,6 +106,23 @@ def default_modality(
 
 def bit_depth_of(dtype: np.dtype[Any]) -> int:
     return int(np.dtype(dtype).itemsize * 8)
+
+
+def path_identity(path: str | os.PathLike[str]) -> str:
+    """A string that changes when the pixels of the image at ``path`` may have changed (cache
+    keys), read without opening the image. Files: resolved path, size and modification time;
+    folders (OME-Zarr): resolved path and the modification times of the metadata files at
+    its root."""
+    p = Path(path).resolve()
+    if p.is_dir():
+        stamps = [
+            f"{m.name}:{m.stat().st_mtime_ns}"
+            for m in sorted(p.iterdir())
+            if m.name in (".zattrs", ".zgroup", "zarr.json", ".zmetadata")
+        ]
+        return f"{p}|{'|'.join(stamps)}"
+    st = p.stat()
+    return f"{p}|{st.st_size}|{st.st_mtime_ns}"
 
 
 class ImageSource(ABC):
@@ -204,21 +222,9 @@ class ImageSource(ABC):
         return dict(self._meta.extra)
 
     def identity(self) -> str:
-        """A string that changes when the image's pixels may have changed (cache keys).
-
-        Files: resolved path, size and modification time; folders (OME-Zarr): resolved path and
-        the modification times of the metadata files at its root.
-        """
-        p = self.path.resolve()
-        if p.is_dir():
-            stamps = [
-                f"{m.name}:{m.stat().st_mtime_ns}"
-                for m in sorted(p.iterdir())
-                if m.name in (".zattrs", ".zgroup", "zarr.json", ".zmetadata")
-            ]
-            return f"{p}|{'|'.join(stamps)}"
-        st = p.stat()
-        return f"{p}|{st.st_size}|{st.st_mtime_ns}"
+        """A string that changes when the image's pixels may have changed (cache keys):
+        :func:`path_identity` of its path."""
+        return path_identity(self.path)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-serialisable summary of everything this source knows."""

@@ -30,7 +30,6 @@ from simsearch_wsi.features.norm import FeatureNormalizer
 from simsearch_wsi.features.preprocess import (
     fit_normalization,
     resolve_channels,
-    search_normalization,
 )
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.io.selection import field_of
@@ -153,10 +152,10 @@ def collect_training_data(
         )
         rgb = first.is_brightfield and len(channels) == 3
         mpp = first.mpp
-        fields = {str(Path(im.path).parent.parent.parent) for im in opened}
+        plates = {str(found[0].path) if (found := field_of(im.path)) else None for im in opened}
         normalization = (  # one plate's fields: the search's plate-wide rule (issue 30)
-            search_normalization(first)
-            if len(fields) == 1 and field_of(first.path) is not None
+            search.normalization_for(first)
+            if len(plates) == 1 and None not in plates
             else fit_normalization(opened)
         )
     finally:

@@ -476,22 +476,15 @@ def object_box(
     *,
     i: float,
     j: float,
-    object_size_a: tuple[float, float],
+    object_size_a: tuple[float, float] | None = None,
 ) -> BoxL0:
     """The level-0 box of an object of ``object_size_a`` (width, height) analysis pixels
-    centred on pooled window (i, j) (fractional), snapped to a tenth of the object's width."""
+    (default: the patch) centred on pooled window (i, j) (fractional), snapped to a tenth of
+    the object's width (for the patch: the sliding-window stride)."""
     cx_a, cy_a = geometry.window_center_a(i, j)
-    w_a, h_a = object_size_a
+    w_a, h_a = object_size_a or (geometry.width_a, geometry.height_a)
     step = WINDOW_STRIDE_FRACTION * w_a
     cx_a, cy_a = round(cx_a / step) * step, round(cy_a / step) * step
-    return spec.scale.box_to_l0(cx_a - w_a / 2, cy_a - h_a / 2, w_a, h_a)
-
-
-def _box_from_window(geometry: PatchGeometry, spec: FeatureSpec, i: float, j: float) -> BoxL0:
-    cx_a, cy_a = geometry.window_center_a(i, j)
-    step = geometry.window_stride_a
-    cx_a, cy_a = round(cx_a / step) * step, round(cy_a / step) * step
-    w_a, h_a = geometry.width_a, geometry.height_a
     return spec.scale.box_to_l0(cx_a - w_a / 2, cy_a - h_a / 2, w_a, h_a)
 
 
@@ -576,11 +569,10 @@ def extract_suggestions(
             )
         found: list[tuple[float, BoxL0]] = []
         for i, j, di, dj in peaks:
-            if object_size_a is None:
-                box = _box_from_window(geometry, spec, i + di, j + dj)
-            else:
-                box = object_box(geometry, spec, i=i + di, j=j + dj, object_size_a=object_size_a)
-            box = _inside(box, image_size_l0)
+            box = _inside(
+                object_box(geometry, spec, i=i + di, j=j + dj, object_size_a=object_size_a),
+                image_size_l0,
+            )
             if any(p.class_name == name and _contains(p.box, box.center_l0) for p in exclude):
                 continue
             found.append((float(m[i, j]), box))
@@ -665,15 +657,15 @@ def background_candidates(
     m[near_labelled] = np.nan  # away from labelled patches
     high = local_maxima(m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_high)
     low = local_maxima(-m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_low)
-
-    def box(i: float, j: float) -> BoxL0:
-        if object_size_a is None:
-            return _box_from_window(geometry, spec, i, j)
-        return object_box(geometry, spec, i=i, j=j, object_size_a=object_size_a)
-
     return [
         Suggestion(
-            "background", _inside(box(float(i), float(j)), image_size_l0), float(m[i, j]), rank
+            "background",
+            _inside(
+                object_box(geometry, spec, i=float(i), j=float(j), object_size_a=object_size_a),
+                image_size_l0,
+            ),
+            float(m[i, j]),
+            rank,
         )
         for rank, (i, j) in enumerate([*high, *low], start=1)
     ]

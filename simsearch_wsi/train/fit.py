@@ -682,13 +682,13 @@ def _search_candidate(
     val_set: PatchSet | None,
     negatives: PatchSet | None,
     classes: Sequence[str],
+    *,
+    kind: str,
 ) -> _Candidate:
     """The search head on ``view`` fitted on ``train_set`` (and the rejected ``negatives``),
-    with its probabilities of the held-out ``val_set``."""
+    with its probabilities of the held-out ``val_set``; ``kind`` as in :class:`_Candidate`."""
     fitted = _fit_search_head(view, train_set, negatives, classes)
-    probe = _Candidate(
-        "search", _memory_weight(fitted), fitted.bias, None, memory=fitted, view=view
-    )
+    probe = _Candidate(kind, _memory_weight(fitted), fitted.bias, None, memory=fitted, view=view)
     if val_set is not None:
         probe.val_probs = fitted.probabilities(view.vectors(val_set, 1)[0])
     return probe
@@ -782,7 +782,9 @@ def train_patch_model(
         t0 = time.perf_counter()
         if progress is not None:
             progress("search head | fitting", 0, 1)
-        probe = _search_candidate(search, train_set, val_set, negatives, clean.classes)
+        probe = _search_candidate(
+            search, train_set, val_set, negatives, clean.classes, kind="search"
+        )
         fitted = probe.memory
         assert fitted is not None
         candidates.append(probe)
@@ -828,15 +830,15 @@ def train_patch_model(
             candidates.pop()
         tuned_view = search.with_trunk(encoder.trunk, _state_identity(encoder.trunk))
         t0 = time.perf_counter()
-        probe = _search_candidate(tuned_view, train_set, val_set, negatives, clean.classes)
-        probe.kind = "tuned-search"
+        probe = _search_candidate(
+            tuned_view, train_set, val_set, negatives, clean.classes, kind="tuned-search"
+        )
         candidates.append(probe)
         metrics["stages"]["tuned_search_head"] = {
             "memory": 0 if probe.memory is None else len(probe.memory.vectors),
             "seconds": round(time.perf_counter() - t0, 2),
         }
     chosen = _select(candidates, val_set, clean.classes, head_input, metrics)
-    tuned = chosen.kind == "tuned-search"
     view = chosen.view
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
     if val_set is not None and chosen.val_probs is not None:
@@ -851,11 +853,8 @@ def train_patch_model(
         w, b = _memory_weight(memory), memory.bias
     metrics["head_input"] = chosen.head_input
     metrics["notes"] = notes
-    # a search head reads the search's trunk, unchanged (or, tuned, the fine-tuned copy); a
-    # trunk head its fine-tuned copy
-    state_src = (
-        base_trunk if chosen.head_input == "search" and not tuned else encoder.trunk
-    ).state_dict()
+    # the search head on the search's trunk reads it unchanged; the others the fine-tuned copy
+    state_src = (base_trunk if chosen.kind == "search" else encoder.trunk).state_dict()
     trunk_state = {k: v.detach().cpu().contiguous() for k, v in state_src.items()}
     bundle = ModelBundle(
         backbone=spec.name,
@@ -880,14 +879,12 @@ def train_patch_model(
             **data.provenance,
             "base_weights": {"kind": weights.kind, "identity": weights.identity},
             "frozen": list(
-                ("conv1", "layer1", "layer2")
-                if freeze_early and (chosen.head_input == "trunk" or tuned)
-                else ()
+                ("conv1", "layer1", "layer2") if freeze_early and chosen.kind != "search" else ()
             ),
             # which trunk a search head reads: the search's own (its feature maps can be
             # shared with the search) or the fine-tuned copy in this bundle
             **(
-                {"search_trunk": "fine-tuned" if tuned else "search"}
+                {"search_trunk": "fine-tuned" if chosen.kind == "tuned-search" else "search"}
                 if chosen.head_input == "search"
                 else {}
             ),

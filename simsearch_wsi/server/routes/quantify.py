@@ -13,6 +13,7 @@ from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import check_outputs_not_inputs, check_writable
 from simsearch_wsi.infer.cells import QUPATH_H_DAB, CellDetectionParams, estimate_image_stains
 from simsearch_wsi.infer.ihc import (
+    REGION_TYPES,
     IhcResult,
     PositivityRule,
     cell_features,
@@ -73,7 +74,7 @@ def router(ctx: ServerContext) -> APIRouter:
             if body.annotations is None
             else read_features(body.annotations, where="annotations")
         )
-        regions_sent = [a for a in annotations or [] if a.object_type in ("annotation", "tmaCore")]
+        regions_sent = [a for a in annotations or [] if a.object_type in REGION_TYPES]
         params = CellDetectionParams(
             detection_image=body.detection_image, cell_expansion_um=body.cell_expansion_um
         )
