@@ -18,7 +18,7 @@ from simsearch_wsi.cli.inputs import (
     report_skipped,
     session_file,
 )
-from simsearch_wsi.cli.options import add_plate_selection
+from simsearch_wsi.cli.options import THRESHOLD, add_plate_selection, parse_thresholds
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import naming_output
 from simsearch_wsi.qupath.geojson import REJECTED_CLASS
@@ -49,6 +49,13 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         "extra 'qupath')",
     )
     p_rev.add_argument("--session", required=True, metavar="DIR")
+    THRESHOLD.add(
+        p_rev,
+        default=[],
+        metavar="CLASS=VALUE",
+        help="the similarity threshold a class ended at (repeatable; saved in the session): "
+        "suggestions kept in place are approved at or above it; classes left out keep theirs",
+    )
     p_rev.add_argument("--json", action="store_true", help="print the report as JSON")
     p_rev.set_defaults(func=_cmd_review)
 
@@ -104,6 +111,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
             annotations,
             source=str(args.annotations or args.qpproj),
             image_size_l0=img.dimensions,
+            thresholds=parse_thresholds(args.threshold),
         )
     with naming_output("--session", args.session):
         session.save()

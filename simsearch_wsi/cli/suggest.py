@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from simsearch_wsi.cli.argtypes import int_at_least
@@ -31,6 +33,7 @@ from simsearch_wsi.core.pathguard import naming_output
 
 if TYPE_CHECKING:
     from simsearch_wsi.cli.options import Subparsers
+    from simsearch_wsi.search.heatmap import HeatMap
 
 
 def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
@@ -89,6 +92,24 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         metavar="N",
         help="also propose N most and N least similar unlabelled patches as "
         "'background' candidates",
+    )
+    p_sug.add_argument(
+        "--floor",
+        type=float,
+        default=None,
+        metavar="SIMILARITY",
+        help="also write the candidates down to this similarity (below the thresholds), ranked "
+        "with the others, so a viewer (the QuPath panel) can move each class's threshold "
+        "without searching again; review then approves by the thresholds it is given",
+    )
+    p_sug.add_argument(
+        "--heatmap",
+        default=None,
+        metavar="PATH.png",
+        help="also write each class's similarity heat map: one PNG per class (PATH.png with one "
+        "class, PATH_<class>.png with several), grey = 255 x similarity (clipped to 0..1), "
+        "transparent where not embedded; pixel (u, v) covers level-0 pixels from (u, v) x D, "
+        "D printed (the windows' pitch on level 0) and in the --json summary",
     )
     p_sug.add_argument("--json", action="store_true", help="print a JSON summary")
     p_sug.add_argument(
@@ -159,9 +180,10 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
         )
     if args.out is None and args.qpproj is None:
         raise ConfigError("suggest needs --out OUT.geojson (or --qpproj PROJECT to write into)")
+    heatmap_files: dict[str, str] = {}
     guard(
         args,
-        outputs=[("--out", args.out)],
+        outputs=[("--out", args.out), ("--heatmap", args.heatmap)],
         inputs=[("image", args.image), ("annotations", args.annotations)],
         updated=session_file(args.session),
     )
@@ -190,7 +212,11 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             thresholds=thresholds,
             n_background=args.background,
             progress=bars,
+            floor=args.floor,
+            heatmap=args.heatmap is not None,
         )
+    if args.heatmap is not None and result.heatmap is not None:
+        heatmap_files = _write_heatmaps(args.heatmap, result.heatmap)
     if args.out is not None:
         with naming_output("--out", args.out):
             write_feature_collection(args.out, result.geojson_features())
@@ -205,6 +231,8 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             replace_classes={*result.classes, BACKGROUND_CLASS},
         )
     summary = {**result.summary(), **chosen.extra}  # a plate field: plate, well, ... (issue 30)
+    if result.heatmap is not None:
+        summary["heatmap"] = {**result.heatmap.metadata(), "files": heatmap_files}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -221,7 +249,33 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             f"{result.seconds_embed:.1f} s, query {result.seconds_query:.2f} s",
             markup=False,
         )
+        if result.heatmap is not None:
+            console.print(
+                f"  heat maps ({result.heatmap.downsample:g} level-0 px per pixel): "
+                + ", ".join(heatmap_files.values()),
+                markup=False,
+            )
         for note in result.notes:
             console.print(f"  note: {note}", markup=False)
     report_skipped(skipped)
     return EXIT_OK
+
+
+def _write_heatmaps(path: str, heatmap: HeatMap) -> dict[str, str]:
+    """One PNG per class: ``path`` itself for one class, ``<stem>_<class><suffix>`` for
+    several (the class name with characters unsafe in file names replaced by ``_``)."""
+    from simsearch_wsi.core.atomic import atomic_path
+    from simsearch_wsi.search.heatmap import heatmap_png
+
+    out = Path(path)
+    files: dict[str, str] = {}
+    for name in heatmap.classes:
+        if len(heatmap.classes) == 1:
+            target = out
+        else:
+            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+            target = out.with_name(f"{out.stem}_{safe}{out.suffix or '.png'}")
+        with naming_output("--heatmap", target), atomic_path(target) as tmp:
+            Path(tmp).write_bytes(heatmap_png(heatmap.of(name)))
+        files[name] = str(target)
+    return files

@@ -219,6 +219,7 @@ class Session:
             self.classes[name] = {"color": list(class_color(name)), "threshold": DEFAULT_THRESHOLD}
 
     def set_thresholds(self, thresholds: dict[str, float]) -> None:
+        """Set class thresholds (similarities); all are checked before any changes."""
         for name, value in thresholds.items():
             if name not in self.classes:
                 raise ConfigError(
@@ -226,6 +227,7 @@ class Session:
                 )
             if not math.isfinite(value):
                 raise ConfigError(f"threshold for {name!r} must be a finite number")
+        for name, value in thresholds.items():
             self.classes[name]["threshold"] = float(value)
 
     @property
@@ -318,8 +320,15 @@ class Session:
         source: str,
         image_size_l0: tuple[int, int] | None = None,
         where: str | None = None,
+        thresholds: dict[str, float] | None = None,
     ) -> ReviewReport:
         """Apply the user's decisions on ``image`` (see module docstring).
+
+        ``thresholds`` (class -> similarity): where the user left each class's threshold (a
+        live threshold in QuPath); saved in the session before deciding, so a suggestion kept
+        in place is approved when its similarity is at or above its class's new threshold.
+        Suggestions below their class's threshold that were not sent back (a viewer hid them)
+        are not counted as unreviewed.
 
         New prototypes (classified rectangles that are not suggestions) are checked as
         ``suggest`` checks them (:func:`~simsearch_wsi.search.validation.prototype_from_annotation`;
@@ -339,6 +348,8 @@ class Session:
             )
             if proto is not None:
                 new_protos.append(proto)
+        if thresholds:
+            self.set_thresholds(thresholds)
         report = ReviewReport(image=key)
         thresholds = self.thresholds
         seen: set[str] = set()
@@ -371,7 +382,10 @@ class Session:
         report.unreviewed = sum(
             1
             for r in self.suggestions.values()
-            if r.image == key and r.id not in seen and r.id not in self.decisions
+            if r.image == key
+            and r.id not in seen
+            and r.id not in self.decisions
+            and not self._below_threshold(r, thresholds)
         )
         report.new_prototypes = self.add_prototypes(key, new_protos)
         if key not in self.reviewed_images:
@@ -385,6 +399,13 @@ class Session:
             }
         )
         return report
+
+    @staticmethod
+    def _below_threshold(rec: PatchRecord, thresholds: dict[str, float]) -> bool:
+        """A class suggestion under its class's threshold (a floor candidate nobody was shown)."""
+        if rec.class_name == BACKGROUND_CLASS or rec.similarity is None:
+            return False
+        return rec.similarity < thresholds.get(rec.class_name, DEFAULT_THRESHOLD)
 
     def _decide(
         self,
@@ -476,13 +497,18 @@ def suggest_with_session(
     engine_lock: AbstractContextManager[Any] | None = None,
     open_image: ImageOpener | None = None,
     progress: ProgressFn | None = None,
+    floor: float | None = None,
+    heatmap: bool = False,
 ) -> SuggestResult:
     """Suggestions on ``image`` from the prototypes in ``annotations`` and, with a session, from
     every saved prototype (saved thresholds apply; given ones are saved). Records what was sent
     in the session and saves it. ``annotations=None`` uses the session's prototypes only.
 
     ``open_image`` opens the images of saved prototypes drawn on other images (default
-    :func:`simsearch_wsi.io.open_image`; the server passes one that enforces its folders)."""
+    :func:`simsearch_wsi.io.open_image`; the server passes one that enforces its folders).
+    ``floor``: candidates down to that similarity too (:meth:`SimSearch.suggest`), recorded
+    like the others; a review decides on them with the thresholds it is given. ``heatmap``:
+    the result carries the class heat maps (:meth:`SimSearch.suggest`)."""
     if annotations is None and session is None:
         raise ConfigError(
             "suggest needs annotations (prototype rectangles), or a session with saved prototypes"
@@ -515,6 +541,8 @@ def suggest_with_session(
             patch_size_l0=patch_size,
             open_image=open_image,
             progress=progress,
+            floor=floor,
+            heatmap=heatmap,
         )
     if session is not None:
         session.record_suggestions(result.image, result)

@@ -32,6 +32,7 @@ from simsearch_wsi.features.norm import DEFAULT_FEATURE_NORM, FeatureNormalizer,
 from simsearch_wsi.features.preprocess import ChannelNormalization, search_normalization
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.qupath.geojson import Annotation, box_feature
+from simsearch_wsi.search.heatmap import HeatMap, heatmap_l0
 from simsearch_wsi.search.similarity import (
     DENSE_POOL_FRACTION,
     PatchGeometry,
@@ -120,6 +121,11 @@ class SuggestResult:
     notes: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     object_size_l0: tuple[float, float] | None = None
+    #: the lowest similarity asked for (candidates below a class threshold, for a viewer's
+    #: live threshold); None: only suggestions above the thresholds
+    floor: float | None = None
+    #: per-class similarity heat maps (``suggest(heatmap=True)``), level-0 aligned
+    heatmap: HeatMap | None = None
 
     def __post_init__(self) -> None:
         # stable ids: the GeoJSON ids QuPath keeps, by which a review is matched to suggestions
@@ -146,9 +152,19 @@ class SuggestResult:
 
     def summary(self) -> dict[str, Any]:
         per_class = {c: sum(1 for s in self.suggestions if s.class_name == c) for c in self.classes}
+        above = {
+            c: sum(
+                1
+                for s in self.suggestions
+                if s.class_name == c and s.similarity > self.thresholds[c]
+            )
+            for c in self.classes
+        }
         return {
             "image": self.image,
             "suggestions_per_class": per_class,
+            "above_threshold_per_class": above,
+            "floor": self.floor,
             "background_candidates": len(self.background),
             "thresholds": self.thresholds,
             "analysis_scale": self.scale.to_dict(),
@@ -315,6 +331,8 @@ class SimSearch:
         normalization: ChannelNormalization | None = None,
         open_image: ImageOpener | None = None,
         progress: ProgressFn | None = None,
+        floor: float | None = None,
+        heatmap: bool = False,
     ) -> SuggestResult:
         """Suggestions per class (and optionally background candidates) on ``image``.
 
@@ -326,7 +344,15 @@ class SimSearch:
         the default is the median prototype box, and features are pooled over part of it, see
         :class:`SearchSettings`). ``avoid`` boxes (labelled
         patches) are kept out of the background candidates. ``open_image`` opens the images of
-        prototypes drawn elsewhere (default :func:`simsearch_wsi.io.open_image`)."""
+        prototypes drawn elsewhere (default :func:`simsearch_wsi.io.open_image`).
+
+        ``floor`` (a similarity): also return the candidates between it and a class's threshold,
+        ranked with the others, so that a viewer can move the threshold live (see
+        :func:`~simsearch_wsi.search.similarity.extract_suggestions`). ``heatmap``: also
+        return the class similarity maps on a level-0 aligned grid
+        (:func:`~simsearch_wsi.search.heatmap.heatmap_l0`, default downsample)."""
+        if floor is not None and not -1.0 <= floor <= 1.0:
+            raise ConfigError(f"floor must be a similarity in [-1, 1], got {floor}")
         if not prototypes:
             raise ConfigError("no prototypes given: draw at least one classified rectangle")
         classes = tuple(dict.fromkeys(p.class_name for p in prototypes))
@@ -378,6 +404,7 @@ class SimSearch:
             exclude=here,
             image_size_l0=image.dimensions,
             object_size_a=object_a,
+            floor=floor,
         )
         background: list[Suggestion] = []
         if n_background:
@@ -422,6 +449,19 @@ class SimSearch:
             feature_norm=self.settings.feature_norm,
             notes=notes,
             object_size_l0=object_l0,
+            floor=floor,
+            heatmap=(
+                heatmap_l0(
+                    maps,
+                    classes,
+                    geometry=geometry,
+                    spec=spec,
+                    image_size_l0=image.dimensions,
+                    mpp=image.mpp,
+                )
+                if heatmap
+                else None
+            ),
         )
 
     def similarity(

@@ -523,10 +523,16 @@ def extract_suggestions(
     competitive: bool = True,
     image_size_l0: tuple[int, int] | None = None,
     object_size_a: tuple[float, float] | None = None,
+    floor: float | None = None,
 ) -> list[Suggestion]:
     """Suggestions per class from :func:`similarity_maps` output (module docstring).
 
-    ``thresholds`` maps class -> minimum similarity; ``min_distance_a`` defaults to half the
+    ``thresholds`` maps class -> minimum similarity; ``floor`` (optional) lowers that minimum
+    to ``floor`` for classes whose threshold is higher, so a viewer can move the threshold down
+    to the floor without asking again: peaks are found strongest first and spaced greedily, so
+    the candidates at or above a class's threshold are exactly the ones found without a floor
+    (up to ``max_per_class``), ranks included; only the overlap between classes is then resolved
+    among all candidates down to the floor. ``min_distance_a`` defaults to half the
     patch width; suggestions of a class centred inside an ``exclude`` box of the same class
     (the prototypes themselves) are dropped. With ``competitive`` (default) a window can only be
     suggested for the class whose prototypes it resembles most: each class map is masked where
@@ -549,12 +555,13 @@ def extract_suggestions(
         m = class_maps[c]
         if competitive and len(classes) > 1:
             m = np.where(best == c, m, np.nan).astype(np.float32)
+        threshold = thresholds[name] if floor is None else min(thresholds[name], floor)
         if object_size_a is None:
             peaks = [
                 (int(i), int(j), *refine_peak(m, int(i), int(j)))
                 for i, j in local_maxima(
                     m,
-                    threshold=thresholds[name],
+                    threshold=threshold,
                     min_distance_cells=min_cells,
                     max_peaks=max_per_class + len(exclude),
                 )
@@ -563,7 +570,7 @@ def extract_suggestions(
             peaks = spaced_peaks(
                 m,
                 geometry=geometry,
-                threshold=thresholds[name],
+                threshold=threshold,
                 spacing_a=min_dist,
                 max_peaks=max_per_class + len(exclude),
             )

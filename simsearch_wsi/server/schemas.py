@@ -81,6 +81,18 @@ class SuggestRequest(_Body):
     background: int = Field(
         0, ge=0, le=10_000, description="also return N most and N least similar unlabelled patches"
     )
+    floor: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="also return the candidates down to this similarity (below the thresholds), "
+        "ranked, so a viewer can move each class's threshold without asking again; null: none",
+    )
+    heatmap: bool = Field(
+        False,
+        description="also return the per-class similarity heat maps ('heatmap': level-0 aligned "
+        "PNG images, see simsearch_wsi.search.heatmap)",
+    )
 
     _annotations = field_validator("annotations", mode="before")(_geojson_value)
 
@@ -89,6 +101,11 @@ class ReviewRequest(_Body):
     image: ImagePath
     annotations: GeoJSON = Field(description="the objects exported from QuPath after review")
     session: FolderPath
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="class -> similarity threshold the user ended at (saved in the session; "
+        "decides which suggestions kept in place are approved); classes left out keep theirs",
+    )
 
     _annotations = field_validator("annotations", mode="before")(_geojson_value)
 

@@ -1,7 +1,7 @@
 /*
  * Test launcher: runs QuPath scripts against the stand-ins in stubs/ (not QuPath).
  *
- *   groovy -cp tests/groovy/stubs tests/groovy/launcher.groovy [--compile-only] SCRIPT...
+ *   groovy -cp tests/groovy/stubs tests/groovy/launcher.groovy [--compile-only] [--fx] SCRIPT...
  *
  * QuPath gives every script its scripting methods as default imports (a static import of QP,
  * or of QPEx, which extends it). This launcher does the same with an ImportCustomizer, so the
@@ -10,20 +10,32 @@
  *   [launcher] NAME: ok
  *   [launcher] NAME: FAILED: <exception class>: <message>
  * The exit code is 0 when every script succeeded, 1 otherwise. Works on Groovy 2.4 and later.
+ * --fx starts the JavaFX toolkit first, as QuPath has it running (JavaFX must be on the class
+ * path: -cp tests/groovy/stubs:/usr/share/openjfx/lib/javafx.base.jar:...).
  */
 import org.codehaus.groovy.control.CompilerConfiguration
 import org.codehaus.groovy.control.customizers.ImportCustomizer
 
 boolean compileOnly = false
+boolean fx = false
 List<File> files = []
 for (String arg : args) {
     if (arg == '--compile-only')
         compileOnly = true
+    else if (arg == '--fx')
+        fx = true
     else
         files << new File(arg)
 }
+if (fx && !compileOnly) {  // by reflection: the launcher itself runs without JavaFX too
+    Class platform = Class.forName('javafx.application.Platform')
+    java.util.concurrent.CountDownLatch started = new java.util.concurrent.CountDownLatch(1)
+    platform.getMethod('startup', Runnable).invoke(null, { started.countDown() } as Runnable)
+    started.await()
+    platform.getMethod('setImplicitExit', boolean).invoke(null, false)
+}
 if (files.isEmpty()) {
-    System.err.println('usage: launcher.groovy [--compile-only] SCRIPT...')
+    System.err.println('usage: launcher.groovy [--compile-only] [--fx] SCRIPT...')
     System.exit(2)
 }
 

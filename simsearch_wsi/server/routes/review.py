@@ -4,6 +4,7 @@ Each takes the session folder's lock while it reads or updates the session; the 
 taken inside the library calls that need the engine.
 """
 
+import base64
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -14,6 +15,7 @@ from simsearch_wsi.core.pathguard import check_outputs_not_inputs
 from simsearch_wsi.io import open_image
 from simsearch_wsi.qupath.geojson import feature_collection, read_features
 from simsearch_wsi.review.session import Session, background_with_session, suggest_with_session
+from simsearch_wsi.search.heatmap import HeatMap, heatmap_png
 from simsearch_wsi.server.context import ServerContext
 from simsearch_wsi.server.paths import session_doc
 from simsearch_wsi.server.protocol import API_PREFIX
@@ -25,7 +27,19 @@ from simsearch_wsi.server.schemas import (
     SuggestRequest,
 )
 
-__all__ = ["router"]
+__all__ = ["heatmap_answer", "router"]
+
+
+def heatmap_answer(heatmap: HeatMap) -> dict[str, Any]:
+    """The heat maps as JSON: their placement on the slide (:meth:`HeatMap.metadata`) and one
+    base64 PNG per class (:func:`~simsearch_wsi.search.heatmap.heatmap_png`)."""
+    return {
+        **heatmap.metadata(),
+        "png_base64": {
+            name: base64.b64encode(heatmap_png(heatmap.of(name))).decode("ascii")
+            for name in heatmap.classes
+        },
+    }
 
 
 def router(ctx: ServerContext) -> APIRouter:
@@ -69,10 +83,18 @@ def router(ctx: ServerContext) -> APIRouter:
                     n_background=body.background,
                     engine_lock=locks.engine,
                     open_image=paths.opener(what="prototype image"),
+                    floor=body.floor,
+                    heatmap=body.heatmap,
                 )
         summary = result.summary()
         summary["session"] = str(folder) if folder is not None else None
-        return JSONResponse({**feature_collection(result.geojson_features()), "summary": summary})
+        answer: dict[str, Any] = {
+            **feature_collection(result.geojson_features()),
+            "summary": summary,
+        }
+        if result.heatmap is not None:
+            answer["heatmap"] = heatmap_answer(result.heatmap)
+        return JSONResponse(answer)
 
     @api.post(f"{API_PREFIX}/review", responses=ERROR_RESPONSES, tags=["review loop"])
     def review(body: ReviewRequest) -> dict[str, Any]:
@@ -90,6 +112,7 @@ def router(ctx: ServerContext) -> APIRouter:
                     source=f"HTTP POST {API_PREFIX}/review",
                     image_size_l0=img.dimensions,
                     where="annotations",
+                    thresholds=dict(body.thresholds),
                 )
             session.save()
         return report.to_dict()

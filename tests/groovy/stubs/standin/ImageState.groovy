@@ -2,6 +2,7 @@ package standin
 
 import groovy.json.JsonOutput
 import groovy.json.JsonSlurper
+import qupath.lib.images.ImageData
 import qupath.lib.images.servers.ImageServer
 import qupath.lib.objects.PathObject
 
@@ -30,6 +31,8 @@ class ImageState {
     final List<String> added = []
     final List<String> removed = []
     final List<Map> dialogs = []
+    Map overlay = null
+    private ImageData<Object> imageData
 
     private ImageState(Map state) {
         uris = state.uris == null ? null : ((List) state.uris).collect { it.toString() }
@@ -59,6 +62,19 @@ class ImageState {
         }
     }
 
+    synchronized ImageData<Object> imageData() {
+        if (uris == null)
+            return null
+        if (imageData == null)
+            imageData = new ImageData<Object>()
+        return imageData
+    }
+
+    synchronized void overlay(Map shown) {
+        overlay = shown
+        save()
+    }
+
     List<PathObject> selected() { return objects.findAll { selectedIds.contains(it.getID().toString()) } }
 
     synchronized void add(Collection<? extends PathObject> pathObjects) {
@@ -80,7 +96,8 @@ class ImageState {
     synchronized void save() {
         if (record == null)
             return
-        Map out = [added: added, removed: removed, dialogs: dialogs, objects: objects.collect { GeoJson.toFeature(it) }]
+        Map out = [added: added, removed: removed, dialogs: dialogs, objects: objects.collect { GeoJson.toFeature(it) },
+                   overlay: overlay]
         File tmp = new File(record.getPath() + '.tmp')
         tmp.setText(JsonOutput.toJson(out), 'UTF-8')
         record.delete()

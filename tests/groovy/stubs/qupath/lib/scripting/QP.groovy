@@ -1,8 +1,10 @@
 package qupath.lib.scripting
 
+import qupath.lib.images.ImageData
 import qupath.lib.images.servers.ImageServer
 import qupath.lib.objects.PathObject
 import qupath.lib.objects.classes.PathClass
+import qupath.lib.objects.hierarchy.PathObjectHierarchy
 import standin.ImageState
 
 /**
@@ -15,6 +17,14 @@ import standin.ImageState
 class QP {
 
     static ImageServer<?> getCurrentServer() { return ImageState.get().server() }
+
+    /** QuPath: the image the script runs on (null when none is open). */
+    static ImageData<?> getCurrentImageData() { return ImageState.get().imageData() }
+
+    static PathObjectHierarchy getCurrentHierarchy() {
+        ImageData<?> data = getCurrentImageData()
+        return data == null ? null : data.getHierarchy()
+    }
 
     /** QuPath: declared as a Collection (an ArrayList in 0.4-0.7). */
     static Collection<PathObject> getAnnotationObjects() {

@@ -1,0 +1,14 @@
+package qupath.lib.images
+
+import qupath.lib.images.servers.ImageServer
+import qupath.lib.objects.hierarchy.PathObjectHierarchy
+import standin.ImageState
+
+/** STAND-IN for QuPath's ImageData (not QuPath): {@code getServer()} and {@code getHierarchy()}. */
+class ImageData<T> {
+    private final PathObjectHierarchy hierarchy = new PathObjectHierarchy()
+
+    ImageServer<T> getServer() { return (ImageServer<T>) ImageState.get().server() }
+
+    PathObjectHierarchy getHierarchy() { return hierarchy }
+}
