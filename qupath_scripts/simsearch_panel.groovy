@@ -12,6 +12,8 @@
  *     them.
  *   - Heat map: the selected class's similarity over the slide, drawn over the image like a
  *     pixel classification (toggle with QuPath's "Show pixel classification" button, C).
+ *   - after switching to another image, Suggest again: the sliders act on the image they were
+ *     made for.
  *   - Review: records your decisions and the thresholds the sliders ended at in the session.
  *   - Background: adds background candidates (class "background") to confirm or reject.
  *   - Train / Predict: server jobs with their progress; Predict imports the model's objects.
@@ -477,37 +479,43 @@ double similarity(PathObject p) {
 
 /** The answer's PNG heat maps (grey = 255 x similarity, alpha 0 = not embedded) coloured for
  * display: transparent below the floor, then blue -> cyan -> yellow -> red up to 1. */
-Map decodeHeatmaps(Map heatmap, double floor) {
-    Map out = new LinkedHashMap()
+@groovy.transform.CompileStatic
+Map<String, BufferedImage> decodeHeatmaps(Map heatmap, double floor) {
+    Map<String, BufferedImage> out = new LinkedHashMap<String, BufferedImage>()
     if (heatmap == null)
         return out
-    Map pngs = (Map) heatmap.png_base64
-    pngs.each { name, String encoded ->
-        BufferedImage grey = ImageIO.read(new ByteArrayInputStream(Base64.getDecoder().decode(encoded)))
+    int[] lut = new int[256]
+    for (int g = 0; g < 256; g++) {
+        double s = g / 255.0d
+        lut[g] = s < floor ? 0 : heatColor((s - floor) / Math.max(1e-6d, 1.0d - floor))
+    }
+    Map pngs = (Map) heatmap.get('png_base64')
+    for (Object name : pngs.keySet()) {
+        byte[] bytes = Base64.getDecoder().decode(pngs.get(name).toString())
+        BufferedImage grey = ImageIO.read(new ByteArrayInputStream(bytes))
         int w = grey.getWidth()
         int h = grey.getHeight()
+        java.awt.image.Raster raster = grey.getRaster()
+        int bands = raster.getNumBands()
+        int[] values = raster.getSamples(0, 0, w, h, 0, (int[]) null)
+        int[] alpha = bands > 1 ? raster.getSamples(0, 0, w, h, bands - 1, (int[]) null) : null
+        int[] argb = new int[w * h]
+        for (int i = 0; i < argb.length; i++)
+            argb[i] = (alpha != null && alpha[i] == 0) ? 0 : lut[values[i]]
         BufferedImage rgba = new BufferedImage(w, h, BufferedImage.TYPE_INT_ARGB)
-        def raster = grey.getRaster()
-        int[] px = new int[raster.getNumBands()]
-        for (int y = 0; y < h; y++) {
-            for (int x = 0; x < w; x++) {
-                raster.getPixel(x, y, px)
-                int alpha = px.length > 1 ? px[px.length - 1] : 255
-                double s = px[0] / 255.0
-                rgba.setRGB(x, y, alpha == 0 || s < floor ? 0 : heatColor((s - floor) / Math.max(1e-6, 1 - floor)))
-            }
-        }
+        rgba.setRGB(0, 0, w, h, argb, 0, w)
         out.put(name.toString(), rgba)
     }
     return out
 }
 
 /** ARGB of a value in [0, 1]: blue, cyan, yellow, red; alpha 160. */
+@groovy.transform.CompileStatic
 int heatColor(double t) {
-    double v = Math.max(0, Math.min(1, t))
-    List<int[]> stops = [[0, 0, 255] as int[], [0, 255, 255] as int[], [255, 255, 0] as int[], [255, 0, 0] as int[]]
-    double pos = v * (stops.size() - 1)
-    int i = (int) Math.min(Math.floor(pos), stops.size() - 2)
+    double v = Math.max(0.0d, Math.min(1.0d, t))
+    int[][] stops = [[0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0]] as int[][]
+    double pos = v * (stops.length - 1)
+    int i = (int) Math.min(Math.floor(pos), (double) (stops.length - 2))
     double f = pos - i
     int[] rgb = new int[3]
     for (int k = 0; k < 3; k++)

@@ -25,12 +25,14 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.features.backbones import build_trunk
 from simsearch_wsi.features.cache import FeatureCache
 from simsearch_wsi.features.extractor import FeatureExtractor
-from simsearch_wsi.qupath.geojson import REJECTED_CLASS
+from simsearch_wsi.qupath.geojson import BACKGROUND_CLASS, REJECTED_CLASS
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SearchSettings, SimSearch
+from simsearch_wsi.search.similarity import Prototype
 from simsearch_wsi.server import create_app
 from simsearch_wsi.synthetic import SyntheticSlide, make_synthetic_slide
 
@@ -147,6 +149,7 @@ def test_panel_helpers_match_the_scripts() -> None:
     assert "groovy.json" not in text  # QuPath does not bundle groovy-json
 
 
+@pytest.mark.slow  # about 30 s: a JVM with JavaFX, and the first embedding of the slide
 def test_panel_live_threshold_heatmap_and_review(world: World, tmp_path: Path) -> None:
     session = world.root / "sessions" / "panel"
     report_file, snapshot = tmp_path / "report.json", tmp_path / "panel.png"
@@ -234,3 +237,59 @@ def test_panel_live_threshold_heatmap_and_review(world: World, tmp_path: Path) -
     assert img.size[0] >= 500 and img.size[1] >= 300
     if SCREENSHOT:
         shutil.copyfile(snapshot, SCREENSHOT)
+
+
+def _reviewed_session(folder: Path, slide: SyntheticSlide) -> Session:
+    """A reviewed session: per class a prototype, approved objects and a rejected one (another
+    class's object); confirmed background away from every object."""
+    session = Session.create(folder)
+    for k, name in enumerate(slide.classes):
+        first, *rest = slide.objects_of(name)
+        session.add_prototypes(slide.path, [Prototype(name, first.box)])
+        for obj in rest:
+            session.add_decision(slide.path, "positive", class_name=name, box=obj.box)
+        other = slide.objects_of(slide.classes[(k + 1) % len(slide.classes)])[0]
+        session.add_decision(slide.path, "negative", class_name=name, box=other.box)
+    near = [
+        BoxL0(o.x_l0 - 16, o.y_l0 - 16, o.width_l0 + 32, o.height_l0 + 32) for o in slide.objects
+    ]
+    free = [
+        BoxL0(float(x), float(y), 40.0, 40.0)
+        for y in range(8, slide.height - 48, 48)
+        for x in range(8, slide.width - 48, 48)
+    ]
+    free = [b for b in free if not any(b.intersects(o) for o in near)]
+    for box in free[:: len(free) // 8][:8]:
+        session.add_decision(slide.path, "background", class_name=BACKGROUND_CLASS, box=box)
+    session.save()
+    return session
+
+
+@pytest.mark.slow  # about 45 s: a JVM with JavaFX, a (tiny) training and a prediction
+@pytest.mark.usefixtures("tiny_training")
+def test_panel_train_then_predict(world: World, tmp_path: Path) -> None:
+    session = _reviewed_session(world.root / "sessions" / "jobs", world.slide)
+    props = {
+        "simsearch.url": world.url,
+        "simsearch.session": str(session.root),
+        "panel.steps": "jobs",
+        "panel.report": str(tmp_path / "report.json"),
+    }
+    out, rc = _run_panel(tmp_path, props, {"uris": [world.uri], "objects": [], "gui": True})
+    assert rc == 0 and "[driver] done" in out, out
+    report = json.loads((tmp_path / "report.json").read_text())
+    model = session.root / "model.zip"  # the default: model.zip in the session folder
+    assert report["train"] == f"Train: model written to {model} (on the server)" or report[
+        "train"
+    ].startswith(f"Train: model written to {model} (on the server); validation"), report["train"]
+    assert model.is_file()
+    assert report["predict"].startswith("Predict: added "), report["predict"]
+    n = int(report["predict"].split()[2])
+    assert n > 0 and report["objects"] == n
+    record = json.loads((tmp_path / "record.json").read_text())
+    names = {*world.slide.classes, BACKGROUND_CLASS}
+    assert any(
+        f"probability {c}" in f["properties"].get("measurements", {})
+        for f in record["objects"]
+        for c in names
+    )

@@ -6,7 +6,7 @@
  * Steps: wait for the window and the server check; Suggest; per class note the sliders and the
  * shown candidates; move the first class's slider to 1, to its floor, to the 3rd candidate's
  * similarity; reject the best candidate and move the slider to 1 again; show the heat map;
- * snapshot; Review; Background.
+ * snapshot; Review; Background. With -Dpanel.steps=jobs: Train, then Predict.
  */
 import javafx.application.Platform
 import javafx.embed.swing.SwingFXUtils
@@ -73,6 +73,15 @@ Closure<Map> holding = {
         }
     }
     return perClass
+}
+
+if (System.getProperty('panel.steps') == 'jobs') {  // Train, then Predict with the model trained
+    report.train = click('train')
+    report.predict = click('predict')
+    report.objects = fx { getDetectionObjects().size() + getAnnotationObjects().size() }
+    new File(System.getProperty('panel.report')).setText(groovy.json.JsonOutput.toJson(report), 'UTF-8')
+    println('[driver] done')
+    return
 }
 
 report.suggest = click('suggest')
