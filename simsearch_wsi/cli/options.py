@@ -19,8 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from simsearch_wsi.cli.argtypes import int_at_least, positive_float
+from simsearch_wsi.cli.argtypes import float_between, int_at_least, positive_float
 from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.search.choices import HEATMAP_DOWNSAMPLE_HELP, SIMILARITY_MAX, SIMILARITY_MIN
 
 if TYPE_CHECKING:
     import torch
@@ -192,6 +193,25 @@ PRESET = _option(
 )
 THRESHOLD = _option(
     "--threshold", action="append", metavar="CLASS=P", help="confidence threshold, repeatable"
+)
+
+# --- the interactive loop (suggest; the server's SuggestRequest mirrors them) -------------------
+FLOOR = _option(
+    "--floor",
+    type=float_between(SIMILARITY_MIN, SIMILARITY_MAX),
+    default=None,
+    metavar="SIMILARITY",
+    help="also return the candidates down to this similarity (below the thresholds)",
+)
+HEATMAP = _option(
+    "--heatmap", default=None, metavar="PATH.png", help="also write the class heat maps"
+)
+HEATMAP_DOWNSAMPLE = _option(
+    "--heatmap-downsample",
+    type=positive_float,
+    default=None,
+    metavar="D",
+    help=HEATMAP_DOWNSAMPLE_HELP,
 )
 
 

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,9 @@ from simsearch_wsi.cli.inputs import (
     session_file,
 )
 from simsearch_wsi.cli.options import (
+    FLOOR,
+    HEATMAP,
+    HEATMAP_DOWNSAMPLE,
     THRESHOLD,
     add_patch_size,
     add_plate_selection,
@@ -93,24 +97,20 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         help="also propose N most and N least similar unlabelled patches as "
         "'background' candidates",
     )
-    p_sug.add_argument(
-        "--floor",
-        type=float,
-        default=None,
-        metavar="SIMILARITY",
+    FLOOR.add(
+        p_sug,
         help="also write the candidates down to this similarity (below the thresholds), ranked "
         "with the others, so a viewer (the QuPath panel) can move each class's threshold "
         "without searching again; review then approves by the thresholds it is given",
     )
-    p_sug.add_argument(
-        "--heatmap",
-        default=None,
-        metavar="PATH.png",
+    HEATMAP.add(
+        p_sug,
         help="also write each class's similarity heat map: one PNG per class (PATH.png with one "
         "class, PATH_<class>.png with several), grey = 255 x similarity (clipped to 0..1), "
-        "transparent where not embedded; pixel (u, v) covers level-0 pixels from (u, v) x D, "
-        "D printed (the windows' pitch on level 0) and in the --json summary",
+        "transparent where not embedded; pixel (u, v) covers level-0 pixels from origin + "
+        "(u, v) x D, origin and D printed and in the --json summary",
     )
+    HEATMAP_DOWNSAMPLE.add(p_sug)
     p_sug.add_argument("--json", action="store_true", help="print a JSON summary")
     p_sug.add_argument(
         "--qpproj",
@@ -214,9 +214,20 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             progress=bars,
             floor=args.floor,
             heatmap=args.heatmap is not None,
+            heatmap_downsample=args.heatmap_downsample,
         )
+    targets: dict[str, Path] = {}
     if args.heatmap is not None and result.heatmap is not None:
-        heatmap_files = _write_heatmaps(args.heatmap, result.heatmap)
+        # the per-class names are known now: check them before anything is written
+        targets = heatmap_targets(args.heatmap, result.heatmap.classes)
+        guard(
+            args,
+            outputs=[("--out", args.out), *(("--heatmap", str(t)) for t in targets.values())],
+            inputs=[("image", args.image), ("annotations", args.annotations)],
+            updated=session_file(args.session),
+        )
+    if targets and result.heatmap is not None:
+        heatmap_files = _write_heatmaps(targets, result.heatmap)
     if args.out is not None:
         with naming_output("--out", args.out):
             write_feature_collection(args.out, result.geojson_features())
@@ -251,7 +262,8 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
         )
         if result.heatmap is not None:
             console.print(
-                f"  heat maps ({result.heatmap.downsample:g} level-0 px per pixel): "
+                f"  heat maps ({result.heatmap.downsample:g} level-0 px per pixel, origin "
+                f"{result.heatmap.origin_l0[0]:g},{result.heatmap.origin_l0[1]:g}): "
                 + ", ".join(heatmap_files.values()),
                 markup=False,
             )
@@ -261,20 +273,35 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _write_heatmaps(path: str, heatmap: HeatMap) -> dict[str, str]:
-    """One PNG per class: ``path`` itself for one class, ``<stem>_<class><suffix>`` for
-    several (the class name with characters unsafe in file names replaced by ``_``)."""
+def heatmap_targets(path: str, classes: Sequence[str]) -> dict[str, Path]:
+    """The heat-map file of each class: ``path`` itself for one class, ``<stem>_<class><suffix>``
+    for several (characters unsafe in file names replaced by ``_``); two classes that would
+    share a file are refused."""
+    out = Path(path)
+    targets: dict[str, Path] = {}
+    for name in classes:
+        if len(classes) == 1:
+            targets[name] = out
+            continue
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        target = out.with_name(f"{out.stem}_{safe}{out.suffix or '.png'}")
+        clash = [c for c, t in targets.items() if t == target]
+        if clash:
+            raise ConfigError(
+                f"--heatmap {path}: classes {clash[0]!r} and {name!r} would both be written to "
+                f"{target}; rename one of the classes"
+            )
+        targets[name] = target
+    return targets
+
+
+def _write_heatmaps(targets: dict[str, Path], heatmap: HeatMap) -> dict[str, str]:
+    """One PNG per class, to the files :func:`heatmap_targets` named."""
     from simsearch_wsi.core.atomic import atomic_path
     from simsearch_wsi.search.heatmap import heatmap_png
 
-    out = Path(path)
     files: dict[str, str] = {}
-    for name in heatmap.classes:
-        if len(heatmap.classes) == 1:
-            target = out
-        else:
-            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-            target = out.with_name(f"{out.stem}_{safe}{out.suffix or '.png'}")
+    for name, target in targets.items():
         with naming_output("--heatmap", target), atomic_path(target) as tmp:
             Path(tmp).write_bytes(heatmap_png(heatmap.of(name)))
         files[name] = str(target)

@@ -499,6 +499,7 @@ def suggest_with_session(
     progress: ProgressFn | None = None,
     floor: float | None = None,
     heatmap: bool = False,
+    heatmap_downsample: float | None = None,
 ) -> SuggestResult:
     """Suggestions on ``image`` from the prototypes in ``annotations`` and, with a session, from
     every saved prototype (saved thresholds apply; given ones are saved). Records what was sent
@@ -508,7 +509,8 @@ def suggest_with_session(
     :func:`simsearch_wsi.io.open_image`; the server passes one that enforces its folders).
     ``floor``: candidates down to that similarity too (:meth:`SimSearch.suggest`), recorded
     like the others; a review decides on them with the thresholds it is given. ``heatmap``:
-    the result carries the class heat maps (:meth:`SimSearch.suggest`)."""
+    the result carries the class heat maps, at least ``heatmap_downsample`` level-0 pixels per
+    pixel when given (:meth:`SimSearch.suggest`)."""
     if annotations is None and session is None:
         raise ConfigError(
             "suggest needs annotations (prototype rectangles), or a session with saved prototypes"
@@ -543,6 +545,7 @@ def suggest_with_session(
             progress=progress,
             floor=floor,
             heatmap=heatmap,
+            heatmap_downsample=heatmap_downsample,
         )
     if session is not None:
         session.record_suggestions(result.image, result)

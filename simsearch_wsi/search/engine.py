@@ -8,6 +8,7 @@ centre (their own size is not used).
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -333,6 +334,7 @@ class SimSearch:
         progress: ProgressFn | None = None,
         floor: float | None = None,
         heatmap: bool = False,
+        heatmap_downsample: float | None = None,
     ) -> SuggestResult:
         """Suggestions per class (and optionally background candidates) on ``image``.
 
@@ -350,9 +352,15 @@ class SimSearch:
         ranked with the others, so that a viewer can move the threshold live (see
         :func:`~simsearch_wsi.search.similarity.extract_suggestions`). ``heatmap``: also
         return the class similarity maps on a level-0 aligned grid
-        (:func:`~simsearch_wsi.search.heatmap.heatmap_l0`, default downsample)."""
+        (:func:`~simsearch_wsi.search.heatmap.heatmap_l0`: at least ``heatmap_downsample``
+        level-0 pixels per heat-map pixel when given, coarsened to a display cap, never failing
+        for its size)."""
         if floor is not None and not -1.0 <= floor <= 1.0:
             raise ConfigError(f"floor must be a similarity in [-1, 1], got {floor}")
+        if heatmap_downsample is not None and not (
+            math.isfinite(heatmap_downsample) and heatmap_downsample > 0
+        ):
+            raise ConfigError(f"heat-map downsample must be > 0, got {heatmap_downsample}")
         if not prototypes:
             raise ConfigError("no prototypes given: draw at least one classified rectangle")
         classes = tuple(dict.fromkeys(p.class_name for p in prototypes))
@@ -457,6 +465,7 @@ class SimSearch:
                     geometry=geometry,
                     spec=spec,
                     image_size_l0=image.dimensions,
+                    downsample=heatmap_downsample,
                     mpp=image.mpp,
                 )
                 if heatmap

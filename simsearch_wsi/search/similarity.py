@@ -589,15 +589,24 @@ def extract_suggestions(
             for rank, (sim, box) in enumerate(found[:max_per_class])
         ]
     if competitive and len(classes) > 1:
-        out = _suppress_across_classes(out, iou_max=0.3)
+        out = _suppress_across_classes(out, iou_max=0.3, thresholds=thresholds)
     return out
 
 
-def _suppress_across_classes(suggestions: list[Suggestion], *, iou_max: float) -> list[Suggestion]:
+def _suppress_across_classes(
+    suggestions: list[Suggestion], *, iou_max: float, thresholds: dict[str, float]
+) -> list[Suggestion]:
     """Greedy non-maximum suppression across classes: of overlapping suggestions of different
-    classes (IoU > ``iou_max``) only the most similar is kept; ranks are renumbered per class."""
+    classes (IoU > ``iou_max``) only the first is kept; ranks are renumbered per class.
+
+    The suggestions at or above their class's threshold come first (most similar first), then
+    the ones below (the floor's): a candidate below its threshold never removes one above its
+    own, so the suggestions above the thresholds are the same with or without a floor."""
     kept: list[Suggestion] = []
-    for sug in sorted(suggestions, key=lambda g: -g.similarity):
+    order = sorted(
+        suggestions, key=lambda g: (g.similarity < thresholds[g.class_name], -g.similarity)
+    )
+    for sug in order:
         if all(k.class_name == sug.class_name or _iou(k.box, sug.box) <= iou_max for k in kept):
             kept.append(sug)
     ranks: dict[str, int] = {}

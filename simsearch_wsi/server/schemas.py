@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from simsearch_wsi.search.choices import HEATMAP_DOWNSAMPLE_HELP, SIMILARITY_MAX, SIMILARITY_MIN
 from simsearch_wsi.server.jobs import JobState
 from simsearch_wsi.train.choices import (
     DEFAULT_HEAD_INPUT,
@@ -83,8 +84,8 @@ class SuggestRequest(_Body):
     )
     floor: float | None = Field(
         None,
-        ge=-1.0,
-        le=1.0,
+        ge=SIMILARITY_MIN,
+        le=SIMILARITY_MAX,
         description="also return the candidates down to this similarity (below the thresholds), "
         "ranked, so a viewer can move each class's threshold without asking again; null: none",
     )
@@ -92,6 +93,9 @@ class SuggestRequest(_Body):
         False,
         description="also return the per-class similarity heat maps ('heatmap': level-0 aligned "
         "PNG images, see simsearch_wsi.search.heatmap)",
+    )
+    heatmap_downsample: float | None = Field(
+        None, gt=0, description=HEATMAP_DOWNSAMPLE_HELP + "; null: the default"
     )
 
     _annotations = field_validator("annotations", mode="before")(_geojson_value)

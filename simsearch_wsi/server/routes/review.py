@@ -85,6 +85,7 @@ def router(ctx: ServerContext) -> APIRouter:
                     open_image=paths.opener(what="prototype image"),
                     floor=body.floor,
                     heatmap=body.heatmap,
+                    heatmap_downsample=body.heatmap_downsample,
                 )
         summary = result.summary()
         summary["session"] = str(folder) if folder is not None else None

@@ -1,0 +1,13 @@
+"""Limits of the search's options, in one place and without importing torch (the CLI's parser
+and the server's schemas check them before any engine code loads)."""
+
+from __future__ import annotations
+
+#: a similarity (cosine): thresholds, the suggest floor
+SIMILARITY_MIN, SIMILARITY_MAX = -1.0, 1.0
+#: the suggest option asking for heat maps at a coarser grid (level-0 pixels per pixel)
+HEATMAP_DOWNSAMPLE_HELP = (
+    "heat maps of at least this many level-0 pixels per heat-map pixel (default: one pixel "
+    "per window, the windows' pitch); a heat map is coarsened further, by the maximum of the "
+    "windows each pixel covers, to stay within 8192 pixels a side"
+)
