@@ -6,14 +6,18 @@
  *   - Suggest: sends the classified rectangle annotations (the selected ones, if any annotation
  *     is selected; none: the session's saved prototypes) and gets the candidates of each class
  *     down to FLOOR, ranked, with their "similarity" measurement, and the class heat maps.
+ *     Suggest again replaces the panel's own candidates of those classes that you left as they
+ *     came; the ones you gave another class (e.g. "Rejected suggestion") stay, reviewed or not.
+ *     The sliders start at the session's thresholds (Suggest does not save them; Review does).
  *   - one slider per class: the class's similarity threshold. Moving it shows the candidates at
  *     or above it and hides the others at once (no server round trip); the count is live.
  *     Candidates you gave another class (e.g. "Rejected suggestion") or deleted stay as you left
  *     them.
  *   - Heat map: the selected class's similarity over the slide, drawn over the image like a
- *     pixel classification (toggle with QuPath's "Show pixel classification" button, C).
- *   - after switching to another image, Suggest again: the sliders act on the image they were
- *     made for.
+ *     pixel classification (toggle with QuPath's "Show pixel classification" button, C). It
+ *     goes away when another image is opened and when the window closes.
+ *   - after switching to another image, Suggest again: until then the sliders do nothing (they
+ *     belong to the image they were made for, and say so).
  *   - Review: records your decisions and the thresholds the sliders ended at in the session.
  *   - Background: adds background candidates (class "background") to confirm or reject.
  *   - Train / Predict: server jobs with their progress; Predict imports the model's objects.
@@ -28,7 +32,8 @@
  * addObjects(Collection) (0.4+)/removeObjects(Collection, boolean)/getAnnotationObjects()/
  * getDetectionObjects()/getSelectionModel().getSelectedObjects(), PathIO.readObjectsFromGeoJSON
  * (keeps the GeoJSON "id": 0.4+), GsonTools, PathObject.getPathClass/getROI/getMeasurementList,
- * BufferedImageOverlay(OverlayOptions, ImageRegion, BufferedImage),
+ * BufferedImageOverlay(QuPathViewer, OverlayOptions, Map<ImageRegion, BufferedImage>) (removes itself
+ * when the viewer opens another image),
  * QuPathViewer.setCustomPixelLayerOverlay/resetCustomPixelLayerOverlay/getCustomPixelLayerOverlay,
  * ImageRegion.createInstance; JavaFX (Platform.runLater) for the window; HTTP with java.net.http.
  * Objects are added and removed on the JavaFX thread; server calls run on a background thread.
@@ -102,7 +107,8 @@ Map api = connect(SERVER_URL, TOKEN, PROTOCOL_VERSION)
 // Everything the window needs, in one map (script methods cannot see the script's variables)
 Map panel = [api: api, session: SESSION, floor: FLOOR, background: BACKGROUND, model: MODEL,
              strategy: STRATEGY, preset: PRESET, seed: SEED, timeout: TIMEOUT_SECONDS,
-             classes: new LinkedHashMap(), heat: new LinkedHashMap(), heatMeta: null, overlay: null,
+             classes: new LinkedHashMap(), heat: new LinkedHashMap(), heatMeta: null, heatHierarchy: null,
+             overlay: null,
              predicted: [], busy: false, ui: [:]]
 Platform.runLater({ openWindow(panel) } as Runnable)
 println('simsearch panel: opened for the server at ' + api.url + (SESSION ? ' (session ' + SESSION + ')' : ''))
@@ -172,6 +178,7 @@ void openWindow(Map panel) {
     stage.setTitle('SimSearch')
     stage.setScene(new Scene(root, 600, 380))
     ui.stage = stage
+    stage.setOnHidden({ e -> clearHeatmap(panel) } as EventHandler)
     stage.show()
     checkInBackground(panel)
 }
@@ -262,14 +269,8 @@ String suggest(Map panel) {
     if (prototypes.isEmpty() && !panel.session)
         fail('No prototypes: draw rectangle annotations around a few examples, give each a class, ' +
                 'and Suggest again (or give a session with saved prototypes)')
+    // no thresholds: the session's (or the default) apply; only Review saves the sliders'
     Map body = [image: image.uri, floor: panel.floor, heatmap: true, background: 0]
-    Set<String> names = new HashSet<String>(prototypes.collect { PathObject p -> className(p) })
-    Map thresholds = [:]  // keep where the sliders are for the classes they know
-    ((Map) panel.classes).each { String c, Map entry ->
-        if (panel.session || names.contains(c))
-            thresholds.put(c, entry.threshold)
-    }
-    body.thresholds = thresholds
     if (!prototypes.isEmpty())
         body.annotations = [type: 'FeatureCollection', features: toFeatures(prototypes)]
     if (panel.session)
@@ -282,13 +283,14 @@ String suggest(Map panel) {
         replaceCandidates(panel, image, summary, objects)
         panel.heat = heat
         panel.heatMeta = answer.heatmap
+        panel.heatHierarchy = image.hierarchy
         ComboBox<String> heatClass = (ComboBox<String>) panel.ui.heatClass
         heatClass.getItems().setAll(new ArrayList<String>(heat.keySet()))
         if (!heat.isEmpty())
             heatClass.setValue(heatClass.getItems().contains(heatClass.getValue()) ? heatClass.getValue() : heatClass.getItems().get(0))
         showHeatmap(panel)
     }
-    String counts = ((Map) panel.classes).collect { String c, Map e -> c + ' ' + e.shown.size() + ' of ' + e.objects.size() }.join(', ')
+    String counts = ((Map) panel.classes).findAll { String c, Map e -> summary.thresholds.containsKey(c) }.collect { String c, Map e -> c + ' ' + e.shown.size() + ' of ' + e.objects.size() }.join(', ')
     return 'candidates down to ' + fixed(panel.floor, 2) + ' (' + counts + ' shown); embed ' +
             summary.seconds_embed + ' s, query ' + summary.seconds_query + ' s'
 }
@@ -303,8 +305,11 @@ String review(Map panel) {
         all.addAll(new ArrayList(hierarchy.getDetectionObjects()).findAll { PathObject p -> p.getMeasurementList().containsKey('similarity') })
         return all
     }
-    Map thresholds = [:]
-    ((Map) panel.classes).each { String c, Map entry -> thresholds.put(c, entry.threshold) }
+    Map thresholds = [:]  // the sliders made for this image
+    ((Map) panel.classes).each { String c, Map entry ->
+        if (entry.hierarchy.is(image.hierarchy))
+            thresholds.put(c, entry.threshold)
+    }
     Map body = [image: image.uri, session: panel.session, thresholds: thresholds,
                 annotations: [type: 'FeatureCollection', features: toFeatures(objects)]]
     Map report = (Map) callServer((Map) panel.api, 'POST', '/review', body, 120)
@@ -398,13 +403,20 @@ Map runJob(Map panel, String route, Map body) {
 
 // ------------------------------ candidates and the live threshold ------------------------------
 
-/** Replaces the earlier candidates of the answer's classes and makes one slider per class. */
+/** Replaces the panel's earlier candidates of the answer's classes on this image (only those
+ * still of the class they came with: what the user relabelled stays, reviewed or not), forgets
+ * the sliders of other images (their objects stay as they are) and makes one slider per class. */
 void replaceCandidates(Map panel, Map image, Map summary, List objects) {
     def hierarchy = image.hierarchy
     Map thresholds = (Map) summary.thresholds
     Set<String> classes = new HashSet<String>(thresholds.keySet().collect { it.toString() })
-    List earlier = new ArrayList(hierarchy.getDetectionObjects()).findAll { PathObject p ->
-        p.getMeasurementList().containsKey('similarity') && classes.contains(className(p))
+    Map entries = (Map) panel.classes
+    entries.keySet().removeAll(entries.findAll { String c, Map e -> !e.hierarchy.is(hierarchy) }.keySet())
+    Set present = new HashSet(hierarchy.getDetectionObjects())
+    List earlier = []
+    entries.each { String c, Map e ->
+        if (classes.contains(c))
+            earlier.addAll(((List) e.objects).findAll { PathObject p -> present.contains(p) && className(p) == c })
     }
     hierarchy.removeObjects(earlier, true)
     Map byClass = new LinkedHashMap()
@@ -414,7 +426,8 @@ void replaceCandidates(Map panel, Map image, Map summary, List objects) {
     byClass.each { String c, List list ->
         list.sort { PathObject a, PathObject b -> Double.compare(similarity(b), similarity(a)) }
         ((Map) panel.classes).put(c, [objects: list, shown: new HashSet(), deleted: new HashSet(),
-                                      threshold: ((Number) thresholds.get(c)).doubleValue()])
+                                      threshold: ((Number) thresholds.get(c)).doubleValue(),
+                                      hierarchy: hierarchy])
     }
     GridPane grid = (GridPane) panel.ui.sliders
     grid.getChildren().clear()
@@ -433,18 +446,23 @@ void replaceCandidates(Map panel, Map image, Map summary, List objects) {
         slider.valueProperty().addListener({ o, a, b ->
             entry.threshold = ((Number) b).doubleValue()
             value.setText(fixed(entry.threshold, 2))
-            applyThreshold(panel, image, c)
+            applyThreshold(panel, c)
         } as ChangeListener)
         grid.addRow(row++, new Label(c), slider, value, count)
-        applyThreshold(panel, image, c)
+        applyThreshold(panel, c)
     }
 }
 
-/** Shows the class's candidates at or above its threshold and hides the others (JavaFX thread).
- * Candidates the user gave another class stay; deleted ones stay deleted. */
-void applyThreshold(Map panel, Map image, String c) {
+/** Shows the class's candidates at or above its threshold and hides the others (JavaFX thread),
+ * on the image the slider was made for, and only while that image is the one open. Candidates
+ * the user gave another class stay; deleted ones stay deleted. */
+void applyThreshold(Map panel, String c) {
     Map entry = (Map) ((Map) panel.classes).get(c)
-    def hierarchy = image.hierarchy
+    def hierarchy = entry.hierarchy
+    if (!hierarchy.is(openHierarchy())) {
+        ((Label) panel.ui.status).setText('The sliders were made for another image: Suggest on this one')
+        return
+    }
     Set present = new HashSet(hierarchy.getDetectionObjects())
     Set shown = (Set) entry.shown
     Set deleted = (Set) entry.deleted
@@ -531,18 +549,35 @@ void showHeatmap(Map panel) {
         return
     String name = ((ComboBox<String>) panel.ui.heatClass).getValue()
     BufferedImage img = name == null ? null : (BufferedImage) ((Map) panel.heat).get(name)
-    if (!((CheckBox) panel.ui.heat).isSelected() || img == null) {
-        if (panel.overlay != null && viewer.getCustomPixelLayerOverlay() == panel.overlay)
-            viewer.resetCustomPixelLayerOverlay()
-        panel.overlay = null
+    boolean here = panel.heatHierarchy != null && panel.heatHierarchy.is(openHierarchy())
+    if (!((CheckBox) panel.ui.heat).isSelected() || img == null || !here) {
+        clearHeatmap(panel)
         return
     }
-    double d = ((Number) ((Map) panel.heatMeta).downsample).doubleValue()
-    ImageRegion region = ImageRegion.createInstance(0, 0, (int) Math.round(img.getWidth() * d),
-            (int) Math.round(img.getHeight() * d), viewer.getZPosition(), viewer.getTPosition())
-    panel.overlay = new BufferedImageOverlay(viewer.getOverlayOptions(), region, img)
+    // pixel (u, v) covers level-0 x from origin_l0[0] + u * downsample (y likewise): the origin
+    // is rounded to a whole level-0 pixel here (ImageRegion holds integers)
+    Map meta = (Map) panel.heatMeta
+    double dx = ((Number) meta.downsample).doubleValue()
+    double dy = ((Number) (meta.downsample_y ?: meta.downsample)).doubleValue()
+    List origin = (List) (meta.origin_l0 ?: [0, 0])
+    int x0 = (int) Math.round(((Number) origin[0]).doubleValue())
+    int y0 = (int) Math.round(((Number) origin[1]).doubleValue())
+    ImageRegion region = ImageRegion.createInstance(x0, y0, (int) Math.round(img.getWidth() * dx),
+            (int) Math.round(img.getHeight() * dy), viewer.getZPosition(), viewer.getTPosition())
+    Map<ImageRegion, BufferedImage> regions = new LinkedHashMap<ImageRegion, BufferedImage>()
+    regions.put(region, img)
+    panel.overlay = new BufferedImageOverlay(viewer, viewer.getOverlayOptions(), regions)
     viewer.setCustomPixelLayerOverlay(panel.overlay)
     viewer.repaint()
+}
+
+/** Takes the panel's heat map off the viewer (if it is still the one shown). */
+void clearHeatmap(Map panel) {
+    QuPathGUI gui = QuPathGUI.getInstance()
+    def viewer = gui == null ? null : gui.getViewer()
+    if (viewer != null && panel.overlay != null && viewer.getCustomPixelLayerOverlay().is(panel.overlay))
+        viewer.resetCustomPixelLayerOverlay()
+    panel.overlay = null
 }
 
 // ---------------------------------- this script's helpers ----------------------------------
@@ -561,6 +596,15 @@ Map currentImage() {
             fail('The current image has no URI; simsearch-wsi reads images from disk: open the image from a file')
         return [uri: uris.iterator().next().toString(), hierarchy: data.getHierarchy()]
     }
+}
+
+/** The hierarchy of the image open now (null when none is); JavaFX thread. */
+Object openHierarchy() {
+    QuPathGUI gui = QuPathGUI.getInstance()
+    def data = gui == null ? null : gui.getImageData()
+    if (data == null)
+        data = getCurrentImageData()
+    return data == null ? null : data.getHierarchy()
 }
 
 /** A classified rectangle annotation whose class is not one of simsearch-wsi's reserved ones. */

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -120,6 +120,7 @@ def _run(
     state: dict[str, Any] | None = None,
     compile_only: bool = False,
     scripts: list[Path] | None = None,
+    classpath: Sequence[Path] = (),
 ) -> Run:
     """Run scripts in one JVM with the launcher; ``state`` is the stand-in image."""
     key = uuid.uuid4().hex[:8]
@@ -130,7 +131,7 @@ def _run(
     cmd = [
         str(GROOVY),
         "-cp",
-        str(STUBS),
+        os.pathsep.join([str(STUBS), *map(str, classpath)]),
         f"-Dqupath.standin.state={state_file}",
         *[f"-D{k}={v}" for k, v in props.items()],
         str(LAUNCHER),
@@ -151,6 +152,23 @@ def _run(
     if record.exists():
         rec = json.loads(record.read_text())
     return Run(proc.returncode, out, rec)
+
+
+def test_panel_compiles(tmp_path: Path) -> None:
+    """The panel (simsearch_panel.groovy) compiles against the stand-ins and JavaFX; its run is
+    tested in tests/test_qupath_panel.py."""
+    javafx = Path(os.environ.get("SIMSEARCH_JAVAFX_LIB", "/usr/share/openjfx/lib"))
+    jars = [javafx / f"javafx.{m}.jar" for m in ("base", "graphics", "controls", "swing")]
+    if not all(j.is_file() for j in jars):
+        pytest.skip(
+            f"compiling the panel needs the JavaFX jars in {javafx} (apt-get install openjfx)"
+        )
+    panel = SCRIPTS_DIR / "simsearch_panel.groovy"
+    broken = tmp_path / "simsearch_panel_broken.groovy"
+    broken.write_text(panel.read_text().replace("Map body = [", "Map body = ([", 1))
+    run = _run(tmp_path, [], props={}, compile_only=True, scripts=[panel, broken], classpath=jars)
+    assert "[launcher] simsearch_panel.groovy: ok" in run.out, run.out
+    assert "[launcher] simsearch_panel_broken.groovy: FAILED" in run.out and run.rc == 1
 
 
 # --- the server ------------------------------------------------------------------------------

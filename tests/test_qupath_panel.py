@@ -79,6 +79,7 @@ class World:
     uri: str
     url: str
     prototypes: list[dict[str, Any]]
+    second_uri: str  # a copy of the slide: another image to switch to
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +111,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     uri = "file:" + slide.path.as_uri().removeprefix("file://")
+    second = root / "s 2.tiff"
+    shutil.copyfile(slide.path, second)
+    second_uri = "file:" + second.as_uri().removeprefix("file://")
     try:
-        yield World(root, slide, uri, f"http://127.0.0.1:{port}", prototypes)
+        yield World(root, slide, uri, f"http://127.0.0.1:{port}", prototypes, second_uri)
     finally:
         server.should_exit = True
         thread.join(30)
@@ -160,6 +164,7 @@ def test_panel_live_threshold_heatmap_and_review(world: World, tmp_path: Path) -
         "simsearch.background": "2",
         "panel.report": str(report_file),
         "panel.snapshot": str(snapshot),
+        "panel.second_uri": world.second_uri,
     }
     state = {"uris": [world.uri], "objects": world.prototypes, "gui": True}
     out, rc = _run_panel(tmp_path, props, state)
@@ -196,13 +201,15 @@ def test_panel_live_threshold_heatmap_and_review(world: World, tmp_path: Path) -
     assert rejected_at_one["count"] == f"1 of {total} shown"
     assert len(back["holding"][c]) == 2  # the two others above the 3rd's similarity
 
-    # the heat map is drawn over the slide: the heat-map grid scaled to level 0
-    record = json.loads((tmp_path / "record.json").read_text())
-    overlay = record["overlay"]
-    assert overlay is not None and (overlay["x"], overlay["y"]) == (0, 0)
+    # the heat map is drawn over the slide: the heat-map grid scaled to level 0, from its origin
+    # (half a window pitch before the first window's centre)
+    overlay = report["overlay"]
+    assert overlay is not None
     w, h = overlay["image_width"], overlay["image_height"]
-    assert abs(overlay["width"] - world.slide.width) < overlay["width"] / w
-    assert abs(overlay["height"] - world.slide.height) < overlay["height"] / h
+    d = overlay["width"] / w
+    assert 0 <= overlay["x"] < 4 * d and 0 <= overlay["y"] < 4 * d
+    assert world.slide.width - 4 * d < overlay["x"] + overlay["width"] <= world.slide.width + d
+    assert world.slide.height - 4 * d < overlay["y"] + overlay["height"] <= world.slide.height + d
     argb = np.array(overlay["argb"], dtype=np.int64).reshape(h, w)
     alpha = (argb >> 24) & 0xFF
     red = (argb >> 16) & 0xFF
@@ -216,10 +223,8 @@ def test_panel_live_threshold_heatmap_and_review(world: World, tmp_path: Path) -
     ys = [p[1] for p in proto["geometry"]["coordinates"][0]]
     score = np.where(alpha > 0, red * 256 - ((argb >> 8) & 0xFF), -1)
     v, u = np.unravel_index(np.argmax(score), score.shape)
-    d = overlay["width"] / w
-    assert (
-        min(xs) - d <= (u + 0.5) * d <= max(xs) + d and min(ys) - d <= (v + 0.5) * d <= max(ys) + d
-    )
+    cx, cy = overlay["x"] + (u + 0.5) * d, overlay["y"] + (v + 0.5) * d
+    assert min(xs) - d <= cx <= max(xs) + d and min(ys) - d <= cy <= max(ys) + d
 
     # Review records the decisions and the thresholds the sliders ended at
     others = sum(len(shown.get(n, [])) for n in names if n != c)  # left in place: approved
@@ -232,6 +237,29 @@ def test_panel_live_threshold_heatmap_and_review(world: World, tmp_path: Path) -
     assert all(saved.thresholds[n] == 0.5 for n in names if n != c)
     assert report["background"].startswith("Background: added 4"), report["background"]
     assert len(report["after_background"]["background"]) == 4
+
+    # a deleted candidate stays deleted when the slider moves down and back
+    assert report["deleted_id"] not in report["after_delete"]["ids"]
+    # Suggest again: the relabelled candidate (not reviewed) and the rejected one stay, the
+    # panel's own candidates left as they came are replaced (no duplicates)
+    after2 = report["after_suggest2"]
+    assert after2["classes"].get(report["relabelled_id"]) == report["relabelled_to"]
+    assert after2["classes"].get(report["rejected_id"]) == REJECTED_CLASS
+    assert not set(report["before_suggest2"]) - {report["relabelled_id"]} & set(after2["ids"])
+    # another image: the heat map went with the first image, the old sliders touch nothing
+    sw = report["switch"]
+    assert sw["overlay"] is None
+    assert "made for another image" in sw["status"] and sw["first_unchanged"]
+    assert sw["second_detections"] == 0
+    assert sw["suggest"].startswith("Suggest: candidates down to 0.10"), sw["suggest"]
+    total2 = int(sw["at_floor"]["count"].split(" of ")[1].split()[0])
+    at_one = sw["at_one"]["holding"].get(c, [])  # (a copy: the prototype's twin is at 1.0)
+    assert (
+        all(v >= 1.0 for v in at_one)
+        and sw["at_one"]["count"] == f"{len(at_one)} of {total2} shown"
+    )
+    assert total2 > len(at_one) and len(sw["at_floor"]["holding"][c]) == total2
+    assert sw["first_still_unchanged"] and sw["overlay_drawn"]
 
     img = Image.open(snapshot)
     assert img.size[0] >= 500 and img.size[1] >= 300

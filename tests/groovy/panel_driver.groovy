@@ -6,7 +6,10 @@
  * Steps: wait for the window and the server check; Suggest; per class note the sliders and the
  * shown candidates; move the first class's slider to 1, to its floor, to the 3rd candidate's
  * similarity; reject the best candidate and move the slider to 1 again; show the heat map;
- * snapshot; Review; Background. With -Dpanel.steps=jobs: Train, then Predict.
+ * snapshot; Review; Background; delete a shown candidate and move the slider down and back;
+ * relabel a candidate (not reviewed) and Suggest again; open the image -Dpanel.second_uri=...,
+ * move the (first image's) slider, Suggest there and move the new slider.
+ * With -Dpanel.steps=jobs: Train, then Predict.
  */
 import javafx.application.Platform
 import javafx.embed.swing.SwingFXUtils
@@ -19,6 +22,7 @@ import javafx.stage.Stage
 import javafx.stage.Window
 import qupath.lib.objects.PathObject
 import qupath.lib.objects.classes.PathClass
+import standin.ImageState
 
 import javax.imageio.ImageIO
 import java.util.concurrent.CountDownLatch
@@ -118,6 +122,7 @@ report.steps << move((double) sims[2])
 
 fx { ((CheckBox) node('heatmap')).setSelected(true) }
 report.heatmap_class = fx { node('heatmap-class').getValue() }
+report.overlay = ImageState.get().overlay  // what the viewer shows now
 
 String snapshot = System.getProperty('panel.snapshot')
 if (snapshot) {
@@ -129,5 +134,49 @@ if (snapshot) {
 report.review = click('review')
 report.background = click('background')
 report.after_background = fx { holding() }
+
+// the user deletes a shown candidate: moving the slider down and back does not bring it back
+Closure<List> detectionsOf = { def h, String k ->
+    (List) fx { h.getDetectionObjects().findAll { PathObject p -> p.getPathClass()?.toString() == k } }
+}
+def first = fx { getCurrentHierarchy() }
+PathObject gone = (PathObject) detectionsOf(first, c).min { PathObject p -> p.getMeasurementList().get('similarity') }
+fx { first.removeObjects([gone], true) }
+report.deleted_id = gone.getID().toString()
+move((double) fx { slider.getMin() })
+report.after_delete = move((double) sims[2])
+report.after_delete.ids = fx { getDetectionObjects().collect { it.getID().toString() } }
+
+// the user gives a shown candidate another class and, without Review, Suggests again
+String d = classes[1]
+PathObject relabelled = (PathObject) detectionsOf(first, c)[0]
+fx { relabelled.setPathClass(PathClass.fromString(d)) }
+report.relabelled_id = relabelled.getID().toString()
+report.relabelled_to = d
+report.before_suggest2 = detectionsOf(first, c).collect { it.getID().toString() }
+report.suggest2 = click('suggest')
+report.after_suggest2 = [
+        ids: fx { getDetectionObjects().collect { it.getID().toString() } },
+        classes: fx { getDetectionObjects().collectEntries { [(it.getID().toString()): it.getPathClass()?.toString()] } },
+        count: text('count-' + c)]
+
+// another image is opened: its heat map goes, the first image's sliders do nothing until Suggest
+List<String> firstIds = (List<String>) fx { first.getDetectionObjects().collect { it.getID().toString() }.sort() }
+fx { ImageState.get().switchTo([System.getProperty('panel.second_uri')], []) }
+Map sw = [overlay: ImageState.get().overlay]
+Slider old = (Slider) node('slider-' + c)
+fx { old.setValue(old.getMin()) }
+sw.status = text('job-status')
+sw.first_unchanged = fx { first.getDetectionObjects().collect { it.getID().toString() }.sort() } == firstIds
+sw.second_detections = fx { getDetectionObjects().size() }
+sw.suggest = click('suggest')
+Slider now = (Slider) node('slider-' + c)
+fx { now.setValue(1.0d) }
+sw.at_one = [count: text('count-' + c), holding: fx { holding() }]
+fx { now.setValue(now.getMin()) }
+sw.at_floor = [count: text('count-' + c), holding: fx { holding() }]
+sw.first_still_unchanged = fx { first.getDetectionObjects().collect { it.getID().toString() }.sort() } == firstIds
+sw.overlay_drawn = ImageState.get().overlay != null
+report.switch = sw
 new File(System.getProperty('panel.report')).setText(groovy.json.JsonOutput.toJson(report), 'UTF-8')
 println('[driver] done')

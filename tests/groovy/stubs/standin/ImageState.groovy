@@ -18,13 +18,18 @@ import qupath.lib.objects.PathObject
  * </pre>
  * After every change (objects added or removed, a dialog shown) the record file is rewritten:
  * {@code {"added": [ids], "removed": [ids], "dialogs": [{kind, title, message}],
- * "objects": [every object of the image as a Feature]}}.
+ * "objects": [every object of the image as a Feature], "overlay": ..., "other_images":
+ * {uri: [Features of an image opened before]}}}. {@link #switchTo} opens another image, as
+ * QuPath's viewer does when the user opens another slide: a new ImageData and hierarchy,
+ * the earlier image's objects kept apart (and restored when it is opened again).
  */
 class ImageState {
     private static ImageState current
 
-    final List<String> uris
-    final List<PathObject> objects = []
+    List<String> uris
+    List<PathObject> objects = []
+    private final Map<String, Map> others = new LinkedHashMap<String, Map>()
+    private final List<Closure> onSwitch = []
     final Set<String> selectedIds = new LinkedHashSet<String>()
     final boolean gui
     final File record
@@ -66,9 +71,27 @@ class ImageState {
         if (uris == null)
             return null
         if (imageData == null)
-            imageData = new ImageData<Object>()
+            imageData = new ImageData<Object>(objects)
         return imageData
     }
+
+    /** Opens another image (its URIs, and its objects as GeoJSON Features when first opened). */
+    void switchTo(List<String> newUris, List features) {
+        List<Closure> listeners
+        synchronized (this) {
+            others.put(String.valueOf(uris), [uris: uris, objects: objects, imageData: imageData])
+            Map back = others.remove(String.valueOf(newUris))
+            uris = newUris
+            objects = back == null ? features.collect { GeoJson.fromFeature((Map) it) } : (List<PathObject>) back.objects
+            imageData = back == null ? null : (ImageData<Object>) back.imageData
+            listeners = new ArrayList<Closure>(onSwitch)
+        }
+        listeners.each { it.call() }
+        save()
+    }
+
+    /** Called after every {@link #switchTo} (the stand-in viewer listens). */
+    synchronized void onImageSwitch(Closure listener) { onSwitch << listener }
 
     synchronized void overlay(Map shown) {
         overlay = shown
@@ -77,14 +100,19 @@ class ImageState {
 
     List<PathObject> selected() { return objects.findAll { selectedIds.contains(it.getID().toString()) } }
 
-    synchronized void add(Collection<? extends PathObject> pathObjects) {
-        pathObjects.each { PathObject p -> if (!objects.contains(p)) { objects << p; added << p.getID().toString() } }
+    synchronized void add(Collection<? extends PathObject> pathObjects) { addTo(objects, pathObjects) }
+
+    synchronized void remove(Collection<? extends PathObject> pathObjects) { removeFrom(objects, pathObjects) }
+
+    /** Adds to one image's objects (a hierarchy's: the current image's or an earlier one's). */
+    synchronized void addTo(List<PathObject> target, Collection<? extends PathObject> pathObjects) {
+        pathObjects.each { PathObject p -> if (!target.contains(p)) { target << p; added << p.getID().toString() } }
         save()
     }
 
-    synchronized void remove(Collection<? extends PathObject> pathObjects) {
+    synchronized void removeFrom(List<PathObject> target, Collection<? extends PathObject> pathObjects) {
         List<PathObject> gone = new ArrayList<PathObject>(pathObjects)
-        gone.each { PathObject p -> if (objects.remove(p)) { removed << p.getID().toString(); selectedIds.remove(p.getID().toString()) } }
+        gone.each { PathObject p -> if (target.remove(p)) { removed << p.getID().toString(); selectedIds.remove(p.getID().toString()) } }
         save()
     }
 
@@ -97,7 +125,10 @@ class ImageState {
         if (record == null)
             return
         Map out = [added: added, removed: removed, dialogs: dialogs, objects: objects.collect { GeoJson.toFeature(it) },
-                   overlay: overlay]
+                   overlay: overlay,
+                   other_images: others.collectEntries { String k, Map v ->
+                       [(((List) v.uris)[0]): ((List<PathObject>) v.objects).collect { GeoJson.toFeature(it) }]
+                   }]
         File tmp = new File(record.getPath() + '.tmp')
         tmp.setText(JsonOutput.toJson(out), 'UTF-8')
         record.delete()

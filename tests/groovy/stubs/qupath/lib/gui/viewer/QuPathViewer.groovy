@@ -13,6 +13,17 @@ import standin.ImageState
 class QuPathViewer {
     private final OverlayOptions options = new OverlayOptions()
     private Object pixelLayer
+    private final Set<Object> dropOnImageChange = Collections.newSetFromMap(new IdentityHashMap<Object, Boolean>())
+
+    QuPathViewer() {
+        ImageState.get().onImageSwitch {
+            if (pixelLayer != null && dropOnImageChange.contains(pixelLayer))
+                resetCustomPixelLayerOverlay()
+        }
+    }
+
+    /** Stand-in: an overlay made with this viewer removes itself when another image is opened. */
+    void removeOnImageChange(Object overlay) { dropOnImageChange.add(overlay) }
 
     OverlayOptions getOverlayOptions() { return options }
 
