@@ -81,6 +81,16 @@ def test_floor_candidates_keep_the_ranks_of_the_suggestions_above() -> None:
     assert above == base and len(floored) > len(base)
 
 
+def test_a_suggestion_at_its_threshold_is_kept() -> None:
+    # one rule everywhere: at or above the threshold (the panel and the review use >= too)
+    geo, spec = PatchGeometry(64, 64, 16), _spec(1.0)
+    maps = np.zeros((1, 12, 12), dtype=np.float32)
+    maps[0, 5, 5] = 0.5
+    args: dict[str, Any] = {"geometry": geo, "spec": spec}
+    assert len(extract_suggestions(maps, ["A"], thresholds={"A": 0.5}, **args)) == 1
+    assert extract_suggestions(maps, ["A"], thresholds={"A": 0.5001}, **args) == []
+
+
 @pytest.mark.parametrize("downsample", [1.0, 2.0, 3.0])
 def test_heatmap_value_at_a_windows_centre_is_that_window(downsample: float) -> None:
     geo = PatchGeometry(64, 64, 16)  # even kernel: 4 x 4 cells, pitch 16 analysis px

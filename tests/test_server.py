@@ -288,6 +288,61 @@ def test_review_loop_over_http(
     assert shown["suggestions_sent"] == len(features) + len(again["features"]) + 6
 
 
+def test_suggest_floor_heatmap_and_review_thresholds_over_http(
+    client: TestClient, slide: SyntheticSlide, root: Path
+) -> None:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from simsearch_wsi.review.session import SESSION_FILE
+
+    session = root / "sessions" / "loop"
+    body = {"image": str(slide.path), "annotations": _prototypes(slide), "session": str(session)}
+    r = client.post(f"{API}/suggest", json={**body, "floor": 0.1, "heatmap": True})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    summary, heat = doc["summary"], doc["heatmap"]
+    assert summary["floor"] == 0.1
+    sims = [f["properties"]["measurements"]["similarity"] for f in doc["features"]]
+    assert min(sims) < 0.5 <= max(sims) and min(sims) > 0.1  # below the thresholds, to the floor
+    assert set(heat["png_base64"]) == set(summary["thresholds"])
+    for data in heat["png_base64"].values():
+        img = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert img.size == (heat["width"], heat["height"]) and img.mode == "LA"
+    x0 = heat["origin_l0"][0]
+    assert x0 >= 0 and x0 + heat["width"] * heat["downsample"] <= slide.width + heat["downsample"]
+    # a coarser heat map on request, the same maxima
+    r = client.post(
+        f"{API}/suggest",
+        json={**body, "heatmap": True, "heatmap_downsample": 3 * heat["downsample"]},
+    )
+    assert r.status_code == 200, r.text
+    coarse = r.json()["heatmap"]
+    assert coarse["downsample"] == 3 * heat["downsample"] and coarse["width"] == -(
+        -heat["width"] // 3
+    )
+    for name, data in coarse["png_base64"].items():
+        fine = np.asarray(Image.open(io.BytesIO(base64.b64decode(heat["png_base64"][name]))))
+        img = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+        assert img[..., 0].max() == fine[..., 0].max()
+    for bad in ({"floor": 1.5}, {"heatmap_downsample": 0}):
+        _error(client.post(f"{API}/suggest", json={**body, **bad}), 422)
+
+    # review: an unknown class's threshold is refused, and nothing is saved
+    before = (session / SESSION_FILE).read_bytes()
+    name = next(iter(summary["thresholds"]))
+    review = {"image": str(slide.path), "annotations": [], "session": str(session)}
+    r = client.post(f"{API}/review", json={**review, "thresholds": {name: 0.3, "nope": 0.2}})
+    _error(r, 400, text="unknown class")
+    assert (session / SESSION_FILE).read_bytes() == before
+    r = client.post(f"{API}/review", json={**review, "thresholds": {name: 0.3}})
+    assert r.status_code == 200, r.text
+    assert Session.open(session).thresholds[name] == pytest.approx(0.3)
+
+
 def test_file_uri_input(client: TestClient, slide: SyntheticSlide) -> None:
     """QuPath sends getURIs(): file:/... (Java's URI.toString) or file:///... percent-encoded."""
     protos = _prototypes(slide)

@@ -157,7 +157,7 @@ class SuggestResult:
             c: sum(
                 1
                 for s in self.suggestions
-                if s.class_name == c and s.similarity > self.thresholds[c]
+                if s.class_name == c and s.similarity >= self.thresholds[c]
             )
             for c in self.classes
         }

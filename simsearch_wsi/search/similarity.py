@@ -527,7 +527,8 @@ def extract_suggestions(
 ) -> list[Suggestion]:
     """Suggestions per class from :func:`similarity_maps` output (module docstring).
 
-    ``thresholds`` maps class -> minimum similarity; ``floor`` (optional) lowers that minimum
+    ``thresholds`` maps class -> minimum similarity (a suggestion is at or above it: ``>=``,
+    the rule of the review and the QuPath panel too); ``floor`` (optional) lowers that minimum
     to ``floor`` for classes whose threshold is higher, so a viewer can move the threshold down
     to the floor without asking again: peaks are found strongest first and spaced greedily, so
     the candidates at or above a class's threshold are exactly the ones found without a floor
@@ -556,6 +557,7 @@ def extract_suggestions(
         if competitive and len(classes) > 1:
             m = np.where(best == c, m, np.nan).astype(np.float32)
         threshold = thresholds[name] if floor is None else min(thresholds[name], floor)
+        threshold = _float32_below(threshold)  # at or above it, in the map's float32
         if object_size_a is None:
             peaks = [
                 (int(i), int(j), *refine_peak(m, int(i), int(j)))
@@ -591,6 +593,16 @@ def extract_suggestions(
     if competitive and len(classes) > 1:
         out = _suppress_across_classes(out, iou_max=0.3, thresholds=thresholds)
     return out
+
+
+def _float32_below(value: float) -> float:
+    """The float32 just below the smallest float32 >= ``value``: a float32 map value is strictly
+    above it exactly when it is at or above ``value`` (:func:`local_maxima` keeps values strictly
+    above its threshold, compared in float32)."""
+    v32 = np.float32(value)
+    if float(v32) < value:
+        v32 = np.nextafter(v32, np.float32(np.inf))
+    return float(np.nextafter(v32, np.float32(-np.inf)))
 
 
 def _suppress_across_classes(
