@@ -5,9 +5,11 @@ from __future__ import annotations
 
 #: a similarity (cosine): thresholds, the suggest floor
 SIMILARITY_MIN, SIMILARITY_MAX = -1.0, 1.0
+#: display cap: a heat map's longest side (pixels); a finer grid is coarsened to fit
+MAX_HEATMAP_SIDE_PX = 8192
 #: the suggest option asking for heat maps at a coarser grid (level-0 pixels per pixel)
 HEATMAP_DOWNSAMPLE_HELP = (
     "heat maps of at least this many level-0 pixels per heat-map pixel (default: one pixel "
     "per window, the windows' pitch); a heat map is coarsened further, by the maximum of the "
-    "windows each pixel covers, to stay within 8192 pixels a side"
+    f"windows each pixel covers, to stay within {MAX_HEATMAP_SIDE_PX} pixels a side"
 )

@@ -39,12 +39,11 @@ from numpy.typing import NDArray
 
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.features.extractor import FeatureSpec
+from simsearch_wsi.search.choices import MAX_HEATMAP_SIDE_PX
 from simsearch_wsi.search.similarity import PatchGeometry
 
 __all__ = ["MAX_HEATMAP_SIDE_PX", "HeatMap", "heatmap_l0", "heatmap_png"]
 
-#: display cap: the heat map's longest side (pixels); a finer grid is coarsened to fit
-MAX_HEATMAP_SIDE_PX = 8192
 
 
 @dataclass(frozen=True)
