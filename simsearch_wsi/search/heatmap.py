@@ -45,7 +45,6 @@ from simsearch_wsi.search.similarity import PatchGeometry
 __all__ = ["MAX_HEATMAP_SIDE_PX", "HeatMap", "heatmap_l0", "heatmap_png"]
 
 
-
 @dataclass(frozen=True)
 class HeatMap:
     """Similarity heat maps of one image on a level-0 aligned grid (module docstring).
