@@ -66,6 +66,9 @@ CASES = (
     ("seed23-P2", "held-out", 23, 2),
     ("seed37-P2", "held-out", 37, 2),
     ("seed41-P3", "held-out", 41, 3),
+    # first run 2026-12-07 (issue 27's judge and calibration): never looked at before
+    ("seed53-P3", "held-out (new)", 53, 3),
+    ("seed59-P2", "held-out (new)", 59, 2),
 )
 
 
@@ -166,6 +169,7 @@ def run_case(
     preset: str,
     arms: list[str],
     seed: int,
+    spacings: tuple[float, ...] = (1.0,),
 ) -> dict[str, Any]:
     radius = paper_match_radius_l0(bench.patch_size_l0)
     if (out / name).exists():
@@ -195,7 +199,14 @@ def run_case(
     bf16_native = autocast_pays_off(torch.device("cpu"))
     variants: list[tuple[str, dict[str, Any], set[str]]] = []
     search_head = {"head_input": "search"}
-    for arm in arms:
+    for arm_spec in arms:
+        # ``ARM:uN``: the arm's search heads calibrated on N unlabelled windows as well;
+        # ``ARM:jN``: auto's heads compared with N unlabelled windows as background
+        arm, *suffixes = arm_spec.split(":")
+        extra_config = {
+            {"u": "unlabelled_windows", "j": "judge_windows"}[x[0]]: int(x[1:]) for x in suffixes
+        }
+        first = len(variants)
         if arm == "probe":
             variants += [("probe", search_head, set())]
         elif arm == "probe-labels":
@@ -248,6 +259,11 @@ def run_case(
             # fp32 and the same seed: the model it keeps is the trunk fp32 or tuned-search fp32
             # arm's model, bit for bit
             variants += [("auto fp32", {"head_input": "auto", "autocast": False}, set())]
+        if extra_config:
+            variants[first:] = [
+                (f"{label}, {', '.join(suffixes)}", {**changes, **extra_config}, drop)
+                for label, changes, drop in variants[first:]
+            ]
     if "ensemble" in arms:
         models = {}
         for label, changes in (
@@ -289,7 +305,19 @@ def run_case(
         t1 = time.perf_counter()
         bundle = trained.bundle
         model = PatchModel(bundle, cache_dir=search.cache.root)
-        scores = score_model(model, bench, open_image=open_image, radius_l0=radius)
+        for spacing in spacings[1:]:
+            other = score_model(
+                model, bench, open_image=open_image, radius_l0=radius, spacing_patches=spacing
+            )
+            row["arms"][f"{label}, spacing {spacing:g}"] = {
+                "ap": {s.class_name: s.ap for s in other},
+                "f1": {s.class_name: s.f1 for s in other},
+                "iou": {s.class_name: s.iou for s in other},
+                "mean": _mean(other),
+            }
+        scores = score_model(
+            model, bench, open_image=open_image, radius_l0=radius, spacing_patches=spacings[0]
+        )
         row["arms"][label] = {
             "ap": {s.class_name: s.ap for s in scores},
             "f1": {s.class_name: s.f1 for s in scores},
@@ -329,7 +357,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, header: str) -> str:
             v = r["arms"].get(a)
             cells.append("" if v is None else f"{v['mean']:.3f}")
         lines.append(f"| {r['case']} | {r['split']} | " + " | ".join(cells) + " |")
-    for split in ("dev", "held-out"):
+    for split in ("dev", "held-out", "held-out (new)"):
         sub = [r for r in rows if r["split"] == split]
         if sub:
             means = [
@@ -383,6 +411,12 @@ def main() -> None:
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--weights", default="embedded")
     parser.add_argument("--size", default="2048x1536", help="slide size WxH")
+    parser.add_argument(
+        "--spacings",
+        default="1",
+        help="detection spacings (patch widths) to score every model at, the first as the "
+        "arm's own row (default: 1)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -419,6 +453,7 @@ def main() -> None:
                 preset=args.preset,
                 arms=args.arms.split(","),
                 seed=0,
+                spacings=tuple(float(v) for v in args.spacings.split(",")),
             )
         )
         (out / "rows.json").write_text(json.dumps(rows, indent=1))

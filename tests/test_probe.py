@@ -15,7 +15,7 @@ from simsearch_wsi.io import open_image
 from simsearch_wsi.search.probe import MemoryHead, fit_memory_head, macro_average_precision
 from simsearch_wsi.train.bundle import load_bundle, save_bundle
 from simsearch_wsi.train.fit import SELECTION_MARGIN, _Candidate, _select
-from simsearch_wsi.train.patches import PatchSet
+from simsearch_wsi.train.patches import PatchSample, PatchSet
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -186,16 +186,20 @@ def test_auto_compares_three_heads_and_records_which_it_kept(
         linear=dataclasses.replace(base.linear, epochs=5),
         linear_views=1,
     )
-    # the session has 3 patches per class: half of them held out (2 per class)
+    # the session has 3 patches per class: half of them held out (2 per class); the heads are
+    # compared among 24 unlabelled windows too, and the search heads calibrated on 24 others
     held = train_session(
         labelled_session,
         search,
-        config=quick.replace(val_fraction=0.5, min_val_per_class=1),
+        config=quick.replace(
+            val_fraction=0.5, min_val_per_class=1, judge_windows=24, unlabelled_windows=24
+        ),
         open_image=open_image,
         noisy_images=[small_slides[2].path],
         seed=0,
     ).bundle
     record = held.metrics["selection"]
+    assert record["judge_windows"] == 24
     assert set(record["validation_ap"]) == {"search", "trunk", "tuned-search"}
     assert all(v is not None for v in record["validation_ap"].values())
     kept = record["kept"]
@@ -217,3 +221,72 @@ def test_auto_compares_three_heads_and_records_which_it_kept(
     assert plain.bundle.head_input == "trunk"
     assert "tuned_search_head" not in plain.bundle.metrics["stages"]
     assert any(n.startswith("auto: too few labelled patches") for n in plain.notes)
+
+
+def test_unlabelled_windows_calibrate_a_head_fitted_on_few_positives() -> None:
+    """Three positives of a class, three background patches: alone, the leave-one-out fit puts
+    the class bias where moderately similar windows already count as the class; windows drawn
+    from the slide (mostly neither the class nor its look-alike) as unlabelled background move
+    the bias so that those windows are background, while the class's own objects stay the
+    class (issue 27)."""
+    gen = torch.Generator().manual_seed(5)
+    eye = torch.eye(16)
+    pos = _unit(eye[0] + 0.1 * torch.randn(3, 16, generator=gen))
+    # the confirmed background is unlike most of the slide (e.g. glass)
+    bg = _unit(eye[3] + 0.1 * torch.randn(3, 16, generator=gen))
+    x, labels = torch.cat([pos, bg]), np.array([0] * 3 + [1] * 3)
+    # the slide: tissue that shares part of the class's direction, and true objects
+    tissue = _unit(0.5 * eye[0] + eye[1] + 0.1 * torch.randn(300, 16, generator=gen))
+    objects = _unit(eye[0] + 0.1 * torch.randn(20, 16, generator=gen))
+    ids = np.arange(len(x))
+    plain = fit_memory_head(x, labels, sample_ids=ids, n_classes=2, background=1)
+    calibrated = fit_memory_head(
+        x, labels, sample_ids=ids, n_classes=2, background=1, unlabelled=tissue[:200]
+    )
+    held_tissue, held_objects = tissue[200:], objects
+    called_plain = (plain.probabilities(held_tissue)[:, 0] > 0.5).mean()
+    called_cal = (calibrated.probabilities(held_tissue)[:, 0] > 0.5).mean()
+    assert called_plain > 0.5  # the failure: most of the tissue called the class
+    assert called_cal < 0.05
+    assert (calibrated.probabilities(held_objects)[:, 0] > 0.5).mean() >= 0.95
+    # the memory holds the labelled patches only
+    assert len(calibrated.vectors) == len(x)
+    with pytest.raises(Exception, match="unlabelled windows must be"):
+        fit_memory_head(
+            x, labels, sample_ids=ids, n_classes=2, background=1, unlabelled=tissue[:, :8]
+        )
+
+
+def test_the_judge_ranks_held_out_patches_among_unlabelled_windows() -> None:
+    """``auto`` with a judge: a head that scores every held-out patch right but calls the
+    slide's other windows its class loses to one that keeps them background, although both
+    are perfect on the held-out patches alone."""
+    classes = ("a", "background")
+    labels = np.array([0, 0, 1, 1])
+    held = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]], np.float32)
+    judge = PatchSet(
+        tuple(
+            PatchSample("slide.tiff", (float(10 * k), 5.0), 1, source="random") for k in range(6)
+        ),
+        classes,
+    )
+    eager = np.tile(np.array([[0.95, 0.05]], np.float32), (6, 1))  # everything is "a"
+    sober = np.tile(np.array([[0.3, 0.7]], np.float32), (6, 1))
+    w = torch.zeros(2, 2)
+    cands = [
+        _Candidate("search", w, torch.zeros(2), held, judge_probs=sober),
+        _Candidate("trunk", w, torch.zeros(2), held, judge_probs=eager),
+    ]
+    metrics: dict[str, Any] = {}
+    val = type("V", (), {"labels": labels})()
+    chosen = _select(cands, val, classes, "auto", metrics, judge=judge)  # type: ignore[arg-type]
+    assert chosen.kind == "search"
+    record = metrics["selection"]
+    assert record["judge_windows"] == 6
+    assert record["validation_ap"]["search"] == 1.0 and record["validation_ap"]["trunk"] < 0.5
+    # without the judge both are perfect and the tie goes to the fine-tuned trunk
+    cands2 = [
+        _Candidate("search", w, torch.zeros(2), held, judge_probs=sober),
+        _Candidate("trunk", w, torch.zeros(2), held, judge_probs=eager),
+    ]
+    assert _select(cands2, val, classes, "auto", {}).kind == "trunk"  # type: ignore[arg-type]

@@ -276,10 +276,12 @@ def score_model(
     open_image: OpenImage,
     radius_l0: float,
     progress: ProgressFn | None = None,
+    spacing_patches: float = 1.0,
 ) -> list[ClassScore]:
     """PR-AUC of the model's detections on the test images (every local maximum of a class's
-    log-odds map where it is the most probable class, ranked by its log-odds), and
-    segmentation IoU at the model's thresholds against test truth with a mask."""
+    log-odds map where it is the most probable class, ``spacing_patches`` patch widths apart,
+    ranked by its log-odds), and segmentation IoU at the model's thresholds against test truth
+    with a mask."""
     parts: dict[str, list[ClassPR]] = {c: [] for c in benchmark.classes}
     kept: dict[str, list[ClassPR]] = {c: [] for c in benchmark.classes}
     inter: dict[str, list[float]] = {c: [] for c in benchmark.classes}
@@ -287,8 +289,8 @@ def score_model(
     for t in benchmark.test:
         with open_image(t.path) as image:
             maps = dense_class_maps(image, model, progress=progress)
-        detections = detect(maps, everything)
-        at_thresholds = detect(maps, model.bundle.thresholds)
+        detections = detect(maps, everything, spacing_patches=spacing_patches)
+        at_thresholds = detect(maps, model.bundle.thresholds, spacing_patches=spacing_patches)
         for c in benchmark.classes:
             for out, found in ((parts, detections), (kept, at_thresholds)):
                 out[c].append(

@@ -392,11 +392,13 @@ def detect(
     *,
     max_per_class: int = 100_000,
     object_size_l0: tuple[float, float] | None = None,
+    spacing_patches: float = 1.0,
 ) -> list[Detection]:
     """Local maxima of each (non-background) class's log-odds map where the class reaches its
-    probability threshold and is the most probable class; at least one patch width apart
-    within a class, placed with sub-cell precision (a parabola through the neighbours, as the
-    search places its suggestions). Boxes are the model's patch, clipped to the image.
+    probability threshold and is the most probable class; at least ``spacing_patches`` patch
+    widths apart within a class (on the cell grid, at least one cell), placed with sub-cell
+    precision (a parabola through the neighbours, as the search places its suggestions). Boxes
+    are the model's patch, clipped to the image.
 
     ``object_size_l0`` (width, height in level-0 px; objects smaller than the patch, which may
     touch): detections are kept :data:`~simsearch_wsi.search.similarity.DENSE_SPACING_FRACTION`
@@ -438,7 +440,7 @@ def detect(
                 for i, j in local_maxima(
                     m,
                     threshold=-1e6,  # below any log-odds; above the NaN fill
-                    min_distance_cells=max(kh, kw),
+                    min_distance_cells=max(1, math.floor(spacing_patches * max(kh, kw))),
                     max_peaks=max_per_class,
                 )
             ]

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.features.backbones import WeightsInfo
-from simsearch_wsi.features.extractor import FeatureExtractor, ProgressFn
+from simsearch_wsi.features.cache import FeatureMap
+from simsearch_wsi.features.extractor import FeatureExtractor, FeatureSpec, ProgressFn
 from simsearch_wsi.features.norm import FeatureNormalizer
 from simsearch_wsi.features.preprocess import (
     fit_normalization,
@@ -37,7 +39,14 @@ from simsearch_wsi.qupath.geojson import BACKGROUND_CLASS, class_color
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SimSearch
 from simsearch_wsi.search.mining import mine_image
-from simsearch_wsi.search.similarity import PatchGeometry, Prototype, embed_prototypes
+from simsearch_wsi.search.probe import window_vectors
+from simsearch_wsi.search.similarity import (
+    PatchGeometry,
+    Prototype,
+    embed_prototypes,
+    object_box,
+    valid_windows,
+)
 from simsearch_wsi.train.fit import TrainConfig, TrainingData, TrainResult, train_patch_model
 from simsearch_wsi.train.patches import PatchSample, PatchSet
 
@@ -265,6 +274,54 @@ class SearchVectors:
                 out = torch.zeros(rotations, len(patches), vecs.shape[1])
             out[:, rows] = vecs.reshape(len(rows), 4, -1)[:, :rotations].transpose(0, 1)
         return out if out is not None else torch.zeros(rotations, 0, 0)
+
+    def _random_windows(
+        self, path: str, n: int, rng: np.random.Generator
+    ) -> tuple[FeatureSpec, FeatureMap, PatchGeometry, NDArray[np.int64]]:
+        """The image's cached feature map and up to ``n`` of its embedded windows (k, 2) as
+        (i, j), drawn without replacement and sorted."""
+        width_l0, height_l0 = self.patch_size_l0
+        with self.open_image(path) as image:
+            spec, fmap = self.search.embed(image, max(width_l0, height_l0))
+        geometry = PatchGeometry.from_l0(
+            width_l0, height_l0, scale=spec.scale, stride=self.search.extractor.stride
+        )
+        valid = np.argwhere(valid_windows(fmap, geometry))
+        pick = np.sort(rng.choice(len(valid), size=min(n, len(valid)), replace=False))
+        return spec, fmap, geometry, valid[pick].astype(np.int64)
+
+    def unlabelled_vectors(
+        self, images: Sequence[str], n: int, *, rng: np.random.Generator
+    ) -> torch.Tensor:
+        """(n', D) unit vectors of up to ``n`` windows (an equal share per image) drawn without
+        replacement among the embedded windows of ``images``, read from the cached feature maps
+        exactly as the model is applied densely (:func:`simsearch_wsi.search.probe.
+        memory_logits_map`); n' < n where an image has fewer embedded windows."""
+        per_image = -(-n // max(1, len(images)))
+        parts: list[torch.Tensor] = []
+        for path in images:
+            _, fmap, geometry, windows = self._random_windows(path, per_image, rng)
+            if len(windows):
+                normalizer = FeatureNormalizer.of(fmap, self.feature_norm)
+                parts.append(
+                    window_vectors(fmap, geometry, normalizer=normalizer, windows_ij=windows)
+                )
+        return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+    def unlabelled_patches(
+        self, images: Sequence[str], n: int, *, classes: Sequence[str], rng: np.random.Generator
+    ) -> PatchSet:
+        """Up to ``n`` patches (an equal share per image), labelled background, centred on
+        windows drawn without replacement among the embedded windows of ``images``."""
+        background = list(classes).index(BACKGROUND_CLASS)
+        per_image = -(-n // max(1, len(images)))
+        samples: list[PatchSample] = []
+        for path in images:
+            spec, _, geometry, windows = self._random_windows(path, per_image, rng)
+            for i, j in windows:
+                box = object_box(geometry, spec, i=float(i), j=float(j))
+                samples.append(PatchSample(path, box.center_l0, background, source="random"))
+        return PatchSet(tuple(samples), tuple(classes))
 
 
 def train_session(

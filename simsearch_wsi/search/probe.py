@@ -59,6 +59,9 @@ INITIAL_RAW_NEG = -4.0
 COUNTER_L2 = 0.03
 #: L2 penalty on the fitted scales and biases (around their start), relative to the data term
 CALIBRATION_L2 = 1e-3
+#: total weight of the unlabelled windows (as background) in the calibration, relative to one
+#: labelled group (a class's positives, the rejected suggestions of a class, ...)
+UNLABELLED_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -214,12 +217,23 @@ def fit_memory_head(
     negatives: torch.Tensor | None = None,
     negative_labels: NDArray[np.int64] | None = None,
     negative_ids: NDArray[np.int64] | None = None,
+    unlabelled: torch.Tensor | None = None,
+    unlabelled_weight: float = UNLABELLED_WEIGHT,
     max_iter: int = 100,
 ) -> MemoryHead:
     """The search head of labelled unit vectors (N, D) with labels (N,) in ``[0, n_classes)``
     and optional negatives (M, D) with the class (M,) each was rejected for. ``sample_ids``
     (N,) and ``negative_ids`` (M,) group the vectors of one labelled patch (its jittered
-    windows): a patch is scored without its own group when the calibration is fitted."""
+    windows): a patch is scored without its own group when the calibration is fitted.
+
+    ``unlabelled`` (U, D): windows drawn at random from the reviewed images, which the user
+    did not label. They calibrate the head against the image as a whole rather than against
+    the few labelled patches alone: most windows of a slide are none of the user's classes, so
+    they enter the calibration as background (one group of total weight
+    ``unlabelled_weight``; they are not added to the memory). With only a few positives per
+    class, the leave-one-out margins of the labelled patches alone put the class biases where
+    a new slide's moderately similar windows already count as the class (docs/evaluation.md,
+    "Training study"). Needs a background class."""
     if vectors.ndim != 2 or len(vectors) != len(labels) or len(labels) != len(sample_ids):
         raise ConfigError(
             f"fit_memory_head needs (N, D) vectors, (N,) labels and (N,) ids, got "
@@ -247,6 +261,18 @@ def fit_memory_head(
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     yneg = torch.from_numpy(yn)
     weights = _group_weights(np.concatenate([labels, yn + n_classes]).astype(np.int64))
+    use_unlabelled = unlabelled is not None and len(unlabelled) > 0 and background >= 0
+    if use_unlabelled:
+        assert unlabelled is not None
+        if unlabelled.ndim != 2 or unlabelled.shape[1] != d:
+            raise ConfigError(
+                f"unlabelled windows must be (U, {d}) vectors, got {tuple(unlabelled.shape)}"
+            )
+        pos_u, neg_u = start.similarities(unlabelled.float())
+        n_groups = len(np.unique(np.concatenate([labels, yn + n_classes])))
+        # the labelled groups keep their total 1; the unlabelled add ``unlabelled_weight`` of
+        # one group's share
+        w_u = unlabelled_weight / (n_groups * len(unlabelled))
     log_scale = torch.full((n_classes,), float(np.log(INITIAL_SCALE)), requires_grad=True)
     # the weight of the counter-examples starts near 0: the head starts as the search
     raw_neg = torch.full((n_classes,), INITIAL_RAW_NEG, requires_grad=True)
@@ -263,9 +289,13 @@ def fit_memory_head(
         if len(yneg):
             p_y = logp[n_pos:].gather(1, yneg[:, None])[:, 0].exp()
             loss = loss - (torch.log1p(-p_y.clamp(max=1 - 1e-6)) * weights[n_pos:]).sum()
+        if use_unlabelled:
+            logits_u = pos_u * log_scale.exp() - neg_u * F.softplus(raw_neg) + bias
+            logits_u = torch.where(fg, logits_u, torch.zeros_like(logits_u))
+            loss = loss - w_u * torch.log_softmax(logits_u, dim=1)[:, background].sum()
         reg = (log_scale - float(np.log(INITIAL_SCALE))) ** 2 + bias**2
-        counter = F.softplus(raw_neg) ** 2
-        return loss + CALIBRATION_L2 * reg.sum() + COUNTER_L2 * counter.sum()
+        counter_pen = F.softplus(raw_neg) ** 2
+        return loss + CALIBRATION_L2 * reg.sum() + COUNTER_L2 * counter_pen.sum()
 
     opt = torch.optim.LBFGS(
         [log_scale, raw_neg, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"

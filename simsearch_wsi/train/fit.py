@@ -134,6 +134,13 @@ class TrainConfig:
     #: they were rejected for; only where the strategy uses negatives); 0 = off. Off: the
     #: training study measured 1.0 lower on every case (docs/evaluation.md, issue 27)
     linear_negatives: float = 0.0
+    #: windows drawn at random from the reviewed images that calibrate a search head as
+    #: unlabelled background (:func:`simsearch_wsi.search.probe.fit_memory_head`); 0 = off
+    unlabelled_windows: int = 0
+    #: in ``auto``, unlabelled patches drawn at random from the reviewed images that the
+    #: held-out comparison of the heads ranks the held-out patches against (as background);
+    #: 0 = the held-out patches alone (:func:`_select`)
+    judge_windows: int = 0
     noisy_per_class: int = 64
     background_per_image: int = 48
     val_fraction: float = 0.2
@@ -156,6 +163,11 @@ class TrainConfig:
             raise ConfigError("val_fraction must be in [0, 1), linear_views >= 1, context >= 0")
         if self.linear_negatives < 0:
             raise ConfigError(f"linear_negatives must be >= 0, got {self.linear_negatives}")
+        if self.unlabelled_windows < 0 or self.judge_windows < 0:
+            raise ConfigError(
+                f"unlabelled_windows and judge_windows must be >= 0, got "
+                f"{self.unlabelled_windows} and {self.judge_windows}"
+            )
 
     @property
     def uses_negatives(self) -> bool:
@@ -598,6 +610,20 @@ class SearchView(Protocol):
         degrees (the first ``rotations`` of them)."""
         ...
 
+    def unlabelled_vectors(
+        self, images: Sequence[str], n: int, *, rng: np.random.Generator
+    ) -> torch.Tensor:
+        """(n', D) unit vectors of up to ``n`` windows drawn at random among the embedded
+        windows of ``images`` (as the model will see them when applied densely)."""
+        ...
+
+    def unlabelled_patches(
+        self, images: Sequence[str], n: int, *, classes: Sequence[str], rng: np.random.Generator
+    ) -> PatchSet:
+        """Up to ``n`` patches (labelled background, of ``classes``) centred on windows drawn
+        at random among the embedded windows of ``images``."""
+        ...
+
     def with_trunk(self, trunk: nn.Module, identity: str) -> SearchView:
         """The same view (pooling, feature normalisation, patch geometry) over another trunk
         of the same backbone; ``identity`` names its weights (feature caches are keyed on it)."""
@@ -622,8 +648,12 @@ class _Candidate:
     bias: torch.Tensor
     val_probs: NDArray[np.float32] | None
     val_ap: float = float("nan")
+    #: (U, K) probabilities of the judge's unlabelled patches (``auto``, :func:`_select`)
+    judge_probs: NDArray[np.float32] | None = None
     memory: MemoryHead | None = None
     view: SearchView | None = None
+    #: (U, D) the unlabelled windows that calibrated a search head (reused when it is refitted)
+    unlabelled: torch.Tensor | None = None
 
     @property
     def head_input(self) -> str:
@@ -652,9 +682,11 @@ def _fit_search_head(
     train_set: PatchSet,
     negatives: PatchSet | None,
     classes: Sequence[str],
+    unlabelled: torch.Tensor | None = None,
 ) -> MemoryHead:
     """The search head on ``view``'s vectors of ``train_set`` and the user's rejected
-    suggestions, each in its 4 rotations (as the search embeds prototypes)."""
+    suggestions, each in its 4 rotations (as the search embeds prototypes), calibrated also on
+    the ``unlabelled`` window vectors (U, D) when given."""
     n_off = MEMORY_ROTATIONS
     xs = view.vectors(train_set, n_off)
     ids = np.tile(np.arange(len(train_set)), n_off)
@@ -673,6 +705,7 @@ def _fit_search_head(
         negatives=xn,
         negative_labels=yn,
         negative_ids=idn,
+        unlabelled=unlabelled,
     )
 
 
@@ -684,13 +717,32 @@ def _search_candidate(
     classes: Sequence[str],
     *,
     kind: str,
+    n_unlabelled: int = 0,
+    rng: np.random.Generator | None = None,
+    judge: PatchSet | None = None,
 ) -> _Candidate:
     """The search head on ``view`` fitted on ``train_set`` (and the rejected ``negatives``),
-    with its probabilities of the held-out ``val_set``; ``kind`` as in :class:`_Candidate`."""
-    fitted = _fit_search_head(view, train_set, negatives, classes)
-    probe = _Candidate(kind, _memory_weight(fitted), fitted.bias, None, memory=fitted, view=view)
+    with its probabilities of the held-out ``val_set`` and of the ``judge``'s unlabelled
+    patches; ``kind`` as in :class:`_Candidate`."""
+    unlabelled = None
+    if n_unlabelled > 0:
+        images = sorted({sample.image for sample in train_set.samples})
+        gen = rng if rng is not None else np.random.default_rng(0)
+        unlabelled = view.unlabelled_vectors(images, n_unlabelled, rng=gen)
+    fitted = _fit_search_head(view, train_set, negatives, classes, unlabelled)
+    probe = _Candidate(
+        kind,
+        _memory_weight(fitted),
+        fitted.bias,
+        None,
+        memory=fitted,
+        view=view,
+        unlabelled=unlabelled,
+    )
     if val_set is not None:
         probe.val_probs = fitted.probabilities(view.vectors(val_set, 1)[0])
+    if judge is not None and len(judge):
+        probe.judge_probs = fitted.probabilities(view.vectors(judge, 1)[0])
     return probe
 
 
@@ -754,10 +806,12 @@ def train_patch_model(
         max(data.patch_size_l0), encoder.window_a, config.context_a, config.jitter_a
     )
     metrics: dict[str, Any] = {"counts": data.counts(), "stages": {}}
+    judged = head_input == "auto" and search is not None and config.judge_windows > 0
+    # with a judge, one held-out patch per class ranked among the judge's unlabelled windows
+    # is enough to compare heads (thresholds still need ``min_val_per_class``, below)
+    min_val = 1 if judged else config.min_val_per_class
     split = (
-        stratified_split(
-            clean, config.val_fraction, rng=rng, min_per_class=config.min_val_per_class
-        )
+        stratified_split(clean, config.val_fraction, rng=rng, min_per_class=min_val)
         if config.val_fraction > 0
         else None
     )
@@ -778,12 +832,29 @@ def train_patch_model(
             "fine-tuned trunk's linear head (as --head-input trunk)"
         )
         head_input = "trunk"
+    judge = None
+    if search is not None and head_input == "auto" and config.judge_windows > 0:
+        # drawn from their own stream: the heads' training draws are unchanged
+        judge = search.unlabelled_patches(
+            sorted({sample.image for sample in clean.samples}),
+            config.judge_windows,
+            classes=clean.classes,
+            rng=np.random.default_rng((seed, 0x1D6E)),
+        )
     if search is not None and head_input in ("auto", "search"):
         t0 = time.perf_counter()
         if progress is not None:
             progress("search head | fitting", 0, 1)
         probe = _search_candidate(
-            search, train_set, val_set, negatives, clean.classes, kind="search"
+            search,
+            train_set,
+            val_set,
+            negatives,
+            clean.classes,
+            kind="search",
+            n_unlabelled=config.unlabelled_windows,
+            rng=np.random.default_rng((seed, 0x5EA)),
+            judge=judge,
         )
         fitted = probe.memory
         assert fitted is not None
@@ -821,6 +892,7 @@ def train_patch_model(
                 metrics=metrics,
                 notes=notes,
                 open_image=open_image,
+                judge=judge,
             )
         )
     if search is not None and head_input in ("auto", "tuned-search"):
@@ -831,17 +903,33 @@ def train_patch_model(
         tuned_view = search.with_trunk(encoder.trunk, _state_identity(encoder.trunk))
         t0 = time.perf_counter()
         probe = _search_candidate(
-            tuned_view, train_set, val_set, negatives, clean.classes, kind="tuned-search"
+            tuned_view,
+            train_set,
+            val_set,
+            negatives,
+            clean.classes,
+            kind="tuned-search",
+            n_unlabelled=config.unlabelled_windows,
+            rng=np.random.default_rng((seed, 0x5EA)),
+            judge=judge,
         )
         candidates.append(probe)
         metrics["stages"]["tuned_search_head"] = {
             "memory": 0 if probe.memory is None else len(probe.memory.vectors),
             "seconds": round(time.perf_counter() - t0, 2),
         }
-    chosen = _select(candidates, val_set, clean.classes, head_input, metrics)
+    chosen = _select(candidates, val_set, clean.classes, head_input, metrics, judge=judge)
     view = chosen.view
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
-    if val_set is not None and chosen.val_probs is not None:
+    few_held_out = val_set is not None and any(
+        0 < n < config.min_val_per_class for n in val_set.class_counts().values()
+    )
+    if few_held_out:
+        notes.append(
+            f"fewer than {config.min_val_per_class} held-out patches of some class: they chose "
+            f"the model, confidence thresholds default to {DEFAULT_CONFIDENCE}"
+        )
+    if val_set is not None and chosen.val_probs is not None and not few_held_out:
         metrics["validation"] = classification_metrics(
             chosen.val_probs, val_set.labels, classes=clean.classes
         )
@@ -849,7 +937,7 @@ def train_patch_model(
     w, b, memory = chosen.weight, chosen.bias, chosen.memory
     if chosen.head_input == "search" and view is not None and val_set is not None:
         # the held-out patches chose the model and its thresholds; now they join its memory
-        memory = _fit_search_head(view, clean, negatives, clean.classes)
+        memory = _fit_search_head(view, clean, negatives, clean.classes, chosen.unlabelled)
         w, b = _memory_weight(memory), memory.bias
     metrics["head_input"] = chosen.head_input
     metrics["notes"] = notes
@@ -903,21 +991,41 @@ def _select(
     classes: Sequence[str],
     head_input: str,
     metrics: dict[str, Any],
+    *,
+    judge: PatchSet | None = None,
 ) -> _Candidate:
     """The candidate to keep (see :func:`train_patch_model`); records why in
-    ``metrics["selection"]``."""
+    ``metrics["selection"]``.
+
+    Each candidate is scored by the macro average precision of ranking the held-out patches
+    by class probability. With a ``judge`` (unlabelled patches of the reviewed images, taken
+    as background), they are ranked among those too: held-out positives and approved
+    suggestions are easy for every head, the slide's other windows are where heads differ
+    (a head that calls moderately similar tissue its class loses there, as on a new slide)."""
     if val_set is not None:
+        labels = val_set.labels
+        bg = list(classes).index(BACKGROUND_CLASS) if BACKGROUND_CLASS in classes else -1
+        use_judge = judge is not None and len(judge) > 0 and bg >= 0
+        if use_judge:
+            assert judge is not None
+            labels = np.concatenate([labels, np.full(len(judge), bg, dtype=np.int64)])
         for c in candidates:
-            if c.val_probs is not None:
-                c.val_ap = macro_average_precision(
-                    c.val_probs, val_set.labels, classes=classes, skip=BACKGROUND_CLASS
-                )
+            if c.val_probs is None or (use_judge and c.judge_probs is None):
+                continue
+            probs = c.val_probs
+            if use_judge:
+                assert c.judge_probs is not None
+                probs = np.concatenate([c.val_probs, c.judge_probs])
+            c.val_ap = macro_average_precision(
+                probs, labels, classes=classes, skip=BACKGROUND_CLASS
+            )
     record: dict[str, Any] = {
         "asked": head_input,
         "validation_ap": {
             c.kind: None if math.isnan(c.val_ap) else round(c.val_ap, 4) for c in candidates
         },
         "margin": SELECTION_MARGIN,
+        "judge_windows": 0 if judge is None else len(judge),
     }
     if len(candidates) == 1:
         chosen = candidates[0]
@@ -966,9 +1074,11 @@ def _fine_tune(
     metrics: dict[str, Any],
     notes: list[str],
     open_image: Callable[[str], ImageSource],
+    judge: PatchSet | None = None,
 ) -> _Candidate:
     """The paper's stages on ``encoder``'s trunk (in place): a baseline linear probe,
-    self-learning, supervised contrastive, then the linear head."""
+    self-learning, supervised contrastive, then the linear head (with its probabilities of
+    the held-out ``val_set`` and of the ``judge``'s unlabelled patches)."""
     train_set, val_set = split
     clean = data.clean
     lin_cfg = config.linear
@@ -1058,4 +1168,10 @@ def _fine_tune(
             metrics["trunk_validation"] = classification_metrics(
                 val_probs, val_set.labels, classes=clean.classes
             )
-    return _Candidate("trunk", w, b, val_probs)
+        judge_probs = None
+        if judge is not None and len(judge):
+            judge_feats = embed_patches(
+                encoder, reader, patches=judge, device=device, autocast=config.autocast
+            )[0]
+            judge_probs = _probs(w, b, judge_feats)
+    return _Candidate("trunk", w, b, val_probs, judge_probs=judge_probs)
