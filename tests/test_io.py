@@ -538,7 +538,7 @@ def test_many_corrupt_tiles_give_one_error_and_no_asyncio_noise(tmp_path: Path) 
     lines = proc.stdout.splitlines()
     assert len(lines) == 4 and lines[-1] == "(16, 16, 3)"
     assert all(line.startswith(f"{path}: could not decode level 0") for line in lines[:3])
-    assert "tile '0/0.0.0' failed" in lines[0]
+    assert "tile (row 0, column 0) of level 0 at x=0..16, y=0..16 failed" in lines[0]
 
 
 def test_truncated_tiff_is_refused_at_open(tmp_path: Path) -> None:
