@@ -268,7 +268,7 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(
         self,
-        batch_nhwc: NDArray[Any],
+        batch_nhwc: NDArray[Any] | PreparedBatch,
         *,
         rgb: bool,
         normalization: ChannelNormalization | None = None,
@@ -278,8 +278,34 @@ class FeatureExtractor:
         With ``normalization`` the batch holds raw intensities (any dtype, sent to the device
         as they are: uint8 moves 4x fewer bytes than float32) and is rescaled to [0, 1] there,
         as :meth:`ChannelNormalization.apply` (uint8 RGB in one fused pass, equal up to float32
-        rounding: :meth:`_fused_rgb_input`); without it the batch is already [0, 1].
+        rounding: :meth:`_fused_rgb_input`); without it the batch is already [0, 1]. A
+        :class:`PreparedBatch` (from :meth:`prepare`, with the same ``rgb`` and
+        ``normalization``) goes to the trunk as it is.
         """
+        prepared = (
+            batch_nhwc
+            if isinstance(batch_nhwc, PreparedBatch)
+            else self.prepare(batch_nhwc, rgb=rgb, normalization=normalization)
+        )
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
+            f = self.trunk(prepared.x)
+        f = f.float()
+        if not rgb:
+            f = merge_channel_features(f, prepared.n)
+        out: torch.Tensor = f.contiguous().cpu()
+        return out
+
+    @torch.inference_mode()
+    def prepare(
+        self,
+        batch_nhwc: NDArray[Any],
+        *,
+        rgb: bool,
+        normalization: ChannelNormalization | None = None,
+    ) -> PreparedBatch:
+        """The trunk input of an (N, H, W, C) batch on the extractor's device, as
+        :meth:`__call__` makes it: callable from another thread (e.g. a read-ahead thread, so
+        that this work overlaps the trunk on a CPU)."""
         x = torch.from_numpy(np.ascontiguousarray(batch_nhwc)).to(self.device)
         x = x.permute(0, 3, 1, 2)  # N, C, H, W (channels-last strides)
         n = x.shape[0]
@@ -290,13 +316,7 @@ class FeatureExtractor:
             x = self._normalised_input(x, batch_nhwc.dtype, normalization, rgb=rgb)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
-            f = self.trunk(x)
-        f = f.float()
-        if not rgb:
-            f = merge_channel_features(f, n)
-        out: torch.Tensor = f.contiguous().cpu()
-        return out
+        return PreparedBatch(x, n)
 
     def _fused_rgb_input(
         self, x: torch.Tensor, normalization: ChannelNormalization | None
@@ -344,6 +364,18 @@ class FeatureExtractor:
         if np.dtype(dtype).kind == "f":  # NaN/inf of float images: as apply()
             x = x.nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0)
         return trunk_input(x, self.spec, rgb=rgb)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A batch ready for the trunk (:meth:`FeatureExtractor.prepare`): ``x`` (N', 3, H, W) on
+    the device (N' = N for RGB, N * C channel by channel) for ``n`` (N) images."""
+
+    x: torch.Tensor
+    n: int
+
+    def __len__(self) -> int:
+        return self.n
 
 
 @dataclass(frozen=True)
@@ -506,16 +538,21 @@ def iter_tile_features(
     """Yield ``(tile, features)`` with features (D, ceil(h/stride), ceil(w/stride)) float32 for
     each tile's core, computed in batches of full-size tiles.
 
-    The next batch is read and normalised in a background thread while the trunk runs on the
-    current one (decoders and torch release the GIL), so reading overlaps compute.
+    The next batch is read in a background thread while the trunk runs on the current one
+    (decoders and torch release the GIL), so reading overlaps compute; on a CPU that thread
+    also makes the trunk input (:meth:`FeatureExtractor.prepare`).
     """
     s, halo, t = extractor.stride, spec.halo, spec.tile_size
     idx = resolve_channels(image.channel_names, list(spec.channels))
     c0 = halo // s
     side = t + 2 * halo
 
-    def load(chunk: Sequence[GridTile]) -> NDArray[Any]:
-        return np.stack(
+    # On a CPU the trunk input is made in the read-ahead thread too, overlapping the trunk; on
+    # an accelerator the raw batch goes there (fewer bytes) and is normalised on the device.
+    on_cpu = extractor.device.type == "cpu"
+
+    def load(chunk: Sequence[GridTile]) -> NDArray[Any] | PreparedBatch:
+        batch = np.stack(
             [
                 prepare_pixels(
                     read_analysis_region(
@@ -527,6 +564,9 @@ def iter_tile_features(
                 for tl in chunk
             ]
         )
+        if on_cpu:
+            return extractor.prepare(batch, rgb=spec.rgb, normalization=spec.normalization)
+        return batch
 
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     done = 0
