@@ -152,6 +152,8 @@ class FeatureCache:
         shape = (-(-height_a // s), -(-width_a // s), d)
         group = _open_partial(partial, key)
         if group is None:
+            from zarr.codecs import ZstdCodec
+
             self.root.mkdir(parents=True, exist_ok=True)
             group = zarr.open_group(str(partial), mode="w")
             group.create_array(
@@ -160,9 +162,9 @@ class FeatureCache:
                 chunks=(tc, tc, d),
                 dtype="float16",
                 fill_value=0,
-                # zstd level 1: the size of the default level, about 3x faster to write
-                # (benchmarks/bench_embed_stages.py, docs/benchmarks.md)
-                compressors=zarr.codecs.ZstdCodec(level=1),
+                # zstd level 1: the size of the default level on these features, faster to
+                # write (benchmarks/bench_embed_stages.py, docs/benchmarks.md)
+                compressors=ZstdCodec(level=1),
             )
             group.create_array(
                 "computed", shape=(ny, nx), chunks=(ny, nx), dtype="uint8", fill_value=0
