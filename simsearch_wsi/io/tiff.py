@@ -229,7 +229,9 @@ class _StructureLog(logging.Handler):
     turns what was logged into a :class:`CorruptImageError`.
     """
 
-    _WORDS = ("corrupted", "invalid", "TiffFileError")
+    # tifffile's words for a broken IFD chain or SubIFDs, not for odd metadata (an OME series
+    # it cannot lay out falls back to a generic one and the file reads fine)
+    _WORDS = ("corrupted", "invalid page offset", "invalid offset to page", "invalid SubIFDs")
 
     def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
