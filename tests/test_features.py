@@ -367,6 +367,14 @@ def test_resume_after_crash_before_rename_and_corrupt_partial(
     assert partial.is_dir() and not final.exists()
     done = cache.get_or_compute(he_crop, extractor, spec=spec)  # resumes, rewrites the statistics
     assert done.computed.all() and done.channel_std.shape == (256,)
+    # statistics summed while embedding (a fresh entry) == read back from the store (the resumed
+    # entry, every tile from the interrupted run) == recomputed from the stored features
+    fresh = FeatureCache(tmp_path / "fresh").get_or_compute(he_crop, extractor, spec=spec)
+    mean, std = featurecache._channel_stats(fresh.array, fresh.computed, 256 // extractor.stride)
+    for fmap in (fresh, done):
+        np.testing.assert_allclose(fmap.channel_mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fmap.channel_std, std, rtol=1e-5, atol=1e-6)
+    assert fresh.array.compressors[0].level == 1  # zstd level 1 (issue 24)
     # a partial folder that is not a readable store is discarded and recomputed
     spec2 = make_feature_spec(
         he_crop,
@@ -449,3 +457,41 @@ def test_nan_pixels_give_finite_features(extractor: FeatureExtractor) -> None:
     )
     feats = embed_region(img, extractor, spec, 0, 0, 96, 96)
     assert torch.isfinite(feats).all()
+
+
+def test_fused_uint8_rgb_input_equals_the_step_by_step_one(extractor: FeatureExtractor) -> None:
+    """Issue 24: uint8 RGB is rescaled, clamped and standardised in one fused pass; it must equal
+    the step-by-step path (any dtype) up to float32 rounding, clamping included (values below
+    low and above high), and a flat channel must take the step-by-step path."""
+    from simsearch_wsi.features.preprocess import ChannelNormalization
+
+    rng = np.random.default_rng(24)
+    pixels = rng.integers(0, 256, (2, 3, 40, 48), dtype=np.uint8)
+    x = torch.from_numpy(pixels)
+    norm = ChannelNormalization(
+        low=(20.0, 35.0, 0.0),
+        high=(230.0, 200.0, 255.0),
+        channel_names=("R", "G", "B"),
+        method="fixed-range",
+    )
+    fused = extractor._fused_rgb_input(x, norm)
+    steps = extractor._normalised_input(x, np.uint8, norm, rgb=True)
+    assert fused is not None and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, steps, atol=2e-6, rtol=0)
+    # the clamps are reached on both sides in every channel
+    for c in range(3):
+        assert torch.isclose(steps[:, c], steps[:, c].min()).sum() > 1
+        assert torch.isclose(steps[:, c], steps[:, c].max()).sum() > 1
+    flat = ChannelNormalization(
+        low=(20.0, 35.0, 7.0),
+        high=(230.0, 200.0, 7.0),
+        channel_names=("R", "G", "B"),
+        method="fixed-range",
+    )
+    assert extractor._fused_rgb_input(x, flat) is None
+    assert extractor._fused_rgb_input(x.float(), norm) is None  # float pixels: step by step
+    # the extractor's features from uint8 + normalisation match those of the [0, 1] pixels
+    nhwc = np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
+    via_fused = extractor(nhwc, rgb=True, normalization=norm)
+    via_apply = extractor(norm.apply(nhwc.astype(np.float32)), rgb=True)
+    torch.testing.assert_close(via_fused, via_apply, atol=1e-3, rtol=1e-3)

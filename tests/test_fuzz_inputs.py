@@ -1,9 +1,13 @@
-"""Fuzz suite of damaged inputs through the command line (issue 31).
+"""Fuzz suite of damaged inputs through the command line (issues 31 and 24) and the server.
 
-Every case is a damaged file (or folder) given to ``simsearch-wsi info`` and/or ``simsearch-wsi
-suggest ... --weights random``. Each must end with exit code 1 and exactly one line on stderr that
-names the input, with no traceback and no asyncio / logging noise, and must leave every input
-byte-identical. A few damaged-but-usable inputs (a Z stack, NaN pixels) must instead succeed.
+Every case is a damaged file (or folder) given to ``simsearch-wsi info``, ``simsearch-wsi
+suggest ... --weights random`` (as the image, the weights or the GeoJSON prototypes) or
+``simsearch-wsi quantify --manifest``. Each must end with exit code 1 and exactly one line on
+stderr that names the input, with no traceback and no asyncio / logging noise, must leave every
+input byte-identical, and must leave no output and no half-written temporary file. A few
+damaged-but-usable inputs (a Z stack, NaN pixels) must instead succeed. The damaged images and
+prototypes also go through the HTTP server (``test_server_refuses_damaged_inputs``): a 4xx with a
+one-line JSON error, nothing half-written in its cache.
 
 All cases run in **one** child interpreter (``python -c`` calling ``simsearch_wsi.cli``'s main per
 case with stdout/stderr redirected): stderr there is the real stderr a user sees, with no pytest
@@ -18,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -272,13 +277,282 @@ def good_tiff(d: Path) -> Path:
     return _tiled_tiff(d / "good.tif")
 
 
+# --- issue 24: pyramids whose structure lies, tiles without data, damaged chunks ---------------
+def _jpeg_pyramid(path: Path) -> Path:
+    """A 256 x 256 JPEG-tiled pyramid (tiles 64 px, levels 256/128/64 in SubIFDs)."""
+    from simsearch_wsi.io.tiff_writer import write_pyramidal_tiff
+
+    return write_pyramidal_tiff(
+        path, _rgb(256, seed=24), mpp=0.5, n_levels=3, tile_size=64, compression="jpeg"
+    )
+
+
+def _cut(path: Path, n_bytes: int, name: str) -> Path:
+    data = path.read_bytes()
+    path.unlink()
+    (path.parent / name).write_bytes(data[:n_bytes])
+    return path.parent / name
+
+
+def pyramid_cut_to_20kb(d: Path) -> Path:
+    """The issue's report: `info` on a pyramid cut to its first 20 kB printed every level."""
+    return _cut(_jpeg_pyramid(d / "full.tif"), 20_000, "first20kb.tif")
+
+
+def pyramid_levels_cut_off(d: Path) -> Path:
+    """Level 0 whole, cut inside the IFD of level 1: tifffile dropped the levels it could not
+    read and the file opened as a one-level image."""
+    path = _jpeg_pyramid(d / "full.tif")
+    with tifffile.TiffFile(path) as tf:
+        ifd = tf.series[0].levels[1].pages[0].offset  # type: ignore[union-attr]
+    return _cut(path, ifd + 8, "levels_cut.tif")
+
+
+def _overwrite_tag(path: Path, tag: str, change: Callable[[list[int]], Any]) -> Path:
+    with tifffile.TiffFile(path, mode="r+") as tf:
+        values = tf.pages[0].tags[tag].value  # type: ignore[union-attr]
+        tf.pages[0].tags[tag].overwrite(
+            change(list(values) if isinstance(values, tuple) else values)
+        )  # type: ignore[union-attr]
+    return path
+
+
+def tile_without_data(d: Path) -> Path:
+    """A tile listed with byte count 0: read as a silent black tile before issue 24."""
+
+    def drop(counts: list[int]) -> list[int]:
+        counts[1] = 0
+        return counts
+
+    return _overwrite_tag(_jpeg_pyramid(d / "sparse.tif"), "TileByteCounts", drop)
+
+
+def tile_offset_past_end(d: Path) -> Path:
+    def move(offsets: list[int]) -> list[int]:
+        offsets[2] = 10**9
+        return offsets
+
+    return _overwrite_tag(_jpeg_pyramid(d / "far.tif"), "TileOffsets", move)
+
+
+def size_needs_more_tiles(d: Path) -> Path:
+    """ImageWidth 2**31 - 1 with the 16 tiles of a 64 px wide image."""
+    return _overwrite_tag(_tiled_tiff(d / "wide.tif"), "ImageWidth", lambda _: 2**31 - 1)
+
+
+def garbled_jpeg_tile(d: Path) -> Path:
+    """Random bytes inside one JPEG tile of level 0: the error names the tile."""
+    path = _jpeg_pyramid(d / "jpeg_tile.tif")
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        offset, count = int(page.dataoffsets[5]), int(page.databytecounts[5])  # type: ignore[union-attr]
+    data = bytearray(path.read_bytes())
+    mid = offset + count // 2
+    data[mid : mid + 400] = np.random.default_rng(24).integers(0, 256, 400, np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def complex_tiff(d: Path) -> Path:
+    tifffile.imwrite(d / "complex.tif", np.zeros((64, 64), np.complex64))
+    return d / "complex.tif"
+
+
+def unknown_compression(d: Path) -> Path:
+    return _overwrite_tag(_tiled_tiff(d / "codec.tif"), "Compression", lambda _: 60000)
+
+
+def _edit_zarray(d: Path, name: str, **changes: Any) -> Path:
+    path = _zarr(d, name, _image_attrs())
+    meta = json.loads((path / "0" / ".zarray").read_text())
+    meta.update(changes)
+    (path / "0" / ".zarray").write_text(json.dumps(meta))
+    return path
+
+
+def zarray_not_json(d: Path) -> Path:
+    path = _zarr(d, "zarray.zarr", _image_attrs())
+    (path / "0" / ".zarray").write_text('{"shape": [1, 64')
+    return path
+
+
+def zarray_negative_shape(d: Path) -> Path:
+    return _edit_zarray(d, "negative.zarr", shape=[1, -64, 64])
+
+
+def zarray_zero_chunks(d: Path) -> Path:
+    return _edit_zarray(d, "chunks0.zarr", chunks=[1, 0, 32])
+
+
+def zarray_unknown_dtype(d: Path) -> Path:
+    return _edit_zarray(d, "dtype.zarr", dtype="<q9")
+
+
+def zarray_unknown_codec(d: Path) -> Path:
+    return _edit_zarray(d, "codec.zarr", compressor={"id": "no-such-codec"})
+
+
+def dataset_path_escapes(d: Path) -> Path:
+    return _zarr(d, "escape.zarr", _image_attrs(datasets=[{"path": "../../.."}]))
+
+
+def zarr_of_complex(d: Path) -> Path:
+    return _zarr(d, "complex.zarr", _image_attrs(), dtype="complex64")
+
+
+def _random_zarr(d: Path, name: str) -> Path:
+    import zarr
+
+    path = _zarr(d, name, _image_attrs())
+    zarr.open_array(str(path / "0"), mode="r+")[:] = _rgb(64)[..., 0][None]
+    return path
+
+
+def zarr_chunk_truncated(d: Path) -> Path:
+    """A Blosc chunk cut to 20 bytes: numcodecs decoded it into noise without an error."""
+    path = _random_zarr(d, "chunk_cut.zarr")
+    chunk = path / "0" / "0.0.0"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    return path
+
+
+def zarr_chunks_garbled(d: Path) -> Path:
+    path = _random_zarr(d, "chunk_garbage.zarr")
+    for key in ("0.0.0", "0.0.1", "0.1.1"):
+        (path / "0" / key).write_bytes(b"not a chunk " * 6)
+    return path
+
+
+# GeoJSON prototypes (suggest on a good image with these as --annotations)
+def _features(d: Path, doc: Any, name: str = "prototypes_bad.geojson") -> Path:
+    (d / name).write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return d / name
+
+
+def _one(geometry: Any, classification: Any = None) -> dict[str, Any]:
+    props = {"objectType": "annotation", "classification": classification or {"name": "A"}}
+    return {
+        "type": "FeatureCollection",
+        "features": [{"type": "Feature", "geometry": geometry, "properties": props}],
+    }
+
+
+def _poly(ring: list[list[float]]) -> dict[str, Any]:
+    return {"type": "Polygon", "coordinates": [ring]}
+
+
+_BOX = [[8, 8], [40, 8], [40, 40], [8, 40], [8, 8]]
+
+
+def geojson_binary(d: Path) -> Path:
+    (d / "binary.geojson").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff" * 8)
+    return d / "binary.geojson"
+
+
+def geojson_not_features(d: Path) -> Path:
+    return _features(d, {"type": "Polygon", "coordinates": [_BOX]})
+
+
+def geojson_nan_coordinates(d: Path) -> Path:
+    text = json.dumps(_one(_poly([[-1.0, 8], [40, 8], [40, 40], [8, 40], [-1.0, 8]])))
+    return _features(d, text.replace("-1.0", "NaN"))
+
+
+def geojson_huge_coordinates(d: Path) -> Path:
+    big = 1e15
+    return _features(
+        d, _one(_poly([[-big, -big], [big, -big], [big, big], [-big, big], [-big, -big]]))
+    )
+
+
+def geojson_overflowing_coordinates(d: Path) -> Path:
+    return _features(d, _one(_poly([[1e300, 8], [1e308, 8], [1e308, 1e300], [1e300, 8]])))
+
+
+def geojson_two_point_polygon(d: Path) -> Path:
+    return _features(d, _one(_poly([[8, 8], [40, 8]])))
+
+
+def geojson_zero_area(d: Path) -> Path:
+    return _features(d, _one(_poly([[8, 8], [40, 8], [40, 8], [8, 8], [8, 8]])))
+
+
+def geojson_outside_image(d: Path) -> Path:
+    return _features(d, _one(_poly([[-40, -40], [-8, -40], [-8, -8], [-40, -8], [-40, -40]])))
+
+
+def geojson_class_not_text(d: Path) -> Path:
+    return _features(d, _one(_poly(_BOX), classification={"name": 5}))
+
+
+def geojson_class_empty(d: Path) -> Path:
+    return _features(d, _one(_poly(_BOX), classification={"name": ""}))
+
+
+def geojson_properties_list(d: Path) -> Path:
+    doc = _one(_poly(_BOX))
+    doc["features"][0]["properties"] = [1, 2]
+    return _features(d, doc)
+
+
+# --threshold naming a class the prototypes do not have (a good GeoJSON)
+def geojson_good(d: Path) -> Path:
+    return _features(d, _PROTOTYPE, "prototypes_ok.geojson")
+
+
+# CSV manifests (quantify --manifest; cohort reads them the same way)
+def _manifest(d: Path, data: bytes) -> Path:
+    _tiled_tiff(d / "slide.tif")
+    (d / "manifest.csv").write_bytes(data)
+    return d / "manifest.csv"
+
+
+def manifest_binary(d: Path) -> Path:
+    return _manifest(d, b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe garbage")
+
+
+def manifest_latin1(d: Path) -> Path:
+    return _manifest(d, "path,stain\nslide.tif,H\xe9E\n".encode("latin-1"))
+
+
+def manifest_utf16(d: Path) -> Path:
+    return _manifest(d, "path\nslide.tif\n".encode("utf-16"))
+
+
+def manifest_huge_field(d: Path) -> Path:
+    return _manifest(d, b"path,note\nslide.tif," + b"x" * 200_000 + b"\n")
+
+
+def manifest_without_path_column(d: Path) -> Path:
+    return _manifest(d, b"image,stain\nslide.tif,HE\n")
+
+
+def manifest_empty(d: Path) -> Path:
+    return _manifest(d, b"")
+
+
+def manifest_header_only(d: Path) -> Path:
+    return _manifest(d, b"path,stain\n")
+
+
+def manifest_nul_in_path(d: Path) -> Path:
+    return _manifest(d, b"path,stain\nslide.tif\x00,HE\n")
+
+
+def manifest_missing_image(d: Path) -> Path:
+    return _manifest(d, b"path\nno_such_slide.tif\n")
+
+
 # --- cases --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
     """A damaged input, the commands that must refuse it, and a part of the expected message.
 
-    ``role`` says where the input goes: ``image`` (the positional image of info/suggest) or
-    ``weights`` (``suggest --weights PATH`` on a good image).
+    ``role`` says where the input goes: ``image`` (the positional image of info/suggest),
+    ``weights`` (``suggest --weights PATH`` on a good image), ``annotations`` (``suggest
+    --annotations PATH`` on a good image) or ``manifest`` (``quantify --manifest PATH``).
+    ``extra`` is appended to the command line. ``subject_in_message`` is False where the message
+    names an argument, not the file.
     """
 
     name: str
@@ -286,10 +560,13 @@ class Case:
     commands: tuple[str, ...]
     message: str
     role: str = "image"
+    extra: tuple[str, ...] = ()
+    subject_in_message: bool = True
 
 
 BOTH = ("info", "suggest")
 SUGGEST = ("suggest",)
+QUANTIFY = ("quantify",)
 
 CASES = [
     Case("zero-byte-file", zero_byte_file, BOTH, "empty or truncated"),
@@ -315,6 +592,68 @@ CASES = [
     Case("scale-of-strings", scale_of_strings, BOTH, "is not a list of numbers"),
     Case("weights-pickle", weights_not_weights, SUGGEST, "not a PyTorch weights file", "weights"),
     Case("weights-text", weights_text_file, SUGGEST, "not a PyTorch weights file", "weights"),
+    # issue 24
+    Case("pyramid-cut-to-20kB", pyramid_cut_to_20kb, BOTH, "file is truncated"),
+    Case("pyramid-levels-cut-off", pyramid_levels_cut_off, BOTH, "TIFF structure is damaged"),
+    Case("tile-without-data", tile_without_data, BOTH, "tiles or strips of level 0 have no data"),
+    Case("tile-offset-past-end", tile_offset_past_end, BOTH, "tile or strip 2 of 16 lies past"),
+    Case("size-needs-more-tiles", size_needs_more_tiles, BOTH, "which needs 536870912 tiles"),
+    Case("garbled-jpeg-tile", garbled_jpeg_tile, SUGGEST, "tile (row 1, column 1) of level 0"),
+    Case("complex-tiff", complex_tiff, BOTH, "pixel type complex64 is not supported"),
+    Case("unknown-compression", unknown_compression, SUGGEST, "60000 is not a known COMPRESSION"),
+    Case("zarray-not-json", zarray_not_json, BOTH, "dataset '0' cannot be opened"),
+    Case("zarray-negative-shape", zarray_negative_shape, BOTH, "dataset '0' cannot be opened"),
+    Case("zarray-zero-chunks", zarray_zero_chunks, BOTH, "every chunk side must be positive"),
+    Case("zarray-unknown-dtype", zarray_unknown_dtype, BOTH, "dataset '0' cannot be opened"),
+    Case("zarray-unknown-codec", zarray_unknown_codec, BOTH, "dataset '0' cannot be opened"),
+    Case("dataset-path-escapes", dataset_path_escapes, BOTH, "dataset '../../..' cannot be"),
+    Case("zarr-of-complex", zarr_of_complex, BOTH, "not pixel intensities"),
+    Case("zarr-chunk-truncated", zarr_chunk_truncated, SUGGEST, "its Blosc header says"),
+    Case("zarr-chunks-garbled", zarr_chunks_garbled, SUGGEST, "could not read level 0"),
+    Case("geojson-binary", geojson_binary, SUGGEST, "not valid JSON", "annotations"),
+    Case(
+        "geojson-not-features", geojson_not_features, SUGGEST, "not QuPath GeoJSON", "annotations"
+    ),
+    Case("geojson-nan", geojson_nan_coordinates, SUGGEST, "no prototypes found", "annotations"),
+    Case("geojson-huge", geojson_huge_coordinates, SUGGEST, "beyond any image", "annotations"),
+    Case(
+        "geojson-overflow",
+        geojson_overflowing_coordinates,
+        SUGGEST,
+        "no prototypes found",
+        "annotations",
+    ),
+    Case("geojson-2-points", geojson_two_point_polygon, SUGGEST, "no prototypes", "annotations"),
+    Case("geojson-zero-area", geojson_zero_area, SUGGEST, "has zero area", "annotations"),
+    Case("geojson-outside", geojson_outside_image, SUGGEST, "not inside the image", "annotations"),
+    Case("geojson-class-5", geojson_class_not_text, SUGGEST, "no prototypes", "annotations"),
+    Case("geojson-class-empty", geojson_class_empty, SUGGEST, "no prototypes", "annotations"),
+    Case("geojson-props-list", geojson_properties_list, SUGGEST, "no prototypes", "annotations"),
+    Case(
+        "threshold-unknown-class",
+        geojson_good,
+        SUGGEST,
+        "threshold given for unknown class(es) ['Tumour']",
+        "annotations",
+        extra=("--threshold", "Tumour=0.5"),
+        subject_in_message=False,
+    ),
+    Case("manifest-binary", manifest_binary, QUANTIFY, "is not UTF-8 text", "manifest"),
+    Case("manifest-latin1", manifest_latin1, QUANTIFY, "is not UTF-8 text", "manifest"),
+    Case("manifest-utf16", manifest_utf16, QUANTIFY, "is not UTF-8 text", "manifest"),
+    Case("manifest-huge-field", manifest_huge_field, QUANTIFY, "not a readable CSV", "manifest"),
+    Case("manifest-no-path", manifest_without_path_column, QUANTIFY, "no 'path'", "manifest"),
+    Case("manifest-empty", manifest_empty, QUANTIFY, "no 'path' column", "manifest"),
+    Case("manifest-header-only", manifest_header_only, QUANTIFY, "lists no images", "manifest"),
+    Case("manifest-nul-path", manifest_nul_in_path, QUANTIFY, "NUL character", "manifest"),
+    Case(
+        "manifest-missing-image",
+        manifest_missing_image,
+        QUANTIFY,
+        "no_such_slide.tif: no such image",
+        "manifest",
+        subject_in_message=False,
+    ),
 ]
 
 _LAST_RUN = "many-corrupt-tiles/suggest"
@@ -371,18 +710,24 @@ class Run:
     inputs: list[Path]
     subject: Path
     out: Path | None
+    argv_dir: Path  # the case's folder: inputs, outputs, cache
 
 
-def _argv(command: str, image: Path, d: Path, weights: str) -> tuple[list[str], Path | None]:
+def _argv(
+    command: str, image: Path, d: Path, *, weights: str, annotations: Path
+) -> tuple[list[str], Path | None]:
     if command == "info":
         return ["info", str(image)], None
+    if command == "quantify":  # image is the manifest here
+        out = d / "quantify-out"
+        return ["quantify", "--manifest", str(image), "--out", str(out), "--mpp", "0.5"], out
     out = d / f"suggest-{command}.geojson"
     return (
         [
             "suggest",
             str(image),
             "--annotations",
-            str(d / "prototypes.geojson"),
+            str(annotations),
             "--out",
             str(out),
             "--weights",
@@ -396,26 +741,38 @@ def _argv(command: str, image: Path, d: Path, weights: str) -> tuple[list[str], 
     )
 
 
+def _written(out: Path | None) -> bool:
+    """Whether a command left its output: the file, or a folder with anything in it."""
+    if out is None or not out.exists():
+        return False
+    return not out.is_dir() or any(out.iterdir())
+
+
 @pytest.fixture(scope="module")
 def fuzz_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Build every input, digest it, run every command on it in one child, digest again."""
     root = tmp_path_factory.mktemp("fuzz")
     runs: list[Run] = []
-    items = [(c.name, c.build, c.commands, c.role) for c in CASES] + [
-        (name, build, commands, "image") for name, build, commands in USABLE
+    items = [(c.name, c.build, c.commands, c.role, c.extra) for c in CASES] + [
+        (name, build, commands, "image", ()) for name, build, commands in USABLE
     ]
-    for name, build, commands, role in items:
+    for name, build, commands, role, extra in items:
         for command in commands:
             d = root / f"{name}-{command}"
             d.mkdir()
-            (d / "prototypes.geojson").write_text(json.dumps(_PROTOTYPE))
+            annotations = d / "prototypes.geojson"
+            annotations.write_text(json.dumps(_PROTOTYPE))
             subject = build(d)
-            image, weights = (
-                (good_tiff(d), str(subject)) if role == "weights" else (subject, "random")
-            )
-            argv, out = _argv(command, image, d, weights)
-            inputs = sorted({subject, image, d / "prototypes.geojson"})
-            runs.append(Run(f"{name}/{command}", argv, inputs, subject, out))
+            image, weights = subject, "random"
+            if role == "weights":
+                image, weights = good_tiff(d), str(subject)
+            elif role == "annotations":
+                image, annotations = good_tiff(d), subject
+            argv, out = _argv(command, image, d, weights=weights, annotations=annotations)
+            inputs = sorted({subject, image, annotations, d / "prototypes.geojson"})
+            if role == "manifest":
+                inputs.append(d / "slide.tif")
+            runs.append(Run(f"{name}/{command}", argv + list(extra), inputs, subject, out, d))
     # The child exits right after its last run, as the command line does: tile reads still
     # pending then were reported as hundreds of "Task was destroyed but it is pending!" on
     # stderr (test_child_interpreter_left_no_noise). Reads that finish after their read has
@@ -439,7 +796,12 @@ def fuzz_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         results[r.id].update(
             unchanged=before[r.id] == [_tree_digest(p) for p in r.inputs],
             subject=str(r.subject),
-            out_written=r.out is not None and r.out.exists(),
+            out_written=_written(r.out),
+            leftovers=sorted(
+                str(f)
+                for f in r.argv_dir.rglob("*")
+                if f.name.endswith((".tmp", ".old")) or ".tmp" in f.name
+            ),
         )
     results["__child_stderr__"] = proc.stderr
     return results
@@ -459,11 +821,13 @@ def test_damaged_input_is_one_line_and_untouched(
     assert r["code"] == 1, err
     lines = _messages(err)
     assert len(lines) == 1 and err.endswith("\n"), err
-    assert lines[0].startswith("simsearch-wsi: error: ") and r["subject"] in lines[0], err
+    assert lines[0].startswith("simsearch-wsi: error: "), err
+    assert r["subject"] in lines[0] or not case.subject_in_message, err
     assert case.message in lines[0], err
     assert "(rerun with --debug" not in lines[0], err  # a typed error, not a stray OSError
     assert r["unchanged"], "an input file changed"
     assert not r["out_written"]
+    assert r["leftovers"] == []  # no half-written temporary file or folder
 
 
 @pytest.mark.parametrize(
@@ -486,6 +850,114 @@ def test_child_interpreter_left_no_noise(fuzz_results: dict[str, Any]) -> None:
     """Nothing on stderr outside the commands: no "Task was destroyed but it is pending!" at
     exit, no logging from tifffile or asyncio."""
     assert fuzz_results["__child_stderr__"] == ""
+
+
+# --- the same inputs through the HTTP server ----------------------------------------------------
+_SERVER_IMAGES: list[Builder] = [
+    zero_byte_file,
+    unknown_bytes,
+    truncated_tiff,
+    pyramid_cut_to_20kb,
+    pyramid_levels_cut_off,
+    tile_without_data,
+    tile_offset_past_end,
+    size_needs_more_tiles,
+    garbled_jpeg_tile,
+    zero_size_tiff,
+    complex_tiff,
+    zarr_attrs_not_json,
+    zarray_not_json,
+    zarray_zero_chunks,
+    zarr_chunk_truncated,
+]
+_SERVER_PROTOTYPES: list[Builder] = [
+    geojson_not_features,
+    geojson_nan_coordinates,
+    geojson_huge_coordinates,
+    geojson_overflowing_coordinates,
+    geojson_two_point_polygon,
+    geojson_zero_area,
+    geojson_outside_image,
+    geojson_class_not_text,
+    geojson_class_empty,
+    geojson_properties_list,
+]
+
+
+def test_server_refuses_damaged_inputs(tmp_path: Path) -> None:
+    """``POST /suggest`` with each damaged image (good prototypes) and each damaged prototype
+    document (good image): a 4xx with the one-line JSON error naming the image, inputs
+    untouched, and no half-written entry in the feature cache. An embed job on an image with a
+    damaged tile fails with the tile named."""
+
+    from starlette.exceptions import StarletteDeprecationWarning
+
+    from simsearch_wsi.features.backbones import build_trunk
+    from simsearch_wsi.features.cache import FeatureCache
+    from simsearch_wsi.features.extractor import FeatureExtractor
+    from simsearch_wsi.search.engine import SearchSettings, SimSearch
+    from simsearch_wsi.server import create_app
+
+    with warnings.catch_warnings():  # starlette prefers httpx2; httpx works the same here
+        warnings.simplefilter("ignore", StarletteDeprecationWarning)
+        from fastapi.testclient import TestClient
+
+    root = tmp_path.resolve()
+    trunk, spec, info = build_trunk(weights="random", seed=0)
+    search = SimSearch(
+        FeatureExtractor(trunk, spec, info, autocast=False),
+        FeatureCache(root / "cache"),
+        settings=SearchSettings(tile_size=256),
+    )
+    requests: list[tuple[str, Path, dict[str, Any]]] = []
+    for build in _SERVER_IMAGES:
+        d = root / f"image-{build.__name__}"
+        d.mkdir()
+        image = build(d)
+        requests.append((build.__name__, image, {"image": str(image), "annotations": _PROTOTYPE}))
+    for build in _SERVER_PROTOTYPES:
+        d = root / f"prototypes-{build.__name__}"
+        d.mkdir()
+        image, doc = good_tiff(d), build(d)
+        # NaN is not JSON: send the file's text as the body, as a client with NaN would
+        body = f'{{"image": {json.dumps(str(image))}, "annotations": {doc.read_text()}}}'
+        requests.append((build.__name__, image, {"__body__": body}))
+    before = {name: _tree_digest(path.parent) for name, path, _ in requests}
+    api = "/api/v1"
+    with TestClient(create_app(search, allowed_roots=[root]), base_url="http://127.0.0.1") as c:
+        for name, image, payload in requests:
+            if "__body__" in payload:
+                r = c.post(
+                    f"{api}/suggest",
+                    content=payload["__body__"].encode(),
+                    headers={"content-type": "application/json"},
+                )
+            else:
+                r = c.post(f"{api}/suggest", json=payload)
+            assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+            body = r.json()
+            assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+            message = body["error"]["message"]
+            assert message and "\n" not in message and "Traceback" not in message, (name, body)
+            if name in {b.__name__ for b in _SERVER_IMAGES}:
+                assert image.name in message, (name, message)
+        d = root / "embed-job"
+        d.mkdir()
+        damaged = garbled_jpeg_tile(d)
+        r = c.post(f"{api}/jobs/embed", json={"images": [str(damaged)], "patch_size_px": 64})
+        assert r.status_code == 202, r.text
+        job: dict[str, Any] = {}
+        for _ in range(600):
+            job = c.get(f"{api}/jobs/{r.json()['job_id']}").json()
+            if job["state"] in ("done", "failed", "cancelled"):
+                break
+            time.sleep(0.05)
+        assert job["state"] == "failed", job
+        assert "\n" not in job["error"] and "tile (row 1, column 1) of level 0" in job["error"]
+    for name, path, _ in requests:
+        assert _tree_digest(path.parent) == before[name], f"{name}: an input changed"
+    leftovers = [f for f in root.rglob("*") if ".tmp" in f.name or f.name.endswith(".old")]
+    assert leftovers == []
 
 
 # --- bad pixels in the engine, without the command line -----------------------------------------

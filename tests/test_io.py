@@ -538,7 +538,7 @@ def test_many_corrupt_tiles_give_one_error_and_no_asyncio_noise(tmp_path: Path) 
     lines = proc.stdout.splitlines()
     assert len(lines) == 4 and lines[-1] == "(16, 16, 3)"
     assert all(line.startswith(f"{path}: could not decode level 0") for line in lines[:3])
-    assert "tile '0/0.0.0' failed" in lines[0]
+    assert "tile (row 0, column 0) of level 0 at x=0..16, y=0..16 failed" in lines[0]
 
 
 def test_truncated_tiff_is_refused_at_open(tmp_path: Path) -> None:
@@ -549,3 +549,30 @@ def test_truncated_tiff_is_refused_at_open(tmp_path: Path) -> None:
     cut.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
     with pytest.raises(CorruptImageError, match=r"cut\.tif: file is truncated or corrupt"):
         open_image(cut)
+
+
+def test_a_tile_without_data_is_never_a_silent_black_tile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24: refused at open; and where the open-time check does not look (files of more
+    than 256 pages check only their first and last page per level), the read names the tile."""
+    from simsearch_wsi.core.errors import CorruptImageError
+    from simsearch_wsi.io import tiff as tiffmod
+
+    image = np.random.default_rng(24).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, image, tile=(16, 16), compression="zlib")
+    with tifffile.TiffFile(path, mode="r+") as tf:
+        counts = list(tf.pages[0].databytecounts)  # type: ignore[union-attr]
+        counts[5] = 0  # row 1, column 1
+        tf.pages[0].tags["TileByteCounts"].overwrite(counts)  # type: ignore[union-attr]
+    with pytest.raises(CorruptImageError, match=r"1 of 16 tiles or strips of level 0 have no data"):
+        open_image(path)
+    monkeypatch.setattr(tiffmod, "_check_not_truncated", lambda tf, path: None)
+    with open_image(path) as img:
+        assert img.read_region((0, 0), 0, (16, 16)).shape == (16, 16, 3)  # other tiles read
+        with pytest.raises(
+            CorruptImageError,
+            match=r"tile \(row 1, column 1\) of level 0 at x=16\.\.32, y=16\.\.32 has no data",
+        ):
+            img.read_region((0, 0), 0, (64, 64))

@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 
 from simsearch_wsi.core.atomic import atomic_path
 from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.tables import csv_errors
 from simsearch_wsi.infer.quantify import ClassStats, write_table
 from simsearch_wsi.qupath.geojson import class_color
 
@@ -89,7 +90,7 @@ def read_table(path: PathArg) -> list[dict[str, str]]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: quantification table not found; run 'simsearch-wsi cohort' first")
-    with p.open(newline="", encoding="utf-8-sig") as fh:
+    with csv_errors(p, "quantification table"), p.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = list(reader.fieldnames or [])
         rows = [{c: row.get(c) or "" for c in columns} for row in reader]

@@ -29,6 +29,7 @@ from typing import Any
 
 from simsearch_wsi.core.atomic import remove_leftovers, write_json_atomic
 from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.tables import csv_errors
 from simsearch_wsi.infer.dense import PatchModel, bundle_digest
 from simsearch_wsi.infer.predict import (
     PredictSettings,
@@ -127,7 +128,7 @@ def read_manifest(path: str | Path) -> list[CohortEntry]:
     where = Path(path)
     if not where.is_file():
         raise ConfigError(f"{where}: manifest not found; give a CSV file with a 'path' column")
-    with where.open(newline="", encoding="utf-8-sig") as fh:
+    with csv_errors(where, "manifest"), where.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
         if "path" not in columns:
@@ -140,6 +141,8 @@ def read_manifest(path: str | Path) -> list[CohortEntry]:
             text = (row.get("path") or "").strip()
             if not text:
                 raise ConfigError(f"{where}, line {n}: empty path; fill it in or drop the row")
+            if "\x00" in text:
+                raise ConfigError(f"{where}, line {n}: the path contains a NUL character")
             p = Path(text)
             p = p if p.is_absolute() else where.parent / p
             meta = {k: (v or "") for k, v in row.items() if k != "path" and k is not None}

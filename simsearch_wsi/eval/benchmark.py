@@ -29,6 +29,7 @@ from typing import Any
 
 from simsearch_wsi.core.atomic import write_json_atomic
 from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.tables import csv_errors
 from simsearch_wsi.eval.truth import GroundTruth, read_truth, read_truth_csv
 from simsearch_wsi.eval.user import TruthImage
 
@@ -127,7 +128,7 @@ def read_benchmark_csv(
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: benchmark manifest not found; give a CSV with image,role,truth")
-    with p.open(newline="", encoding="utf-8-sig") as fh:
+    with csv_errors(p, "benchmark manifest"), p.open(newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"image", "role"} <= set(rows[0]):
         raise ConfigError(f"{p}: the manifest needs a header with image and role (and truth)")

@@ -41,6 +41,7 @@ from scipy import ndimage
 
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.geometry import BoxL0
+from simsearch_wsi.core.tables import csv_errors
 
 if TYPE_CHECKING:
     from simsearch_wsi.synthetic import SyntheticSlide
@@ -428,13 +429,8 @@ def read_truth_csv(
     """
     p = _check_file(path, "ground-truth table")
     delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
-    try:
-        with p.open(newline="", encoding="utf-8-sig") as fh:
-            table = [
-                row for row in csv.reader(fh, delimiter=delimiter) if any(c.strip() for c in row)
-            ]
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p}: not a UTF-8 text table ({exc}); save it as CSV") from exc
+    with csv_errors(p, "ground-truth table"), p.open(newline="", encoding="utf-8-sig") as fh:
+        table = [row for row in csv.reader(fh, delimiter=delimiter) if any(c.strip() for c in row)]
     if not table:
         raise ConfigError(f"{p}: empty file; expected a header line such as 'class,x,y'")
     header = [h.strip().lower() for h in table[0]]

@@ -152,10 +152,19 @@ class FeatureCache:
         shape = (-(-height_a // s), -(-width_a // s), d)
         group = _open_partial(partial, key)
         if group is None:
+            from zarr.codecs import ZstdCodec
+
             self.root.mkdir(parents=True, exist_ok=True)
             group = zarr.open_group(str(partial), mode="w")
             group.create_array(
-                "features", shape=shape, chunks=(tc, tc, d), dtype="float16", fill_value=0
+                "features",
+                shape=shape,
+                chunks=(tc, tc, d),
+                dtype="float16",
+                fill_value=0,
+                # zstd level 1: the size of the default level on these features, faster to
+                # write (benchmarks/bench_embed_stages.py, docs/benchmarks.md)
+                compressors=ZstdCodec(level=1),
             )
             group.create_array(
                 "computed", shape=(ny, nx), chunks=(ny, nx), dtype="uint8", fill_value=0
@@ -172,19 +181,23 @@ class FeatureCache:
             )
         feats_arr, computed_arr = group["features"], group["computed"]
         computed = np.asarray(computed_arr[:]).astype(bool)
+        earlier = computed.copy()  # tiles of an interrupted run: their stats are read back
         todo = [t for t in tiles if not computed[t.index_y, t.index_x]]
+        stats = _ChannelSums(d)
         for tile, f in iter_tile_features(
             image, extractor, spec=spec, tiles=todo, batch_size=batch_size, progress=progress
         ):
             y0, x0 = tile.index_y * tc, tile.index_x * tc
             block = f.permute(1, 2, 0).numpy().astype(np.float16)
             feats_arr[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block
+            stats.add(block)  # the float16 values written, without reading them back
             computed[tile.index_y, tile.index_x] = True
             computed_arr[tile.index_y, tile.index_x] = 1  # progress survives an interruption
         missing = [t for t in tiles if not computed[t.index_y, t.index_x]]
         if missing:  # never finalise an incomplete entry
             raise CorruptImageError(f"{image.path}: {len(missing)} tiles were not embedded")
-        mean, std = _channel_stats(feats_arr, computed, tc)
+        stats.add_stored(feats_arr, earlier, tc)
+        mean, std = stats.mean_std()
         group.create_array("channel_mean", data=mean, overwrite=True)
         group.create_array("channel_std", data=std, overwrite=True)
         partial.rename(final)
@@ -207,23 +220,38 @@ def _open_partial(partial: Path, key: str) -> Any:
     return None
 
 
+class _ChannelSums:
+    """Per-channel sums and sums of squares (float64) of feature cells, for mean and std."""
+
+    def __init__(self, d: int) -> None:
+        self.total = np.zeros(d, np.float64)
+        self.total_sq = np.zeros(d, np.float64)
+        self.n = 0
+
+    def add(self, block: NDArray[Any]) -> None:
+        """Add the cells of an (h, w, D) block."""
+        cells = np.asarray(block, dtype=np.float64).reshape(-1, self.total.shape[0])
+        self.total += cells.sum(axis=0)
+        self.total_sq += (cells * cells).sum(axis=0)
+        self.n += cells.shape[0]
+
+    def add_stored(self, feats_arr: Any, tiles: NDArray[np.bool_], tile_cells: int) -> None:
+        """Add the stored cells of the tiles marked in ``tiles`` (ny, nx), read tile by tile."""
+        for ty, tx in zip(*np.nonzero(tiles), strict=True):
+            y0, x0 = int(ty) * tile_cells, int(tx) * tile_cells
+            self.add(np.asarray(feats_arr[y0 : y0 + tile_cells, x0 : x0 + tile_cells]))
+
+    def mean_std(self) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        return _mean_std(self.total, self.total_sq, self.n)
+
+
 def _channel_stats(
     feats_arr: Any, computed: NDArray[np.bool_], tile_cells: int
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Per-channel mean and standard deviation (D,) over every embedded cell, streamed by tile."""
-    d = int(feats_arr.shape[2])
-    total = np.zeros(d, np.float64)
-    total_sq = np.zeros(d, np.float64)
-    n = 0
-    for ty, tx in zip(*np.nonzero(computed), strict=True):
-        y0, x0 = int(ty) * tile_cells, int(tx) * tile_cells
-        block = np.asarray(
-            feats_arr[y0 : y0 + tile_cells, x0 : x0 + tile_cells], dtype=np.float64
-        ).reshape(-1, d)
-        total += block.sum(axis=0)
-        total_sq += (block * block).sum(axis=0)
-        n += block.shape[0]
-    return _mean_std(total, total_sq, n)
+    sums = _ChannelSums(int(feats_arr.shape[2]))
+    sums.add_stored(feats_arr, computed, tile_cells)
+    return sums.mean_std()
 
 
 def _mean_std(

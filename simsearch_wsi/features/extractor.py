@@ -268,7 +268,7 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(
         self,
-        batch_nhwc: NDArray[Any],
+        batch_nhwc: NDArray[Any] | PreparedBatch,
         *,
         rgb: bool,
         normalization: ChannelNormalization | None = None,
@@ -277,29 +277,105 @@ class FeatureExtractor:
 
         With ``normalization`` the batch holds raw intensities (any dtype, sent to the device
         as they are: uint8 moves 4x fewer bytes than float32) and is rescaled to [0, 1] there,
-        exactly as :meth:`ChannelNormalization.apply`; without it the batch is already [0, 1].
+        as :meth:`ChannelNormalization.apply` (uint8 RGB in one fused pass, equal up to float32
+        rounding: :meth:`_fused_rgb_input`); without it the batch is already [0, 1]. A
+        :class:`PreparedBatch` (from :meth:`prepare`, with the same ``rgb`` and
+        ``normalization``) goes to the trunk as it is.
         """
+        prepared = (
+            batch_nhwc
+            if isinstance(batch_nhwc, PreparedBatch)
+            else self.prepare(batch_nhwc, rgb=rgb, normalization=normalization)
+        )
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
+            f = self.trunk(prepared.x)
+        f = f.float()
+        if not rgb:
+            f = merge_channel_features(f, prepared.n)
+        out: torch.Tensor = f.contiguous().cpu()
+        return out
+
+    @torch.inference_mode()
+    def prepare(
+        self,
+        batch_nhwc: NDArray[Any],
+        *,
+        rgb: bool,
+        normalization: ChannelNormalization | None = None,
+    ) -> PreparedBatch:
+        """The trunk input of an (N, H, W, C) batch on the extractor's device, as
+        :meth:`__call__` makes it: callable from another thread (e.g. a read-ahead thread, so
+        that this work overlaps the trunk on a CPU)."""
         x = torch.from_numpy(np.ascontiguousarray(batch_nhwc)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float()  # N, C, H, W
+        x = x.permute(0, 3, 1, 2)  # N, C, H, W (channels-last strides)
         n = x.shape[0]
+        fused = self._fused_rgb_input(x, normalization) if rgb else None
+        if fused is not None:
+            x = fused
+        else:
+            x = self._normalised_input(x, batch_nhwc.dtype, normalization, rgb=rgb)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return PreparedBatch(x, n)
+
+    def _fused_rgb_input(
+        self, x: torch.Tensor, normalization: ChannelNormalization | None
+    ) -> torch.Tensor | None:
+        """The trunk input of uint8 RGB pixels (N, 3, H, W) in one fused multiply-add and one
+        clamp, or None where this does not apply (other dtypes, no normalisation, a flat
+        channel).
+
+        Equal to :meth:`_normalised_input` up to float32 rounding (< 1e-6): the rescaling to
+        [0, 1], its clamp and the backbone's mean/std are one affine map per channel, and the
+        clamp to [0, 1] becomes a clamp to the images of 0 and 1 (std > 0 keeps the order). The
+        separate passes cost about 15 % of the trunk time on a 2-core CPU
+        (``benchmarks/bench_embed_stages.py``). uint8 only: its values are small, so the folded
+        offset cannot cancel catastrophically as it could for large float intensities.
+        """
+        if normalization is None or x.dtype != torch.uint8 or x.shape[1] != 3:
+            return None
+        low = torch.tensor(normalization.low, dtype=torch.float32, device=self.device)
+        span = torch.tensor(normalization.high, dtype=torch.float32, device=self.device) - low
+        if not bool((span > 0).all()):
+            return None
+        mean = torch.tensor(self.spec.input_mean, dtype=torch.float32, device=self.device)
+        std = torch.tensor(self.spec.input_std, dtype=torch.float32, device=self.device)
+        a = (1.0 / span / std).view(1, 3, 1, 1)
+        b = ((-low / span - mean) / std).view(1, 3, 1, 1)
+        lo, hi = (-mean / std).view(1, 3, 1, 1), ((1.0 - mean) / std).view(1, 3, 1, 1)
+        return torch.addcmul(b, x, a).clamp_(min=lo, max=hi)
+
+    def _normalised_input(
+        self,
+        x: torch.Tensor,
+        dtype: Any,
+        normalization: ChannelNormalization | None,
+        *,
+        rgb: bool,
+    ) -> torch.Tensor:
+        """(N, C, H, W) raw pixels -> the trunk input, step by step (any dtype and channels)."""
+        x = x.float()
         if normalization is not None:
             low = torch.tensor(normalization.low, dtype=torch.float32, device=self.device)
             span = torch.tensor(normalization.high, dtype=torch.float32, device=self.device) - low
             # a flat channel (high <= low) becomes a step at low, as in apply()
             scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.full_like(span, 1e30))
             x = ((x - low.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)).clamp_(0.0, 1.0)
-        if np.dtype(batch_nhwc.dtype).kind == "f":  # NaN/inf of float images: as apply()
+        if np.dtype(dtype).kind == "f":  # NaN/inf of float images: as apply()
             x = x.nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0)
-        x = trunk_input(x, self.spec, rgb=rgb)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
-            f = self.trunk(x)
-        f = f.float()
-        if not rgb:
-            f = merge_channel_features(f, n)
-        out: torch.Tensor = f.contiguous().cpu()
-        return out
+        return trunk_input(x, self.spec, rgb=rgb)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A batch ready for the trunk (:meth:`FeatureExtractor.prepare`): ``x`` (N', 3, H, W) on
+    the device (N' = N for RGB, N * C channel by channel) for ``n`` (N) images."""
+
+    x: torch.Tensor
+    n: int
+
+    def __len__(self) -> int:
+        return self.n
 
 
 @dataclass(frozen=True)
@@ -462,16 +538,21 @@ def iter_tile_features(
     """Yield ``(tile, features)`` with features (D, ceil(h/stride), ceil(w/stride)) float32 for
     each tile's core, computed in batches of full-size tiles.
 
-    The next batch is read and normalised in a background thread while the trunk runs on the
-    current one (decoders and torch release the GIL), so reading overlaps compute.
+    The next batch is read in a background thread while the trunk runs on the current one
+    (decoders and torch release the GIL), so reading overlaps compute; on a CPU that thread
+    also makes the trunk input (:meth:`FeatureExtractor.prepare`).
     """
     s, halo, t = extractor.stride, spec.halo, spec.tile_size
     idx = resolve_channels(image.channel_names, list(spec.channels))
     c0 = halo // s
     side = t + 2 * halo
 
-    def load(chunk: Sequence[GridTile]) -> NDArray[Any]:
-        return np.stack(
+    # On a CPU the trunk input is made in the read-ahead thread too, overlapping the trunk; on
+    # an accelerator the raw batch goes there (fewer bytes) and is normalised on the device.
+    on_cpu = extractor.device.type == "cpu"
+
+    def load(chunk: Sequence[GridTile]) -> NDArray[Any] | PreparedBatch:
+        batch = np.stack(
             [
                 prepare_pixels(
                     read_analysis_region(
@@ -483,6 +564,9 @@ def iter_tile_features(
                 for tl in chunk
             ]
         )
+        if on_cpu:
+            return extractor.prepare(batch, rgb=spec.rgb, normalization=spec.normalization)
+        return batch
 
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     done = 0

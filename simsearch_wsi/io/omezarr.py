@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
+from zarr.storage import WrapperStore
 
 from simsearch_wsi.core.errors import CorruptImageError, MetadataError, UnsupportedFormatError
 from simsearch_wsi.core.geometry import validate_mpp
@@ -381,10 +382,15 @@ class OmeZarrSource(ImageSource):
                 idx.append(0)
         try:
             raw = np.asarray(self._arrays[level][tuple(idx)])
+        except CorruptImageError as exc:  # a chunk refused by _BloscFrameCheck
+            raise CorruptImageError(
+                f"{self.path}: could not read level {level} pixels x={x0}..{x1}, y={y0}..{y1}: "
+                f"{exc}"
+            ) from exc
         except Exception as exc:  # codec and store errors come in many types
             raise CorruptImageError(
                 f"{self.path}: could not read level {level} pixels x={x0}..{x1}, y={y0}..{y1} "
-                f"({type(exc).__name__}: {exc})"
+                f"({type(exc).__name__}: {exc}); the image may be truncated or corrupt"
             ) from exc
         kept = [a for a in self._axes if a in ("y", "x", "c")]
         if self._ic is None:
@@ -424,7 +430,68 @@ def _dataset_array(group: Any, key: str, axes: tuple[str, ...], where: str) -> A
             f"{where}: OME-Zarr dataset {key!r} holds {dtype} values, not pixel intensities "
             "(integer or float)"
         )
-    return node
+    chunks = getattr(node, "chunks", None)
+    if chunks is not None and any(int(c) <= 0 for c in chunks):
+        raise MetadataError(
+            f"{where}: OME-Zarr dataset {key!r} has chunk shape {tuple(chunks)}; every chunk "
+            "side must be positive: its array metadata is damaged"
+        )
+    return _with_blosc_frame_check(node)
+
+
+def _stores_blosc_frames(node: Any) -> bool:
+    """Whether every stored chunk of ``node`` is one whole Blosc frame (a v2 Blosc compressor,
+    or a v3 codec chain ending in Blosc without sharding)."""
+    meta = getattr(node, "metadata", None)
+    compressor = getattr(meta, "compressor", None)
+    if compressor is not None:
+        return getattr(compressor, "codec_id", None) == "blosc"
+    codecs = list(getattr(meta, "codecs", None) or ())
+    return bool(codecs) and type(codecs[-1]).__name__ == "BloscCodec"
+
+
+def _with_blosc_frame_check(node: Any) -> Any:
+    """``node`` reopened through :class:`_BloscFrameCheck` when its chunks are Blosc frames."""
+    if not _stores_blosc_frames(node):
+        return node
+    import zarr
+
+    try:
+        return zarr.open_array(store=_BloscFrameCheck(node.store), path=node.path, mode="r")
+    except Exception:  # an unusual store: read it as it is
+        return node
+
+
+def _is_chunk_key(key: str) -> bool:
+    name = key.rpartition("/")[2]
+    return bool(name) and not name.startswith(".") and name != "zarr.json"
+
+
+class _BloscFrameCheck(WrapperStore[Any]):
+    """A read-only store that refuses a chunk whose Blosc header disagrees with its length.
+
+    A Blosc frame records its compressed size in header bytes 12-16. numcodecs decodes a frame
+    cut short without complaint, into garbage (it trusts the header), so a truncated chunk file
+    (an interrupted copy) read as silent noise. Whole-chunk reads only (byte ranges are shard
+    parts; :func:`_stores_blosc_frames` excludes sharded arrays).
+    """
+
+    def _with_store(self, store: Any) -> _BloscFrameCheck:
+        return _BloscFrameCheck(store)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any | None = None) -> Any | None:
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None or byte_range is not None or not _is_chunk_key(key):
+            return value
+        raw = value.as_numpy_array()
+        size = int(raw[12:16].view("<u4")[0]) if raw.size >= 16 else None
+        if size != raw.size:
+            raise CorruptImageError(
+                f"chunk {key!r} holds {raw.size} bytes but its Blosc header "
+                + (f"says {size}" if size is not None else "is incomplete")
+                + "; the chunk file is truncated or corrupt"
+            )
+        return value
 
 
 def _mpp_of(ms: Multiscale, where: str) -> float | None:

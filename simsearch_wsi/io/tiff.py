@@ -57,31 +57,34 @@ class TiffSource(ImageSource):
         self._local = threading.local()
         self._slide: Any = None
         self._tf: Any = None
-        try:
-            slide = tiffslide.TiffSlide(path)
-        except MemoryError:
-            raise
-        except Exception as exc:  # tifffile raises many types for a damaged header
-            raise _corrupt(path, exc) from exc
-        try:
+        with _StructureLog() as log:
             try:
-                props = dict(slide.properties)
-                self._slide = slide
-                self._n_levels = int(slide.level_count)
-            except NotImplementedError:
-                # tiffslide lays out only YX, YXS and CYX series: read series 0 with tifffile.
-                props = _series_properties(slide.ts_tifffile, path)
-                self._tf = slide.ts_tifffile
-                self._n_levels = len(self._tf.series[0].levels)
-            axes = str(props["tiffslide.series-axes"])
-            _check_not_truncated(slide.ts_tifffile, path)
-            arrays = self._level_arrays()
-        except (CorruptImageError, UnsupportedFormatError, MemoryError):
-            slide.close()
-            raise
-        except Exception as exc:  # KeyError, ValueError, struct.error, decoder errors, ...
-            slide.close()
-            raise _corrupt(path, exc) from exc
+                slide = tiffslide.TiffSlide(path)
+            except MemoryError:
+                raise
+            except Exception as exc:  # tifffile raises many types for a damaged header
+                raise _corrupt(path, exc) from exc
+            try:
+                try:
+                    props = dict(slide.properties)
+                    self._slide = slide
+                    self._n_levels = int(slide.level_count)
+                except NotImplementedError:
+                    # tiffslide lays out only YX, YXS and CYX series: read series 0 with
+                    # tifffile.
+                    props = _series_properties(slide.ts_tifffile, path)
+                    self._tf = slide.ts_tifffile
+                    self._n_levels = len(self._tf.series[0].levels)
+                axes = str(props["tiffslide.series-axes"])
+                _check_not_truncated(slide.ts_tifffile, path)
+                log.check(path)
+                arrays = self._level_arrays()
+            except (CorruptImageError, UnsupportedFormatError, MemoryError):
+                slide.close()
+                raise
+            except Exception as exc:  # KeyError, ValueError, struct.error, decoder errors, ...
+                slide.close()
+                raise _corrupt(path, exc) from exc
         self._closer = slide
         self._axes = axes
         try:
@@ -183,14 +186,79 @@ class TiffSource(ImageSource):
         if guard.failure is not None:
             key, exc = guard.failure
             guard.failure = None
+            tile = self._tile_text(level, key)
+            if isinstance(exc, _MissingTileError):
+                raise CorruptImageError(
+                    f"{self.path}: could not read {where}: {tile} has no data (its offset or "
+                    "byte count is 0); the file is incomplete: export it again"
+                )
             raise CorruptImageError(
-                f"{self.path}: could not decode {where}: tile {key!r} failed "
+                f"{self.path}: could not decode {where}: {tile} failed "
                 f"({type(exc).__name__}: {exc}); the file may be truncated or corrupt"
             ) from exc
         return self._plan.to_hwc(raw)
 
+    def _tile_text(self, level: int, key: str) -> str:
+        """``tile (row r, column c) of level L at x=..., y=...`` for a zarr chunk key such as
+        ``0/1.2.0`` (level 0, chunk indices in the axis order of the level array)."""
+        head, _, name = key.rpartition("/")
+        level_of_key = int(head) if head.isdigit() else level
+        try:
+            index = [int(v) for v in name.split(".")]
+            chunks = self._level_arrays()[level_of_key].chunks
+            iy, ix = self._plan.axes.index("Y"), self._plan.axes.index("X")
+            row, col = index[iy], index[ix]
+            th, tw = int(chunks[iy]), int(chunks[ix])
+        except (ValueError, IndexError, AttributeError):
+            return f"tile {key!r} of level {level_of_key}"
+        return (
+            f"tile (row {row}, column {col}) of level {level_of_key} at "
+            f"x={col * tw}..{(col + 1) * tw}, y={row * th}..{(row + 1) * th}"
+        )
+
     def close(self) -> None:
         self._closer.close()
+
+
+class _StructureLog(logging.Handler):
+    """The damage tifffile reports while a file is opened, by this thread.
+
+    tifffile does not raise for a broken IFD chain or SubIFDs pointing past the end of the file
+    (a truncated pyramid): it logs the problem and drops the pages, so the file opened as a
+    smaller image with fewer levels. Used as a context manager around the open; :meth:`check`
+    turns what was logged into a :class:`CorruptImageError`.
+    """
+
+    # tifffile's words for a broken IFD chain or SubIFDs, not for odd metadata (an OME series
+    # it cannot lay out falls back to a generic one and the file reads fine)
+    _WORDS = ("corrupted", "invalid page offset", "invalid offset to page", "invalid SubIFDs")
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self._thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self._thread:
+            return
+        message = record.getMessage()
+        if any(word in message for word in self._WORDS):
+            self.messages.append(message)
+
+    def __enter__(self) -> _StructureLog:
+        logging.getLogger("tifffile").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("tifffile").removeHandler(self)
+
+    def check(self, path: Path) -> None:
+        if self.messages:
+            detail = self.messages[0].split("> ", 1)[-1]  # without tifffile's object repr
+            raise CorruptImageError(
+                f"{path}: TIFF structure is damaged ({detail[:160]}); the file may be truncated "
+                "or corrupt: copy or export it again"
+            )
 
 
 def _corrupt(path: Path, exc: BaseException) -> CorruptImageError:
@@ -198,6 +266,15 @@ def _corrupt(path: Path, exc: BaseException) -> CorruptImageError:
         f"{path}: TIFF structure could not be read ({type(exc).__name__}: {exc}); "
         "the file may be truncated or corrupt"
     )
+
+
+class _MissingTileError(Exception):
+    """A tile the file lists without data (offset or byte count 0): zarr would fill it."""
+
+
+def _is_chunk_key(key: str) -> bool:
+    name = key.rpartition("/")[2]
+    return bool(name) and not name.startswith(".") and name != "zarr.json"
 
 
 class _ReadGuard:
@@ -214,7 +291,9 @@ class _GuardedStore(WrapperStore[Any]):
     leaves the others running; their exceptions were then logged as "Task exception was never
     retrieved", dozens of tracebacks after the error. Here the first failure is recorded on the
     guard and returned as a missing chunk, every later chunk of the read is skipped (returned
-    missing without decoding), and the reader raises one error once the read has returned.
+    missing without decoding), and the reader raises one error once the read has returned. A
+    tile the file lists without data (offset or byte count 0) is a failure too: zarr would
+    return it as a block of fill value, a silent black tile.
     """
 
     def __init__(self, store: Any, *, guard: _ReadGuard | None = None) -> None:
@@ -228,11 +307,16 @@ class _GuardedStore(WrapperStore[Any]):
         if self._guard.failure is not None:
             return None  # a sibling tile failed: the read is lost, skip the work
         try:
-            return await self._store.get(key, prototype, byte_range)
+            value = await self._store.get(key, prototype, byte_range)
         except Exception as exc:  # decoder errors come in many types
             if self._guard.failure is None:
                 self._guard.failure = (key, exc)
             return None
+        if value is None and _is_chunk_key(key) and self._guard.failure is None:
+            # tifffile returns no chunk for a tile without data; zarr would read it as a
+            # silent block of fill value (black)
+            self._guard.failure = (key, _MissingTileError(key))
+        return value
 
     async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any | None]:
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
@@ -288,27 +372,53 @@ class _AxisPlan:
 
 
 def _check_not_truncated(tf: Any, path: Path) -> None:
-    """Refuse a file whose pixel data runs past its end (an interrupted copy or download).
+    """Refuse a file whose tiles or strips lie past its end (an interrupted copy or download) or
+    are listed without data (offset or byte count 0: zarr would read them as fill value).
 
-    Checks the first and last page of every level of every series: cheap, and a truncated file
-    loses its last-written bytes.
+    Checks every page of every level of every series when there are at most
+    :data:`_PAGES_CHECKED_IN_FULL` pages, else the first and last page of each level (a
+    truncated file loses its last-written bytes).
     """
     size = int(tf.filehandle.size)
     for series in tf.series:
+        n_pages = sum(len(level.pages) for level in series.levels)
         for i, level in enumerate(series.levels):
             pages = list(level.pages)
-            for page in {id(p): p for p in (pages[:1] + pages[-1:]) if p is not None}.values():
+            if n_pages > _PAGES_CHECKED_IN_FULL:
+                pages = pages[:1] + pages[-1:]
+            for page in {id(p): p for p in pages if p is not None}.values():
                 offsets = np.asarray(page.dataoffsets, dtype=np.int64)
                 counts = np.asarray(page.databytecounts, dtype=np.int64)
-                if offsets.shape != counts.shape or offsets.size == 0:
-                    continue
-                used = (offsets > 0) & (counts > 0)
-                end = int((offsets[used] + counts[used]).max()) if used.any() else 0
-                if end > size:
+                if offsets.shape != counts.shape or offsets.size == 0 or 0 in page.shape:
+                    continue  # no pixels: refused with its own message by the reader
+                key = getattr(page, "keyframe", None) or page
+                chunked = getattr(key, "chunked", None)
+                needed = int(np.prod(chunked)) if chunked else 0
+                if offsets.size < needed:
+                    raise CorruptImageError(
+                        f"{path}: file is corrupt: level {i} is {key.imagewidth}x"
+                        f"{key.imagelength} px, which needs {needed} tiles or strips, but the "
+                        f"file lists {offsets.size}; export the file again"
+                    )
+                empty = (offsets <= 0) | (counts <= 0)
+                ends = offsets + counts
+                if (ends[~empty] > size).any():
+                    first = int(np.flatnonzero(~empty & (ends > size))[0])
                     raise CorruptImageError(
                         f"{path}: file is truncated or corrupt: the pixels of level {i} end at "
-                        f"byte {end} but the file has {size} bytes; copy or export the file again"
+                        f"byte {int(ends[~empty].max())} but the file has {size} bytes (tile or "
+                        f"strip {first} of {offsets.size} lies past the end); copy or export "
+                        "the file again"
                     )
+                if empty.any():
+                    raise CorruptImageError(
+                        f"{path}: file is incomplete: {int(empty.sum())} of {offsets.size} tiles "
+                        f"or strips of level {i} have no data (offset or byte count 0, first: "
+                        f"{int(np.flatnonzero(empty)[0])}); export the file again"
+                    )
+
+
+_PAGES_CHECKED_IN_FULL = 256
 
 
 def _series_properties(tf: Any, path: Path) -> dict[str, Any]:
