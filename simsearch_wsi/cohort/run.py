@@ -582,8 +582,6 @@ def run_cohort(
     input (:func:`_prepare`), when no worker offers ``resources``, or when the workers do not
     see the inputs or the output folder (:func:`check_workers_see`).
     """
-    from distributed import as_completed
-
     from simsearch_wsi.cohort.plots import write_cohort_plots
     from simsearch_wsi.infer.quantify import write_table
 
@@ -624,6 +622,8 @@ def run_cohort(
     if progress is not None:
         progress(CohortTick(None, total=len(targets), **counts))
     if pending:
+        from distributed import as_completed  # only when there is work
+
         if client is None:
             if connect is None:
                 raise ValueError("run_cohort needs a client (or connect) when images are left")
