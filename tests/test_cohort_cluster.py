@@ -250,7 +250,7 @@ def test_nested_layouts_get_unique_names_from_the_common_folder_or_an_id(
     nested_cohort: dict[str, Any], tmp_path: Path
 ) -> None:
     data: Path = nested_cohort["root"] / "data"
-    entries = read_manifest(nested_cohort["manifest"])
+    entries = read_manifest(nested_cohort["manifest"], cohort=True)
     assert all(Path(e.path).is_absolute() for e in entries)
     assert [t.stem for t in cohort_targets(entries)] == [
         "b1_slide",
@@ -272,7 +272,7 @@ def test_nested_layouts_get_unique_names_from_the_common_folder_or_an_id(
             {"path": str(data / "b2" / "slide.tiff"), "id": ""},
         ],
     )
-    targets = cohort_targets(read_manifest(manifest))
+    targets = cohort_targets(read_manifest(manifest, cohort=True))
     assert [t.stem for t in targets] == ["case-7", "slide"]  # no clash left: file stems
     assert targets[0].extra["id"] == "case-7"  # kept as metadata
     clash = [CohortEntry(str(data / f / "slide.tiff"), name="x") for f in ("b1", "b2")]
@@ -280,10 +280,16 @@ def test_nested_layouts_get_unique_names_from_the_common_folder_or_an_id(
         cohort_targets(clash)
     bad = _write_csv(tmp_path / "bad.csv", [{"path": "a.tiff", "id": "../a"}])
     with pytest.raises(ConfigError, match=r"line 2: id '\.\./a'"):
-        read_manifest(bad)
+        read_manifest(bad, cohort=True)
+    bad = _write_csv(tmp_path / "bad.csv", [{"path": "a.tiff", "mpp": "-1", "warning": ""}])
+    with pytest.raises(ConfigError, match=r"columns \['warning'\] are names the cohort table"):
+        read_manifest(bad, cohort=True)
     bad = _write_csv(tmp_path / "bad.csv", [{"path": "a.tiff", "mpp": "-1"}])
     with pytest.raises(ConfigError, match=r"line 2: mpp '-1' is not a pixel size"):
-        read_manifest(bad)
+        read_manifest(bad, cohort=True)
+    # read for quantify: the rows as they are
+    (entry,) = read_manifest(bad)
+    assert entry.metadata == {"mpp": "-1"} and entry.mpp is None
 
 
 def test_a_model_that_does_not_suit_a_plate_is_refused_once_before_any_task(

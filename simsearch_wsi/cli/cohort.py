@@ -104,7 +104,7 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     if (args.manifest is None) == (not args.images):
         raise ConfigError("cohort needs either --manifest FILE.csv or IMAGE paths (not both)")
     entries = (
-        read_manifest(args.manifest)
+        read_manifest(args.manifest, cohort=True)
         if args.manifest
         else [CohortEntry(os.path.abspath(p)) for p in args.images]
     )

@@ -180,12 +180,17 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
-def read_manifest(path: str | Path) -> list[CohortEntry]:
+def read_manifest(path: str | Path, *, cohort: bool = False) -> list[CohortEntry]:
     """Rows of a CSV manifest: a ``path`` column (relative paths are taken from the manifest's
-    folder; every path is returned absolute) and any metadata columns (patient, stain, plate,
-    dose, ...), kept as text. Two columns are settings of their image: ``id`` names its
-    outputs (kept as metadata too; an empty cell: named after the path) and ``mpp`` is its
-    level-0 pixel size in um/px (empty: the file's)."""
+    folder) and any metadata columns (patient, stain, plate, dose, ...), kept as text.
+
+    With ``cohort`` (how ``cohort`` reads it), every path is returned absolute and two
+    columns are settings of their image, checked here: ``id`` names its outputs (kept as
+    metadata too; an empty cell: named after the path) and ``mpp`` is its level-0 pixel size
+    in um/px (empty: the file's; not kept as metadata); the names of the cohort table's own
+    columns (:data:`PIXEL_COLUMNS`) are refused. Without it (``quantify``), the rows as
+    they are.
+    """
     where = Path(path)
     if not where.is_file():
         raise ConfigError(f"{where}: manifest not found; give a CSV file with a 'path' column")
@@ -199,7 +204,7 @@ def read_manifest(path: str | Path) -> list[CohortEntry]:
                 "with the image paths"
             )
         reserved = [c for c in PIXEL_COLUMNS[1:] if c in columns]
-        if reserved:
+        if cohort and reserved:
             raise ConfigError(
                 f"{where}: the manifest columns {reserved} are names the cohort table gives "
                 "its own columns; rename them"
@@ -210,8 +215,11 @@ def read_manifest(path: str | Path) -> list[CohortEntry]:
             if not text:
                 raise ConfigError(f"{where}, line {n}: empty path; fill it in or drop the row")
             p = Path(text)
-            absolute = os.path.normpath(p if p.is_absolute() else folder / p)
             meta = {k: (v or "") for k, v in row.items() if k != "path" and k is not None}
+            if not cohort:
+                entries.append(CohortEntry(str(p if p.is_absolute() else where.parent / p), meta))
+                continue
+            absolute = os.path.normpath(p if p.is_absolute() else folder / p)
             mpp = _parse_mpp(meta.pop("mpp", ""), where=f"{where}, line {n}")
             name = meta.get("id", "").strip() or None
             problem = _name_problem(name) if name else None
@@ -392,7 +400,7 @@ def _prepare(targets: Sequence[PredictTarget], bundle: ModelBundle) -> list[Pred
         more = f" (and {len(misfits) - 1} more input(s) alike)" if len(misfits) > 1 else ""
         raise ConfigError(
             f"the model does not suit {len(misfits)} input(s), so nothing was run: "
-            f"{misfits[0]}{more}; remove them from the cohort or use a model for such images"
+            f"{misfits[0]}{more}"
         )
     out = []
     for t in targets:
