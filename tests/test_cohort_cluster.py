@@ -310,3 +310,13 @@ def test_a_model_that_does_not_suit_a_plate_is_refused_once_before_any_task(
     assert f"{synthetic_plate.path}: the model needs channels" in text
     assert text.count("the model needs channels") == 1
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("command", ["predict", "cohort"])
+@pytest.mark.parametrize("flag", ["--force", "--overwrite"])
+def test_force_and_overwrite_are_one_option_of_predict_and_cohort(command: str, flag: str) -> None:
+    from simsearch_wsi.cli.main import build_parser
+
+    common = ["x.tiff", "--model", "m.zip", "--out", "o"]
+    assert build_parser().parse_args([command, *common, flag]).force is True
+    assert build_parser().parse_args([command, *common]).force is False
