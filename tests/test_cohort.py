@@ -329,6 +329,9 @@ def test_local_clusters_set_up_their_workers_for_torch(
         client.wait_for_workers(2, timeout=60)
         seen = sorted(client.run(_worker_setup).values(), key=str)
         workers = client.scheduler_info(n_workers=-1)["workers"]
+        # no dashboard, and the scheduler's HTTP endpoint not on Dask's default port 8787
+        # (which warns when taken)
+        assert cluster.scheduler.http_server.port != 8787
     finally:
         client.close()
         cluster.close()

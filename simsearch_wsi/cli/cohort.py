@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,9 @@ from simsearch_wsi.cli.exitcodes import EXIT_ERROR, EXIT_OK
 from simsearch_wsi.cli.options import (
     ALL_TILES,
     DEVICE,
+    FORCE,
     MANIFEST,
+    MPP,
     NO_AUTOCAST,
     THRESHOLD,
     parse_device,
@@ -26,6 +29,7 @@ from simsearch_wsi.core.pathguard import naming_output
 
 if TYPE_CHECKING:
     from simsearch_wsi.cli.options import Subparsers
+    from simsearch_wsi.cohort.run import CohortTick
 
 
 def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
@@ -52,7 +56,12 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
     p_coh.add_argument(
         "--scheduler", default=None, metavar="ADDRESS", help="a running Dask scheduler instead"
     )
-    p_coh.add_argument("--overwrite", action="store_true", help="redo finished images too")
+    FORCE.add(p_coh)
+    MPP.add(
+        p_coh,
+        help="level-0 pixel size in um/px for images whose file has none (replaces the file's); "
+        "a manifest 'mpp' column gives it per image",
+    )
     THRESHOLD.add(p_coh)
     p_coh.add_argument("--write-back", action="store_true", help="labels into OME-Zarr inputs")
     DEVICE.add(
@@ -95,13 +104,15 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     if (args.manifest is None) == (not args.images):
         raise ConfigError("cohort needs either --manifest FILE.csv or IMAGE paths (not both)")
     entries = (
-        read_manifest(args.manifest) if args.manifest else [CohortEntry(p) for p in args.images]
+        read_manifest(args.manifest, cohort=True)
+        if args.manifest
+        else [CohortEntry(os.path.abspath(p)) for p in args.images]
     )
     bundle = load_bundle(args.model)
     thresholds = parse_thresholds(args.threshold or [])
     check_thresholds(thresholds, bundle.classes)
-    out = Path(args.out)
-    targets = cohort_targets(entries)
+    out = Path(os.path.abspath(args.out))  # the workers may run in other folders
+    targets = cohort_targets(entries, mpp=args.mpp)
     refuse_overwriting_inputs(
         targets,
         out,
@@ -116,29 +127,36 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
         write_back=args.write_back,
         tiles="all" if args.all_tiles else "foreground",
     )
-    client, cluster = _start_cluster(args, gpus)
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
+    started: list[tuple[Any, Any]] = []  # (client, cluster), only once there is work
+
+    def connect() -> Any:
+        started.append(_start_cluster(args, gpus))
+        return started[0][0]
+
+    display: _CohortBar | _CohortLog = _CohortBar() if sys.stdout.isatty() else _CohortLog()
     try:
-        with _CohortBar() as bar, naming_output("--out", out):
+        with display, naming_output("--out", out):
             result = run_cohort(
                 targets,
                 bundle,
                 out_dir=out,
-                client=client,
+                connect=connect,
                 settings=settings,
-                overwrite=args.overwrite,
+                overwrite=args.force,
                 device=device,
                 autocast=not args.no_autocast,
                 resources={"GPU": 1} if device.startswith("cuda") else None,
                 group_by=args.group_by,
                 dose_column=args.dose_column,
                 arguments=arguments,
-                progress=bar,
+                progress=display,
             )
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        for client, cluster in started:
+            client.close()
+            if cluster is not None:
+                cluster.close()
     console = rich_console()
     counts = result.summary
     console.print(
@@ -148,11 +166,28 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     )
     for image in result.failed:
         console.print(f"  failed {image.path}: {image.error}", markup=False)
+    no_pixel_size = _without_pixel_size(result.table)
+    if no_pixel_size:
+        console.print(
+            f"warning: {no_pixel_size} image(s) have no pixel size and are measured in pixels "
+            "only (table column 'warning'); give --mpp or an mpp manifest column",
+            markup=False,
+        )
     table = result.table or "none (no image finished)"
     console.print(f"table {table}; run record {result.metadata}", markup=False)
     if result.plots:
         console.print("plots " + ", ".join(str(p) for p in result.plots.values()), markup=False)
     return EXIT_ERROR if result.failed else EXIT_OK
+
+
+def _without_pixel_size(table: Path | None) -> int:
+    """Images of the cohort table measured in pixels only."""
+    import csv
+
+    if table is None:
+        return 0
+    with table.open(newline="", encoding="utf-8") as fh:
+        return len({r["image"] for r in csv.DictReader(fh) if r.get("mpp_source") == "none"})
 
 
 def _worker_device(name: str, *, local: bool) -> tuple[str, list[int]]:
@@ -188,8 +223,46 @@ def _start_cluster(args: argparse.Namespace, gpus: Sequence[int]) -> tuple[Any, 
     return start_local_cluster(args.workers or 2, cores=os.cpu_count() or 1, gpus=gpus)
 
 
+def _clock(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class _CohortLog:
+    """Progress as plain lines on stdout, flushed (a log file, a pipe, a Slurm log): one at
+    the start, then one per finished or failed image with the counts and the time left."""
+
+    def __call__(self, tick: CohortTick) -> None:
+        if tick.image is None:
+            to_run = tick.total - tick.reused
+            print(
+                f"cohort: {tick.total} images, {tick.reused} finished earlier, {to_run} to run",
+                flush=True,
+            )
+            return
+        image = tick.image
+        n = tick.total - tick.remaining
+        what = f"{image.status} {image.stem}"
+        if image.status == "failed":
+            what = f"FAILED {image.stem}: {image.error}"
+        elif image.worker:
+            what += f" ({image.seconds:.1f} s on {image.worker})"
+        eta = tick.eta_s
+        left = f"{tick.remaining} left" + (f", ETA {_clock(eta)}" if eta and tick.remaining else "")
+        print(
+            f"[{n}/{tick.total}] {what}; {tick.done} done, {tick.failed} failed, {left}",
+            flush=True,
+        )
+
+    def __enter__(self) -> _CohortLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 class _CohortBar:
-    """done / failed / remaining with ETA, for ``cohort``."""
+    """done / failed / remaining with ETA, for ``cohort`` on a terminal."""
 
     def __init__(self) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -199,11 +272,15 @@ class _CohortBar:
         )
         self._task: Any = None
 
-    def __call__(self, done: int, failed: int, total: int) -> None:
-        text = f"images: {done - failed} done, {failed} failed, {total - done} remaining"
+    def __call__(self, tick: CohortTick) -> None:
+        text = (
+            f"images: {tick.done} done, {tick.reused} finished earlier, {tick.failed} failed, "
+            f"{tick.remaining} remaining"
+        )
+        finished = tick.total - tick.remaining
         if self._task is None:
-            self._task = self._progress.add_task(text, total=total)
-        self._progress.update(self._task, completed=done, description=text)
+            self._task = self._progress.add_task(text, total=tick.total)
+        self._progress.update(self._task, completed=finished, description=text)
 
     def __enter__(self) -> _CohortBar:
         self._progress.start()

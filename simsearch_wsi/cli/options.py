@@ -38,6 +38,8 @@ class Option:
 
     flag: str
     settings: Mapping[str, Any]
+    #: other spellings accepted for the flag (an old name kept working)
+    aliases: tuple[str, ...] = ()
 
     def add(
         self,
@@ -55,11 +57,11 @@ class Option:
             settings["default"] = default
         if metavar is not None:
             settings["metavar"] = metavar
-        parser.add_argument(self.flag, **settings)
+        parser.add_argument(self.flag, *self.aliases, **settings)
 
 
-def _option(flag: str, **settings: Any) -> Option:
-    return Option(flag, settings)
+def _option(flag: str, *aliases: str, **settings: Any) -> Option:
+    return Option(flag, settings, aliases)
 
 
 # --- engine -------------------------------------------------------------------------------------
@@ -129,6 +131,15 @@ ALL_TILES = _option(
     action="store_true",
     help="embed every tile of the image instead of only those the foreground (tissue / cell) "
     "mask finds; for images where foreground detection is not wanted or misses objects",
+)
+
+#: redo images a run in the same output folder finished before (``predict``, ``cohort``);
+#: ``--overwrite`` is the spelling ``cohort`` had
+FORCE = _option(
+    "--force",
+    "--overwrite",
+    action="store_true",
+    help="redo images already finished in the output folder (also spelled --overwrite)",
 )
 
 MANIFEST = _option(

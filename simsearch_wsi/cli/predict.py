@@ -17,6 +17,7 @@ from simsearch_wsi.cli.options import (
     BATCH_SIZE,
     CACHE,
     DEVICE,
+    FORCE,
     MPP,
     NO_AUTOCAST,
     THRESHOLD,
@@ -97,7 +98,7 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         default=None,
         help="also write the objects into this QuPath project (needs paquo and QuPath)",
     )
-    p_pred.add_argument("--force", action="store_true", help="redo images already done")
+    FORCE.add(p_pred)
     MPP.add(p_pred, help="level-0 um/px when the file has none")
     ALL_TILES.add(p_pred)
     add_plate_selection(p_pred)

@@ -23,6 +23,10 @@ from simsearch_wsi.core.errors import ConfigError
 
 __all__ = ["gpu_worker_specs", "import_distributed", "set_torch_threads", "start_local_cluster"]
 
+#: the local scheduler: no dashboard, and its HTTP endpoint (which Dask starts even without a
+#: dashboard, by default on port 8787, warning when that is taken) on a free port of loopback
+SCHEDULER_OPTIONS = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+
 #: Dask configuration for the worker processes this module starts
 WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
@@ -76,11 +80,15 @@ def start_local_cluster(n_workers: int, *, cores: int, gpus: Sequence[int] = ())
             n_workers = len(gpus)
             cluster = distributed.SpecCluster(
                 workers=gpu_worker_specs(gpus),
-                scheduler={"cls": distributed.Scheduler, "options": {"dashboard_address": None}},
+                scheduler={"cls": distributed.Scheduler, "options": SCHEDULER_OPTIONS},
             )
         else:
             cluster = distributed.LocalCluster(
-                n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                scheduler_kwargs=SCHEDULER_OPTIONS,
             )
     client = distributed.Client(cluster)
     client.run(set_torch_threads, max(1, cores // n_workers))

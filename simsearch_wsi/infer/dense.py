@@ -217,6 +217,27 @@ class ClassMaps:
         return self.scale.box_to_l0(cx_a - w_a / 2, cy_a - h_a / 2, w_a, h_a)
 
 
+def check_model_fits(bundle: ModelBundle, image: ImageSource) -> None:
+    """Raise :class:`ConfigError` when ``image``'s channels do not suit ``bundle`` (the
+    channels it needs, and for a patch-head model the channels its normalisation is for);
+    reads the image's metadata only."""
+    names = image.channel_names
+    missing = [c for c in bundle.channels if c not in names]
+    if missing:
+        raise ConfigError(
+            f"{image.path}: the model needs channels {list(bundle.channels)}, the image has "
+            f"{list(names)}; run it on images of the kind it was trained on"
+        )
+    if bundle.head_input == "search":
+        return
+    normalization = bundle.channel_normalization()
+    if normalization.channel_names != names:
+        raise ConfigError(
+            f"{image.path}: the model's normalisation is for channels "
+            f"{list(normalization.channel_names)}, the image has {list(names)}"
+        )
+
+
 def dense_class_maps(
     image: ImageSource,
     model: PatchModel,
@@ -230,23 +251,12 @@ def dense_class_maps(
     bundle scores the search's own window vectors, :mod:`simsearch_wsi.search.probe`)."""
     bundle = model.bundle
     ext = model.extractor
-    names = image.channel_names
-    missing = [c for c in bundle.channels if c not in names]
-    if missing:
-        raise ConfigError(
-            f"{image.path}: the model needs channels {list(bundle.channels)}, the image has "
-            f"{list(names)}; run it on images of the kind it was trained on"
-        )
+    check_model_fits(bundle, image)
     if bundle.head_input == "search":
         return _search_class_maps(
             image, model, tile_size=tile_size, batch_size=batch_size, tiles=tiles, progress=progress
         )
     normalization = bundle.channel_normalization()
-    if normalization.channel_names != names:
-        raise ConfigError(
-            f"{image.path}: the model's normalisation is for channels "
-            f"{list(normalization.channel_names)}, the image has {list(names)}"
-        )
     width_l0, height_l0 = model.patch_size_l0(image)
     scale = AnalysisScale.for_patch(image, max(width_l0, height_l0))
     spec = make_feature_spec(

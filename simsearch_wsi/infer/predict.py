@@ -57,9 +57,11 @@ __all__ = [
     "PredictTarget",
     "detection_features",
     "expand_inputs",
+    "finished_result",
     "predict_image",
     "predict_images",
     "segmentation_subdivision",
+    "target_identity",
 ]
 
 #: segmentation grids are kept under this many pixels (the subdivision of a feature cell drops
@@ -123,12 +125,15 @@ class PredictSettings:
 @dataclass(frozen=True)
 class PredictTarget:
     """One image of a run: where it is, its output stem, its extra table columns (plate,
-    well, row, column, field for a plate field) and, for a plate field, the plate folder."""
+    well, row, column, field for a plate field), for a plate field the plate folder, and
+    ``mpp``, a level-0 pixel size (um/px) given for this image that replaces the file's (part
+    of the input's identity, :func:`target_identity`; the caller's ``open_image`` applies it)."""
 
     path: str
     stem: str
     extra: dict[str, Any] = field(default_factory=dict)
     plate: str | None = None
+    mpp: float | None = None
 
 
 @dataclass
@@ -475,6 +480,29 @@ def input_identity(path: str | Path) -> dict[str, Any] | None:
     return {**ident, "documents": documents}
 
 
+def target_identity(target: PredictTarget) -> dict[str, Any] | None:
+    """:func:`input_identity` of the target's image, with the pixel size given for it (when
+    one is): the same file run at another pixel size is another input."""
+    ident = input_identity(target.path)
+    if ident is not None and target.mpp is not None:
+        ident["mpp"] = float(target.mpp)
+    return ident
+
+
+def finished_result(
+    target: PredictTarget, model_digest: str, *, out_dir: Path, settings: PredictSettings
+) -> PredictResult | None:
+    """The result an earlier run recorded for ``target`` in ``out_dir``
+    (``<stem>.predict.json``) with the same model, settings and unchanged input
+    (:func:`target_identity`), whose outputs are all present; else None. Reads only the
+    record and the input's metadata, never its pixels."""
+    source = target_identity(target)
+    if source is None:
+        return None
+    summary = out_dir / f"{target.stem}.predict.json"
+    return _reusable(summary, _run_record(model_digest, settings), source)
+
+
 def _reusable(
     path: Path, record: dict[str, Any], input_id: dict[str, Any] | None = None
 ) -> PredictResult | None:
@@ -561,9 +589,10 @@ def predict_target(
     Before (re)computing an image, what a killed earlier run left of its outputs (temporaries
     of the atomic writes) is removed; the image's outputs must have no other writer.
     """
+    out_dir = out_dir.absolute()  # the record's output paths, wherever the command ran
     record = _run_record(model.identity, settings)
     summary = out_dir / f"{target.stem}.predict.json"
-    source = input_identity(target.path)
+    source = target_identity(target)
     previous = _reusable(summary, record, source) if resume and source is not None else None
     if previous is not None:
         return previous
