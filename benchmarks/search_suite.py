@@ -496,7 +496,9 @@ def markdown(record: dict[str, Any]) -> str:
     lines += ["| config | " + " | ".join(f"P = {p}" for p in ps) + " |"]
     lines += ["|---|" + "---|" * len(ps)]
     for r in rows:
-        cells = [f"{_mean([r['cases'][n]['per_p'][p]['pr_auc'] for n in names]):.3f}" for p in ps]
+        cells = [
+            f"{_mean([r['cases'][n]['per_p'][str(p)]['pr_auc'] for n in names]):.3f}" for p in ps
+        ]
         lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
     lines += ["", "PR-AUC (recall at precision 0.9) per class (region cases: precision@25):", ""]
     lines += ["| config | case | class | PR-AUC | recall@p0.9 |", "|---|---|---|---|---|"]
