@@ -1,8 +1,8 @@
 """Search quality suite (issue 18): how good are suggestions from a few prototypes, on several
 kinds of image, for several search configurations side by side, in one run?
 
-Cases (every one with true objects, seeded; a review image gives the prototypes, a test image
-of another seed is scored):
+Cases (seeded; except for ``ihc regions`` with true objects, a review image giving the
+prototypes and a test image of another seed scored):
 
 * ``motifs``: the harness's synthetic H&E benchmark (:func:`~simsearch_wsi.eval.benchmark.
   synthetic_benchmark`: ring, cluster and stripes motifs of ~48 px with a filled-disc,
@@ -17,17 +17,21 @@ of another seed is scored):
 * ``plate``: fields of a 2-channel (GFP, DNA) OME-Zarr plate of separate cells, 13-80 px, with
   three phenotypes as classes (:func:`~simsearch_wsi.synthetic.phenotypes.make_phenotype_plate`,
   no pixel size); review = well A1 field 0, test = well A2 fields 0 and 1.
+* ``ihc regions``: scikit-image's real IHC sample with the colour-rule pseudo-truth of
+  :mod:`simsearch_wsi.eval.derived` (regions, one image: prototypes are 48 px squares inside
+  each class's region, the score is the precision of the 25 most similar suggestions per class;
+  reported beside the PR-AUC cases, not in their mean).
 
-Except for ``motifs``, the prototypes are boxes drawn tightly around the objects (the truth's
-box; a square of the cell's diameter for IHC and plate cells), as a user outlines nuclei or
-cells. P prototypes per class (``--prototypes``, default 1, 2, 5) from the review image, drawn
-with ``np.random.default_rng([case seed, P, draw])``: the same draws for every configuration.
-Every suggestion on the test images (threshold -1, no cap) is a detection ranked by
-similarity; matching as :func:`simsearch_wsi.eval.metrics.class_pr` (rank order, one-to-one)
-within the paper's radius, 0.3 x the box the user draws (the motifs' 48 px patch, else the
-median true object box of the test image). Per class: PR-AUC and the recall at precision 0.9
-(the highest recall of the curve where precision >= 0.9; 0 when never). Means over classes,
-then draws, then P.
+Except for ``motifs`` and ``ihc regions``, the prototypes are boxes drawn tightly around the
+objects (the truth's box; a square of the cell's diameter for IHC and plate cells), as a user
+outlines nuclei or cells. P prototypes per class (``--prototypes``, default 1, 2, 5) from the
+review image, drawn with ``np.random.default_rng([case seed, P, draw])``: the same draws for
+every configuration. Every suggestion on the test images (threshold -1, no cap) is a detection
+ranked by similarity; matching as :func:`simsearch_wsi.eval.metrics.class_pr` (rank order,
+one-to-one) within the paper's radius, 0.3 x the box the user draws (the motifs' 48 px patch,
+else the median true object box of the test image). Per class: PR-AUC and the recall at
+precision 0.9 (the highest recall of the curve where precision >= 0.9; 0 when never). Means over
+classes, then draws, then P.
 
 Seeds: ``--split dev`` (the default; what configurations may be chosen on) and ``--split
 held-out`` (other seeds; run only to report). Configurations: ``--configs`` from
