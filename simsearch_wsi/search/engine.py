@@ -65,6 +65,11 @@ DENSE_FINE_MAX_BYTES = 16 * 2**30
 # Cosine similarity between standardised pooled vectors; a starting point the user moves.
 DEFAULT_THRESHOLD = 0.5
 
+#: ``dense="auto"``: the dense rule applies when the prototype boxes outline objects of one size,
+#: i.e. the longest box side is at most this many times the shortest (measured:
+#: docs/evaluation.md, "Search quality suite (issue 18)")
+AUTO_DENSE_SIZE_RATIO = 2.0
+
 
 @dataclass(frozen=True)
 class SearchSettings:
@@ -83,7 +88,14 @@ class SearchSettings:
     :data:`DENSE_OBJECT_PX` analysis pixels (up to :data:`DENSE_MAX_UPSAMPLE` x upsampled), for
     objects closer together than the trunk's stride resolves; about 4x the embedding work.
     An image whose feature map would take more than ``dense_fine_max_bytes`` (cells x channels x
-    2 bytes, the whole image) is refused before embedding (:meth:`SimSearch.feature_spec`)."""
+    2 bytes, the whole image) is refused before embedding (:meth:`SimSearch.feature_spec`).
+    ``dense="auto"``: the dense rule when the prototypes' boxes agree in size (the longest side
+    at most :data:`AUTO_DENSE_SIZE_RATIO` times the shortest; :func:`resolve_dense`), else the
+    patch rule; ``dense_fine`` needs ``dense=True``.
+
+    ``expand`` (query expansion): after a first pass, the ``expand`` most similar suggestions
+    of each class on the image (above the class's threshold) join its prototypes for a second
+    pass; the suggestions are those of the second pass. 0: one pass."""
 
     tile_size: int = 1024
     batch_size: int = 4
@@ -91,14 +103,19 @@ class SearchSettings:
     min_distance_fraction: float = 1.0
     max_per_class: int = 500
     channels: tuple[str, ...] | None = None
-    dense: bool = False
+    dense: bool | str = False
     dense_fine: bool = False
     dense_fine_max_bytes: int = DENSE_FINE_MAX_BYTES
+    expand: int = 0
     #: ``"foreground"``: embed the tiles the foreground mask touches; ``"all"``: every tile
     tiles: str = "foreground"
 
     def __post_init__(self) -> None:
         check_feature_norm(self.feature_norm)
+        if not (isinstance(self.dense, bool) or self.dense == "auto"):
+            raise ConfigError(f"dense must be True, False or 'auto', got {self.dense!r}")
+        if isinstance(self.expand, bool) or not isinstance(self.expand, int) or self.expand < 0:
+            raise ConfigError(f"expand must be an integer >= 0, got {self.expand!r}")
         if self.tiles not in ("foreground", "all"):
             raise ConfigError(f"tiles must be 'foreground' or 'all', got {self.tiles!r}")
 
@@ -246,7 +263,7 @@ class SimSearch:
         """What the image's feature map for patches of ``patch_size_l0`` level-0 px is made
         with. Raises :class:`ConfigError` with ``dense_fine`` when the map would take more than
         ``settings.dense_fine_max_bytes``."""
-        fine = self.settings.dense and self.settings.dense_fine
+        fine = self.settings.dense is True and self.settings.dense_fine
         if fine:
             # small objects: a finer scale than a patch gets (measured in docs/evaluation.md)
             scale = AnalysisScale.for_patch(
@@ -374,7 +391,7 @@ class SimSearch:
                 f"prototypes: {list(classes)}"
             )
         used = {c: float(thresholds.get(c, DEFAULT_THRESHOLD)) for c in classes}
-        dense = self.settings.dense
+        dense = resolve_dense(self.settings.dense, prototypes)
         object_l0 = object_size_l0(prototypes) if dense else None
         if object_l0 is not None:  # pooled over part of the experiment's size (the object's)
             width_l0, height_l0 = (DENSE_POOL_FRACTION * v for v in patch_size_l0 or object_l0)
@@ -399,21 +416,45 @@ class SimSearch:
         if object_l0 is not None:
             _, _, ow_a, oh_a = spec.scale.box_to_analysis(BoxL0(0, 0, *object_l0))
             object_a = (ow_a, oh_a)
-        suggestions = extract_suggestions(
-            maps,
-            classes,
-            geometry=geometry,
-            spec=spec,
-            thresholds=used,
-            min_distance_a=(
-                None if dense else self.settings.min_distance_fraction * geometry.width_a
-            ),
-            max_per_class=self.settings.max_per_class,
-            exclude=here,
-            image_size_l0=image.dimensions,
-            object_size_a=object_a,
-            floor=floor,
-        )
+
+        def extract(maps: NDArray[np.float32]) -> list[Suggestion]:
+            return extract_suggestions(
+                maps,
+                classes,
+                geometry=geometry,
+                spec=spec,
+                thresholds=used,
+                min_distance_a=(
+                    None if dense else self.settings.min_distance_fraction * geometry.width_a
+                ),
+                max_per_class=self.settings.max_per_class,
+                exclude=here,
+                image_size_l0=image.dimensions,
+                object_size_a=object_a,
+                floor=floor,
+            )
+
+        suggestions = extract(maps)
+        if self.settings.expand and suggestions:
+            # query expansion: the best hits on this image join the prototypes (second pass)
+            hits = [
+                Prototype(s.class_name, s.box, image=None)
+                for c in classes
+                for s in sorted(
+                    (g for g in suggestions if g.class_name == c), key=lambda g: -g.similarity
+                )[: self.settings.expand]
+            ]
+            sim = self.similarity(
+                image,
+                [*prototypes, *hits],
+                patch_size_l0=(width_l0, height_l0),
+                scale_size_l0=max(object_l0) if object_l0 is not None else None,
+                with_mean=bool(n_background),
+                normalization=normalization,
+                open_image=open_image,
+            )
+            maps = sim.maps
+            suggestions = extract(maps)
         background: list[Suggestion] = []
         if n_background:
             avoid_boxes = [p.box for p in here] + [s.box for s in suggestions] + list(avoid)
@@ -575,6 +616,20 @@ class SimSearch:
                     )
                 )
         return parts
+
+
+def resolve_dense(mode: bool | str, prototypes: Sequence[Prototype]) -> bool:
+    """Whether the dense rule applies (:class:`SearchSettings` ``dense``): ``True``/``False`` as
+    given; ``"auto"``: when every prototype box's longest side is at most
+    :data:`AUTO_DENSE_SIZE_RATIO` times the shortest box side of them all (objects of one size,
+    whose median box is a fair object size)."""
+    if mode != "auto":
+        return bool(mode)
+    if not prototypes:
+        raise ConfigError("no prototypes given: draw at least one classified rectangle")
+    longest = max(max(p.box.width_l0, p.box.height_l0) for p in prototypes)
+    shortest = min(min(p.box.width_l0, p.box.height_l0) for p in prototypes)
+    return longest <= AUTO_DENSE_SIZE_RATIO * shortest
 
 
 def object_size_l0(prototypes: Sequence[Prototype]) -> tuple[float, float]:
