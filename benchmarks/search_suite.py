@@ -61,7 +61,7 @@ import torch
 
 from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.eval.benchmark import synthetic_benchmark
-from simsearch_wsi.eval.metrics import ClassPR, class_pr, pool_class_pr
+from simsearch_wsi.eval.metrics import ClassPR, class_pr, paper_match_radius_l0, pool_class_pr
 from simsearch_wsi.eval.truth import GroundTruth, read_truth_csv
 from simsearch_wsi.eval.user import NO_THRESHOLD, TruthImage, square_box
 from simsearch_wsi.features.backbones import build_trunk
@@ -73,8 +73,6 @@ from simsearch_wsi.search.similarity import Prototype
 
 #: precision at which recall is reported
 PRECISION_LEVEL = 0.9
-#: the paper's match radius as a fraction of the box the user draws
-RADIUS_FRACTION = 0.3
 NO_CAP = 100_000
 
 #: configuration name -> settings (every one with the per-class cap lifted)
@@ -158,7 +156,7 @@ def motifs_case(root: Path, seed: int) -> Case:
         cx, cy = review.truth.centres(c)[k]
         return square_box((float(cx), float(cy)), size)
 
-    return Case("motifs", bench.classes, review, bench.test, box, RADIUS_FRACTION * size)
+    return Case("motifs", bench.classes, review, bench.test, box, paper_match_radius_l0(size))
 
 
 def dense_case(root: Path, name: str, kind: str, seed: int, *, size: int) -> Case:
@@ -179,7 +177,7 @@ def dense_case(root: Path, name: str, kind: str, seed: int, *, size: int) -> Cas
         review,
         (test,),
         _object_box(review.truth),
-        RADIUS_FRACTION * _median_side(test.truth),
+        paper_match_radius_l0(_median_side(test.truth)),
     )
 
 
@@ -213,36 +211,83 @@ def ihc_case(root: Path, seed: int, *, size: int) -> Case:
         review,
         (test,),
         _object_box(review.truth),
-        RADIUS_FRACTION * _median_side(test.truth),
+        paper_match_radius_l0(_median_side(test.truth)),
     )
 
 
-def plate_case(root: Path, seed: int, *, size: int) -> Case:
-    from simsearch_wsi.synthetic.phenotypes import PHENOTYPES, make_phenotype_plate
+PLATE_WELLS = (("A",), ("1", "2"))
+PLATE_CELLS_PER_FIELD = 24
+
+
+def _plate_cells(root: Path, seed: int, *, size: int) -> dict[tuple[str, int], list[Any]]:
+    """The plate of ``seed`` under ``root`` and its cells per (well, field): an existing plate
+    written with the same parameters is reused (its record, written after the plate, says
+    so), so that its feature cache (keyed by the images' mtime) stays valid; else it is
+    written afresh."""
+    from simsearch_wsi.core.atomic import write_json_atomic
+    from simsearch_wsi.synthetic.phenotypes import make_phenotype_plate
 
     path = root / f"plate-{seed}.ome.zarr"
+    record = root / f"plate-{seed}.cells.json"
+    rows, columns = PLATE_WELLS
+    import hashlib
+
+    from simsearch_wsi.synthetic import phenotypes
+
+    params = {
+        # the generator's source: a changed generator writes the plate afresh
+        "generator": hashlib.sha256(Path(phenotypes.__file__).read_bytes()).hexdigest(),
+        "seed": seed,
+        "rows": list(rows),
+        "columns": list(columns),
+        "field_size": size,
+        "cells_per_field": PLATE_CELLS_PER_FIELD,
+    }
+    if path.is_dir() and record.is_file():
+        saved = json.loads(record.read_text("utf-8"))
+        if saved.get("params") == params:
+            return {(w, int(f)): cells for w, f, cells in saved["cells"]}
+    record.unlink(missing_ok=True)
     if path.exists():
         import shutil
 
         shutil.rmtree(path)
     plate = make_phenotype_plate(
-        path, rows=("A",), columns=("1", "2"), field_size=size, cells_per_field=24, seed=seed
+        path,
+        rows=rows,
+        columns=columns,
+        field_size=size,
+        cells_per_field=PLATE_CELLS_PER_FIELD,
+        seed=seed,
     )
+    cells = [
+        [w, f, [[c.x_l0, c.y_l0, c.phenotype, c.diameter_px] for c in v]]
+        for (w, f), v in plate.cells.items()
+    ]
+    write_json_atomic(record, {"params": params, "cells": cells})
+    return {(w, f): c for w, f, c in cells}
+
+
+def plate_case(root: Path, seed: int, *, size: int) -> Case:
+    from simsearch_wsi.synthetic.phenotypes import PHENOTYPES
+
+    path = root / f"plate-{seed}.ome.zarr"
+    cells = _plate_cells(root, seed, size=size)
 
     def image(well: str, f: int) -> TruthImage:
         centres: dict[str, list[tuple[float, float]]] = {c: [] for c in PHENOTYPES}
         diameters: dict[str, list[float]] = {c: [] for c in PHENOTYPES}
-        for cell in plate.cells[(well, f)]:
-            centres[cell.phenotype].append((cell.x_l0, cell.y_l0))
-            diameters[cell.phenotype].append(cell.diameter_px)
-        p = plate.field_path(well, f)
+        for x_l0, y_l0, phenotype, diameter_px in cells[(well, f)]:
+            centres[phenotype].append((float(x_l0), float(y_l0)))
+            diameters[phenotype].append(float(diameter_px))
+        p = path / well[0] / well[1:] / str(f)
         return TruthImage(p, _truth_from_cells(centres, diameters, str(p)))
 
     review = image("A1", 0)
     test = (image("A2", 0), image("A2", 1))
     side = float(np.median([_median_side(t.truth) for t in test]))
     return Case(
-        "plate", PHENOTYPES, review, test, _object_box(review.truth), RADIUS_FRACTION * side
+        "plate", PHENOTYPES, review, test, _object_box(review.truth), paper_match_radius_l0(side)
     )
 
 

@@ -94,8 +94,9 @@ class SearchSettings:
     patch rule; ``dense_fine`` needs ``dense=True``.
 
     ``expand`` (query expansion): after a first pass, the ``expand`` most similar suggestions
-    of each class on the image (above the class's threshold) join its prototypes for a second
-    pass; the suggestions are those of the second pass. 0: one pass."""
+    of each class on the image (at or above the class's threshold; a ``floor``'s candidates
+    below it never) join its prototypes for a second pass; the suggestions are those of the
+    second pass. 0: one pass."""
 
     tile_size: int = 1024
     batch_size: int = 4
@@ -114,6 +115,8 @@ class SearchSettings:
         check_feature_norm(self.feature_norm)
         if not (isinstance(self.dense, bool) or self.dense == "auto"):
             raise ConfigError(f"dense must be True, False or 'auto', got {self.dense!r}")
+        if self.dense_fine and self.dense is not True:
+            raise ConfigError(f"dense_fine needs dense=True, got dense={self.dense!r}")
         if isinstance(self.expand, bool) or not isinstance(self.expand, int) or self.expand < 0:
             raise ConfigError(f"expand must be an integer >= 0, got {self.expand!r}")
         if self.tiles not in ("foreground", "all"):
@@ -142,6 +145,9 @@ class SuggestResult:
     #: the lowest similarity asked for (candidates below a class threshold, for a viewer's
     #: live threshold); None: only suggestions above the thresholds
     floor: float | None = None
+    #: query expansion (``SearchSettings.expand``): the first pass's hits per class that joined
+    #: the prototypes for the second pass (0: one pass)
+    expand: int = 0
     #: per-class similarity heat maps (``suggest(heatmap=True)``), level-0 aligned
     heatmap: HeatMap | None = None
 
@@ -183,6 +189,7 @@ class SuggestResult:
             "suggestions_per_class": per_class,
             "above_threshold_per_class": above,
             "floor": self.floor,
+            "expand": self.expand,
             "background_candidates": len(self.background),
             "thresholds": self.thresholds,
             "analysis_scale": self.scale.to_dict(),
@@ -362,8 +369,10 @@ class SimSearch:
         experiment's patch size (default: the first prototype's box; with ``settings.dense``
         the default is the median prototype box, and features are pooled over part of it, see
         :class:`SearchSettings`). ``avoid`` boxes (labelled
-        patches) are kept out of the background candidates. ``open_image`` opens the images of
-        prototypes drawn elsewhere (default :func:`simsearch_wsi.io.open_image`).
+        patches) are kept out of the background candidates, and so are the suggestions at or
+        above their thresholds (patch rule: their boxes; dense rule: their centres, see
+        :func:`~simsearch_wsi.search.similarity.background_candidates`). ``open_image`` opens
+        the images of prototypes drawn elsewhere (default :func:`simsearch_wsi.io.open_image`).
 
         ``floor`` (a similarity): also return the candidates between it and a class's threshold,
         ranked with the others, so that a viewer can move the threshold live (see
@@ -435,15 +444,17 @@ class SimSearch:
             )
 
         suggestions = extract(maps)
-        if self.settings.expand and suggestions:
-            # query expansion: the best hits on this image join the prototypes (second pass)
-            hits = [
-                Prototype(s.class_name, s.box, image=None)
-                for c in classes
-                for s in sorted(
-                    (g for g in suggestions if g.class_name == c), key=lambda g: -g.similarity
-                )[: self.settings.expand]
-            ]
+        # query expansion: the best hits on this image join the prototypes (second pass); only
+        # suggestions at or above their class's threshold, never the floor's candidates
+        hits = [
+            Prototype(s.class_name, s.box, image=None)
+            for c in classes
+            for s in sorted(
+                (g for g in above_thresholds(suggestions, used) if g.class_name == c),
+                key=lambda g: -g.similarity,
+            )[: self.settings.expand]
+        ]
+        if hits:
             sim = self.similarity(
                 image,
                 [*prototypes, *hits],
@@ -457,19 +468,27 @@ class SimSearch:
             suggestions = extract(maps)
         background: list[Suggestion] = []
         if n_background:
-            avoid_boxes = [p.box for p in here] + [s.box for s in suggestions] + list(avoid)
+            # the floor's candidates are not suggestions: they leave the background alone
+            shown = above_thresholds(suggestions, used)
+            labelled = [p.box for p in here] + list(avoid)
             background = background_candidates(
                 maps[len(classes)],
                 geometry,
                 spec=spec,
                 n_high=n_background,
                 n_low=n_background,
-                avoid=avoid_boxes,
+                avoid=labelled if object_a is not None else labelled + [s.box for s in shown],
+                avoid_centres_l0=[s.box.center_l0 for s in shown] if object_a is not None else (),
                 image_size_l0=image.dimensions,
                 object_size_a=object_a,
             )
         t2 = time.perf_counter()
         notes = []
+        if hits:
+            notes.append(
+                f"query expansion: {len(hits)} first-pass suggestion(s) at or above the "
+                f"thresholds (up to {self.settings.expand} per class) joined the prototypes"
+            )
         if object_l0 is not None:
             notes.append(
                 f"dense objects: object size {object_l0[0]:.0f}x{object_l0[1]:.0f} px (median "
@@ -499,6 +518,7 @@ class SimSearch:
             notes=notes,
             object_size_l0=object_l0,
             floor=floor,
+            expand=self.settings.expand,
             heatmap=(
                 heatmap_l0(
                     maps,
@@ -616,6 +636,14 @@ class SimSearch:
                     )
                 )
         return parts
+
+
+def above_thresholds(
+    suggestions: Sequence[Suggestion], thresholds: dict[str, float]
+) -> list[Suggestion]:
+    """The suggestions at or above their class's threshold (``>=``; without a ``floor`` that
+    is all of them)."""
+    return [s for s in suggestions if s.similarity >= thresholds[s.class_name]]
 
 
 def resolve_dense(mode: bool | str, prototypes: Sequence[Prototype]) -> bool:

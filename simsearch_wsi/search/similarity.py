@@ -644,6 +644,37 @@ def windows_near(
     return near
 
 
+def windows_near_centres(
+    shape: tuple[int, ...],
+    centres_l0: Sequence[tuple[float, float]],
+    *,
+    geometry: PatchGeometry,
+    spec: FeatureSpec,
+    radius_a: float,
+) -> NDArray[np.bool_]:
+    """(Hp, Wp) mask of the pooled windows (map ``shape``) whose centre is closer than
+    ``radius_a`` analysis pixels (Euclidean) to any of ``centres_l0`` (level-0 (x, y))."""
+    hp, wp = shape[-2:]
+    near = np.zeros((hp, wp), dtype=bool)
+    if not centres_l0 or hp == 0 or wp == 0:
+        return near
+    x0_a, y0_a = geometry.window_center_a(0.0, 0.0)
+    s = float(geometry.stride)
+    sx, sy = spec.scale.downsample_x, spec.scale.downsample_y
+    reach = math.ceil(radius_a / s) + 1
+    for x_l0, y_l0 in centres_l0:
+        cx_a, cy_a = x_l0 / sx, y_l0 / sy
+        jc, ic = round((cx_a - x0_a) / s), round((cy_a - y0_a) / s)
+        i0, i1 = max(0, ic - reach), min(hp, ic + reach + 1)
+        j0, j1 = max(0, jc - reach), min(wp, jc + reach + 1)
+        if i0 >= i1 or j0 >= j1:
+            continue
+        wy = y0_a + s * np.arange(i0, i1)[:, None] - cy_a
+        wx = x0_a + s * np.arange(j0, j1)[None, :] - cx_a
+        near[i0:i1, j0:j1] |= wx * wx + wy * wy < radius_a * radius_a
+    return near
+
+
 def background_candidates(
     mean_map: NDArray[np.float32],
     geometry: PatchGeometry,
@@ -652,6 +683,7 @@ def background_candidates(
     n_high: int = 10,
     n_low: int = 10,
     avoid: Sequence[BoxL0] = (),
+    avoid_centres_l0: Sequence[tuple[float, float]] = (),
     image_size_l0: tuple[int, int] | None = None,
     object_size_a: tuple[float, float] | None = None,
 ) -> list[Suggestion]:
@@ -665,6 +697,12 @@ def background_candidates(
     :func:`extract_suggestions`): each candidate is a box of the object's size centred on its
     window (:func:`object_box`), the boxes are kept an object apart and clear of ``avoid``.
     Without it, the boxes are the pooled windows, a window apart.
+
+    ``avoid_centres_l0`` ((x, y) level-0 points; with ``object_size_a`` only): no candidate is
+    centred closer than :data:`DENSE_SPACING_FRACTION` of the object's shorter side to one of
+    them, the distance at which :func:`spaced_peaks` keeps two objects apart. This is how
+    object-spaced suggestions are avoided: their boxes overlap and may cover every window, but
+    a candidate that far from every suggestion centre is not one of them.
     """
     m = mean_map.copy()
     kh, kw = geometry.kernel_hw
@@ -681,8 +719,20 @@ def background_candidates(
             for b in avoid
         ]
         min_cells = max(1, math.ceil(max(object_size_a) / geometry.stride))
+    if avoid_centres_l0 and object_size_a is None:
+        raise ConfigError("background candidates avoid centres only with an object size")
     near_labelled = windows_near(m.shape, avoid, geometry=geometry, spec=spec)
     m[near_labelled] = np.nan  # away from labelled patches
+    if avoid_centres_l0 and object_size_a is not None:
+        m[
+            windows_near_centres(
+                m.shape,
+                avoid_centres_l0,
+                geometry=geometry,
+                spec=spec,
+                radius_a=DENSE_SPACING_FRACTION * min(object_size_a),
+            )
+        ] = np.nan
     high = local_maxima(m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_high)
     low = local_maxima(-m, threshold=-1.0, min_distance_cells=min_cells, max_peaks=n_low)
     return [
