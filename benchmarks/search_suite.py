@@ -260,12 +260,12 @@ def _plate_cells(root: Path, seed: int, *, size: int) -> dict[tuple[str, int], l
         cells_per_field=PLATE_CELLS_PER_FIELD,
         seed=seed,
     )
-    cells = [
-        [w, f, [[c.x_l0, c.y_l0, c.phenotype, c.diameter_px] for c in v]]
-        for (w, f), v in plate.cells.items()
-    ]
-    write_json_atomic(record, {"params": params, "cells": cells})
-    return {(w, f): c for w, f, c in cells}
+    cells: dict[tuple[str, int], list[Any]] = {
+        key: [[c.x_l0, c.y_l0, c.phenotype, c.diameter_px] for c in v]
+        for key, v in plate.cells.items()
+    }
+    write_json_atomic(record, {"params": params, "cells": [[*k, v] for k, v in cells.items()]})
+    return cells
 
 
 def plate_case(root: Path, seed: int, *, size: int) -> Case:
