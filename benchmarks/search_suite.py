@@ -42,7 +42,9 @@ lifted), the baseline row.
     .venv/bin/python benchmarks/search_suite.py --out ... --split held-out --threads 1
     .venv/bin/python benchmarks/search_suite.py --out ... --quick     # 1 draw, P = 2 only
 
-Writes ``results-<split>.json`` and ``results-<split>.md`` under --out. Results:
+Writes ``results-<split>.json`` and ``results-<split>.md`` under --out; the images go to
+``<out>/data-<split>``, feature maps to ``<out>/cache`` (the plate, the slowest to embed, is
+reused when one with the same parameters and generator is there, so its cache stays valid). Results:
 docs/evaluation.md, "Search quality suite (issue 18)".
 """
 
