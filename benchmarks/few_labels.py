@@ -11,7 +11,8 @@ with the paper's matching (3 strides of 0.1 patch), segmentation IoU against the
 boxes, and the segmented area over the true boxes' area; and, threshold-free, its PR-AUC
 (every local maximum of a class's log-odds, as ``score_model``) next to the search alone's
 from the session's prototypes, in the same run. A head written ``NAME:uN`` calibrates a search
-head on N unlabelled windows of the reviewed slide (``TrainConfig.unlabelled_windows``).
+head on N unlabelled windows of the reviewed slide (``TrainConfig.unlabelled_windows``),
+``NAME:jN`` gives ``auto`` N unlabelled windows to compare heads on (``judge_windows``).
 ``--scenes`` picks other slide triples (scene s: slides of seeds 3s, 3s+1, 3s+2; scene 0 is
 the test suite's). Run::
 
@@ -54,9 +55,10 @@ def run_head(
     head: str, slides: Any, *, root: Path, weights: str, preset: str, seed: int, background: int
 ) -> dict[str, Any]:
     """Train ``head`` on slide 0's labels and score it on slide 1 (module docstring)."""
-    head, _, extra = head.partition(":u")
-    unlabelled = int(extra) if extra else 0
-    session_dir = root / f"session-{head}-u{unlabelled}-{seed}-bg{background}"
+    label = head
+    head, *suffixes = head.split(":")
+    extra = {{"u": "unlabelled_windows", "j": "judge_windows"}[x[0]]: int(x[1:]) for x in suffixes}
+    session_dir = root / f"session-{label.replace(':', '-')}-{seed}-bg{background}"
     shutil.rmtree(session_dir, ignore_errors=True)
     session = label_from_truth(Session.create(session_dir), slides[0], background=background)
     trunk, spec, info = build_trunk("resnet18-l3", weights, seed=0)
@@ -65,9 +67,7 @@ def run_head(
     result = train_session(
         session,
         search,
-        config=TrainConfig.preset_config(preset).replace(
-            head_input=head, unlabelled_windows=unlabelled
-        ),
+        config=TrainConfig.preset_config(preset).replace(head_input=head, **extra),
         open_image=open_image,
         noisy_images=[slides[2].path],
         seed=seed,
@@ -110,8 +110,9 @@ def run_head(
         if c in MOTIFS
     }
     return {
-        "head": head if not unlabelled else f"{head}:u{unlabelled}",
+        "head": label,
         "kept": bundle.head_input,
+        "selection": bundle.metrics.get("selection", {}).get("reason"),
         "pr_auc": pr_auc,
         "search_pr_auc": search_pr_auc,
         "seed": seed,

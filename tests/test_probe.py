@@ -163,7 +163,7 @@ def test_search_head_bundle_round_trips(tmp_path: Path, synthetic_slide: Any) ->
 
 
 def test_auto_compares_three_heads_and_records_which_it_kept(
-    tmp_path: Path, labelled_session: Any, small_slides: Any
+    tmp_path: Path, labelled_session: Any, small_slides: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``auto`` with held-out patches trains the search head on the search's trunk, the
     fine-tuned trunk's linear head and the search head on the fine-tuned trunk, scores all
@@ -187,7 +187,9 @@ def test_auto_compares_three_heads_and_records_which_it_kept(
         linear_views=1,
     )
     # the session has 3 patches per class: half of them held out (2 per class); the heads are
-    # compared among 24 unlabelled windows too, and the search heads calibrated on 24 others
+    # compared among 24 unlabelled windows too (the judge, here allowed with 3 patches per
+    # class), and the search heads calibrated on 24 others
+    monkeypatch.setattr("simsearch_wsi.train.fit.JUDGE_MIN_PER_CLASS", 3)
     held = train_session(
         labelled_session,
         search,

@@ -83,6 +83,11 @@ from simsearch_wsi.train.patches import (
 #: fine-tuned trunk's by more than this (ties go to the trunk, which won most rows of the
 #: training study in docs/evaluation.md)
 SELECTION_MARGIN = 0.02
+#: ``auto`` compares heads with its judge (one held-out patch per class ranked among unlabelled
+#: windows) only when every class has at least this many labelled patches; with fewer, the
+#: search heads are not worth holding a patch out for (3 per class: the trunk's linear head
+#: ranked best, docs/evaluation.md "Training study") and ``auto`` trains as ``trunk``
+JUDGE_MIN_PER_CLASS = 5
 DEFAULT_CONFIDENCE = 0.5
 
 
@@ -135,11 +140,14 @@ class TrainConfig:
     #: training study measured 1.0 lower on every case (docs/evaluation.md, issue 27)
     linear_negatives: float = 0.0
     #: windows drawn at random from the reviewed images that calibrate a search head as
-    #: unlabelled background (:func:`simsearch_wsi.search.probe.fit_memory_head`); 0 = off
-    unlabelled_windows: int = 0
+    #: unlabelled background (:func:`simsearch_wsi.search.probe.fit_memory_head`); 0 = off.
+    #: On: the search heads' thresholded F1 rose on every few-label slide with PR-AUC equal or
+    #: higher (docs/evaluation.md, "Training study")
+    unlabelled_windows: int = 256
     #: in ``auto``, unlabelled patches drawn at random from the reviewed images that the
     #: held-out comparison of the heads ranks the held-out patches against (as background);
-    #: 0 = the held-out patches alone (:func:`_select`)
+    #: 0 = the held-out patches alone (:func:`_select`). Off: measured, it chose well on 3 of 5
+    #: cases and kept a failing linear head on 2 (docs/evaluation.md, "Training study")
     judge_windows: int = 0
     noisy_per_class: int = 64
     background_per_image: int = 48
@@ -806,7 +814,12 @@ def train_patch_model(
         max(data.patch_size_l0), encoder.window_a, config.context_a, config.jitter_a
     )
     metrics: dict[str, Any] = {"counts": data.counts(), "stages": {}}
-    judged = head_input == "auto" and search is not None and config.judge_windows > 0
+    judged = (
+        head_input == "auto"
+        and search is not None
+        and config.judge_windows > 0
+        and min(n for n in clean.class_counts().values() if n > 0) >= JUDGE_MIN_PER_CLASS
+    )
     # with a judge, one held-out patch per class ranked among the judge's unlabelled windows
     # is enough to compare heads (thresholds still need ``min_val_per_class``, below)
     min_val = 1 if judged else config.min_val_per_class
