@@ -510,7 +510,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", default="0", help="comma-separated plate seeds")
     parser.add_argument("--prototypes", type=int, default=5, help="per class (default 5)")
-    parser.add_argument("--box-px", type=float, default=40.0, help="prototype box side")
+    parser.add_argument(
+        "--box-px", type=float, default=24.0, help="prototype box side (default 24; 40 before)"
+    )
     parser.add_argument("--heads", default="search", help="train --head-input values")
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--weights", default="embedded")
