@@ -31,6 +31,10 @@ reported: recall per phenotype, missed cells, and detections on no cell.
 
     .venv/bin/python benchmarks/phenotype_plate.py --out bench_output/phenotype_plate --threads 2
 
+``--predict-extra=OPTIONS`` (repeatable) predicts again with the same trained model and extra
+``predict`` options (e.g. ``--predict-extra=--object-size-px 20``), scored alike;
+``--again`` does that on a finished run's models without redoing the loop.
+
 Writes ``results.json`` and ``results.md`` under --out. Results: docs/evaluation.md,
 "Screening plate: phenotypes of separate cells".
 """
@@ -305,27 +309,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         times[f"train {head}"] = time.perf_counter() - t
         t = time.perf_counter()
         pred = out / f"predict_{head}"
-        _run(
-            [
-                "predict",
-                p,
-                "--wells",
-                ",".join(HELD_OUT_WELLS),
-                "--model",
-                str(model),
-                "--out",
-                str(pred),
-                "--cache",
-                str(out / "cache"),
-                "--tile-size",
-                "512",
-                "--fields",
-                ",".join(str(f) for f in range(args.fields)),
-            ]
-        )
+        _predict(p, model, pred, out, args.fields, [])
         times[f"predict {head}"] = time.perf_counter() - t
         results[f"model ({head})"] = _score_models(pred, truth)
         results[f"model ({head}) at cell centres"] = _score_centres(pred, truth)
+        # the same model, predicted again with extra options (e.g. --object-size-px 20)
+        for k, extra in enumerate(args.predict_extra or []):
+            t = time.perf_counter()
+            alt = out / f"predict_{head}_extra{k}"
+            _predict(p, model, alt, out, args.fields, extra.split(), no_zarr=True)
+            times[f"predict {head} {extra}"] = time.perf_counter() - t
+            results[f"model ({head}) {extra}"] = _score_models(alt, truth)
     return {
         "seed": args.seed,
         "prototypes_per_class": args.prototypes,
@@ -339,6 +333,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _predict(
+    plate: str,
+    model: Path,
+    pred: Path,
+    out: Path,
+    fields: int,
+    extra: list[str],
+    *,
+    no_zarr: bool = False,
+) -> None:
+    """``predict`` on the held-out wells' first ``fields`` fields into ``pred``."""
+    _run(
+        [
+            "predict",
+            plate,
+            "--wells",
+            ",".join(HELD_OUT_WELLS),
+            "--model",
+            str(model),
+            "--out",
+            str(pred),
+            "--cache",
+            str(out / "cache"),
+            "--tile-size",
+            "512",
+            "--fields",
+            ",".join(str(f) for f in range(fields)),
+            *(["--no-zarr"] if no_zarr else []),
+            *extra,
+        ]
+    )
 
 
 def _score_models(
@@ -443,12 +470,49 @@ def rescore(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {**row, "results": results}
 
 
+def again(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Predict again with each ``--predict-extra`` using a finished run's trained models (its
+    plate, cache and ``model_<head>.zip`` under ``folder``); scored as in :func:`run`."""
+    import tempfile
+
+    row = json.loads((folder.parent / "results.json").read_text())[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        plate = make_phenotype_plate(
+            Path(tmp) / "screen.ome.zarr",
+            rows=ROWS,
+            columns=COLUMNS,
+            fields_per_well=2,
+            field_size=512,
+            cells_per_field=24,
+            mpp=None,
+            seed=row["seed"],
+        )
+    truth = {(w, f): plate.cells[(w, f)] for w in HELD_OUT_WELLS for f in range(args.fields)}
+    results: dict[str, Any] = {}
+    times: dict[str, float] = {}
+    p = str(folder / "screen.ome.zarr")
+    for head in args.heads.split(","):
+        model = folder / f"model_{head}.zip"
+        results[f"model ({head})"] = _score_models(folder / f"predict_{head}", truth)
+        for extra in args.predict_extra or []:
+            t = time.perf_counter()
+            alt = folder / f"predict_{head}_again_{'_'.join(extra.split()).strip('-')}"
+            if alt.exists():
+                shutil.rmtree(alt)
+            _predict(p, model, alt, folder, args.fields, extra.split(), no_zarr=True)
+            times[f"predict {head} {extra}"] = round(time.perf_counter() - t, 1)
+            results[f"model ({head}) {extra}"] = _score_models(alt, truth)
+    return {**row, "results": results, "seconds": times}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", default="0", help="comma-separated plate seeds")
     parser.add_argument("--prototypes", type=int, default=5, help="per class (default 5)")
-    parser.add_argument("--box-px", type=float, default=40.0, help="prototype box side")
+    parser.add_argument(
+        "--box-px", type=float, default=24.0, help="prototype box side (default 24; 40 before)"
+    )
     parser.add_argument("--heads", default="search", help="train --head-input values")
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--weights", default="embedded")
@@ -466,11 +530,28 @@ def main() -> None:
     parser.add_argument(
         "--rescore", action="store_true", help="score the finished runs under --out again"
     )
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="predict again with each --predict-extra using the finished runs' models under --out",
+    )
     parser.add_argument("--skip-search", action="store_true", help="score the trained models only")
+    parser.add_argument(
+        "--predict-extra",
+        action="append",
+        metavar="OPTIONS",
+        help="predict again with these extra options (one string, e.g. '--object-size-px 20'), "
+        "same model; repeatable",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     root = Path(args.out)
+    if args.again:
+        rows = [again(root / f"seed{s}", args) for s in args.seeds.split(",")]
+        (root / "again.json").write_text(json.dumps(rows, indent=1))
+        print(_markdown(rows))
+        return
     if args.rescore:
         rows = [rescore(root / f"seed{s}", args) for s in args.seeds.split(",")]
         (root / "results.json").write_text(json.dumps(rows, indent=1))

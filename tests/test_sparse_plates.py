@@ -416,3 +416,78 @@ def test_plate_fields_share_one_foreground_normalisation(cell_plate: Any) -> Non
     assert na.to_dict() == nb.to_dict()
     gfp = na.channel_names.index("GFP")
     assert na.high[gfp] > 2 * alone.high[gfp]
+
+
+def test_plate_field_through_the_server_routes(cell_plate: Any, tmp_path: Path) -> None:
+    """The review loop's routes on a plate field given by path (no training): suggest
+    with prototypes and background candidates, review, the session's summary, an embed job on
+    a plate's selected wells and fields, and a predict job that names a well the plate does
+    not have (refused before any work). The full loop with training:
+    :func:`test_plate_loop_through_the_server` (slow)."""
+    import time
+    import warnings
+
+    from starlette.exceptions import StarletteDeprecationWarning
+
+    with warnings.catch_warnings():  # as tests/test_server.py: httpx works the same here
+        warnings.simplefilter("ignore", StarletteDeprecationWarning)
+        from fastapi.testclient import TestClient
+
+    from simsearch_wsi.features.backbones import build_trunk
+    from simsearch_wsi.features.cache import FeatureCache
+    from simsearch_wsi.features.extractor import FeatureExtractor
+    from simsearch_wsi.search.engine import SearchSettings, SimSearch
+    from simsearch_wsi.server import create_app
+
+    trunk, spec, info = build_trunk(weights="random", seed=0)
+    search = SimSearch(
+        FeatureExtractor(trunk, spec, info, autocast=False),
+        FeatureCache(tmp_path / "cache"),
+        settings=SearchSettings(tile_size=256),
+    )
+    allowed = cell_plate.path.parent.resolve()
+    field = cell_plate.field_path("A1", 0)
+    # 80 px patches: the field is embedded at a third of the analysis size of 40 px ones
+    path = _prototypes(cell_plate, "A1", 0, tmp_path / "p.geojson", size=80)
+    protos = json.loads(path.read_text())
+    session = allowed / "http-routes-session"
+    app = create_app(search, allowed_roots=[allowed])
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        body = {"image": str(field), "annotations": protos, "session": str(session)}
+        r = client.post("/api/v1/suggest", json={**body, "background": 2})
+        assert r.status_code == 200, r.text
+        found = r.json()
+        kinds = {f["properties"]["classification"]["name"] for f in found["features"]}
+        assert "background" in kinds and kinds - {"background"} <= set(PHENOTYPES)
+        r = client.post(
+            "/api/v1/review",
+            json={"image": str(field), "annotations": found, "session": str(session)},
+        )
+        assert r.status_code == 200, r.text
+        r = client.get("/api/v1/session", params={"dir": str(session)})
+        assert r.status_code == 200, r.text
+        assert set(r.json()["classes"]) == set(PHENOTYPES)
+        assert str(field) in json.dumps(r.json())
+        r = client.post(
+            "/api/v1/jobs/embed",
+            json={"images": [str(cell_plate.path)], "wells": ["B2"], "fields": [0]},
+        )
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        deadline = time.monotonic() + 60
+        while (job := client.get(f"/api/v1/jobs/{job_id}").json())["state"] not in (
+            "done",
+            "failed",
+            "cancelled",
+        ):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert job["state"] == "done", job
+        assert [Path(i["image"]) for i in job["result"]["images"]] == [
+            cell_plate.field_path("B2", 0)
+        ]
+        pred = {"images": [str(cell_plate.path)], "model": str(allowed / "no-model.zip")}
+        r = client.post(
+            "/api/v1/jobs/predict", json={**pred, "out": str(allowed / "p"), "wells": ["Z9"]}
+        )
+        assert r.status_code == 400 and "its wells are A1, A2, B1, B2" in r.text
