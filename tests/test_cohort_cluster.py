@@ -320,3 +320,54 @@ def test_force_and_overwrite_are_one_option_of_predict_and_cohort(command: str, 
     common = ["x.tiff", "--model", "m.zip", "--out", "o"]
     assert build_parser().parse_args([command, *common, flag]).force is True
     assert build_parser().parse_args([command, *common]).force is False
+
+
+def test_an_image_renamed_by_a_later_run_is_counted_once_in_the_table(tmp_path: Path) -> None:
+    """Review of issue 29: output stems depend on the whole cohort (a second ``slide.tiff``
+    turns ``slide`` into ``b1_slide``), so a later run may name an input finished before
+    otherwise; the cohort table takes that input's rows from this run's name only, while the
+    rows of other images finished in the folder stay."""
+    from simsearch_wsi.infer.predict import PredictResult, PredictSettings, _run_record, table_rows
+
+    settings = PredictSettings()
+    record = _run_record("digest", settings)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def finished(stem: str, image: Path) -> None:
+        mask = out / f"{stem}.mask.png"
+        mask.write_bytes(b"")
+        rows = [{"image": str(image), "class": "A", "count": 1}]
+        result = PredictResult(str(image), stem, {"mask": str(mask)}, {"A": 1}, rows, 0.1)
+        doc = {"run": record, "input": {"path": str(image)}, "result": result.to_dict()}
+        (out / f"{stem}.predict.json").write_text(json.dumps(doc))
+
+    b1, b2, other = (
+        tmp_path / "b1" / "slide.tiff",
+        tmp_path / "b2" / "slide.tiff",
+        tmp_path / "o.tif",
+    )
+    finished("slide", b1)  # the first run: b1 alone
+    finished("o", other)  # an image of another run into the same folder
+    finished("b1_slide", b1)  # the second run: b1 and b2
+    finished("b2_slide", b2)
+    stems = {str(b1): "b1_slide", str(b2): "b2_slide"}
+    rows = table_rows(out, "digest", settings=settings, results=[], stems=stems)
+    assert sorted(r["image"] for r in rows) == sorted([str(b1), str(b2), str(other)])
+    # without this run's names (predict): every record, as before
+    assert len(table_rows(out, "digest", settings=settings, results=[])) == 4
+
+
+def test_output_names_differing_only_in_case_are_qualified(tmp_path: Path) -> None:
+    """``Slide.tiff`` and ``slide.tiff`` would write the same files on macOS and Windows."""
+    entries = [
+        CohortEntry(str(tmp_path / "a" / "Slide.tiff")),
+        CohortEntry(str(tmp_path / "b" / "slide.tiff")),
+    ]
+    assert [t.stem for t in cohort_targets(entries)] == ["a_Slide", "b_slide"]
+    clash = [
+        CohortEntry(str(tmp_path / "Slide.tiff")),
+        CohortEntry(str(tmp_path / "x.tiff"), name="slide"),
+    ]
+    with pytest.raises(ConfigError, match=r"would both write"):
+        cohort_targets(clash)
