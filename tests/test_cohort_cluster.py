@@ -91,6 +91,18 @@ def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def inprocess_scheduler() -> Iterator[str]:
+    """The address of a Dask cluster inside this process (one worker thread): for the tests
+    that need a cluster but not separate processes, so that the worker finds torch and the
+    library already imported (the separate-process cluster, :func:`scheduler`, costs tens of
+    seconds on a loaded 2-core machine for its first task alone)."""
+    with distributed.LocalCluster(
+        processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="module")
 def nested_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``data/cohort.csv`` naming, relative to itself, ``b1/slide.tiff`` and ``b2/slide.tiff``
     (the same file name in two patient folders), ``top.png`` (no pixel size) and a truncated
@@ -207,7 +219,7 @@ def test_a_relative_manifest_on_an_external_cluster_logs_resumes_and_names_neste
 
 def test_a_finished_cohort_reruns_without_a_cluster(
     tmp_path: Path,
-    scheduler: str,
+    inprocess_scheduler: str,
     nested_cohort: dict[str, Any],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -217,7 +229,7 @@ def test_a_finished_cohort_reruns_without_a_cluster(
     manifest = _write_csv(tmp_path / "m.csv", [{"path": str(data / "b1" / "slide.tiff")}])
     args = ["cohort", "--manifest", str(manifest), "--model", str(nested_cohort["model"])]
     args += ["--out", str(tmp_path / "out")]
-    assert main([*args, "--scheduler", scheduler]) == 0
+    assert main([*args, "--scheduler", inprocess_scheduler]) == 0
     capsys.readouterr()
 
     def refuse(*a: object, **k: object) -> None:
@@ -233,13 +245,13 @@ def test_a_finished_cohort_reruns_without_a_cluster(
 
 
 def test_workers_that_do_not_see_the_inputs_are_refused_with_one_error(
-    tmp_path: Path, scheduler: str
+    tmp_path: Path, inprocess_scheduler: str
 ) -> None:
     """The check runs on the workers themselves (here: an input the client has but the
     workers cannot see is played by a path that exists nowhere)."""
     out = tmp_path / "out"
     out.mkdir()
-    with distributed.Client(scheduler, timeout="30s") as client:
+    with distributed.Client(inprocess_scheduler, timeout="30s") as client:
         check_workers_see(client, [str(out)], out)  # the same machine: all seen
         with pytest.raises(ConfigError, match=r"1 of 1 Dask workers do not see .*1 of 2 inputs"):
             check_workers_see(client, [str(out), str(tmp_path / "elsewhere.tiff")], out)
