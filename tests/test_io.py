@@ -574,3 +574,18 @@ def test_a_tile_without_data_is_never_a_silent_black_tile(tmp_path: Path) -> Non
             r"\(a sparse TIFF",
         ):
             img.read_region((0, 0), 0, (64, 64))
+
+
+def test_odd_imagej_metadata_is_not_taken_for_a_damaged_file(tmp_path: Path) -> None:
+    """Review of issue 24: tifffile logs "ImageJ series metadata invalid or corrupted file" for
+    an ImageJ description that disagrees with the pages and reads the file as a generic
+    series; the open-time structure check must not refuse it (only a broken IFD chain or
+    SubIFDs are damage)."""
+    pixels = np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    path = tmp_path / "imagej.tif"
+    tifffile.imwrite(path, pixels, imagej=True, photometric="rgb")
+    with tifffile.TiffFile(path, mode="r+") as tf:
+        tag = tf.pages[0].tags["ImageDescription"]  # type: ignore[union-attr]
+        tag.overwrite(str(tag.value).replace("images=1", "images=0"))
+    with open_image(path) as img:
+        np.testing.assert_array_equal(img.read_region((0, 0), 0, (64, 64)), pixels)

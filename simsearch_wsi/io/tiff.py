@@ -230,9 +230,16 @@ class _StructureLog(logging.Handler):
     turns what was logged into a :class:`CorruptImageError`.
     """
 
-    # tifffile's words for a broken IFD chain or SubIFDs, not for odd metadata (an OME series
-    # it cannot lay out falls back to a generic one and the file reads fine)
-    _WORDS = ("corrupted", "invalid page offset", "invalid offset to page", "invalid SubIFDs")
+    # tifffile's words for a broken IFD chain or SubIFDs, not for odd metadata: an ImageJ or
+    # shaped series whose description disagrees with the pages ("... metadata invalid or
+    # corrupted file") or a bad GeoTIFF key falls back to a generic series and reads fine
+    _WORDS = (
+        "corrupted tag list",
+        "corrupted IFD structure",
+        "invalid page offset",
+        "invalid offset to page",
+        "invalid SubIFDs",
+    )
 
     def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
