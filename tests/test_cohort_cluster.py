@@ -91,6 +91,18 @@ def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def inprocess_scheduler() -> Iterator[str]:
+    """The address of a Dask cluster inside this process (one worker thread): for the tests
+    that need a cluster but not separate processes, so that the worker finds torch and the
+    library already imported (the separate-process cluster, :func:`scheduler`, costs tens of
+    seconds on a loaded 2-core machine for its first task alone)."""
+    with distributed.LocalCluster(
+        processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="module")
 def nested_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``data/cohort.csv`` naming, relative to itself, ``b1/slide.tiff`` and ``b2/slide.tiff``
     (the same file name in two patient folders), ``top.png`` (no pixel size) and a truncated
@@ -207,7 +219,7 @@ def test_a_relative_manifest_on_an_external_cluster_logs_resumes_and_names_neste
 
 def test_a_finished_cohort_reruns_without_a_cluster(
     tmp_path: Path,
-    scheduler: str,
+    inprocess_scheduler: str,
     nested_cohort: dict[str, Any],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -217,7 +229,7 @@ def test_a_finished_cohort_reruns_without_a_cluster(
     manifest = _write_csv(tmp_path / "m.csv", [{"path": str(data / "b1" / "slide.tiff")}])
     args = ["cohort", "--manifest", str(manifest), "--model", str(nested_cohort["model"])]
     args += ["--out", str(tmp_path / "out")]
-    assert main([*args, "--scheduler", scheduler]) == 0
+    assert main([*args, "--scheduler", inprocess_scheduler]) == 0
     capsys.readouterr()
 
     def refuse(*a: object, **k: object) -> None:
@@ -233,13 +245,13 @@ def test_a_finished_cohort_reruns_without_a_cluster(
 
 
 def test_workers_that_do_not_see_the_inputs_are_refused_with_one_error(
-    tmp_path: Path, scheduler: str
+    tmp_path: Path, inprocess_scheduler: str
 ) -> None:
     """The check runs on the workers themselves (here: an input the client has but the
     workers cannot see is played by a path that exists nowhere)."""
     out = tmp_path / "out"
     out.mkdir()
-    with distributed.Client(scheduler, timeout="30s") as client:
+    with distributed.Client(inprocess_scheduler, timeout="30s") as client:
         check_workers_see(client, [str(out)], out)  # the same machine: all seen
         with pytest.raises(ConfigError, match=r"1 of 1 Dask workers do not see .*1 of 2 inputs"):
             check_workers_see(client, [str(out), str(tmp_path / "elsewhere.tiff")], out)
@@ -320,3 +332,54 @@ def test_force_and_overwrite_are_one_option_of_predict_and_cohort(command: str, 
     common = ["x.tiff", "--model", "m.zip", "--out", "o"]
     assert build_parser().parse_args([command, *common, flag]).force is True
     assert build_parser().parse_args([command, *common]).force is False
+
+
+def test_an_image_renamed_by_a_later_run_is_counted_once_in_the_table(tmp_path: Path) -> None:
+    """Review of issue 29: output stems depend on the whole cohort (a second ``slide.tiff``
+    turns ``slide`` into ``b1_slide``), so a later run may name an input finished before
+    otherwise; the cohort table takes that input's rows from this run's name only, while the
+    rows of other images finished in the folder stay."""
+    from simsearch_wsi.infer.predict import PredictResult, PredictSettings, _run_record, table_rows
+
+    settings = PredictSettings()
+    record = _run_record("digest", settings)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def finished(stem: str, image: Path) -> None:
+        mask = out / f"{stem}.mask.png"
+        mask.write_bytes(b"")
+        rows = [{"image": str(image), "class": "A", "count": 1}]
+        result = PredictResult(str(image), stem, {"mask": str(mask)}, {"A": 1}, rows, 0.1)
+        doc = {"run": record, "input": {"path": str(image)}, "result": result.to_dict()}
+        (out / f"{stem}.predict.json").write_text(json.dumps(doc))
+
+    b1, b2, other = (
+        tmp_path / "b1" / "slide.tiff",
+        tmp_path / "b2" / "slide.tiff",
+        tmp_path / "o.tif",
+    )
+    finished("slide", b1)  # the first run: b1 alone
+    finished("o", other)  # an image of another run into the same folder
+    finished("b1_slide", b1)  # the second run: b1 and b2
+    finished("b2_slide", b2)
+    stems = {str(b1): "b1_slide", str(b2): "b2_slide"}
+    rows = table_rows(out, "digest", settings=settings, results=[], stems=stems)
+    assert sorted(r["image"] for r in rows) == sorted([str(b1), str(b2), str(other)])
+    # without this run's names (predict): every record, as before
+    assert len(table_rows(out, "digest", settings=settings, results=[])) == 4
+
+
+def test_output_names_differing_only_in_case_are_qualified(tmp_path: Path) -> None:
+    """``Slide.tiff`` and ``slide.tiff`` would write the same files on macOS and Windows."""
+    entries = [
+        CohortEntry(str(tmp_path / "a" / "Slide.tiff")),
+        CohortEntry(str(tmp_path / "b" / "slide.tiff")),
+    ]
+    assert [t.stem for t in cohort_targets(entries)] == ["a_Slide", "b_slide"]
+    clash = [
+        CohortEntry(str(tmp_path / "Slide.tiff")),
+        CohortEntry(str(tmp_path / "x.tiff"), name="slide"),
+    ]
+    with pytest.raises(ConfigError, match=r"would both write"):
+        cohort_targets(clash)

@@ -213,6 +213,9 @@ def test_cache_reuse_invalidation_and_resume(he_crop: ArraySource, tmp_path: Pat
     assert done_first == 8 < total
     fresh = FeatureCache(tmp_path / "fresh").get_or_compute(he_crop, ex, spec=spec_r)
     np.testing.assert_array_equal(resumed.read(), fresh.read())
+    # and the same statistics, to the byte (a resumed run writes what a fresh one does)
+    np.testing.assert_array_equal(resumed.channel_mean, fresh.channel_mean)
+    np.testing.assert_array_equal(resumed.channel_std, fresh.channel_std)
 
 
 def test_cache_invalidated_when_file_changes(tmp_path: Path, extractor: FeatureExtractor) -> None:
@@ -368,12 +371,14 @@ def test_resume_after_crash_before_rename_and_corrupt_partial(
     done = cache.get_or_compute(he_crop, extractor, spec=spec)  # resumes, rewrites the statistics
     assert done.computed.all() and done.channel_std.shape == (256,)
     # statistics summed while embedding (a fresh entry) == read back from the store (the resumed
-    # entry, every tile from the interrupted run) == recomputed from the stored features
+    # entry, every tile from the interrupted run) == recomputed from the stored features, to the
+    # byte (the sums run in the same order), so a resumed run writes what a fresh one does
     fresh = FeatureCache(tmp_path / "fresh").get_or_compute(he_crop, extractor, spec=spec)
     mean, std = featurecache._channel_stats(fresh.array, fresh.computed, 256 // extractor.stride)
+    np.testing.assert_array_equal(np.asarray(done.array[:]), np.asarray(fresh.array[:]))
     for fmap in (fresh, done):
-        np.testing.assert_allclose(fmap.channel_mean, mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(fmap.channel_std, std, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(fmap.channel_mean, mean)
+        np.testing.assert_array_equal(fmap.channel_std, std)
     assert fresh.array.compressors[0].level == 1  # zstd level 1 (issue 24)
     # a partial folder that is not a readable store is discarded and recomputed
     spec2 = make_feature_spec(
@@ -495,3 +500,38 @@ def test_fused_uint8_rgb_input_equals_the_step_by_step_one(extractor: FeatureExt
     via_fused = extractor(nhwc, rgb=True, normalization=norm)
     via_apply = extractor(norm.apply(nhwc.astype(np.float32)), rgb=True)
     torch.testing.assert_close(via_fused, via_apply, atol=1e-3, rtol=1e-3)
+
+
+def test_fused_input_matches_the_step_by_step_one_under_bf16_autocast(
+    extractor: FeatureExtractor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of issue 24: the fused uint8 input is float32 on both precision paths; under the
+    CPU's bf16 autocast the features of the fused and the step-by-step input differ by no more
+    than bf16 itself moves them from float32 (the trunk rounds both inputs alike)."""
+    from simsearch_wsi.features.preprocess import ChannelNormalization
+
+    pixels = np.random.default_rng(7).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    norm = ChannelNormalization(
+        low=(20.0, 35.0, 0.0),
+        high=(230.0, 200.0, 255.0),
+        channel_names=("R", "G", "B"),
+        method="fixed-range",
+    )
+    assert extractor.autocast_dtype == torch.bfloat16  # the CPU's autocast type
+
+    def features(*, bf16: bool, fused: bool) -> torch.Tensor:
+        with monkeypatch.context() as mp:
+            mp.setattr(extractor, "autocast", bf16)
+            if not fused:
+                mp.setattr(extractor, "_fused_rgb_input", lambda x, n: None)
+            prepared = extractor.prepare(pixels, rgb=True, normalization=norm)
+            assert prepared.x.dtype == torch.float32  # autocast starts at the trunk
+            return extractor(prepared, rgb=True)
+
+    fp32_fused, fp32_steps = features(bf16=False, fused=True), features(bf16=False, fused=False)
+    torch.testing.assert_close(fp32_fused, fp32_steps, atol=1e-4, rtol=1e-4)
+    bf16_fused, bf16_steps = features(bf16=True, fused=True), features(bf16=True, fused=False)
+    bf16_error = (bf16_steps - fp32_steps).abs().max().item()
+    assert bf16_error > 0  # autocast really ran in bf16
+    assert (bf16_fused - bf16_steps).abs().max().item() <= bf16_error
+    assert (bf16_fused - fp32_fused).abs().max().item() <= 2 * bf16_error

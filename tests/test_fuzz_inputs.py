@@ -9,9 +9,11 @@ damaged-but-usable inputs (a Z stack, NaN pixels) must instead succeed. The dama
 prototypes also go through the HTTP server (``test_server_refuses_damaged_inputs``): a 4xx with a
 one-line JSON error, nothing half-written in its cache.
 
-All cases run in **one** child interpreter (``python -c`` calling ``simsearch_wsi.cli``'s main per
-case with stdout/stderr redirected): stderr there is the real stderr a user sees, with no pytest
-logging capture in between, and torch is imported once. Grow the suite by adding a case to
+The cases run in **one** child interpreter per part (``python -c`` calling ``simsearch_wsi.cli``'s
+main per case with stdout/stderr redirected): stderr there is the real stderr a user sees, with no
+pytest logging capture in between, and torch is imported once. The default part runs every case
+at least once; ``-m slow`` adds ``suggest`` on the images ``info`` already refuses, ``suggest`` on
+the usable inputs (:func:`_is_slow`). Grow the suite by adding a case to
 ``CASES`` (or ``USABLE``): a builder that writes the input under a folder and returns its path.
 """
 
@@ -595,7 +597,13 @@ CASES = [
     # issue 24
     Case("pyramid-cut-to-20kB", pyramid_cut_to_20kb, BOTH, "file is truncated"),
     Case("pyramid-levels-cut-off", pyramid_levels_cut_off, BOTH, "TIFF structure is damaged"),
-    Case("tile-without-data", tile_without_data, BOTH, "tiles or strips of level 0 have no data"),
+    # a sparse TIFF opens (info works); reading the tile without data is refused, naming it
+    Case(
+        "tile-without-data",
+        tile_without_data,
+        SUGGEST,
+        "tile (row 0, column 1) of level 0 at x=64..128, y=0..64 has no data",
+    ),
     Case("tile-offset-past-end", tile_offset_past_end, BOTH, "tile or strip 2 of 16 lies past"),
     Case("size-needs-more-tiles", size_needs_more_tiles, BOTH, "which needs 536870912 tiles"),
     Case("garbled-jpeg-tile", garbled_jpeg_tile, SUGGEST, "tile (row 1, column 1) of level 0"),
@@ -662,25 +670,28 @@ USABLE = [
     ("ome-tiff-z-stack", ome_tiff_z_stack, BOTH),
     ("ome-tiff-t-z-c", ome_tiff_time_series, ("info",)),
     ("float-nan-inf", float_with_nan_and_inf, BOTH),
+    ("sparse-tiff", tile_without_data, ("info",)),  # valid for libtiff/OpenSlide: opens
 ]
 
 
 # --- the child interpreter ----------------------------------------------------------------------
 _DRIVER = r"""
-import contextlib, io, json, sys, traceback
+import contextlib, io, json, sys, time, traceback
 from simsearch_wsi.cli.main import main
 
 runs = json.loads(open(sys.argv[1]).read())
 results = {}
 for run in runs:
     out, err = io.StringIO(), io.StringIO()
+    t0 = time.perf_counter()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(run["argv"])
         except BaseException:  # a crash: what the user would see
             traceback.print_exc()
             code = "crash"
-    results[run["id"]] = {"code": code, "stderr": err.getvalue()}
+    seconds = time.perf_counter() - t0
+    results[run["id"]] = {"code": code, "stderr": err.getvalue(), "seconds": seconds}
 with open(sys.argv[2], "w") as fh:
     json.dump(results, fh)
 """
@@ -748,16 +759,28 @@ def _written(out: Path | None) -> bool:
     return not out.is_dir() or any(out.iterdir())
 
 
-@pytest.fixture(scope="module")
-def fuzz_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Build every input, digest it, run every command on it in one child, digest again."""
-    root = tmp_path_factory.mktemp("fuzz")
+def _is_slow(case_name: str, command: str) -> bool:
+    """The runs left to ``-m slow``: ``suggest`` on an image ``info`` already refuses (the same
+    open, about 0.4 s each for the trunk ``suggest`` builds first) and ``suggest`` on the usable
+    odd inputs (a real embedding and search, seconds each). Every other run, ``info`` of those
+    images included, is in the default part."""
+    if command != "suggest":
+        return False
+    case = next((c for c in CASES if c.name == case_name), None)
+    return case is None or "info" in case.commands
+
+
+def _run_suite(root: Path, *, slow: bool) -> dict[str, Any]:
+    """Build the inputs of the runs selected by ``slow`` (:func:`_is_slow`), digest them, run
+    every command on them in one child, digest again."""
     runs: list[Run] = []
     items = [(c.name, c.build, c.commands, c.role, c.extra) for c in CASES] + [
         (name, build, commands, "image", ()) for name, build, commands in USABLE
     ]
     for name, build, commands, role, extra in items:
         for command in commands:
+            if _is_slow(name, command) != slow:
+                continue
             d = root / f"{name}-{command}"
             d.mkdir()
             annotations = d / "prototypes.geojson"
@@ -807,15 +830,38 @@ def fuzz_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return results
 
 
+@pytest.fixture(scope="module")
+def fuzz_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The default part of the suite, run in one child."""
+    return _run_suite(tmp_path_factory.mktemp("fuzz"), slow=False)
+
+
+@pytest.fixture(scope="module")
+def fuzz_results_slow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The rest (:func:`_is_slow`), run in another child."""
+    return _run_suite(tmp_path_factory.mktemp("fuzz_slow"), slow=True)
+
+
+def _results(request: pytest.FixtureRequest, case_name: str, command: str) -> dict[str, Any]:
+    slow = _is_slow(case_name, command)
+    results: dict[str, Any] = request.getfixturevalue(
+        "fuzz_results_slow" if slow else "fuzz_results"
+    )
+    return results
+
+
+def _param(case_name: str, command: str, *values: Any) -> Any:
+    marks = [pytest.mark.slow] if _is_slow(case_name, command) else []
+    return pytest.param(*values, marks=marks, id=f"{case_name}/{command}")
+
+
 @pytest.mark.parametrize(
-    ("case", "command"),
-    [(c, cmd) for c in CASES for cmd in c.commands],
-    ids=[f"{c.name}/{cmd}" for c in CASES for cmd in c.commands],
+    ("case", "command"), [_param(c.name, cmd, c, cmd) for c in CASES for cmd in c.commands]
 )
 def test_damaged_input_is_one_line_and_untouched(
-    fuzz_results: dict[str, Any], case: Case, command: str
+    request: pytest.FixtureRequest, case: Case, command: str
 ) -> None:
-    r = fuzz_results[f"{case.name}/{command}"]
+    r = _results(request, case.name, command)[f"{case.name}/{command}"]
     err: str = r["stderr"]
     assert "Traceback" not in err, err
     assert r["code"] == 1, err
@@ -831,25 +877,27 @@ def test_damaged_input_is_one_line_and_untouched(
 
 
 @pytest.mark.parametrize(
-    ("name", "command"),
-    [(n, cmd) for n, _, cmds in USABLE for cmd in cmds],
-    ids=[f"{n}/{cmd}" for n, _, cmds in USABLE for cmd in cmds],
+    ("name", "command"), [_param(n, cmd, n, cmd) for n, _, cmds in USABLE for cmd in cmds]
 )
 def test_usable_odd_input_succeeds_and_is_untouched(
-    fuzz_results: dict[str, Any], name: str, command: str
+    request: pytest.FixtureRequest, name: str, command: str
 ) -> None:
-    """A Z/T stack (first plane used) and a float image with NaN/inf pixels (background) work."""
-    r = fuzz_results[f"{name}/{command}"]
+    """A Z/T stack (first plane used), a float image with NaN/inf pixels (background) and a
+    sparse TIFF (info: metadata only) work."""
+    r = _results(request, name, command)[f"{name}/{command}"]
     assert r["code"] == 0, r["stderr"]
     assert _messages(r["stderr"]) == []
     assert r["unchanged"]
     assert r["out_written"] == (command == "suggest")
 
 
-def test_child_interpreter_left_no_noise(fuzz_results: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "part", ["fuzz_results", pytest.param("fuzz_results_slow", marks=pytest.mark.slow)]
+)
+def test_child_interpreter_left_no_noise(request: pytest.FixtureRequest, part: str) -> None:
     """Nothing on stderr outside the commands: no "Task was destroyed but it is pending!" at
     exit, no logging from tifffile or asyncio."""
-    assert fuzz_results["__child_stderr__"] == ""
+    assert request.getfixturevalue(part)["__child_stderr__"] == ""
 
 
 # --- the same inputs through the HTTP server ----------------------------------------------------

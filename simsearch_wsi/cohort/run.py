@@ -323,12 +323,13 @@ def cohort_targets(
     targets = _name_outputs(targets, names)
     seen: dict[str, str] = {}
     for t in targets:
-        if t.stem in seen:
+        key = t.stem.casefold()  # one file on case-insensitive file systems
+        if key in seen:
             raise ConfigError(
-                f"{t.path} and {seen[t.stem]} would both write {t.stem}.*; give the manifest "
+                f"{t.path} and {seen[key]} would both write {t.stem}.*; give the manifest "
                 "an 'id' column with a unique name for each image"
             )
-        seen[t.stem] = t.path
+        seen[key] = t.path
     return targets
 
 
@@ -354,7 +355,8 @@ def _name_outputs(
         return out
 
     chosen = stems(False)
-    if len(set(chosen)) < len(chosen):
+    # casefolded: on macOS and Windows file systems Slide.* and slide.* are the same files
+    if len({c.casefold() for c in chosen}) < len(chosen):
         chosen = stems(True)
     return [dataclasses.replace(t, stem=s) for t, s in zip(targets, chosen, strict=True)]
 
@@ -679,7 +681,9 @@ def run_cohort(
                 progress(CohortTick(image, total=len(targets), elapsed_s=elapsed, **counts))
     finished = [i for i in images if i is not None]
     # every image finished in this folder with this model and settings (this run's included)
-    rows = table_rows(out_dir, digest, settings=settings, results=[])
+    rows = table_rows(
+        out_dir, digest, settings=settings, results=[], stems={t.path: t.stem for t in targets}
+    )
     table = write_table(out_dir / "quantification.csv", rows) if rows else None
     plots: dict[str, Path] = {}
     if table is not None:

@@ -181,7 +181,7 @@ class FeatureCache:
             )
         feats_arr, computed_arr = group["features"], group["computed"]
         computed = np.asarray(computed_arr[:]).astype(bool)
-        earlier = computed.copy()  # tiles of an interrupted run: their stats are read back
+        earlier = computed.copy()  # tiles of an interrupted run
         todo = [t for t in tiles if not computed[t.index_y, t.index_x]]
         stats = _ChannelSums(d)
         for tile, f in iter_tile_features(
@@ -196,8 +196,12 @@ class FeatureCache:
         missing = [t for t in tiles if not computed[t.index_y, t.index_x]]
         if missing:  # never finalise an incomplete entry
             raise CorruptImageError(f"{image.path}: {len(missing)} tiles were not embedded")
-        stats.add_stored(feats_arr, earlier, tc)
-        mean, std = stats.mean_std()
+        if earlier.any():
+            # a resumed entry: every tile read back in row-major order, as a fresh entry sums
+            # them while embedding, so both give the same bytes (float64 sums depend on order)
+            mean, std = _channel_stats(feats_arr, computed, tc)
+        else:
+            mean, std = stats.mean_std()
         group.create_array("channel_mean", data=mean, overwrite=True)
         group.create_array("channel_std", data=std, overwrite=True)
         partial.rename(final)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -553,21 +554,35 @@ def refuse_overwriting_inputs(
 
 
 def table_rows(
-    out_dir: Path, model_digest: str, *, settings: PredictSettings, results: Sequence[PredictResult]
+    out_dir: Path,
+    model_digest: str,
+    *,
+    settings: PredictSettings,
+    results: Sequence[PredictResult],
+    stems: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of this run's images, then those of earlier runs into the same folder with the same
     model (:func:`~simsearch_wsi.infer.dense.bundle_digest`) and settings (so image-by-image runs,
-    e.g. from QuPath, build one cohort table)."""
+    e.g. from QuPath, build one cohort table).
+
+    ``stems`` maps this run's input paths to their output stems: an earlier record of one of
+    these inputs under another stem (a run that named it differently, e.g. before a second
+    ``slide.tiff`` joined the cohort) is left out, so no image is counted twice.
+    """
     record = _run_record(model_digest, settings)
     rows = [r for res in results for r in res.rows]
     done = {res.stem for res in results}
+    named = {os.path.realpath(p): s for p, s in (stems or {}).items()}
     for path in sorted(out_dir.glob("*.predict.json")):
         stem = path.name[: -len(".predict.json")]
         if stem in done:
             continue
         previous = _reusable(path, record)
-        if previous is not None and previous.stem == stem:
-            rows.extend(previous.rows)
+        if previous is None or previous.stem != stem:
+            continue
+        if named.get(os.path.realpath(previous.image), stem) != stem:
+            continue  # this run names that input otherwise
+        rows.extend(previous.rows)
     return rows
 
 

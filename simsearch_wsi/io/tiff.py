@@ -189,8 +189,9 @@ class TiffSource(ImageSource):
             tile = self._tile_text(level, key)
             if isinstance(exc, _MissingTileError):
                 raise CorruptImageError(
-                    f"{self.path}: could not read {where}: {tile} has no data (its offset or "
-                    "byte count is 0); the file is incomplete: export it again"
+                    f"{self.path}: could not read {where}: {tile} has no data (a sparse TIFF: "
+                    "its offset or byte count is 0; OpenSlide shows it transparent); export the "
+                    "image again with every tile written, or analyse a region without it"
                 )
             raise CorruptImageError(
                 f"{self.path}: could not decode {where}: {tile} failed "
@@ -229,9 +230,16 @@ class _StructureLog(logging.Handler):
     turns what was logged into a :class:`CorruptImageError`.
     """
 
-    # tifffile's words for a broken IFD chain or SubIFDs, not for odd metadata (an OME series
-    # it cannot lay out falls back to a generic one and the file reads fine)
-    _WORDS = ("corrupted", "invalid page offset", "invalid offset to page", "invalid SubIFDs")
+    # tifffile's words for a broken IFD chain or SubIFDs, not for odd metadata: an ImageJ or
+    # shaped series whose description disagrees with the pages ("... metadata invalid or
+    # corrupted file") or a bad GeoTIFF key falls back to a generic series and reads fine
+    _WORDS = (
+        "corrupted tag list",
+        "corrupted IFD structure",
+        "invalid page offset",
+        "invalid offset to page",
+        "invalid SubIFDs",
+    )
 
     def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
@@ -373,7 +381,8 @@ class _AxisPlan:
 
 def _check_not_truncated(tf: Any, path: Path) -> None:
     """Refuse a file whose tiles or strips lie past its end (an interrupted copy or download) or
-    are listed without data (offset or byte count 0: zarr would read them as fill value).
+    that lists fewer tiles or strips than its size needs. Tiles listed without data (a sparse
+    TIFF, valid) are refused only when a read touches one (:class:`_GuardedStore`).
 
     Checks every page of every level of every series when there are at most
     :data:`_PAGES_CHECKED_IN_FULL` pages, else the first and last page of each level (a
@@ -410,12 +419,10 @@ def _check_not_truncated(tf: Any, path: Path) -> None:
                         f"strip {first} of {offsets.size} lies past the end); copy or export "
                         "the file again"
                     )
-                if empty.any():
-                    raise CorruptImageError(
-                        f"{path}: file is incomplete: {int(empty.sum())} of {offsets.size} tiles "
-                        f"or strips of level {i} have no data (offset or byte count 0, first: "
-                        f"{int(np.flatnonzero(empty)[0])}); export the file again"
-                    )
+                # Tiles listed without data (offset or byte count 0) are not refused here: a
+                # sparse TIFF is valid (libtiff writes them, OpenSlide shows such tiles as
+                # transparent), so the file opens and a read that touches one is refused with
+                # the tile named (_GuardedStore), never filled with black.
 
 
 _PAGES_CHECKED_IN_FULL = 256
