@@ -524,11 +524,14 @@ def extract_suggestions(
     image_size_l0: tuple[int, int] | None = None,
     object_size_a: tuple[float, float] | None = None,
     floor: float | None = None,
+    inclusive: bool = True,
 ) -> list[Suggestion]:
     """Suggestions per class from :func:`similarity_maps` output (module docstring).
 
     ``thresholds`` maps class -> minimum similarity (a suggestion is at or above it: ``>=``,
-    the rule of the review and the QuPath panel too); ``floor`` (optional) lowers that minimum
+    the rule of the review and the QuPath panel too; ``inclusive=False``: strictly above it,
+    the rule self-learning mines its noisy patches with, kept because the trained models were
+    measured with it); ``floor`` (optional) lowers that minimum
     to ``floor`` for classes whose threshold is higher, so a viewer can move the threshold down
     to the floor without asking again: peaks are found strongest first and spaced greedily, so
     the candidates at or above a class's threshold are exactly the ones found without a floor
@@ -557,7 +560,8 @@ def extract_suggestions(
         if competitive and len(classes) > 1:
             m = np.where(best == c, m, np.nan).astype(np.float32)
         threshold = thresholds[name] if floor is None else min(thresholds[name], floor)
-        threshold = _float32_below(threshold)  # at or above it, in the map's float32
+        if inclusive:  # at or above it, in the map's float32
+            threshold = _float32_below(threshold)
         if object_size_a is None:
             peaks = [
                 (int(i), int(j), *refine_peak(m, int(i), int(j)))
