@@ -20,12 +20,12 @@ import sys
 from typing import Any
 
 from simsearch_wsi.cli.main import main
+from simsearch_wsi.train.choices import parse_head_spec
 from simsearch_wsi.train.fit import TrainConfig
 
 
 def _patched_presets(spec: str) -> None:
-    head, *suffixes = spec.split(":")
-    extra = {{"u": "unlabelled_windows", "j": "judge_windows"}[x[0]]: int(x[1:]) for x in suffixes}
+    head, extra = parse_head_spec(spec)
     original = TrainConfig.preset_config.__func__  # type: ignore[attr-defined]
 
     def preset_config(cls: type[TrainConfig], /, name: str = "fast", **kw: Any) -> TrainConfig:

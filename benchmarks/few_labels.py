@@ -46,6 +46,7 @@ from simsearch_wsi.review.session import Session
 from simsearch_wsi.review.simulate import label_from_truth
 from simsearch_wsi.search.engine import SimSearch
 from simsearch_wsi.synthetic import make_synthetic_slide
+from simsearch_wsi.train.choices import parse_head_spec
 from simsearch_wsi.train.fit import TrainConfig
 
 MOTIFS = ("ring", "cluster", "stripes")
@@ -56,8 +57,7 @@ def run_head(
 ) -> dict[str, Any]:
     """Train ``head`` on slide 0's labels and score it on slide 1 (module docstring)."""
     label = head
-    head, *suffixes = head.split(":")
-    extra = {{"u": "unlabelled_windows", "j": "judge_windows"}[x[0]]: int(x[1:]) for x in suffixes}
+    head, extra = parse_head_spec(label)
     session_dir = root / f"session-{label.replace(':', '-')}-{seed}-bg{background}"
     shutil.rmtree(session_dir, ignore_errors=True)
     session = label_from_truth(Session.create(session_dir), slides[0], background=background)

@@ -56,6 +56,7 @@ from simsearch_wsi.io import open_image
 from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SearchSettings, SimSearch
+from simsearch_wsi.train.choices import parse_head_spec
 from simsearch_wsi.train.fit import TrainConfig
 
 #: (name, split, benchmark seed, prototypes per class)
@@ -202,10 +203,8 @@ def run_case(
     for arm_spec in arms:
         # ``ARM:uN``: the arm's search heads calibrated on N unlabelled windows as well;
         # ``ARM:jN``: auto's heads compared with N unlabelled windows as background
-        arm, *suffixes = arm_spec.split(":")
-        extra_config = {
-            {"u": "unlabelled_windows", "j": "judge_windows"}[x[0]]: int(x[1:]) for x in suffixes
-        }
+        arm, extra_config = parse_head_spec(arm_spec)
+        suffixes = arm_spec.split(":")[1:]
         first = len(variants)
         if arm == "probe":
             variants += [("probe", search_head, set())]

@@ -292,3 +292,18 @@ def test_the_judge_ranks_held_out_patches_among_unlabelled_windows() -> None:
         _Candidate("trunk", w, torch.zeros(2), held, judge_probs=eager),
     ]
     assert _select(cands2, val, classes, "auto", {}).kind == "trunk"  # type: ignore[arg-type]
+
+
+def test_head_specs_name_the_training_variants_of_the_benchmarks() -> None:
+    from simsearch_wsi.core.errors import ConfigError
+    from simsearch_wsi.train.choices import parse_head_spec
+    from simsearch_wsi.train.fit import TrainConfig
+
+    assert parse_head_spec("trunk") == ("trunk", {})
+    name, changes = parse_head_spec("auto:u256:j128")
+    assert name == "auto" and changes == {"unlabelled_windows": 256, "judge_windows": 128}
+    config = TrainConfig.preset_config("quick").replace(head_input=name, **changes)
+    assert (config.unlabelled_windows, config.judge_windows) == (256, 128)
+    for bad in ("auto:x5", "auto:u", "auto:u-3"):
+        with pytest.raises(ConfigError, match="unknown suffix"):
+            parse_head_spec(bad)

@@ -260,7 +260,8 @@ def fit_memory_head(
     n_pos = len(vectors)
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     yneg = torch.from_numpy(yn)
-    weights = _group_weights(np.concatenate([labels, yn + n_classes]).astype(np.int64))
+    owners = np.concatenate([labels, yn + n_classes]).astype(np.int64)
+    weights = _group_weights(owners)
     use_unlabelled = unlabelled is not None and len(unlabelled) > 0 and background >= 0
     if use_unlabelled:
         assert unlabelled is not None
@@ -269,10 +270,9 @@ def fit_memory_head(
                 f"unlabelled windows must be (U, {d}) vectors, got {tuple(unlabelled.shape)}"
             )
         pos_u, neg_u = start.similarities(unlabelled.float())
-        n_groups = len(np.unique(np.concatenate([labels, yn + n_classes])))
         # the labelled groups keep their total 1; the unlabelled add ``unlabelled_weight`` of
         # one group's share
-        w_u = unlabelled_weight / (n_groups * len(unlabelled))
+        w_u = unlabelled_weight / (len(np.unique(owners)) * len(unlabelled))
     log_scale = torch.full((n_classes,), float(np.log(INITIAL_SCALE)), requires_grad=True)
     # the weight of the counter-examples starts near 0: the head starts as the search
     raw_neg = torch.full((n_classes,), INITIAL_RAW_NEG, requires_grad=True)
@@ -281,21 +281,23 @@ def fit_memory_head(
     if background >= 0:
         fg[background] = False
 
+    def calibrated_logp(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (N, K) of similarities ``p`` and ``n`` (N, K) under the current
+        calibration (background's logit 0), as :meth:`MemoryHead.logits`."""
+        logits = p * log_scale.exp() - n * F.softplus(raw_neg) + bias
+        return torch.log_softmax(torch.where(fg, logits, torch.zeros_like(logits)), dim=1)
+
     def total_loss() -> torch.Tensor:
-        logits = pos * log_scale.exp() - neg * F.softplus(raw_neg) + bias
-        logits = torch.where(fg, logits, torch.zeros_like(logits))
-        logp = torch.log_softmax(logits, dim=1)
+        logp = calibrated_logp(pos, neg)
         loss = -(logp[:n_pos].gather(1, y[:, None])[:, 0] * weights[:n_pos]).sum()
         if len(yneg):
             p_y = logp[n_pos:].gather(1, yneg[:, None])[:, 0].exp()
             loss = loss - (torch.log1p(-p_y.clamp(max=1 - 1e-6)) * weights[n_pos:]).sum()
         if use_unlabelled:
-            logits_u = pos_u * log_scale.exp() - neg_u * F.softplus(raw_neg) + bias
-            logits_u = torch.where(fg, logits_u, torch.zeros_like(logits_u))
-            loss = loss - w_u * torch.log_softmax(logits_u, dim=1)[:, background].sum()
+            loss = loss - w_u * calibrated_logp(pos_u, neg_u)[:, background].sum()
         reg = (log_scale - float(np.log(INITIAL_SCALE))) ** 2 + bias**2
-        counter_pen = F.softplus(raw_neg) ** 2
-        return loss + CALIBRATION_L2 * reg.sum() + COUNTER_L2 * counter_pen.sum()
+        counter = F.softplus(raw_neg) ** 2
+        return loss + CALIBRATION_L2 * reg.sum() + COUNTER_L2 * counter.sum()
 
     opt = torch.optim.LBFGS(
         [log_scale, raw_neg, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"

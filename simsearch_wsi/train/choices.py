@@ -24,3 +24,26 @@ HEAD_INPUT_HELP = (
     "only where it beats the linear head on held-out patches (docs/evaluation.md, 'Training "
     "study')"
 )
+
+#: the suffixes of a head spec (:func:`parse_head_spec`) and the TrainConfig fields they set
+HEAD_SPEC_SUFFIXES = {"u": "unlabelled_windows", "j": "judge_windows"}
+
+
+def parse_head_spec(spec: str) -> tuple[str, dict[str, int]]:
+    """``NAME[:uN][:jN]`` (the benchmarks' way to name a training variant) as the name and the
+    :class:`~simsearch_wsi.train.fit.TrainConfig` changes of its suffixes: ``uN`` =
+    ``unlabelled_windows``, ``jN`` = ``judge_windows``. Raises ``ConfigError`` on another
+    suffix or a count that is not a non-negative integer."""
+    from simsearch_wsi.core.errors import ConfigError
+
+    name, *suffixes = spec.split(":")
+    changes: dict[str, int] = {}
+    for suffix in suffixes:
+        field = HEAD_SPEC_SUFFIXES.get(suffix[:1])
+        if field is None or not suffix[1:].isdigit():
+            raise ConfigError(
+                f"{spec!r}: unknown suffix {suffix!r}; use uN (unlabelled windows) or jN "
+                "(judge windows), e.g. tuned-search:u256"
+            )
+        changes[field] = int(suffix[1:])
+    return name, changes
