@@ -154,9 +154,11 @@ def test_brightfield_rgb_is_one_trunk_pass(
 class _CountingExtractor(FeatureExtractor):
     calls = 0
 
-    def __call__(self, batch: Any, *, rgb: bool, normalization: Any = None) -> torch.Tensor:
+    def __call__(
+        self, batch: Any, *, rgb: bool, normalization: Any = None, **kw: Any
+    ) -> torch.Tensor:
         type(self).calls += len(batch)
-        return super().__call__(batch, rgb=rgb, normalization=normalization)
+        return super().__call__(batch, rgb=rgb, normalization=normalization, **kw)
 
 
 def test_cache_reuse_invalidation_and_resume(he_crop: ArraySource, tmp_path: Path) -> None:
@@ -535,3 +537,39 @@ def test_fused_input_matches_the_step_by_step_one_under_bf16_autocast(
     assert bf16_error > 0  # autocast really ran in bf16
     assert (bf16_fused - bf16_steps).abs().max().item() <= bf16_error
     assert (bf16_fused - fp32_fused).abs().max().item() <= 2 * bf16_error
+
+
+def test_a_failed_cache_write_stops_the_run_and_keeps_the_tiles_written_before(
+    he_crop: ArraySource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiles are stored by a writer thread while the trunk runs on: a write error still
+    reaches the caller, nothing is finalised, and a rerun embeds only the tiles not stored."""
+    import simsearch_wsi.features.cache as cache_mod
+
+    trunk, spec_b, info = build_trunk(weights="random", seed=0)
+    ex = _CountingExtractor(trunk, spec_b, info, autocast=False)
+    norm = fit_normalization([he_crop])
+    spec = make_feature_spec(
+        he_crop, ex, scale=AnalysisScale.for_level(he_crop, 0), normalization=norm, tile_size=128
+    )
+    real_add = cache_mod._ChannelSums.add
+    stored = []
+
+    def failing_add(self: Any, block: Any) -> None:
+        if len(stored) == 5:
+            raise OSError("disk full")
+        stored.append(1)
+        real_add(self, block)
+
+    monkeypatch.setattr(cache_mod._ChannelSums, "add", failing_add)
+    cache = FeatureCache(tmp_path)
+    with pytest.raises(OSError, match="disk full"):
+        cache.get_or_compute(he_crop, ex, spec=spec, batch_size=4)
+    assert not cache.contains(he_crop, spec)
+    monkeypatch.setattr(cache_mod._ChannelSums, "add", real_add)
+    before = _CountingExtractor.calls
+    resumed = cache.get_or_compute(he_crop, ex, spec=spec, batch_size=4)
+    total = resumed.computed.size
+    assert _CountingExtractor.calls - before == total - 5  # the 5 stored tiles are kept
+    fresh = FeatureCache(tmp_path / "fresh").get_or_compute(he_crop, ex, spec=spec)
+    np.testing.assert_array_equal(resumed.read(), fresh.read())

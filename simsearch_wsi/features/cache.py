@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from simsearch_wsi.core.errors import ConfigError, CorruptImageError, MetadataError
@@ -31,6 +34,7 @@ from simsearch_wsi.features.extractor import (
     FEATURE_FORMAT_VERSION,
     FeatureExtractor,
     FeatureSpec,
+    GridTile,
     ProgressFn,
     analysis_tiles,
     iter_tile_features,
@@ -184,15 +188,36 @@ class FeatureCache:
         earlier = computed.copy()  # tiles of an interrupted run
         todo = [t for t in tiles if not computed[t.index_y, t.index_x]]
         stats = _ChannelSums(d)
-        for tile, f in iter_tile_features(
-            image, extractor, spec=spec, tiles=todo, batch_size=batch_size, progress=progress
-        ):
+
+        def store(tile: GridTile, f: torch.Tensor) -> None:
             y0, x0 = tile.index_y * tc, tile.index_x * tc
-            block = f.permute(1, 2, 0).numpy().astype(np.float16)
+            # float16 straight from the trunk's dtype (float32 or bfloat16: the same rounding)
+            block = np.ascontiguousarray(f.permute(1, 2, 0).to(torch.float16).numpy())
             feats_arr[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block
             stats.add(block)  # the float16 values written, without reading them back
             computed[tile.index_y, tile.index_x] = True
             computed_arr[tile.index_y, tile.index_x] = 1  # progress survives an interruption
+
+        # One writer thread stores the tiles in order while the trunk runs on the next batch
+        # (zstd and numpy release the GIL); at most a batch and a tile wait for it. When the
+        # run stops (an error, an interrupt), leaving the pool waits for the queued writes, so
+        # every embedded tile is kept for a resume.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-write") as writer:
+            pending: deque[Future[None]] = deque()
+            for tile, f in iter_tile_features(
+                image,
+                extractor,
+                spec=spec,
+                tiles=todo,
+                batch_size=batch_size,
+                progress=progress,
+                float32=False,
+            ):
+                pending.append(writer.submit(store, tile, f))
+                while len(pending) > batch_size or (pending and pending[0].done()):
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
         missing = [t for t in tiles if not computed[t.index_y, t.index_x]]
         if missing:  # never finalise an incomplete entry
             raise CorruptImageError(f"{image.path}: {len(missing)} tiles were not embedded")

@@ -272,8 +272,11 @@ class FeatureExtractor:
         *,
         rgb: bool,
         normalization: ChannelNormalization | None = None,
+        float32: bool = True,
     ) -> torch.Tensor:
-        """(N, H, W, C) pixels -> (N, D, H/stride, W/stride) float32 on the CPU.
+        """(N, H, W, C) pixels -> (N, D, H/stride, W/stride) float32 on the CPU (with
+        ``float32=False`` and RGB input: in the trunk's output dtype, e.g. bfloat16 under
+        autocast, which saves a full-size conversion where the caller narrows it anyway).
 
         With ``normalization`` the batch holds raw intensities (any dtype, sent to the device
         as they are: uint8 moves 4x fewer bytes than float32) and is rescaled to [0, 1] there,
@@ -289,7 +292,8 @@ class FeatureExtractor:
         )
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
             f = self.trunk(prepared.x)
-        f = f.float()
+        if float32 or not rgb:
+            f = f.float()
         if not rgb:
             f = merge_channel_features(f, prepared.n)
         out: torch.Tensor = f.contiguous().cpu()
@@ -534,9 +538,11 @@ def iter_tile_features(
     tiles: Sequence[GridTile],
     batch_size: int = 4,
     progress: ProgressFn | None = None,
+    float32: bool = True,
 ) -> Iterator[tuple[GridTile, torch.Tensor]]:
     """Yield ``(tile, features)`` with features (D, ceil(h/stride), ceil(w/stride)) float32 for
-    each tile's core, computed in batches of full-size tiles.
+    each tile's core (``float32=False``: as :meth:`FeatureExtractor.__call__` with it), computed
+    in batches of full-size tiles.
 
     The next batch is read in a background thread while the trunk runs on the current one
     (decoders and torch release the GIL), so reading overlaps compute; on a CPU that thread
@@ -571,7 +577,7 @@ def iter_tile_features(
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     done = 0
     for chunk, batch in zip(batches, prefetched(load, batches), strict=True):
-        feats = extractor(batch, rgb=spec.rgb, normalization=spec.normalization)
+        feats = extractor(batch, rgb=spec.rgb, normalization=spec.normalization, float32=float32)
         for tl, f in zip(chunk, feats, strict=True):
             hc, wc = -(-tl.height_a // s), -(-tl.width_a // s)
             yield tl, f[:, c0 : c0 + hc, c0 : c0 + wc]
