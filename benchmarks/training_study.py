@@ -281,7 +281,7 @@ def run_case(
                 seed=seed,
             )
             models[label] = PatchModel(trained.bundle, cache_dir=search.cache.root)
-        pairs = [("probe", "trunk fp32"), ("tuned probe", "trunk fp32")]
+        pairs = [("probe", "trunk fp32"), ("tuned probe", "trunk fp32"), ("tuned probe", "probe")]
         for label, scored in _ensemble_rows(bench, models, radius, pairs).items():
             row["arms"][f"ensemble: {label}"] = scored
             print(f"{name}: ensemble: {label}: {scored['mean']:.3f}", flush=True)
