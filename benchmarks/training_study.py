@@ -70,6 +70,11 @@ CASES = (
     # first run 2026-12-07 (issue 27's judge and calibration): never looked at before
     ("seed53-P3", "held-out (new)", 53, 3),
     ("seed59-P2", "held-out (new)", 59, 2),
+    # added when the ensemble was built (2026-12-07, later the same day): never looked at
+    # before its first run, which compared the defaults with the ensemble
+    ("seed61-P2", "held-out (fresh)", 61, 2),
+    ("seed67-P3", "held-out (fresh)", 67, 3),
+    ("seed71-P5", "held-out (fresh)", 71, 5),
 )
 
 
@@ -236,6 +241,11 @@ def run_case(
                 variants += [
                     ("tuned-search bf16", {"head_input": "tuned-search", "autocast": True}, set())
                 ]
+        elif arm in ("pair", "pair-fp32"):
+            # the product's ensemble (``--head-input ensemble``): both search heads in one bundle
+            variants += [("ensemble fp32", {"head_input": "ensemble", "autocast": False}, set())]
+            if bf16_native and arm == "pair":
+                variants += [("ensemble bf16", {"head_input": "ensemble", "autocast": True}, set())]
         elif arm == "trunk-frozen":
             # the linear head on the untrained trunk's pooled features (no self-learning, no
             # supervised contrastive stage): does fine-tuning the trunk help or distort?
@@ -404,8 +414,9 @@ def main() -> None:
     parser.add_argument(
         "--arms",
         default="probe,trunk,auto",
-        help="comma list of probe, probe-labels, trunk, tuned, trunk-frozen, "
-        "trunk-linear-negatives, auto, ensemble",
+        help="comma list of probe, probe-labels, trunk, tuned, pair (the product's "
+        "--head-input ensemble), trunk-frozen, trunk-linear-negatives, auto, ensemble (ad hoc "
+        "combinations of separately trained heads); ARM-fp32 = fp32 only",
     )
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--weights", default="embedded")

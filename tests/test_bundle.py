@@ -174,7 +174,9 @@ def test_file_is_a_zip_with_readable_metadata(bundle: ModelBundle, saved: Path) 
         assert zf.getinfo("weights.pt").compress_type == zipfile.ZIP_STORED
         meta = json.loads(zf.read("bundle.json"))
     assert meta["format"] == BUNDLE_FORMAT == "simsearch-wsi-model"
-    assert meta["version"] == BUNDLE_VERSION == 2  # 2: head_input, feature_norm (issue 27)
+    # a model without a partner is still written as version 2 (head_input, feature_norm), so
+    # older releases read it; 3 adds the partner model (issue 27)
+    assert meta["version"] == 2 and BUNDLE_VERSION == 3
     assert len(meta["weights_sha256"]) == 64
     assert meta["classes"] == list(CLASSES)
     assert meta["patch_size_um"] == [24.0, 16.0]
@@ -470,3 +472,61 @@ def test_bundle_error_is_a_value_error() -> None:
     assert issubclass(BundleError, SimSearchError) and issubclass(BundleError, ValueError)
     assert issubclass(BundleNotFoundError, BundleError)
     assert issubclass(BundleNotFoundError, FileNotFoundError)
+
+
+def _search_head(trunk: nn.Module, **changes: Any) -> ModelBundle:
+    """A search-head bundle (memory of 4 window vectors) like those ``--head-input ensemble``
+    pairs."""
+    gen = torch.Generator().manual_seed(2)
+    vectors = torch.nn.functional.normalize(torch.randn(4, 256, generator=gen), dim=1)
+    fields: dict[str, Any] = {
+        "head_input": "search",
+        "feature_norm": "whiten",
+        "head_weight": torch.rand(3, 2, generator=gen),
+        "head_bias": torch.randn(3, generator=gen),
+        "memory_vectors": vectors.to(torch.float16),
+        "memory_owner": torch.tensor([0, 1, 2, 3], dtype=torch.int64),
+        "provenance": {"search_trunk": "search"},
+    }
+    fields.update(changes)
+    return make_bundle(trunk, **fields)
+
+
+def test_a_partner_model_round_trips_as_version_3(trunk: nn.Module, tmp_path: Path) -> None:
+    """Issue 27, ``--head-input ensemble``: the partner (a search head on the search's trunk)
+    is saved in the same file, its tensors under ``partner.``, its metadata nested; the file is
+    version 3 (older releases refuse it rather than predict without the partner)."""
+    partner = _search_head(trunk)
+    tuned = {k: v + 1.0 if v.is_floating_point() else v for k, v in trunk.state_dict().items()}
+    pair = _search_head(trunk, trunk_state=tuned, partner=partner)
+    path = save_bundle(tmp_path / "pair.zip", pair)
+    with zipfile.ZipFile(path) as zf:
+        meta = json.loads(zf.read("bundle.json"))
+    assert meta["version"] == BUNDLE_VERSION == 3
+    assert meta["partner"]["head_input"] == "search" and "weights_sha256" not in meta["partner"]
+    back = load_bundle(path)
+    assert back.partner is not None and back.partner.partner is None
+    for mine, theirs in ((back, pair), (back.partner, partner)):
+        assert mine.trunk_state.keys() == theirs.trunk_state.keys()
+        assert all(torch.equal(mine.trunk_state[k], v) for k, v in theirs.trunk_state.items())
+        assert torch.equal(mine.head_weight, theirs.head_weight)
+        assert mine.memory_vectors is not None and theirs.memory_vectors is not None
+        assert torch.equal(mine.memory_vectors, theirs.memory_vectors)
+    assert not torch.equal(
+        back.trunk_state["conv1.weight"], back.partner.trunk_state["conv1.weight"]
+    )
+    assert back.describe()["partner"] == {"head_input": "search", "feature_dim": 256}
+    # a partner whose tensors were lost is named in a one-line error
+    edit_weights(path, lambda t: [t.pop(k) for k in list(t) if k.startswith("partner.head")])
+    with pytest.raises(BundleError, match=r"partner model tensors \['head.weight', 'head.bias'\]"):
+        load_bundle(path)
+
+
+def test_a_partner_model_must_be_one_search_head_of_the_same_classes(trunk: nn.Module) -> None:
+    partner = _search_head(trunk)
+    with pytest.raises(BundleError, match="same classes and patch size"):
+        _search_head(trunk, partner=_search_head(trunk, patch_size_l0=(48.0, 48.0)))
+    with pytest.raises(BundleError, match="without a partner of its own"):
+        _search_head(trunk, partner=_search_head(trunk, partner=partner))
+    with pytest.raises(BundleError, match="without a partner of its own"):
+        _search_head(trunk, partner=make_bundle(trunk))  # a linear head is not a partner

@@ -59,7 +59,7 @@ def test_train_refuses_a_folder_as_output(
     assert "is a folder" in capsys.readouterr().err
 
 
-def _assert_finds_and_agrees(bundle: Any, model: Any, held_out: Any) -> None:
+def _assert_finds_and_agrees(bundle: Any, model: Any, held_out: Any, maps: Any = None) -> None:
     """A search-head model finds at least half of the held-out slide's objects (random trunk
     weights: well above chance, objects cover ~2 % of the slide, not perfect), and its dense
     maps and per-patch probabilities agree at the object centres."""
@@ -69,8 +69,9 @@ def _assert_finds_and_agrees(bundle: Any, model: Any, held_out: Any) -> None:
     from simsearch_wsi.io import open_image
     from simsearch_wsi.train.patches import PatchSample, PatchSet
 
-    with open_image(held_out.path) as image:
-        maps = dense_class_maps(image, model)
+    if maps is None:
+        with open_image(held_out.path) as image:
+            maps = dense_class_maps(image, model)
     dets = detect(maps, dict.fromkeys(bundle.classes, 0.5))
     found = sum(
         any(d.class_name == o.class_name and o.box.contains_point(*d.box.center_l0) for d in dets)
@@ -173,3 +174,56 @@ def test_predict_with_a_search_head_uses_the_given_cache(
     )
     assert [p for p in cache.iterdir() if p.suffix == ".zarr"]
     assert any(out.iterdir())
+
+
+def test_ensemble_keeps_both_search_heads_and_combines_their_maps(
+    tmp_path: Path, labelled_session: Any, small_slides: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 27 ``--head-input ensemble``: the search head on the fine-tuned trunk, with the
+    search head on the search's own trunk as its partner in the same bundle; the model's maps
+    are the product of the two heads' maps, and ``predict`` runs it end to end."""
+    import dataclasses
+
+    import numpy as np
+
+    from simsearch_wsi.features.backbones import build_trunk
+    from simsearch_wsi.infer.dense import PatchModel, dense_class_maps
+    from simsearch_wsi.io import open_image
+    from simsearch_wsi.train.ensemble import combine_experts
+
+    out = tmp_path / "model.zip"
+    cache = tmp_path / "cache"
+    args = ["train", "--session", str(labelled_session.root), "--out", str(out), "--json"]
+    args += ["--weights", "random", "--cache", str(cache), "--head-input", "ensemble"]
+    assert main(args) == 0
+    capsys.readouterr()
+    bundle = load_bundle(out)
+    partner = bundle.partner
+    assert partner is not None and bundle.metrics["selection"]["kept"] == "tuned-search+search"
+    assert bundle.provenance["search_trunk"] == "fine-tuned"
+    assert partner.provenance["search_trunk"] == "search" and partner.head_input == "search"
+    base, _, _ = build_trunk("resnet18-l3", "random", seed=0)
+    for k, v in base.state_dict().items():  # the partner reads the search's trunk, unchanged
+        assert torch.equal(v, partner.trunk_state[k]), k
+    assert any(
+        not torch.equal(v, bundle.trunk_state[k])
+        for k, v in base.state_dict().items()
+        if v.is_floating_point()
+    )
+    held_out = small_slides[1]
+    model = PatchModel(bundle, cache_dir=cache)
+    with open_image(held_out.path) as image:
+        pair = dense_class_maps(image, model)
+        alone = dense_class_maps(image, PatchModel(dataclasses.replace(bundle, partner=None)))
+        other = dense_class_maps(image, PatchModel(partner, cache_dir=cache))
+    expected = combine_experts([alone.probabilities, other.probabilities])
+    np.testing.assert_allclose(pair.probabilities, expected, rtol=1e-6, equal_nan=True)
+    assert not np.allclose(alone.probabilities, other.probabilities, equal_nan=True)
+    _assert_finds_and_agrees(bundle, model, held_out, pair)
+    pred = tmp_path / "pred"
+    slide = str(held_out.path)
+    assert (
+        main(["predict", slide, "--model", str(out), "--out", str(pred), "--cache", str(cache)])
+        == 0
+    )
+    assert any(pred.iterdir())

@@ -307,3 +307,28 @@ def test_head_specs_name_the_training_variants_of_the_benchmarks() -> None:
     for bad in ("auto:x5", "auto:u", "auto:u-3"):
         with pytest.raises(ConfigError, match="unknown suffix"):
             parse_head_spec(bad)
+
+
+def test_auto_trains_the_ensemble_from_five_labels_per_class_on_brightfield() -> None:
+    """``auto`` without a judge: the ensemble of the two search heads where every class has at
+    least ``AUTO_ENSEMBLE_MIN_PER_CLASS`` labelled patches and the images are brightfield RGB;
+    the fine-tuned trunk's linear head otherwise; a note says which and why."""
+    from simsearch_wsi.train.fit import AUTO_ENSEMBLE_MIN_PER_CLASS, _auto_head_input
+
+    view: Any = object()  # only its presence matters here
+    enough = {"ring": 5, "cluster": 9, "background": 16}
+    assert AUTO_ENSEMBLE_MIN_PER_CLASS == 5
+    notes: list[str] = []
+    assert _auto_head_input(enough, rgb=True, search=view, notes=notes) == "ensemble"
+    assert "ensemble" in notes[-1]
+    few = {**enough, "ring": 4}
+    assert _auto_head_input(few, rgb=True, search=view, notes=notes) == "trunk"
+    assert notes[-1].startswith("auto: too few labelled patches") and "4 in a class" in notes[-1]
+    assert _auto_head_input(enough, rgb=False, search=view, notes=notes) == "trunk"
+    assert "not brightfield RGB" in notes[-1]
+    assert _auto_head_input(enough, rgb=True, search=None, notes=notes) == "trunk"
+    assert "no similarity search" in notes[-1]
+    # a class without patches (not in the session) does not count as "too few"
+    assert (
+        _auto_head_input({**enough, "stripes": 0}, rgb=True, search=view, notes=notes) == "ensemble"
+    )

@@ -24,7 +24,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ from simsearch_wsi.search.similarity import (
     spaced_peaks,
 )
 from simsearch_wsi.train.bundle import ModelBundle
+from simsearch_wsi.train.ensemble import combine_experts
 from simsearch_wsi.train.fit import embed_patches
 from simsearch_wsi.train.model import PatchEncoder
 from simsearch_wsi.train.patches import CropGeometry, PatchReader, PatchSet
@@ -81,11 +82,17 @@ def bundle_digest(bundle: ModelBundle) -> str:
     for name, tensor in sorted(bundle.trunk_state.items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if bundle.partner is not None:
+        h.update(b"partner:" + bundle_digest(bundle.partner).encode())
+        for model in (bundle, bundle.partner):
+            if model.memory_vectors is not None:
+                h.update(model.memory_vectors.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 class PatchModel:
-    """A loaded bundle on a device: the trunk as a :class:`FeatureExtractor`, and the head."""
+    """A loaded bundle on a device: the trunk as a :class:`FeatureExtractor`, and the head
+    (and the bundle's partner model as a :class:`PatchModel` of its own, ``partner``)."""
 
     def __init__(
         self,
@@ -130,6 +137,12 @@ class PatchModel:
                 classes.index(BACKGROUND_CLASS) if BACKGROUND_CLASS in classes else -1,
                 self.weight[:, 1],
             )
+        #: the bundle's partner model, whose probabilities are combined with this one's
+        self.partner: PatchModel | None = (
+            None
+            if bundle.partner is None
+            else PatchModel(bundle.partner, device=device, autocast=autocast, cache_dir=cache_dir)
+        )
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -248,7 +261,40 @@ def dense_class_maps(
     progress: ProgressFn | None = None,
 ) -> ClassMaps:
     """Softmax class maps of ``image`` over every window (module docstring; a ``search``-head
-    bundle scores the search's own window vectors, :mod:`simsearch_wsi.search.probe`)."""
+    bundle scores the search's own window vectors, :mod:`simsearch_wsi.search.probe`; a
+    bundle with a partner model combines both models' maps,
+    :func:`simsearch_wsi.train.ensemble.combine_experts`)."""
+    own = _class_maps(
+        image, model, tile_size=tile_size, batch_size=batch_size, tiles=tiles, progress=progress
+    )
+    if model.partner is None:
+        return own
+    other = _class_maps(
+        image,
+        model.partner,
+        tile_size=tile_size,
+        batch_size=batch_size,
+        tiles=tiles,
+        progress=progress,
+    )
+    if other.probabilities.shape != own.probabilities.shape:
+        raise ConfigError(
+            f"{image.path}: the model and its partner score different window grids "
+            f"({own.probabilities.shape} vs {other.probabilities.shape}); re-train the model"
+        )
+    return replace(own, probabilities=combine_experts([own.probabilities, other.probabilities]))
+
+
+def _class_maps(
+    image: ImageSource,
+    model: PatchModel,
+    *,
+    tile_size: int,
+    batch_size: int,
+    tiles: str,
+    progress: ProgressFn | None,
+) -> ClassMaps:
+    """:func:`dense_class_maps` of one model (its partner not included)."""
     bundle = model.bundle
     ext = model.extractor
     check_model_fits(bundle, image)
@@ -564,7 +610,22 @@ def predict_patches(
 ) -> NDArray[np.float32]:
     """Class probabilities (N, K) of a bundle's classifier on individual patches, K in
     ``bundle.classes`` order: a ``trunk`` head on crops read with the bundle's context (no
-    augmentation), a ``search`` head on the search's window vectors at the patches' centres."""
+    augmentation), a ``search`` head on the search's window vectors at the patches' centres;
+    with a partner model, both models' probabilities combined
+    (:func:`simsearch_wsi.train.ensemble.combine_experts`)."""
+    if bundle.partner is not None:
+        parts = [
+            predict_patches(
+                replace(bundle, partner=None) if model is bundle else model,
+                patches,
+                open_image=open_image,
+                device=device,
+                autocast=autocast,
+                batch_size=batch_size,
+            )
+            for model in (bundle, bundle.partner)
+        ]
+        return combine_experts(parts, class_axis=1)
     device = torch.device(device)
     if bundle.head_input == "search":
         return _search_patch_probabilities(

@@ -43,7 +43,11 @@ from simsearch_wsi.features.norm import check_feature_norm
 from simsearch_wsi.features.preprocess import ChannelNormalization
 
 BUNDLE_FORMAT = "simsearch-wsi-model"
-BUNDLE_VERSION = 2
+#: the newest format version this release reads and writes; a bundle without a ``partner``
+#: is still written as version 2, so that older releases read it
+BUNDLE_VERSION = 3
+#: the version of a bundle without a partner model
+_PLAIN_VERSION = 2
 #: what a head reads: pooled features of the bundle's trunk, or the search's normalised vectors
 HEAD_INPUTS = ("trunk", "search")
 
@@ -54,6 +58,8 @@ HEAD_WEIGHT_KEY = "head.weight"
 HEAD_BIAS_KEY = "head.bias"
 MEMORY_VECTORS_KEY = "memory.vectors"
 MEMORY_OWNER_KEY = "memory.owner"
+#: the partner model's tensors in weights.pt carry this prefix before their own keys
+PARTNER_PREFIX = "partner."
 
 _TRAIN_HINT = "train one with `simsearch-wsi train`"
 _COPY_HINT = "copy the file again or re-train"
@@ -203,6 +209,13 @@ class ModelBundle:
         library versions; :func:`save_bundle` fills them when empty.
     created
         ISO 8601 UTC creation time; :func:`save_bundle` fills it when empty.
+    partner
+        format version 3: a second ``"search"`` head on the search's own (unchanged) trunk,
+        with the same classes and patch size, whose class probabilities are combined with
+        this bundle's per window (the mean of the two log-probabilities, renormalised over
+        the classes: a product of experts; :func:`simsearch_wsi.infer.dense.combine_experts`).
+        ``train --head-input ensemble`` makes one: the search head on the fine-tuned trunk
+        (this bundle) and on the search's trunk (the partner). ``None``: one model.
     source
         the file the bundle was loaded from (``None`` for a bundle built in memory); not saved.
 
@@ -237,6 +250,7 @@ class ModelBundle:
     provenance: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    partner: ModelBundle | None = None
     source: Path | None = None
 
     def __post_init__(self) -> None:
@@ -377,6 +391,20 @@ class ModelBundle:
         put("versions", versions)
         if not isinstance(self.created, str):
             raise BundleError(f"created must be an ISO 8601 time string, got {self.created!r}")
+        if self.partner is not None:
+            other = self.partner
+            if not isinstance(other, ModelBundle):
+                raise BundleError(f"partner must be a ModelBundle or None, got {other!r}")
+            if other.partner is not None or other.head_input != "search":
+                raise BundleError(
+                    "a partner model is one 'search' head without a partner of its own"
+                )
+            if other.classes != classes or other.patch_size_l0 != self.patch_size_l0:
+                raise BundleError(
+                    f"the partner model must have the same classes and patch size "
+                    f"({list(other.classes)}, {other.patch_size_l0} vs {list(classes)}, "
+                    f"{self.patch_size_l0})"
+                )
         if self.source is not None:
             put("source", Path(self.source))
 
@@ -426,7 +454,7 @@ class ModelBundle:
         """
         out: dict[str, Any] = {
             "format": BUNDLE_FORMAT,
-            "version": BUNDLE_VERSION,
+            "version": _PLAIN_VERSION if self.partner is None else BUNDLE_VERSION,
             "backbone": self.backbone,
             "classes": list(self.classes),
             "colors": {c: list(rgb) for c, rgb in self.colors.items()},
@@ -452,6 +480,11 @@ class ModelBundle:
             "versions": dict(self.versions),
             "created": self.created,
         }
+        if self.partner is not None:
+            partner = self.partner.to_json_dict()
+            for key in ("format", "version", "versions", "created"):
+                partner.pop(key)
+            out["partner"] = partner
         if weights_sha256 is not None:
             out["weights_sha256"] = weights_sha256
         return out
@@ -486,6 +519,9 @@ class ModelBundle:
             "strategy": self.strategy,
             "head_input": self.head_input,
             "feature_norm": self.feature_norm,
+            "partner": None
+            if self.partner is None
+            else {"head_input": self.partner.head_input, "feature_dim": self.partner.feature_dim},
             "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, scalar)},
             "versions": dict(self.versions),
             "created": self.created,
@@ -590,6 +626,17 @@ def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
 
 
+def _tensors_of(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """One model's tensors under their ``weights.pt`` keys (its partner's not included)."""
+    tensors = {f"{TRUNK_PREFIX}{k}": _cpu_copy(v) for k, v in bundle.trunk_state.items()}
+    tensors[HEAD_WEIGHT_KEY] = _cpu_copy(bundle.head_weight)
+    tensors[HEAD_BIAS_KEY] = _cpu_copy(bundle.head_bias)
+    if bundle.memory_vectors is not None and bundle.memory_owner is not None:
+        tensors[MEMORY_VECTORS_KEY] = _cpu_copy(bundle.memory_vectors)
+        tensors[MEMORY_OWNER_KEY] = _cpu_copy(bundle.memory_owner)
+    return tensors
+
+
 def save_bundle(path: str | os.PathLike[str], bundle: ModelBundle) -> Path:
     """Write ``bundle`` to ``path`` as one zip file, atomically.
 
@@ -610,12 +657,9 @@ def save_bundle(path: str | os.PathLike[str], bundle: ModelBundle) -> Path:
         versions=bundle.versions or _library_versions(),
         created=bundle.created or datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    tensors = {f"{TRUNK_PREFIX}{k}": _cpu_copy(v) for k, v in filled.trunk_state.items()}
-    tensors[HEAD_WEIGHT_KEY] = _cpu_copy(filled.head_weight)
-    tensors[HEAD_BIAS_KEY] = _cpu_copy(filled.head_bias)
-    if filled.memory_vectors is not None and filled.memory_owner is not None:
-        tensors[MEMORY_VECTORS_KEY] = _cpu_copy(filled.memory_vectors)
-        tensors[MEMORY_OWNER_KEY] = _cpu_copy(filled.memory_owner)
+    tensors = _tensors_of(filled)
+    if filled.partner is not None:
+        tensors.update({PARTNER_PREFIX + k: v for k, v in _tensors_of(filled.partner).items()})
     buffer = io.BytesIO()
     torch.save(tensors, buffer)
     weights = buffer.getbuffer()  # no copy of what may be a large byte string
@@ -690,6 +734,15 @@ def _read_v2(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBund
     return _read(path, meta, zf)
 
 
+def _read_v3(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
+    """Version 3: version 2 plus an optional ``partner`` model (its metadata nested under
+    ``partner``, its tensors under ``partner.`` in weights.pt)."""
+    partner = meta.get("partner")
+    if partner is not None and not isinstance(partner, dict):
+        raise BundleError(f"{path}: bundle.json 'partner' must be an object; {_COPY_HINT}")
+    return _read_v2(path, meta, zf)
+
+
 def _read(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
     missing = [k for k in _V1_REQUIRED if k not in meta]
     if missing:
@@ -709,6 +762,41 @@ def _read(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
         ) from None
     if not isinstance(tensors, dict) or not all(torch.is_tensor(v) for v in tensors.values()):
         raise BundleError(f"{path}: weights.pt is not a dict of tensors; {_COPY_HINT}")
+    partner = None
+    partner_meta = meta.get("partner")
+    if isinstance(partner_meta, dict):
+        missing = [
+            k for k in (*_V1_REQUIRED[:-1], "head_input", "feature_norm") if k not in partner_meta
+        ]
+        if missing:
+            raise BundleError(
+                f"{path}: incomplete model bundle: the partner model's metadata lacks "
+                f"{missing}; restore them or re-train"
+            )
+        partner_tensors = {
+            k.removeprefix(PARTNER_PREFIX): v
+            for k, v in tensors.items()
+            if isinstance(k, str) and k.startswith(PARTNER_PREFIX)
+        }
+        partner = _bundle_from(path, partner_meta, partner_tensors, None, what="partner model")
+    own = {
+        k: v
+        for k, v in tensors.items()
+        if not (isinstance(k, str) and k.startswith(PARTNER_PREFIX))
+    }
+    return _bundle_from(path, meta, own, partner, what="model")
+
+
+def _bundle_from(
+    path: Path,
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    partner: ModelBundle | None,
+    *,
+    what: str,
+) -> ModelBundle:
+    """One model of a bundle file from its metadata and its tensors (keys without a partner
+    prefix)."""
     trunk = {
         k.removeprefix(TRUNK_PREFIX): v
         for k, v in tensors.items()
@@ -719,7 +807,8 @@ def _read(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
         lacking.append("trunk.*")
     if lacking:
         raise BundleError(
-            f"{path}: incomplete model bundle: weights.pt lacks {lacking}; {_COPY_HINT}"
+            f"{path}: incomplete model bundle: weights.pt lacks "
+            f"{'' if what == 'model' else f'the {what} tensors '}{lacking}; {_COPY_HINT}"
         )
     try:
         return ModelBundle(
@@ -748,16 +837,18 @@ def _read(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
             provenance=meta.get("provenance", {}),
             versions=meta.get("versions", {}),
             created=meta.get("created", ""),
+            partner=partner,
             source=path,
         )
     except BundleError as exc:
         raise BundleError(
-            f"{path}: invalid model bundle: {exc} (fix bundle.json or re-train)"
+            f"{path}: invalid model bundle{'' if what == 'model' else f' ({what})'}: {exc} "
+            "(fix bundle.json or re-train)"
         ) from None
 
 
 # one reader per format version; a new version adds its reader here and keeps the old ones
-_READERS: dict[int, _Reader] = {1: _read_v1, 2: _read_v2}
+_READERS: dict[int, _Reader] = {1: _read_v1, 2: _read_v2, 3: _read_v3}
 
 
 def load_bundle(path: str | os.PathLike[str]) -> ModelBundle:

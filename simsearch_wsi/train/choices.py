@@ -12,17 +12,21 @@ PRESETS = ("quick", "fast", "paper")
 #: normalised window vectors (:mod:`simsearch_wsi.search.probe`), ``trunk`` = the fine-tuned
 #: trunk's pooled features (the paper's stages), ``tuned-search`` = the paper's stages
 #: fine-tune the trunk, then the search head is fitted on the fine-tuned trunk's normalised
-#: window vectors (the bundle keeps that trunk), ``auto`` = all three, a search head kept only
-#: where it beats the trunk's head on held-out patches
-HEAD_INPUTS = ("auto", "search", "trunk", "tuned-search")
+#: window vectors (the bundle keeps that trunk), ``ensemble`` = the search heads on both
+#: trunks (fine-tuned and the search's), their probabilities combined per window (a product of
+#: experts; the bundle keeps both trunks), ``auto`` = ``ensemble`` where every class has at
+#: least 5 labelled patches and the images are brightfield RGB, else ``trunk`` (with a judge,
+#: ``TrainConfig.judge_windows``: the heads compared on held-out patches, experimental)
+HEAD_INPUTS = ("auto", "ensemble", "search", "trunk", "tuned-search")
 DEFAULT_HEAD_INPUT = "trunk"
 #: what the CLI's ``--head-input`` and the server's ``head_input`` say about the choices
 HEAD_INPUT_HELP = (
     "trunk: fine-tune the trunk (the paper's stages) and train a linear head; search: a head on "
     "the search's own window vectors (seconds, no trunk training); tuned-search: fine-tune the "
-    "trunk, then the search head on its window vectors; auto: all three, a search head kept "
-    "only where it beats the linear head on held-out patches (docs/evaluation.md, 'Training "
-    "study')"
+    "trunk, then the search head on its window vectors; ensemble: the search heads on the "
+    "fine-tuned and on the search's trunk, their probabilities combined; auto: ensemble "
+    "where every class has at least 5 labelled patches on brightfield RGB, else trunk "
+    "(docs/evaluation.md, 'Training study')"
 )
 
 #: the suffixes of a head spec (:func:`parse_head_spec`) and the TrainConfig fields they set

@@ -64,6 +64,7 @@ from simsearch_wsi.train.choices import (
     PRESETS,
     STRATEGIES,
 )
+from simsearch_wsi.train.ensemble import combine_experts
 from simsearch_wsi.train.losses import nt_xent, supcon
 from simsearch_wsi.train.model import (
     PatchEncoder,
@@ -88,6 +89,11 @@ SELECTION_MARGIN = 0.02
 #: search heads are not worth holding a patch out for (3 per class: the trunk's linear head
 #: ranked best, docs/evaluation.md "Training study") and ``auto`` trains as ``trunk``
 JUDGE_MIN_PER_CLASS = 5
+#: ``auto`` (without a judge) trains the ensemble (``--head-input ensemble``) when every class
+#: has at least this many labelled patches and the images are brightfield RGB, else the
+#: fine-tuned trunk's linear head: with 3 per class the linear head ranked best, from 5 per
+#: class on brightfield the search heads did (docs/evaluation.md, "Training study")
+AUTO_ENSEMBLE_MIN_PER_CLASS = 5
 DEFAULT_CONFIDENCE = 0.5
 
 
@@ -771,12 +777,16 @@ def train_patch_model(
     ``search``'s window vectors (seconds; no trunk training), ``trunk`` runs the strategy's
     stages on ``extractor``'s trunk (a copy; the extractor and its trunk are left as they were),
     ``tuned-search`` fine-tunes the trunk, then fits the search head on the fine-tuned trunk's
-    window vectors, ``auto`` trains all three (the search head on either trunk and the trunk's
-    linear head) and keeps the better search head only where its held-out macro average
-    precision beats the linear head's by more than :data:`SELECTION_MARGIN`
-    (``metrics["selection"]`` says which and why; without held-out patches it trains as
-    ``trunk``). A search head that is kept is refitted on every clean patch (training +
-    held-out). ``device`` defaults to the extractor's."""
+    window vectors, ``ensemble`` keeps that head and the search head on ``search``'s own
+    trunk as the bundle's partner (their probabilities combined per window), ``auto`` trains
+    ``ensemble`` or ``trunk`` by the number of labelled patches per class and the kind of image
+    (:data:`AUTO_ENSEMBLE_MIN_PER_CLASS`; a note says which and why). ``auto`` with a judge
+    (``config.judge_windows > 0``, experimental) trains all three (the search head on either
+    trunk and the trunk's linear head) and keeps the better search head only where its
+    held-out macro average precision beats the linear head's by more than
+    :data:`SELECTION_MARGIN` (``metrics["selection"]`` says which and why; without held-out
+    patches it trains as ``trunk``). A search head that is kept is refitted on every clean
+    patch (training + held-out). ``device`` defaults to the extractor's."""
     trunk, spec, weights = extractor.trunk, extractor.spec, extractor.weights
     device = torch.device(extractor.device if device is None else device)
     notes = list(data.notes)
@@ -794,7 +804,7 @@ def train_patch_model(
             "head input 'search' needs the similarity search the session was reviewed with"
         )
     if search is None:
-        if head_input == "tuned-search":
+        if head_input in ("tuned-search", "ensemble"):
             notes.append("no similarity search given: the fine-tuned trunk's linear head is kept")
         head_input = "trunk"
     rng = np.random.default_rng(seed)
@@ -838,6 +848,10 @@ def train_patch_model(
     if config.uses_negatives and negatives is None:
         notes.append("the session has no negatives (rejected suggestions) to train with")
     candidates: list[_Candidate] = []
+    if head_input == "auto" and config.judge_windows == 0:
+        head_input = _auto_head_input(
+            clean.class_counts(), rgb=data.rgb, search=search, notes=notes
+        )
     if head_input == "auto" and val_set is None:
         # nothing to choose by: the fine-tuned trunk's linear head, as ``trunk``
         notes.append(
@@ -854,7 +868,7 @@ def train_patch_model(
             classes=clean.classes,
             rng=np.random.default_rng((seed, 0x1D6E)),
         )
-    if search is not None and head_input in ("auto", "search"):
+    if search is not None and head_input in ("auto", "search", "ensemble"):
         t0 = time.perf_counter()
         if progress is not None:
             progress("search head | fitting", 0, 1)
@@ -882,7 +896,7 @@ def train_patch_model(
         }
         if progress is not None:
             progress("search head | fitting", 1, 1)
-    if head_input in ("auto", "trunk", "tuned-search"):
+    if head_input in ("auto", "trunk", "tuned-search", "ensemble"):
         if not freeze_early:
             notes.append(
                 "trunk weights are random (not pretrained): all layers are trained, none frozen; "
@@ -908,10 +922,10 @@ def train_patch_model(
                 judge=judge,
             )
         )
-    if search is not None and head_input in ("auto", "tuned-search"):
-        # the search head on the fine-tuned trunk's window vectors (in tuned-search it replaces
-        # the trunk's linear head; in auto it is one more candidate)
-        if head_input == "tuned-search":
+    if search is not None and head_input in ("auto", "tuned-search", "ensemble"):
+        # the search head on the fine-tuned trunk's window vectors (in tuned-search and
+        # ensemble it replaces the trunk's linear head; in auto it is one more candidate)
+        if head_input in ("tuned-search", "ensemble"):
             candidates.pop()
         tuned_view = search.with_trunk(encoder.trunk, _state_identity(encoder.trunk))
         t0 = time.perf_counter()
@@ -931,8 +945,22 @@ def train_patch_model(
             "memory": 0 if probe.memory is None else len(probe.memory.vectors),
             "seconds": round(time.perf_counter() - t0, 2),
         }
-    chosen = _select(candidates, val_set, clean.classes, head_input, metrics, judge=judge)
-    view = chosen.view
+    partner: _Candidate | None = None
+    if head_input == "ensemble" and len(candidates) == 2:
+        # both search heads are kept: the one on the fine-tuned trunk and, as its partner,
+        # the one on the search's trunk; their held-out probabilities are combined
+        partner = candidates.pop(0)
+        chosen = candidates[0]
+        metrics["selection"] = {
+            "asked": config.head_input,
+            "kept": "tuned-search+search",
+            "reason": "ensemble: the search heads on the fine-tuned and on the search's trunk, "
+            "their probabilities combined (product of experts)",
+        }
+        if chosen.val_probs is not None and partner.val_probs is not None:
+            chosen.val_probs = combine_experts([chosen.val_probs, partner.val_probs], class_axis=1)
+    else:
+        chosen = _select(candidates, val_set, clean.classes, head_input, metrics, judge=judge)
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
     few_held_out = val_set is not None and any(
         0 < n < config.min_val_per_class for n in val_set.class_counts().values()
@@ -947,55 +975,90 @@ def train_patch_model(
             chosen.val_probs, val_set.labels, classes=clean.classes
         )
         thresholds = pick_thresholds(chosen.val_probs, val_set.labels, classes=clean.classes)
-    w, b, memory = chosen.weight, chosen.bias, chosen.memory
-    if chosen.head_input == "search" and view is not None and val_set is not None:
-        # the held-out patches chose the model and its thresholds; now they join its memory
-        memory = _fit_search_head(view, clean, negatives, clean.classes, chosen.unlabelled)
-        w, b = _memory_weight(memory), memory.bias
     metrics["head_input"] = chosen.head_input
     metrics["notes"] = notes
-    # the search head on the search's trunk reads it unchanged; the others the fine-tuned copy
-    state_src = (base_trunk if chosen.kind == "search" else encoder.trunk).state_dict()
-    trunk_state = {k: v.detach().cpu().contiguous() for k, v in state_src.items()}
-    bundle = ModelBundle(
-        backbone=spec.name,
-        trunk_state=trunk_state,
-        head_weight=w.contiguous(),
-        head_bias=b.contiguous(),
-        classes=clean.classes,
-        colors={c: data.colors[c] for c in clean.classes},
-        thresholds=thresholds,
-        patch_size_l0=data.patch_size_l0,
-        mpp=data.mpp,
-        analysis_downsample=scale.downsample_x,
-        context_a=config.context_a,
-        geometry=geometry.to_dict(),
-        normalization=data.normalization.to_dict(),
-        channels=data.channels,
-        rgb=data.rgb,
-        strategy=config.strategy,
-        config={**config.to_dict(), "seed": seed, "device": str(device)},
-        metrics=metrics,
-        provenance={
-            **data.provenance,
-            "base_weights": {"kind": weights.kind, "identity": weights.identity},
-            "frozen": list(
-                ("conv1", "layer1", "layer2") if freeze_early and chosen.kind != "search" else ()
-            ),
-            # which trunk a search head reads: the search's own (its feature maps can be
-            # shared with the search) or the fine-tuned copy in this bundle
-            **(
-                {"search_trunk": "fine-tuned" if chosen.kind == "tuned-search" else "search"}
-                if chosen.head_input == "search"
-                else {}
-            ),
-        },
-        head_input=chosen.head_input,
-        feature_norm=search.feature_norm if chosen.head_input == "search" and search else "none",
-        memory_vectors=None if memory is None else memory.vectors.to(torch.float16),
-        memory_owner=None if memory is None else memory.owner,
+
+    def make_bundle(
+        model: _Candidate, partner_bundle: ModelBundle | None, metrics: dict[str, Any]
+    ) -> ModelBundle:
+        w, b, memory = model.weight, model.bias, model.memory
+        if model.head_input == "search" and model.view is not None and val_set is not None:
+            # the held-out patches chose the model and its thresholds; now they join its memory
+            memory = _fit_search_head(model.view, clean, negatives, clean.classes, model.unlabelled)
+            w, b = _memory_weight(memory), memory.bias
+        # the search head on the search's trunk reads it unchanged; the others the fine-tuned
+        # copy
+        state_src = (base_trunk if model.kind == "search" else encoder.trunk).state_dict()
+        return ModelBundle(
+            backbone=spec.name,
+            trunk_state={k: v.detach().cpu().contiguous() for k, v in state_src.items()},
+            head_weight=w.contiguous(),
+            head_bias=b.contiguous(),
+            classes=clean.classes,
+            colors={c: data.colors[c] for c in clean.classes},
+            thresholds=thresholds,
+            patch_size_l0=data.patch_size_l0,
+            mpp=data.mpp,
+            analysis_downsample=scale.downsample_x,
+            context_a=config.context_a,
+            geometry=geometry.to_dict(),
+            normalization=data.normalization.to_dict(),
+            channels=data.channels,
+            rgb=data.rgb,
+            strategy=config.strategy,
+            config={**config.to_dict(), "seed": seed, "device": str(device)},
+            metrics=metrics,
+            provenance={
+                **data.provenance,
+                "base_weights": {"kind": weights.kind, "identity": weights.identity},
+                "frozen": list(
+                    ("conv1", "layer1", "layer2") if freeze_early and model.kind != "search" else ()
+                ),
+                # which trunk a search head reads: the search's own (its feature maps can be
+                # shared with the search) or the fine-tuned copy in this bundle
+                **(
+                    {"search_trunk": "fine-tuned" if model.kind == "tuned-search" else "search"}
+                    if model.head_input == "search"
+                    else {}
+                ),
+            },
+            head_input=model.head_input,
+            feature_norm=search.feature_norm if model.head_input == "search" and search else "none",
+            memory_vectors=None if memory is None else memory.vectors.to(torch.float16),
+            memory_owner=None if memory is None else memory.owner,
+            partner=partner_bundle,
+        )
+
+    partner_bundle = None if partner is None else make_bundle(partner, None, {})
+    return TrainResult(make_bundle(chosen, partner_bundle, metrics), metrics, notes)
+
+
+def _auto_head_input(
+    counts: dict[str, int], *, rgb: bool, search: SearchView | None, notes: list[str]
+) -> str:
+    """What ``auto`` trains without a judge (:data:`AUTO_ENSEMBLE_MIN_PER_CLASS`), with a note
+    saying why."""
+    fewest = min(n for n in counts.values() if n > 0)
+    if fewest < AUTO_ENSEMBLE_MIN_PER_CLASS:
+        notes.append(
+            f"auto: too few labelled patches for the search heads ({fewest} in a class, "
+            f"{AUTO_ENSEMBLE_MIN_PER_CLASS} needed); trained the fine-tuned trunk's linear "
+            "head (as --head-input trunk)"
+        )
+        return "trunk"
+    if search is None or not rgb:
+        notes.append(
+            "auto: "
+            + ("no similarity search given" if search is None else "not brightfield RGB")
+            + ": trained the fine-tuned trunk's linear head (as --head-input trunk)"
+        )
+        return "trunk"
+    notes.append(
+        f"auto: {fewest} or more labelled patches per class on brightfield: trained the "
+        "ensemble of the search heads on the fine-tuned and on the search's trunk (as "
+        "--head-input ensemble)"
     )
-    return TrainResult(bundle, metrics, notes)
+    return "ensemble"
 
 
 def _select(
