@@ -18,7 +18,7 @@ PRESETS = ("quick", "fast", "paper")
 #: least 5 labelled patches and the images are brightfield RGB, else ``trunk`` (with a judge,
 #: ``TrainConfig.judge_windows``: the heads compared on held-out patches, experimental)
 HEAD_INPUTS = ("auto", "ensemble", "search", "trunk", "tuned-search")
-DEFAULT_HEAD_INPUT = "trunk"
+DEFAULT_HEAD_INPUT = "auto"
 #: what the CLI's ``--head-input`` and the server's ``head_input`` say about the choices
 HEAD_INPUT_HELP = (
     "trunk: fine-tune the trunk (the paper's stages) and train a linear head; search: a head on "
