@@ -17,9 +17,9 @@ one after the other (no overlap):
 * ``preprocess``: uint8 -> float, normalisation, channels-last (what ``FeatureExtractor`` does
   before the trunk), step by step and as embed makes it (``FeatureExtractor.prepare``);
 * ``trunk``: the trunk alone on the prepared batches (bf16 autocast where it pays off);
-* ``post``: halo crop, HWC float16 copy of the features, from an NCHW copy of the trunk's
-  output (what the cache did before issue 24's last change) and straight from the trunk's
-  channels-last output (after);
+* ``post``: halo crop, HWC float16 copy of the features: via an NCHW copy of the trunk's
+  output and a torch float16 copy per tile (before), or float16 of the whole batch in the
+  trunk's channels-last layout and a numpy copy per tile (after, what embed does);
 * ``cache write``: the float16 blocks written to a Zarr array as the cache writes them, with
   zstd at its default level and at level 1 (what the cache uses since issue 24), and at level 1
   as the library's cache writes where it has ``_write_block`` (no float16 comparison in zarr);
@@ -201,19 +201,23 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             feats = stage("trunk", bare)
             s, c0 = ex.stride, halo // ex.stride
 
-            def post(nchw_copy: bool) -> list[np.ndarray]:
+            def post(before: bool) -> list[np.ndarray]:
                 blocks = []
                 for f in feats:
-                    f = f.contiguous().cpu() if nchw_copy else f.cpu()
+                    # before: an NCHW copy, then a float16 HWC copy of each tile by torch (in
+                    # the cache's writer thread); after: float16 in the trunk's layout (in
+                    # the trunk's thread), then a numpy HWC copy of each tile (writer)
+                    f = f.contiguous().cpu() if before else f.to(torch.float16).cpu()
                     for one in f:
-                        core = one[:, c0 : c0 + t // s, c0 : c0 + t // s]
-                        blocks.append(
-                            np.ascontiguousarray(core.permute(1, 2, 0).to(torch.float16).numpy())
-                        )
+                        core = one[:, c0 : c0 + t // s, c0 : c0 + t // s].permute(1, 2, 0)
+                        if before:
+                            blocks.append(np.ascontiguousarray(core.to(torch.float16).numpy()))
+                        else:
+                            blocks.append(np.ascontiguousarray(core.numpy()))
                 return blocks
 
-            blocks = stage("post, from an NCHW copy (before)", lambda: post(True))
-            blocks_cl = stage("post, from the trunk's layout (after)", lambda: post(False))
+            blocks = stage("post, via an NCHW copy (before)", lambda: post(True))
+            blocks_cl = stage("post, float16 in the trunk's layout (after)", lambda: post(False))
             assert all(np.array_equal(a, b) for a, b in zip(blocks, blocks_cl, strict=True))
 
         tc, d = t // s, blocks[0].shape[2]

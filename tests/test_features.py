@@ -535,6 +535,52 @@ def test_uint8_rgb_input_on_a_cpu_is_a_lookup_of_the_affine_pass(
     )
 
 
+def test_tile_features_from_two_reused_input_buffers_equal_fresh_ones(
+    he_crop: ArraySource, extractor: FeatureExtractor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24: on a CPU iter_tile_features writes the trunk input of batch i into the
+    buffer i % 2 (no new memory per batch) while the trunk runs on the batch before; the
+    features equal those of a fresh input per batch, and the two buffers alternate."""
+    from simsearch_wsi.features.extractor import analysis_tiles, iter_tile_features
+
+    spec = make_feature_spec(
+        he_crop,
+        extractor,
+        scale=AnalysisScale.for_level(he_crop, 0),
+        normalization=fit_normalization([he_crop]),
+        tile_size=128,
+    )
+    tiles, _, _ = analysis_tiles(he_crop, spec)
+    assert len(tiles) >= 7
+    real_prepare = extractor.prepare
+    storage: list[int] = []
+
+    def run(*, reuse: bool) -> list[torch.Tensor]:
+        def prepare(batch: Any, **kw: Any) -> Any:
+            if not reuse:
+                kw["buffer"] = None
+            prepared = real_prepare(batch, **kw)
+            storage.append(prepared.x.untyped_storage().data_ptr())
+            return prepared
+
+        storage.clear()
+        with monkeypatch.context() as mp:
+            mp.setattr(extractor, "prepare", prepare)
+            return [
+                f.clone()
+                for _, f in iter_tile_features(
+                    he_crop, extractor, spec=spec, tiles=tiles, batch_size=2
+                )
+            ]
+
+    reused = run(reuse=True)
+    assert len(set(storage)) == 2 and storage[0::2] == [storage[0]] * len(storage[0::2])
+    fresh = run(reuse=False)
+    assert len(reused) == len(fresh) == len(tiles)
+    for a, b in zip(reused, fresh, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_cache_block_writes_keep_zarrs_bytes(tmp_path: Path) -> None:
     """Issue 24: the cache writes with zarr's all-fill test off and tests the bits itself; the
     store holds the same chunk files with the same bytes as zarr's default (a block of +0 is
@@ -602,7 +648,7 @@ def test_fused_input_matches_the_step_by_step_one_under_bf16_autocast(
         with monkeypatch.context() as mp:
             mp.setattr(extractor, "autocast", bf16)
             if not fused:
-                mp.setattr(extractor, "_fused_rgb_input", lambda x, n: None)
+                mp.setattr(extractor, "_fused_rgb_input", lambda x, n, **kw: None)
             prepared = extractor.prepare(pixels, rgb=True, normalization=norm)
             assert prepared.x.dtype == torch.float32  # autocast starts at the trunk
             return extractor(prepared, rgb=True)

@@ -194,8 +194,8 @@ class FeatureCache:
 
         def store(tile: GridTile, f: torch.Tensor) -> None:
             y0, x0 = tile.index_y * tc, tile.index_x * tc
-            # float16 straight from the trunk's dtype (float32 or bfloat16: the same rounding)
-            block = np.ascontiguousarray(f.permute(1, 2, 0).to(torch.float16).numpy())
+            # float16 already (float32=False); a numpy copy to HWC, no torch op in this thread
+            block = np.ascontiguousarray(f.permute(1, 2, 0).numpy(), dtype=np.float16)
             _write_block(feats_arr, y0, x0, block)
             stats.add(block)  # the float16 values written, without reading them back
             computed[tile.index_y, tile.index_x] = True
