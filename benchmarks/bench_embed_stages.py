@@ -15,7 +15,8 @@ one after the other (no overlap):
   pipeline reads them, from a freshly opened file (halos overlap: without the TIFF reader's
   decoded-tile cache, tiles are decoded more than once);
 * ``preprocess``: uint8 -> float, normalisation, channels-last (what ``FeatureExtractor`` does
-  before the trunk), step by step and as embed makes it (``FeatureExtractor.prepare``);
+  before the trunk), step by step and as embed makes it (``FeatureExtractor.prepare``, into
+  two reused buffers where the library has them);
 * ``trunk``: the trunk alone on the prepared batches (bf16 autocast where it pays off);
 * ``post``: halo crop, HWC float16 copy of the features: via an NCHW copy of the trunk's
   output and a torch float16 copy per tile (before), or float16 of the whole batch in the
@@ -43,6 +44,7 @@ run.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import tempfile
 import time
@@ -183,15 +185,25 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             x = trunk_input(x, bspec, rgb=True)
             return x.contiguous(memory_format=torch.channels_last)
 
-        def preprocess_as_pipeline(batch: np.ndarray) -> torch.Tensor:
-            return ex.prepare(batch, rgb=True, normalization=norm).x
+        def preprocess_as_pipeline() -> list[torch.Tensor]:
+            return [ex.prepare(x, rgb=True, normalization=norm).x for x in batches]
+
+        def preprocess_into_buffers() -> None:
+            # as iter_tile_features since issue 24: two buffers per run, used in turn
+            shape = (b, 3, side, side)
+            buffers = [
+                torch.empty(shape).contiguous(memory_format=torch.channels_last) for _ in "ab"
+            ]
+            for i, x in enumerate(batches):
+                ex.prepare(x, rgb=True, normalization=norm, buffer=buffers[i % 2])
 
         with torch.inference_mode():
             prepared = stage("preprocess (step by step)", lambda: [preprocess(x) for x in batches])
-            if hasattr(ex, "prepare"):  # issue 24; absent in older code
-                prepared = stage(
-                    "preprocess (as embed)", lambda: [preprocess_as_pipeline(x) for x in batches]
-                )
+            if "buffer" in inspect.signature(ex.prepare).parameters:  # since issue 24
+                stage("preprocess (as embed)", preprocess_into_buffers)
+                prepared = preprocess_as_pipeline()  # not timed: one tensor per batch
+            elif hasattr(ex, "prepare"):  # issue 24; absent in older code
+                prepared = stage("preprocess (as embed)", preprocess_as_pipeline)
 
             def bare() -> list[torch.Tensor]:
                 with torch.autocast(ex.device.type, dtype=ex.autocast_dtype, enabled=ex.autocast):
