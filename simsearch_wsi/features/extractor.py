@@ -375,7 +375,7 @@ class FeatureExtractor:
             ):
                 result = buffer[:n]
             else:
-                result = torch.empty((n, 3, h, w)).contiguous(memory_format=torch.channels_last)
+                result = torch.empty((n, 3, h, w), memory_format=torch.channels_last)
             out = result.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) view of the result
             for c in range(3):
                 out[..., c] = table[c].take(pixels[..., c])
@@ -641,9 +641,7 @@ def iter_tile_features(
             return batch
         if spec.rgb and batch.dtype == np.uint8 and not buffers:
             shape = (min(batch_size, len(tiles)), 3, side, side)
-            buffers.extend(
-                torch.empty(shape).contiguous(memory_format=torch.channels_last) for _ in range(2)
-            )
+            buffers.extend(torch.empty(shape, memory_format=torch.channels_last) for _ in range(2))
         return extractor.prepare(
             batch,
             rgb=spec.rgb,

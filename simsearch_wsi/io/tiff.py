@@ -1,8 +1,11 @@
 """TIFF-family slides through tiffslide: Aperio SVS, generic tiled pyramidal TIFF, OME-TIFF,
 QPTIFF, NDPI, Leica SCN, Ventana and Philips TIFF, and plain (untiled) TIFF files.
 
-Pixels are read from tiffslide's per-level zarr arrays in level coordinates, so a read decodes only
-the tiles it touches and no level-0 <-> level rounding happens inside tiffslide.
+Pixels are read in level coordinates, so a read decodes only the tiles it touches and no
+level-0 <-> level rounding happens inside tiffslide: a level stored as one tiled page tile by tile
+with tifffile's decoder (:meth:`TiffSource._read_tiles`), any other level through tiffslide's
+per-level zarr arrays. Each reading thread keeps the tiles it decoded (bounded:
+:data:`DECODED_TILE_CACHE_BYTES`), so overlapping reads (tiles with halos) decode a tile once.
 """
 
 from __future__ import annotations
