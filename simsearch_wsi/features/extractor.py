@@ -354,8 +354,10 @@ class FeatureExtractor:
 
         On a CPU the map is a look-up of the 256 values of each channel (:meth:`_input_table`,
         one ``torch.addcmul`` + clamp of those values), gathered into a channels-last float32
-        buffer: half the CPU time of the multiply-add and clamp over every pixel (issue 24),
-        and the same floats as that pass, which computes every pixel alike.
+        (``buffer``, else new) tensor: half the CPU time of the multiply-add and clamp over
+        every pixel (issue 24). Where torch computes a value alike in both passes (it did on
+        the x86 machine of docs/benchmarks.md: the feature cache's bytes were unchanged), the
+        floats are the same; at most float32 rounding (< 1e-6) apart anyway.
         """
         if normalization is None or x.dtype != torch.uint8 or x.shape[1] != 3:
             return None
