@@ -12,25 +12,40 @@ one after the other (no overlap):
 * ``read``: the compressed bytes of every level-0 tile from the file;
 * ``decode``: JPEG decoding of those bytes (``TiffPage.decode``);
 * ``read+decode+assemble``: ``read_analysis_region`` of every tile with its halo, as the
-  pipeline reads them (halos overlap, so tiles are decoded more than once);
+  pipeline reads them, from a freshly opened file (halos overlap: without the TIFF reader's
+  decoded-tile cache, tiles are decoded more than once);
 * ``preprocess``: uint8 -> float, normalisation, channels-last (what ``FeatureExtractor`` does
-  before the trunk), step by step and, where the code has it, in the fused pass embed uses;
+  before the trunk), step by step and as embed makes it (``FeatureExtractor.prepare``, into
+  two reused buffers where the library has them: made and first touched once per embed run,
+  timed apart as ``two input buffers``);
 * ``trunk``: the trunk alone on the prepared batches (bf16 autocast where it pays off);
-* ``post``: halo crop, HWC float16 copy of the features;
+* ``post``: halo crop, HWC float16 copy of the features: via an NCHW copy of the trunk's
+  output and a torch float16 copy per tile (before), or float16 of the whole batch in the
+  trunk's channels-last layout and a numpy copy per tile (after, what embed does);
 * ``cache write``: the float16 blocks written to a Zarr array as the cache writes them, with
-  zstd at its default level and at level 1 (what the cache uses since issue 24);
+  zstd at its default level and at level 1 (what the cache uses since issue 24), and at level 1
+  as the library's cache writes where it has ``_write_block`` (no float16 comparison in zarr);
+* ``channel sums``: the float64 sums the cache adds up while writing (``_ChannelSums.add``);
 * ``channel stats``: the per-channel mean and std of the entry read back from the store (since
   issue 24 the cache sums them while writing, and reads back only tiles of an interrupted run).
+
+Every stage reports its wall time (``stages_s``) and the CPU time of the whole process during it
+(``stages_cpu_s``, ``time.process_time``: every thread, OpenMP's included), which other jobs on a
+shared machine disturb far less than the wall time.
 
 Then the whole pipeline (``get_or_compute`` into a fresh cache) and the bare trunk run
 ``--repeats`` times, interleaved, and the minimum of each is kept: MP/s counts slide area (the
 tiles' cores), ``ratio`` = bare-trunk time / pipeline time (1.0 = the pipeline costs nothing
-beyond the trunk). Timings on a shared machine move between runs: compare within one run.
+beyond the trunk); ``pipeline_cpu_s`` and ``bare_trunk_cpu_s`` are the process CPU times of
+the same runs, and ``cpu_around_trunk_s`` the difference of their minima: the CPU work the
+pipeline adds to the trunk. Timings on a shared machine move between runs: compare within one
+run.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import tempfile
 import time
@@ -41,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from simsearch_wsi.features import cache as cache_module
 from simsearch_wsi.features.backbones import build_trunk
 from simsearch_wsi.features.cache import FeatureCache, _channel_stats
 from simsearch_wsi.features.extractor import (
@@ -63,11 +79,17 @@ def _sync(device: str) -> None:
 
 
 def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    wall, _, out = _timed_cpu(fn, device)
+    return wall, out
+
+
+def _timed_cpu(fn: Callable[[], Any], device: str) -> tuple[float, float, Any]:
+    """(wall s, process CPU s, result) of ``fn()``."""
     _sync(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     out = fn()
     _sync(device)
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -92,13 +114,19 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "precision": ex.precision,
     }
     stages: dict[str, float] = {}
+    stages_cpu: dict[str, float] = {}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        stages[name], stages_cpu[name], result = _timed_cpu(fn, dev)
+        return result
+
     with open_image(slide.path) as img:
         norm = fit_normalization([img])
         spec = make_feature_spec(
             img, ex, scale=AnalysisScale.for_level(img, 0), normalization=norm, tile_size=t
         )
         if spec.tiles == "foreground":
-            stages["foreground"], mask = _timed(lambda: detect_foreground(img), dev)
+            mask = stage("foreground", lambda: detect_foreground(img))
         else:
             mask = None
         tiles, _, _ = analysis_tiles(img, spec, mask=mask)
@@ -118,28 +146,34 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     chunks.append(fh.read(count))
                 return chunks
 
-            stages["read"], raw_tiles = _timed(read_bytes, dev)
-            stages["decode"], _ = _timed(
+            raw_tiles = stage("read", read_bytes)
+            stage(
+                "decode",
                 lambda: [
                     page.decode(b, i, jpegtables=page.jpegtables)[0]
                     for i, b in enumerate(raw_tiles)
                 ],
-                dev,
             )
 
         halo, side, idx = spec.halo, t + 2 * spec.halo, [0, 1, 2]
 
         def read_all() -> list[np.ndarray]:
-            return [
-                prepare_pixels(
-                    read_analysis_region(img, spec.scale, tl.x_a - halo, tl.y_a - halo, side, side),
-                    spec,
-                    idx=idx,
-                )
-                for tl in tiles
-            ]
+            # a freshly opened file, as each embed run reads from a new thread: no tile decoded
+            # by an earlier stage is reused
+            with open_image(slide.path) as fresh:
+                fresh.read_region((0, 0), 0, (1, 1))  # opens the level arrays (not timed apart)
+                return [
+                    prepare_pixels(
+                        read_analysis_region(
+                            fresh, spec.scale, tl.x_a - halo, tl.y_a - halo, side, side
+                        ),
+                        spec,
+                        idx=idx,
+                    )
+                    for tl in tiles
+                ]
 
-        stages["read+decode+assemble"], pixels = _timed(read_all, dev)
+        pixels = stage("read+decode+assemble", read_all)
         b = args.batch_size
         batches = [np.stack(pixels[i : i + b]) for i in range(0, len(pixels), b)]
 
@@ -152,82 +186,122 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             x = trunk_input(x, bspec, rgb=True)
             return x.contiguous(memory_format=torch.channels_last)
 
-        fused = getattr(ex, "_fused_rgb_input", None)  # issue 24; absent in older code
+        def preprocess_as_pipeline() -> list[torch.Tensor]:
+            return [ex.prepare(x, rgb=True, normalization=norm).x for x in batches]
 
-        def preprocess_as_pipeline(batch: np.ndarray) -> torch.Tensor:
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(ex.device).permute(0, 3, 1, 2)
-            y = fused(x, norm) if fused is not None else None
-            if y is None:
-                return preprocess(batch)
-            return y.contiguous(memory_format=torch.channels_last)
+        buffers: list[torch.Tensor] = []
+
+        def make_buffers() -> None:
+            # as iter_tile_features since issue 24: two buffers per embed run, used in turn;
+            # first touched here (their page faults), as the first two batches touch them
+            shape = (b, 3, side, side)
+            buffers.extend(torch.empty(shape, memory_format=torch.channels_last) for _ in "ab")
+            for buf in buffers:
+                buf.zero_()
+
+        def preprocess_into_buffers() -> None:
+            for i, x in enumerate(batches):
+                ex.prepare(x, rgb=True, normalization=norm, buffer=buffers[i % 2])
 
         with torch.inference_mode():
-            stages["preprocess (step by step)"], prepared = _timed(
-                lambda: [preprocess(x) for x in batches], dev
-            )
-            if fused is not None:
-                stages["preprocess (fused, as embed)"], prepared = _timed(
-                    lambda: [preprocess_as_pipeline(x) for x in batches], dev
-                )
+            prepared = stage("preprocess (step by step)", lambda: [preprocess(x) for x in batches])
+            if "buffer" in inspect.signature(ex.prepare).parameters:  # since issue 24
+                stage("preprocess: two input buffers, once per run", make_buffers)
+                stage("preprocess (as embed)", preprocess_into_buffers)
+                prepared = preprocess_as_pipeline()  # not timed: one tensor per batch
+            elif hasattr(ex, "prepare"):  # issue 24; absent in older code
+                prepared = stage("preprocess (as embed)", preprocess_as_pipeline)
 
             def bare() -> list[torch.Tensor]:
                 with torch.autocast(ex.device.type, dtype=ex.autocast_dtype, enabled=ex.autocast):
                     return [ex.trunk(x) for x in prepared]
 
             bare()  # warm-up
-            stages["trunk"], feats = _timed(bare, dev)
+            feats = stage("trunk", bare)
             s, c0 = ex.stride, halo // ex.stride
 
-            def post() -> list[np.ndarray]:
+            def post(before: bool) -> list[np.ndarray]:
                 blocks = []
                 for f in feats:
-                    f = f.float().cpu()
+                    # before: an NCHW copy, then a float16 HWC copy of each tile by torch (in
+                    # the cache's writer thread); after: float16 in the trunk's layout (in
+                    # the trunk's thread), then a numpy HWC copy of each tile (writer)
+                    f = f.contiguous().cpu() if before else f.to(torch.float16).cpu()
                     for one in f:
-                        core = one[:, c0 : c0 + t // s, c0 : c0 + t // s]
-                        blocks.append(core.permute(1, 2, 0).numpy().astype(np.float16))
+                        core = one[:, c0 : c0 + t // s, c0 : c0 + t // s].permute(1, 2, 0)
+                        if before:
+                            blocks.append(np.ascontiguousarray(core.to(torch.float16).numpy()))
+                        else:
+                            blocks.append(np.ascontiguousarray(core.numpy()))
                 return blocks
 
-            stages["post"], blocks = _timed(post, dev)
+            blocks = stage("post, via an NCHW copy (before)", lambda: post(True))
+            blocks_cl = stage("post, float16 in the trunk's layout (after)", lambda: post(False))
+            assert all(np.array_equal(a, b) for a, b in zip(blocks, blocks_cl, strict=True))
 
         tc, d = t // s, blocks[0].shape[2]
         group = zarr.open_group(str(work / "write_only.zarr"), mode="w")
-        for label, codec in (
-            ("zstd default level", "auto"),
-            ("zstd level 1", zarr.codecs.ZstdCodec(level=1)),
+        write_block = getattr(cache_module, "_write_block", None)  # issue 24; absent before
+        for label, codec, as_cache in (
+            ("zstd default level", "auto", False),
+            ("zstd level 1", zarr.codecs.ZstdCodec(level=1), False),
+            ("zstd level 1, as embed", zarr.codecs.ZstdCodec(level=1), True),
         ):
+            if as_cache and write_block is None:
+                continue
             arr = group.create_array(
-                label.replace(" ", "_"),
+                label.replace(" ", "_").replace(",", ""),
                 shape=(-(-size // s), -(-size // s), d),
                 chunks=(tc, tc, d),
                 dtype="float16",
                 fill_value=0,
                 compressors=codec,
             )
+            if as_cache:
+                arr = arr.with_config({"write_empty_chunks": True})
 
-            def write(arr: Any = arr) -> None:
+            def write(arr: Any = arr, as_cache: bool = as_cache) -> None:
                 for tl, block in zip(tiles, blocks, strict=True):
                     y0, x0 = tl.index_y * tc, tl.index_x * tc
                     h, w = -(-tl.height_a // s), -(-tl.width_a // s)
-                    arr[y0 : y0 + h, x0 : x0 + w] = block[:h, :w]
+                    if as_cache and write_block is not None:
+                        write_block(arr, y0, x0, block[:h, :w])
+                    else:
+                        arr[y0 : y0 + h, x0 : x0 + w] = block[:h, :w]
 
-            stages[f"cache write ({label})"], _ = _timed(write, dev)
+            stage(f"cache write ({label})", write)
+
+        def sums() -> None:
+            acc = cache_module._ChannelSums(d)
+            for block in blocks:
+                acc.add(block)
+
+        stage("channel sums (while writing)", sums)
         computed = np.zeros((max(tl.index_y for tl in tiles) + 1,) * 2, bool)
         for tl in tiles:
             computed[tl.index_y, tl.index_x] = True
-        stages["channel stats"], _ = _timed(lambda: _channel_stats(arr, computed, tc), dev)
+        stage("channel stats (read back)", lambda: _channel_stats(arr, computed, tc))
         out["stages_s"] = {k: round(v, 3) for k, v in stages.items()}
+        out["stages_cpu_s"] = {k: round(v, 3) for k, v in stages_cpu.items()}
 
-        runs_bare, runs_pipe = [], []
+        runs_bare, runs_pipe, cpu_bare, cpu_pipe = [], [], [], []
         for rep in range(args.repeats):
             with torch.inference_mode():
-                runs_bare.append(_timed(bare, dev)[0])
+                wall, cpu, _ = _timed_cpu(bare, dev)
+            runs_bare.append(wall)
+            cpu_bare.append(cpu)
             cache = FeatureCache(work / f"cache_{rep}")
-            runs_pipe.append(
-                _timed(lambda c=cache: c.get_or_compute(img, ex, spec=spec, batch_size=b), dev)[0]
+            wall, cpu, _ = _timed_cpu(
+                lambda c=cache: c.get_or_compute(img, ex, spec=spec, batch_size=b), dev
             )
+            runs_pipe.append(wall)
+            cpu_pipe.append(cpu)
         t_bare, t_pipe = min(runs_bare), min(runs_pipe)
         out["bare_trunk_s"] = [round(v, 3) for v in runs_bare]
         out["pipeline_s"] = [round(v, 3) for v in runs_pipe]
+        out["bare_trunk_cpu_s"] = [round(v, 3) for v in cpu_bare]
+        out["pipeline_cpu_s"] = [round(v, 3) for v in cpu_pipe]
+        out["cpu_around_trunk_s"] = round(min(cpu_pipe) - min(cpu_bare), 3)
         out["bare_trunk_mp_s"] = round(area_mp / t_bare, 2)
         out["pipeline_mp_s"] = round(area_mp / t_pipe, 2)
         out["ratio"] = round(t_bare / t_pipe, 3)

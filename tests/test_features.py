@@ -504,6 +504,129 @@ def test_fused_uint8_rgb_input_equals_the_step_by_step_one(extractor: FeatureExt
     torch.testing.assert_close(via_fused, via_apply, atol=1e-3, rtol=1e-3)
 
 
+def test_uint8_rgb_input_on_a_cpu_is_a_lookup_of_the_affine_pass(
+    extractor: FeatureExtractor,
+) -> None:
+    """Issue 24: on a CPU the fused uint8 input is gathered from a (3, 256) table of the affine
+    pass (multiply-add + clamp) of each value: every pixel takes its own channel's entry, the
+    result is channels-last, and it is the affine pass over the pixels up to its rounding."""
+    from simsearch_wsi.features.preprocess import ChannelNormalization
+
+    pixels = np.random.default_rng(25).integers(0, 256, (2, 24, 40, 3), dtype=np.uint8)
+    norm = ChannelNormalization(
+        low=(20.0, 35.0, 0.0),
+        high=(230.0, 200.0, 255.0),
+        channel_names=("R", "G", "B"),
+        method="fixed-range",
+    )
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # channels-last, as prepare() sends it
+    looked_up = extractor._fused_rgb_input(x, norm)
+    assert looked_up is not None and looked_up.is_contiguous(memory_format=torch.channels_last)
+    table = extractor._input_table(norm)
+    assert table is not None and table.shape == (3, 256)
+    expected = np.stack([table[c][pixels[..., c]] for c in range(3)], axis=1)  # (N, 3, H, W)
+    np.testing.assert_array_equal(looked_up.numpy(), expected)
+    per_pixel = extractor._affine_rgb_input(x, norm)
+    assert per_pixel is not None
+    torch.testing.assert_close(looked_up, per_pixel, atol=1e-6, rtol=0)
+    # NCHW input gives the same values
+    torch.testing.assert_close(
+        extractor._fused_rgb_input(x.contiguous(), norm), looked_up, atol=0, rtol=0
+    )
+
+
+def test_tile_features_from_two_reused_input_buffers_equal_fresh_ones(
+    he_crop: ArraySource, extractor: FeatureExtractor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24: on a CPU iter_tile_features writes the trunk input of batch i into the
+    buffer i % 2 (no new memory per batch) while the trunk runs on the batch before; the
+    features equal those of a fresh input per batch, and the two buffers alternate."""
+    from simsearch_wsi.features.extractor import analysis_tiles, iter_tile_features
+
+    spec = make_feature_spec(
+        he_crop,
+        extractor,
+        scale=AnalysisScale.for_level(he_crop, 0),
+        normalization=fit_normalization([he_crop]),
+        tile_size=128,
+    )
+    tiles, _, _ = analysis_tiles(he_crop, spec)
+    assert len(tiles) >= 7
+    real_prepare = extractor.prepare
+    storage: list[int] = []
+
+    def run(*, reuse: bool) -> list[torch.Tensor]:
+        def prepare(batch: Any, **kw: Any) -> Any:
+            if not reuse:
+                kw["buffer"] = None
+            prepared = real_prepare(batch, **kw)
+            storage.append(prepared.x.untyped_storage().data_ptr())
+            return prepared
+
+        storage.clear()
+        with monkeypatch.context() as mp:
+            mp.setattr(extractor, "prepare", prepare)
+            return [
+                f.clone()
+                for _, f in iter_tile_features(
+                    he_crop, extractor, spec=spec, tiles=tiles, batch_size=2
+                )
+            ]
+
+    reused = run(reuse=True)
+    assert len(set(storage)) == 2 and storage[0::2] == [storage[0]] * len(storage[0::2])
+    fresh = run(reuse=False)
+    assert len(reused) == len(fresh) == len(tiles)
+    for a, b in zip(reused, fresh, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cache_block_writes_keep_zarrs_bytes(tmp_path: Path) -> None:
+    """Issue 24: the cache writes with zarr's all-fill test off and tests the bits itself; the
+    store holds the same chunk files with the same bytes as zarr's default (a block of +0 is
+    not written; -0, NaN and any other value are)."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    from simsearch_wsi.features.cache import _write_block
+
+    rng = np.random.default_rng(3)
+    blocks = [
+        rng.random((4, 4, 8)).astype(np.float16),
+        np.zeros((4, 4, 8), np.float16),
+        np.where(rng.random((4, 4, 8)) < 0.5, -0.0, 0.0).astype(np.float16),
+        np.zeros((4, 4, 8), np.float16),
+        rng.random((2, 4, 8)).astype(np.float16),  # the array's last, cut row of chunks
+    ]
+    blocks[3][1, 2, 3] = np.nan
+    stores = {}
+    for name, own in (("zarr", False), ("cache", True)):
+        group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        arr = group.create_array(
+            "f",
+            shape=(10, 8, 8),
+            chunks=(4, 4, 8),
+            dtype="float16",
+            fill_value=0,
+            compressors=ZstdCodec(level=1),
+        )
+        if own:
+            arr = arr.with_config({"write_empty_chunks": True})
+        for (y0, x0), block in zip([(0, 0), (0, 4), (4, 0), (4, 4), (8, 0)], blocks, strict=True):
+            if own:
+                _write_block(arr, y0, x0, block)
+            else:
+                arr[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block
+        root = tmp_path / f"{name}.zarr" / "f"
+        stores[name] = {
+            str(f.relative_to(root)): f.read_bytes()
+            for f in sorted(root.rglob("*"))
+            if f.is_file() and f.name != "zarr.json"
+        }
+    assert len(stores["zarr"]) == 4  # the block of +0 is not stored
+    assert stores["cache"] == stores["zarr"]
+
+
 def test_fused_input_matches_the_step_by_step_one_under_bf16_autocast(
     extractor: FeatureExtractor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -525,7 +648,7 @@ def test_fused_input_matches_the_step_by_step_one_under_bf16_autocast(
         with monkeypatch.context() as mp:
             mp.setattr(extractor, "autocast", bf16)
             if not fused:
-                mp.setattr(extractor, "_fused_rgb_input", lambda x, n: None)
+                mp.setattr(extractor, "_fused_rgb_input", lambda x, n, **kw: None)
             prepared = extractor.prepare(pixels, rgb=True, normalization=norm)
             assert prepared.x.dtype == torch.float32  # autocast starts at the trunk
             return extractor(prepared, rgb=True)

@@ -589,3 +589,76 @@ def test_odd_imagej_metadata_is_not_taken_for_a_damaged_file(tmp_path: Path) -> 
         tag.overwrite(str(tag.value).replace("images=1", "images=0"))
     with open_image(path) as img:
         np.testing.assert_array_equal(img.read_region((0, 0), 0, (64, 64)), pixels)
+
+
+@pytest.mark.parametrize("path_kind", ["tiles", "zarr"])
+def test_overlapping_tiff_reads_decode_each_tile_once(tmp_path: Path, path_kind: str) -> None:
+    """Issue 24: reads with overlapping halos reuse the tiles the reading thread decoded before
+    (a bounded cache in the TIFF reader), both where a level is one tiled page read tile by
+    tile and where zarr reads it: the same pixels, each tile decoded once, and the cache never
+    holds more than its bound."""
+    from simsearch_wsi.io import tiff as tiff_mod
+
+    image = np.random.default_rng(24).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    path = tmp_path / "tiles.tif"
+    tifffile.imwrite(path, image, tile=(16, 16), compression="zlib")
+    padded = np.zeros((96 + 16, 128 + 16, 3), np.uint8)
+    padded[8:-8, 8:-8] = image
+    decoded: list[Any] = []
+    with open_image(path) as img:
+        assert isinstance(img, tiff_mod.TiffSource)
+        assert img._tiled_pages[0] is not None  # a tiled page: read tile by tile
+        if path_kind == "zarr":
+            img._tiled_pages = []
+            inner = img._level_arrays()[0].store
+            real_get = inner._store.get
+
+            async def counting_get(key: str, prototype: Any, byte_range: Any = None) -> Any:
+                if tiff_mod._is_chunk_key(key):
+                    decoded.append(key)
+                return await real_get(key, prototype, byte_range)
+
+            inner._store.get = counting_get
+        else:
+            real_decode = img._decode_tile
+
+            def counting_decode(level: int, page: Any, ty: int, tx: int, *args: Any) -> Any:
+                decoded.append((level, ty, tx))
+                return real_decode(level, page, ty, tx, *args)
+
+            img._decode_tile = counting_decode  # type: ignore[method-assign]
+        regions = [(x, y) for y in (-8, 24, 56) for x in (-8, 40, 88)]  # 48-px reads, 8-px halos
+        for x, y in regions:
+            np.testing.assert_array_equal(
+                img.read_region((x, y), 0, (48, 48), fill=0),
+                padded[y + 8 : y + 56, x + 8 : x + 56],
+            )
+        assert len(decoded) == len(set(decoded)) == 6 * 8  # every tile, each once
+        cache = img._local.tiles
+        assert cache.nbytes == 48 * 16 * 16 * 3 <= cache.max_bytes
+        cache.max_bytes = 10 * 16 * 16 * 3  # a smaller bound: the oldest tiles go first
+        first, newest = next(iter(cache._items)), ("new", 0)
+        cache.put(newest, np.zeros(16 * 16 * 3, np.uint8), 16 * 16 * 3)
+        assert cache.nbytes == cache.max_bytes and newest in cache._items
+        assert first not in cache._items and cache.get(first) is None
+
+
+@pytest.mark.parametrize("path_kind", ["tiles", "zarr"])
+def test_a_damaged_tile_is_refused_at_every_read_next_to_cached_ones(
+    tmp_path: Path, path_kind: str
+) -> None:
+    """Issue 24: the decoded-tile cache holds only good tiles: a read that touches a damaged
+    tile is refused naming it every time, also when its neighbours come from the cache."""
+    path = _tiff_with_corrupt_tiles(tmp_path / "tiles.tif", every=7)  # tiles 0, 7, 14, ...
+    with open_image(path) as img:
+        if path_kind == "zarr":
+            img._tiled_pages = []  # type: ignore[attr-defined]
+        good = img.read_region((16, 0), 0, (96, 16))  # tiles 1..6 of row 0, now cached
+        for _ in range(2):
+            with pytest.raises(
+                CorruptImageError,
+                match=r"tiles\.tif: could not decode level 0 .*tile \(row 0, column 7\) of "
+                r"level 0 at x=112\.\.128, y=0\.\.16 failed",
+            ):
+                img.read_region((16, 0), 0, (112, 16))
+        np.testing.assert_array_equal(img.read_region((16, 0), 0, (96, 16)), good)

@@ -247,6 +247,7 @@ class FeatureExtractor:
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         self.autocast = autocast and autocast_pays_off(self.device, self.autocast_dtype)
         self.channels_last = channels_last
+        self._input_tables: dict[tuple[tuple[float, ...], tuple[float, ...]], Any] = {}
         self.trunk = trunk.to(self.device).eval()
         if channels_last:
             self.trunk = self.trunk.to(memory_format=torch.channels_last)
@@ -275,8 +276,10 @@ class FeatureExtractor:
         float32: bool = True,
     ) -> torch.Tensor:
         """(N, H, W, C) pixels -> (N, D, H/stride, W/stride) float32 on the CPU (with
-        ``float32=False`` and RGB input: in the trunk's output dtype, e.g. bfloat16 under
-        autocast, which saves a full-size conversion where the caller narrows it anyway).
+        ``float32=False``: float16, what the feature cache stores, in the trunk's memory layout,
+        e.g. channels-last: no full-size float32 copy, no transposing copy before the caller's
+        HWC copy, and the conversion made here by the trunk's own threads, where a torch op in
+        the caller's writer thread would start a second OpenMP team next to the trunk's).
 
         With ``normalization`` the batch holds raw intensities (any dtype, sent to the device
         as they are: uint8 moves 4x fewer bytes than float32) and is rescaled to [0, 1] there,
@@ -296,7 +299,9 @@ class FeatureExtractor:
             f = f.float()
         if not rgb:
             f = merge_channel_features(f, prepared.n)
-        out: torch.Tensor = f.contiguous().cpu()
+        # bf16 or float32 -> float16 rounds as float32 -> float16 (bf16 -> float32 is exact)
+        f = f.contiguous() if float32 else f.to(torch.float16)
+        out: torch.Tensor = f.cpu()
         return out
 
     @torch.inference_mode()
@@ -306,14 +311,21 @@ class FeatureExtractor:
         *,
         rgb: bool,
         normalization: ChannelNormalization | None = None,
+        buffer: torch.Tensor | None = None,
     ) -> PreparedBatch:
         """The trunk input of an (N, H, W, C) batch on the extractor's device, as
         :meth:`__call__` makes it: callable from another thread (e.g. a read-ahead thread, so
-        that this work overlaps the trunk on a CPU)."""
+        that this work overlaps the trunk on a CPU).
+
+        ``buffer``: a channels-last float32 (M >= N, 3, H, W) CPU tensor that uint8 RGB input
+        is written into on a CPU (the result is then a view of it), instead of new memory for
+        each batch (whose page faults cost about as much system time as the look-up itself);
+        the caller must not reuse it while the result is in use. Ignored elsewhere.
+        """
         x = torch.from_numpy(np.ascontiguousarray(batch_nhwc)).to(self.device)
         x = x.permute(0, 3, 1, 2)  # N, C, H, W (channels-last strides)
         n = x.shape[0]
-        fused = self._fused_rgb_input(x, normalization) if rgb else None
+        fused = self._fused_rgb_input(x, normalization, buffer=buffer) if rgb else None
         if fused is not None:
             x = fused
         else:
@@ -323,11 +335,15 @@ class FeatureExtractor:
         return PreparedBatch(x, n)
 
     def _fused_rgb_input(
-        self, x: torch.Tensor, normalization: ChannelNormalization | None
+        self,
+        x: torch.Tensor,
+        normalization: ChannelNormalization | None,
+        *,
+        buffer: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """The trunk input of uint8 RGB pixels (N, 3, H, W) in one fused multiply-add and one
-        clamp, or None where this does not apply (other dtypes, no normalisation, a flat
-        channel).
+        """The trunk input of uint8 RGB pixels (N, 3, H, W) as one affine map per channel and
+        a clamp, or None where this does not apply (other dtypes, no normalisation, a flat
+        channel). The result is channels-last on a CPU.
 
         Equal to :meth:`_normalised_input` up to float32 rounding (< 1e-6): the rescaling to
         [0, 1], its clamp and the backbone's mean/std are one affine map per channel, and the
@@ -335,19 +351,68 @@ class FeatureExtractor:
         separate passes cost about 15 % of the trunk time on a 2-core CPU
         (``benchmarks/bench_embed_stages.py``). uint8 only: its values are small, so the folded
         offset cannot cancel catastrophically as it could for large float intensities.
+
+        On a CPU the map is a look-up of the 256 values of each channel (:meth:`_input_table`,
+        one ``torch.addcmul`` + clamp of those values), gathered into a channels-last float32
+        (``buffer``, else new) tensor: half the CPU time of the multiply-add and clamp over
+        every pixel (issue 24). Where torch computes a value alike in both passes (it did on
+        the x86 machine of docs/benchmarks.md: the feature cache's bytes were unchanged), the
+        floats are the same; at most float32 rounding (< 1e-6) apart anyway.
         """
         if normalization is None or x.dtype != torch.uint8 or x.shape[1] != 3:
             return None
-        low = torch.tensor(normalization.low, dtype=torch.float32, device=self.device)
-        span = torch.tensor(normalization.high, dtype=torch.float32, device=self.device) - low
+        if x.device.type == "cpu":
+            table = self._input_table(normalization)
+            if table is None:
+                return None
+            pixels = x.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3), a view where channels-last
+            n, h, w, _ = pixels.shape
+            if (
+                buffer is not None
+                and buffer.device.type == "cpu"
+                and buffer.dtype == torch.float32
+                and buffer.shape[0] >= n
+                and tuple(buffer.shape[1:]) == (3, h, w)
+                and buffer.is_contiguous(memory_format=torch.channels_last)
+            ):
+                result = buffer[:n]
+            else:
+                result = torch.empty((n, 3, h, w), memory_format=torch.channels_last)
+            out = result.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) view of the result
+            for c in range(3):
+                out[..., c] = table[c].take(pixels[..., c])
+            return result
+        return self._affine_rgb_input(x, normalization)
+
+    def _affine_rgb_input(
+        self, x: torch.Tensor, normalization: ChannelNormalization
+    ) -> torch.Tensor | None:
+        """uint8 (N, 3, H, W) -> the trunk input by one ``torch.addcmul`` and one per-channel
+        clamp over every pixel on ``x``'s device; None for a flat channel (high <= low)."""
+        low = torch.tensor(normalization.low, dtype=torch.float32, device=x.device)
+        span = torch.tensor(normalization.high, dtype=torch.float32, device=x.device) - low
         if not bool((span > 0).all()):
             return None
-        mean = torch.tensor(self.spec.input_mean, dtype=torch.float32, device=self.device)
-        std = torch.tensor(self.spec.input_std, dtype=torch.float32, device=self.device)
+        mean = torch.tensor(self.spec.input_mean, dtype=torch.float32, device=x.device)
+        std = torch.tensor(self.spec.input_std, dtype=torch.float32, device=x.device)
         a = (1.0 / span / std).view(1, 3, 1, 1)
         b = ((-low / span - mean) / std).view(1, 3, 1, 1)
         lo, hi = (-mean / std).view(1, 3, 1, 1), ((1.0 - mean) / std).view(1, 3, 1, 1)
         return torch.addcmul(b, x, a).clamp_(min=lo, max=hi)
+
+    def _input_table(self, normalization: ChannelNormalization) -> NDArray[np.float32] | None:
+        """(3, 256) float32: the trunk input of each uint8 value of each channel, made by
+        :meth:`_affine_rgb_input` on the CPU; None for a flat channel. Kept per normalisation."""
+        key = (normalization.low, normalization.high)
+        table = self._input_tables.get(key)
+        if table is None:
+            values = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, 3, 1, 256)
+            mapped = self._affine_rgb_input(values.contiguous(), normalization)
+            if mapped is None:
+                return None
+            table = np.ascontiguousarray(mapped[0, :, 0, :].numpy())
+            self._input_tables[key] = table
+        return table
 
     def _normalised_input(
         self,
@@ -541,8 +606,8 @@ def iter_tile_features(
     float32: bool = True,
 ) -> Iterator[tuple[GridTile, torch.Tensor]]:
     """Yield ``(tile, features)`` with features (D, ceil(h/stride), ceil(w/stride)) float32 for
-    each tile's core (``float32=False``: as :meth:`FeatureExtractor.__call__` with it), computed
-    in batches of full-size tiles.
+    each tile's core (``float32=False``: float16, as :meth:`FeatureExtractor.__call__` with
+    it), computed in batches of full-size tiles.
 
     The next batch is read in a background thread while the trunk runs on the current one
     (decoders and torch release the GIL), so reading overlaps compute; on a CPU that thread
@@ -556,8 +621,12 @@ def iter_tile_features(
     # On a CPU the trunk input is made in the read-ahead thread too, overlapping the trunk; on
     # an accelerator the raw batch goes there (fewer bytes) and is normalised on the device.
     on_cpu = extractor.device.type == "cpu"
+    # There the trunk input of batch i goes into buffers[i % 2]: prefetched() runs one batch
+    # ahead, so batch i + 2 is made only after the trunk is done with batch i.
+    buffers: list[torch.Tensor] = []
 
-    def load(chunk: Sequence[GridTile]) -> NDArray[Any] | PreparedBatch:
+    def load(item: tuple[int, Sequence[GridTile]]) -> NDArray[Any] | PreparedBatch:
+        i, chunk = item
         batch = np.stack(
             [
                 prepare_pixels(
@@ -570,13 +639,22 @@ def iter_tile_features(
                 for tl in chunk
             ]
         )
-        if on_cpu:
-            return extractor.prepare(batch, rgb=spec.rgb, normalization=spec.normalization)
-        return batch
+        if not on_cpu:
+            return batch
+        if spec.rgb and batch.dtype == np.uint8 and not buffers:
+            shape = (min(batch_size, len(tiles)), 3, side, side)
+            buffers.extend(torch.empty(shape, memory_format=torch.channels_last) for _ in range(2))
+        return extractor.prepare(
+            batch,
+            rgb=spec.rgb,
+            normalization=spec.normalization,
+            buffer=buffers[i % 2] if buffers else None,
+        )
 
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     done = 0
-    for chunk, batch in zip(batches, prefetched(load, batches), strict=True):
+    items = list(enumerate(batches))
+    for chunk, batch in zip(batches, prefetched(load, items), strict=True):
         feats = extractor(batch, rgb=spec.rgb, normalization=spec.normalization, float32=float32)
         for tl, f in zip(chunk, feats, strict=True):
             hc, wc = -(-tl.height_a // s), -(-tl.width_a // s)
