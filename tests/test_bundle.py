@@ -530,3 +530,66 @@ def test_a_partner_model_must_be_one_search_head_of_the_same_classes(trunk: nn.M
         _search_head(trunk, partner=_search_head(trunk, partner=partner))
     with pytest.raises(BundleError, match="without a partner of its own"):
         _search_head(trunk, partner=make_bundle(trunk))  # a linear head is not a partner
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("channels", ("DAPI", "GFP", "RFP"), "channels"),
+        ("rgb", False, "rgb"),
+        ("mpp", 0.5, "mpp"),
+        ("backbone", "resnet18-l2", "backbone"),
+    ],
+)
+def test_a_partner_model_must_score_the_same_windows(
+    trunk: nn.Module, field: str, value: Any, named: str
+) -> None:
+    """A partner that reads other pixels (channels, rgb), another window size (mpp) or another
+    feature grid (backbone) would be combined window by window with the wrong windows: refused
+    when the bundle is built (and so when it is loaded), with what differs."""
+    with pytest.raises(BundleError, match=rf"would score other windows.*{named} ") as info:
+        _search_head(trunk, partner=_search_head(trunk, **{field: value}))
+    assert "\n" not in str(info.value)
+
+
+def test_an_older_version_with_a_partner_or_stray_partner_tensors_is_refused(
+    trunk: nn.Module, tmp_path: Path
+) -> None:
+    """Only version 3 holds a partner: a version 2 bundle.json naming one, or a file whose
+    partner metadata was removed while weights.pt still holds its tensors, is refused rather
+    than read as one model (which would predict without half of it)."""
+    pair = _search_head(trunk, partner=_search_head(trunk))
+    path = save_bundle(tmp_path / "pair.zip", pair)
+    older = Path(shutil.copyfile(path, tmp_path / "older.zip"))
+    edit_json(older, version=2)
+    assert_bundle_error(older, "version 2", "only version 3")
+    edit_json(path, partner=None)
+    assert_bundle_error(path, "partner model's tensors", "no 'partner'")
+
+
+def test_the_digest_names_a_search_heads_memory_and_its_partner(trunk: nn.Module) -> None:
+    """The digest keys resumed runs and object ids: a search head with another memory (a second
+    review under the same trunk and calibration weights) or another partner is another model;
+    a bundle without a memory digests as before (trunk and head weights only)."""
+    import hashlib
+
+    from simsearch_wsi.infer.dense import bundle_digest
+
+    plain = make_bundle(trunk)
+    h = hashlib.sha256(plain.head_weight.numpy().tobytes())
+    h.update(plain.head_bias.numpy().tobytes())
+    for name, tensor in sorted(plain.trunk_state.items()):
+        h.update(name.encode())
+        h.update(tensor.contiguous().numpy().tobytes())
+    assert bundle_digest(plain) == h.hexdigest()[:16]
+
+    head = _search_head(trunk)
+    assert head.memory_vectors is not None and head.memory_owner is not None
+    other_memory = dataclasses.replace(head, memory_vectors=-head.memory_vectors)
+    other_owner = dataclasses.replace(head, memory_owner=head.memory_owner.flip(0))
+    digests = {bundle_digest(b) for b in (head, other_memory, other_owner)}
+    assert len(digests) == 3
+    pair = _search_head(trunk, partner=head)
+    other_pair = _search_head(trunk, partner=other_memory)
+    assert bundle_digest(pair) != bundle_digest(other_pair)
+    assert bundle_digest(pair) != bundle_digest(_search_head(trunk))  # the partner counts

@@ -43,7 +43,7 @@ from simsearch_wsi.server import (
 )
 from simsearch_wsi.synthetic import SyntheticSlide, make_synthetic_slide
 from simsearch_wsi.train.bundle import load_bundle
-from simsearch_wsi.train.choices import DEFAULT_STRATEGY, STRATEGIES
+from simsearch_wsi.train.choices import DEFAULT_HEAD_INPUT, DEFAULT_STRATEGY, STRATEGIES
 
 with warnings.catch_warnings():  # starlette 1.x prefers httpx2; httpx works the same here
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -514,7 +514,8 @@ def _training_session(folder: Path, slide: SyntheticSlide) -> Session:
 def test_train_job(client: TestClient, train_slide: SyntheticSlide, root: Path) -> None:
     session = _training_session(root / "train" / "exp 1", train_slide)
     out = root / "models" / "exp 1.zip"
-    body = {"session": session.root.as_uri(), "out": str(out), "seed": 3}
+    # the paper's model (the default ``auto`` trains the slower ensemble from 5 labels per class)
+    body = {"session": session.root.as_uri(), "out": str(out), "seed": 3, "head_input": "trunk"}
     r = client.post(f"{API}/jobs/train", json=body, headers={PROTOCOL_HEADER: "1"})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
@@ -533,6 +534,7 @@ def test_train_job(client: TestClient, train_slide: SyntheticSlide, root: Path) 
         "out": str(out),
         "strategy": DEFAULT_STRATEGY,
         "preset": "fast",
+        "head_input": "trunk",
         "noisy_images": [],
         "seed": 3,
     }
@@ -547,6 +549,7 @@ def test_train_job(client: TestClient, train_slide: SyntheticSlide, root: Path) 
     assert result["model"] == str(out) and out.is_file()
     assert result["classes"] == classes
     assert (result["strategy"], result["preset"]) == (DEFAULT_STRATEGY, "fast")
+    assert result["head_input"] == "trunk"  # what was trained, as the bundle's selection says
     assert set(result["thresholds"]) == set(classes)
     assert all(0 < t < 1 for t in result["thresholds"].values())
     metrics = result["metrics"]
@@ -595,6 +598,7 @@ def test_train_job_waits_for_the_engine_and_cancels(
     job = _wait_job(client, job_id)
     assert job["state"] == "cancelled" and job["error"] is None and job["result"] is None
     assert job["params"]["out"] == str(session.root / "model.zip")  # the default
+    assert job["params"]["head_input"] == DEFAULT_HEAD_INPUT == "auto"  # the asked head, shown
     assert not (session.root / "model.zip").exists()
 
 

@@ -55,8 +55,9 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
     CACHE.add(
         p_pred,
         metavar="DIR",
-        help="feature cache for models trained with --head-input search (they read the search's "
-        "features: pass the search's --cache to reuse them; default: a temporary folder per image)",
+        help="feature cache for models with search heads (--head-input search, tuned-search, "
+        "ensemble, and auto's ensemble: search and ensemble models read the search's features, "
+        "pass the search's --cache to reuse them; default: a temporary folder per image)",
     )
     p_pred.add_argument("--model", required=True, metavar="MODEL.zip", help="a trained bundle")
     p_pred.add_argument("--out", required=True, metavar="DIR", help="output folder")

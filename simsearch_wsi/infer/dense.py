@@ -75,18 +75,22 @@ _SEGMENT_BAND_PIXELS = 4_000_000
 
 
 def bundle_digest(bundle: ModelBundle) -> str:
-    """A short sha256 digest of a bundle's trunk and head weights (what identifies a model's
-    outputs, e.g. for resuming a run)."""
+    """A short sha256 digest of a bundle's trunk and head weights, a search head's memory and
+    the partner model's digest (what identifies a model's outputs, e.g. for resuming a run).
+    A bundle without a memory or a partner digests as it did before either existed."""
     h = hashlib.sha256(bundle.head_weight.numpy().tobytes())
     h.update(bundle.head_bias.numpy().tobytes())
     for name, tensor in sorted(bundle.trunk_state.items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if bundle.memory_vectors is not None and bundle.memory_owner is not None:
+        # a search head's memory is most of the model: two reviews give two memories under
+        # the same trunk (the search's, unchanged), and maybe close calibration weights
+        h.update(b"memory:")
+        h.update(bundle.memory_vectors.detach().cpu().contiguous().numpy().tobytes())
+        h.update(bundle.memory_owner.detach().cpu().contiguous().numpy().tobytes())
     if bundle.partner is not None:
         h.update(b"partner:" + bundle_digest(bundle.partner).encode())
-        for model in (bundle, bundle.partner):
-            if model.memory_vectors is not None:
-                h.update(model.memory_vectors.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -213,7 +213,7 @@ class ModelBundle:
         format version 3: a second ``"search"`` head on the search's own (unchanged) trunk,
         with the same classes and patch size, whose class probabilities are combined with
         this bundle's per window (the mean of the two log-probabilities, renormalised over
-        the classes: a product of experts; :func:`simsearch_wsi.infer.dense.combine_experts`).
+        the classes: a product of experts; :func:`simsearch_wsi.train.ensemble.combine_experts`).
         ``train --head-input ensemble`` makes one: the search head on the fine-tuned trunk
         (this bundle) and on the search's trunk (the partner). ``None``: one model.
     source
@@ -404,6 +404,18 @@ class ModelBundle:
                     f"the partner model must have the same classes and patch size "
                     f"({list(other.classes)}, {other.patch_size_l0} vs {list(classes)}, "
                     f"{self.patch_size_l0})"
+                )
+            # what decides the window grid and the pixels both models read: with any of these
+            # different the two maps would not score the same windows
+            differ = [
+                f"{name} {getattr(other, name)!r} vs {getattr(self, name)!r}"
+                for name in ("backbone", "channels", "rgb", "mpp")
+                if getattr(other, name) != getattr(self, name)
+            ]
+            if differ:
+                raise BundleError(
+                    f"the partner model would score other windows than the model "
+                    f"({'; '.join(differ)}: partner vs model); pair models trained on one session"
                 )
         if self.source is not None:
             put("source", Path(self.source))
@@ -718,13 +730,29 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _no_partner(path: Path, meta: dict[str, Any]) -> None:
+    """A partner model is a version 3 field: an older file that names one was edited (or
+    written with the wrong version), and reading it as one model would drop half of it."""
+    if meta.get("partner") is not None:
+        raise BundleError(
+            f"{path}: bundle.json of version {meta.get('version')} has a 'partner' model, which "
+            f"only version 3 holds; {_COPY_HINT}"
+        )
+
+
 def _read_v1(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
     """Version 1: heads on the trunk's pooled features (``head_input`` "trunk")."""
+    _no_partner(path, meta)
     return _read(path, {**meta, "head_input": "trunk", "feature_norm": "none"}, zf)
 
 
 def _read_v2(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
     """Version 2: version 1 plus ``head_input`` and ``feature_norm``."""
+    _no_partner(path, meta)
+    return _read_v2_fields(path, meta, zf)
+
+
+def _read_v2_fields(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
     missing = [k for k in ("head_input", "feature_norm") if k not in meta]
     if missing:
         raise BundleError(
@@ -740,7 +768,7 @@ def _read_v3(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBund
     partner = meta.get("partner")
     if partner is not None and not isinstance(partner, dict):
         raise BundleError(f"{path}: bundle.json 'partner' must be an object; {_COPY_HINT}")
-    return _read_v2(path, meta, zf)
+    return _read_v2_fields(path, meta, zf)
 
 
 def _read(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
@@ -779,6 +807,11 @@ def _read(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
             if isinstance(k, str) and k.startswith(PARTNER_PREFIX)
         }
         partner = _bundle_from(path, partner_meta, partner_tensors, None, what="partner model")
+    elif any(isinstance(k, str) and k.startswith(PARTNER_PREFIX) for k in tensors):
+        raise BundleError(
+            f"{path}: incomplete model bundle: weights.pt holds a partner model's tensors but "
+            f"bundle.json has no 'partner'; {_COPY_HINT}"
+        )
     own = {
         k: v
         for k, v in tensors.items()

@@ -33,6 +33,9 @@ def combine_experts(
         raise ValueError(
             f"the models' probabilities differ in shape: {[p.shape for p in probabilities]}"
         )
+    if not -len(shape) <= class_axis < len(shape):
+        raise ValueError(f"class_axis {class_axis} is outside the arrays' {len(shape)} axes")
+    class_axis %= len(shape)  # -1 names the last axis, as in numpy
     stack = np.stack([np.asarray(p, dtype=np.float64) for p in probabilities])
     invalid = ~np.isfinite(stack).all(axis=(0, 1 + class_axis))
     with np.errstate(invalid="ignore"):

@@ -120,6 +120,7 @@ def router(ctx: ServerContext) -> APIRouter:
                 "out": str(out),
                 "strategy": body.strategy,
                 "preset": body.preset,
+                "head_input": body.head_input,
                 "noisy_images": [str(p) for p in noisy],
                 "seed": seed,
             },
@@ -132,8 +133,9 @@ def router(ctx: ServerContext) -> APIRouter:
 def _train_summary(
     out: Path, result: TrainResult, *, preset: str, seconds: float
 ) -> dict[str, Any]:
-    """A train job's result: the bundle's path, classes and thresholds, the headline metrics
-    (the full metrics are in the bundle) and the notes."""
+    """A train job's result: the bundle's path, what its head reads (``head_input``: the
+    head kept, ``tuned-search+search`` for the ensemble of two search heads), classes and
+    thresholds, the headline metrics (the full metrics are in the bundle) and the notes."""
     bundle, full = result.bundle, result.metrics
     metrics: dict[str, Any] = {}
     for key in ("baseline_validation", "validation"):
@@ -149,6 +151,7 @@ def _train_summary(
         "model": str(out),
         "strategy": bundle.strategy,
         "preset": preset,
+        "head_input": str(dict(full.get("selection") or {}).get("kept", bundle.head_input)),
         "classes": list(bundle.classes),
         "thresholds": {c: float(t) for c, t in bundle.thresholds.items()},
         "metrics": metrics,
