@@ -334,6 +334,13 @@ def _f1(r: ClassPR) -> float:
 
 
 # --- the grid -----------------------------------------------------------------------------------
+def _train_config(preset: str, strategy: str) -> TrainConfig:
+    """The paper's model for a strategy: the preset with the fine-tuned trunk's linear head
+    (the ablation compares the paper's strategies; the package's default head, ``auto``, may
+    train an ensemble of search heads instead, docs/evaluation.md "Training study")."""
+    return TrainConfig.preset_config(preset, strategy=strategy).replace(head_input="trunk")
+
+
 def _settings(
     benchmark: Benchmark, config: AblationConfig, search: SimSearch, spec: RunSpec
 ) -> dict[str, Any]:
@@ -341,7 +348,7 @@ def _settings(
     trunk's weights and precision, the search's settings, the training configuration the
     preset resolves to, and the run itself. JSON-normalised, as it is compared with the file."""
     train = (
-        TrainConfig.preset_config(config.preset, strategy=spec.strategy).to_dict()
+        _train_config(config.preset, spec.strategy).to_dict()
         if spec.strategy != SEARCH_STRATEGY
         else None
     )
@@ -447,7 +454,7 @@ def run_ablation(
             trained = train_session(
                 session,
                 search,
-                config=TrainConfig.preset_config(config.preset, strategy=spec.strategy),
+                config=_train_config(config.preset, spec.strategy),
                 open_image=open_image,
                 noisy_images=benchmark.unlabelled,
                 device=device,
