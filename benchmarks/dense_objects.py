@@ -63,7 +63,7 @@ CASES: dict[str, dict[str, Any]] = {
 #: here the object box) and "the detection's centre lies inside the object" (0.5 x the box)
 RADII = {"0.3 box": 0.3, "0.5 box": 0.5}
 MODES = {
-    "patch": SearchSettings(max_per_class=100_000),
+    "patch": SearchSettings(dense=False, max_per_class=100_000),
     "dense": SearchSettings(dense=True, max_per_class=100_000),
     "dense-fine": SearchSettings(dense=True, dense_fine=True, max_per_class=100_000),
 }

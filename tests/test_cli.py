@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from simsearch_wsi.cli.main import main
@@ -96,10 +97,16 @@ def test_embed_then_suggest(
 ) -> None:
     cache = tmp_path / "cache"
     common = ["--weights", "random", "--cache", str(cache), "--tile-size", "512"]
-    assert main(["embed", str(synthetic_slide.path), "--patch-size-px", "39", *common]) == 0
+    protos = _one_prototype_per_class(synthetic_slide, tmp_path / "protos.geojson")
+    # the expected prototype size: the object rule (the default) takes the median box
+    sides = [
+        max(np.ptp(np.asarray(f["geometry"]["coordinates"][0]), axis=0))
+        for f in json.loads(protos.read_text())["features"]
+    ]
+    size = f"{float(np.median(sides)):g}"
+    assert main(["embed", str(synthetic_slide.path), "--patch-size-px", size, *common]) == 0
     out = capsys.readouterr().out
     assert "tiles embedded" in out and len(list(cache.glob("*.zarr"))) == 1
-    protos = _one_prototype_per_class(synthetic_slide, tmp_path / "protos.geojson")
     result_path = tmp_path / "suggestions.geojson"
     assert (
         main(

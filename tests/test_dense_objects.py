@@ -78,7 +78,8 @@ def test_suggest_reaches_every_touching_nucleus_once(
     first = (protos[0].box.width_l0, protos[0].box.height_l0)
     assert first[0] > size[0] + 0.5
     radius = 0.3 * max(size)  # the paper's match radius with the box as the patch
-    before = SimSearch(extractor, FeatureCache(tmp_path), settings=SearchSettings())
+    # the patch rule, the default before the object rule (what this test compares against)
+    before = SimSearch(extractor, FeatureCache(tmp_path), settings=SearchSettings(dense=False))
     dense = SimSearch(extractor, FeatureCache(tmp_path), settings=SearchSettings(dense=True))
     with open_image(field.path) as img:
         old = before.suggest(img, protos, thresholds={CLS: -1.0})

@@ -59,6 +59,8 @@ def build_search(args: argparse.Namespace) -> SimSearch:
         batch_size=args.batch_size,
         channels=channels,
         tiles="all" if getattr(args, "all_tiles", False) else "foreground",
+        # --dense/--no-dense given: that rule; not given: SearchSettings' default
+        **({"dense": args.dense} if getattr(args, "dense", None) is not None else {}),
         **({"feature_norm": args.feature_norm} if args.feature_norm else {}),
     )
     return SimSearch(extractor, cache, settings=settings)

@@ -1,13 +1,13 @@
 """Options that several commands share, each declared once here, and how their values are read.
 
 The engine options (trunk weights and backbone, feature normalisation, device, feature cache,
-tile and batch size, autocast, channels, pixel size, all tiles or the foreground's) come as one
-parent parser, :func:`engine_parser`; a command that runs the trunk without the whole engine
-adds the ones it takes with :meth:`Option.add`. So do the commands sharing the patch size, seed,
-training preset, per-class thresholds and the plate selection (``--wells``, ``--fields``). A
-command may word an option's help (or default) for itself; the option's name, type and limits
-are the ones declared here. :func:`parse_device` and
-:func:`parse_thresholds` read the values of ``--device`` and ``--threshold`` for every command.
+tile and batch size, autocast, channels, pixel size, all tiles or the foreground's, the search
+rule) come as one parent parser, :func:`engine_parser`; a command that runs the trunk without the
+whole engine adds the ones it takes with :meth:`Option.add`. So do the commands sharing the patch
+size, seed, training preset, per-class thresholds and the plate selection (``--wells``,
+``--fields``). A command may word an option's help (or default) for itself; the option's name,
+type and limits are the ones declared here. :func:`parse_device` and :func:`parse_thresholds`
+read the values of ``--device`` and ``--threshold`` for every command.
 Options of one command only sit next to that command's handler.
 """
 
@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from simsearch_wsi.cli.argtypes import float_between, int_at_least, positive_float
 from simsearch_wsi.core.errors import ConfigError
-from simsearch_wsi.search.choices import HEATMAP_DOWNSAMPLE_HELP, SIMILARITY_MAX, SIMILARITY_MIN
+from simsearch_wsi.search.choices import (
+    DENSE_HELP,
+    HEATMAP_DOWNSAMPLE_HELP,
+    SIMILARITY_MAX,
+    SIMILARITY_MIN,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -133,6 +138,16 @@ ALL_TILES = _option(
     "mask finds; for images where foreground detection is not wanted or misses objects",
 )
 
+#: the search rule: object (``--dense``, the default of ``SearchSettings.dense``) or patch
+#: (``--no-dense``); ``None`` when not given, so the default lives in ``SearchSettings`` and a
+#: review session's recorded rule applies (``review.session.suggest_with_session``)
+DENSE = _option(
+    "--dense",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help=DENSE_HELP + " (default: the object rule)",
+)
+
 #: redo images a run in the same output folder finished before (``predict``, ``cohort``);
 #: ``--overwrite`` is the spelling ``cohort`` had
 FORCE = _option(
@@ -158,6 +173,7 @@ ENGINE = (
     CHANNELS,
     MPP,
     ALL_TILES,
+    DENSE,
 )
 
 

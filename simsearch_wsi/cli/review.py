@@ -154,7 +154,9 @@ def _cmd_background(args: argparse.Namespace) -> int:
         progress() as bars,
         naming_output("--session", args.session),
     ):
-        result = background_with_session(search, img, session=session, n=args.n, progress=bars)
+        result = background_with_session(
+            search, img, session=session, n=args.n, progress=bars, dense=args.dense
+        )
     with naming_output("--out", args.out):
         write_feature_collection(args.out, result.geojson_features())
     rich_console().print(

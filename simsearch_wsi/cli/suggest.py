@@ -4,7 +4,6 @@ prototype rectangles, written as QuPath detections (to a file, a project, a revi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -127,17 +126,10 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         "there and used for later images; without --annotations the saved prototypes are used",
     )
     p_sug.add_argument(
-        "--dense",
-        action="store_true",
-        help="the prototype boxes outline small objects that may touch (nuclei, blood cells): "
-        "one suggestion per object, half an object apart, boxes of the object's size (median "
-        "prototype box); features pooled over half the object",
-    )
-    p_sug.add_argument(
         "--dense-fine",
         action="store_true",
-        help="--dense at a finer analysis scale (objects at about 128 analysis px, up to 8x "
-        "upsampled): for overlapping objects; about 4x the embedding time",
+        help="the object rule (--dense) at a finer analysis scale (objects at about 128 "
+        "analysis px, up to 8x upsampled): for overlapping objects; about 4x the embedding time",
     )
     p_sug.set_defaults(func=_cmd_suggest)
 
@@ -154,7 +146,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             with open_image(path, mpp=args.mpp) as img:
                 patch_l0 = patch_size_l0(args, img)
                 spec, fmap = search.embed(img, patch_l0, progress=bars)
-                search.pool(spec, fmap, patch_size_l0=patch_l0, progress=bars)
+                window_l0 = search.window_size_l0(patch_l0)
+                search.pool(spec, fmap, patch_size_l0=window_l0, progress=bars)
                 h, w, d = fmap.shape
                 console.print(
                     f"{path}: {w}x{h} cells x {d} features at level {spec.scale.level} "
@@ -170,6 +163,8 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
     from simsearch_wsi.qupath.geojson import read_annotations, write_feature_collection
     from simsearch_wsi.review.session import Session, suggest_with_session
 
+    if args.dense_fine and args.dense is False:
+        raise ConfigError("--dense-fine is the object rule at a finer scale; leave out --no-dense")
     thresholds = parse_thresholds(args.threshold)
     chosen = one_image(args, args.image, "suggest")
     args.image = chosen.path
@@ -194,10 +189,8 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
     with naming_output("--session", args.session):
         session = Session.open_or_new(args.session) if args.session else None
     search = build_search(args)
-    if args.dense or args.dense_fine:
-        search.settings = dataclasses.replace(
-            search.settings, dense=True, dense_fine=args.dense_fine
-        )
+    if args.dense_fine:
+        search = search.with_settings(dense=True, dense_fine=True)
     with (
         open_image(args.image, mpp=args.mpp) as img,
         progress() as bars,
@@ -215,6 +208,7 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             floor=args.floor,
             heatmap=args.heatmap is not None,
             heatmap_downsample=args.heatmap_downsample,
+            dense=True if args.dense_fine else args.dense,
         )
     targets: dict[str, Path] = {}
     if args.heatmap is not None and result.heatmap is not None:

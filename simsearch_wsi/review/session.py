@@ -4,7 +4,11 @@
 and similarity thresholds, the experiment's patch size (fixed by its first prototype), the
 prototypes, every suggestion sent to the user (by id), the user's decisions (approved positives,
 negatives per class, approved and rejected background) and which images were reviewed. Images
-never reviewed are the ones noisy patches are mined from.
+never reviewed are the ones noisy patches are mined from. ``dense`` records the search rule the
+session's suggestions were made with (object rule ``true``, patch rule ``false``; see
+:class:`~simsearch_wsi.search.engine.SearchSettings`), which its later suggestions keep unless
+asked otherwise; a file without it that has suggestions is from before the object rule was the
+default and keeps the patch rule.
 
 Conventions (what a QuPath user does, see README):
 
@@ -141,6 +145,9 @@ class Session:
         }
         self.reviewed_images: list[str] = list(data.get("reviewed_images", []))
         self.reviews: list[dict[str, Any]] = list(data.get("reviews", []))
+        #: the search rule of the session's suggestions (None: none made yet); a file written
+        #: before the rule was recorded made its suggestions with the patch rule, the default then
+        self.dense: bool | None = data.get("dense", False if self.suggestions else None)
 
     # --- files ----------------------------------------------------------------------------
     @classmethod
@@ -202,6 +209,7 @@ class Session:
             "decisions": [{"decision": d, "record": asdict(r)} for d, r in self.decisions.values()],
             "reviewed_images": self.reviewed_images,
             "reviews": self.reviews,
+            "dense": self.dense,
         }
 
     def save(self) -> Path:
@@ -500,6 +508,7 @@ def suggest_with_session(
     floor: float | None = None,
     heatmap: bool = False,
     heatmap_downsample: float | None = None,
+    dense: bool | None = None,
 ) -> SuggestResult:
     """Suggestions on ``image`` from the prototypes in ``annotations`` and, with a session, from
     every saved prototype (saved thresholds apply; given ones are saved). Records what was sent
@@ -510,7 +519,9 @@ def suggest_with_session(
     ``floor``: candidates down to that similarity too (:meth:`SimSearch.suggest`), recorded
     like the others; a review decides on them with the thresholds it is given. ``heatmap``:
     the result carries the class heat maps, at least ``heatmap_downsample`` level-0 pixels per
-    pixel when given (:meth:`SimSearch.suggest`)."""
+    pixel when given (:meth:`SimSearch.suggest`). ``dense``: the search rule (object rule
+    ``True``, patch rule ``False``); ``None``: the session's (:attr:`Session.dense`), else the
+    search's settings; the rule used is recorded in the session."""
     if annotations is None and session is None:
         raise ConfigError(
             "suggest needs annotations (prototype rectangles), or a session with saved prototypes"
@@ -533,6 +544,7 @@ def suggest_with_session(
                 f"{session.root}: the session has no prototypes yet; send annotations with "
                 "classified rectangles"
             )
+    search = with_rule(search, dense, session)
     with engine_lock or nullcontext():
         result = search.suggest(
             image,
@@ -549,8 +561,18 @@ def suggest_with_session(
         )
     if session is not None:
         session.record_suggestions(result.image, result)
+        session.dense = result.object_size_l0 is not None
         session.save()
     return result
+
+
+def with_rule(search: SimSearch, dense: bool | None, session: Session | None) -> SimSearch:
+    """``search`` with the search rule ``dense`` when given, else the session's recorded one,
+    else as it is (``dense_fine`` only with the object rule)."""
+    rule = dense if dense is not None else session.dense if session is not None else None
+    if rule is None:
+        return search
+    return search.with_settings(dense=rule, dense_fine=search.settings.dense_fine and rule)
 
 
 def background_with_session(
@@ -562,13 +584,15 @@ def background_with_session(
     engine_lock: AbstractContextManager[Any] | None = None,
     open_image: ImageOpener | None = None,
     progress: ProgressFn | None = None,
+    dense: bool | None = None,
 ) -> SuggestResult:
     """Only background candidates (new ids), away from everything labelled; recorded and saved.
-    ``open_image`` as for :func:`suggest_with_session`."""
+    ``open_image`` and ``dense`` as for :func:`suggest_with_session`."""
     prototypes = session.all_prototypes()
     if not prototypes:
         raise ConfigError(f"{session.root}: the session has no prototypes yet; run suggest first")
     session.check_prototypes_on(image)
+    search = with_rule(search, dense, session)
     with engine_lock or nullcontext():
         result = search.suggest(
             image,
@@ -582,5 +606,6 @@ def background_with_session(
         )
     result = dataclasses.replace(result, suggestions=[], ids=[])
     session.record_suggestions(result.image, result)
+    session.dense = result.object_size_l0 is not None
     session.save()
     return result

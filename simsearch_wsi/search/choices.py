@@ -13,3 +13,15 @@ HEATMAP_DOWNSAMPLE_HELP = (
     "per window, the windows' pitch); a heat map is coarsened further, by the maximum of the "
     f"windows each pixel covers, to stay within {MAX_HEATMAP_SIDE_PX} pixels a side"
 )
+#: the search rule option (``--dense``/``--no-dense``, the server's ``dense``): its help, one
+#: wording for the CLI and the server
+DENSE_HELP = (
+    "the search rule. The object rule (on, the default): the prototype boxes outline the "
+    "objects (nuclei, cells, motifs), which may touch; one suggestion per object, half an "
+    "object apart, boxes of the object's size (the median prototype box), features pooled over "
+    "half of it. The patch rule (off, the default before): the first prototype's box is the "
+    "patch, suggestions a patch apart, boxes of the patch (docs/evaluation.md measured the "
+    "object rule as good or better on every case). A review session keeps the rule its "
+    "suggestions were made with unless one is given; a session saved before the rule was "
+    "recorded that has suggestions keeps the patch rule"
+)

@@ -8,6 +8,7 @@ centre (their own size is not used).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -77,16 +78,20 @@ class SearchSettings:
     similarity values, so thresholds are tied to it; the others do not change what a suggestion
     means.
 
-    ``dense``: the prototype boxes are the objects (e.g. nuclei drawn tightly), which may touch.
-    The object size is the median prototype box; the analysis scale is set by it; features are
-    pooled over :data:`~simsearch_wsi.search.similarity.DENSE_POOL_FRACTION` of it (of the
-    experiment's patch size where one is given, e.g. a session's); suggestions are kept
+    ``dense`` (default ``True``, the object rule): the prototype boxes are the objects (e.g.
+    nuclei drawn tightly), which may touch. The object size is the median prototype box; the
+    analysis scale is set by it; features are pooled over
+    :data:`~simsearch_wsi.search.similarity.DENSE_POOL_FRACTION` of it (of the experiment's
+    patch size where one is given, e.g. a session's); suggestions are kept
     :data:`~simsearch_wsi.search.similarity.DENSE_SPACING_FRACTION` of the object's shorter
-    side apart and their boxes are the object's size. Off (default): the first prototype's box
-    is the patch, suggestions are ``min_distance_fraction`` patch widths apart, boxes are the
-    patch. ``dense_fine`` (with ``dense``): a finer analysis scale, the object at about
-    :data:`DENSE_OBJECT_PX` analysis pixels (up to :data:`DENSE_MAX_UPSAMPLE` x upsampled), for
-    objects closer together than the trunk's stride resolves; about 4x the embedding work.
+    side apart and their boxes are the object's size. The default since the search quality
+    suite (docs/evaluation.md, "Search quality suite (issue 18)"): as good or better than the
+    patch rule on every case, dev and held-out. ``False`` (the patch rule, the default before):
+    the first prototype's box is the patch, suggestions are ``min_distance_fraction`` patch
+    widths apart, boxes are the patch. ``dense_fine`` (with ``dense``): a finer analysis scale,
+    the object at about :data:`DENSE_OBJECT_PX` analysis pixels (up to
+    :data:`DENSE_MAX_UPSAMPLE` x upsampled), for objects closer together than the trunk's stride
+    resolves; about 4x the embedding work.
     An image whose feature map would take more than ``dense_fine_max_bytes`` (cells x channels x
     2 bytes, the whole image) is refused before embedding (:meth:`SimSearch.feature_spec`).
     ``dense="auto"``: the dense rule when the prototypes' boxes agree in size (the longest side
@@ -104,7 +109,7 @@ class SearchSettings:
     min_distance_fraction: float = 1.0
     max_per_class: int = 500
     channels: tuple[str, ...] | None = None
-    dense: bool | str = False
+    dense: bool | str = True
     dense_fine: bool = False
     dense_fine_max_bytes: int = DENSE_FINE_MAX_BYTES
     expand: int = 0
@@ -250,6 +255,17 @@ class SimSearch:
         self.settings = settings or SearchSettings()
         self._normalizations: dict[str, ChannelNormalization] = {}
 
+    def with_settings(self, **changes: Any) -> SimSearch:
+        """This search with some :class:`SearchSettings` changed (``dataclasses.replace``),
+        sharing its trunk, feature cache and fitted intensity normalisations; ``self`` when
+        nothing changes."""
+        settings = dataclasses.replace(self.settings, **changes)
+        if settings == self.settings:
+            return self
+        other = SimSearch(self.extractor, self.cache, settings=settings)
+        other._normalizations = self._normalizations
+        return other
+
     def normalization_for(self, image: ImageSource) -> ChannelNormalization:
         """Brightfield: fixed 0..255; otherwise the paper's percentile rule over the image's
         plate, or the image alone (:func:`~simsearch_wsi.features.preprocess.search_normalization`).
@@ -328,6 +344,14 @@ class SimSearch:
             progress=progress,
         )
         return spec, fmap
+
+    def window_size_l0(self, size_l0: float) -> float:
+        """The window (level-0 px) a suggest pools over when the prototypes are squares of
+        ``size_l0``: the object rule (``settings.dense`` ``True``) pools over
+        :data:`~simsearch_wsi.search.similarity.DENSE_POOL_FRACTION` of the object, the patch
+        rule over the patch (``"auto"``: the object rule, as for prototypes of one size); what
+        ``embed`` pools ahead of time."""
+        return DENSE_POOL_FRACTION * size_l0 if self.settings.dense else size_l0
 
     def pool(
         self,

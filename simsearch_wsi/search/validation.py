@@ -14,6 +14,7 @@ Every message is one line; numbers are printed compactly (:func:`compact`), so a
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Sequence
@@ -210,6 +211,9 @@ def _check(data: Any, version: int) -> None:
                 raise _BadFieldError(
                     f"patch_size_l0[{k}] must be a positive size, got {compact(v)}"
                 )
+    dense = data.get("dense")
+    if not (dense is None or isinstance(dense, bool)):
+        raise _BadFieldError(f"dense must be true, false or null, got {json.dumps(dense)[:40]}")
     classes = data.get("classes", {})
     if not isinstance(classes, dict):
         raise _BadFieldError(f"classes must be an object, got {type(classes).__name__}")

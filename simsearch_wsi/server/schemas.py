@@ -6,7 +6,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from simsearch_wsi.search.choices import HEATMAP_DOWNSAMPLE_HELP, SIMILARITY_MAX, SIMILARITY_MIN
+from simsearch_wsi.search.choices import (
+    DENSE_HELP,
+    HEATMAP_DOWNSAMPLE_HELP,
+    SIMILARITY_MAX,
+    SIMILARITY_MIN,
+)
 from simsearch_wsi.server.jobs import JobState
 from simsearch_wsi.train.choices import (
     DEFAULT_HEAD_INPUT,
@@ -66,6 +71,13 @@ def _geojson_value(value: Any) -> Any:
     return value
 
 
+#: the search rule of a request (``suggest --dense`` / ``--no-dense``)
+_DENSE_FIELD = (
+    DENSE_HELP + ". true: the object rule, false: the patch rule; null: the session's rule, else "
+    "the server's (serve --dense/--no-dense, default the object rule)"
+)
+
+
 class SuggestRequest(_Body):
     image: ImagePath
     annotations: GeoJSON | None = Field(
@@ -97,6 +109,7 @@ class SuggestRequest(_Body):
     heatmap_downsample: float | None = Field(
         None, gt=0, description=HEATMAP_DOWNSAMPLE_HELP + "; null: the default"
     )
+    dense: bool | None = Field(None, description=_DENSE_FIELD)
 
     _annotations = field_validator("annotations", mode="before")(_geojson_value)
 
@@ -118,6 +131,7 @@ class BackgroundRequest(_Body):
     image: ImagePath
     session: FolderPath
     n: int = Field(10, ge=1, le=10_000, description="candidates of each kind")
+    dense: bool | None = Field(None, description=_DENSE_FIELD)
 
 
 class _PlateSelection(_Body):

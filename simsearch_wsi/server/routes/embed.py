@@ -58,7 +58,8 @@ def router(ctx: ServerContext) -> APIRouter:
                 with open_image(path) as img, locks.engine:
                     task.check_cancelled()
                     spec, fmap = search.embed(img, patch, progress=progress)
-                    search.pool(spec, fmap, patch_size_l0=patch, progress=progress)
+                    window = search.window_size_l0(patch)
+                    search.pool(spec, fmap, patch_size_l0=window, progress=progress)
                     h, w, d = fmap.shape
                     done.append(
                         {

@@ -86,6 +86,7 @@ def router(ctx: ServerContext) -> APIRouter:
                     floor=body.floor,
                     heatmap=body.heatmap,
                     heatmap_downsample=body.heatmap_downsample,
+                    dense=body.dense,
                 )
         summary = result.summary()
         summary["session"] = str(folder) if folder is not None else None
@@ -141,6 +142,7 @@ def router(ctx: ServerContext) -> APIRouter:
                     n=body.n,
                     engine_lock=locks.engine,
                     open_image=paths.opener(what="prototype image"),
+                    dense=body.dense,
                 )
         summary = result.summary()
         summary["session"] = str(folder)
