@@ -794,7 +794,9 @@ def _read(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
     partner_meta = meta.get("partner")
     if isinstance(partner_meta, dict):
         missing = [
-            k for k in (*_V1_REQUIRED[:-1], "head_input", "feature_norm") if k not in partner_meta
+            k
+            for k in (*_V1_REQUIRED, "head_input", "feature_norm")
+            if k != "weights_sha256" and k not in partner_meta
         ]
         if missing:
             raise BundleError(

@@ -946,11 +946,10 @@ def train_patch_model(
             "seconds": round(time.perf_counter() - t0, 2),
         }
     partner: _Candidate | None = None
-    if head_input == "ensemble" and len(candidates) == 2:
+    if head_input == "ensemble":
         # both search heads are kept: the one on the fine-tuned trunk and, as its partner,
-        # the one on the search's trunk; their held-out probabilities are combined
-        partner = candidates.pop(0)
-        chosen = candidates[0]
+        # the one on the search's trunk (fitted first); their held-out probabilities combine
+        partner, chosen = candidates
         metrics["selection"] = {
             "asked": config.head_input,
             "kept": "tuned-search+search",
