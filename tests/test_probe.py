@@ -223,6 +223,12 @@ def test_auto_compares_three_heads_and_records_which_it_kept(
     assert plain.bundle.head_input == "trunk"
     assert "tuned_search_head" not in plain.bundle.metrics["stages"]
     assert any(n.startswith("auto: too few labelled patches") for n in plain.notes)
+    selection = plain.bundle.metrics["selection"]
+    assert (selection["asked"], selection["resolved"], selection["kept"]) == (
+        "auto",
+        "trunk",
+        "trunk",
+    )
 
 
 def test_unlabelled_windows_calibrate_a_head_fitted_on_few_positives() -> None:

@@ -960,6 +960,10 @@ def train_patch_model(
             chosen.val_probs = combine_experts([chosen.val_probs, partner.val_probs], class_axis=1)
     else:
         chosen = _select(candidates, val_set, clean.classes, head_input, metrics, judge=judge)
+    # what the user asked for, and what ``auto`` (without a judge) resolved it to
+    metrics["selection"]["asked"] = config.head_input
+    if head_input != config.head_input:
+        metrics["selection"]["resolved"] = head_input
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
     few_held_out = val_set is not None and any(
         0 < n < config.min_val_per_class for n in val_set.class_counts().values()
