@@ -82,6 +82,10 @@ String SESSION = ''           // review session folder as the server sees it, wi
                               // Windows, e.g. 'D:/slides/exp1' (can also be typed in the panel)
 double FLOOR = 0.2            // candidates down to this similarity come back: the sliders' lower end
 int BACKGROUND = 10           // the Background button: N most and N least similar unlabelled patches
+String RULE = ''              // the search rule (also a choice in the window): 'object' (the objects
+                              // are as big as the prototype boxes; the server's default), 'patch'
+                              // (one patch per suggestion, a patch apart) or empty: the session's
+                              // rule, else the server's
 String MODEL = ''             // the model (.zip) Train writes and Predict applies, as the server
                               // sees it; empty: model.zip in the session folder
 String STRATEGY = 'pos+neg+selflearn'  // Train: pos, pos+neg, pos+selflearn or pos+neg+selflearn
@@ -95,6 +99,7 @@ TOKEN = System.getProperty('simsearch.token', TOKEN)
 SESSION = System.getProperty('simsearch.session', SESSION).trim()
 FLOOR = Double.parseDouble(System.getProperty('simsearch.floor', String.valueOf(FLOOR)))
 BACKGROUND = Integer.parseInt(System.getProperty('simsearch.background', String.valueOf(BACKGROUND)))
+RULE = System.getProperty('simsearch.rule', RULE).trim()
 MODEL = System.getProperty('simsearch.model', MODEL).trim()
 STRATEGY = System.getProperty('simsearch.strategy', STRATEGY).trim()
 PRESET = System.getProperty('simsearch.preset', PRESET).trim()
@@ -103,9 +108,10 @@ TIMEOUT_SECONDS = Integer.parseInt(System.getProperty('simsearch.timeout', Strin
 
 final int PROTOCOL_VERSION = 1  // the simsearch-wsi HTTP protocol this script speaks
 
+denseOf(RULE)  // a mistyped RULE fails here, before the window opens
 Map api = connect(SERVER_URL, TOKEN, PROTOCOL_VERSION)
 // Everything the window needs, in one map (script methods cannot see the script's variables)
-Map panel = [api: api, session: SESSION, floor: FLOOR, background: BACKGROUND, model: MODEL,
+Map panel = [api: api, session: SESSION, floor: FLOOR, background: BACKGROUND, model: MODEL, rule: RULE,
              strategy: STRATEGY, preset: PRESET, seed: SEED, timeout: TIMEOUT_SECONDS,
              classes: new LinkedHashMap(), heat: new LinkedHashMap(), heatMeta: null, heatHierarchy: null,
              overlay: null,
@@ -126,6 +132,12 @@ void openWindow(Map panel) {
     session.setPromptText('session folder as the server sees it, e.g. D:/slides/exp1')
     session.setPrefColumnCount(28)
     session.textProperty().addListener({ o, a, b -> panel.session = b.trim() } as ChangeListener)
+    ComboBox<String> rule = new ComboBox<String>()
+    rule.setId('rule')
+    rule.getItems().setAll(['default', 'object', 'patch'])
+    rule.setValue(panel.rule ?: 'default')
+    // 'default': the session's rule, else the server's
+    rule.valueProperty().addListener({ o, a, b -> panel.rule = b == 'default' ? '' : b } as ChangeListener)
     List<Button> actions = []
     Map labels = [suggest: 'Suggest', review: 'Review', background: 'Background', train: 'Train', predict: 'Predict']
     labels.each { String id, String text ->
@@ -162,7 +174,7 @@ void openWindow(Map panel) {
 
     HBox top = new HBox(8, server, refresh)
     top.setAlignment(Pos.CENTER_LEFT)
-    HBox sessionRow = new HBox(8, new Label('Session'), session)
+    HBox sessionRow = new HBox(8, new Label('Session'), session, new Label('Rule'), rule)
     sessionRow.setAlignment(Pos.CENTER_LEFT)
     HBox buttons = new HBox(6)
     buttons.getChildren().addAll(actions)
@@ -176,7 +188,7 @@ void openWindow(Map panel) {
     root.setPadding(new Insets(10))
     Stage stage = new Stage()
     stage.setTitle('SimSearch')
-    stage.setScene(new Scene(root, 600, 380))
+    stage.setScene(new Scene(root, 680, 380))
     ui.stage = stage
     stage.setOnHidden({ e -> clearHeatmap(panel) } as EventHandler)
     stage.show()
@@ -275,6 +287,9 @@ String suggest(Map panel) {
         body.annotations = [type: 'FeatureCollection', features: toFeatures(prototypes)]
     if (panel.session)
         body.session = panel.session
+    Boolean dense = denseOf((String) panel.rule)
+    if (dense != null)
+        body.dense = dense
     Map answer = (Map) callServer(api, 'POST', '/suggest', body, (int) panel.timeout)
     Map summary = (Map) answer.summary
     List objects = readFeatures((List) answer.features)
@@ -291,7 +306,8 @@ String suggest(Map panel) {
         showHeatmap(panel)
     }
     String counts = ((Map) panel.classes).findAll { String c, Map e -> summary.thresholds.containsKey(c) }.collect { String c, Map e -> c + ' ' + e.shown.size() + ' of ' + e.objects.size() }.join(', ')
-    return 'candidates down to ' + fixed(panel.floor, 2) + ' (' + counts + ' shown); embed ' +
+    return 'candidates down to ' + fixed(panel.floor, 2) + ' (' + counts + ' shown), ' +
+            (summary.object_size_l0 ? 'object' : 'patch') + ' rule; embed ' +
             summary.seconds_embed + ' s, query ' + summary.seconds_query + ' s'
 }
 
@@ -581,6 +597,17 @@ void clearHeatmap(Map panel) {
 }
 
 // ---------------------------------- this script's helpers ----------------------------------
+
+/** The server's "dense" field for the rule: 'object' -> true, 'patch' -> false, '' -> null. */
+Boolean denseOf(String rule) {
+    if (rule == 'object')
+        return Boolean.TRUE
+    if (rule == 'patch')
+        return Boolean.FALSE
+    if (rule)
+        fail('RULE \'' + rule + '\': use \'object\', \'patch\' or \'\' (the session\'s or the server\'s rule)')
+    return null
+}
 
 /** The image open in the viewer now: [uri, hierarchy]. */
 Map currentImage() {

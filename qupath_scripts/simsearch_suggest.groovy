@@ -42,6 +42,9 @@ String SESSION = ''           // review session folder as the server sees it, wi
 Map THRESHOLDS = [:]          // minimum similarity per class, e.g. ['Tumor': 0.6, 'Stroma': 0.45];
                               // classes left out keep the session's threshold (0.5 at first)
 int BACKGROUND = 0            // also propose the N most and N least similar unlabelled patches
+String RULE = ''              // the search rule: 'object' (the objects are as big as the prototype
+                              // boxes; the server's default), 'patch' (one patch per suggestion,
+                              // a patch apart) or empty: the session's rule, else the server's
 int TIMEOUT_SECONDS = 900     // the first suggest on a slide embeds it (minutes on a CPU; run
                               // simsearch_embed.groovy ahead), later ones answer in about a second
 // ======================================================================================
@@ -51,10 +54,12 @@ TOKEN = System.getProperty('simsearch.token', TOKEN)
 SESSION = System.getProperty('simsearch.session', SESSION).trim()
 THRESHOLDS = parseThresholds(System.getProperty('simsearch.thresholds'), THRESHOLDS)  // 'A=0.6,B=0.5'
 BACKGROUND = Integer.parseInt(System.getProperty('simsearch.background', String.valueOf(BACKGROUND)))
+RULE = System.getProperty('simsearch.rule', RULE).trim()
 TIMEOUT_SECONDS = Integer.parseInt(System.getProperty('simsearch.timeout', String.valueOf(TIMEOUT_SECONDS)))
 
 final int PROTOCOL_VERSION = 1  // the simsearch-wsi HTTP protocol this script speaks
 
+Boolean dense = denseOf(RULE)
 Map api = connect(SERVER_URL, TOKEN, PROTOCOL_VERSION)
 String image = currentImageUri()
 checkServer(api)
@@ -77,6 +82,8 @@ if (!prototypes.isEmpty())
     body.annotations = [type: 'FeatureCollection', features: toFeatures(prototypes)]
 if (SESSION)
     body.session = SESSION
+if (dense != null)
+    body.dense = dense
 Map answer = (Map) callServer(api, 'POST', '/suggest', body, TIMEOUT_SECONDS)
 Map summary = (Map) answer.summary
 Map perClass = (Map) summary.suggestions_per_class
@@ -104,7 +111,8 @@ String prototypeText = prototypes.isEmpty() ? 'the session\'s prototypes' :
         prototypes.size() + ' prototype(s) (' + from + ' annotations)'
 println('simsearch suggest on ' + baseName(summary.image.toString()) + ': added ' + added.size() +
         ' detections (' + counts + ') from ' + prototypeText + ', replaced ' + earlier.size() +
-        ' earlier; thresholds ' + thresholds + '; embed ' + summary.seconds_embed + ' s, query ' +
+        ' earlier; ' + (summary.object_size_l0 ? 'object' : 'patch') + ' rule; thresholds ' + thresholds +
+        '; embed ' + summary.seconds_embed + ' s, query ' +
         summary.seconds_query + ' s; session ' + (summary.session ?: 'none'))
 ((List) (summary.notes ?: [])).each { println('  note: ' + it) }
 
@@ -119,6 +127,17 @@ boolean isPrototype(PathObject p) {
 
 String className(PathObject p) {
     return p.getPathClass() == null ? null : p.getPathClass().toString()
+}
+
+/** The server's "dense" field for the RULE setting: 'object' -> true, 'patch' -> false, '' -> null. */
+Boolean denseOf(String rule) {
+    if (rule == 'object')
+        return Boolean.TRUE
+    if (rule == 'patch')
+        return Boolean.FALSE
+    if (rule)
+        fail('RULE \'' + rule + '\': use \'object\', \'patch\' or \'\' (the session\'s or the server\'s rule)')
+    return null
 }
 
 /** 'A=0.6,B=0.5' -> [A: 0.6, B: 0.5]; null -> the default. */

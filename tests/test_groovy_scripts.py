@@ -337,6 +337,8 @@ def test_review_loop_from_qupath(world: World, tmp_path: Path) -> None:
     assert f"added {len(added)} detections" in line and "background 2" in line, line
     assert "from 3 prototype(s) (all annotations), replaced 0 earlier" in line, line
     assert "ring=0.40" in line and "cluster=0.50" in line, line
+    assert "earlier; object rule;" in line, line  # the server's default rule, recorded
+    assert Session.open(session).dense is True
 
     # the user rejects one suggestion, then suggests again: the others are replaced
     objects = first.record["objects"]
@@ -388,11 +390,13 @@ def test_review_loop_from_qupath(world: World, tmp_path: Path) -> None:
 def test_suggest_from_the_selection_without_a_session(world: World, tmp_path: Path) -> None:
     cluster = next(f for f in world.prototypes if _class(f) == "cluster")
     state = {"uris": [world.uri], "objects": world.prototypes, "selected": [cluster["id"]]}
-    run = _run(tmp_path, ["suggest"], props={"simsearch.url": world.url}, state=state)
+    props = {"simsearch.url": world.url, "simsearch.rule": "patch"}
+    run = _run(tmp_path, ["suggest"], props=props, state=state)
     assert run.rc == 0, run.out
     found = [f for f in _detections(run.record["objects"]) if f["id"] in run.record["added"]]
     assert found and {_class(f) for f in found} == {"cluster"}
     assert "from 1 prototype(s) (selected annotations)" in run.out and "session none" in run.out
+    assert "earlier; patch rule;" in run.out  # RULE = 'patch' asked the server for it
 
 
 def test_embed_job_with_progress(world: World, tmp_path: Path) -> None:
@@ -771,6 +775,9 @@ def test_local_mistakes_are_explained(world: World, tmp_path: Path) -> None:
     names = ["suggest", "review", "background", "train", "predict"]
     run = _run(tmp_path, names, props={"simsearch.url": world.url}, state=state)
     assert "No prototypes: draw rectangle annotations" in _failed(run, "suggest")
+    props = {"simsearch.url": world.url, "simsearch.rule": "objects"}
+    bad_rule = _run(tmp_path, ["suggest"], props=props, state=state)
+    assert "RULE 'objects': use 'object', 'patch' or ''" in _failed(bad_rule, "suggest")
     for name in ("review", "background", "train"):
         assert "Set SESSION in the SETTINGS block" in _failed(run, name)
     assert "Set MODEL in the SETTINGS block to the model bundle (.zip)" in _failed(run, "predict")
