@@ -202,6 +202,9 @@ def test_ensemble_keeps_both_search_heads_and_combines_their_maps(
     assert partner is not None and bundle.metrics["selection"]["kept"] == "tuned-search+search"
     assert bundle.provenance["search_trunk"] == "fine-tuned"
     assert partner.provenance["search_trunk"] == "search" and partner.head_input == "search"
+    # the fine-tuned trunk's linear head would be thrown away: it is not trained
+    stages = bundle.metrics["stages"]
+    assert {"supcon", "search_head", "tuned_search_head"} <= set(stages) and "linear" not in stages
     base, _, _ = build_trunk("resnet18-l3", "random", seed=0)
     for k, v in base.state_dict().items():  # the partner reads the search's trunk, unchanged
         assert torch.equal(v, partner.trunk_state[k]), k

@@ -902,31 +902,32 @@ def train_patch_model(
                 "trunk weights are random (not pretrained): all layers are trained, none frozen; "
                 "use --weights imagenet or weights from `simsearch-wsi pretrain` for better models"
             )
-        candidates.append(
-            _fine_tune(
-                data,
-                encoder,
-                crop,
-                config,
-                device=device,
-                freeze_early=freeze_early,
-                rng=rng,
-                gen=gen,
-                progress=progress,
-                n_channels=n_channels,
-                split=(train_set, val_set),
-                negatives=negatives,
-                metrics=metrics,
-                notes=notes,
-                open_image=open_image,
-                judge=judge,
-            )
+        # tuned-search and ensemble replace the trunk's linear head with search heads: not fitted
+        searched = search is not None and head_input in ("tuned-search", "ensemble")
+        trunk_head = _fine_tune(
+            data,
+            encoder,
+            crop,
+            config,
+            device=device,
+            freeze_early=freeze_early,
+            rng=rng,
+            gen=gen,
+            progress=progress,
+            n_channels=n_channels,
+            split=(train_set, val_set),
+            negatives=negatives,
+            metrics=metrics,
+            notes=notes,
+            open_image=open_image,
+            judge=judge,
+            linear_head=not searched,
         )
+        if trunk_head is not None:
+            candidates.append(trunk_head)
     if search is not None and head_input in ("auto", "tuned-search", "ensemble"):
         # the search head on the fine-tuned trunk's window vectors (in tuned-search and
         # ensemble it replaces the trunk's linear head; in auto it is one more candidate)
-        if head_input in ("tuned-search", "ensemble"):
-            candidates.pop()
         tuned_view = search.with_trunk(encoder.trunk, _state_identity(encoder.trunk))
         t0 = time.perf_counter()
         probe = _search_candidate(
@@ -1154,10 +1155,12 @@ def _fine_tune(
     notes: list[str],
     open_image: Callable[[str], ImageSource],
     judge: PatchSet | None = None,
-) -> _Candidate:
+    linear_head: bool = True,
+) -> _Candidate | None:
     """The paper's stages on ``encoder``'s trunk (in place): a baseline linear probe,
     self-learning, supervised contrastive, then the linear head (with its probabilities of
-    the held-out ``val_set`` and of the ``judge``'s unlabelled patches)."""
+    the held-out ``val_set`` and of the ``judge``'s unlabelled patches); ``None`` without the
+    linear head (``linear_head=False``: the caller keeps search heads on the trunk)."""
     train_set, val_set = split
     clean = data.clean
     lin_cfg = config.linear
@@ -1230,6 +1233,9 @@ def _fine_tune(
             augment=config.clean_augment,
             negatives=negatives,
         )
+        if not linear_head:
+            # tuned-search and ensemble keep search heads on this trunk, not its linear head
+            return None
         t0 = time.perf_counter()
         w, b, lin_losses = fit_linear("linear")
         metrics["stages"]["linear"] = {
