@@ -644,11 +644,28 @@ class SearchView(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ThresholdEvidence:
+    """What a run's confidence thresholds were picked from (not stored in the bundle):
+    ``val_probs`` (N, K) the chosen model's probabilities of the ``val_labels`` (N,) held-out
+    patches, and ``unlabelled_probs`` (U, K) its probabilities of the unlabelled windows drawn
+    from the reviewed images that calibrated its search head(s) (``None`` for the linear head).
+    For the ensemble both are the two heads' combined probabilities."""
+
+    classes: tuple[str, ...]
+    val_probs: NDArray[np.float32]
+    val_labels: NDArray[np.int64]
+    unlabelled_probs: NDArray[np.float32] | None = None
+
+
 @dataclass
 class TrainResult:
     bundle: ModelBundle
     metrics: dict[str, Any]
     notes: list[str]
+    #: the held-out and unlabelled evidence the thresholds were picked from (None without
+    #: held-out patches)
+    evidence: ThresholdEvidence | None = None
 
 
 @dataclass
@@ -668,6 +685,8 @@ class _Candidate:
     view: SearchView | None = None
     #: (U, D) the unlabelled windows that calibrated a search head (reused when it is refitted)
     unlabelled: torch.Tensor | None = None
+    #: (U, K) the head's probabilities of those windows
+    unlabelled_probs: NDArray[np.float32] | None = None
 
     @property
     def head_input(self) -> str:
@@ -753,6 +772,8 @@ def _search_candidate(
         view=view,
         unlabelled=unlabelled,
     )
+    if unlabelled is not None and len(unlabelled):
+        probe.unlabelled_probs = fitted.probabilities(unlabelled)
     if val_set is not None:
         probe.val_probs = fitted.probabilities(view.vectors(val_set, 1)[0])
     if judge is not None and len(judge):
@@ -958,9 +979,18 @@ def train_patch_model(
         }
         if chosen.val_probs is not None and partner.val_probs is not None:
             chosen.val_probs = combine_experts([chosen.val_probs, partner.val_probs], class_axis=1)
+        # both views draw the same windows (same images, same seeded draw, same embedded
+        # windows); combined only where they did
+        mine, theirs = chosen.unlabelled_probs, partner.unlabelled_probs
+        chosen.unlabelled_probs = (
+            combine_experts([mine, theirs], class_axis=1)
+            if mine is not None and theirs is not None and mine.shape == theirs.shape
+            else None
+        )
     else:
         chosen = _select(candidates, val_set, clean.classes, head_input, metrics, judge=judge)
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
+    evidence: ThresholdEvidence | None = None
     few_held_out = val_set is not None and any(
         0 < n < config.min_val_per_class for n in val_set.class_counts().values()
     )
@@ -974,6 +1004,12 @@ def train_patch_model(
             chosen.val_probs, val_set.labels, classes=clean.classes
         )
         thresholds = pick_thresholds(chosen.val_probs, val_set.labels, classes=clean.classes)
+        evidence = ThresholdEvidence(
+            tuple(clean.classes),
+            chosen.val_probs,
+            np.asarray(val_set.labels, dtype=np.int64),
+            chosen.unlabelled_probs,
+        )
     metrics["head_input"] = chosen.head_input
     metrics["notes"] = notes
 
@@ -1029,7 +1065,7 @@ def train_patch_model(
         )
 
     partner_bundle = None if partner is None else make_bundle(partner, None, {})
-    return TrainResult(make_bundle(chosen, partner_bundle, metrics), metrics, notes)
+    return TrainResult(make_bundle(chosen, partner_bundle, metrics), metrics, notes, evidence)
 
 
 def _auto_head_input(
