@@ -1004,6 +1004,7 @@ def train_patch_model(
             chosen.val_probs, val_set.labels, classes=clean.classes
         )
         thresholds = pick_thresholds(chosen.val_probs, val_set.labels, classes=clean.classes)
+    if val_set is not None and chosen.val_probs is not None:
         evidence = ThresholdEvidence(
             tuple(clean.classes),
             chosen.val_probs,
