@@ -150,6 +150,11 @@ def rule_thresholds(
         rng_h = _weighted_f1_range(pos, neg, np.ones(len(neg)))
         picks["low"] = rng_h[0] if rng_h else 0.5
         picks["fixed 0.3"] = 0.3
+        picks["fixed 0.5"] = 0.5
+        lo = float(pos.min()) if len(pos) else 0.5
+        for delta in (0.5, 1.0):
+            # a margin below the weakest held-out positive, in logit space
+            picks[f"margin {delta:g}"] = float(np.clip(_sigmoid(_logit(lo) - delta), 0.05, 0.95))
         if us is not None and c != "background":
             u = us[:, k]
             for q in (0.9, 0.95, 0.98, 0.99):
@@ -165,7 +170,7 @@ def rule_thresholds(
                     float(_GRID[np.searchsorted(_GRID, (r[0] + r[1]) / 2)]) if r else 0.5
                 )
             for q in (0.95, 0.99):
-                picks[f"low|q{q:g}"] = max(picks["low"], picks[f"unl q{q:g}"])
+                picks[f"low^q{q:g}"] = max(picks["low"], picks[f"unl q{q:g}"])
                 # the middle, in logit space, between the weakest held-out positive and the
                 # unlabelled windows' quantile (that quantile where the positives are below it)
                 qv = float(np.quantile(u, q))
@@ -173,6 +178,27 @@ def rule_thresholds(
                 picks[f"gap q{q:g}"] = float(
                     np.clip(_sigmoid((_logit(lo) + _logit(qv)) / 2) if lo > qv else qv, 0.05, 0.95)
                 )
+            for q in (0.98, 0.99):
+                qv = float(np.quantile(u, q))
+                for alpha in (0.5, 0.67, 0.75):
+                    # the weakest held-out positive and the unlabelled windows' upper tail,
+                    # interpolated in logit space (alpha = the positive's weight)
+                    z = (1 - alpha) * _logit(qv) + alpha * _logit(lo)
+                    picks[f"interp q{q:g} a{alpha:g}"] = float(np.clip(_sigmoid(z), 0.05, 0.95))
+            # the held-out and the leave-one-out positives together (the latter exist without a
+            # held-out split)
+            pooled = pos
+            if ev.loo_probs is not None and ev.loo_labels is not None:
+                ls = _detect_scores(ev.loo_probs, classes)
+                pooled = np.concatenate([pos, ls[ev.loo_labels == k, k]])
+            if len(pooled):
+                qv = float(np.quantile(u, 0.99))
+                for stat, val in (("min", pooled.min()), ("q25", np.quantile(pooled, 0.25))):
+                    for alpha in (0.5, 0.67):
+                        z = (1 - alpha) * _logit(qv) + alpha * _logit(float(val))
+                        t = float(np.clip(_sigmoid(z), 0.05, 0.95))
+                        picks[f"pool-{stat} a{alpha:g}"] = t
+                        picks[f"pool-{stat} a{alpha:g} cap.5"] = min(t, 0.5)
         for rule, t in picks.items():
             rules.setdefault(rule, dict(bundled))[c] = t
     out.update(rules)

@@ -656,6 +656,11 @@ class ThresholdEvidence:
     val_probs: NDArray[np.float32]
     val_labels: NDArray[np.int64]
     unlabelled_probs: NDArray[np.float32] | None = None
+    #: (M, K) the chosen search head(s)' leave-one-out probabilities of the ``loo_labels``
+    #: (M,) patches they were fitted on (each scored without its own memory entries; the
+    #: calibration saw them); ``None`` for the linear head
+    loo_probs: NDArray[np.float32] | None = None
+    loo_labels: NDArray[np.int64] | None = None
 
 
 @dataclass
@@ -687,6 +692,8 @@ class _Candidate:
     unlabelled: torch.Tensor | None = None
     #: (U, K) the head's probabilities of those windows
     unlabelled_probs: NDArray[np.float32] | None = None
+    #: (N, K) leave-one-out probabilities of the patches the head was fitted on
+    loo_probs: NDArray[np.float32] | None = None
 
     @property
     def head_input(self) -> str:
@@ -742,6 +749,20 @@ def _fit_search_head(
     )
 
 
+def _leave_one_out_probs(memory: MemoryHead, n: int) -> NDArray[np.float32]:
+    """(n, K) probabilities of the ``n`` labelled patches a search head was fitted on
+    (:func:`_fit_search_head`: its memory starts with their vectors in ``MEMORY_ROTATIONS``
+    rotations, rotation-major), each scored at rotation 0 without its own memory entries."""
+    m = len(memory.vectors)
+    entry = torch.arange(m)
+    own = (entry[None, :] < MEMORY_ROTATIONS * n) & (entry[None, :] % n == torch.arange(n)[:, None])
+    pos, neg = memory.similarities(memory.vectors[:n], exclude=own)
+    out: NDArray[np.float32] = (
+        torch.softmax(memory.logits(pos, neg), dim=1).numpy().astype(np.float32)
+    )
+    return out
+
+
 def _search_candidate(
     view: SearchView,
     train_set: PatchSet,
@@ -774,6 +795,7 @@ def _search_candidate(
     )
     if unlabelled is not None and len(unlabelled):
         probe.unlabelled_probs = fitted.probabilities(unlabelled)
+    probe.loo_probs = _leave_one_out_probs(fitted, len(train_set))
     if val_set is not None:
         probe.val_probs = fitted.probabilities(view.vectors(val_set, 1)[0])
     if judge is not None and len(judge):
@@ -987,6 +1009,8 @@ def train_patch_model(
             if mine is not None and theirs is not None and mine.shape == theirs.shape
             else None
         )
+        if chosen.loo_probs is not None and partner.loo_probs is not None:
+            chosen.loo_probs = combine_experts([chosen.loo_probs, partner.loo_probs], class_axis=1)
     else:
         chosen = _select(candidates, val_set, clean.classes, head_input, metrics, judge=judge)
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
@@ -1004,12 +1028,15 @@ def train_patch_model(
             chosen.val_probs, val_set.labels, classes=clean.classes
         )
         thresholds = pick_thresholds(chosen.val_probs, val_set.labels, classes=clean.classes)
-    if val_set is not None and chosen.val_probs is not None:
+    if chosen.val_probs is not None or chosen.loo_probs is not None:
+        k = len(clean.classes)
         evidence = ThresholdEvidence(
             tuple(clean.classes),
-            chosen.val_probs,
-            np.asarray(val_set.labels, dtype=np.int64),
+            np.zeros((0, k), np.float32) if chosen.val_probs is None else chosen.val_probs,
+            np.asarray([] if val_set is None else val_set.labels, dtype=np.int64),
             chosen.unlabelled_probs,
+            chosen.loo_probs,
+            None if chosen.loo_probs is None else np.asarray(train_set.labels, dtype=np.int64),
         )
     metrics["head_input"] = chosen.head_input
     metrics["notes"] = notes
