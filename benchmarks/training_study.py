@@ -59,7 +59,12 @@ from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SearchSettings, SimSearch
 from simsearch_wsi.train.choices import parse_head_spec
-from simsearch_wsi.train.fit import ThresholdEvidence, TrainConfig, pick_thresholds
+from simsearch_wsi.train.fit import (
+    ThresholdEvidence,
+    TrainConfig,
+    pick_thresholds,
+    tail_thresholds,
+)
 
 #: (name, split, benchmark seed, prototypes per class)
 CASES = (
@@ -139,6 +144,19 @@ def rule_thresholds(
     evidence (``bundle`` = the bundle's own, the current rule)."""
     classes = ev.classes
     out: dict[str, dict[str, float]] = {"bundle": dict(bundled)}
+    # the former default (held-out-f1): the best F1 on the held-out patches where every class
+    # has at least min_val_per_class (2) of them, else 0.5
+    counts = np.bincount(ev.val_labels, minlength=len(classes))
+    enough = len(ev.val_labels) > 0 and not any(0 < n < 2 for n in counts)
+    out["held-out-f1 (former)"] = (
+        pick_thresholds(ev.val_probs, ev.val_labels, classes=classes)
+        if enough
+        else dict.fromkeys(classes, 0.5)
+    )
+    out["tail (library)"] = {
+        **out["held-out-f1 (former)"],
+        **{c: v["threshold"] for c, v in tail_thresholds(ev).items()},
+    }
     out["mid (recomputed)"] = pick_thresholds(ev.val_probs, ev.val_labels, classes=classes)
     vs = _detect_scores(ev.val_probs, classes)
     us = None if ev.unlabelled_probs is None else _detect_scores(ev.unlabelled_probs, classes)

@@ -95,6 +95,24 @@ JUDGE_MIN_PER_CLASS = 5
 #: class on brightfield the search heads did (docs/evaluation.md, "Training study")
 AUTO_ENSEMBLE_MIN_PER_CLASS = 5
 DEFAULT_CONFIDENCE = 0.5
+#: how per-class confidence thresholds are picked: ``tail`` (:func:`tail_thresholds`, for the
+#: ensemble of two search heads: it has leave-one-out and unlabelled evidence) or
+#: ``held-out-f1`` (:func:`pick_thresholds`, the best F1 on the held-out patches)
+THRESHOLD_RULES = ("tail", "held-out-f1")
+#: ``tail``: the quantile of the labelled positives' probabilities (held-out and leave-one-out)
+#: that stands for a class's weaker objects
+TAIL_POSITIVE_QUANTILE = 0.25
+#: ``tail``: the quantile of the unlabelled windows' probabilities that stands for the
+#: background's upper tail (floored at :data:`TAIL_BACKGROUND_FLOOR`)
+TAIL_BACKGROUND_QUANTILE = 0.99
+TAIL_BACKGROUND_FLOOR = 0.01
+#: ``tail``: the positives' weight when the two are interpolated in logit space (2/3: nearer
+#: the positives than the background)
+TAIL_POSITIVE_WEIGHT = 0.67
+#: ``tail`` never picks a threshold above this (0.5: the class is more probable than all the
+#: others together) nor below the lowest of the grid of :func:`pick_thresholds`
+TAIL_MAX = DEFAULT_CONFIDENCE
+TAIL_MIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -159,6 +177,12 @@ class TrainConfig:
     background_per_image: int = 48
     val_fraction: float = 0.2
     min_val_per_class: int = 2
+    #: :data:`THRESHOLD_RULES`; ``tail`` applies to the ensemble (``--head-input ensemble``,
+    #: ``auto``'s default on brightfield), every other head keeps ``held-out-f1``. On the
+    #: ensemble, detection F1 at the thresholds rose on the training study's dev cases with IoU
+    #: equal; on the single search head it did not (docs/evaluation.md, "Training study",
+    #: "thresholds of the combined probability")
+    threshold_rule: str = "tail"
     autocast: bool = True
     head_input: str = DEFAULT_HEAD_INPUT
     noisy_augment: AugmentConfig = field(default_factory=AugmentConfig.noisy)
@@ -177,6 +201,11 @@ class TrainConfig:
             raise ConfigError("val_fraction must be in [0, 1), linear_views >= 1, context >= 0")
         if self.linear_negatives < 0:
             raise ConfigError(f"linear_negatives must be >= 0, got {self.linear_negatives}")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ConfigError(
+                f"unknown threshold rule {self.threshold_rule!r}; use one of "
+                f"{', '.join(THRESHOLD_RULES)}"
+            )
         if self.unlabelled_windows < 0 or self.judge_windows < 0:
             raise ConfigError(
                 f"unlabelled_windows and judge_windows must be >= 0, got "
@@ -606,6 +635,69 @@ def pick_thresholds(
     return out
 
 
+def detection_scores(probs: NDArray[np.floating], classes: Sequence[str]) -> NDArray[np.float64]:
+    """(N, K) each window's probability of the most probable of the user's classes in that
+    class's column, 0 elsewhere (background's column 0): what
+    :func:`simsearch_wsi.infer.dense.detect` compares with a class's threshold."""
+    p = np.asarray(probs, dtype=np.float64)
+    fg = np.array([c != BACKGROUND_CLASS for c in classes])
+    out = np.zeros_like(p)
+    if len(p) and fg.any():
+        best = np.where(fg[None, :], p, -1.0).argmax(axis=1)
+        rows = np.arange(len(p))
+        out[rows, best] = p[rows, best]
+    return out
+
+
+def _logit(p: float) -> float:
+    q = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(q / (1 - q))
+
+
+def tail_thresholds(evidence: ThresholdEvidence) -> dict[str, dict[str, float]]:
+    """Per user class with labelled positives and unlabelled windows in ``evidence``: the
+    threshold between where its labelled positives sit and where the background's upper tail
+    sits, in logit space, nearer the positives (``tail`` rule, :data:`THRESHOLD_RULES`).
+
+    ``z = w logit(P) + (1 - w) logit(B)``, threshold ``sigmoid(z)`` clipped to
+    [:data:`TAIL_MIN`, :data:`TAIL_MAX`], where ``P`` is the :data:`TAIL_POSITIVE_QUANTILE`
+    quantile of the class's held-out and leave-one-out positives' detection scores
+    (:func:`detection_scores`), ``B`` the :data:`TAIL_BACKGROUND_QUANTILE` quantile of the
+    unlabelled windows' (at least :data:`TAIL_BACKGROUND_FLOOR`) and ``w`` =
+    :data:`TAIL_POSITIVE_WEIGHT`. A handful of held-out patches picked thresholds in the
+    middle of a wide best-F1 range, far below the positives and too low for a new slide's
+    look-alikes, or fell back to 0.5 where a weak class needs less; the leave-one-out
+    positives exist without a held-out split and the unlabelled windows show how high a
+    slide's background goes. Returns ``{class: {"threshold", "positives", "positive_q",
+    "background_q"}}``; classes without positives or windows are left out."""
+    classes = evidence.classes
+    if evidence.unlabelled_probs is None or not len(evidence.unlabelled_probs):
+        return {}
+    held = detection_scores(evidence.val_probs, classes)
+    loo = detection_scores(evidence.loo_probs, classes) if evidence.loo_probs is not None else None
+    unl = detection_scores(evidence.unlabelled_probs, classes)
+    out: dict[str, dict[str, float]] = {}
+    for k, name in enumerate(classes):
+        if name == BACKGROUND_CLASS:
+            continue
+        pos = held[evidence.val_labels == k, k]
+        if loo is not None and evidence.loo_labels is not None:
+            pos = np.concatenate([pos, loo[evidence.loo_labels == k, k]])
+        if not len(pos):
+            continue
+        p_q = float(np.quantile(pos, TAIL_POSITIVE_QUANTILE))
+        b_q = max(float(np.quantile(unl[:, k], TAIL_BACKGROUND_QUANTILE)), TAIL_BACKGROUND_FLOOR)
+        z = TAIL_POSITIVE_WEIGHT * _logit(p_q) + (1 - TAIL_POSITIVE_WEIGHT) * _logit(b_q)
+        t = float(np.clip(1 / (1 + math.exp(-z)), TAIL_MIN, TAIL_MAX))
+        out[name] = {
+            "threshold": round(t, 4),
+            "positives": len(pos),
+            "positive_q": round(p_q, 4),
+            "background_q": round(b_q, 4),
+        }
+    return out
+
+
 def _probs(w: torch.Tensor, b: torch.Tensor, feats: torch.Tensor) -> NDArray[np.float32]:
     out: NDArray[np.float32] = torch.softmax(feats @ w.T + b, dim=1).numpy()
     return out
@@ -883,10 +975,7 @@ def train_patch_model(
     )
     train_set, val_set = split if split is not None else (clean, None)
     if val_set is None:
-        notes.append(
-            "too few patches per class to hold some out: no validation metrics, confidence "
-            f"thresholds default to {DEFAULT_CONFIDENCE}"
-        )
+        notes.append("too few patches per class to hold some out: no validation metrics")
     negatives = data.negatives if config.uses_negatives and len(data.negatives) else None
     if config.uses_negatives and negatives is None:
         notes.append("the session has no negatives (rejected suggestions) to train with")
@@ -1014,20 +1103,17 @@ def train_patch_model(
     else:
         chosen = _select(candidates, val_set, clean.classes, head_input, metrics, judge=judge)
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
+    threshold_note = f"confidence thresholds default to {DEFAULT_CONFIDENCE}"
     evidence: ThresholdEvidence | None = None
     few_held_out = val_set is not None and any(
         0 < n < config.min_val_per_class for n in val_set.class_counts().values()
     )
-    if few_held_out:
-        notes.append(
-            f"fewer than {config.min_val_per_class} held-out patches of some class: they chose "
-            f"the model, confidence thresholds default to {DEFAULT_CONFIDENCE}"
-        )
     if val_set is not None and chosen.val_probs is not None and not few_held_out:
         metrics["validation"] = classification_metrics(
             chosen.val_probs, val_set.labels, classes=clean.classes
         )
         thresholds = pick_thresholds(chosen.val_probs, val_set.labels, classes=clean.classes)
+        threshold_note = "confidence thresholds: the best F1 on the held-out patches"
     if chosen.val_probs is not None or chosen.loo_probs is not None:
         k = len(clean.classes)
         evidence = ThresholdEvidence(
@@ -1038,6 +1124,32 @@ def train_patch_model(
             chosen.loo_probs,
             None if chosen.loo_probs is None else np.asarray(train_set.labels, dtype=np.int64),
         )
+    # the tail rule: the ensemble only (it needs a search head's leave-one-out and unlabelled
+    # evidence; on the single search head it lost F1 on the study's dev cases)
+    tail = (
+        tail_thresholds(evidence)
+        if config.threshold_rule == "tail" and evidence is not None and partner is not None
+        else {}
+    )
+    if tail:
+        thresholds = {**thresholds, **{c: v["threshold"] for c, v in tail.items()}}
+        threshold_note = (
+            "confidence thresholds (tail rule): between the labelled positives' lower quartile "
+            "and the unlabelled windows' 99th percentile, in logit space, at most "
+            f"{TAIL_MAX:g}: " + ", ".join(f"{c} {v['threshold']:.2f}" for c, v in tail.items())
+        )
+    elif few_held_out:
+        threshold_note = (
+            f"fewer than {config.min_val_per_class} held-out patches of some class: they chose "
+            f"the model, confidence thresholds default to {DEFAULT_CONFIDENCE}"
+        )
+    notes.append(threshold_note)
+    metrics["thresholds"] = {
+        "rule": "tail" if tail else "held-out-f1",
+        "asked": config.threshold_rule,
+        "values": {c: round(float(v), 4) for c, v in thresholds.items()},
+        **({"tail": tail} if tail else {}),
+    }
     metrics["head_input"] = chosen.head_input
     metrics["notes"] = notes
 
