@@ -17,6 +17,14 @@ the held-out test slides with the paper's matching, all in one run:
   same after scaling each model's centred log-probabilities to unit spread over the image;
   all scored here from the same class maps (is a combined model worth building?).
 
+Every arm whose training returns threshold evidence (held-out, leave-one-out and unlabelled
+windows' probabilities, :class:`simsearch_wsi.train.fit.ThresholdEvidence`) is also scored at the
+thresholds of each rule of :func:`rule_thresholds` from the same class maps (detection F1 /
+segmentation IoU per rule; ``bundle`` = the bundle's own, ``held-out-f1 (former)`` = the former
+default). ``--save-maps`` keeps each case's and arm's test class maps, truth and evidence, and
+``--rescore DIR`` scores the rules on them again without training (to compare new rules on the
+same models).
+
 Cases are split into ``dev`` (where defaults were chosen) and ``held-out`` (never looked at while
 choosing). Run::
 
