@@ -17,6 +17,14 @@ the held-out test slides with the paper's matching, all in one run:
   same after scaling each model's centred log-probabilities to unit spread over the image;
   all scored here from the same class maps (is a combined model worth building?).
 
+Every arm whose training returns threshold evidence (held-out, leave-one-out and unlabelled
+windows' probabilities, :class:`simsearch_wsi.train.fit.ThresholdEvidence`) is also scored at the
+thresholds of each rule of :func:`rule_thresholds` from the same class maps (detection F1 /
+segmentation IoU per rule; ``bundle`` = the bundle's own, ``held-out-f1 (former)`` = the former
+default). ``--save-maps`` keeps each case's and arm's test class maps, truth and evidence, and
+``--rescore DIR`` scores the rules on them again without training (to compare new rules on the
+same models).
+
 Cases are split into ``dev`` (where defaults were chosen) and ``held-out`` (never looked at while
 choosing). Run::
 
@@ -30,6 +38,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
+import re
 import shutil
 import time
 from pathlib import Path
@@ -38,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from simsearch_wsi.eval.ablation import score_model, score_search
+from simsearch_wsi.eval.ablation import score_class_maps, score_search
 from simsearch_wsi.eval.benchmark import Benchmark, synthetic_benchmark
 from simsearch_wsi.eval.metrics import class_pr, paper_match_radius_l0, pool_class_pr
 from simsearch_wsi.eval.user import UserConfig, simulate_review
@@ -57,7 +67,12 @@ from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SearchSettings, SimSearch
 from simsearch_wsi.train.choices import parse_head_spec
-from simsearch_wsi.train.fit import TrainConfig
+from simsearch_wsi.train.fit import (
+    ThresholdEvidence,
+    TrainConfig,
+    pick_thresholds,
+    tail_thresholds,
+)
 
 #: (name, split, benchmark seed, prototypes per class)
 CASES = (
@@ -75,7 +90,228 @@ CASES = (
     ("seed61-P2", "held-out (fresh)", 61, 2),
     ("seed67-P3", "held-out (fresh)", 67, 3),
     ("seed71-P5", "held-out (fresh)", 71, 5),
+    # added for the thresholds of the combined probability (2026-12-07): the rule was chosen on
+    # the dev cases, these two among them
+    ("seed13-P3", "dev", 13, 3),
+    ("seed17-P2", "dev", 17, 2),
+    # never looked at before the run that reported the chosen threshold rule
+    ("seed73-P3", "held-out (fresh2)", 73, 3),
+    ("seed79-P2", "held-out (fresh2)", 79, 2),
 )
+
+
+# --- threshold rules (compared on the same model and maps) -------------------------------------
+_GRID = np.round(np.arange(0.02, 0.985, 0.01), 2)
+
+
+def _detect_scores(probs: Any, classes: tuple[str, ...]) -> Any:
+    """(N, K) each window's class probability where the class is the most probable of the
+    user's classes (what ``detect`` keeps at a threshold), else 0; background column 0."""
+    fg = np.array([c != "background" for c in classes])
+    ranked = np.where(fg[None, :], probs, -1.0)
+    best = ranked.argmax(axis=1)
+    out = np.zeros_like(probs, dtype=np.float64)
+    rows = np.arange(len(probs))
+    out[rows, best] = probs[rows, best]
+    out[:, ~fg] = 0.0
+    return out
+
+
+def _weighted_f1_range(
+    pos: Any, neg: Any, neg_weight: Any, grid: Any = _GRID
+) -> tuple[float, float] | None:
+    """Lowest and highest threshold of ``grid`` whose weighted F1 is the best (positive scores
+    ``pos``, negatives ``neg`` with weights ``neg_weight``); None without positives."""
+    if len(pos) == 0:
+        return None
+    f1 = []
+    for t in grid:
+        tp = float((pos >= t).sum())
+        fp = float(neg_weight[neg >= t].sum())
+        f1.append(2 * tp / (2 * tp + fp + (len(pos) - tp)) if tp else 0.0)
+    f = np.asarray(f1)
+    if f.max() <= 0:
+        return None
+    best = np.flatnonzero(f >= f.max() - 1e-9)
+    return float(grid[best[0]]), float(grid[best[-1]])
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return float(np.log(p / (1 - p)))
+
+
+def _sigmoid(z: float) -> float:
+    return float(1 / (1 + np.exp(-z)))
+
+
+def rule_thresholds(
+    ev: ThresholdEvidence, bundled: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """Per threshold rule, the thresholds it picks from the run's held-out and unlabelled
+    evidence (``bundle`` = the bundle's own, the current rule)."""
+    classes = ev.classes
+    out: dict[str, dict[str, float]] = {"bundle": dict(bundled)}
+    # the former default (held-out-f1): the best F1 on the held-out patches where every class
+    # has at least min_val_per_class (2) of them, else 0.5
+    counts = np.bincount(ev.val_labels, minlength=len(classes))
+    enough = len(ev.val_labels) > 0 and not any(0 < n < 2 for n in counts)
+    out["held-out-f1 (former)"] = (
+        pick_thresholds(ev.val_probs, ev.val_labels, classes=classes)
+        if enough
+        else dict.fromkeys(classes, 0.5)
+    )
+    out["tail (library)"] = {
+        **out["held-out-f1 (former)"],
+        **{c: v["threshold"] for c, v in tail_thresholds(ev).items()},
+    }
+    out["mid (recomputed)"] = pick_thresholds(ev.val_probs, ev.val_labels, classes=classes)
+    vs = _detect_scores(ev.val_probs, classes)
+    us = None if ev.unlabelled_probs is None else _detect_scores(ev.unlabelled_probs, classes)
+    rules: dict[str, dict[str, float]] = {}
+    for k, c in enumerate(classes):
+        truth = ev.val_labels == k
+        pos, neg = vs[truth, k], vs[~truth, k]
+        picks: dict[str, float] = {}
+        rng_h = _weighted_f1_range(pos, neg, np.ones(len(neg)))
+        picks["low"] = rng_h[0] if rng_h else 0.5
+        picks["fixed 0.3"] = 0.3
+        picks["fixed 0.5"] = 0.5
+        lo = float(pos.min()) if len(pos) else 0.5
+        for delta in (0.5, 1.0):
+            # a margin below the weakest held-out positive, in logit space
+            picks[f"margin {delta:g}"] = float(np.clip(_sigmoid(_logit(lo) - delta), 0.05, 0.95))
+        if us is not None and c != "background":
+            u = us[:, k]
+            for q in (0.9, 0.95, 0.98, 0.99):
+                picks[f"unl q{q:g}"] = float(np.clip(np.quantile(u, q), 0.05, 0.95))
+            # held-out and unlabelled windows (as negatives) together, the unlabelled weighted so
+            # that they count as much as the held-out patches in all (prevalence-aware: a
+            # handful of positives is not swamped by 256 windows)
+            for tag, total in (("n_val", len(ev.val_labels)), ("n_pos", max(1, len(pos)))):
+                w = np.concatenate([np.ones(len(neg)), np.full(len(u), total / len(u))])
+                r = _weighted_f1_range(pos, np.concatenate([neg, u]), w)
+                picks[f"mix/{tag} low"] = r[0] if r else 0.5
+                picks[f"mix/{tag} mid"] = (
+                    float(_GRID[np.searchsorted(_GRID, (r[0] + r[1]) / 2)]) if r else 0.5
+                )
+            for q in (0.95, 0.99):
+                picks[f"low^q{q:g}"] = max(picks["low"], picks[f"unl q{q:g}"])
+                # the middle, in logit space, between the weakest held-out positive and the
+                # unlabelled windows' quantile (that quantile where the positives are below it)
+                qv = float(np.quantile(u, q))
+                lo = float(pos.min()) if len(pos) else 0.5
+                picks[f"gap q{q:g}"] = float(
+                    np.clip(_sigmoid((_logit(lo) + _logit(qv)) / 2) if lo > qv else qv, 0.05, 0.95)
+                )
+            for q in (0.98, 0.99):
+                qv = float(np.quantile(u, q))
+                for alpha in (0.5, 0.67, 0.75):
+                    # the weakest held-out positive and the unlabelled windows' upper tail,
+                    # interpolated in logit space (alpha = the positive's weight)
+                    z = (1 - alpha) * _logit(qv) + alpha * _logit(lo)
+                    picks[f"interp q{q:g} a{alpha:g}"] = float(np.clip(_sigmoid(z), 0.05, 0.95))
+            # the held-out and the leave-one-out positives together (the latter exist without a
+            # held-out split)
+            pooled = pos
+            if ev.loo_probs is not None and ev.loo_labels is not None:
+                ls = _detect_scores(ev.loo_probs, classes)
+                pooled = np.concatenate([pos, ls[ev.loo_labels == k, k]])
+            if len(pooled):
+                qv = float(np.quantile(u, 0.99))
+                for stat, val in (("min", pooled.min()), ("q25", np.quantile(pooled, 0.25))):
+                    for alpha in (0.5, 0.67):
+                        z = (1 - alpha) * _logit(qv) + alpha * _logit(float(val))
+                        t = float(np.clip(_sigmoid(z), 0.05, 0.95))
+                        picks[f"pool-{stat} a{alpha:g}"] = t
+                        picks[f"pool-{stat} a{alpha:g} cap.5"] = min(t, 0.5)
+        for rule, t in picks.items():
+            rules.setdefault(rule, dict(bundled))[c] = t
+    out.update(rules)
+    return out
+
+
+def _rule_scores(
+    maps: list[ClassMaps],
+    truths: list[Any],
+    classes: tuple[str, ...],
+    thresholds: dict[str, float],
+    radius: float,
+    spacing: float,
+) -> dict[str, Any]:
+    scores = score_class_maps(
+        maps,
+        truths,
+        classes=classes,
+        thresholds=thresholds,
+        radius_l0=radius,
+        spacing_patches=spacing,
+    )
+    return {
+        "thresholds": {c: round(float(v), 3) for c, v in thresholds.items()},
+        "f1": {s.class_name: s.f1 for s in scores},
+        "iou": {s.class_name: s.iou for s in scores},
+    }
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
+
+
+def rescore(directory: Path) -> str:
+    """Every threshold rule of :func:`rule_thresholds` on the maps a ``--save-maps`` run saved
+    under ``directory`` (no training): F1 / IoU at each rule's thresholds, class means."""
+    rows: list[dict[str, Any]] = []
+    for path in sorted(directory.glob("*/maps-*.pkl")):
+        with path.open("rb") as f:
+            saved = pickle.load(f)
+        if saved["evidence"] is None:
+            continue
+        rules = {
+            rule: _rule_scores(
+                saved["maps"],
+                saved["truths"],
+                saved["classes"],
+                t,
+                saved["radius_l0"],
+                saved["spacing"],
+            )
+            for rule, t in rule_thresholds(saved["evidence"], saved["thresholds"]).items()
+        }
+        rows.append(
+            {"case": saved["case"], "split": saved["split"], "arm": saved["arm"], "rules": rules}
+        )
+    return rules_report(rows)
+
+
+def rules_report(rows: list[dict[str, Any]]) -> str:
+    """A table: one row per case and arm, one column per rule (F1 / IoU, class means), and the
+    mean per split."""
+    names = list(dict.fromkeys(r for row in rows for r in row["rules"]))
+    lines = [
+        "| case | split | arm | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for row in rows:
+        cells = [
+            f"{_avg(row['rules'][n]['f1']):.2f} / {_avg(row['rules'][n]['iou']):.2f}"
+            if n in row["rules"]
+            else ""
+            for n in names
+        ]
+        lines.append(
+            f"| {row['case']} | {row['split']} | {row['arm']} | " + " | ".join(cells) + " |"
+        )
+    for split in dict.fromkeys(row["split"] for row in rows):
+        sub = [row for row in rows if row["split"] == split]
+        cells = []
+        for n in names:
+            have = [row["rules"][n] for row in sub if n in row["rules"]]
+            f1 = np.nanmean([_avg(h["f1"]) for h in have]) if have else float("nan")
+            iou = np.nanmean([_avg(h["iou"]) for h in have]) if have else float("nan")
+            cells.append(f"{f1:.3f} / {iou:.3f}")
+        lines.append(f"| **mean {split}** ({len(sub)}) | | | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _session_without(session: Session, root: Path, drop: set[str]) -> Session:
@@ -176,6 +412,7 @@ def run_case(
     arms: list[str],
     seed: int,
     spacings: tuple[float, ...] = (1.0,),
+    save_maps: bool = False,
 ) -> dict[str, Any]:
     radius = paper_match_radius_l0(bench.patch_size_l0)
     if (out / name).exists():
@@ -314,9 +551,19 @@ def run_case(
         t1 = time.perf_counter()
         bundle = trained.bundle
         model = PatchModel(bundle, cache_dir=search.cache.root)
+        maps = []
+        for t in bench.test:
+            with open_image(t.path) as image:
+                maps.append(dense_class_maps(image, model))
+        truths = [t.truth for t in bench.test]
         for spacing in spacings[1:]:
-            other = score_model(
-                model, bench, open_image=open_image, radius_l0=radius, spacing_patches=spacing
+            other = score_class_maps(
+                maps,
+                truths,
+                classes=bench.classes,
+                thresholds=bundle.thresholds,
+                radius_l0=radius,
+                spacing_patches=spacing,
             )
             row["arms"][f"{label}, spacing {spacing:g}"] = {
                 "ap": {s.class_name: s.ap for s in other},
@@ -324,10 +571,40 @@ def run_case(
                 "iou": {s.class_name: s.iou for s in other},
                 "mean": _mean(other),
             }
-        scores = score_model(
-            model, bench, open_image=open_image, radius_l0=radius, spacing_patches=spacings[0]
+        scores = score_class_maps(
+            maps,
+            truths,
+            classes=bench.classes,
+            thresholds=bundle.thresholds,
+            radius_l0=radius,
+            spacing_patches=spacings[0],
         )
+        rules = {}
+        if trained.evidence is not None:
+            # every threshold rule on the same model and maps (the bundle's is one of them)
+            for rule, thresholds in rule_thresholds(trained.evidence, bundle.thresholds).items():
+                rules[rule] = _rule_scores(
+                    maps, truths, bench.classes, thresholds, radius, spacings[0]
+                )
+        if save_maps:
+            with (out / name / f"maps-{_slug(label)}.pkl").open("wb") as f:
+                pickle.dump(
+                    {
+                        "case": name,
+                        "split": split,
+                        "arm": label,
+                        "classes": bench.classes,
+                        "maps": maps,
+                        "truths": truths,
+                        "evidence": trained.evidence,
+                        "thresholds": dict(bundle.thresholds),
+                        "radius_l0": radius,
+                        "spacing": spacings[0],
+                    },
+                    f,
+                )
         row["arms"][label] = {
+            "rules": rules,
             "ap": {s.class_name: s.ap for s in scores},
             "f1": {s.class_name: s.f1 for s in scores},
             "iou": {s.class_name: s.iou for s in scores},
@@ -428,7 +705,25 @@ def main() -> None:
         "arm's own row (default: 1)",
     )
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="save each case's and arm's test class maps, truth and threshold evidence under "
+        "OUT/CASE/maps-ARM.pkl (for --rescore)",
+    )
+    parser.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        help="no training: score every threshold rule on the maps a --save-maps run saved in "
+        "this directory, print the table and write it to DIR/rules.md",
+    )
     args = parser.parse_args()
+    if args.rescore is not None:
+        text = rescore(args.rescore)
+        (args.rescore / "rules.md").write_text(text, encoding="utf-8")
+        print(text)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     out: Path = args.out
@@ -467,6 +762,7 @@ def main() -> None:
                 arms=args.arms.split(","),
                 seed=0,
                 spacings=tuple(float(v) for v in args.spacings.split(",")),
+                save_maps=args.save_maps,
             )
         )
         (out / "rows.json").write_text(json.dumps(rows, indent=1))
@@ -476,7 +772,18 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}; total {time.perf_counter() - t0:.0f} s. "
         "Mean PR-AUC over the 3 classes on the held-out test slide."
     )
-    print(write_report(rows, out, header))
+    text = write_report(rows, out, header)
+    ruled = [
+        {"case": r["case"], "split": r["split"], "arm": a, "rules": v["rules"]}
+        for r in rows
+        for a, v in r["arms"].items()
+        if v.get("rules")
+    ]
+    if ruled:
+        text += "\nThreshold rules (F1 / IoU at each rule's thresholds, class means):\n\n"
+        text += rules_report(ruled)
+        (out / "study.md").write_text(text, encoding="utf-8")
+    print(text)
 
 
 if __name__ == "__main__":

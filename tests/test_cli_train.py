@@ -137,6 +137,9 @@ def test_tuned_search_head_reads_the_fine_tuned_trunk_and_never_the_search_cache
     bundle = load_bundle(out)
     assert bundle.head_input == "search" and bundle.memory_vectors is not None
     assert bundle.provenance["search_trunk"] == "fine-tuned"
+    # the thresholds of the combined probability: the default rule, recorded
+    record = bundle.metrics["thresholds"]
+    assert record["rule"] == "held-out-f1" and record["values"] == pytest.approx(bundle.thresholds)
     assert "supcon" in bundle.metrics["stages"] and "tuned_search_head" in bundle.metrics["stages"]
     base, _, info = build_trunk("resnet18-l3", "random", seed=0)
     changed = [

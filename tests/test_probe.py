@@ -338,3 +338,43 @@ def test_auto_trains_the_ensemble_from_five_labels_per_class_on_brightfield() ->
     assert (
         _auto_head_input({**enough, "stripes": 0}, rgb=True, search=view, notes=notes) == "ensemble"
     )
+
+
+@pytest.mark.slow
+def test_the_ensemble_picks_tail_thresholds_from_both_heads_evidence(
+    tmp_path: Path, labelled_session: Any, small_slides: Any
+) -> None:
+    """``threshold_rule="tail"`` on the ensemble: the thresholds come from the two heads'
+    combined leave-one-out probabilities of the labelled patches and their combined
+    probabilities of the same unlabelled windows (the two views draw the same ones); the
+    bundle records the rule and its inputs. Without a held-out split it still applies."""
+    from simsearch_wsi.features.backbones import build_trunk
+    from simsearch_wsi.features.cache import FeatureCache
+    from simsearch_wsi.features.extractor import FeatureExtractor
+    from simsearch_wsi.review.data import train_session
+    from simsearch_wsi.search.engine import SimSearch
+    from simsearch_wsi.train.fit import TAIL_MAX, TrainConfig, tail_thresholds
+
+    trunk, spec, info = build_trunk("resnet18-l3", "random", seed=0)
+    search = SimSearch(FeatureExtractor(trunk, spec, info), FeatureCache(tmp_path / "cache"))
+    base = TrainConfig.preset_config("quick", strategy="pos")
+    config = base.replace(
+        head_input="ensemble",
+        threshold_rule="tail",
+        supcon=dataclasses.replace(base.supcon, epochs=1, max_steps_per_epoch=2),
+        unlabelled_windows=24,
+    )
+    result = train_session(labelled_session, search, config=config, open_image=open_image, seed=0)
+    evidence = result.evidence
+    assert evidence is not None and evidence.unlabelled_probs is not None
+    assert evidence.loo_probs is not None and evidence.loo_labels is not None
+    assert evidence.unlabelled_probs.shape == (24, len(evidence.classes))
+    assert len(evidence.loo_probs) == len(evidence.loo_labels) > 0
+    record = result.bundle.metrics["thresholds"]
+    assert record["rule"] == "tail" and record["asked"] == "tail"
+    expected = tail_thresholds(evidence)
+    assert set(expected) == {"ring", "cluster", "stripes"}
+    for c, v in expected.items():
+        assert result.bundle.thresholds[c] == v["threshold"] <= TAIL_MAX
+        assert record["tail"][c]["positives"] == v["positives"] > 0
+    assert any(n.startswith("confidence thresholds (tail rule)") for n in result.notes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,18 @@ from simsearch_wsi.infer.dense import predict_patches
 from simsearch_wsi.io import open_image
 from simsearch_wsi.review.data import collect_training_data, train_session
 from simsearch_wsi.search.engine import SimSearch
+from simsearch_wsi.search.probe import MEMORY_ROTATIONS, fit_memory_head
 from simsearch_wsi.search.similarity import PatchGeometry
 from simsearch_wsi.train.fit import (
     StageConfig,
+    ThresholdEvidence,
     TrainConfig,
+    _leave_one_out_probs,
     _train_linear,
     classification_metrics,
     not_class_loss,
     pick_thresholds,
+    tail_thresholds,
 )
 from simsearch_wsi.train.model import PatchEncoder, set_trainable, train_mode
 from simsearch_wsi.train.patches import (
@@ -212,6 +217,69 @@ def test_classification_metrics_and_thresholds() -> None:
     # class a is perfect once the 0.55 window is cut: threshold in (0.55, 0.6]
     assert 0.55 < thr["a"] <= 0.6
     assert thr["b"] <= 0.7
+
+
+def test_tail_thresholds_sit_below_weak_positives_and_above_the_background() -> None:
+    """The ``tail`` rule on synthetic probabilities: a class whose few labelled positives have
+    modest probabilities (0.3-0.45) and many background-like unlabelled windows gets a
+    threshold below most of its positives and above all but the top 2 % of the background; a
+    confidently labelled class is capped at 0.5; a class without positives is left out."""
+    rng = np.random.default_rng(0)
+    classes = ("weak", "sure", "absent", "background")
+
+    def rows(p_class: Any, k: int) -> Any:
+        """(N, 4) probabilities: ``p_class`` on class ``k``, the rest on background."""
+        out = np.zeros((len(p_class), 4), np.float32)
+        out[:, k] = p_class
+        out[:, 3] = 1 - np.asarray(p_class)
+        return out
+
+    val = np.concatenate([rows([0.38, 0.42], 0), rows([0.97], 1), rows([0.01, 0.02], 1)])
+    val_labels = np.array([0, 0, 1, 3, 3])
+    loo = np.concatenate([rows(rng.uniform(0.3, 0.45, 6), 0), rows(rng.uniform(0.9, 1, 5), 1)])
+    loo_labels = np.array([0] * 6 + [1] * 5)
+    # 500 windows: most background-like (the weak class at most 0.1), a few true positives
+    unl = np.concatenate([rows(rng.uniform(0, 0.1, 490), 0), rows(rng.uniform(0.3, 0.5, 10), 0)])
+    evidence = ThresholdEvidence(classes, val, val_labels, unl, loo, loo_labels)
+    tail = tail_thresholds(evidence)
+    assert set(tail) == {"weak", "sure"}
+    weak = tail["weak"]
+    positives = np.concatenate([[0.38, 0.42], loo[:6, 0]])
+    assert weak["positives"] == 8
+    assert weak["threshold"] < np.quantile(positives, 0.5)
+    assert weak["threshold"] > np.quantile(unl[:, 0], 0.98) - 1e-6
+    # the former rule on the same held-out patches: background is their most probable class, no
+    # threshold finds them, it falls back to 0.5, above every positive
+    assert pick_thresholds(val, val_labels, classes=classes)["weak"] == 0.5 > positives.max()
+    assert tail["sure"]["threshold"] == 0.5
+    # no unlabelled windows: no tail thresholds (the former rule applies)
+    bare = ThresholdEvidence(classes, val, val_labels, None, loo, loo_labels)
+    assert tail_thresholds(bare) == {}
+
+
+def test_leave_one_out_probabilities_score_a_patch_without_its_memory_entries() -> None:
+    """A search head's leave-one-out probabilities of its labelled patches equal those of the
+    same head whose memory lacks the patch's four rotations."""
+    gen = torch.Generator().manual_seed(0)
+    n, d = 6, 8
+    x = torch.nn.functional.normalize(torch.randn(MEMORY_ROTATIONS, n, d, generator=gen), dim=-1)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    head = fit_memory_head(
+        x.reshape(-1, d),
+        np.tile(labels, MEMORY_ROTATIONS),
+        sample_ids=np.tile(np.arange(n), MEMORY_ROTATIONS),
+        n_classes=3,
+        background=2,
+    )
+    loo = _leave_one_out_probs(head, n)
+    assert loo.shape == (n, 3)
+    for i in range(n):
+        keep = torch.arange(len(head.vectors)) % n != i
+        without = dataclasses.replace(head, vectors=head.vectors[keep], owner=head.owner[keep])
+        np.testing.assert_allclose(loo[i], without.probabilities(x[0, i : i + 1])[0], atol=1e-6)
+    # with its own entries a class's patch is its own nearest neighbour: more confident
+    fg = np.flatnonzero(labels != 2)
+    assert (head.probabilities(x[0])[fg, labels[fg]] > loo[fg, labels[fg]]).all()
 
 
 # --- training on a session --------------------------------------------------------------------

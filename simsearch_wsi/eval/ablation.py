@@ -36,9 +36,10 @@ from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.eval.benchmark import Benchmark
 from simsearch_wsi.eval.metrics import ClassPR, class_pr, paper_match_radius_l0, pool_class_pr
 from simsearch_wsi.eval.thresholded import DetectionScore, segmentation_iou_on_truth
+from simsearch_wsi.eval.truth import GroundTruth
 from simsearch_wsi.eval.user import NO_THRESHOLD, ReviewOutcome, UserConfig, simulate_review
 from simsearch_wsi.features.extractor import ProgressFn
-from simsearch_wsi.infer.dense import PatchModel, dense_class_maps, detect, segment
+from simsearch_wsi.infer.dense import ClassMaps, PatchModel, dense_class_maps, detect, segment
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
@@ -281,37 +282,61 @@ def score_model(
     """PR-AUC of the model's detections on the test images (every local maximum of a class's
     log-odds map where it is the most probable class, ``spacing_patches`` patch widths apart,
     ranked by its log-odds), and segmentation IoU at the model's thresholds against test truth
-    with a mask."""
-    parts: dict[str, list[ClassPR]] = {c: [] for c in benchmark.classes}
-    kept: dict[str, list[ClassPR]] = {c: [] for c in benchmark.classes}
-    inter: dict[str, list[float]] = {c: [] for c in benchmark.classes}
-    everything = dict.fromkeys(model.classes, 0.0)
+    with a mask (:func:`score_class_maps` on the model's maps of each test image)."""
+    maps = []
     for t in benchmark.test:
         with open_image(t.path) as image:
-            maps = dense_class_maps(image, model, progress=progress)
-        detections = detect(maps, everything, spacing_patches=spacing_patches)
-        at_thresholds = detect(maps, model.bundle.thresholds, spacing_patches=spacing_patches)
-        for c in benchmark.classes:
+            maps.append(dense_class_maps(image, model, progress=progress))
+    return score_class_maps(
+        maps,
+        [t.truth for t in benchmark.test],
+        classes=benchmark.classes,
+        thresholds=model.bundle.thresholds,
+        radius_l0=radius_l0,
+        spacing_patches=spacing_patches,
+    )
+
+
+def score_class_maps(
+    maps: Sequence[ClassMaps],
+    truths: Sequence[GroundTruth],
+    *,
+    classes: Sequence[str],
+    thresholds: dict[str, float],
+    radius_l0: float,
+    spacing_patches: float = 1.0,
+) -> list[ClassScore]:
+    """Per class of ``classes``: PR-AUC of the detections on the class maps of the test images
+    (one :class:`ClassMaps` per truth), detection F1 at ``thresholds`` and segmentation IoU at
+    ``thresholds`` (mean over the truths with a mask). Scoring the same maps at several
+    thresholds compares threshold rules on one model."""
+    parts: dict[str, list[ClassPR]] = {c: [] for c in classes}
+    kept: dict[str, list[ClassPR]] = {c: [] for c in classes}
+    inter: dict[str, list[float]] = {c: [] for c in classes}
+    for m, truth in zip(maps, truths, strict=True):
+        detections = detect(m, dict.fromkeys(m.classes, 0.0), spacing_patches=spacing_patches)
+        at_thresholds = detect(m, thresholds, spacing_patches=spacing_patches)
+        for c in classes:
             for out, found in ((parts, detections), (kept, at_thresholds)):
                 out[c].append(
                     class_pr(
                         found,
-                        t.truth,
+                        truth,
                         class_name=c,
                         max_distance_l0=radius_l0,
                         score=lambda d: float(d.score),  # log-odds: ordered where p rounds to 1
                     )
                 )
-        if t.truth.mask is not None:
-            seg = segment(maps, model.bundle.thresholds)
+        if truth.mask is not None:
+            seg = segment(m, thresholds)
             iou = segmentation_iou_on_truth(
-                seg.labels, classes=seg.classes, downsample=seg.downsample, truth=t.truth
+                seg.labels, classes=seg.classes, downsample=seg.downsample, truth=truth
             )
-            for c in benchmark.classes:
+            for c in classes:
                 if c in iou:
                     inter[c].append(iou[c])
-    pooled = _pooled(parts, benchmark.classes)
-    thresholded = _pooled(kept, benchmark.classes)
+    pooled = _pooled(parts, classes)
+    thresholded = _pooled(kept, classes)
     return [
         ClassScore(
             c,

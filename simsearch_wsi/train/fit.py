@@ -95,6 +95,25 @@ JUDGE_MIN_PER_CLASS = 5
 #: class on brightfield the search heads did (docs/evaluation.md, "Training study")
 AUTO_ENSEMBLE_MIN_PER_CLASS = 5
 DEFAULT_CONFIDENCE = 0.5
+#: how per-class confidence thresholds are picked: ``held-out-f1`` (the default:
+#: :func:`pick_thresholds`, the best F1 on the held-out patches, 0.5 with too few of them) or
+#: ``tail`` (:func:`tail_thresholds`, for the ensemble of two search heads: it has
+#: leave-one-out and unlabelled evidence; experimental, see :class:`TrainConfig`)
+THRESHOLD_RULES = ("tail", "held-out-f1")
+#: ``tail``: the quantile of the labelled positives' probabilities (held-out and leave-one-out)
+#: that stands for a class's weaker objects
+TAIL_POSITIVE_QUANTILE = 0.25
+#: ``tail``: the quantile of the unlabelled windows' probabilities that stands for the
+#: background's upper tail (floored at :data:`TAIL_BACKGROUND_FLOOR`)
+TAIL_BACKGROUND_QUANTILE = 0.99
+TAIL_BACKGROUND_FLOOR = 0.01
+#: ``tail``: the positives' weight when the two are interpolated in logit space (2/3: nearer
+#: the positives than the background)
+TAIL_POSITIVE_WEIGHT = 0.67
+#: ``tail`` never picks a threshold above this (0.5: the class is more probable than all the
+#: others together) nor below the lowest of the grid of :func:`pick_thresholds`
+TAIL_MAX = DEFAULT_CONFIDENCE
+TAIL_MIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -159,6 +178,13 @@ class TrainConfig:
     background_per_image: int = 48
     val_fraction: float = 0.2
     min_val_per_class: int = 2
+    #: :data:`THRESHOLD_RULES`; ``tail`` (experimental, not the default) applies to the ensemble
+    #: only, every other head keeps ``held-out-f1``. On the ensemble, ``tail`` raised detection
+    #: F1 at the thresholds on the training study's dev cases (0.788 -> 0.855, IoU equal) but
+    #: not on the held-out cases (3 of 6 up, 3 down, mean 0.718 -> 0.723; seed73-P3 0.89 ->
+    #: 0.71); on the single search head it did not help on the dev cases either
+    #: (docs/evaluation.md, "Training study", "thresholds of the combined probability")
+    threshold_rule: str = "held-out-f1"
     autocast: bool = True
     head_input: str = DEFAULT_HEAD_INPUT
     noisy_augment: AugmentConfig = field(default_factory=AugmentConfig.noisy)
@@ -177,6 +203,11 @@ class TrainConfig:
             raise ConfigError("val_fraction must be in [0, 1), linear_views >= 1, context >= 0")
         if self.linear_negatives < 0:
             raise ConfigError(f"linear_negatives must be >= 0, got {self.linear_negatives}")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ConfigError(
+                f"unknown threshold rule {self.threshold_rule!r}; use one of "
+                f"{', '.join(THRESHOLD_RULES)}"
+            )
         if self.unlabelled_windows < 0 or self.judge_windows < 0:
             raise ConfigError(
                 f"unlabelled_windows and judge_windows must be >= 0, got "
@@ -606,6 +637,69 @@ def pick_thresholds(
     return out
 
 
+def detection_scores(probs: NDArray[np.floating], classes: Sequence[str]) -> NDArray[np.float64]:
+    """(N, K) each window's probability of the most probable of the user's classes in that
+    class's column, 0 elsewhere (background's column 0): what
+    :func:`simsearch_wsi.infer.dense.detect` compares with a class's threshold."""
+    p = np.asarray(probs, dtype=np.float64)
+    fg = np.array([c != BACKGROUND_CLASS for c in classes])
+    out = np.zeros_like(p)
+    if len(p) and fg.any():
+        best = np.where(fg[None, :], p, -1.0).argmax(axis=1)
+        rows = np.arange(len(p))
+        out[rows, best] = p[rows, best]
+    return out
+
+
+def _logit(p: float) -> float:
+    q = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(q / (1 - q))
+
+
+def tail_thresholds(evidence: ThresholdEvidence) -> dict[str, dict[str, float]]:
+    """Per user class with labelled positives and unlabelled windows in ``evidence``: the
+    threshold between where its labelled positives sit and where the background's upper tail
+    sits, in logit space, nearer the positives (``tail`` rule, :data:`THRESHOLD_RULES`).
+
+    ``z = w logit(P) + (1 - w) logit(B)``, threshold ``sigmoid(z)`` clipped to
+    [:data:`TAIL_MIN`, :data:`TAIL_MAX`], where ``P`` is the :data:`TAIL_POSITIVE_QUANTILE`
+    quantile of the class's held-out and leave-one-out positives' detection scores
+    (:func:`detection_scores`), ``B`` the :data:`TAIL_BACKGROUND_QUANTILE` quantile of the
+    unlabelled windows' (at least :data:`TAIL_BACKGROUND_FLOOR`) and ``w`` =
+    :data:`TAIL_POSITIVE_WEIGHT`. A handful of held-out patches picked thresholds in the
+    middle of a wide best-F1 range, far below the positives and too low for a new slide's
+    look-alikes, or fell back to 0.5 where a weak class needs less; the leave-one-out
+    positives exist without a held-out split and the unlabelled windows show how high a
+    slide's background goes. Returns ``{class: {"threshold", "positives", "positive_q",
+    "background_q"}}``; classes without positives or windows are left out."""
+    classes = evidence.classes
+    if evidence.unlabelled_probs is None or not len(evidence.unlabelled_probs):
+        return {}
+    held = detection_scores(evidence.val_probs, classes)
+    loo = detection_scores(evidence.loo_probs, classes) if evidence.loo_probs is not None else None
+    unl = detection_scores(evidence.unlabelled_probs, classes)
+    out: dict[str, dict[str, float]] = {}
+    for k, name in enumerate(classes):
+        if name == BACKGROUND_CLASS:
+            continue
+        pos = held[evidence.val_labels == k, k]
+        if loo is not None and evidence.loo_labels is not None:
+            pos = np.concatenate([pos, loo[evidence.loo_labels == k, k]])
+        if not len(pos):
+            continue
+        p_q = float(np.quantile(pos, TAIL_POSITIVE_QUANTILE))
+        b_q = max(float(np.quantile(unl[:, k], TAIL_BACKGROUND_QUANTILE)), TAIL_BACKGROUND_FLOOR)
+        z = TAIL_POSITIVE_WEIGHT * _logit(p_q) + (1 - TAIL_POSITIVE_WEIGHT) * _logit(b_q)
+        t = float(np.clip(1 / (1 + math.exp(-z)), TAIL_MIN, TAIL_MAX))
+        out[name] = {
+            "threshold": round(t, 4),
+            "positives": len(pos),
+            "positive_q": round(p_q, 4),
+            "background_q": round(b_q, 4),
+        }
+    return out
+
+
 def _probs(w: torch.Tensor, b: torch.Tensor, feats: torch.Tensor) -> NDArray[np.float32]:
     out: NDArray[np.float32] = torch.softmax(feats @ w.T + b, dim=1).numpy()
     return out
@@ -644,11 +738,33 @@ class SearchView(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ThresholdEvidence:
+    """What a run's confidence thresholds were picked from (not stored in the bundle):
+    ``val_probs`` (N, K) the chosen model's probabilities of the ``val_labels`` (N,) held-out
+    patches, and ``unlabelled_probs`` (U, K) its probabilities of the unlabelled windows drawn
+    from the reviewed images that calibrated its search head(s) (``None`` for the linear head).
+    For the ensemble both are the two heads' combined probabilities."""
+
+    classes: tuple[str, ...]
+    val_probs: NDArray[np.float32]
+    val_labels: NDArray[np.int64]
+    unlabelled_probs: NDArray[np.float32] | None = None
+    #: (M, K) the chosen search head(s)' leave-one-out probabilities of the ``loo_labels``
+    #: (M,) patches they were fitted on (each scored without its own memory entries; the
+    #: calibration saw them); ``None`` for the linear head
+    loo_probs: NDArray[np.float32] | None = None
+    loo_labels: NDArray[np.int64] | None = None
+
+
 @dataclass
 class TrainResult:
     bundle: ModelBundle
     metrics: dict[str, Any]
     notes: list[str]
+    #: the held-out and unlabelled evidence the thresholds were picked from (None without
+    #: held-out patches)
+    evidence: ThresholdEvidence | None = None
 
 
 @dataclass
@@ -668,6 +784,10 @@ class _Candidate:
     view: SearchView | None = None
     #: (U, D) the unlabelled windows that calibrated a search head (reused when it is refitted)
     unlabelled: torch.Tensor | None = None
+    #: (U, K) the head's probabilities of those windows
+    unlabelled_probs: NDArray[np.float32] | None = None
+    #: (N, K) leave-one-out probabilities of the patches the head was fitted on
+    loo_probs: NDArray[np.float32] | None = None
 
     @property
     def head_input(self) -> str:
@@ -723,6 +843,20 @@ def _fit_search_head(
     )
 
 
+def _leave_one_out_probs(memory: MemoryHead, n: int) -> NDArray[np.float32]:
+    """(n, K) probabilities of the ``n`` labelled patches a search head was fitted on
+    (:func:`_fit_search_head`: its memory starts with their vectors in ``MEMORY_ROTATIONS``
+    rotations, rotation-major), each scored at rotation 0 without its own memory entries."""
+    m = len(memory.vectors)
+    entry = torch.arange(m)
+    own = (entry[None, :] < MEMORY_ROTATIONS * n) & (entry[None, :] % n == torch.arange(n)[:, None])
+    pos, neg = memory.similarities(memory.vectors[:n], exclude=own)
+    out: NDArray[np.float32] = (
+        torch.softmax(memory.logits(pos, neg), dim=1).numpy().astype(np.float32)
+    )
+    return out
+
+
 def _search_candidate(
     view: SearchView,
     train_set: PatchSet,
@@ -753,6 +887,9 @@ def _search_candidate(
         view=view,
         unlabelled=unlabelled,
     )
+    if unlabelled is not None and len(unlabelled):
+        probe.unlabelled_probs = fitted.probabilities(unlabelled)
+    probe.loo_probs = _leave_one_out_probs(fitted, len(train_set))
     if val_set is not None:
         probe.val_probs = fitted.probabilities(view.vectors(val_set, 1)[0])
     if judge is not None and len(judge):
@@ -840,10 +977,7 @@ def train_patch_model(
     )
     train_set, val_set = split if split is not None else (clean, None)
     if val_set is None:
-        notes.append(
-            "too few patches per class to hold some out: no validation metrics, confidence "
-            f"thresholds default to {DEFAULT_CONFIDENCE}"
-        )
+        notes.append("too few patches per class to hold some out: no validation metrics")
     negatives = data.negatives if config.uses_negatives and len(data.negatives) else None
     if config.uses_negatives and negatives is None:
         notes.append("the session has no negatives (rejected suggestions) to train with")
@@ -959,6 +1093,16 @@ def train_patch_model(
         }
         if chosen.val_probs is not None and partner.val_probs is not None:
             chosen.val_probs = combine_experts([chosen.val_probs, partner.val_probs], class_axis=1)
+        # both views draw the same windows (same images, same seeded draw, same embedded
+        # windows); combined only where they did
+        mine, theirs = chosen.unlabelled_probs, partner.unlabelled_probs
+        chosen.unlabelled_probs = (
+            combine_experts([mine, theirs], class_axis=1)
+            if mine is not None and theirs is not None and mine.shape == theirs.shape
+            else None
+        )
+        if chosen.loo_probs is not None and partner.loo_probs is not None:
+            chosen.loo_probs = combine_experts([chosen.loo_probs, partner.loo_probs], class_axis=1)
     else:
         chosen = _select(candidates, val_set, clean.classes, head_input, metrics, judge=judge)
     # what the user asked for, and what ``auto`` (without a judge) resolved it to
@@ -966,19 +1110,59 @@ def train_patch_model(
     if head_input != config.head_input:
         metrics["selection"]["resolved"] = head_input
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
+    evidence: ThresholdEvidence | None = None
     few_held_out = val_set is not None and any(
         0 < n < config.min_val_per_class for n in val_set.class_counts().values()
     )
-    if few_held_out:
-        notes.append(
-            f"fewer than {config.min_val_per_class} held-out patches of some class: they chose "
-            f"the model, confidence thresholds default to {DEFAULT_CONFIDENCE}"
-        )
     if val_set is not None and chosen.val_probs is not None and not few_held_out:
         metrics["validation"] = classification_metrics(
             chosen.val_probs, val_set.labels, classes=clean.classes
         )
         thresholds = pick_thresholds(chosen.val_probs, val_set.labels, classes=clean.classes)
+    if chosen.val_probs is not None or chosen.loo_probs is not None:
+        k = len(clean.classes)
+        evidence = ThresholdEvidence(
+            tuple(clean.classes),
+            np.zeros((0, k), np.float32) if chosen.val_probs is None else chosen.val_probs,
+            np.asarray([] if val_set is None else val_set.labels, dtype=np.int64),
+            chosen.unlabelled_probs,
+            chosen.loo_probs,
+            None if chosen.loo_probs is None else np.asarray(train_set.labels, dtype=np.int64),
+        )
+    # the tail rule (when asked): the ensemble only (it needs a search head's leave-one-out and
+    # unlabelled evidence; on the single search head it lost F1 on the study's dev cases)
+    tail = (
+        tail_thresholds(evidence)
+        if config.threshold_rule == "tail" and evidence is not None and partner is not None
+        else {}
+    )
+    if tail:
+        thresholds = {**thresholds, **{c: v["threshold"] for c, v in tail.items()}}
+        notes.append(
+            "confidence thresholds (tail rule): between the labelled positives' lower quartile "
+            "and the unlabelled windows' 99th percentile, in logit space, at most "
+            f"{TAIL_MAX:g}: " + ", ".join(f"{c} {v['threshold']:.2f}" for c, v in tail.items())
+        )
+    elif few_held_out:
+        notes.append(
+            f"fewer than {config.min_val_per_class} held-out patches of some class: they chose "
+            f"the model, confidence thresholds default to {DEFAULT_CONFIDENCE}"
+        )
+    elif val_set is None:
+        notes.append(f"confidence thresholds default to {DEFAULT_CONFIDENCE}")
+    if tail:
+        reason = "tail: labelled positives' lower quartile and the unlabelled windows' tail"
+    elif "validation" in metrics:
+        reason = f"the best F1 on {len(val_set) if val_set is not None else 0} held-out patches"
+    else:
+        reason = f"default {DEFAULT_CONFIDENCE}: too few held-out patches"
+    metrics["thresholds"] = {
+        "rule": "tail" if tail else "held-out-f1",
+        "asked": config.threshold_rule,
+        "reason": reason,
+        "values": {c: round(float(v), 4) for c, v in thresholds.items()},
+        **({"tail": tail} if tail else {}),
+    }
     metrics["head_input"] = chosen.head_input
     metrics["notes"] = notes
 
@@ -1034,7 +1218,7 @@ def train_patch_model(
         )
 
     partner_bundle = None if partner is None else make_bundle(partner, None, {})
-    return TrainResult(make_bundle(chosen, partner_bundle, metrics), metrics, notes)
+    return TrainResult(make_bundle(chosen, partner_bundle, metrics), metrics, notes, evidence)
 
 
 def _auto_head_input(
