@@ -91,6 +91,10 @@ CONFIGS: dict[str, SearchSettings] = {
     "dense+expand1": SearchSettings(dense=True, expand=1, max_per_class=NO_CAP),
     "dense+expand3": SearchSettings(dense=True, expand=3, max_per_class=NO_CAP),
     "auto+expand3": SearchSettings(dense="auto", expand=3, max_per_class=NO_CAP),
+    # object candidates (2026-12-07): one candidate per object found, compared at its own size
+    "objects": SearchSettings(candidates="objects", max_per_class=NO_CAP),
+    # objects where the prototypes outline separate objects, else the grid (the default's)
+    "objects-auto": SearchSettings(candidates="auto", max_per_class=NO_CAP),
 }
 
 #: split -> case -> seed (dev: may be looked at and tuned on; held-out: report only)
