@@ -694,7 +694,9 @@ class SimSearch:
         boxes the same object, and on each prototype image and ``image`` at least
         :data:`~simsearch_wsi.search.objects.AUTO_MIN_COVERAGE` of the foreground lies in
         objects of the prototypes' size range (crowded nuclei, touching cells and tissue give
-        merged clumps or parts; measured in docs/evaluation.md)."""
+        merged clumps or parts; measured in docs/evaluation.md). An image too large to be read
+        whole for that (:data:`~simsearch_wsi.search.objects.AUTO_MAX_PIXELS`, e.g. a slide)
+        takes the grid."""
         from simsearch_wsi.io import open_image as open_any
 
         mode = self.settings.candidates
@@ -710,6 +712,9 @@ class SimSearch:
             by_image.setdefault(key, []).append(p)
         for path, protos in by_image.items():
             with nullcontext(image) if path is None else (open_image or open_any)(path) as src:
+                width, height = object_rule.detection_scale(src, min(sides)).analysis_size(src)
+                if width * height > object_rule.AUTO_MAX_PIXELS:
+                    return "grid"
                 spec = self.feature_spec(
                     src, patch_l0, normalization=normalization if path is None else None
                 )

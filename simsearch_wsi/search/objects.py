@@ -95,6 +95,9 @@ DETECT_SIGMA_FRACTION = 0.1
 DETECT_NOISE_K = 8.0
 #: the detection image may have at most this many pixels (a region, a field; not a whole slide)
 DETECT_MAX_PIXELS = 64 * 2**20
+#: ``candidates="auto"`` takes the grid, without reading it, for an image whose detection image
+#: would have more pixels than this (a whole slide)
+AUTO_MAX_PIXELS = 16 * 2**20
 
 
 def object_intensity(pixels01: NDArray[np.float32], *, rgb: bool) -> NDArray[np.float32]:
@@ -140,6 +143,12 @@ def detect_objects(
     )[0]
 
 
+def detection_scale(image: ImageSource, smallest_l0: float) -> AnalysisScale:
+    """The scale objects are found at: the smallest prototype side (level-0 pixels) at about
+    :data:`DETECT_MIN_PX` pixels, never upsampled."""
+    return AnalysisScale.for_patch(image, smallest_l0, target_px=DETECT_MIN_PX, max_upsample=1.0)
+
+
 def find_objects(
     image: ImageSource,
     *,
@@ -156,7 +165,7 @@ def find_objects(
     lo_l0, hi_l0 = size_range_l0
     if not (0 < lo_l0 <= hi_l0 and math.isfinite(hi_l0)):
         raise ConfigError(f"object sizes must be 0 < smallest <= largest, got {size_range_l0}")
-    scale = AnalysisScale.for_patch(image, lo_l0, target_px=DETECT_MIN_PX, max_upsample=1.0)
+    scale = detection_scale(image, lo_l0)
     width, height = scale.analysis_size(image)
     if width * height > DETECT_MAX_PIXELS:
         raise ConfigError(
