@@ -433,9 +433,18 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3, help="prototype draws per P")
     parser.add_argument("--quick", action="store_true", help="1 draw, P = 2 only")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--objects-set",
+        default="",
+        metavar="NAME=VALUE,...",
+        help="dev ablations of the object candidates: set constants of simsearch_wsi.search."
+        "objects for this run (numbers; OBJECT_SIZE_RANGE=LOW:HIGH; OBJECT_FEATURE_NORM=keep "
+        "for the search's own feature normalisation)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    changed = set_object_constants(args.objects_set)
     ps = [2] if args.quick else [int(v) for v in args.prototypes.split(",") if v]
     draws = 1 if args.quick else args.draws
     out: Path = args.out
@@ -514,11 +523,35 @@ def main() -> None:
             for c in cases
         },
         "torch": torch.__version__,
+        "objects_set": changed,
         "rows": rows,
     }
     (out / f"results-{args.split}.json").write_text(json.dumps(record, indent=1), "utf-8")
     (out / f"results-{args.split}.md").write_text(markdown(record), "utf-8")
     print(markdown(record))
+
+
+def set_object_constants(text: str) -> dict[str, Any]:
+    """Set constants of :mod:`simsearch_wsi.search.objects` from ``NAME=VALUE,...`` (dev
+    ablations); returns what was set."""
+    from simsearch_wsi.search import objects
+
+    changed: dict[str, Any] = {}
+    for item in (t for t in text.split(",") if t):
+        name, _, value = item.partition("=")
+        current = getattr(objects, name, None)
+        if current is None or not name.isupper():
+            raise SystemExit(f"--objects-set: {name!r} is not a constant of search.objects")
+        new: Any
+        if name == "OBJECT_FEATURE_NORM":
+            new = {} if value == "keep" else {"whiten": value}
+        elif isinstance(current, tuple):
+            new = tuple(float(v) for v in value.split(":"))
+        else:
+            new = type(current)(float(value))
+        setattr(objects, name, new)
+        changed[name] = new
+    return changed
 
 
 def markdown(record: dict[str, Any]) -> str:
