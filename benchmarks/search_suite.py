@@ -39,6 +39,9 @@ held-out`` (other seeds; run only to report). Configurations: ``--configs`` from
 lifted), the baseline row: the object rule (``dense=True``) since issue 18 made it the default;
 ``patch`` is the patch rule (``dense=False``), the ``default`` row of the tables in
 docs/evaluation.md, which were run before.
+``objects`` and ``objects-auto`` are the object candidates (``candidates="objects"`` and
+``"auto"``, :mod:`simsearch_wsi.search.objects`); ``--objects-set NAME=VALUE,...`` changes that
+module's constants for a run (dev ablations).
 
     .venv/bin/python benchmarks/search_suite.py --out bench_output/search_suite --threads 1
     .venv/bin/python benchmarks/search_suite.py --out ... --split held-out --threads 1

@@ -75,7 +75,7 @@ OBJECT_HALO_PX = 0
 OBJECT_POOL_FRACTION = 0.5
 #: object vectors are standardised per image where the search whitens (``feature_norm`` "whiten",
 #: the default): the whitening is fitted on every window of the image, mostly background, and
-#: was measured worse for objects (dev plate PR-AUC 0.80 vs 0.89; docs/evaluation.md)
+#: was measured worse for objects (dev plate PR-AUC 0.78 vs 0.90; docs/evaluation.md)
 OBJECT_FEATURE_NORM = {"whiten": "standardize"}
 #: ``candidates="auto"``: a prototype outlines an object when the object's longer side is within
 #: this factor of the box's (either way)
