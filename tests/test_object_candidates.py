@@ -143,7 +143,7 @@ def test_auto_takes_objects_only_where_the_prototypes_outline_separate_objects(
 def test_candidates_option_reaches_the_settings(tmp_path: Path) -> None:
     parser = build_parser()
     common = ["--weights", "embedded", "--device", "cpu", "--cache", str(tmp_path)]
-    for flags, expected in (([], "grid"), (["--candidates", "objects"], "objects")):
+    for flags, expected in (([], "auto"), (["--candidates", "objects"], "objects")):
         args = parser.parse_args(["serve", *common, *flags])
         assert build_search(args).settings.candidates == expected
     for command in ("suggest", "background", "serve"):

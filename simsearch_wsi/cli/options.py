@@ -156,7 +156,7 @@ CANDIDATES = _option(
     "--candidates",
     choices=CANDIDATE_RULES,
     default=None,
-    help=CANDIDATES_HELP + " (default: grid)",
+    help=CANDIDATES_HELP + " (default: auto)",
 )
 
 #: redo images a run in the same output folder finished before (``predict``, ``cohort``);

@@ -127,9 +127,10 @@ class SearchSettings:
     tiles: str = "foreground"
     #: ``"grid"``: candidates are the maxima of the similarity maps; ``"objects"``: one per
     #: object found in the image, embedded at its own size (:mod:`simsearch_wsi.search.objects`);
-    #: ``"auto"``: objects where the prototypes outline separate objects
-    #: (:meth:`SimSearch.resolve_candidates`), else the grid
-    candidates: str = "grid"
+    #: ``"auto"`` (the default): objects where the prototypes outline separate objects
+    #: (:meth:`SimSearch.resolve_candidates`), else the grid (docs/evaluation.md, "2026-12-07:
+    #: object candidates": no case worse on dev or held-out, the plate and IHC cells better)
+    candidates: str = "auto"
 
     def __post_init__(self) -> None:
         check_feature_norm(self.feature_norm)

@@ -80,7 +80,7 @@ _DENSE_FIELD = (
 
 #: where suggestions come from (``suggest --candidates``)
 _CANDIDATES_FIELD = (
-    CANDIDATES_HELP + "; null: the session's, else the server's (serve --candidates, default grid)"
+    CANDIDATES_HELP + "; null: the session's, else the server's (serve --candidates, default auto)"
 )
 #: the values of ``candidates`` (``simsearch_wsi.search.choices.CANDIDATE_RULES``)
 Candidates = Literal["grid", "objects"]
