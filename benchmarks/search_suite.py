@@ -36,9 +36,14 @@ classes, then draws, then P.
 Seeds: ``--split dev`` (the default; what configurations may be chosen on) and ``--split
 held-out`` (other seeds; run only to report). Configurations: ``--configs`` from
 :data:`CONFIGS`; ``default`` is the package's default :class:`SearchSettings` (with the cap
-lifted), the baseline row: the object rule (``dense=True``) since issue 18 made it the default;
+lifted), the baseline row: the object rule (``dense=True``) since issue 18 made it the default,
+with object candidates where the prototypes outline separate objects (``candidates="auto"``)
+since 2026-12-07 (``grid``: the grid only, the default before);
 ``patch`` is the patch rule (``dense=False``), the ``default`` row of the tables in
 docs/evaluation.md, which were run before.
+``objects`` and ``objects-auto`` are the object candidates (``candidates="objects"`` and
+``"auto"``, :mod:`simsearch_wsi.search.objects`); ``--objects-set NAME=VALUE,...`` changes that
+module's constants for a run (dev ablations).
 
     .venv/bin/python benchmarks/search_suite.py --out bench_output/search_suite --threads 1
     .venv/bin/python benchmarks/search_suite.py --out ... --split held-out --threads 1
@@ -91,6 +96,12 @@ CONFIGS: dict[str, SearchSettings] = {
     "dense+expand1": SearchSettings(dense=True, expand=1, max_per_class=NO_CAP),
     "dense+expand3": SearchSettings(dense=True, expand=3, max_per_class=NO_CAP),
     "auto+expand3": SearchSettings(dense="auto", expand=3, max_per_class=NO_CAP),
+    # object candidates (2026-12-07): one candidate per object found, compared at its own size
+    "objects": SearchSettings(candidates="objects", max_per_class=NO_CAP),
+    # objects where the prototypes outline separate objects, else the grid (the default's)
+    "objects-auto": SearchSettings(candidates="auto", max_per_class=NO_CAP),
+    # the grid only: the default before object candidates (the tables' "default" row then)
+    "grid": SearchSettings(candidates="grid", max_per_class=NO_CAP),
 }
 
 #: split -> case -> seed (dev: may be looked at and tuned on; held-out: report only)
@@ -429,9 +440,18 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3, help="prototype draws per P")
     parser.add_argument("--quick", action="store_true", help="1 draw, P = 2 only")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--objects-set",
+        default="",
+        metavar="NAME=VALUE,...",
+        help="dev ablations of the object candidates: set constants of simsearch_wsi.search."
+        "objects for this run (numbers; OBJECT_SIZE_RANGE=LOW:HIGH; OBJECT_FEATURE_NORM=keep "
+        "for the search's own feature normalisation)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    changed = set_object_constants(args.objects_set)
     ps = [2] if args.quick else [int(v) for v in args.prototypes.split(",") if v]
     draws = 1 if args.quick else args.draws
     out: Path = args.out
@@ -510,11 +530,35 @@ def main() -> None:
             for c in cases
         },
         "torch": torch.__version__,
+        "objects_set": changed,
         "rows": rows,
     }
     (out / f"results-{args.split}.json").write_text(json.dumps(record, indent=1), "utf-8")
     (out / f"results-{args.split}.md").write_text(markdown(record), "utf-8")
     print(markdown(record))
+
+
+def set_object_constants(text: str) -> dict[str, Any]:
+    """Set constants of :mod:`simsearch_wsi.search.objects` from ``NAME=VALUE,...`` (dev
+    ablations); returns what was set."""
+    from simsearch_wsi.search import objects
+
+    changed: dict[str, Any] = {}
+    for item in (t for t in text.split(",") if t):
+        name, _, value = item.partition("=")
+        current = getattr(objects, name, None)
+        if current is None or not name.isupper():
+            raise SystemExit(f"--objects-set: {name!r} is not a constant of search.objects")
+        new: Any
+        if name == "OBJECT_FEATURE_NORM":
+            new = {} if value == "keep" else {"whiten": value}
+        elif isinstance(current, tuple):
+            new = tuple(float(v) for v in value.split(":"))
+        else:
+            new = type(current)(float(value))
+        setattr(objects, name, new)
+        changed[name] = new
+    return changed
 
 
 def markdown(record: dict[str, Any]) -> str:

@@ -61,6 +61,9 @@ def build_search(args: argparse.Namespace) -> SimSearch:
         tiles="all" if getattr(args, "all_tiles", False) else "foreground",
         # --dense/--no-dense given: that rule; not given: SearchSettings' default
         **({"dense": args.dense} if getattr(args, "dense", None) is not None else {}),
+        **(
+            {"candidates": args.candidates} if getattr(args, "candidates", None) is not None else {}
+        ),
         **({"feature_norm": args.feature_norm} if args.feature_norm else {}),
     )
     return SimSearch(extractor, cache, settings=settings)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from simsearch_wsi.cli.argtypes import float_between, int_at_least, positive_float
 from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.search.choices import (
+    CANDIDATE_RULES,
+    CANDIDATES_HELP,
     DENSE_HELP,
     HEATMAP_DOWNSAMPLE_HELP,
     SIMILARITY_MAX,
@@ -148,6 +150,15 @@ DENSE = _option(
     help=DENSE_HELP + " (default: the object rule)",
 )
 
+#: where suggestions come from (``SearchSettings.candidates``); ``None`` when not given, so
+#: the default lives in ``SearchSettings`` and a review session's recorded choice applies
+CANDIDATES = _option(
+    "--candidates",
+    choices=CANDIDATE_RULES,
+    default=None,
+    help=CANDIDATES_HELP + " (default: auto)",
+)
+
 #: redo images a run in the same output folder finished before (``predict``, ``cohort``);
 #: ``--overwrite`` is the spelling ``cohort`` had
 FORCE = _option(
@@ -174,6 +185,7 @@ ENGINE = (
     MPP,
     ALL_TILES,
     DENSE,
+    CANDIDATES,
 )
 
 

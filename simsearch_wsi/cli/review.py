@@ -155,7 +155,13 @@ def _cmd_background(args: argparse.Namespace) -> int:
         naming_output("--session", args.session),
     ):
         result = background_with_session(
-            search, img, session=session, n=args.n, progress=bars, dense=args.dense
+            search,
+            img,
+            session=session,
+            n=args.n,
+            progress=bars,
+            dense=args.dense,
+            candidates=args.candidates,
         )
     with naming_output("--out", args.out):
         write_feature_collection(args.out, result.geojson_features())

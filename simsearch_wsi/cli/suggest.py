@@ -209,6 +209,7 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             heatmap=args.heatmap is not None,
             heatmap_downsample=args.heatmap_downsample,
             dense=True if args.dense_fine else args.dense,
+            candidates=args.candidates,
         )
     targets: dict[str, Path] = {}
     if args.heatmap is not None and result.heatmap is not None:

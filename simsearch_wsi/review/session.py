@@ -148,6 +148,9 @@ class Session:
         #: the search rule of the session's suggestions (None: none made yet); a file written
         #: before the rule was recorded made its suggestions with the patch rule, the default then
         self.dense: bool | None = data.get("dense", False if self.suggestions else None)
+        #: where the session's suggestions came from (``SearchSettings.candidates``; None: none
+        #: made yet); a file written before it was recorded made them on the grid
+        self.candidates: str | None = data.get("candidates", "grid" if self.suggestions else None)
 
     # --- files ----------------------------------------------------------------------------
     @classmethod
@@ -210,6 +213,7 @@ class Session:
             "reviewed_images": self.reviewed_images,
             "reviews": self.reviews,
             "dense": self.dense,
+            "candidates": self.candidates,
         }
 
     def save(self) -> Path:
@@ -509,6 +513,7 @@ def suggest_with_session(
     heatmap: bool = False,
     heatmap_downsample: float | None = None,
     dense: bool | None = None,
+    candidates: str | None = None,
 ) -> SuggestResult:
     """Suggestions on ``image`` from the prototypes in ``annotations`` and, with a session, from
     every saved prototype (saved thresholds apply; given ones are saved). Records what was sent
@@ -521,7 +526,8 @@ def suggest_with_session(
     the result carries the class heat maps, at least ``heatmap_downsample`` level-0 pixels per
     pixel when given (:meth:`SimSearch.suggest`). ``dense``: the search rule (object rule
     ``True``, patch rule ``False``); ``None``: the session's (:attr:`Session.dense`), else the
-    search's settings; the rule used is recorded in the session."""
+    search's settings; the rule used is recorded in the session. ``candidates``
+    (``SearchSettings.candidates``) likewise: given, the session's, else the search's."""
     if annotations is None and session is None:
         raise ConfigError(
             "suggest needs annotations (prototype rectangles), or a session with saved prototypes"
@@ -544,7 +550,7 @@ def suggest_with_session(
                 f"{session.root}: the session has no prototypes yet; send annotations with "
                 "classified rectangles"
             )
-    search = with_rule(search, dense, session)
+    search = with_rule(search, dense, session, candidates=candidates)
     with engine_lock or nullcontext():
         result = search.suggest(
             image,
@@ -562,17 +568,38 @@ def suggest_with_session(
     if session is not None:
         session.record_suggestions(result.image, result)
         session.dense = result.object_size_l0 is not None
+        session.candidates = result.candidates
         session.save()
     return result
 
 
-def with_rule(search: SimSearch, dense: bool | None, session: Session | None) -> SimSearch:
+def with_rule(
+    search: SimSearch,
+    dense: bool | None,
+    session: Session | None,
+    *,
+    candidates: str | None = None,
+) -> SimSearch:
     """``search`` with the search rule ``dense`` when given, else the session's recorded one,
-    else as it is (``dense_fine`` only with the object rule)."""
+    else as it is (``dense_fine`` only with the object rule); ``candidates`` likewise (object
+    candidates only with the object rule: a patch-rule session keeps grid candidates unless
+    they are given)."""
     rule = dense if dense is not None else session.dense if session is not None else None
-    if rule is None:
-        return search
-    return search.with_settings(dense=rule, dense_fine=search.settings.dense_fine and rule)
+    where = (
+        candidates
+        if candidates is not None
+        else session.candidates
+        if session is not None and rule is not False
+        else None
+    )
+    changes: dict[str, Any] = {}
+    if rule is not None:
+        changes.update(dense=rule, dense_fine=search.settings.dense_fine and rule)
+    if where is not None:
+        changes["candidates"] = where
+    elif rule is False:
+        changes["candidates"] = "grid"
+    return search.with_settings(**changes) if changes else search
 
 
 def background_with_session(
@@ -585,14 +612,15 @@ def background_with_session(
     open_image: ImageOpener | None = None,
     progress: ProgressFn | None = None,
     dense: bool | None = None,
+    candidates: str | None = None,
 ) -> SuggestResult:
     """Only background candidates (new ids), away from everything labelled; recorded and saved.
-    ``open_image`` and ``dense`` as for :func:`suggest_with_session`."""
+    ``open_image``, ``dense`` and ``candidates`` as for :func:`suggest_with_session`."""
     prototypes = session.all_prototypes()
     if not prototypes:
         raise ConfigError(f"{session.root}: the session has no prototypes yet; run suggest first")
     session.check_prototypes_on(image)
-    search = with_rule(search, dense, session)
+    search = with_rule(search, dense, session, candidates=candidates)
     with engine_lock or nullcontext():
         result = search.suggest(
             image,
@@ -607,5 +635,6 @@ def background_with_session(
     result = dataclasses.replace(result, suggestions=[], ids=[])
     session.record_suggestions(result.image, result)
     session.dense = result.object_size_l0 is not None
+    session.candidates = result.candidates
     session.save()
     return result

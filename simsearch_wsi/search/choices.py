@@ -13,6 +13,18 @@ HEATMAP_DOWNSAMPLE_HELP = (
     "per window, the windows' pitch); a heat map is coarsened further, by the maximum of the "
     f"windows each pixel covers, to stay within {MAX_HEATMAP_SIDE_PX} pixels a side"
 )
+#: the candidates of a search (``--candidates``, the server's ``candidates``,
+#: ``SearchSettings.candidates``)
+CANDIDATE_RULES: tuple[str, ...] = ("grid", "objects", "auto")
+CANDIDATES_HELP = (
+    "where suggestions come from. grid: the local maxima of the similarity maps, "
+    "at the scale of the median prototype box. objects: one candidate per separate object found "
+    "in the image (a threshold on the channels' mean intensity; brightfield: darkness), each "
+    "compared at its own size, the box the object's (for separate objects of varying size, "
+    "e.g. cells of a plate; needs the object rule). auto (the default): objects when every "
+    "prototype box outlines one object found of about its size (separate objects), else grid. A "
+    "review session keeps the candidates its suggestions were made with unless given"
+)
 #: the search rule option (``--dense``/``--no-dense``, the server's ``dense``): its help, one
 #: wording for the CLI and the server
 DENSE_HELP = (

@@ -13,6 +13,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,16 @@ from simsearch_wsi.features.norm import DEFAULT_FEATURE_NORM, FeatureNormalizer,
 from simsearch_wsi.features.preprocess import ChannelNormalization, search_normalization
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.qupath.geojson import Annotation, box_feature
+from simsearch_wsi.search import objects as object_rule
 from simsearch_wsi.search.heatmap import HeatMap, heatmap_l0
+from simsearch_wsi.search.objects import (
+    CANDIDATE_RULES,
+    ObjectCandidates,
+    detect_objects,
+    embed_boxes,
+    find_objects,
+    snap_to_objects,
+)
 from simsearch_wsi.search.similarity import (
     DENSE_POOL_FRACTION,
     PatchGeometry,
@@ -115,6 +125,12 @@ class SearchSettings:
     expand: int = 0
     #: ``"foreground"``: embed the tiles the foreground mask touches; ``"all"``: every tile
     tiles: str = "foreground"
+    #: ``"grid"``: candidates are the maxima of the similarity maps; ``"objects"``: one per
+    #: object found in the image, embedded at its own size (:mod:`simsearch_wsi.search.objects`);
+    #: ``"auto"`` (the default): objects where the prototypes outline separate objects
+    #: (:meth:`SimSearch.resolve_candidates`), else the grid (docs/evaluation.md, "2026-12-07:
+    #: object candidates": no case worse on dev or held-out, the plate and IHC cells better)
+    candidates: str = "auto"
 
     def __post_init__(self) -> None:
         check_feature_norm(self.feature_norm)
@@ -126,6 +142,16 @@ class SearchSettings:
             raise ConfigError(f"expand must be an integer >= 0, got {self.expand!r}")
         if self.tiles not in ("foreground", "all"):
             raise ConfigError(f"tiles must be 'foreground' or 'all', got {self.tiles!r}")
+        if self.candidates not in CANDIDATE_RULES:
+            raise ConfigError(
+                f"candidates must be one of {', '.join(CANDIDATE_RULES)}, got {self.candidates!r}"
+            )
+        if self.candidates == "objects" and (self.dense is False or self.dense_fine):
+            raise ConfigError(
+                "candidates='objects' is a form of the object rule: it needs dense=True or "
+                f"'auto' and no dense_fine, got dense={self.dense!r}, "
+                f"dense_fine={self.dense_fine!r}"
+            )
 
 
 @dataclass
@@ -155,6 +181,8 @@ class SuggestResult:
     expand: int = 0
     #: per-class similarity heat maps (``suggest(heatmap=True)``), level-0 aligned
     heatmap: HeatMap | None = None
+    #: where the suggestions came from (``SearchSettings.candidates``)
+    candidates: str = "grid"
 
     def __post_init__(self) -> None:
         # stable ids: the GeoJSON ids QuPath keeps, by which a review is matched to suggestions
@@ -195,6 +223,7 @@ class SuggestResult:
             "above_threshold_per_class": above,
             "floor": self.floor,
             "expand": self.expand,
+            "candidates": self.candidates,
             "background_candidates": len(self.background),
             "thresholds": self.thresholds,
             "analysis_scale": self.scale.to_dict(),
@@ -424,7 +453,11 @@ class SimSearch:
                 f"prototypes: {list(classes)}"
             )
         used = {c: float(thresholds.get(c, DEFAULT_THRESHOLD)) for c in classes}
-        dense = resolve_dense(self.settings.dense, prototypes)
+        mode = self.resolve_candidates(
+            image, prototypes, normalization=normalization, open_image=open_image
+        )
+        objects = mode == "objects"
+        dense = objects or resolve_dense(self.settings.dense, prototypes)
         object_l0 = object_size_l0(prototypes) if dense else None
         if object_l0 is not None:  # pooled over part of the experiment's size (the object's)
             width_l0, height_l0 = (DENSE_POOL_FRACTION * v for v in patch_size_l0 or object_l0)
@@ -467,7 +500,20 @@ class SimSearch:
                 floor=floor,
             )
 
-        suggestions = extract(maps)
+        found: ObjectCandidates | None = None
+        if objects:
+            found = self._object_candidates(
+                image, prototypes, spec=spec, fmap=fmap, classes=classes, open_image=open_image
+            )
+            suggestions = found.suggestions(
+                (found.vectors, found.class_index),
+                thresholds=used,
+                floor=floor,
+                exclude=here,
+                max_per_class=self.settings.max_per_class,
+            )
+        else:
+            suggestions = extract(maps)
         # query expansion: the best hits on this image join the prototypes (second pass); only
         # suggestions at or above their class's threshold, never the floor's candidates
         hits = [
@@ -478,7 +524,15 @@ class SimSearch:
                 key=lambda g: -g.similarity,
             )[: self.settings.expand]
         ]
-        if hits:
+        if hits and found is not None:
+            suggestions = found.suggestions(
+                found.expanded(hits),
+                thresholds=used,
+                floor=floor,
+                exclude=here,
+                max_per_class=self.settings.max_per_class,
+            )
+        elif hits:
             sim = self.similarity(
                 image,
                 [*prototypes, *hits],
@@ -513,6 +567,11 @@ class SimSearch:
                 f"query expansion: {len(hits)} first-pass suggestion(s) at or above the "
                 f"thresholds (up to {self.settings.expand} per class) joined the prototypes"
             )
+        if found is not None:
+            notes.append(
+                f"object candidates: {len(found.boxes)} object(s) found, each compared at its "
+                "own size"
+            )
         if object_l0 is not None:
             notes.append(
                 f"dense objects: object size {object_l0[0]:.0f}x{object_l0[1]:.0f} px (median "
@@ -543,6 +602,7 @@ class SimSearch:
             object_size_l0=object_l0,
             floor=floor,
             expand=self.settings.expand,
+            candidates=mode,
             heatmap=(
                 heatmap_l0(
                     maps,
@@ -618,6 +678,140 @@ class SimSearch:
             fmap, geometry, prototypes=vectors, extra_vectors=extra, norm=self.settings.feature_norm
         )
         return SimilarityMaps(spec, fmap, geometry, classes, maps, here, seconds_embed)
+
+    def resolve_candidates(
+        self,
+        image: ImageSource,
+        prototypes: Sequence[Prototype],
+        *,
+        normalization: ChannelNormalization | None = None,
+        open_image: ImageOpener | None = None,
+    ) -> str:
+        """``"grid"`` or ``"objects"``: ``settings.candidates``, with ``"auto"`` resolved.
+        ``"auto"`` (never with ``dense=False``) is ``"objects"`` when the prototypes outline
+        separate objects: every prototype box holds the centre of an object found on its image
+        (:func:`~simsearch_wsi.search.objects.find_objects`) whose longer side is within
+        :data:`~simsearch_wsi.search.objects.AUTO_OBJECT_SIZE_RATIO` times the box's, no two
+        boxes the same object, and on each prototype image and ``image`` at least
+        :data:`~simsearch_wsi.search.objects.AUTO_MIN_COVERAGE` of the foreground lies in
+        objects of the prototypes' size range (crowded nuclei, touching cells and tissue give
+        merged clumps or parts; measured in docs/evaluation.md). An image too large to be read
+        whole for that (:data:`~simsearch_wsi.search.objects.AUTO_MAX_PIXELS`, e.g. a slide)
+        takes the grid."""
+        from simsearch_wsi.io import open_image as open_any
+
+        mode = self.settings.candidates
+        if mode != "auto":
+            return mode
+        if self.settings.dense is False or not prototypes:
+            return "grid"
+        sides = [max(p.box.width_l0, p.box.height_l0) for p in prototypes]
+        patch_l0 = max(object_size_l0(prototypes))
+        by_image: dict[str | None, list[Prototype]] = {None: []}
+        for p in prototypes:
+            key = None if _same_image(p.image, image) else str(p.image)
+            by_image.setdefault(key, []).append(p)
+        for path, protos in by_image.items():
+            with nullcontext(image) if path is None else (open_image or open_any)(path) as src:
+                width, height = object_rule.detection_scale(src, min(sides)).analysis_size(src)
+                if width * height > object_rule.AUTO_MAX_PIXELS:
+                    return "grid"
+                spec = self.feature_spec(
+                    src, patch_l0, normalization=normalization if path is None else None
+                )
+                found, coverage = find_objects(
+                    src,
+                    normalization=spec.normalization,
+                    channels=spec.channels,
+                    rgb=spec.rgb,
+                    size_range_l0=(min(sides), max(sides)),
+                )
+            if coverage < object_rule.AUTO_MIN_COVERAGE or not object_rule.outline_objects(
+                [p.box for p in protos], found
+            ):
+                return "grid"
+        return "objects"
+
+    def _object_candidates(
+        self,
+        image: ImageSource,
+        prototypes: Sequence[Prototype],
+        *,
+        spec: FeatureSpec,
+        fmap: FeatureMap,
+        classes: tuple[str, ...],
+        open_image: ImageOpener | None,
+    ) -> ObjectCandidates:
+        """Object candidates of ``image`` (``settings.candidates == "objects"``): its objects,
+        their vectors and the prototypes' (each embedded on its own image, over the object its
+        box outlines; :mod:`simsearch_wsi.search.objects`)."""
+        from simsearch_wsi.io import open_image as open_any
+
+        sides = [max(p.box.width_l0, p.box.height_l0) for p in prototypes]
+        size_range = (min(sides), max(sides))
+        norm = object_rule.OBJECT_FEATURE_NORM.get(
+            self.settings.feature_norm, self.settings.feature_norm
+        )
+        patch_l0 = max(object_size_l0(prototypes))
+
+        def objects_of(src: ImageSource, spec: FeatureSpec) -> list[BoxL0]:
+            return detect_objects(
+                src,
+                normalization=spec.normalization,
+                channels=spec.channels,
+                rgb=spec.rgb,
+                size_range_l0=size_range,
+            )
+
+        def vectors_of(
+            src: ImageSource, spec: FeatureSpec, fmap: FeatureMap, protos: list[Prototype]
+        ) -> tuple[torch.Tensor, list[int]]:
+            normalizer = FeatureNormalizer.of(fmap, norm)
+            boxes = snap_to_objects([p.box for p in protos], objects_of(src, spec))
+            vecs = embed_boxes(
+                src,
+                self.extractor,
+                spec=spec,
+                boxes=boxes,
+                normalizer=normalizer,
+                pool_fraction=object_rule.OBJECT_POOL_FRACTION,
+                rotations=4,
+                batch_size=self.settings.batch_size,
+            )
+            return vecs, [classes.index(p.class_name) for p in protos for _ in range(4)]
+
+        boxes = objects_of(image, spec)
+        candidate_vectors = embed_boxes(
+            image,
+            self.extractor,
+            spec=spec,
+            boxes=boxes,
+            normalizer=FeatureNormalizer.of(fmap, norm),
+            pool_fraction=object_rule.OBJECT_POOL_FRACTION,
+            batch_size=self.settings.batch_size,
+        )
+        by_image: dict[str | None, list[Prototype]] = {}
+        for p in prototypes:
+            key = None if _same_image(p.image, image) else str(p.image)
+            by_image.setdefault(key, []).append(p)
+        parts: list[torch.Tensor] = []
+        owners: list[int] = []
+        for path, protos in by_image.items():
+            if path is None:
+                vecs, own = vectors_of(image, spec, fmap, protos)
+            else:
+                with (open_image or open_any)(path) as src:
+                    other_spec, other_fmap = self.embed(src, patch_l0)
+                    vecs, own = vectors_of(src, other_spec, other_fmap, protos)
+            parts.append(vecs)
+            owners += own
+        return ObjectCandidates(
+            tuple(boxes),
+            candidate_vectors,
+            torch.cat(parts),
+            torch.tensor(owners, dtype=torch.long),
+            classes,
+        )
 
     def _foreign_prototype_vectors(
         self,

@@ -24,6 +24,7 @@ from typing import Any, cast
 from simsearch_wsi.core.errors import ConfigError, MetadataError
 from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.qupath.geojson import RESERVED_CLASSES, Annotation
+from simsearch_wsi.search.choices import CANDIDATE_RULES
 from simsearch_wsi.search.similarity import Prototype
 
 __all__ = [
@@ -214,6 +215,12 @@ def _check(data: Any, version: int) -> None:
     dense = data.get("dense")
     if not (dense is None or isinstance(dense, bool)):
         raise _BadFieldError(f"dense must be true, false or null, got {json.dumps(dense)[:40]}")
+    candidates = data.get("candidates")
+    if not (candidates is None or candidates in CANDIDATE_RULES):
+        raise _BadFieldError(
+            f"candidates must be one of {', '.join(CANDIDATE_RULES)} or null, got "
+            f"{json.dumps(candidates)[:40]}"
+        )
     classes = data.get("classes", {})
     if not isinstance(classes, dict):
         raise _BadFieldError(f"classes must be an object, got {type(classes).__name__}")

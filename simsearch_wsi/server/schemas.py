@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from simsearch_wsi.search.choices import (
+    CANDIDATES_HELP,
     DENSE_HELP,
     HEATMAP_DOWNSAMPLE_HELP,
     SIMILARITY_MAX,
@@ -77,6 +78,13 @@ _DENSE_FIELD = (
     "the server's (serve --dense/--no-dense, default the object rule)"
 )
 
+#: where suggestions come from (``suggest --candidates``)
+_CANDIDATES_FIELD = (
+    CANDIDATES_HELP + "; null: the session's, else the server's (serve --candidates, default auto)"
+)
+#: the values of ``candidates`` (``simsearch_wsi.search.choices.CANDIDATE_RULES``)
+Candidates = Literal["grid", "objects"]
+
 
 class SuggestRequest(_Body):
     image: ImagePath
@@ -110,6 +118,7 @@ class SuggestRequest(_Body):
         None, gt=0, description=HEATMAP_DOWNSAMPLE_HELP + "; null: the default"
     )
     dense: bool | None = Field(None, description=_DENSE_FIELD)
+    candidates: Candidates | None = Field(None, description=_CANDIDATES_FIELD)
 
     _annotations = field_validator("annotations", mode="before")(_geojson_value)
 
@@ -132,6 +141,7 @@ class BackgroundRequest(_Body):
     session: FolderPath
     n: int = Field(10, ge=1, le=10_000, description="candidates of each kind")
     dense: bool | None = Field(None, description=_DENSE_FIELD)
+    candidates: Candidates | None = Field(None, description=_CANDIDATES_FIELD)
 
 
 class _PlateSelection(_Body):

@@ -87,6 +87,7 @@ def router(ctx: ServerContext) -> APIRouter:
                     heatmap=body.heatmap,
                     heatmap_downsample=body.heatmap_downsample,
                     dense=body.dense,
+                    candidates=body.candidates,
                 )
         summary = result.summary()
         summary["session"] = str(folder) if folder is not None else None
@@ -143,6 +144,7 @@ def router(ctx: ServerContext) -> APIRouter:
                     engine_lock=locks.engine,
                     open_image=paths.opener(what="prototype image"),
                     dense=body.dense,
+                    candidates=body.candidates,
                 )
         summary = result.summary()
         summary["session"] = str(folder)

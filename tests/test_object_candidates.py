@@ -1,0 +1,222 @@
+"""Object candidates (``SearchSettings(candidates="objects")``, issue 18): one suggestion per
+separate object, centred on it and of its size, whatever its size; the ``--candidates`` engine
+option, the server's ``candidates`` field and a review session's record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from simsearch_wsi.cli.engine import build_search
+from simsearch_wsi.cli.main import build_parser, main
+from simsearch_wsi.core.errors import ConfigError, MetadataError
+from simsearch_wsi.core.geometry import BoxL0
+from simsearch_wsi.features.backbones import build_trunk
+from simsearch_wsi.features.cache import FeatureCache
+from simsearch_wsi.features.extractor import FeatureExtractor
+from simsearch_wsi.io import open_image
+from simsearch_wsi.review.session import SESSION_FILE, Session, suggest_with_session
+from simsearch_wsi.search.engine import SearchSettings, SimSearch
+from simsearch_wsi.search.objects import detect_objects, snap_to_objects
+from simsearch_wsi.search.similarity import Prototype
+from simsearch_wsi.server.schemas import BackgroundRequest, SuggestRequest
+
+#: (cx, cy, diameter) of the field's cells: three large, four small, all apart
+CELLS = [(45, 45, 40), (140, 50, 36), (50, 140, 38), (130, 130, 14), (170, 100, 12)]
+CELLS += [(100, 175, 13), (165, 165, 14)]
+SIZE = 192
+
+
+def _write_field(path: Path, seed: int) -> Path:
+    """A 2-channel uint8 OME-TIFF (GFP body, DNA nucleus) of separate round cells of two sizes
+    on a dark, noisy background."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    gfp = np.zeros((SIZE, SIZE), np.float32)
+    dna = np.zeros((SIZE, SIZE), np.float32)
+    for cx, cy, d in CELLS:
+        r = np.hypot(xx - cx, yy - cy)
+        gfp += 140.0 * np.clip(d / 2 - r + 0.5, 0, 1)
+        dna += 160.0 * np.clip(0.45 * d / 2 - r + 0.5, 0, 1)
+    data = np.stack([gfp, dna]) + 8.0 + rng.normal(0, 2.0, (2, SIZE, SIZE))
+    data = np.clip(data, 0, 255).astype(np.uint8)
+    tifffile.imwrite(
+        path, data, ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["GFP", "DNA"]}}
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_field(tmp_path_factory.mktemp("objects") / "cells.ome.tiff", seed=3)
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory: pytest.TempPathFactory) -> SimSearch:
+    trunk, spec, info = build_trunk("resnet18-l3", "embedded", seed=0)
+    extractor = FeatureExtractor(trunk, spec, info, device=torch.device("cpu"), autocast=False)
+    cache = FeatureCache(tmp_path_factory.mktemp("cache"))
+    return SimSearch(extractor, cache, settings=SearchSettings(candidates="objects"))
+
+
+def _box(k: int) -> BoxL0:
+    cx, cy, d = CELLS[k]
+    return BoxL0(cx - d / 2, cy - d / 2, d, d)
+
+
+def _nearest(point: tuple[float, float]) -> tuple[int, float]:
+    dist = [float(np.hypot(point[0] - cx, point[1] - cy)) for cx, cy, _ in CELLS]
+    k = int(np.argmin(dist))
+    return k, dist[k]
+
+
+def test_detection_finds_each_cell_once_at_its_size(field: Path, search: SimSearch) -> None:
+    with open_image(field) as img:
+        norm = search.normalization_for(img)
+        boxes = detect_objects(
+            img, normalization=norm, channels=("GFP", "DNA"), rgb=False, size_range_l0=(14, 40)
+        )
+    assert len(boxes) == len(CELLS)
+    found = sorted(_nearest(b.center_l0)[0] for b in boxes)
+    assert found == list(range(len(CELLS)))
+    for b in boxes:
+        k, dist = _nearest(b.center_l0)
+        assert dist < 2.0
+        assert abs(max(b.width_l0, b.height_l0) - CELLS[k][2]) <= 0.25 * CELLS[k][2] + 2
+    # a prototype box outlines the object whose centre it holds
+    snapped = snap_to_objects([BoxL0(20, 20, 55, 55), BoxL0(0, 180, 10, 10)], boxes)
+    assert _nearest(snapped[0].center_l0) == (0, pytest.approx(0.0, abs=2.0))
+    assert snapped[1] == BoxL0(0, 180, 10, 10)  # nothing there: the box itself
+
+
+def test_one_centred_suggestion_per_object_of_either_size(field: Path, search: SimSearch) -> None:
+    protos = [Prototype("cell", _box(k)) for k in (0, 1, 3)]
+    with open_image(field) as img:
+        result = search.suggest(img, protos, thresholds={"cell": -1.0})
+    assert result.candidates == "objects"
+    assert result.summary()["candidates"] == "objects"
+    # every cell but the prototypes', once each, centred, with the cell's box
+    hits = [_nearest(s.box.center_l0) for s in result.suggestions]
+    assert sorted(k for k, _ in hits) == [2, 4, 5, 6]
+    assert all(dist < 2.0 for _, dist in hits)
+    for s, (k, _) in zip(result.suggestions, hits, strict=True):
+        assert abs(max(s.box.width_l0, s.box.height_l0) - CELLS[k][2]) <= 0.25 * CELLS[k][2] + 2
+    assert [s.rank for s in result.suggestions] == [1, 2, 3, 4]
+    assert result.suggestions == sorted(result.suggestions, key=lambda s: -s.similarity)
+
+
+def test_auto_takes_objects_only_where_the_prototypes_outline_separate_objects(
+    field: Path, search: SimSearch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from simsearch_wsi.synthetic.dense import make_dense_field
+
+    auto = search.with_settings(candidates="auto")
+    with open_image(field) as img:
+        assert auto.resolve_candidates(img, [Prototype("cell", _box(0))]) == "objects"
+        # a box around two cells, or of another size than the cell it holds: the grid
+        assert auto.resolve_candidates(img, [Prototype("cell", BoxL0(120, 90, 60, 50))]) == "grid"
+        assert auto.resolve_candidates(img, [Prototype("cell", BoxL0(120, 120, 20, 20))]) == (
+            "objects"
+        )
+        assert auto.resolve_candidates(img, [Prototype("cell", BoxL0(110, 110, 40, 40))]) == "grid"
+        assert (
+            auto.with_settings(dense=False).resolve_candidates(img, [Prototype("cell", _box(0))])
+            == "grid"
+        )
+        # an image too large to be read whole (a slide): the grid, nothing read
+        monkeypatch.setattr("simsearch_wsi.search.objects.AUTO_MAX_PIXELS", 100)
+        assert auto.resolve_candidates(img, [Prototype("cell", _box(0))]) == "grid"
+        monkeypatch.undo()
+    crowded = make_dense_field(tmp_path / "n.tiff", width=128, height=128, spacing=1.0, seed=5)
+    with open_image(crowded.path) as img:
+        protos = [Prototype("nucleus", o.box) for o in crowded.objects[:3]]
+        assert auto.resolve_candidates(img, protos) == "grid"
+
+
+def test_candidates_option_reaches_the_settings(tmp_path: Path) -> None:
+    parser = build_parser()
+    common = ["--weights", "embedded", "--device", "cpu", "--cache", str(tmp_path)]
+    for flags, expected in (([], "auto"), (["--candidates", "objects"], "objects")):
+        args = parser.parse_args(["serve", *common, *flags])
+        assert build_search(args).settings.candidates == expected
+    for command in ("suggest", "background", "serve"):
+        args = parser.parse_args([command, *_positional(command, tmp_path), "--candidates", "grid"])
+        assert args.candidates == "grid"
+
+
+def _positional(command: str, tmp_path: Path) -> list[str]:
+    if command == "suggest":
+        return [str(tmp_path / "x.tiff"), "--out", str(tmp_path / "o.geojson")]
+    if command == "background":
+        return [str(tmp_path / "x.tiff"), "--session", str(tmp_path), "--out", "o.geojson"]
+    return []
+
+
+def test_server_requests_take_the_candidates() -> None:
+    assert SuggestRequest(image="/x.tiff").candidates is None
+    assert SuggestRequest(image="/x.tiff", candidates="objects").candidates == "objects"
+    assert BackgroundRequest(image="/x.tiff", session="/s", candidates="grid").candidates == "grid"
+    with pytest.raises(ValueError, match="candidates"):
+        SuggestRequest(image="/x.tiff", candidates="blobs")  # type: ignore[arg-type]
+
+
+def test_bad_candidates_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError, match="candidates must be one of grid, objects"):
+        SearchSettings(candidates="blobs")
+    with pytest.raises(ConfigError, match="needs dense=True"):
+        SearchSettings(candidates="objects", dense=False)
+    out = tmp_path / "o.geojson"
+    argv = ["suggest", str(tmp_path / "x.tiff"), "--session", str(tmp_path / "s"), "--out"]
+    assert main([*argv, str(out), "--candidates", "objects", "--no-dense"]) != 0
+    err = capsys.readouterr().err
+    assert "candidates" in err and err.count("\n") == 1
+    assert not out.exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_session_keeps_its_candidates(field: Path, search: SimSearch, tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    session = Session.create(root)
+    assert session.candidates is None
+    grid = search.with_settings(candidates="grid")
+    with open_image(field) as img:
+        session.add_prototypes(img.path, [Prototype("cell", _box(0))])
+        session.save()
+
+        def run(candidates: str | None = None) -> Any:
+            result = suggest_with_session(
+                grid,
+                img,
+                session=Session.open(root),
+                annotations=None,
+                where="test",
+                thresholds={"cell": -1.0},
+                candidates=candidates,
+            )
+            return result, Session.open(root)
+
+        first, after = run("objects")
+        assert first.candidates == "objects" and after.candidates == "objects"
+        assert json.loads((root / SESSION_FILE).read_text())["candidates"] == "objects"
+        again, after = run()  # not given: the session's
+        assert again.candidates == "objects"
+        # a session file from before candidates were recorded, with suggestions: the grid
+        doc = json.loads((root / SESSION_FILE).read_text())
+        del doc["candidates"]
+        (root / SESSION_FILE).write_text(json.dumps(doc))
+        assert Session.open(root).candidates == "grid"
+        old, after = run()
+        assert old.candidates == "grid" and after.candidates == "grid"
+    doc["candidates"] = "blobs"
+    (root / SESSION_FILE).write_text(json.dumps(doc))
+    with pytest.raises(MetadataError, match="candidates must be one of"):
+        Session.open(root)
