@@ -220,3 +220,91 @@ def test_session_keeps_its_candidates(field: Path, search: SimSearch, tmp_path: 
     (root / SESSION_FILE).write_text(json.dumps(doc))
     with pytest.raises(MetadataError, match="candidates must be one of"):
         Session.open(root)
+
+
+def test_auto_keeps_the_grid_with_dense_fine(
+    field: Path, search: SimSearch, tmp_path: Path
+) -> None:
+    """``dense_fine`` is a form of the grid (objects refuse it): ``auto`` must not trade it for
+    object candidates, nor a session's recorded ``objects`` turn it into an error."""
+    from simsearch_wsi.review.session import with_rule
+
+    fine = search.with_settings(candidates="auto", dense=True, dense_fine=True)
+    with open_image(field) as img:
+        assert (
+            search.with_settings(candidates="auto").resolve_candidates(
+                img, [Prototype("cell", _box(0))]
+            )
+            == "objects"
+        )
+        assert fine.resolve_candidates(img, [Prototype("cell", _box(0))]) == "grid"
+    session = Session.create(tmp_path / "s")
+    session.dense, session.candidates = True, "objects"
+    kept = with_rule(fine, None, session)
+    assert kept.settings.dense_fine and kept.settings.candidates == "auto"
+    # without dense_fine the session's record still applies
+    assert with_rule(
+        search.with_settings(candidates="auto"), None, session
+    ).settings.candidates == ("objects")
+
+
+def test_server_takes_auto_like_the_cli() -> None:
+    from typing import get_args
+
+    from simsearch_wsi.search.choices import CANDIDATE_RULES
+    from simsearch_wsi.server.schemas import Candidates
+
+    assert set(get_args(Candidates)) == set(CANDIDATE_RULES)
+    assert SuggestRequest(image="/x.tiff", candidates="auto").candidates == "auto"
+
+
+def test_detection_refuses_a_flat_image_it_would_read_far_larger(
+    tmp_path: Path, search: SimSearch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One level, large prototypes: the detection image is small but read from level 0 whole
+    (resample 8: 64x its pixels); refused (objects) or the grid (auto) before any read."""
+    from simsearch_wsi.search import objects as object_rule
+
+    path = _flat_image(tmp_path)
+
+    def no_read(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("read the image")
+
+    auto = search.with_settings(candidates="auto")
+    with open_image(path) as img:
+        monkeypatch.setattr(object_rule, "read_analysis_region", no_read)
+        monkeypatch.setattr(object_rule, "DETECT_MAX_PIXELS", 20_000)
+        monkeypatch.setattr(object_rule, "AUTO_MAX_PIXELS", 20_000)
+        scale = object_rule.detection_scale(img, 128.0)
+        w, h = scale.analysis_size(img)
+        assert w * h <= 20_000 and scale.resample == 8  # the old guard let it through
+        with pytest.raises(ConfigError, match="read the image whole"):
+            object_rule.find_objects(
+                img,
+                normalization=search.normalization_for(img),
+                channels=list(img.channel_names),
+                rgb=False,
+                size_range_l0=(128.0, 128.0),
+            )
+        assert auto.resolve_candidates(img, [Prototype("cell", BoxL0(9, 9, 128, 128))]) == "grid"
+
+
+def _flat_image(tmp_path: Path) -> Path:
+    """A 1024 px square, one-level, one-channel uint8 TIFF (no pyramid)."""
+    import tifffile
+
+    path = tmp_path / "flat.tiff"
+    tifffile.imwrite(path, np.zeros((1024, 1024), np.uint8))
+    return path
+
+
+def test_auto_takes_the_grid_where_objects_are_too_large_to_detect(
+    tmp_path: Path, search: SimSearch
+) -> None:
+    """Prototypes too large to detect on an image without a pyramid (resample > 8): auto takes
+    the grid (which works there), not a ConfigError asking for pyramid levels."""
+    auto = search.with_settings(candidates="auto")
+    with open_image(_flat_image(tmp_path)) as img:
+        assert auto.resolve_candidates(img, [Prototype("cell", BoxL0(100, 100, 256, 256))]) == (
+            "grid"
+        )

@@ -583,13 +583,14 @@ def with_rule(
     """``search`` with the search rule ``dense`` when given, else the session's recorded one,
     else as it is (``dense_fine`` only with the object rule); ``candidates`` likewise (object
     candidates only with the object rule: a patch-rule session keeps grid candidates unless
-    they are given)."""
+    they are given, and so does a search with ``dense_fine``, a form of the grid)."""
     rule = dense if dense is not None else session.dense if session is not None else None
+    fine = search.settings.dense_fine and rule is not False
     where = (
         candidates
         if candidates is not None
         else session.candidates
-        if session is not None and rule is not False
+        if session is not None and rule is not False and not fine
         else None
     )
     changes: dict[str, Any] = {}

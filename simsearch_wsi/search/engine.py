@@ -688,22 +688,23 @@ class SimSearch:
         open_image: ImageOpener | None = None,
     ) -> str:
         """``"grid"`` or ``"objects"``: ``settings.candidates``, with ``"auto"`` resolved.
-        ``"auto"`` (never with ``dense=False``) is ``"objects"`` when the prototypes outline
-        separate objects: every prototype box holds the centre of an object found on its image
-        (:func:`~simsearch_wsi.search.objects.find_objects`) whose longer side is within
-        :data:`~simsearch_wsi.search.objects.AUTO_OBJECT_SIZE_RATIO` times the box's, no two
+        ``"auto"`` (never with ``dense=False`` or ``dense_fine``) is ``"objects"`` when the
+        prototypes outline separate objects: every prototype box holds the centre of an object found
+        on its image (:func:`~simsearch_wsi.search.objects.find_objects`) whose longer side is
+        within :data:`~simsearch_wsi.search.objects.AUTO_OBJECT_SIZE_RATIO` times the box's, no two
         boxes the same object, and on each prototype image and ``image`` at least
-        :data:`~simsearch_wsi.search.objects.AUTO_MIN_COVERAGE` of the foreground lies in
-        objects of the prototypes' size range (crowded nuclei, touching cells and tissue give
-        merged clumps or parts; measured in docs/evaluation.md). An image too large to be read
-        whole for that (:data:`~simsearch_wsi.search.objects.AUTO_MAX_PIXELS`, e.g. a slide)
-        takes the grid."""
+        :data:`~simsearch_wsi.search.objects.AUTO_MIN_COVERAGE` of the foreground lies in objects of
+        the prototypes' size range (crowded nuclei, touching cells and tissue give merged clumps or
+        parts; measured in docs/evaluation.md). An image too large to be read whole for that
+        (:data:`~simsearch_wsi.search.objects.AUTO_MAX_PIXELS`, e.g. a slide;
+        :func:`~simsearch_wsi.search.objects.detection_fits`), or without the pyramid levels to
+        detect the prototypes' objects, takes the grid."""
         from simsearch_wsi.io import open_image as open_any
 
         mode = self.settings.candidates
         if mode != "auto":
             return mode
-        if self.settings.dense is False or not prototypes:
+        if self.settings.dense is False or self.settings.dense_fine or not prototypes:
             return "grid"
         sides = [max(p.box.width_l0, p.box.height_l0) for p in prototypes]
         patch_l0 = max(object_size_l0(prototypes))
@@ -713,8 +714,11 @@ class SimSearch:
             by_image.setdefault(key, []).append(p)
         for path, protos in by_image.items():
             with nullcontext(image) if path is None else (open_image or open_any)(path) as src:
-                width, height = object_rule.detection_scale(src, min(sides)).analysis_size(src)
-                if width * height > object_rule.AUTO_MAX_PIXELS:
+                try:
+                    scale = object_rule.detection_scale(src, min(sides))
+                except ConfigError:  # too large to detect without more pyramid levels
+                    return "grid"
+                if not object_rule.detection_fits(src, scale, object_rule.AUTO_MAX_PIXELS):
                     return "grid"
                 spec = self.feature_spec(
                     src, patch_l0, normalization=normalization if path is None else None

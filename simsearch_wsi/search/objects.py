@@ -98,6 +98,10 @@ DETECT_MAX_PIXELS = 64 * 2**20
 #: ``candidates="auto"`` takes the grid, without reading it, for an image whose detection image
 #: would have more pixels than this (a whole slide)
 AUTO_MAX_PIXELS = 16 * 2**20
+#: the detection image is resampled from a pyramid level with up to this many times its pixels
+#: (a pyramid of factor-2 levels: under (2x)^2); an image without such levels (one flat level,
+#: resampled by more) is held to the same read: at most this many times the pixel limit
+DETECT_MAX_READ_FACTOR = 4.0
 
 
 def object_intensity(pixels01: NDArray[np.float32], *, rgb: bool) -> NDArray[np.float32]:
@@ -149,6 +153,16 @@ def detection_scale(image: ImageSource, smallest_l0: float) -> AnalysisScale:
     return AnalysisScale.for_patch(image, smallest_l0, target_px=DETECT_MIN_PX, max_upsample=1.0)
 
 
+def detection_fits(image: ImageSource, scale: AnalysisScale, max_pixels: float) -> bool:
+    """Whether reading ``image`` whole at the detection ``scale`` stays within ``max_pixels``
+    detection pixels and ``DETECT_MAX_READ_FACTOR x max_pixels`` pixels of the level it is
+    resampled from (``scale.resample`` squared times more: large on an image without a
+    pyramid)."""
+    width, height = scale.analysis_size(image)
+    read_px = width * height * max(1.0, scale.resample) ** 2
+    return width * height <= max_pixels and read_px <= DETECT_MAX_READ_FACTOR * max_pixels
+
+
 def find_objects(
     image: ImageSource,
     *,
@@ -167,11 +181,12 @@ def find_objects(
         raise ConfigError(f"object sizes must be 0 < smallest <= largest, got {size_range_l0}")
     scale = detection_scale(image, lo_l0)
     width, height = scale.analysis_size(image)
-    if width * height > DETECT_MAX_PIXELS:
+    if not detection_fits(image, scale, DETECT_MAX_PIXELS):
         raise ConfigError(
             f"{image.path}: object candidates read the image whole, {width}x{height} px at the "
-            f"prototypes' scale (limit {DETECT_MAX_PIXELS} px); crop a region or use the grid "
-            "rule (--candidates grid)"
+            f"prototypes' scale, resampled by {scale.resample:g} from its level {scale.level} "
+            f"(limit {DETECT_MAX_PIXELS} px, {DETECT_MAX_READ_FACTOR:g}x that read); crop a "
+            "region, add a pyramid or use the grid rule (--candidates grid)"
         )
     raw = read_analysis_region(image, scale, 0, 0, width, height)
     idx = resolve_channels(image.channel_names, list(channels))

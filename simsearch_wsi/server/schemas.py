@@ -83,7 +83,7 @@ _CANDIDATES_FIELD = (
     CANDIDATES_HELP + "; null: the session's, else the server's (serve --candidates, default auto)"
 )
 #: the values of ``candidates`` (``simsearch_wsi.search.choices.CANDIDATE_RULES``)
-Candidates = Literal["grid", "objects"]
+Candidates = Literal["grid", "objects", "auto"]
 
 
 class SuggestRequest(_Body):
