@@ -21,7 +21,7 @@ CANDIDATES_HELP = (
     "at the scale of the median prototype box. objects: one candidate per separate object found "
     "in the image (a threshold on the channels' mean intensity; brightfield: darkness), each "
     "compared at its own size, the box the object's (for separate objects of varying size, "
-    "e.g. cells of a plate; needs the object rule). auto (the default): objects when every "
+    "e.g. cells of a plate; needs the object rule). auto: objects when every "
     "prototype box outlines one object found of about its size (separate objects), else grid. A "
     "review session keeps the candidates its suggestions were made with unless given"
 )
