@@ -308,3 +308,22 @@ def test_auto_takes_the_grid_where_objects_are_too_large_to_detect(
         assert auto.resolve_candidates(img, [Prototype("cell", BoxL0(100, 100, 256, 256))]) == (
             "grid"
         )
+
+
+def test_detection_counts_every_channel_it_reads() -> None:
+    """The detection read has every channel: a 40-channel field reads 13x the bytes of an RGB
+    one of the same size, so it is held to the limit sooner (an RGB field of the same pixels
+    fits)."""
+    from types import SimpleNamespace
+
+    from simsearch_wsi.search import objects as object_rule
+
+    scale: Any = SimpleNamespace(analysis_size=lambda image: (2000, 2000), resample=1.0)
+    limit = 2000 * 2000 * 1.5  # the detection image fits; the read limit is 4x that
+    rgb: Any = SimpleNamespace(channel_names=["R", "G", "B"])
+    many: Any = SimpleNamespace(channel_names=[f"c{k}" for k in range(40)])
+    assert object_rule.detection_fits(rgb, scale, limit)
+    assert not object_rule.detection_fits(many, scale, limit)
+    # 2 channels count as 3 (the base): no looser than RGB
+    two: Any = SimpleNamespace(channel_names=["GFP", "DNA"])
+    assert object_rule.detection_fits(two, scale, limit)

@@ -102,6 +102,9 @@ AUTO_MAX_PIXELS = 16 * 2**20
 #: (a pyramid of factor-2 levels: under (2x)^2); an image without such levels (one flat level,
 #: resampled by more) is held to the same read: at most this many times the pixel limit
 DETECT_MAX_READ_FACTOR = 4.0
+#: channels per pixel the read limits are counted in (an RGB pixel); the read has every
+#: channel of the image, so an image of more channels reads proportionally more bytes
+DETECT_BASE_CHANNELS = 3
 
 
 def object_intensity(pixels01: NDArray[np.float32], *, rgb: bool) -> NDArray[np.float32]:
@@ -157,9 +160,11 @@ def detection_fits(image: ImageSource, scale: AnalysisScale, max_pixels: float) 
     """Whether reading ``image`` whole at the detection ``scale`` stays within ``max_pixels``
     detection pixels and ``DETECT_MAX_READ_FACTOR x max_pixels`` pixels of the level it is
     resampled from (``scale.resample`` squared times more: large on an image without a
-    pyramid)."""
+    pyramid). Every channel is read, so a pixel of more than :data:`DETECT_BASE_CHANNELS`
+    channels counts as ``channels / DETECT_BASE_CHANNELS`` pixels of the read."""
     width, height = scale.analysis_size(image)
-    read_px = width * height * max(1.0, scale.resample) ** 2
+    per_px = max(1.0, len(image.channel_names) / DETECT_BASE_CHANNELS)
+    read_px = width * height * max(1.0, scale.resample) ** 2 * per_px
     return width * height <= max_pixels and read_px <= DETECT_MAX_READ_FACTOR * max_pixels
 
 
