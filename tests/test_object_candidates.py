@@ -122,6 +122,16 @@ def test_auto_takes_objects_only_where_the_prototypes_outline_separate_objects(
         assert auto.resolve_candidates(img, [Prototype("cell", _box(0))]) == "objects"
         # a box around two cells, or of another size than the cell it holds: the grid
         assert auto.resolve_candidates(img, [Prototype("cell", BoxL0(120, 90, 60, 50))]) == "grid"
+        # and says why (what suggest's notes carry)
+        assert auto.explain_candidates(img, [Prototype("cell", _box(0))]) == (
+            "objects",
+            "the prototype boxes outline separate objects",
+        )
+        mode, why = auto.explain_candidates(img, [Prototype("cell", BoxL0(120, 90, 60, 50))])
+        assert mode == "grid" and why.startswith(
+            ("on the image", "the prototype boxes on the image")
+        ), why
+        assert search.with_settings(candidates="grid").explain_candidates(img, []) == ("grid", "")
         assert auto.resolve_candidates(img, [Prototype("cell", BoxL0(120, 120, 20, 20))]) == (
             "objects"
         )
@@ -132,12 +142,16 @@ def test_auto_takes_objects_only_where_the_prototypes_outline_separate_objects(
         )
         # an image too large to be read whole (a slide): the grid, nothing read
         monkeypatch.setattr("simsearch_wsi.search.objects.AUTO_MAX_PIXELS", 100)
-        assert auto.resolve_candidates(img, [Prototype("cell", _box(0))]) == "grid"
+        mode, why = auto.explain_candidates(img, [Prototype("cell", _box(0))])
+        assert (mode, why) == ("grid", "the image is too large to be read whole (a slide)")
         monkeypatch.undo()
     crowded = make_dense_field(tmp_path / "n.tiff", width=128, height=128, spacing=1.0, seed=5)
     with open_image(crowded.path) as img:
         protos = [Prototype("nucleus", o.box) for o in crowded.objects[:3]]
         assert auto.resolve_candidates(img, protos) == "grid"
+        result = auto.suggest(img, protos)
+        (note,) = [n for n in result.notes if n.startswith("candidates auto: ")]
+        assert note.startswith("candidates auto: the grid, on the image ") and "% of the" in note
 
 
 def test_candidates_option_reaches_the_settings(tmp_path: Path) -> None:

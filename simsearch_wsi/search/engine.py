@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -453,7 +454,7 @@ class SimSearch:
                 f"prototypes: {list(classes)}"
             )
         used = {c: float(thresholds.get(c, DEFAULT_THRESHOLD)) for c in classes}
-        mode = self.resolve_candidates(
+        mode, why = self.explain_candidates(
             image, prototypes, normalization=normalization, open_image=open_image
         )
         objects = mode == "objects"
@@ -562,6 +563,10 @@ class SimSearch:
             )
         t2 = time.perf_counter()
         notes = []
+        if why:
+            notes.append(
+                f"candidates auto: {'object candidates' if objects else 'the grid'}, {why}"
+            )
         if hits:
             notes.append(
                 f"query expansion: {len(hits)} first-pass suggestion(s) at or above the "
@@ -687,7 +692,8 @@ class SimSearch:
         normalization: ChannelNormalization | None = None,
         open_image: ImageOpener | None = None,
     ) -> str:
-        """``"grid"`` or ``"objects"``: ``settings.candidates``, with ``"auto"`` resolved.
+        """``"grid"`` or ``"objects"``: ``settings.candidates``, with ``"auto"`` resolved
+        (:meth:`explain_candidates` says why).
         ``"auto"`` (never with ``dense=False`` or ``dense_fine``) is ``"objects"`` when the
         prototypes outline separate objects: every prototype box holds the centre of an object found
         on its image (:func:`~simsearch_wsi.search.objects.find_objects`) whose longer side is
@@ -699,13 +705,28 @@ class SimSearch:
         (:data:`~simsearch_wsi.search.objects.AUTO_MAX_PIXELS`, e.g. a slide;
         :func:`~simsearch_wsi.search.objects.detection_fits`), or without the pyramid levels to
         detect the prototypes' objects, takes the grid."""
+        return self.explain_candidates(
+            image, prototypes, normalization=normalization, open_image=open_image
+        )[0]
+
+    def explain_candidates(
+        self,
+        image: ImageSource,
+        prototypes: Sequence[Prototype],
+        *,
+        normalization: ChannelNormalization | None = None,
+        open_image: ImageOpener | None = None,
+    ) -> tuple[str, str]:
+        """:meth:`resolve_candidates`'s answer and, for ``"auto"``, why (a sentence for the
+        user; empty when the candidates were asked for by name)."""
         from simsearch_wsi.io import open_image as open_any
 
         mode = self.settings.candidates
         if mode != "auto":
-            return mode
+            return mode, ""
         if self.settings.dense is False or self.settings.dense_fine or not prototypes:
-            return "grid"
+            rule = "the patch rule" if self.settings.dense is False else "--dense-fine"
+            return "grid", f"with {rule} (object candidates need the object rule)"
         sides = [max(p.box.width_l0, p.box.height_l0) for p in prototypes]
         patch_l0 = max(object_size_l0(prototypes))
         by_image: dict[str | None, list[Prototype]] = {None: []}
@@ -714,12 +735,13 @@ class SimSearch:
             by_image.setdefault(key, []).append(p)
         for path, protos in by_image.items():
             with nullcontext(image) if path is None else (open_image or open_any)(path) as src:
+                where = "the image" if path is None else f"prototype image {os.path.basename(path)}"
                 try:
                     scale = object_rule.detection_scale(src, min(sides))
                 except ConfigError:  # too large to detect without more pyramid levels
-                    return "grid"
+                    return "grid", f"{where} has no pyramid level to find objects this large"
                 if not object_rule.detection_fits(src, scale, object_rule.AUTO_MAX_PIXELS):
-                    return "grid"
+                    return "grid", f"{where} is too large to be read whole (a slide)"
                 spec = self.feature_spec(
                     src, patch_l0, normalization=normalization if path is None else None
                 )
@@ -730,11 +752,14 @@ class SimSearch:
                     rgb=spec.rgb,
                     size_range_l0=(min(sides), max(sides)),
                 )
-            if coverage < object_rule.AUTO_MIN_COVERAGE or not object_rule.outline_objects(
-                [p.box for p in protos], found
-            ):
-                return "grid"
-        return "objects"
+            if coverage < object_rule.AUTO_MIN_COVERAGE:
+                return "grid", (
+                    f"on {where} {coverage:.0%} of the foreground is separate objects of the "
+                    f"prototypes' size (needs {object_rule.AUTO_MIN_COVERAGE:.0%})"
+                )
+            if not object_rule.outline_objects([p.box for p in protos], found):
+                return "grid", f"the prototype boxes on {where} do not each outline one object"
+        return "objects", "the prototype boxes outline separate objects"
 
     def _object_candidates(
         self,
