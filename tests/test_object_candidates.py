@@ -341,3 +341,24 @@ def test_detection_counts_every_channel_it_reads() -> None:
     # 2 channels count as 3 (the base): no looser than RGB
     two: Any = SimpleNamespace(channel_names=["GFP", "DNA"])
     assert object_rule.detection_fits(two, scale, limit)
+
+
+def test_objects_are_detected_once_per_image(
+    field: Path, search: SimSearch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The searched image's objects serve its candidates and its prototypes' boxes: one
+    detection, not one per use (a whole read of the image each)."""
+    from simsearch_wsi.search import engine
+
+    calls: list[str] = []
+    real = engine.detect_objects
+
+    def counted(src: Any, **kwargs: Any) -> Any:
+        calls.append(str(src.path))
+        return real(src, **kwargs)
+
+    monkeypatch.setattr(engine, "detect_objects", counted)
+    with open_image(field) as img:
+        result = search.suggest(img, [Prototype("cell", _box(0)), Prototype("cell", _box(3))])
+    assert result.candidates == "objects" and result.suggestions
+    assert calls == [str(field)]

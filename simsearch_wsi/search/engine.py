@@ -783,14 +783,19 @@ class SimSearch:
         )
         patch_l0 = max(object_size_l0(prototypes))
 
+        found: dict[str, list[BoxL0]] = {}  # image path -> its objects (detected once)
+
         def objects_of(src: ImageSource, spec: FeatureSpec) -> list[BoxL0]:
-            return detect_objects(
-                src,
-                normalization=spec.normalization,
-                channels=spec.channels,
-                rgb=spec.rgb,
-                size_range_l0=size_range,
-            )
+            key = str(src.path)
+            if key not in found:
+                found[key] = detect_objects(
+                    src,
+                    normalization=spec.normalization,
+                    channels=spec.channels,
+                    rgb=spec.rgb,
+                    size_range_l0=size_range,
+                )
+            return found[key]
 
         def vectors_of(
             src: ImageSource, spec: FeatureSpec, fmap: FeatureMap, protos: list[Prototype]
