@@ -362,3 +362,20 @@ def test_objects_are_detected_once_per_image(
         result = search.suggest(img, [Prototype("cell", _box(0)), Prototype("cell", _box(3))])
     assert result.candidates == "objects" and result.suggestions
     assert calls == [str(field)]
+    # auto: the objects its decision found are the ones the candidates use
+    real_find = engine.find_objects
+
+    def counted_find(src: Any, **kwargs: Any) -> Any:
+        calls.append(str(src.path))
+        return real_find(src, **kwargs)
+
+    monkeypatch.setattr(engine, "find_objects", counted_find)
+    calls.clear()
+    auto = search.with_settings(candidates="auto")
+    with open_image(field) as img:
+        again = auto.suggest(img, [Prototype("cell", _box(0)), Prototype("cell", _box(3))])
+    assert again.candidates == "objects"
+    assert [(s.box, s.similarity) for s in again.suggestions] == [
+        (s.box, s.similarity) for s in result.suggestions
+    ]
+    assert calls == [str(field)]

@@ -454,8 +454,13 @@ class SimSearch:
                 f"prototypes: {list(classes)}"
             )
         used = {c: float(thresholds.get(c, DEFAULT_THRESHOLD)) for c in classes}
+        detected: dict[str, list[BoxL0]] = {}  # image path -> objects, found once per image
         mode, why = self.explain_candidates(
-            image, prototypes, normalization=normalization, open_image=open_image
+            image,
+            prototypes,
+            normalization=normalization,
+            open_image=open_image,
+            detected=detected,
         )
         objects = mode == "objects"
         dense = objects or resolve_dense(self.settings.dense, prototypes)
@@ -504,7 +509,13 @@ class SimSearch:
         found: ObjectCandidates | None = None
         if objects:
             found = self._object_candidates(
-                image, prototypes, spec=spec, fmap=fmap, classes=classes, open_image=open_image
+                image,
+                prototypes,
+                spec=spec,
+                fmap=fmap,
+                classes=classes,
+                open_image=open_image,
+                detected=detected,
             )
             suggestions = found.suggestions(
                 (found.vectors, found.class_index),
@@ -716,9 +727,12 @@ class SimSearch:
         *,
         normalization: ChannelNormalization | None = None,
         open_image: ImageOpener | None = None,
+        detected: dict[str, list[BoxL0]] | None = None,
     ) -> tuple[str, str]:
         """:meth:`resolve_candidates`'s answer and, for ``"auto"``, why (a sentence for the
-        user; empty when the candidates were asked for by name)."""
+        user; empty when the candidates were asked for by name). ``detected``, when given,
+        receives the objects found on each image looked at (by path), for the object
+        candidates to reuse."""
         from simsearch_wsi.io import open_image as open_any
 
         mode = self.settings.candidates
@@ -752,6 +766,8 @@ class SimSearch:
                     rgb=spec.rgb,
                     size_range_l0=(min(sides), max(sides)),
                 )
+                if detected is not None:
+                    detected[str(src.path)] = found
             if coverage < object_rule.AUTO_MIN_COVERAGE:
                 return "grid", (
                     f"on {where} {coverage:.0%} of the foreground is separate objects of the "
@@ -770,10 +786,13 @@ class SimSearch:
         fmap: FeatureMap,
         classes: tuple[str, ...],
         open_image: ImageOpener | None,
+        detected: dict[str, list[BoxL0]],
     ) -> ObjectCandidates:
         """Object candidates of ``image`` (``settings.candidates == "objects"``): its objects,
         their vectors and the prototypes' (each embedded on its own image, over the object its
-        box outlines; :mod:`simsearch_wsi.search.objects`)."""
+        box outlines; :mod:`simsearch_wsi.search.objects`). ``detected``: objects already found
+        per image path (by ``auto``'s decision, with the same sizes); the others are found here
+        and added."""
         from simsearch_wsi.io import open_image as open_any
 
         sides = [max(p.box.width_l0, p.box.height_l0) for p in prototypes]
@@ -783,19 +802,17 @@ class SimSearch:
         )
         patch_l0 = max(object_size_l0(prototypes))
 
-        found: dict[str, list[BoxL0]] = {}  # image path -> its objects (detected once)
-
         def objects_of(src: ImageSource, spec: FeatureSpec) -> list[BoxL0]:
             key = str(src.path)
-            if key not in found:
-                found[key] = detect_objects(
+            if key not in detected:
+                detected[key] = detect_objects(
                     src,
                     normalization=spec.normalization,
                     channels=spec.channels,
                     rgb=spec.rgb,
                     size_range_l0=size_range,
                 )
-            return found[key]
+            return detected[key]
 
         def vectors_of(
             src: ImageSource, spec: FeatureSpec, fmap: FeatureMap, protos: list[Prototype]

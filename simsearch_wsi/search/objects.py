@@ -224,11 +224,7 @@ def snap_to_objects(boxes: Sequence[BoxL0], objects: Sequence[BoxL0]) -> list[Bo
     out = []
     for b in boxes:
         cx, cy = b.center_l0
-        inside = [
-            o
-            for o in objects
-            if b.x_l0 <= o.center_l0[0] <= b.x1_l0 and b.y_l0 <= o.center_l0[1] <= b.y1_l0
-        ]
+        inside = [o for o in objects if b.contains_point(*o.center_l0)]
         out.append(
             min(inside, key=lambda o: (o.center_l0[0] - cx) ** 2 + (o.center_l0[1] - cy) ** 2)
             if inside
@@ -399,13 +395,7 @@ class ObjectCandidates:
             low = thresholds[name] if floor is None else min(thresholds[name], floor)
             if not value >= low:
                 continue
-            cx, cy = box.center_l0
-            if any(
-                p.class_name == name
-                and p.box.x_l0 <= cx <= p.box.x1_l0
-                and p.box.y_l0 <= cy <= p.box.y1_l0
-                for p in exclude
-            ):
+            if any(p.class_name == name and p.box.contains_point(*box.center_l0) for p in exclude):
                 continue
             found[name].append((value, box))
         out: list[Suggestion] = []
