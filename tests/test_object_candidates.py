@@ -379,3 +379,24 @@ def test_objects_are_detected_once_per_image(
         (s.box, s.similarity) for s in result.suggestions
     ]
     assert calls == [str(field)]
+
+
+def test_heatmap_of_object_candidates_is_on_the_suggestions_scale(
+    field: Path, search: SimSearch
+) -> None:
+    protos = [Prototype("cell", _box(k)) for k in (0, 1, 3)]
+    with open_image(field) as img:
+        result = search.suggest(img, protos, thresholds={"cell": -1.0}, heatmap=True)
+    hm = result.heatmap
+    assert hm is not None and result.candidates == "objects"
+    # every suggestion's similarity is its heat map's value at its centre
+    for s in result.suggestions:
+        assert hm.value_at_l0("cell", *s.box.center_l0) == pytest.approx(s.similarity, abs=1e-6)
+    # nothing outside the objects: the field's empty corner is not a candidate
+    assert np.isnan(hm.value_at_l0("cell", 95.0, 95.0))
+    # ... and the prototypes' own cells are the most similar (each matches itself)
+    for k in (0, 1, 3):
+        assert (
+            hm.value_at_l0("cell", CELLS[k][0], CELLS[k][1])
+            > max(s.similarity for s in result.suggestions) - 1e-6
+        )

@@ -507,6 +507,7 @@ class SimSearch:
             )
 
         found: ObjectCandidates | None = None
+        object_vectors: tuple[torch.Tensor, torch.Tensor] | None = None
         if objects:
             found = self._object_candidates(
                 image,
@@ -517,8 +518,9 @@ class SimSearch:
                 open_image=open_image,
                 detected=detected,
             )
+            object_vectors = (found.vectors, found.class_index)
             suggestions = found.suggestions(
-                (found.vectors, found.class_index),
+                object_vectors,
                 thresholds=used,
                 floor=floor,
                 exclude=here,
@@ -537,8 +539,9 @@ class SimSearch:
             )[: self.settings.expand]
         ]
         if hits and found is not None:
+            object_vectors = found.expanded(hits)
             suggestions = found.suggestions(
-                found.expanded(hits),
+                object_vectors,
                 thresholds=used,
                 floor=floor,
                 exclude=here,
@@ -621,7 +624,15 @@ class SimSearch:
             candidates=mode,
             heatmap=(
                 heatmap_l0(
-                    maps,
+                    # object candidates: the objects' own similarities, the suggestions' scale
+                    maps
+                    if found is None or object_vectors is None
+                    else found.similarity_maps(
+                        object_vectors,
+                        geometry=geometry,
+                        scale=spec.scale,
+                        shape_hw=(maps.shape[1], maps.shape[2]),
+                    ),
                     classes,
                     geometry=geometry,
                     spec=spec,

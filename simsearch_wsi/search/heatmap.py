@@ -19,7 +19,10 @@ than the slide.
 display cap: a heat map never fails for its size) and, when a ``downsample`` is asked, at least
 ``downsample / P`` (rounded up). The heat maps are the raw class similarities (cosine,
 [-1, 1]), before the competition between classes that suggestions go through; NaN where the
-slide was not embedded (background tiles).
+slide was not embedded (background tiles). With object candidates (``SearchSettings.candidates``
+``"objects"``, or ``"auto"`` resolved to it) the windows carry the objects' own similarities, the
+scale of their suggestions (:meth:`~simsearch_wsi.search.objects.ObjectCandidates.
+similarity_maps`): a window inside an object's box has that object's, NaN outside every object.
 
 ``heatmap_png`` encodes one class as an 8-bit grey + alpha PNG: grey = round(255 * clip(s, 0, 1)),
 alpha 0 where NaN and 255 elsewhere, the same size as the heat map (so the PNG pixel (u, v) is the

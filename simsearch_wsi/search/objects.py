@@ -373,6 +373,41 @@ class ObjectCandidates:
                 out[:, c] = sims[:, cols].max(axis=1)
         return out
 
+    def similarity_maps(
+        self,
+        vectors: tuple[torch.Tensor, torch.Tensor],
+        *,
+        geometry: PatchGeometry,
+        scale: AnalysisScale,
+        shape_hw: tuple[int, int],
+    ) -> NDArray[np.float32]:
+        """(K, H, W) class similarities on the grid of pooled windows ``geometry`` has on
+        ``scale`` (H x W windows, as the search's maps), for a heat map on the same scale as the
+        object suggestions: a window whose centre lies in an object's box takes that object's
+        similarity to each class (:meth:`class_similarity`; the largest where boxes overlap),
+        and an object smaller than a window's pitch marks at least the window nearest its
+        centre. NaN elsewhere: no candidate there."""
+        h, w = shape_hw
+        out = np.full((len(self.classes), h, w), -np.inf, dtype=np.float32)
+        if len(self.boxes):
+            sim = self.class_similarity(vectors)
+            kh, kw = geometry.kernel_hw  # window centres as PatchGeometry.window_center_a
+            x_l0 = geometry.stride * (np.arange(w) + kw / 2) * scale.downsample_x  # (W,)
+            y_l0 = geometry.stride * (np.arange(h) + kh / 2) * scale.downsample_y  # (H,)
+            for n, box in enumerate(self.boxes):
+                j0, j1 = np.searchsorted(x_l0, [box.x_l0, box.x1_l0], side="left")
+                i0, i1 = np.searchsorted(y_l0, [box.y_l0, box.y1_l0], side="left")
+                if j0 >= j1 or i0 >= i1:  # no centre inside: the window nearest the object's
+                    cx, cy = box.center_l0
+                    i, j = geometry.window_index(cx / scale.downsample_x, cy / scale.downsample_y)
+                    if not (0 <= i < h and 0 <= j < w):
+                        continue
+                    i0, i1, j0, j1 = i, i + 1, j, j + 1
+                block = out[:, i0:i1, j0:j1]
+                np.maximum(block, sim[n][:, None, None], out=block)
+        out[np.isneginf(out)] = np.nan
+        return out
+
     def suggestions(
         self,
         vectors: tuple[torch.Tensor, torch.Tensor],
