@@ -86,6 +86,11 @@ String RULE = ''              // the search rule (also a choice in the window): 
                               // are as big as the prototype boxes; the server's default), 'patch'
                               // (one patch per suggestion, a patch apart) or empty: the session's
                               // rule, else the server's
+String CANDIDATES = ''        // where the object rule's suggestions come from (also a choice in the
+                              // window): 'objects' (one per separate object found, compared at its
+                              // own size), 'grid' (the best windows of a grid), 'auto' (objects
+                              // where the prototypes outline separate objects, else the grid; the
+                              // server's default) or empty: the session's, else the server's
 String MODEL = ''             // the model (.zip) Train writes and Predict applies, as the server
                               // sees it; empty: model.zip in the session folder
 String STRATEGY = 'pos+neg+selflearn'  // Train: pos, pos+neg, pos+selflearn or pos+neg+selflearn
@@ -100,6 +105,7 @@ SESSION = System.getProperty('simsearch.session', SESSION).trim()
 FLOOR = Double.parseDouble(System.getProperty('simsearch.floor', String.valueOf(FLOOR)))
 BACKGROUND = Integer.parseInt(System.getProperty('simsearch.background', String.valueOf(BACKGROUND)))
 RULE = System.getProperty('simsearch.rule', RULE).trim()
+CANDIDATES = System.getProperty('simsearch.candidates', CANDIDATES).trim()
 MODEL = System.getProperty('simsearch.model', MODEL).trim()
 STRATEGY = System.getProperty('simsearch.strategy', STRATEGY).trim()
 PRESET = System.getProperty('simsearch.preset', PRESET).trim()
@@ -108,10 +114,12 @@ TIMEOUT_SECONDS = Integer.parseInt(System.getProperty('simsearch.timeout', Strin
 
 final int PROTOCOL_VERSION = 1  // the simsearch-wsi HTTP protocol this script speaks
 
-denseOf(RULE)  // a mistyped RULE fails here, before the window opens
+denseOf(RULE)  // a mistyped RULE or CANDIDATES fails here, before the window opens
+candidatesOf(CANDIDATES)
 Map api = connect(SERVER_URL, TOKEN, PROTOCOL_VERSION)
 // Everything the window needs, in one map (script methods cannot see the script's variables)
 Map panel = [api: api, session: SESSION, floor: FLOOR, background: BACKGROUND, model: MODEL, rule: RULE,
+             candidates: CANDIDATES,
              strategy: STRATEGY, preset: PRESET, seed: SEED, timeout: TIMEOUT_SECONDS,
              classes: new LinkedHashMap(), heat: new LinkedHashMap(), heatMeta: null, heatHierarchy: null,
              overlay: null,
@@ -138,6 +146,12 @@ void openWindow(Map panel) {
     rule.setValue(panel.rule ?: 'default')
     // 'default': the session's rule, else the server's
     rule.valueProperty().addListener({ o, a, b -> panel.rule = b == 'default' ? '' : b } as ChangeListener)
+    ComboBox<String> candidates = new ComboBox<String>()
+    candidates.setId('candidates')
+    candidates.getItems().setAll(['default', 'auto', 'grid', 'objects'])
+    candidates.setValue(panel.candidates ?: 'default')
+    // 'default': the session's candidates, else the server's
+    candidates.valueProperty().addListener({ o, a, b -> panel.candidates = b == 'default' ? '' : b } as ChangeListener)
     List<Button> actions = []
     Map labels = [suggest: 'Suggest', review: 'Review', background: 'Background', train: 'Train', predict: 'Predict']
     labels.each { String id, String text ->
@@ -174,7 +188,8 @@ void openWindow(Map panel) {
 
     HBox top = new HBox(8, server, refresh)
     top.setAlignment(Pos.CENTER_LEFT)
-    HBox sessionRow = new HBox(8, new Label('Session'), session, new Label('Rule'), rule)
+    HBox sessionRow = new HBox(8, new Label('Session'), session, new Label('Rule'), rule,
+            new Label('Candidates'), candidates)
     sessionRow.setAlignment(Pos.CENTER_LEFT)
     HBox buttons = new HBox(6)
     buttons.getChildren().addAll(actions)
@@ -188,7 +203,7 @@ void openWindow(Map panel) {
     root.setPadding(new Insets(10))
     Stage stage = new Stage()
     stage.setTitle('SimSearch')
-    stage.setScene(new Scene(root, 680, 380))
+    stage.setScene(new Scene(root, 780, 380))
     ui.stage = stage
     stage.setOnHidden({ e -> clearHeatmap(panel) } as EventHandler)
     stage.show()
@@ -290,6 +305,9 @@ String suggest(Map panel) {
     Boolean dense = denseOf((String) panel.rule)
     if (dense != null)
         body.dense = dense
+    String candidatesRule = candidatesOf((String) panel.candidates)
+    if (candidatesRule != null)
+        body.candidates = candidatesRule
     Map answer = (Map) callServer(api, 'POST', '/suggest', body, (int) panel.timeout)
     Map summary = (Map) answer.summary
     List objects = readFeatures((List) answer.features)
@@ -307,7 +325,8 @@ String suggest(Map panel) {
     }
     String counts = ((Map) panel.classes).findAll { String c, Map e -> summary.thresholds.containsKey(c) }.collect { String c, Map e -> c + ' ' + e.shown.size() + ' of ' + e.objects.size() }.join(', ')
     return 'candidates down to ' + fixed(panel.floor, 2) + ' (' + counts + ' shown), ' +
-            (summary.object_size_l0 ? 'object' : 'patch') + ' rule; embed ' +
+            (summary.object_size_l0 ? 'object' : 'patch') + ' rule, ' + (summary.candidates == 'objects' ? 'object' : 'grid') +
+            ' candidates; embed ' +
             summary.seconds_embed + ' s, query ' + summary.seconds_query + ' s'
 }
 
@@ -606,6 +625,15 @@ Boolean denseOf(String rule) {
         return Boolean.FALSE
     if (rule)
         fail('RULE \'' + rule + '\': use \'object\', \'patch\' or \'\' (the session\'s or the server\'s rule)')
+    return null
+}
+
+/** The server's "candidates" field: 'auto', 'grid' or 'objects' as given, '' -> null. */
+String candidatesOf(String candidates) {
+    if (candidates in ['auto', 'grid', 'objects'])
+        return candidates
+    if (candidates)
+        fail('CANDIDATES \'' + candidates + '\': use \'auto\', \'grid\', \'objects\' or \'\' (the session\'s or the server\'s)')
     return null
 }
 

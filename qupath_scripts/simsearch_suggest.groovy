@@ -45,6 +45,11 @@ int BACKGROUND = 0            // also propose the N most and N least similar unl
 String RULE = ''              // the search rule: 'object' (the objects are as big as the prototype
                               // boxes; the server's default), 'patch' (one patch per suggestion,
                               // a patch apart) or empty: the session's rule, else the server's
+String CANDIDATES = ''        // where the object rule's suggestions come from: 'objects' (one per
+                              // separate object found, compared at its own size), 'grid' (the
+                              // best windows of a grid), 'auto' (objects where the prototypes
+                              // outline separate objects, else the grid; the server's default)
+                              // or empty: the session's, else the server's
 int TIMEOUT_SECONDS = 900     // the first suggest on a slide embeds it (minutes on a CPU; run
                               // simsearch_embed.groovy ahead), later ones answer in about a second
 // ======================================================================================
@@ -55,11 +60,13 @@ SESSION = System.getProperty('simsearch.session', SESSION).trim()
 THRESHOLDS = parseThresholds(System.getProperty('simsearch.thresholds'), THRESHOLDS)  // 'A=0.6,B=0.5'
 BACKGROUND = Integer.parseInt(System.getProperty('simsearch.background', String.valueOf(BACKGROUND)))
 RULE = System.getProperty('simsearch.rule', RULE).trim()
+CANDIDATES = System.getProperty('simsearch.candidates', CANDIDATES).trim()
 TIMEOUT_SECONDS = Integer.parseInt(System.getProperty('simsearch.timeout', String.valueOf(TIMEOUT_SECONDS)))
 
 final int PROTOCOL_VERSION = 1  // the simsearch-wsi HTTP protocol this script speaks
 
 Boolean dense = denseOf(RULE)
+String candidatesRule = candidatesOf(CANDIDATES)
 Map api = connect(SERVER_URL, TOKEN, PROTOCOL_VERSION)
 String image = currentImageUri()
 checkServer(api)
@@ -84,6 +91,8 @@ if (SESSION)
     body.session = SESSION
 if (dense != null)
     body.dense = dense
+if (candidatesRule != null)
+    body.candidates = candidatesRule
 Map answer = (Map) callServer(api, 'POST', '/suggest', body, TIMEOUT_SECONDS)
 Map summary = (Map) answer.summary
 Map perClass = (Map) summary.suggestions_per_class
@@ -111,7 +120,8 @@ String prototypeText = prototypes.isEmpty() ? 'the session\'s prototypes' :
         prototypes.size() + ' prototype(s) (' + from + ' annotations)'
 println('simsearch suggest on ' + baseName(summary.image.toString()) + ': added ' + added.size() +
         ' detections (' + counts + ') from ' + prototypeText + ', replaced ' + earlier.size() +
-        ' earlier; ' + (summary.object_size_l0 ? 'object' : 'patch') + ' rule; thresholds ' + thresholds +
+        ' earlier; ' + (summary.object_size_l0 ? 'object' : 'patch') + ' rule, ' +
+        (summary.candidates == 'objects' ? 'object' : 'grid') + ' candidates; thresholds ' + thresholds +
         '; embed ' + summary.seconds_embed + ' s, query ' +
         summary.seconds_query + ' s; session ' + (summary.session ?: 'none'))
 ((List) (summary.notes ?: [])).each { println('  note: ' + it) }
@@ -137,6 +147,15 @@ Boolean denseOf(String rule) {
         return Boolean.FALSE
     if (rule)
         fail('RULE \'' + rule + '\': use \'object\', \'patch\' or \'\' (the session\'s or the server\'s rule)')
+    return null
+}
+
+/** The server's "candidates" field: 'auto', 'grid' or 'objects' as given, '' -> null. */
+String candidatesOf(String candidates) {
+    if (candidates in ['auto', 'grid', 'objects'])
+        return candidates
+    if (candidates)
+        fail('CANDIDATES \'' + candidates + '\': use \'auto\', \'grid\', \'objects\' or \'\' (the session\'s or the server\'s)')
     return null
 }
 

@@ -337,8 +337,9 @@ def test_review_loop_from_qupath(world: World, tmp_path: Path) -> None:
     assert f"added {len(added)} detections" in line and "background 2" in line, line
     assert "from 3 prototype(s) (all annotations), replaced 0 earlier" in line, line
     assert "ring=0.40" in line and "cluster=0.50" in line, line
-    assert "earlier; object rule;" in line, line  # the server's default rule, recorded
-    assert Session.open(session).dense is True
+    # the server's default rule, recorded; its `auto` candidates took the grid on these motifs
+    assert "earlier; object rule, grid candidates;" in line, line
+    assert Session.open(session).dense is True and Session.open(session).candidates == "grid"
 
     # the user rejects one suggestion, then suggests again: the others are replaced
     objects = first.record["objects"]
@@ -396,7 +397,12 @@ def test_suggest_from_the_selection_without_a_session(world: World, tmp_path: Pa
     found = [f for f in _detections(run.record["objects"]) if f["id"] in run.record["added"]]
     assert found and {_class(f) for f in found} == {"cluster"}
     assert "from 1 prototype(s) (selected annotations)" in run.out and "session none" in run.out
-    assert "earlier; patch rule;" in run.out  # RULE = 'patch' asked the server for it
+    assert "earlier; patch rule, grid candidates;" in run.out  # RULE = 'patch' asked for it
+    # CANDIDATES = 'objects' asks the server for object candidates
+    props = {"simsearch.url": world.url, "simsearch.candidates": "objects"}
+    objects = _run(tmp_path, ["suggest"], props=props, state=state)
+    assert objects.rc == 0, objects.out
+    assert "earlier; object rule, object candidates;" in objects.out, objects.out
 
 
 def test_embed_job_with_progress(world: World, tmp_path: Path) -> None:
@@ -778,6 +784,11 @@ def test_local_mistakes_are_explained(world: World, tmp_path: Path) -> None:
     props = {"simsearch.url": world.url, "simsearch.rule": "objects"}
     bad_rule = _run(tmp_path, ["suggest"], props=props, state=state)
     assert "RULE 'objects': use 'object', 'patch' or ''" in _failed(bad_rule, "suggest")
+    props = {"simsearch.url": world.url, "simsearch.candidates": "object"}
+    bad_candidates = _run(tmp_path, ["suggest"], props=props, state=state)
+    assert "CANDIDATES 'object': use 'auto', 'grid', 'objects' or ''" in _failed(
+        bad_candidates, "suggest"
+    )
     for name in ("review", "background", "train"):
         assert "Set SESSION in the SETTINGS block" in _failed(run, name)
     assert "Set MODEL in the SETTINGS block to the model bundle (.zip)" in _failed(run, "predict")

@@ -173,8 +173,10 @@ def test_panel_live_threshold_heatmap_and_review(world: World, tmp_path: Path) -
     report = json.loads(report_file.read_text())
     assert "answers (simsearch_wsi" in report["server"] and "protocol 1" in report["server"]
     assert report["suggest"].startswith("Suggest: candidates down to 0.10"), report["suggest"]
-    # the rule chooser starts at "default": the server's rule (the object rule) was used
-    assert report["rule"] == "default" and "shown), object rule; embed" in report["suggest"]
+    # the rule and candidates choosers start at "default": the server's rule (the object rule)
+    # was used, and its `auto` candidates took the grid on these motifs
+    assert report["rule"] == "default" and report["candidates"] == "default"
+    assert "shown), object rule, grid candidates; embed" in report["suggest"], report["suggest"]
 
     # one slider per class, from the floor to 1, at the session's threshold (0.5 at first)
     names = [f["properties"]["classification"]["name"] for f in world.prototypes]

@@ -89,6 +89,7 @@ if (System.getProperty('panel.steps') == 'jobs') {  // Train, then Predict with 
 }
 
 report.rule = fx { node('rule').getValue() }
+report.candidates = fx { node('candidates').getValue() }
 report.suggest = click('suggest')
 List<String> classes = (List<String>) fx {
     node('sliders').getChildrenUnmodifiable().findAll { it instanceof Slider }.collect { it.getId().substring('slider-'.length()) }
