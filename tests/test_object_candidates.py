@@ -400,3 +400,40 @@ def test_heatmap_of_object_candidates_is_on_the_suggestions_scale(
             hm.value_at_l0("cell", CELLS[k][0], CELLS[k][1])
             > max(s.similarity for s in result.suggestions) - 1e-6
         )
+
+
+def test_objects_touching_the_border_keep_their_boxes_inside_the_image(tmp_path: Path) -> None:
+    """The detection image is whole analysis pixels (rounded up): a box of an object cut by the
+    right or bottom edge must still end at the image's edge, not up to a pixel of the detection
+    scale beyond it (the grid's suggestions are kept inside; a box outside fails check_box when
+    it comes back as a prototype)."""
+    import tifffile
+
+    from simsearch_wsi.features.preprocess import ChannelNormalization
+    from simsearch_wsi.search import objects as object_rule
+
+    width, height = 200, 120  # not multiples of the detection downsample, width != height
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:height, 0:width]
+    data = 8.0 + rng.normal(0, 2.0, (height, width))
+    for cx, cy, d in ((60, 50, 44), (190, 50, 44), (120, 112, 40)):  # two cut by an edge
+        data[np.hypot(xx - cx, yy - cy) < d / 2] = 200.0
+    path = tmp_path / "edge.tiff"
+    tifffile.imwrite(path, np.clip(data, 0, 255).astype(np.uint8))
+    with open_image(path) as img:
+        scale = object_rule.detection_scale(img, 40.0)
+        w_a, h_a = scale.analysis_size(img)
+        # the case: the detection grid reaches past both edges
+        assert w_a * scale.downsample_x > width + 0.5 and h_a * scale.downsample_y > height + 0.5
+        boxes = detect_objects(
+            img,
+            normalization=ChannelNormalization((0.0,), (255.0,), img.channel_names, "fixed-range"),
+            channels=img.channel_names,
+            rgb=False,
+            size_range_l0=(40.0, 44.0),
+        )
+    assert len(boxes) == 3
+    for b in boxes:
+        assert b.x_l0 >= 0 and b.x1_l0 <= width and b.y_l0 >= 0 and b.y1_l0 <= height, b
+    assert max(b.x1_l0 for b in boxes) == width and max(b.y1_l0 for b in boxes) == height
+

@@ -15,7 +15,7 @@ objects are darker than the background) and smoothed (a Gaussian of sigma
 ``min(Otsu, median + DETECT_NOISE_K x robust noise)`` (median and MAD of the smoothed image: the
 faint rim of a cell is kept where Otsu would keep only its bright core); each connected component
 whose longer box side is within [smallest prototype side, largest] x :data:`OBJECT_SIZE_RANGE`
-is an object, its level-0 bounding box the candidate's box.
+is an object, its level-0 bounding box (inside the image) the candidate's box.
 
 Embedding (:func:`embed_boxes`). Each box (a square of its longer side, about its centre) is read
 from the coarsest pyramid level that has it at :data:`OBJECT_PX` pixels or more and resampled so
@@ -208,7 +208,10 @@ def find_objects(
         if sl is None:
             continue
         ys, xs = sl
+        # the detection image is whole analysis pixels (rounded up): its last column and row
+        # may reach past the image's edge, which an object cut by the edge must not
         box = scale.box_to_l0(xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start)
+        box = box.clipped(*image.dimensions)
         side = max(box.width_l0, box.height_l0)
         if OBJECT_SIZE_RANGE[0] * lo_l0 <= side <= OBJECT_SIZE_RANGE[1] * hi_l0:
             boxes.append(box)
