@@ -437,3 +437,46 @@ def test_objects_touching_the_border_keep_their_boxes_inside_the_image(tmp_path:
         assert b.x_l0 >= 0 and b.x1_l0 <= width and b.y_l0 >= 0 and b.y1_l0 <= height, b
     assert max(b.x1_l0 for b in boxes) == width and max(b.y1_l0 for b in boxes) == height
 
+
+def test_session_records_auto_not_what_it_resolved_to(
+    field: Path, search: SimSearch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session run with the default ``auto`` records ``auto``: resumed, each image is decided
+    again. Recording what ``auto`` resolved to pinned the session to it: object candidates on
+    an image too large to detect on (a ConfigError where ``auto`` takes the grid), or the grid
+    for good after one patch-rule run."""
+    from simsearch_wsi.review.session import candidates_asked, with_rule
+    from simsearch_wsi.search import objects as object_rule
+
+    root = tmp_path / "s"
+    auto = search.with_settings(candidates="auto")
+    session = Session.create(root)
+
+    def run(**kwargs: Any) -> Any:
+        return suggest_with_session(
+            auto,
+            img,
+            session=Session.open(root),
+            annotations=None,
+            where="test",
+            thresholds={"cell": 0.99},
+            **kwargs,
+        )
+
+    with open_image(field) as img:
+        session.add_prototypes(img.path, [Prototype("cell", _box(0))])
+        session.save()
+        assert run().candidates == "objects"
+        assert Session.open(root).candidates == "auto"
+        # the same session on an image too large to read whole: auto takes the grid
+        monkeypatch.setattr(object_rule, "AUTO_MAX_PIXELS", 100)
+        monkeypatch.setattr(object_rule, "DETECT_MAX_PIXELS", 100)
+        assert run().candidates == "grid"
+        monkeypatch.undo()
+    after = Session.open(root)
+    assert after.candidates == "auto"
+    # a patch-rule run is held to the grid (with_rule) but records what was asked: back on
+    # the object rule, the session's auto applies again
+    assert with_rule(auto, False, after).settings.candidates == "grid"
+    assert candidates_asked(auto, after) == "auto"
+    assert with_rule(auto, True, after).settings.candidates == "auto"

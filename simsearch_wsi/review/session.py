@@ -148,8 +148,9 @@ class Session:
         #: the search rule of the session's suggestions (None: none made yet); a file written
         #: before the rule was recorded made its suggestions with the patch rule, the default then
         self.dense: bool | None = data.get("dense", False if self.suggestions else None)
-        #: where the session's suggestions came from (``SearchSettings.candidates``; None: none
-        #: made yet); a file written before it was recorded made them on the grid
+        #: the candidates the session's suggestions were asked from (``SearchSettings.candidates``,
+        #: ``auto`` included: :func:`candidates_asked`; None: none made yet); a file written
+        #: before it was recorded made them on the grid
         self.candidates: str | None = data.get("candidates", "grid" if self.suggestions else None)
 
     # --- files ----------------------------------------------------------------------------
@@ -550,6 +551,7 @@ def suggest_with_session(
                 f"{session.root}: the session has no prototypes yet; send annotations with "
                 "classified rectangles"
             )
+    asked = candidates_asked(search, session, candidates)
     search = with_rule(search, dense, session, candidates=candidates)
     with engine_lock or nullcontext():
         result = search.suggest(
@@ -568,7 +570,7 @@ def suggest_with_session(
     if session is not None:
         session.record_suggestions(result.image, result)
         session.dense = result.object_size_l0 is not None
-        session.candidates = result.candidates
+        session.candidates = asked
         session.save()
     return result
 
@@ -603,6 +605,20 @@ def with_rule(
     return search.with_settings(**changes) if changes else search
 
 
+def candidates_asked(
+    search: SimSearch, session: Session | None, candidates: str | None = None
+) -> str:
+    """What a session records as its candidates: those asked for (``candidates`` when given,
+    else the session's record, else ``search``'s setting), not what ``auto`` resolved to on
+    one image nor the grid a patch-rule run is held to, so a resumed session decides each
+    image as it was asked to (:func:`with_rule` applies the record)."""
+    if candidates is not None:
+        return candidates
+    if session is not None and session.candidates is not None:
+        return session.candidates
+    return search.settings.candidates
+
+
 def background_with_session(
     search: SimSearch,
     image: ImageSource,
@@ -621,6 +637,7 @@ def background_with_session(
     if not prototypes:
         raise ConfigError(f"{session.root}: the session has no prototypes yet; run suggest first")
     session.check_prototypes_on(image)
+    asked = candidates_asked(search, session, candidates)
     search = with_rule(search, dense, session, candidates=candidates)
     with engine_lock or nullcontext():
         result = search.suggest(
@@ -636,6 +653,6 @@ def background_with_session(
     result = dataclasses.replace(result, suggestions=[], ids=[])
     session.record_suggestions(result.image, result)
     session.dense = result.object_size_l0 is not None
-    session.candidates = result.candidates
+    session.candidates = asked
     session.save()
     return result
