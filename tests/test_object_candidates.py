@@ -480,3 +480,28 @@ def test_session_records_auto_not_what_it_resolved_to(
     assert with_rule(auto, False, after).settings.candidates == "grid"
     assert candidates_asked(auto, after) == "auto"
     assert with_rule(auto, True, after).settings.candidates == "auto"
+
+
+def test_brightfield_objects_are_dark_whatever_channels_the_search_uses(
+    tmp_path: Path, search: SimSearch
+) -> None:
+    """Brightfield cells are darker than the glass also when the search reads one of its
+    channels (``--channels G``: not RGB to the trunk): detection looked for bright objects
+    there, found the glass, and ``auto`` fell back to the grid."""
+    import tifffile
+
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    rgb = np.full((SIZE, SIZE, 3), 235.0) + rng.normal(0, 2.0, (SIZE, SIZE, 3))
+    for cx, cy, d in CELLS:
+        rgb[np.hypot(xx - cx, yy - cy) < d / 2] = (120.0, 60.0, 150.0)
+    path = tmp_path / "bf.tiff"
+    tifffile.imwrite(path, np.clip(rgb, 0, 255).astype(np.uint8), photometric="rgb")
+    with open_image(path) as img:
+        assert img.is_brightfield
+        for channels in (None, ("G",)):
+            auto = search.with_settings(candidates="auto", channels=channels)
+            assert auto.explain_candidates(img, [Prototype("cell", _box(0))]) == (
+                "objects",
+                "the prototype boxes outline separate objects",
+            ), channels

@@ -774,7 +774,7 @@ class SimSearch:
                     src,
                     normalization=spec.normalization,
                     channels=spec.channels,
-                    rgb=spec.rgb,
+                    rgb=src.is_brightfield,  # dark objects, whatever channels are read
                     size_range_l0=(min(sides), max(sides)),
                 )
                 if detected is not None:
@@ -820,7 +820,7 @@ class SimSearch:
                     src,
                     normalization=spec.normalization,
                     channels=spec.channels,
-                    rgb=spec.rgb,
+                    rgb=src.is_brightfield,  # as explain_candidates
                     size_range_l0=size_range,
                 )
             return detected[key]

@@ -9,9 +9,9 @@ plate, 13-80 px) this rule finds the objects first and compares each one at its 
 
 Detection (:func:`detect_objects`). The image is read whole at a scale where the smallest
 prototype side is about :data:`DETECT_MIN_PX` pixels (never upsampled), normalised per channel to
-[0, 1] (the search's intensity normalisation), averaged over channels (brightfield RGB: inverted,
-objects are darker than the background) and smoothed (a Gaussian of sigma
-:data:`DETECT_SIGMA_FRACTION` of that side). Foreground is what lies above
+[0, 1] (the search's intensity normalisation), averaged over channels (brightfield: inverted,
+objects are darker than the background, whatever channels are read) and smoothed (a Gaussian of
+sigma :data:`DETECT_SIGMA_FRACTION` of that side). Foreground is what lies above
 ``min(Otsu, median + DETECT_NOISE_K x robust noise)`` (median and MAD of the smoothed image: the
 faint rim of a cell is kept where Otsu would keep only its bright core); each connected component
 whose longer box side is within [smallest prototype side, largest] x :data:`OBJECT_SIZE_RANGE`
@@ -109,7 +109,7 @@ DETECT_BASE_CHANNELS = 3
 
 def object_intensity(pixels01: NDArray[np.float32], *, rgb: bool) -> NDArray[np.float32]:
     """(H, W, C) [0, 1] pixels -> (H, W) objectness: the channel mean (fluorescence: objects are
-    bright) or one minus it (brightfield RGB: objects are dark)."""
+    bright) or one minus it (``rgb``, brightfield: objects are dark, in any of its channels)."""
     mean = pixels01.mean(axis=2, dtype=np.float32)
     out: NDArray[np.float32] = (1.0 - mean) if rgb else mean
     return out.astype(np.float32)
@@ -139,8 +139,10 @@ def detect_objects(
     """Level-0 boxes of the separate objects of ``image`` (module docstring), largest first.
 
     ``size_range_l0``: (smallest, largest) prototype side in level-0 pixels; ``normalization``
-    and ``channels``: the search's (the feature spec's). Raises :class:`ConfigError` when the
-    detection image would exceed :data:`DETECT_MAX_PIXELS` (crop a region)."""
+    and ``channels``: the search's (the feature spec's); ``rgb``: objects are darker than the
+    background (a brightfield image, also when only some of its channels are read). Raises
+    :class:`ConfigError` when the detection image would exceed :data:`DETECT_MAX_PIXELS` (crop
+    a region)."""
     return find_objects(
         image,
         normalization=normalization,
