@@ -23,7 +23,8 @@ CANDIDATES_HELP = (
     "compared at its own size, the box the object's (for separate objects of varying size, "
     "e.g. cells of a plate; needs the object rule). auto: objects when every "
     "prototype box outlines one object found of about its size (separate objects), else grid. A "
-    "review session keeps the candidates its suggestions were made with unless given"
+    "review session keeps the candidates it was asked for (auto stays auto, decided on each "
+    "image) unless given"
 )
 #: the search rule option (``--dense``/``--no-dense``, the server's ``dense``): its help, one
 #: wording for the CLI and the server
