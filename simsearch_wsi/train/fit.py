@@ -762,8 +762,9 @@ class TrainResult:
     bundle: ModelBundle
     metrics: dict[str, Any]
     notes: list[str]
-    #: the held-out and unlabelled evidence the thresholds were picked from (None without
-    #: held-out patches)
+    #: the held-out, leave-one-out and unlabelled evidence the thresholds were picked from
+    #: (None for the linear head without held-out patches; a search head always has its
+    #: leave-one-out probabilities)
     evidence: ThresholdEvidence | None = None
 
 
