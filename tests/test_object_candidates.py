@@ -505,3 +505,30 @@ def test_brightfield_objects_are_dark_whatever_channels_the_search_uses(
                 "objects",
                 "the prototype boxes outline separate objects",
             ), channels
+
+
+def test_heatmap_marks_a_small_object_at_the_image_corner() -> None:
+    """An object smaller than the windows' pitch marks the window nearest its centre, also in
+    the image's first pixels, where the nearest window centre is the first one (its index was
+    rounded to -1 and the object left off the heat map, though it is a suggestion)."""
+    from simsearch_wsi.features.extractor import AnalysisScale
+    from simsearch_wsi.search.objects import ObjectCandidates
+    from simsearch_wsi.search.similarity import PatchGeometry
+
+    unit = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    found = ObjectCandidates(
+        boxes=(BoxL0(0, 0, 6, 6), BoxL0(100, 60, 6, 6)),
+        candidate_vectors=unit,
+        vectors=torch.tensor([[1.0, 0.0]]),
+        class_index=torch.tensor([0]),
+        classes=("cell",),
+    )
+    geometry = PatchGeometry(32.0, 32.0, 16)  # 2 x 2 cells: centres at 16, 32, ... px
+    scale = AnalysisScale(0, 1.0, 1.0, 1.0)
+    maps = found.similarity_maps(
+        (found.vectors, found.class_index), geometry=geometry, scale=scale, shape_hw=(5, 7)
+    )
+    assert maps.shape == (1, 5, 7)
+    assert maps[0, 0, 0] == pytest.approx(1.0)  # the corner object, in the first window
+    assert maps[0, 3, 5] == pytest.approx(0.6)  # centre (103, 63): window (3, 5) at (96, 64)
+    assert np.isnan(maps).sum() == 5 * 7 - 2

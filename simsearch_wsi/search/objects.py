@@ -405,8 +405,8 @@ class ObjectCandidates:
                 if j0 >= j1 or i0 >= i1:  # no centre inside: the window nearest the object's
                     cx, cy = box.center_l0
                     i, j = geometry.window_index(cx / scale.downsample_x, cy / scale.downsample_y)
-                    if not (0 <= i < h and 0 <= j < w):
-                        continue
+                    # by the image's edge the nearest window is the first or last one
+                    i, j = min(max(i, 0), h - 1), min(max(j, 0), w - 1)
                     i0, i1, j0, j1 = i, i + 1, j, j + 1
                 block = out[:, i0:i1, j0:j1]
                 np.maximum(block, sim[n][:, None, None], out=block)
