@@ -551,7 +551,7 @@ def suggest_with_session(
                 f"{session.root}: the session has no prototypes yet; send annotations with "
                 "classified rectangles"
             )
-    asked = candidates_asked(search, session, candidates)
+    asked = candidates_asked(search, session, candidates=candidates)
     search = with_rule(search, dense, session, candidates=candidates)
     with engine_lock or nullcontext():
         result = search.suggest(
@@ -606,7 +606,7 @@ def with_rule(
 
 
 def candidates_asked(
-    search: SimSearch, session: Session | None, candidates: str | None = None
+    search: SimSearch, session: Session | None, *, candidates: str | None = None
 ) -> str:
     """What a session records as its candidates: those asked for (``candidates`` when given,
     else the session's record, else ``search``'s setting), not what ``auto`` resolved to on
@@ -637,7 +637,7 @@ def background_with_session(
     if not prototypes:
         raise ConfigError(f"{session.root}: the session has no prototypes yet; run suggest first")
     session.check_prototypes_on(image)
-    asked = candidates_asked(search, session, candidates)
+    asked = candidates_asked(search, session, candidates=candidates)
     search = with_rule(search, dense, session, candidates=candidates)
     with engine_lock or nullcontext():
         result = search.suggest(
