@@ -337,9 +337,9 @@ def test_review_loop_from_qupath(world: World, tmp_path: Path) -> None:
     assert f"added {len(added)} detections" in line and "background 2" in line, line
     assert "from 3 prototype(s) (all annotations), replaced 0 earlier" in line, line
     assert "ring=0.40" in line and "cluster=0.50" in line, line
-    # the server's default rule, recorded; its `auto` candidates took the grid on these motifs
+    # the server's default rule and candidates (`auto`, recorded as asked; it took the grid here)
     assert "earlier; object rule, grid candidates;" in line, line
-    assert Session.open(session).dense is True and Session.open(session).candidates == "grid"
+    assert Session.open(session).dense is True and Session.open(session).candidates == "auto"
 
     # the user rejects one suggestion, then suggests again: the others are replaced
     objects = first.record["objects"]
