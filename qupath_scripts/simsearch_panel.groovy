@@ -359,6 +359,12 @@ String background(Map panel) {
         fail('Type the session folder first (Background uses its prototypes)')
     Map image = currentImage()
     Map body = [image: image.uri, session: panel.session, n: panel.background]
+    Boolean dense = denseOf((String) panel.rule)  // the Rule and Candidates choices, as Suggest
+    if (dense != null)
+        body.dense = dense
+    String candidatesRule = candidatesOf((String) panel.candidates)
+    if (candidatesRule != null)
+        body.candidates = candidatesRule
     Map answer = (Map) callServer((Map) panel.api, 'POST', '/background', body, (int) panel.timeout)
     List objects = readFeatures((List) answer.features)
     onFx {

@@ -240,6 +240,8 @@ def test_panel_live_threshold_heatmap_and_review(world: World, tmp_path: Path) -
     assert saved.thresholds[c] == pytest.approx(report["third"])
     assert all(saved.thresholds[n] == 0.5 for n in names if n != c)
     assert report["background"].startswith("Background: added 4"), report["background"]
+    # Background sent the Candidates choice (set to grid before it): the session records it
+    assert report["candidates_after_background"] == "grid"
     assert len(report["after_background"]["background"]) == 4
 
     # a deleted candidate stays deleted when the slider moves down and back

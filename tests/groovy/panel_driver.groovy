@@ -134,7 +134,10 @@ if (snapshot) {
     }
 }
 report.review = click('review')
+fx { node('candidates').setValue('grid') }  // Background sends the Candidates choice too
 report.background = click('background')
+report.candidates_after_background = new groovy.json.JsonSlurper().parse(
+        new File(System.getProperty('simsearch.session'), 'session.json')).candidates
 report.after_background = fx { holding() }
 
 // the user deletes a shown candidate: moving the slider down and back does not bring it back
