@@ -319,9 +319,12 @@ def test_auto_takes_the_grid_where_objects_are_too_large_to_detect(
     the grid (which works there), not a ConfigError asking for pyramid levels."""
     auto = search.with_settings(candidates="auto")
     with open_image(_flat_image(tmp_path)) as img:
-        assert auto.resolve_candidates(img, [Prototype("cell", BoxL0(100, 100, 256, 256))]) == (
-            "grid"
-        )
+        protos = [Prototype("cell", BoxL0(100, 100, 256, 256))]
+        assert auto.resolve_candidates(img, protos) == "grid"
+        # the note says why, in the words of the error the detection would have raised
+        mode, why = auto.explain_candidates(img, protos)
+        assert mode == "grid" and why.startswith("objects cannot be found on the image (")
+        assert "add pyramid levels" in why
 
 
 def test_detection_counts_every_channel_it_reads() -> None:

@@ -763,8 +763,8 @@ class SimSearch:
                 where = "the image" if path is None else f"prototype image {os.path.basename(path)}"
                 try:
                     scale = object_rule.detection_scale(src, min(sides))
-                except ConfigError:  # too large to detect without more pyramid levels
-                    return "grid", f"{where} has no pyramid level to find objects this large"
+                except ConfigError as err:  # e.g. too large without more pyramid levels
+                    return "grid", f"objects cannot be found on {where} ({err})"
                 if not object_rule.detection_fits(src, scale, object_rule.AUTO_MAX_PIXELS):
                     return "grid", f"{where} is too large to be read whole (a slide)"
                 spec = self.feature_spec(
