@@ -43,7 +43,10 @@ since 2026-12-07 (``grid``: the grid only, the default before);
 docs/evaluation.md, which were run before.
 ``objects`` and ``objects-auto`` are the object candidates (``candidates="objects"`` and
 ``"auto"``, :mod:`simsearch_wsi.search.objects`); ``--objects-set NAME=VALUE,...`` changes that
-module's constants for a run (dev ablations).
+module's constants for a run (dev ablations), and a configuration named ``NAME@CONST=VALUE;...``
+(e.g. ``default@OBJECT_CHANNEL_BLOCKS=0``) is configuration ``NAME`` with those constants set for
+its row only (rows side by side in one run). ``--cases plate@SEED`` (dev only; SEED one of
+:data:`EXTRA_PLATE_SEEDS`) adds the plate of another generator seed, scored as ``plate``.
 
     .venv/bin/python benchmarks/search_suite.py --out bench_output/search_suite --threads 1
     .venv/bin/python benchmarks/search_suite.py --out ... --split held-out --threads 1
@@ -61,7 +64,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +130,8 @@ class Case:
     boxes: Callable[[str, int], BoxL0]
     radius_l0: float
     region: bool = False
+    #: the seed of the prototype draws (the case's seed; set for the extra dev plates)
+    seed: int | None = None
 
 
 REGION_TOP_K = 25
@@ -330,6 +335,23 @@ def ihc_region_case(root: Path) -> Case:
     return Case("ihc regions", tuple(REGION_CLASSES), image, (image,), no_box, 0.0, True)
 
 
+#: extra dev plates (``--cases plate@SEED``): other generator seeds than every split's plate
+EXTRA_PLATE_SEEDS = (411, 412, 413, 414, 415)
+
+
+def extra_plate_case(root: Path, split: str, name: str) -> Case:
+    """``plate@SEED``: the plate case of another generator seed (dev only; never a seed of a
+    split's own plate), named ``plate@SEED``: more dev plates, so a choice is not fit to one."""
+    text = name.partition("@")[2]
+    if split != "dev" or not text.isdigit():
+        raise SystemExit(f"--cases {name!r}: plate@SEED is for --split dev only")
+    seed = int(text)
+    if seed not in EXTRA_PLATE_SEEDS or seed in {s["plate"] for s in SEEDS.values()}:
+        raise SystemExit(f"--cases {name!r}: the extra dev plates are {EXTRA_PLATE_SEEDS}")
+    case = plate_case(root, seed, size=512)
+    return replace(case, name=name, seed=seed)
+
+
 def build_cases(root: Path, split: str, names: list[str], *, quick: bool) -> list[Case]:
     root.mkdir(parents=True, exist_ok=True)
     seeds = SEEDS[split]
@@ -342,7 +364,9 @@ def build_cases(root: Path, split: str, names: list[str], *, quick: bool) -> lis
         "plate": lambda: plate_case(root, seeds["plate"], size=512),
         "ihc regions": lambda: ihc_region_case(root),
     }
-    return [makers[n]() for n in names]
+    return [
+        extra_plate_case(root, split, n) if n.startswith("plate@") else makers[n]() for n in names
+    ]
 
 
 def draw_prototypes(case: Case, per_class: int, rng: np.random.Generator) -> list[Prototype]:
@@ -463,7 +487,11 @@ def main() -> None:
     configs = [c for c in args.configs.split(",") if c]
     rows: list[dict[str, Any]] = []
     for name in configs:
-        search = SimSearch(extractor, cache, settings=CONFIGS[name])
+        base, _, row_set = name.partition("@")
+        if base not in CONFIGS:
+            raise SystemExit(f"--configs: unknown configuration {base!r}")
+        saved = set_object_constants(row_set.replace(";", ","), restore=True)
+        search = SimSearch(extractor, cache, settings=CONFIGS[base])
         row: dict[str, Any] = {"config": name, "cases": {}}
         t0 = time.perf_counter()
         for case in cases:
@@ -472,7 +500,7 @@ def main() -> None:
                 ap: dict[str, list[float]] = {c: [] for c in case.classes}
                 rec: dict[str, list[float]] = {c: [] for c in case.classes}
                 for d in range(draws):
-                    seed = SEEDS[args.split][case.name]
+                    seed = SEEDS[args.split][case.name] if case.seed is None else case.seed
                     protos = draw_prototypes(case, p, np.random.default_rng([seed, p, d]))
                     if case.region:
                         for c, v in region_score(search, case, protos).items():
@@ -512,12 +540,13 @@ def main() -> None:
         row["mean_recall_p90"] = _mean([row["cases"][n]["recall_p90"] for n in scored])
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
+        restore_object_constants(saved)
     record = {
         "split": args.split,
         "seeds": SEEDS[args.split],
         "prototypes_per_class": ps,
         "draws": draws,
-        "configs": {n: repr(CONFIGS[n]) for n in configs},
+        "configs": {n: repr(CONFIGS[n.partition("@")[0]]) for n in configs},
         "cases": {
             c.name: {
                 "classes": list(c.classes),
@@ -538,12 +567,14 @@ def main() -> None:
     print(markdown(record))
 
 
-def set_object_constants(text: str) -> dict[str, Any]:
+def set_object_constants(text: str, *, restore: bool = False) -> dict[str, Any]:
     """Set constants of :mod:`simsearch_wsi.search.objects` from ``NAME=VALUE,...`` (dev
-    ablations); returns what was set."""
+    ablations); returns what was set (``restore``: their values before, for
+    :func:`restore_object_constants`)."""
     from simsearch_wsi.search import objects
 
     changed: dict[str, Any] = {}
+    before: dict[str, Any] = {}
     for item in (t for t in text.split(",") if t):
         name, _, value = item.partition("=")
         current = getattr(objects, name, None)
@@ -556,9 +587,19 @@ def set_object_constants(text: str) -> dict[str, Any]:
             new = tuple(float(v) for v in value.split(":"))
         else:
             new = type(current)(float(value))
+        before.setdefault(name, current)
         setattr(objects, name, new)
         changed[name] = new
-    return changed
+    return before if restore else changed
+
+
+def restore_object_constants(values: dict[str, Any]) -> None:
+    """Put back constants of :mod:`simsearch_wsi.search.objects` (``set_object_constants``'s
+    ``restore`` answer)."""
+    from simsearch_wsi.search import objects
+
+    for name, value in values.items():
+        setattr(objects, name, value)
 
 
 def markdown(record: dict[str, Any]) -> str:

@@ -535,3 +535,61 @@ def test_heatmap_marks_a_small_object_at_the_image_corner() -> None:
     assert maps[0, 0, 0] == pytest.approx(1.0)  # the corner object, in the first window
     assert maps[0, 3, 5] == pytest.approx(0.6)  # centre (103, 63): window (3, 5) at (96, 64)
     assert np.isnan(maps).sum() == 5 * 7 - 2
+
+
+def test_channel_blocks_count_every_channel_equally() -> None:
+    """Each channel's block of an object vector has length 1 / sqrt(channels): the cosine of two
+    vectors is the mean of their channels' cosines, however unequal the blocks were."""
+    import torch.nn.functional as F
+
+    from simsearch_wsi.search.objects import channel_blocks_unit
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(5, 2, 8, generator=g)
+    raw[:, 1] *= 10.0  # the second channel dominates the raw vectors
+    flat = raw.reshape(5, 16)
+    out = channel_blocks_unit(flat, 2)
+    assert out.shape == (5, 16)
+    assert torch.allclose(out.reshape(5, 2, 8).norm(dim=2), torch.full((5, 2), 0.5**0.5))
+    per_channel = [F.normalize(raw[:, c], dim=1) for c in range(2)]
+    expected = (per_channel[0] @ per_channel[0].T + per_channel[1] @ per_channel[1].T) / 2
+    assert torch.allclose(out @ out.T, expected, atol=1e-6)
+    # the plain cosine is the dominant channel's
+    plain = F.normalize(flat, dim=1)
+    assert not torch.allclose(plain @ plain.T, expected, atol=0.05)
+    assert torch.allclose(channel_blocks_unit(flat, 1), plain)
+    with pytest.raises(ConfigError, match="channel blocks"):
+        channel_blocks_unit(flat, 3)
+
+
+@pytest.mark.parametrize("blocks", [True, False])
+def test_object_vectors_have_a_block_per_channel(
+    field: Path, search: SimSearch, monkeypatch: pytest.MonkeyPatch, blocks: bool
+) -> None:
+    """The object vectors of a 2-channel field: each channel's block of length 1 / sqrt(2)
+    with ``OBJECT_CHANNEL_BLOCKS`` (the default), unequal blocks without it; unit length both
+    ways."""
+    from simsearch_wsi.features.norm import FeatureNormalizer
+    from simsearch_wsi.search import objects as object_rule
+
+    assert object_rule.OBJECT_CHANNEL_BLOCKS is True
+    monkeypatch.setattr(object_rule, "OBJECT_CHANNEL_BLOCKS", blocks)
+    boxes = [_box(k) for k in range(len(CELLS))]
+    with open_image(field) as img:
+        spec, fmap = search.embed(img, 40.0)
+        vecs = object_rule.embed_boxes(
+            img,
+            search.extractor,
+            spec=spec,
+            boxes=boxes,
+            normalizer=FeatureNormalizer.of(fmap, "standardize"),
+            pool_fraction=0.5,
+        )
+    assert len(spec.channels) == 2 and not spec.rgb
+    assert vecs.shape[0] == len(CELLS)
+    assert torch.allclose(vecs.norm(dim=1), torch.ones(len(CELLS)), atol=1e-5)
+    norms = vecs.reshape(len(CELLS), 2, -1).norm(dim=2)
+    if blocks:
+        assert torch.allclose(norms, torch.full_like(norms, 0.5**0.5), atol=1e-5)
+    else:
+        assert float((norms[:, 0] - norms[:, 1]).abs().max()) > 0.05

@@ -24,7 +24,9 @@ that it is exactly :data:`OBJECT_PX` pixels (4 trunk cells), in a crop of
 :data:`OBJECT_HALO_PX`, none by default); its vector is the Gaussian pool
 (:class:`~simsearch_wsi.search.similarity.PatchGeometry`'s kernel) over the central
 :data:`OBJECT_POOL_FRACTION` of the object, normalised with the image's feature-map statistics
-(standardised where the search whitens: :data:`OBJECT_FEATURE_NORM`). Prototypes are embedded the
+(standardised where the search whitens: :data:`OBJECT_FEATURE_NORM`); with several fluorescence
+channels each channel's block of dimensions is scaled to unit length on its own, so that every
+channel counts equally (:data:`OBJECT_CHANNEL_BLOCKS`). Prototypes are embedded the
 same way, over the detected object their box outlines (the object whose centre lies in the box,
 nearest its centre; the box itself when none), in the four rotations, so a prototype and a
 candidate of the same kind of object give the same vector whatever their sizes.
@@ -77,6 +79,13 @@ OBJECT_POOL_FRACTION = 0.5
 #: the default): the whitening is fitted on every window of the image, mostly background, and
 #: was measured worse for objects (dev plate PR-AUC 0.78 vs 0.90; docs/evaluation.md)
 OBJECT_FEATURE_NORM = {"whiten": "standardize"}
+#: a fluorescence object's vector is made of one block of dimensions per channel (the trunk's
+#: features of each channel, concatenated); True: each block is scaled to unit length on its own
+#: (then the whole by 1 / sqrt(channels)), so every channel counts equally in the cosine, whatever
+#: its share of the standardised vector's norm (six dev plates 0.792 -> 0.868 PR-AUC, held-out
+#: plate 0.765 -> 0.896: docs/evaluation.md, "2026-12-07 (later): six dev plates, and every
+#: channel counts equally"); False: the vector is scaled as one (the rule before)
+OBJECT_CHANNEL_BLOCKS = True
 #: ``candidates="auto"``: a prototype outlines an object when the object's longer side is within
 #: this factor of the box's (either way)
 AUTO_OBJECT_SIZE_RATIO = 2.0
@@ -313,7 +322,9 @@ def embed_boxes(
 ) -> torch.Tensor:
     """(N x rotations, D) unit vectors, box by box (rotations 0, 90, ... degrees of each box
     in turn): each box embedded at its own size (module docstring) with the spec's channels,
-    intensity normalisation and trunk, pooled over ``pool_fraction`` of the object."""
+    intensity normalisation and trunk, pooled over ``pool_fraction`` of the object; with
+    several fluorescence channels, each channel's block of dimensions of unit length on its own
+    (:data:`OBJECT_CHANNEL_BLOCKS`, :func:`channel_blocks_unit`)."""
     if rotations not in (1, 4):
         raise ConfigError(f"rotations must be 1 or 4, got {rotations}")
     s = extractor.stride
@@ -341,7 +352,21 @@ def embed_boxes(
         window = feats[:, :, c + o : c + o + kp, c + o : c + o + kp]
         parts.append((window * kernel[None, None]).sum(dim=(2, 3)))
     vecs: torch.Tensor = normalizer(torch.cat(parts), dim=1)
-    return vecs
+    n_blocks = 1 if spec.rgb else len(spec.channels)
+    return channel_blocks_unit(vecs, n_blocks) if OBJECT_CHANNEL_BLOCKS else vecs
+
+
+def channel_blocks_unit(vectors: torch.Tensor, n_channels: int) -> torch.Tensor:
+    """(N, D) vectors -> (N, D) unit vectors whose ``n_channels`` blocks of ``D / n_channels``
+    dimensions (channel-major, :func:`~simsearch_wsi.features.extractor.merge_channel_features`)
+    each have length ``1 / sqrt(n_channels)``: their cosine is the mean of the channels'
+    cosines. One channel: the vectors scaled to unit length."""
+    n, d = vectors.shape
+    if n_channels < 1 or d % n_channels:
+        raise ConfigError(f"{d} dimensions do not split into {n_channels} channel blocks")
+    blocks = F.normalize(vectors.reshape(n, n_channels, d // n_channels), dim=2)
+    out: torch.Tensor = blocks.reshape(n, d) / math.sqrt(n_channels)
+    return out
 
 
 @dataclass(frozen=True)
