@@ -3,7 +3,10 @@
 The search head on the fine-tuned trunk and the search head on the search's own trunk rank
 different windows wrongly (docs/evaluation.md, "Training study", 2026-12-07): the mean of
 their log-probabilities, renormalised over the classes, keeps what both agree on and was
-above either alone on the study's cases.
+above either alone on the study's cases. The search's own similarity to the prototypes is a
+third expert at a lower weight (:func:`similarity_expert_head`, ``TrainConfig.similarity_expert``;
+"the search's similarity as a third expert" in the same section): it ranks the look-alikes the
+heads confuse with a class lower.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ def combine_experts(
     return out
 
 
+#: the similarity expert's weight in the ensemble's product by default (the two search heads
+#: weigh 1 each; ``TrainConfig.similarity_expert``)
+DEFAULT_SIMILARITY_EXPERT = 0.25
 #: the similarity expert (:func:`similarity_expert_head`): its temperature, in cosine
 #: similarity (a window's class logit is ``s_c / T``) ...
 SIMILARITY_EXPERT_TEMPERATURE = 0.1
