@@ -811,7 +811,7 @@ def _no_partner(path: Path, meta: dict[str, Any]) -> None:
     if meta.get("partner") is not None:
         raise BundleError(
             f"{path}: bundle.json of version {meta.get('version')} has a 'partner' model, which "
-            f"only version 3 holds; {_COPY_HINT}"
+            f"only version 3 and later hold; {_COPY_HINT}"
         )
 
 
