@@ -97,6 +97,14 @@ CASES = (
     # never looked at before the run that reported the chosen threshold rule
     ("seed73-P3", "held-out (fresh2)", 73, 3),
     ("seed79-P2", "held-out (fresh2)", 79, 2),
+    # added for the search as a third expert (2026-12-07): dev cases, where the combination
+    # rule was chosen (the four dev cases above had the ensemble far above the search)
+    ("seed19-P3", "dev", 19, 3),
+    ("seed29-P2", "dev", 29, 2),
+    ("seed31-P3", "dev", 31, 3),
+    ("seed43-P2", "dev", 43, 2),
+    ("seed47-P3", "dev", 47, 3),
+    ("seed83-P2", "dev", 83, 2),
 )
 
 
@@ -258,6 +266,53 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
 
 
+def rescore_combinations(directory: Path) -> str:
+    """PR-AUC of every rule of :data:`COMBINATIONS` on the experts' maps a ``--save-maps`` run of
+    arm ``pair3-fp32`` saved under ``directory`` (no training), with the search's from the
+    run's ``rows.json`` beside each case folder (class means)."""
+    rows = []
+    for path in sorted(directory.glob("*/maps-*.pkl")):
+        with path.open("rb") as f:
+            saved = pickle.load(f)
+        if not saved.get("experts"):
+            continue
+        search_mean = float("nan")
+        for rows_json in (
+            path.parent.parent / "rows.json",
+            path.parent.resolve().parent / "rows.json",
+        ):
+            if rows_json.exists():
+                for r in json.loads(rows_json.read_text()):
+                    if r["case"] == saved["case"]:
+                        search_mean = r["arms"]["search"]["mean"]
+                break
+        cells = {"search": search_mean}
+        for rule, maps in combination_maps(saved["experts"]).items():
+            ap = ranking_ap(
+                maps, saved["truths"], saved["classes"], saved["radius_l0"], saved["spacing"]
+            )
+            cells[rule] = float(np.nanmean(list(ap.values())))
+        rows.append((saved["case"], saved["split"], cells))
+    names = list(dict.fromkeys(n for _, _, c in rows for n in c))
+    lines = [
+        "| case | split | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for case, split, cells in rows:
+        lines.append(
+            f"| {case} | {split} | "
+            + " | ".join(f"{cells.get(n, float('nan')):.3f}" for n in names)
+            + " |"
+        )
+    for split in dict.fromkeys(sp for _, sp, _ in rows):
+        sub = [c for _, sp, c in rows if sp == split]
+        means = [f"{np.nanmean([c.get(n, np.nan) for c in sub]):.3f}" for n in names]
+        wins = [f"{sum(c.get(n, np.nan) >= c['search'] for c in sub)}/{len(sub)}" for n in names]
+        lines.append(f"| **mean {split}** ({len(sub)}) | | " + " | ".join(means) + " |")
+        lines.append(f"| >= search, {split} | | " + " | ".join(wins) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def rescore(directory: Path) -> str:
     """Every threshold rule of :func:`rule_thresholds` on the maps a ``--save-maps`` run saved
     under ``directory`` (no training): F1 / IoU at each rule's thresholds, class means."""
@@ -350,6 +405,199 @@ def _product_of_experts(maps: list[ClassMaps], *, equal_spread: bool = False) ->
     probs = np.exp(logp).astype(np.float32)
     probs[:, ~np.isfinite(np.stack([m.probabilities for m in maps])).all(axis=(0, 1))] = np.nan
     return dataclasses.replace(maps[0], probabilities=probs)
+
+
+def _expert_maps(
+    bench: Benchmark,
+    bundle: Any,
+    search: SimSearch,
+    session: Session,
+) -> dict[str, Any]:
+    """Per test image, each expert's class maps alone: ``tuned`` (the search head on the
+    fine-tuned trunk), ``partner`` (the search head on the search's trunk, without a similarity
+    expert), and ``similarity`` the search's own (K_fg, Hp, Wp) cosine similarity to the
+    prototypes (None where its grid differs)."""
+    cache = search.cache.root
+    partner = dataclasses.replace(
+        bundle.partner, expert_mask=None, expert_weight=None, expert_bias=None, expert_share=0.0
+    )
+    models = {
+        "tuned": PatchModel(dataclasses.replace(bundle, partner=None), cache_dir=cache),
+        "partner": PatchModel(partner, cache_dir=cache),
+    }
+    out: dict[str, Any] = {k: [] for k in (*models, "similarity")}
+    # each search head's calibration: (K, 2) similarity weights and (K,) biases
+    out["calibration"] = {
+        key: (model.bundle.head_weight.numpy(), model.bundle.head_bias.numpy())
+        for key, model in models.items()
+        if key != "tuned"
+    }
+    size = bench.patch_size_l0
+    for t in bench.test:
+        with open_image(t.path) as image:
+            for key, model in models.items():
+                out[key].append(dense_class_maps(image, model))
+            sims = search.similarity(image, session.all_prototypes(), patch_size_l0=(size, size))
+            shape = out["partner"][-1].probabilities.shape[1:]
+            out["similarity"].append(
+                {"classes": sims.classes, "maps": sims.maps}
+                if sims.maps.shape[1:] == shape
+                else None
+            )
+    return out
+
+
+def weighted_product(probs: list[Any], weights: list[float]) -> Any:
+    """(K, Hp, Wp) the weighted mean of the experts' log-probabilities, renormalised."""
+    w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    logp = sum(
+        wi * np.log(np.maximum(p.astype(np.float64), 1e-300))
+        for wi, p in zip(w, probs, strict=True)
+    )
+    logp = logp - np.logaddexp.reduce(logp, axis=0, keepdims=True)
+    out = np.exp(logp).astype(np.float32)
+    out[:, ~np.isfinite(np.stack(probs)).all(axis=(0, 1))] = np.nan
+    return out
+
+
+#: the similarity expert's weight in arm ``pair-sim`` (chosen on the dev cases, docs/evaluation.md
+#: "the search's similarity as a third expert")
+SIM_SHARE = 0.25
+
+#: combination rules of the experts' maps: name -> weights of the search head on the fine-tuned
+#: trunk (``tuned``), the search head on the search's trunk (``partner``), the prototype expert
+#: (``prototypes``, a search head remembering the prototypes alone) and the search's similarity
+#: as an expert (``similarity``: class logits ``s_c / T``, background ``beta / T``); each rule
+#: is (weights, T, beta)
+COMBINATIONS: dict[str, tuple[tuple[float, float, float, float, float], float, float]] = {
+    "tuned": ((1, 0, 0, 0, 0), 0.1, 0.7),
+    "partner": ((0, 1, 0, 0, 0), 0.1, 0.7),
+    "prototypes": ((0, 0, 1, 0, 0), 0.1, 0.7),
+    "tuned x partner": ((1, 1, 0, 0, 0), 0.1, 0.7),
+    "tuned x partner x prototypes": ((1, 1, 1, 0, 0), 0.1, 0.7),
+    "tuned x partner x prototypes/2": ((1, 1, 0.5, 0, 0), 0.1, 0.7),
+    **{
+        f"tuned x partner x sim^{w:g} T{t:g} b{b:g}": ((1, 1, 0, w, 0), t, b)
+        for w in (0.5, 1.0)
+        for t in (0.1, 0.2)
+        for b in (0.6, 0.7, 0.8)
+    },
+    "similarity T0.1 b0.7": ((0, 0, 0, 1, 0), 0.1, 0.7),
+    **{
+        f"tuned x partner x sim^{w:g} T{t:g} b{b:g}": ((1, 1, 0, w, 0), t, b)
+        for w in (0.25, 0.5)
+        for t in (0.3, 0.5)
+        for b in (0.8, 0.9)
+    },
+    **{
+        f"tuned x partner x sim^{w:g} T{t:g} b1": ((1, 1, 0, w, 0), t, 1.0)
+        for w in (0.25, 0.5, 1.0)
+        for t in (0.1, 0.2, 0.3)
+    },
+    "similarity T0.1 b1": ((0, 0, 0, 1, 0), 0.1, 1.0),
+    **{f"tuned x partner x psim^{w:g}": ((1, 1, 0, 0, w), 1.0, 0.0) for w in (0.25, 0.5, 1.0)},
+    "psim": ((0, 0, 0, 0, 1), 1.0, 0.0),
+    "tuned x sim^1 T0.2 b0.8": ((1, 0, 0, 1, 0), 0.2, 0.8),
+    "tuned x sim^0.5 T0.2 b0.8": ((1, 0, 0, 0.5, 0), 0.2, 0.8),
+}
+
+
+def similarity_probabilities(
+    similarity: dict[str, Any], classes: tuple[str, ...], *, temperature: float, beta: float
+) -> Any:
+    """(K, Hp, Wp) class probabilities of the search's similarity maps (``maps`` (K_fg, Hp, Wp)
+    in the order of ``similarity["classes"]``): softmax of ``s_c / T``, background's logit
+    ``beta / T``."""
+    sims = similarity["maps"].astype(np.float64)
+    order = list(similarity["classes"])
+    z = (
+        np.stack(
+            [
+                np.full(sims.shape[1:], beta) if c == "background" else sims[order.index(c)]
+                for c in classes
+            ]
+        )
+        / temperature
+    )
+    with np.errstate(invalid="ignore"):
+        z = z - np.logaddexp.reduce(z, axis=0, keepdims=True)
+    return np.exp(z).astype(np.float32)
+
+
+def calibrated_similarity(
+    similarity: dict[str, Any], classes: tuple[str, ...], scale: Any, bias: Any
+) -> Any:
+    """(K, Hp, Wp) softmax of ``scale_c s_c + bias_c`` (background's logit 0)."""
+    sims = similarity["maps"].astype(np.float64)
+    order = list(similarity["classes"])
+    z = np.stack(
+        [
+            np.zeros(sims.shape[1:])
+            if c == "background"
+            else float(scale[k]) * sims[order.index(c)] + float(bias[k])
+            for k, c in enumerate(classes)
+        ]
+    )
+    with np.errstate(invalid="ignore"):
+        z = z - np.logaddexp.reduce(z, axis=0, keepdims=True)
+    return np.exp(z).astype(np.float32)
+
+
+def combination_maps(
+    experts: dict[str, Any], rules: dict[str, Any] | None = None
+) -> dict[str, list[ClassMaps]]:
+    """Per rule of :data:`COMBINATIONS`, the combined class maps of every test image."""
+    out: dict[str, list[ClassMaps]] = {}
+    keys = ("tuned", "partner", "prototypes", "similarity", "psim")
+    for rule, (weights, temperature, beta) in (rules or COMBINATIONS).items():
+        if (weights[3] > 0 or weights[4] > 0) and any(s is None for s in experts["similarity"]):
+            continue
+        if weights[2] > 0 and "prototypes" not in experts:
+            continue
+        if weights[4] > 0 and "calibration" not in experts:
+            continue
+        maps = []
+        for i, base in enumerate(experts["tuned"]):
+            used = []
+            for k, w in zip(keys, weights, strict=True):
+                if w <= 0:
+                    continue
+                if k == "similarity":
+                    p = similarity_probabilities(
+                        experts[k][i], base.classes, temperature=temperature, beta=beta
+                    )
+                elif k == "psim":
+                    # the partner's calibration on the similarity to the prototypes alone
+                    a, b = experts["calibration"]["partner"]
+                    p = calibrated_similarity(experts["similarity"][i], base.classes, a[:, 0], b)
+                else:
+                    p = experts[k][i].probabilities
+                used.append((p, w))
+            probs = weighted_product([p for p, _ in used], [w for _, w in used])
+            maps.append(dataclasses.replace(base, probabilities=probs))
+        out[rule] = maps
+    return out
+
+
+def ranking_ap(
+    maps: list[ClassMaps], truths: list[Any], classes: Any, radius: float, spacing: float
+) -> dict[str, float]:
+    """PR-AUC per class of ``detect``'s detections ranked by log-odds (what
+    ``score_class_maps`` reports as ``ap``, without the thresholds and segmentation)."""
+    parts: dict[str, list[Any]] = {c: [] for c in classes}
+    for m, truth in zip(maps, truths, strict=True):
+        found = detect(m, dict.fromkeys(m.classes, 0.0), spacing_patches=spacing)
+        for c in classes:
+            parts[c].append(
+                class_pr(
+                    found,
+                    truth,
+                    class_name=c,
+                    max_distance_l0=radius,
+                    score=lambda d: float(d.score),
+                )
+            )
+    return {c: pool_class_pr(parts[c]).ap for c in classes}
 
 
 def _score_maps(bench: Benchmark, maps: list[ClassMaps], radius: float) -> dict[str, float]:
@@ -483,6 +731,20 @@ def run_case(
             variants += [("ensemble fp32", {"head_input": "ensemble", "autocast": False}, set())]
             if bf16_native and arm == "pair":
                 variants += [("ensemble bf16", {"head_input": "ensemble", "autocast": True}, set())]
+        elif arm == "pair3-fp32":
+            # the ensemble (as pair-fp32), and each expert's maps (the two heads, the search's
+            # similarity) scored alone and in the weighted products of COMBINATIONS
+            variants += [("ensemble fp32", {"head_input": "ensemble", "autocast": False}, set())]
+        elif arm in ("pair-sim", "pair-sim-fp32"):
+            # the ensemble with the search's similarity as a third expert (TrainConfig.
+            # similarity_expert); the same training without it is scored beside it
+            variants += [
+                (
+                    "ensemble+similarity fp32",
+                    {"head_input": "ensemble", "autocast": False, "similarity_expert": SIM_SHARE},
+                    set(),
+                )
+            ]
         elif arm == "trunk-frozen":
             # the linear head on the untrained trunk's pooled features (no self-learning, no
             # supervised contrastive stage): does fine-tuning the trunk help or distort?
@@ -586,6 +848,38 @@ def run_case(
                 rules[rule] = _rule_scores(
                     maps, truths, bench.classes, thresholds, radius, spacings[0]
                 )
+        if bundle.partner is not None and bundle.partner.has_expert:
+            # the same model without the similarity expert: the two-head ensemble, bit for bit
+            plain = dataclasses.replace(
+                bundle,
+                partner=dataclasses.replace(
+                    bundle.partner,
+                    expert_mask=None,
+                    expert_weight=None,
+                    expert_bias=None,
+                    expert_share=0.0,
+                ),
+            )
+            two = PatchModel(plain, cache_dir=search.cache.root)
+            two_maps = []
+            for t in bench.test:
+                with open_image(t.path) as image:
+                    two_maps.append(dense_class_maps(image, two))
+            ap = ranking_ap(two_maps, truths, bench.classes, radius, spacings[0])
+            two_mean = float(np.nanmean(list(ap.values())))
+            row["arms"]["ensemble fp32 (same training, two heads)"] = {"ap": ap, "mean": two_mean}
+            print(f"{name}: two heads (same training): {two_mean:.3f}", flush=True)
+        experts = None
+        if bundle.partner is not None and (save_maps or "pair3-fp32" in arms):
+            experts = _expert_maps(bench, bundle, search, session)
+        if experts is not None and "pair3-fp32" in arms:
+            for combo, combined in combination_maps(experts).items():
+                ap = ranking_ap(combined, truths, bench.classes, radius, spacings[0])
+                row["arms"][f"{label}: {combo}"] = {
+                    "ap": ap,
+                    "mean": float(np.nanmean(list(ap.values()))),
+                }
+                print(f"{name}: {label}: {combo}: {row['arms'][f'{label}: {combo}']['mean']:.3f}")
         if save_maps:
             with (out / name / f"maps-{_slug(label)}.pkl").open("wb") as f:
                 pickle.dump(
@@ -600,6 +894,7 @@ def run_case(
                         "thresholds": dict(bundle.thresholds),
                         "radius_l0": radius,
                         "spacing": spacings[0],
+                        "experts": experts,
                     },
                     f,
                 )
@@ -722,6 +1017,10 @@ def main() -> None:
     if args.rescore is not None:
         text = rescore(args.rescore)
         (args.rescore / "rules.md").write_text(text, encoding="utf-8")
+        combos = rescore_combinations(args.rescore)
+        if combos.count("\n") > 2:
+            (args.rescore / "combinations.md").write_text(combos, encoding="utf-8")
+            text += "\nExperts and their products (PR-AUC, class means):\n\n" + combos
         print(text)
         return
     if args.threads:

@@ -175,8 +175,8 @@ def test_file_is_a_zip_with_readable_metadata(bundle: ModelBundle, saved: Path) 
         meta = json.loads(zf.read("bundle.json"))
     assert meta["format"] == BUNDLE_FORMAT == "simsearch-wsi-model"
     # a model without a partner is still written as version 2 (head_input, feature_norm), so
-    # older releases read it; 3 adds the partner model (issue 27)
-    assert meta["version"] == 2 and BUNDLE_VERSION == 3
+    # older releases read it; 3 adds the partner model, 4 its similarity expert (issue 27)
+    assert meta["version"] == 2 and BUNDLE_VERSION == 4
     assert len(meta["weights_sha256"]) == 64
     assert meta["classes"] == list(CLASSES)
     assert meta["patch_size_um"] == [24.0, 16.0]
@@ -502,7 +502,7 @@ def test_a_partner_model_round_trips_as_version_3(trunk: nn.Module, tmp_path: Pa
     path = save_bundle(tmp_path / "pair.zip", pair)
     with zipfile.ZipFile(path) as zf:
         meta = json.loads(zf.read("bundle.json"))
-    assert meta["version"] == BUNDLE_VERSION == 3
+    assert meta["version"] == 3 and BUNDLE_VERSION == 4
     assert meta["partner"]["head_input"] == "search" and "weights_sha256" not in meta["partner"]
     back = load_bundle(path)
     assert back.partner is not None and back.partner.partner is None
@@ -593,3 +593,74 @@ def test_the_digest_names_a_search_heads_memory_and_its_partner(trunk: nn.Module
     other_pair = _search_head(trunk, partner=other_memory)
     assert bundle_digest(pair) != bundle_digest(other_pair)
     assert bundle_digest(pair) != bundle_digest(_search_head(trunk))  # the partner counts
+
+
+def _with_expert(head: ModelBundle, **changes: Any) -> ModelBundle:
+    """``head`` with a similarity expert on its first and third memory entries."""
+    fields: dict[str, Any] = {
+        "expert_mask": torch.tensor([True, False, True, False]),
+        "expert_weight": torch.tensor([[10.0, 0.0], [10.0, 0.0], [0.0, 0.0]]),
+        "expert_bias": torch.tensor([-10.0, -10.0, 0.0]),
+        "expert_share": 0.25,
+    }
+    fields.update(changes)
+    return dataclasses.replace(head, **fields)
+
+
+def test_a_partners_similarity_expert_round_trips_as_version_4(
+    trunk: nn.Module, tmp_path: Path
+) -> None:
+    """The similarity expert (its mask over the partner's memory, its logits' weights and its
+    share in the product) is saved with the partner; such a file is version 4, one without
+    an expert keeps version 3 and reads back without one; a version 3 file naming an expert is
+    refused."""
+    plain = _search_head(trunk, partner=_search_head(trunk))
+    assert plain.format_version() == 3 and plain.partner is not None
+    assert not plain.partner.has_expert and plain.partner.expert_share == 0.0
+    pair = _search_head(trunk, partner=_with_expert(_search_head(trunk)))
+    path = save_bundle(tmp_path / "pair.zip", pair)
+    with zipfile.ZipFile(path) as zf:
+        meta = json.loads(zf.read("bundle.json"))
+    assert meta["version"] == 4 and meta["partner"]["expert_share"] == 0.25
+    assert "expert_share" not in meta  # the model itself has none
+    back = load_bundle(path)
+    assert back.partner is not None and back.partner.has_expert and not back.has_expert
+    assert back.partner.expert_share == 0.25
+    for name in ("expert_mask", "expert_weight", "expert_bias"):
+        assert torch.equal(getattr(back.partner, name), getattr(pair.partner, name)), name
+    older = Path(shutil.copyfile(path, tmp_path / "older.zip"))
+    edit_json(older, version=3)
+    assert_bundle_error(older, "version 3", "only version 4")
+    plain_path = save_bundle(tmp_path / "plain.zip", plain)
+    with zipfile.ZipFile(plain_path) as zf:
+        assert json.loads(zf.read("bundle.json"))["version"] == 3
+    assert load_bundle(plain_path).partner.expert_mask is None  # type: ignore[union-attr]
+
+
+def test_a_similarity_expert_is_all_its_fields_on_a_search_heads_memory(trunk: nn.Module) -> None:
+    head = _search_head(trunk)
+    with pytest.raises(BundleError, match="together"):
+        _with_expert(head, expert_bias=None)
+    with pytest.raises(BundleError, match=r"\(M,\) bool tensor"):
+        _with_expert(head, expert_mask=torch.tensor([True, False]))
+    with pytest.raises(BundleError, match=r"must be \(3, 2\)"):
+        _with_expert(head, expert_weight=torch.zeros(3, 3))
+    with pytest.raises(BundleError, match="expert_share must be > 0"):
+        _with_expert(head, expert_share=0.0)
+    with pytest.raises(BundleError, match="no similarity expert"):
+        dataclasses.replace(head, expert_share=0.5)
+    with pytest.raises(BundleError, match="only a 'search' head"):
+        _with_expert(make_bundle(trunk))
+
+
+def test_the_digest_names_the_similarity_expert(trunk: nn.Module) -> None:
+    """A partner with a similarity expert is another model (another digest) than the same
+    partner without it, or with another share; without one the digest is as before."""
+    from simsearch_wsi.infer.dense import bundle_digest
+
+    head = _search_head(trunk)
+    digests = {
+        bundle_digest(b)
+        for b in (head, _with_expert(head), _with_expert(head, expert_share=0.5))
+    }
+    assert len(digests) == 3

@@ -190,7 +190,7 @@ def test_ensemble_keeps_both_search_heads_and_combines_their_maps(
     import numpy as np
 
     from simsearch_wsi.features.backbones import build_trunk
-    from simsearch_wsi.infer.dense import PatchModel, dense_class_maps
+    from simsearch_wsi.infer.dense import PatchModel, _search_class_maps, dense_class_maps
     from simsearch_wsi.io import open_image
     from simsearch_wsi.train.ensemble import combine_experts
 
@@ -218,11 +218,19 @@ def test_ensemble_keeps_both_search_heads_and_combines_their_maps(
     )
     held_out = small_slides[1]
     model = PatchModel(bundle, cache_dir=cache)
+    # the search's similarity to the prototypes is the third expert by default
+    assert partner.has_expert and partner.expert_share == 0.25
+    assert model.partner is not None
     with open_image(held_out.path) as image:
         pair = dense_class_maps(image, model)
         alone = dense_class_maps(image, PatchModel(dataclasses.replace(bundle, partner=None)))
-        other = dense_class_maps(image, PatchModel(partner, cache_dir=cache))
-    expected = combine_experts([alone.probabilities, other.probabilities])
+        other, expert = _search_class_maps(
+            image, model.partner, tile_size=1024, batch_size=4, tiles="foreground", progress=None
+        )
+    assert expert is not None
+    expected = combine_experts(
+        [alone.probabilities, other.probabilities, expert], weights=[1.0, 1.0, 0.25]
+    )
     np.testing.assert_allclose(pair.probabilities, expected, rtol=1e-6, equal_nan=True)
     assert not np.allclose(alone.probabilities, other.probabilities, equal_nan=True)
     _assert_finds_and_agrees(bundle, model, held_out, pair)

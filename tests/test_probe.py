@@ -378,3 +378,99 @@ def test_the_ensemble_picks_tail_thresholds_from_both_heads_evidence(
         assert result.bundle.thresholds[c] == v["threshold"] <= TAIL_MAX
         assert record["tail"][c]["positives"] == v["positives"] > 0
     assert any(n.startswith("confidence thresholds (tail rule)") for n in result.notes)
+
+
+@pytest.mark.slow
+def test_the_similarity_expert_is_a_third_expert_read_from_the_partners_prototypes(
+    tmp_path: Path, labelled_session: Any, small_slides: Any
+) -> None:
+    """``similarity_expert > 0`` on the ensemble: the partner keeps the mask of its memory's
+    prototype entries and the expert's logits (``s_c / T`` beside a background logit
+    ``ceiling / T``); the model's maps are the weighted product of the two heads' maps and the
+    expert's, the expert's own probabilities are the softmax of the search's similarity to the
+    prototypes at that temperature; the bundle round-trips as version 4, and without the
+    expert it is the two-head ensemble of the same training, bit for bit."""
+    from simsearch_wsi.features.backbones import build_trunk
+    from simsearch_wsi.features.cache import FeatureCache
+    from simsearch_wsi.features.extractor import FeatureExtractor
+    from simsearch_wsi.infer.dense import PatchModel, _search_class_maps, dense_class_maps
+    from simsearch_wsi.review.data import train_session
+    from simsearch_wsi.search.engine import SimSearch
+    from simsearch_wsi.train.bundle import load_bundle, save_bundle
+    from simsearch_wsi.train.ensemble import (
+        SIMILARITY_EXPERT_CEILING,
+        SIMILARITY_EXPERT_TEMPERATURE,
+        combine_experts,
+    )
+    from simsearch_wsi.train.fit import TrainConfig
+
+    trunk, spec, info = build_trunk("resnet18-l3", "random", seed=0)
+    cache = tmp_path / "cache"
+    search = SimSearch(FeatureExtractor(trunk, spec, info), FeatureCache(cache))
+    base = TrainConfig.preset_config("quick", strategy="pos")
+    config = base.replace(
+        head_input="ensemble",
+        similarity_expert=0.5,
+        supcon=dataclasses.replace(base.supcon, epochs=1, max_steps_per_epoch=2),
+        unlabelled_windows=24,
+    )
+    result = train_session(labelled_session, search, config=config, open_image=open_image, seed=0)
+    bundle = result.bundle
+    partner = bundle.partner
+    assert partner is not None and partner.has_expert and partner.expert_share == 0.5
+    assert partner.expert_mask is not None and partner.memory_owner is not None
+    # the mask picks the prototypes' entries: one prototype per class, 4 rotations each
+    n_classes = len(bundle.classes) - 1
+    assert int(partner.expert_mask.sum()) == 4 * n_classes
+    kept_owner = partner.memory_owner[partner.expert_mask]
+    assert sorted(set(kept_owner.tolist())) == list(range(n_classes))
+    assert result.evidence is not None and result.evidence.loo_probs is not None
+    path = save_bundle(tmp_path / "model.zip", bundle)
+    loaded = load_bundle(path)
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        assert json.loads(zf.read("bundle.json"))["version"] == 4
+    assert loaded.partner is not None and loaded.partner.expert_share == 0.5
+    assert loaded.partner.expert_mask is not None
+    assert torch.equal(loaded.partner.expert_mask, partner.expert_mask)
+    held_out = small_slides[1]
+    model = PatchModel(loaded, cache_dir=cache)
+    plain = dataclasses.replace(
+        loaded,
+        partner=dataclasses.replace(
+            loaded.partner, expert_mask=None, expert_weight=None, expert_bias=None, expert_share=0.0
+        ),
+    )
+    with open_image(held_out.path) as image:
+        three = dense_class_maps(image, model)
+        two = dense_class_maps(image, PatchModel(plain, cache_dir=cache))
+        alone = dense_class_maps(image, PatchModel(dataclasses.replace(loaded, partner=None)))
+        assert model.partner is not None
+        other, expert = _search_class_maps(
+            image, model.partner, tile_size=1024, batch_size=4, tiles="foreground", progress=None
+        )
+        sims = search.similarity(
+            image, labelled_session.all_prototypes(), patch_size_l0=loaded.patch_size_l0
+        )
+    assert expert is not None
+    np.testing.assert_array_equal(
+        two.probabilities, combine_experts([alone.probabilities, other.probabilities])
+    )
+    expected = combine_experts(
+        [alone.probabilities, other.probabilities, expert], weights=[1.0, 1.0, 0.5]
+    )
+    np.testing.assert_array_equal(three.probabilities, expected)
+    assert not np.allclose(three.probabilities, two.probabilities, equal_nan=True)
+    # the expert is the search's similarity at the temperature, beside the background's logit
+    t, top = SIMILARITY_EXPERT_TEMPERATURE, SIMILARITY_EXPERT_CEILING
+    order = [sims.classes.index(c) for c in loaded.classes if c != "background"]
+    logits = np.concatenate([sims.maps[order] / t, np.full((1, *sims.maps.shape[1:]), top / t)])
+    logits -= np.nanmax(logits, axis=0, keepdims=True)
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
+    assert loaded.classes[-1] == "background"
+    valid = np.isfinite(expert).all(axis=0) & np.isfinite(softmax).all(axis=0)
+    assert valid.mean() > 0.5
+    # the search's maps are bf16 products of its own prototype embedding: close, not equal
+    np.testing.assert_allclose(expert[:, valid], softmax[:, valid], atol=0.1)

@@ -55,7 +55,12 @@ from simsearch_wsi.features.preprocess import (
 from simsearch_wsi.features.tissue import TissueMask, detect_foreground, no_foreground_error
 from simsearch_wsi.io.base import ImageSource
 from simsearch_wsi.qupath.geojson import BACKGROUND_CLASS, class_color
-from simsearch_wsi.search.probe import MemoryHead, memory_logits_map, window_indices, window_vectors
+from simsearch_wsi.search.probe import (
+    MemoryHead,
+    memory_logits_maps,
+    window_indices,
+    window_vectors,
+)
 from simsearch_wsi.search.similarity import (
     DENSE_SPACING_FRACTION,
     PatchGeometry,
@@ -89,6 +94,13 @@ def bundle_digest(bundle: ModelBundle) -> str:
         h.update(b"memory:")
         h.update(bundle.memory_vectors.detach().cpu().contiguous().numpy().tobytes())
         h.update(bundle.memory_owner.detach().cpu().contiguous().numpy().tobytes())
+    if bundle.expert_mask is not None:
+        assert bundle.expert_weight is not None and bundle.expert_bias is not None
+        h.update(b"expert:")
+        h.update(bundle.expert_mask.detach().cpu().contiguous().numpy().tobytes())
+        h.update(bundle.expert_weight.detach().cpu().float().contiguous().numpy().tobytes())
+        h.update(bundle.expert_bias.detach().cpu().float().contiguous().numpy().tobytes())
+        h.update(repr(float(bundle.expert_share)).encode())
     if bundle.partner is not None:
         h.update(b"partner:" + bundle_digest(bundle.partner).encode())
     return h.hexdigest()[:16]
@@ -140,6 +152,21 @@ class PatchModel:
                 self.bias,
                 classes.index(BACKGROUND_CLASS) if BACKGROUND_CLASS in classes else -1,
                 self.weight[:, 1],
+            )
+        #: the similarity expert (a ``search`` head's memory restricted to the prototypes, its
+        #: own logits; ``ModelBundle.expert_mask``), combined with the head's probabilities
+        self.expert: MemoryHead | None = None
+        if self.memory is not None and bundle.expert_mask is not None:
+            assert bundle.expert_weight is not None and bundle.expert_bias is not None
+            keep = bundle.expert_mask
+            w = bundle.expert_weight.float()
+            self.expert = MemoryHead(
+                self.memory.vectors[keep],
+                self.memory.owner[keep],
+                w[:, 0],
+                bundle.expert_bias.float(),
+                self.memory.background,
+                w[:, 1],
             )
         #: the bundle's partner model, whose probabilities are combined with this one's
         self.partner: PatchModel | None = (
@@ -273,7 +300,8 @@ def dense_class_maps(
     )
     if model.partner is None:
         return own
-    other = _class_maps(
+    check_model_fits(model.partner.bundle, image)
+    other, expert = _search_class_maps(
         image,
         model.partner,
         tile_size=tile_size,
@@ -286,7 +314,12 @@ def dense_class_maps(
             f"{image.path}: the model and its partner score different window grids "
             f"({own.probabilities.shape} vs {other.probabilities.shape}); re-train the model"
         )
-    return replace(own, probabilities=combine_experts([own.probabilities, other.probabilities]))
+    parts = [own.probabilities, other.probabilities]
+    if expert is None:
+        return replace(own, probabilities=combine_experts(parts))
+    # the similarity expert (format version 4): a third expert at its share
+    share = model.partner.bundle.expert_share
+    return replace(own, probabilities=combine_experts([*parts, expert], weights=[1.0, 1.0, share]))
 
 
 def _class_maps(
@@ -305,7 +338,7 @@ def _class_maps(
     if bundle.head_input == "search":
         return _search_class_maps(
             image, model, tile_size=tile_size, batch_size=batch_size, tiles=tiles, progress=progress
-        )
+        )[0]
     normalization = bundle.channel_normalization()
     width_l0, height_l0 = model.patch_size_l0(image)
     scale = AnalysisScale.for_patch(image, max(width_l0, height_l0))
@@ -395,7 +428,9 @@ def _search_class_maps(
     batch_size: int,
     tiles: str,
     progress: ProgressFn | None,
-) -> ClassMaps:
+) -> tuple[ClassMaps, NDArray[np.float32] | None]:
+    """A ``search`` head's class maps, and its similarity expert's (K, Hp, Wp) probabilities
+    (``None`` without one) from the same pass over the windows."""
     bundle = model.bundle
     spec, geometry = _search_spec(image, model, tile_size=tile_size, tiles=tiles)
     with _feature_cache(model) as cache:
@@ -404,10 +439,14 @@ def _search_class_maps(
         )
         normalizer = FeatureNormalizer.of(fmap, bundle.feature_norm)
         assert model.memory is not None  # a search head always has one (ModelBundle checks)
-        logits = memory_logits_map(fmap, geometry, normalizer=normalizer, head=model.memory)
+        heads = [model.memory] if model.expert is None else [model.memory, model.expert]
+        logits, *rest = memory_logits_maps(fmap, geometry, normalizer=normalizer, heads=heads)
     probs = torch.softmax(torch.from_numpy(logits), dim=0).numpy().astype(np.float32)
+    expert = (
+        torch.softmax(torch.from_numpy(rest[0]), dim=0).numpy().astype(np.float32) if rest else None
+    )
     width_a, height_a = spec.scale.analysis_size(image)
-    return ClassMaps(
+    maps = ClassMaps(
         probabilities=probs,
         classes=bundle.classes,
         geometry=geometry,
@@ -416,6 +455,7 @@ def _search_class_maps(
         analysis_size=(width_a, height_a),
         foreground=detect_foreground(image) if tiles == "foreground" else None,
     )
+    return maps, expert
 
 
 @dataclass(frozen=True)
@@ -618,23 +658,26 @@ def predict_patches(
     with a partner model, both models' probabilities combined
     (:func:`simsearch_wsi.train.ensemble.combine_experts`)."""
     if bundle.partner is not None:
-        parts = [
-            predict_patches(
-                replace(bundle, partner=None) if model is bundle else model,
-                patches,
-                open_image=open_image,
-                device=device,
-                autocast=autocast,
-                batch_size=batch_size,
-            )
-            for model in (bundle, bundle.partner)
-        ]
-        return combine_experts(parts, class_axis=1)
+        own = predict_patches(
+            replace(bundle, partner=None),
+            patches,
+            open_image=open_image,
+            device=device,
+            autocast=autocast,
+            batch_size=batch_size,
+        )
+        partner = PatchModel(bundle.partner, device=torch.device(device), autocast=autocast)
+        other, expert = _search_patch_probabilities(partner, patches, open_image)
+        if expert is None:
+            return combine_experts([own, other], class_axis=1)
+        return combine_experts(
+            [own, other, expert], class_axis=1, weights=[1.0, 1.0, bundle.partner.expert_share]
+        )
     device = torch.device(device)
     if bundle.head_input == "search":
         return _search_patch_probabilities(
             PatchModel(bundle, device=device, autocast=autocast), patches, open_image
-        )
+        )[0]
     trunk, spec = bundle.build_trunk()
     trunk = trunk.to(device).to(memory_format=torch.channels_last)
     geometry = PatchGeometry(**bundle.geometry)
@@ -662,8 +705,11 @@ def predict_patches(
 
 def _search_patch_probabilities(
     model: PatchModel, patches: PatchSet, open_image: Callable[[str], ImageSource]
-) -> NDArray[np.float32]:
+) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
+    """(N, K) a ``search`` head's probabilities of ``patches``, and its similarity expert's
+    (``None`` without one)."""
     out = np.zeros((len(patches), model.bundle.n_classes), np.float32)
+    expert = None if model.expert is None else np.zeros_like(out)
     by_image: dict[str, list[int]] = {}
     for n, sample in enumerate(patches.samples):
         by_image.setdefault(sample.image, []).append(n)
@@ -687,4 +733,6 @@ def _search_patch_probabilities(
             vecs = window_vectors(fmap, geometry, normalizer=normalizer, windows_ij=ij)
         assert model.memory is not None
         out[rows] = model.memory.probabilities(vecs)
-    return out
+        if expert is not None and model.expert is not None:
+            expert[rows] = model.expert.probabilities(vecs)
+    return out, expert

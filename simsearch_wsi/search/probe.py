@@ -180,24 +180,42 @@ def memory_logits_map(
     """Logits (K, Hp, Wp) float32 of every pooled window, NaN where the window's centre cell was
     not embedded; ``Hp = H_f - kh + 1``, ``Wp = W_f - kw + 1`` (the windows of
     :func:`simsearch_wsi.search.similarity.similarity_maps`, same indexing)."""
+    return memory_logits_maps(
+        fmap, geometry, normalizer=normalizer, heads=[head], progress=progress
+    )[0]
+
+
+def memory_logits_maps(
+    fmap: FeatureMap,
+    geometry: PatchGeometry,
+    *,
+    normalizer: FeatureNormalizer,
+    heads: Sequence[MemoryHead],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[NDArray[np.float32]]:
+    """:func:`memory_logits_map` of several heads over one pass of the pooled windows."""
     d = fmap.shape[2]
-    if head.vectors.shape[1] != d:
-        raise ConfigError(
-            f"the model takes {head.vectors.shape[1]}-dim vectors, the feature map has {d}; it "
-            "was trained with another backbone or channel selection"
-        )
+    for head in heads:
+        if head.vectors.shape[1] != d:
+            raise ConfigError(
+                f"the model takes {head.vectors.shape[1]}-dim vectors, the feature map has {d}; "
+                "it was trained with another backbone or channel selection"
+            )
     hp, wp = pooled_hw(fmap, geometry)
-    k = head.n_classes
-    out = np.full((k, hp, wp), np.nan, dtype=np.float32)
+    outs = [np.full((head.n_classes, hp, wp), np.nan, dtype=np.float32) for head in heads]
     blocks = iter_pooled_blocks(
         fmap, geometry, normalizer=normalizer, progress=progress, what="applying the model"
     )
     for y0, x0, vectors in blocks:
         _, h2, w2 = vectors.shape
-        logits = head.logits(*head.similarities(vectors.reshape(d, -1).T))  # (h2 * w2, K)
-        out[:, y0 : y0 + h2, x0 : x0 + w2] = logits.T.reshape(k, h2, w2).numpy()
-    out[:, ~valid_windows(fmap, geometry)] = np.nan
-    return out
+        flat = vectors.reshape(d, -1).T
+        for head, out in zip(heads, outs, strict=True):
+            logits = head.logits(*head.similarities(flat))  # (h2 * w2, K)
+            out[:, y0 : y0 + h2, x0 : x0 + w2] = logits.T.reshape(head.n_classes, h2, w2).numpy()
+    valid = valid_windows(fmap, geometry)
+    for out in outs:
+        out[:, ~valid] = np.nan
+    return outs
 
 
 def _group_weights(groups: NDArray[np.int64]) -> torch.Tensor:

@@ -44,10 +44,13 @@ from simsearch_wsi.features.preprocess import ChannelNormalization
 
 BUNDLE_FORMAT = "simsearch-wsi-model"
 #: the newest format version this release reads and writes; a bundle without a ``partner``
-#: is still written as version 2, so that older releases read it
-BUNDLE_VERSION = 3
+#: is still written as version 2 and one whose partner has no similarity expert as version 3,
+#: so that older releases read them
+BUNDLE_VERSION = 4
 #: the version of a bundle without a partner model
 _PLAIN_VERSION = 2
+#: the version of a bundle with a partner model without a similarity expert
+_PARTNER_VERSION = 3
 #: what a head reads: pooled features of the bundle's trunk, or the search's normalised vectors
 HEAD_INPUTS = ("trunk", "search")
 
@@ -58,6 +61,9 @@ HEAD_WEIGHT_KEY = "head.weight"
 HEAD_BIAS_KEY = "head.bias"
 MEMORY_VECTORS_KEY = "memory.vectors"
 MEMORY_OWNER_KEY = "memory.owner"
+EXPERT_MASK_KEY = "expert.mask"
+EXPERT_WEIGHT_KEY = "expert.weight"
+EXPERT_BIAS_KEY = "expert.bias"
 #: the partner model's tensors in weights.pt carry this prefix before their own keys
 PARTNER_PREFIX = "partner."
 
@@ -216,6 +222,13 @@ class ModelBundle:
         the classes: a product of experts; :func:`simsearch_wsi.train.ensemble.combine_experts`).
         ``train --head-input ensemble`` makes one: the search head on the fine-tuned trunk
         (this bundle) and on the search's trunk (the partner). ``None``: one model.
+    expert_mask, expert_weight, expert_bias, expert_share
+        format version 4, a ``"search"`` head only (a partner): the *similarity expert*, a
+        third expert of the product: the search's similarity to the prototypes, as class
+        probabilities. ``expert_mask`` (M,) bool picks the memory entries it remembers (the
+        user's prototypes); ``expert_weight`` (K, 2) and ``expert_bias`` (K,) its logits as
+        ``head_weight`` and ``head_bias`` are the head's; ``expert_share`` (> 0) its weight in
+        the product (the two heads weigh 1 each). All ``None`` (and share 0): no expert.
     source
         the file the bundle was loaded from (``None`` for a bundle built in memory); not saved.
 
@@ -251,6 +264,10 @@ class ModelBundle:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     partner: ModelBundle | None = None
+    expert_mask: torch.Tensor | None = None
+    expert_weight: torch.Tensor | None = None
+    expert_bias: torch.Tensor | None = None
+    expert_share: float = 0.0
     source: Path | None = None
 
     def __post_init__(self) -> None:
@@ -382,6 +399,7 @@ class ModelBundle:
                 )
         elif self.memory_vectors is not None or self.memory_owner is not None:
             raise BundleError("only a 'search' head has a memory (memory_vectors, memory_owner)")
+        self._check_expert(k)
         put("config", _json_dict("config", self.config))
         put("metrics", _json_dict("metrics", self.metrics))
         put("provenance", _json_dict("provenance", self.provenance))
@@ -419,6 +437,56 @@ class ModelBundle:
                 )
         if self.source is not None:
             put("source", Path(self.source))
+
+    def _check_expert(self, k: int) -> None:
+        """The similarity expert's fields: all or none, on a ``search`` head's memory."""
+        fields = (self.expert_mask, self.expert_weight, self.expert_bias)
+        share = self.expert_share
+        if isinstance(share, bool) or not isinstance(share, numbers.Real):
+            raise BundleError(f"expert_share must be a number, got {share!r}")
+        if all(f is None for f in fields):
+            if float(share) != 0.0:
+                raise BundleError("expert_share is set but the bundle has no similarity expert")
+            object.__setattr__(self, "expert_share", 0.0)
+            return
+        if any(f is None for f in fields):
+            raise BundleError(
+                "a similarity expert needs expert_mask, expert_weight and expert_bias together"
+            )
+        if self.head_input != "search" or self.memory_vectors is None:
+            raise BundleError("only a 'search' head has a similarity expert (it reads the memory)")
+        mask = self.expert_mask
+        assert mask is not None
+        if (
+            not torch.is_tensor(mask)
+            or mask.dtype != torch.bool
+            or mask.shape != (len(self.memory_vectors),)
+        ):
+            raise BundleError(
+                f"expert_mask must be an (M,) bool tensor for the (M, D) memory_vectors "
+                f"{tuple(self.memory_vectors.shape)}"
+            )
+        weight = _tensor("expert_weight", self.expert_weight, 2)
+        bias = _tensor("expert_bias", self.expert_bias, 1)
+        if weight.shape != (k, 2) or bias.shape != (k,):
+            raise BundleError(
+                f"expert_weight must be ({k}, 2) and expert_bias ({k},), got "
+                f"{tuple(weight.shape)} and {tuple(bias.shape)}"
+            )
+        if not (math.isfinite(float(share)) and float(share) > 0):
+            raise BundleError(f"expert_share must be > 0 with a similarity expert, got {share}")
+        object.__setattr__(self, "expert_share", float(share))
+
+    @property
+    def has_expert(self) -> bool:
+        """Whether this model carries a similarity expert (format version 4)."""
+        return self.expert_mask is not None
+
+    def format_version(self) -> int:
+        """The format version this bundle is written as: the oldest that holds it."""
+        if self.has_expert or (self.partner is not None and self.partner.has_expert):
+            return BUNDLE_VERSION
+        return _PLAIN_VERSION if self.partner is None else _PARTNER_VERSION
 
     def __repr__(self) -> str:
         return (
@@ -466,7 +534,7 @@ class ModelBundle:
         """
         out: dict[str, Any] = {
             "format": BUNDLE_FORMAT,
-            "version": _PLAIN_VERSION if self.partner is None else BUNDLE_VERSION,
+            "version": self.format_version(),
             "backbone": self.backbone,
             "classes": list(self.classes),
             "colors": {c: list(rgb) for c, rgb in self.colors.items()},
@@ -492,6 +560,8 @@ class ModelBundle:
             "versions": dict(self.versions),
             "created": self.created,
         }
+        if self.has_expert:
+            out["expert_share"] = self.expert_share
         if self.partner is not None:
             partner = self.partner.to_json_dict()
             for key in ("format", "version", "versions", "created"):
@@ -646,6 +716,11 @@ def _tensors_of(bundle: ModelBundle) -> dict[str, torch.Tensor]:
     if bundle.memory_vectors is not None and bundle.memory_owner is not None:
         tensors[MEMORY_VECTORS_KEY] = _cpu_copy(bundle.memory_vectors)
         tensors[MEMORY_OWNER_KEY] = _cpu_copy(bundle.memory_owner)
+    if bundle.expert_mask is not None:
+        assert bundle.expert_weight is not None and bundle.expert_bias is not None
+        tensors[EXPERT_MASK_KEY] = _cpu_copy(bundle.expert_mask)
+        tensors[EXPERT_WEIGHT_KEY] = _cpu_copy(bundle.expert_weight)
+        tensors[EXPERT_BIAS_KEY] = _cpu_copy(bundle.expert_bias)
     return tensors
 
 
@@ -736,7 +811,7 @@ def _no_partner(path: Path, meta: dict[str, Any]) -> None:
     if meta.get("partner") is not None:
         raise BundleError(
             f"{path}: bundle.json of version {meta.get('version')} has a 'partner' model, which "
-            f"only version 3 holds; {_COPY_HINT}"
+            f"only version 3 and later hold; {_COPY_HINT}"
         )
 
 
@@ -765,6 +840,18 @@ def _read_v2_fields(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> Mo
 def _read_v3(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
     """Version 3: version 2 plus an optional ``partner`` model (its metadata nested under
     ``partner``, its tensors under ``partner.`` in weights.pt)."""
+    partner = meta.get("partner")
+    if "expert_share" in meta or (isinstance(partner, dict) and "expert_share" in partner):
+        raise BundleError(
+            f"{path}: bundle.json of version {meta.get('version')} has a similarity expert, "
+            f"which only version 4 holds; {_COPY_HINT}"
+        )
+    return _read_v4(path, meta, zf)
+
+
+def _read_v4(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
+    """Version 4: version 3 plus an optional similarity expert of a ``search`` head (its
+    ``expert_share`` in the metadata, its tensors under ``expert.`` in weights.pt)."""
     partner = meta.get("partner")
     if partner is not None and not isinstance(partner, dict):
         raise BundleError(f"{path}: bundle.json 'partner' must be an object; {_COPY_HINT}")
@@ -867,6 +954,10 @@ def _bundle_from(
             feature_norm=meta["feature_norm"],
             memory_vectors=tensors.get(MEMORY_VECTORS_KEY),
             memory_owner=tensors.get(MEMORY_OWNER_KEY),
+            expert_mask=tensors.get(EXPERT_MASK_KEY),
+            expert_weight=tensors.get(EXPERT_WEIGHT_KEY),
+            expert_bias=tensors.get(EXPERT_BIAS_KEY),
+            expert_share=meta.get("expert_share", 0.0),
             config=meta["config"],
             metrics=meta["metrics"],
             provenance=meta.get("provenance", {}),
@@ -883,7 +974,7 @@ def _bundle_from(
 
 
 # one reader per format version; a new version adds its reader here and keeps the old ones
-_READERS: dict[int, _Reader] = {1: _read_v1, 2: _read_v2, 3: _read_v3}
+_READERS: dict[int, _Reader] = {1: _read_v1, 2: _read_v2, 3: _read_v3, 4: _read_v4}
 
 
 def load_bundle(path: str | os.PathLike[str]) -> ModelBundle:

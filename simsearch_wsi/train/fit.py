@@ -64,7 +64,13 @@ from simsearch_wsi.train.choices import (
     PRESETS,
     STRATEGIES,
 )
-from simsearch_wsi.train.ensemble import combine_experts
+from simsearch_wsi.train.ensemble import (
+    DEFAULT_SIMILARITY_EXPERT,
+    SIMILARITY_EXPERT_CEILING,
+    SIMILARITY_EXPERT_TEMPERATURE,
+    combine_experts,
+    similarity_expert_head,
+)
 from simsearch_wsi.train.losses import nt_xent, supcon
 from simsearch_wsi.train.model import (
     PatchEncoder,
@@ -185,6 +191,14 @@ class TrainConfig:
     #: 0.71); on the single search head it did not help on the dev cases either
     #: (docs/evaluation.md, "Training study", "thresholds of the combined probability")
     threshold_rule: str = "held-out-f1"
+    #: the ensemble's similarity expert: the weight, in the product of experts (the two search
+    #: heads weigh 1 each), of the search's own similarity to the user's prototypes as class
+    #: probabilities (:func:`simsearch_wsi.train.ensemble.similarity_expert_head`, read from
+    #: the partner's memory at ``predict``; ``ModelBundle.expert_mask``); 0 = off (the two
+    #: heads alone). 0.25: chosen on 10 dev cases, then on 8 held-out cases the ensemble's
+    #: PR-AUC rose on 7 and was at or above the search's on 6 instead of 5
+    #: (docs/evaluation.md, "Training study", "the search's similarity as a third expert")
+    similarity_expert: float = DEFAULT_SIMILARITY_EXPERT
     autocast: bool = True
     head_input: str = DEFAULT_HEAD_INPUT
     noisy_augment: AugmentConfig = field(default_factory=AugmentConfig.noisy)
@@ -207,6 +221,10 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown threshold rule {self.threshold_rule!r}; use one of "
                 f"{', '.join(THRESHOLD_RULES)}"
+            )
+        if not (math.isfinite(self.similarity_expert) and self.similarity_expert >= 0):
+            raise ConfigError(
+                f"similarity_expert must be a weight >= 0, got {self.similarity_expert}"
             )
         if self.unlabelled_windows < 0 or self.judge_windows < 0:
             raise ConfigError(
@@ -844,6 +862,42 @@ def _fit_search_head(
     )
 
 
+def _similarity_expert(
+    memory: MemoryHead, patches: PatchSet, *, exclude_own: bool = False
+) -> tuple[torch.Tensor, MemoryHead, NDArray[np.float32] | None]:
+    """The similarity expert of a search head fitted on ``patches`` (:func:`_fit_search_head`:
+    its memory starts with their vectors in ``MEMORY_ROTATIONS`` rotations, rotation-major):
+    the (M,) bool mask of the memory entries of the user's prototypes, the expert as a
+    :class:`MemoryHead` on them (:func:`simsearch_wsi.train.ensemble.similarity_expert_head`)
+    and, with ``exclude_own``, its (N, K) leave-one-out probabilities of ``patches`` (as
+    :func:`_leave_one_out_probs`)."""
+    n = len(patches)
+    entry = torch.arange(len(memory.vectors))
+    is_prototype = torch.tensor([s.source == "prototype" for s in patches.samples])
+    mask = (entry < MEMORY_ROTATIONS * n) & is_prototype[entry % n]
+    weight, bias = similarity_expert_head(
+        memory.n_classes,
+        memory.background,
+        temperature=SIMILARITY_EXPERT_TEMPERATURE,
+        ceiling=SIMILARITY_EXPERT_CEILING,
+    )
+    expert = MemoryHead(
+        memory.vectors[mask],
+        memory.owner[mask],
+        weight[:, 0],
+        bias,
+        memory.background,
+        weight[:, 1],
+    )
+    loo = None
+    if exclude_own:
+        sample = entry[mask] % n
+        own = sample[None, :] == torch.arange(n)[:, None]
+        pos, neg = expert.similarities(memory.vectors[:n], exclude=own)
+        loo = torch.softmax(expert.logits(pos, neg), dim=1).numpy().astype(np.float32)
+    return mask, expert, loo
+
+
 def _leave_one_out_probs(memory: MemoryHead, n: int) -> NDArray[np.float32]:
     """(n, K) probabilities of the ``n`` labelled patches a search head was fitted on
     (:func:`_fit_search_head`: its memory starts with their vectors in ``MEMORY_ROTATIONS``
@@ -1090,20 +1144,48 @@ def train_patch_model(
             "asked": config.head_input,
             "kept": "tuned-search+search",
             "reason": "ensemble: the search heads on the fine-tuned and on the search's trunk, "
-            "their probabilities combined (product of experts)",
+            "their probabilities combined (product of experts)"
+            + (
+                f", with the search's similarity to the prototypes as a third expert (weight "
+                f"{config.similarity_expert:g})"
+                if config.similarity_expert > 0
+                else ""
+            ),
         }
-        if chosen.val_probs is not None and partner.val_probs is not None:
-            chosen.val_probs = combine_experts([chosen.val_probs, partner.val_probs], class_axis=1)
-        # both views draw the same windows (same images, same seeded draw, same embedded
-        # windows); combined only where they did
-        mine, theirs = chosen.unlabelled_probs, partner.unlabelled_probs
-        chosen.unlabelled_probs = (
-            combine_experts([mine, theirs], class_axis=1)
-            if mine is not None and theirs is not None and mine.shape == theirs.shape
-            else None
+        # the similarity expert (when asked) is a third expert of every combined probability
+        share = config.similarity_expert
+        expert = None
+        if share > 0 and partner.memory is not None and partner.view is not None:
+            _, expert_head, expert_loo = _similarity_expert(
+                partner.memory, train_set, exclude_own=True
+            )
+            expert = _Candidate(
+                "similarity",
+                torch.zeros(0),
+                torch.zeros(0),
+                None
+                if val_set is None
+                else expert_head.probabilities(partner.view.vectors(val_set, 1)[0]),
+                unlabelled_probs=None
+                if partner.unlabelled is None or not len(partner.unlabelled)
+                else expert_head.probabilities(partner.unlabelled),
+                loo_probs=expert_loo,
+            )
+        shares = None if expert is None else [1.0, 1.0, share]
+
+        def combined(field: str) -> NDArray[np.float32] | None:
+            parts = [getattr(m, field) for m in (chosen, partner, expert) if m is not None]
+            if any(p is None for p in parts) or len({p.shape for p in parts}) != 1:
+                return None
+            return combine_experts(parts, class_axis=1, weights=shares)
+
+        # both views draw the same unlabelled windows (same images, same seeded draw, same
+        # embedded windows); combined only where they did
+        chosen.val_probs, chosen.unlabelled_probs, chosen.loo_probs = (
+            combined("val_probs"),
+            combined("unlabelled_probs"),
+            combined("loo_probs"),
         )
-        if chosen.loo_probs is not None and partner.loo_probs is not None:
-            chosen.loo_probs = combine_experts([chosen.loo_probs, partner.loo_probs], class_axis=1)
     else:
         chosen = _select(candidates, val_set, clean.classes, head_input, metrics, judge=judge)
     # what the user asked for, and what ``auto`` (without a judge) resolved it to
@@ -1219,6 +1301,25 @@ def train_patch_model(
         )
 
     partner_bundle = None if partner is None else make_bundle(partner, None, {})
+    if partner_bundle is not None and config.similarity_expert > 0:
+        # the partner's memory (refitted on every clean patch) read as the similarity expert
+        mask, expert_head, _ = _similarity_expert(
+            MemoryHead(
+                partner_bundle.memory_vectors.float(),  # type: ignore[union-attr]
+                partner_bundle.memory_owner,  # type: ignore[arg-type]
+                partner_bundle.head_weight[:, 0],
+                partner_bundle.head_bias,
+                list(clean.classes).index(BACKGROUND_CLASS),
+            ),
+            clean,
+        )
+        partner_bundle = dataclasses.replace(
+            partner_bundle,
+            expert_mask=mask,
+            expert_weight=_memory_weight(expert_head).contiguous(),
+            expert_bias=expert_head.bias.contiguous(),
+            expert_share=float(config.similarity_expert),
+        )
     return TrainResult(make_bundle(chosen, partner_bundle, metrics), metrics, notes, evidence)
 
 
