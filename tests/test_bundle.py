@@ -660,7 +660,6 @@ def test_the_digest_names_the_similarity_expert(trunk: nn.Module) -> None:
 
     head = _search_head(trunk)
     digests = {
-        bundle_digest(b)
-        for b in (head, _with_expert(head), _with_expert(head, expert_share=0.5))
+        bundle_digest(b) for b in (head, _with_expert(head), _with_expert(head, expert_share=0.5))
     }
     assert len(digests) == 3

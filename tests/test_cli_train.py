@@ -24,7 +24,7 @@ def test_train_writes_a_bundle(
     args = ["train", "--session", str(labelled_session.root), "--out", str(out)]
     args += ["--weights", "random", "--cache", str(tmp_path / "cache"), "--json"]
     args += ["--noisy-images", str(small_slides[2].path), "--strategy", "pos+selflearn"]
-    assert main(args) == 0
+    assert main([*args, "--similarity-expert", "0.5"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["model"] == str(out)
     bundle = load_bundle(out)
@@ -32,6 +32,34 @@ def test_train_writes_a_bundle(
     assert bundle.strategy == "pos+selflearn"
     assert bundle.provenance["noisy_images"] == [str(small_slides[2].path.resolve())]
     assert bundle.config["preset"] == "fast"
+    assert bundle.config["similarity_expert"] == 0.5  # --similarity-expert reached the config
+
+
+def test_similarity_expert_is_off_by_default_and_a_non_negative_weight(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pydantic import ValidationError
+
+    from simsearch_wsi.cli.main import build_parser
+    from simsearch_wsi.server.schemas import TrainJobRequest
+    from simsearch_wsi.train.fit import TrainConfig
+
+    assert TrainConfig.preset_config("fast").similarity_expert == 0.0
+    parser = build_parser()
+    assert parser.parse_args(["train", "--session", "s"]).similarity_expert == 0.0
+    assert (
+        parser.parse_args(
+            ["train", "--session", "s", "--similarity-expert", "0.25"]
+        ).similarity_expert
+        == 0.25
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--session", "s", "--similarity-expert", "-1"])
+    assert "--similarity-expert" in capsys.readouterr().err
+    assert TrainJobRequest(session="/s").similarity_expert == 0.0
+    assert TrainJobRequest(session="/s", similarity_expert=0.25).similarity_expert == 0.25
+    with pytest.raises(ValidationError):
+        TrainJobRequest(session="/s", similarity_expert=-0.1)
 
 
 def test_train_default_output_and_text_summary(
@@ -190,7 +218,7 @@ def test_ensemble_keeps_both_search_heads_and_combines_their_maps(
     import numpy as np
 
     from simsearch_wsi.features.backbones import build_trunk
-    from simsearch_wsi.infer.dense import PatchModel, _search_class_maps, dense_class_maps
+    from simsearch_wsi.infer.dense import PatchModel, dense_class_maps
     from simsearch_wsi.io import open_image
     from simsearch_wsi.train.ensemble import combine_experts
 
@@ -218,19 +246,11 @@ def test_ensemble_keeps_both_search_heads_and_combines_their_maps(
     )
     held_out = small_slides[1]
     model = PatchModel(bundle, cache_dir=cache)
-    # the search's similarity to the prototypes is the third expert by default
-    assert partner.has_expert and partner.expert_share == 0.25
-    assert model.partner is not None
     with open_image(held_out.path) as image:
         pair = dense_class_maps(image, model)
         alone = dense_class_maps(image, PatchModel(dataclasses.replace(bundle, partner=None)))
-        other, expert = _search_class_maps(
-            image, model.partner, tile_size=1024, batch_size=4, tiles="foreground", progress=None
-        )
-    assert expert is not None
-    expected = combine_experts(
-        [alone.probabilities, other.probabilities, expert], weights=[1.0, 1.0, 0.25]
-    )
+        other = dense_class_maps(image, PatchModel(partner, cache_dir=cache))
+    expected = combine_experts([alone.probabilities, other.probabilities])
     np.testing.assert_allclose(pair.probabilities, expected, rtol=1e-6, equal_nan=True)
     assert not np.allclose(alone.probabilities, other.probabilities, equal_nan=True)
     _assert_finds_and_agrees(bundle, model, held_out, pair)

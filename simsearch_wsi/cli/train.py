@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from simsearch_wsi.cli.argtypes import non_negative_float
 from simsearch_wsi.cli.console import progress, rich_console
 from simsearch_wsi.cli.engine import build_search
 from simsearch_wsi.cli.exitcodes import EXIT_OK
@@ -16,9 +17,11 @@ from simsearch_wsi.core.errors import ConfigError
 from simsearch_wsi.core.pathguard import naming_output
 from simsearch_wsi.train.choices import (
     DEFAULT_HEAD_INPUT,
+    DEFAULT_SIMILARITY_EXPERT,
     DEFAULT_STRATEGY,
     HEAD_INPUT_HELP,
     HEAD_INPUTS,
+    SIMILARITY_EXPERT_HELP,
     STRATEGIES,
 )
 
@@ -55,6 +58,13 @@ def register(sub: Subparsers, engine: argparse.ArgumentParser) -> None:
         help=f"{HEAD_INPUT_HELP} (default: %(default)s)",
     )
     p_train.add_argument(
+        "--similarity-expert",
+        type=non_negative_float,
+        default=DEFAULT_SIMILARITY_EXPERT,
+        metavar="W",
+        help=f"{SIMILARITY_EXPERT_HELP} (default: %(default)s)",
+    )
+    p_train.add_argument(
         "--out", default=None, metavar="MODEL.zip", help="bundle to write (default: DIR/model.zip)"
     )
     p_train.add_argument(
@@ -82,7 +92,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.noisy_images:
         args.noisy_images = [i.path for i in images_of(args, args.noisy_images)]
     config = TrainConfig.preset_config(args.preset, strategy=args.strategy).replace(
-        head_input=args.head_input
+        head_input=args.head_input, similarity_expert=args.similarity_expert
     )
     out = Path(args.out) if args.out else session.root / "model.zip"
     if out.is_dir():

@@ -16,10 +16,12 @@ from simsearch_wsi.search.choices import (
 from simsearch_wsi.server.jobs import JobState
 from simsearch_wsi.train.choices import (
     DEFAULT_HEAD_INPUT,
+    DEFAULT_SIMILARITY_EXPERT,
     DEFAULT_STRATEGY,
     HEAD_INPUT_HELP,
     HEAD_INPUTS,
     PRESETS,
+    SIMILARITY_EXPERT_HELP,
     STRATEGIES,
 )
 
@@ -220,6 +222,9 @@ class TrainJobRequest(_PlateSelection):
         DEFAULT_HEAD_INPUT,
         description=HEAD_INPUT_HELP,
         json_schema_extra={"enum": list(HEAD_INPUTS)},
+    )
+    similarity_expert: float = Field(
+        DEFAULT_SIMILARITY_EXPERT, ge=0, le=1000, description=SIMILARITY_EXPERT_HELP
     )
     seed: int = Field(0, ge=0, le=2**63 - 1, strict=True)
 

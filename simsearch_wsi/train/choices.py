@@ -29,6 +29,22 @@ HEAD_INPUT_HELP = (
     "(docs/evaluation.md, 'Training study')"
 )
 
+#: the ensemble's similarity expert (``TrainConfig.similarity_expert``): its weight in the product
+#: of experts against 1 per search head. Off by default: at 0.25 (chosen on the study's dev
+#: cases) it ranks better (held-out PR-AUC up on 7 of 8 cases) but writes worse detections and
+#: regions at the thresholds (IoU 0.386 -> 0.326, down on 6 of 8; the demo's 0.50 -> 0.47)
+#: (docs/evaluation.md, "the search's similarity as a third expert")
+DEFAULT_SIMILARITY_EXPERT = 0.0
+#: the weight the study's dev cases chose for it
+CHOSEN_SIMILARITY_EXPERT = 0.25
+#: what the CLI's ``--similarity-expert`` and the server's ``similarity_expert`` say
+SIMILARITY_EXPERT_HELP = (
+    "ensemble only: the weight of a third expert, the search's own similarity to the "
+    "prototypes, against 1 per search head; 0 = off. 0.25 ranked better on the training "
+    "study's held-out cases but wrote worse regions at the thresholds (docs/evaluation.md, "
+    "'the search's similarity as a third expert')"
+)
+
 #: the suffixes of a head spec (:func:`parse_head_spec`) and the TrainConfig fields they set
 HEAD_SPEC_SUFFIXES = {"u": "unlabelled_windows", "j": "judge_windows"}
 

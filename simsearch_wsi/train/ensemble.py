@@ -66,9 +66,6 @@ def combine_experts(
     return out
 
 
-#: the similarity expert's weight in the ensemble's product by default (the two search heads
-#: weigh 1 each; ``TrainConfig.similarity_expert``)
-DEFAULT_SIMILARITY_EXPERT = 0.25
 #: the similarity expert (:func:`similarity_expert_head`): its temperature, in cosine
 #: similarity (a window's class logit is ``s_c / T``) ...
 SIMILARITY_EXPERT_TEMPERATURE = 0.1

@@ -83,7 +83,7 @@ def router(ctx: ServerContext) -> APIRouter:
         require_existing([*images, *noisy])  # answer a moved slide now rather than in a failed job
         # looked up per request (not bound at import), so tests can shrink the presets
         config = TrainConfig.preset_config(body.preset, strategy=body.strategy).replace(
-            head_input=body.head_input
+            head_input=body.head_input, similarity_expert=body.similarity_expert
         )
         seed = body.seed
 
