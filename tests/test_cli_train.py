@@ -33,6 +33,15 @@ def test_train_writes_a_bundle(
     assert bundle.provenance["noisy_images"] == [str(small_slides[2].path.resolve())]
     assert bundle.config["preset"] == "fast"
     assert bundle.config["similarity_expert"] == 0.5  # --similarity-expert reached the config
+    # auto decides whether an ensemble is trained: where it did not, the expert weight was not
+    # used, and the bundle and the notes say so (it is not silently dropped)
+    selection = bundle.metrics["selection"]
+    if selection.get("resolved", selection["asked"]) == "ensemble":
+        assert bundle.partner is not None and bundle.partner.expert_share == 0.5
+    else:
+        assert selection["similarity_expert"] == "not used"
+        assert bundle.partner is None
+        assert any("similarity expert" in n and "not used" in n for n in bundle.metrics["notes"])
 
 
 def test_similarity_expert_is_off_by_default_and_a_non_negative_weight(
@@ -41,6 +50,7 @@ def test_similarity_expert_is_off_by_default_and_a_non_negative_weight(
     from pydantic import ValidationError
 
     from simsearch_wsi.cli.main import build_parser
+    from simsearch_wsi.core.errors import ConfigError
     from simsearch_wsi.server.schemas import TrainJobRequest
     from simsearch_wsi.train.fit import TrainConfig
 
@@ -56,6 +66,17 @@ def test_similarity_expert_is_off_by_default_and_a_non_negative_weight(
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--session", "s", "--similarity-expert", "-1"])
     assert "--similarity-expert" in capsys.readouterr().err
+    # a weight for a head input that has no ensemble would be silently ignored: refused
+    for head_input in ("search", "trunk", "tuned-search"):
+        with pytest.raises(ConfigError, match="--head-input ensemble") as info:
+            TrainConfig.preset_config("fast").replace(head_input=head_input, similarity_expert=0.5)
+        assert "\n" not in str(info.value) and head_input in str(info.value)
+        TrainConfig.preset_config("fast").replace(head_input=head_input)  # 0 (off) is fine
+    for head_input in ("ensemble", "auto"):
+        config = TrainConfig.preset_config("fast").replace(
+            head_input=head_input, similarity_expert=0.5
+        )
+        assert config.similarity_expert == 0.5
     assert TrainJobRequest(session="/s").similarity_expert == 0.0
     assert TrainJobRequest(session="/s", similarity_expert=0.25).similarity_expert == 0.25
     with pytest.raises(ValidationError):

@@ -228,6 +228,14 @@ class TrainConfig:
             raise ConfigError(
                 f"similarity_expert must be a weight >= 0, got {self.similarity_expert}"
             )
+        if self.similarity_expert > 0 and self.head_input not in ("ensemble", "auto"):
+            # only the ensemble has the partner the expert is read from: refused rather than
+            # silently dropped
+            raise ConfigError(
+                f"the similarity expert (--similarity-expert {self.similarity_expert:g}) is a "
+                f"third expert of --head-input ensemble (or auto where it trains one), not of "
+                f"--head-input {self.head_input}; leave it at 0 or use --head-input ensemble"
+            )
         if self.unlabelled_windows < 0 or self.judge_windows < 0:
             raise ConfigError(
                 f"unlabelled_windows and judge_windows must be >= 0, got "
@@ -1194,6 +1202,14 @@ def train_patch_model(
     metrics["selection"]["asked"] = config.head_input
     if head_input != config.head_input:
         metrics["selection"]["resolved"] = head_input
+    if config.similarity_expert > 0 and head_input != "ensemble":
+        # ``auto`` took another head: the weight asked for has nothing to apply to
+        metrics["selection"]["similarity_expert"] = "not used"
+        notes.append(
+            f"the similarity expert (weight {config.similarity_expert:g}) was not used: it is a "
+            f"third expert of the ensemble, and {config.head_input} trained the {chosen.kind} "
+            f"head"
+        )
     thresholds = {c: DEFAULT_CONFIDENCE for c in clean.classes}
     evidence: ThresholdEvidence | None = None
     few_held_out = val_set is not None and any(
