@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import shutil
 import zipfile
@@ -626,6 +628,12 @@ def test_a_partners_similarity_expert_round_trips_as_version_4(
     back = load_bundle(path)
     assert back.partner is not None and back.partner.has_expert and not back.has_expert
     assert back.partner.expert_share == 0.25
+    # train's summary says the partner has the expert (and, without one, what it said before)
+    assert back.describe()["partner"] == {
+        "head_input": "search",
+        "feature_dim": 256,
+        "similarity_expert": 0.25,
+    }
     for name in ("expert_mask", "expert_weight", "expert_bias"):
         assert torch.equal(getattr(back.partner, name), getattr(pair.partner, name)), name
     older = Path(shutil.copyfile(path, tmp_path / "older.zip"))
@@ -663,3 +671,46 @@ def test_the_digest_names_the_similarity_expert(trunk: nn.Module) -> None:
         bundle_digest(b) for b in (head, _with_expert(head), _with_expert(head, expert_share=0.5))
     }
     assert len(digests) == 3
+
+
+def test_only_an_ensembles_partner_has_a_similarity_expert(
+    trunk: nn.Module, tmp_path: Path
+) -> None:
+    """``predict`` reads the similarity expert from an ensemble's partner only, so an expert
+    anywhere else (on the model that has the partner, or on a model without one) would be
+    silently ignored: refused when built (the model of a pair), when saved and when loaded
+    (one line, naming the file); an expert that remembers no memory entry is refused too."""
+    with pytest.raises(BundleError, match="the partner's"):
+        _with_expert(_search_head(trunk, partner=_search_head(trunk)))
+    with pytest.raises(BundleError, match="no memory entry"):
+        _with_expert(_search_head(trunk), expert_mask=torch.zeros(4, dtype=torch.bool))
+    alone = _with_expert(_search_head(trunk))  # built in memory, as a partner is before pairing
+    with pytest.raises(BundleError, match="without a partner") as info:
+        save_bundle(tmp_path / "alone.zip", alone)
+    assert "alone.zip" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "alone.zip").exists()
+    # a file edited so that its partner's expert sits on the model itself
+    path = save_bundle(
+        tmp_path / "pair.zip", _search_head(trunk, partner=_with_expert(_search_head(trunk)))
+    )
+    with zipfile.ZipFile(path) as zf:
+        meta = json.loads(zf.read("bundle.json"))
+        weights = zf.read("weights.pt")
+    tensors = torch.load(io.BytesIO(weights), weights_only=True)
+    moved = {
+        k.removeprefix("partner."): v for k, v in tensors.items() if k.startswith("partner.expert.")
+    }
+    for k in list(tensors):
+        if k.startswith("partner."):
+            del tensors[k]
+    tensors.update(moved)
+    meta["expert_share"] = meta["partner"].pop("expert_share")
+    del meta["partner"]
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    meta["weights_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    edited = tmp_path / "edited.zip"
+    with zipfile.ZipFile(edited, "w") as zf:
+        zf.writestr("bundle.json", json.dumps(meta))
+        zf.writestr("weights.pt", buffer.getvalue())
+    assert_bundle_error(edited, "edited.zip", "without a partner")

@@ -69,6 +69,11 @@ PARTNER_PREFIX = "partner."
 
 _TRAIN_HINT = "train one with `simsearch-wsi train`"
 _COPY_HINT = "copy the file again or re-train"
+#: a similarity expert is read from an ensemble's partner only (``infer.dense``)
+_LONE_EXPERT = (
+    "a similarity expert without a partner model (only an ensemble's partner has one; "
+    "predict would ignore it)"
+)
 # zip entries get a fixed timestamp so that equal bundles are byte-identical files
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -417,6 +422,12 @@ class ModelBundle:
                 raise BundleError(
                     "a partner model is one 'search' head without a partner of its own"
                 )
+            if self.has_expert:
+                # predict reads the expert from the partner only; here it would be ignored
+                raise BundleError(
+                    "a similarity expert is the partner's (it reads the search's trunk), not "
+                    "the model's that has the partner"
+                )
             if other.classes != classes or other.patch_size_l0 != self.patch_size_l0:
                 raise BundleError(
                     f"the partner model must have the same classes and patch size "
@@ -473,9 +484,22 @@ class ModelBundle:
                 f"expert_weight must be ({k}, 2) and expert_bias ({k},), got "
                 f"{tuple(weight.shape)} and {tuple(bias.shape)}"
             )
+        if not bool(mask.any()):
+            raise BundleError(
+                "expert_mask picks no memory entry; the similarity expert remembers the "
+                "prototypes' entries"
+            )
         if not (math.isfinite(float(share)) and float(share) > 0):
             raise BundleError(f"expert_share must be > 0 with a similarity expert, got {share}")
         object.__setattr__(self, "expert_share", float(share))
+
+    def _partner_summary(self) -> dict[str, Any]:
+        """What :meth:`describe` says of this model as a partner (its similarity expert's share
+        where it has one)."""
+        out: dict[str, Any] = {"head_input": self.head_input, "feature_dim": self.feature_dim}
+        if self.has_expert:
+            out["similarity_expert"] = self.expert_share
+        return out
 
     @property
     def has_expert(self) -> bool:
@@ -601,9 +625,7 @@ class ModelBundle:
             "strategy": self.strategy,
             "head_input": self.head_input,
             "feature_norm": self.feature_norm,
-            "partner": None
-            if self.partner is None
-            else {"head_input": self.partner.head_input, "feature_dim": self.partner.feature_dim},
+            "partner": None if self.partner is None else self.partner._partner_summary(),
             "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, scalar)},
             "versions": dict(self.versions),
             "created": self.created,
@@ -739,6 +761,8 @@ def save_bundle(path: str | os.PathLike[str], bundle: ModelBundle) -> Path:
     final = Path(path)
     if final.is_dir():
         raise BundleError(f"{final}: is a folder; give a file name for the model bundle")
+    if bundle.has_expert and bundle.partner is None:
+        raise BundleError(f"{final}: {_LONE_EXPERT}; save it as an ensemble's partner")
     filled = replace(
         bundle,
         versions=bundle.versions or _library_versions(),
@@ -906,7 +930,10 @@ def _read(path: Path, meta: dict[str, Any], zf: zipfile.ZipFile) -> ModelBundle:
         for k, v in tensors.items()
         if not (isinstance(k, str) and k.startswith(PARTNER_PREFIX))
     }
-    return _bundle_from(path, meta, own, partner, what="model")
+    model = _bundle_from(path, meta, own, partner, what="model")
+    if model.has_expert and model.partner is None:
+        raise BundleError(f"{path}: invalid model bundle: {_LONE_EXPERT}; fix it or re-train")
+    return model
 
 
 def _bundle_from(
