@@ -102,3 +102,98 @@ def test_channels_the_model_needs_must_be_there(
     bundle = _bundle(small_slides[1], context_a=32)
     with open_image(fluorescence_slide.path) as image, pytest.raises(ConfigError, match="channels"):
         dense_class_maps(image, PatchModel(bundle))
+
+
+def _search_heads(slide: Any, *, expert_share: float) -> ModelBundle:
+    """An ensemble-shaped bundle on ``slide``: two random search heads (memories of 8 unit
+    vectors, two per class) on the same random trunk, the second the first's partner, with a
+    similarity expert on the partner's first three entries at ``expert_share`` (0: none)."""
+    import dataclasses
+
+    import torch
+
+    from simsearch_wsi.train.ensemble import similarity_expert_head
+
+    with open_image(slide.path) as image:
+        base = untrained_bundle([image], classes=CLASSES, context_a=32, seed=2)
+    dim = base.head_weight.shape[1]
+    gen = torch.Generator().manual_seed(3)
+
+    def head(**changes: Any) -> ModelBundle:
+        vectors = torch.nn.functional.normalize(torch.randn(8, dim, generator=gen), dim=1)
+        return dataclasses.replace(
+            base,
+            head_input="search",
+            feature_norm="whiten",
+            head_weight=torch.rand(4, 2, generator=gen) * 8,
+            head_bias=torch.randn(4, generator=gen),
+            memory_vectors=vectors.to(torch.float16),
+            memory_owner=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]),
+            **changes,
+        )
+
+    partner = head(provenance={"search_trunk": "search"})
+    if expert_share > 0:
+        weight, bias = similarity_expert_head(4, 3, temperature=0.1, ceiling=0.2)
+        partner = dataclasses.replace(
+            partner,
+            expert_mask=torch.tensor([True, True, True, False, False, False, False, False]),
+            expert_weight=weight,
+            expert_bias=bias,
+            expert_share=expert_share,
+        )
+    return head(provenance={"search_trunk": "fine-tuned"}, partner=partner)
+
+
+@pytest.mark.slow
+def test_an_ensembles_similarity_expert_predicts_alike_densely_per_patch_and_cached(
+    small_slides: Any, tmp_path: Path
+) -> None:
+    """A version 4 ensemble (the partner with a similarity expert): the dense maps are the
+    weighted product of the two heads' maps and the expert's; ``predict_patches`` gives the
+    same probabilities at the windows' centres; maps from cached features equal those from a
+    temporary cache; without the expert, the two heads' product as before."""
+    import dataclasses
+
+    from simsearch_wsi.infer.dense import _search_class_maps
+    from simsearch_wsi.train.ensemble import combine_experts
+
+    slide = small_slides[1]
+    pair = _search_heads(slide, expert_share=0.5)
+    assert pair.partner is not None and pair.partner.has_expert
+    model = PatchModel(pair, autocast=False)
+    cached = PatchModel(pair, autocast=False, cache_dir=tmp_path / "cache")
+    with open_image(slide.path) as image:
+        maps = dense_class_maps(image, model)
+        first = dense_class_maps(image, cached)
+        again = dense_class_maps(image, cached)
+        alone = dense_class_maps(
+            image, PatchModel(dataclasses.replace(pair, partner=None), autocast=False)
+        )
+        assert cached.partner is not None
+        other, expert = _search_class_maps(
+            image, cached.partner, tile_size=1024, batch_size=4, tiles="foreground", progress=None
+        )
+    assert expert is not None
+    p = maps.probabilities
+    expected = combine_experts(
+        [alone.probabilities, other.probabilities, expert], weights=[1.0, 1.0, 0.5]
+    )
+    np.testing.assert_array_equal(p, expected)
+    two = combine_experts([alone.probabilities, other.probabilities])
+    assert not np.allclose(p, two, equal_nan=True)  # the expert counts
+    np.testing.assert_array_equal(first.probabilities, p)
+    np.testing.assert_array_equal(again.probabilities, p)
+    finite = np.isfinite(p).all(axis=0)
+    assert finite.mean() > 0.3
+    np.testing.assert_array_equal(np.isnan(p).any(axis=0), ~finite)
+    cells = np.argwhere(finite)
+    pick = cells[np.random.default_rng(0).choice(len(cells), 24, replace=False)]
+    key = str(slide.path.resolve())
+    samples = tuple(
+        PatchSample(key, maps.window_box_l0(float(i), float(j)).center_l0, 0) for i, j in pick
+    )
+    per_patch = predict_patches(
+        pair, PatchSet(samples, CLASSES), open_image=lambda q: open_image(q), autocast=False
+    )
+    np.testing.assert_allclose(per_patch, np.stack([p[:, i, j] for i, j in pick]), atol=1e-5)
