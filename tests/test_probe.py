@@ -474,3 +474,71 @@ def test_the_similarity_expert_is_a_third_expert_read_from_the_partners_prototyp
     assert valid.mean() > 0.5
     # the search's maps are bf16 products of its own prototype embedding: close, not equal
     np.testing.assert_allclose(expert[:, valid], softmax[:, valid], atol=0.1)
+
+
+class _FixedView:
+    """A search view whose window vector of a patch is a fixed unit vector per patch centre
+    (the same in every rotation)."""
+
+    feature_norm = "whiten"
+
+    def __init__(self, by_center: dict[tuple[float, float], torch.Tensor]) -> None:
+        self.by_center = by_center
+
+    def vectors(self, patches: PatchSet, rotations: int = 1) -> torch.Tensor:
+        one = torch.stack([self.by_center[s.center_l0] for s in patches.samples])
+        return one.expand(rotations, *one.shape).clone()
+
+
+def test_the_similarity_experts_evidence_reads_every_prototype_but_the_scored_patch() -> None:
+    """The thresholds' evidence of the similarity expert (held-out, leave-one-out, unlabelled
+    probabilities) reads the user's prototypes as the saved expert does, all of them: a class
+    whose only prototype the held-out split took keeps it (before, the expert there had no
+    entry of that class and scored every window of it as background), and a patch is never
+    compared with its own entries."""
+    from simsearch_wsi.train.fit import MEMORY_ROTATIONS, _similarity_expert_evidence
+
+    classes = ("a", "b", "background")
+    e = torch.eye(6)
+    near_a = torch.nn.functional.normalize(e[0] + 0.2 * e[5], dim=0)
+    vec = {
+        (0.0, 0.0): e[0],  # a's only prototype (held out)
+        (1.0, 0.0): near_a,  # an a positive (held out, like the prototype)
+        (2.0, 0.0): torch.nn.functional.normalize(e[0] + 0.5 * e[4], dim=0),  # a positive
+        (3.0, 0.0): e[1],  # b's prototype
+        (4.0, 0.0): e[2],  # b positive
+        (5.0, 0.0): e[3],  # background
+    }
+    train = PatchSet(
+        (
+            PatchSample("s", (2.0, 0.0), 0, "positive"),
+            PatchSample("s", (3.0, 0.0), 1, "prototype"),
+            PatchSample("s", (4.0, 0.0), 1, "positive"),
+            PatchSample("s", (5.0, 0.0), 2, "background"),
+        ),
+        classes,
+    )
+    val = PatchSet(
+        (PatchSample("s", (0.0, 0.0), 0, "prototype"), PatchSample("s", (1.0, 0.0), 0, "positive")),
+        classes,
+    )
+    view = _FixedView(vec)
+    xs = view.vectors(train, MEMORY_ROTATIONS).reshape(-1, 6)
+    owner = torch.tensor(np.tile(train.labels, MEMORY_ROTATIONS))
+    memory = MemoryHead(xs, owner, torch.ones(3), torch.zeros(3), 2, torch.zeros(3))
+    unlabelled = torch.stack([near_a, e[3]])
+    val_probs, unl_probs, loo = _similarity_expert_evidence(
+        memory, view, train, val, unlabelled=unlabelled
+    )
+    assert val_probs is not None and unl_probs is not None
+    # the held-out a positive and the unlabelled window next to a's prototype (cosine 0.98):
+    # class a about as likely as the background (at the ceiling's cosine 1 they would tie);
+    # without a's prototype it was e^-20 against the background
+    assert val_probs[1, 0] > 0.4 and unl_probs[0, 0] > 0.4
+    assert val_probs[1, 1] < 1e-3 and unl_probs[1, 2] > 0.99
+    # the held-out prototype is not compared with itself (a has no other prototype)
+    assert val_probs[0, 0] < 0.01
+    # leave-one-out: b's only prototype is not compared with itself either; the a positive
+    # of the training part is compared with a's (held-out) prototype
+    assert loo.shape == (4, 3) and loo[1, 1] < 0.01 and loo[0, 0] > 0.2
+    np.testing.assert_allclose(val_probs.sum(axis=1), 1.0, rtol=1e-5)

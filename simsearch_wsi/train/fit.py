@@ -908,6 +908,53 @@ def _similarity_expert(
     return mask, expert, loo
 
 
+def _similarity_expert_evidence(
+    memory: MemoryHead,
+    view: SearchView,
+    train_set: PatchSet,
+    val_set: PatchSet | None,
+    *,
+    unlabelled: torch.Tensor | None,
+) -> tuple[NDArray[np.float32] | None, NDArray[np.float32] | None, NDArray[np.float32]]:
+    """The similarity expert's (N_val, K) held-out, (U, K) unlabelled and (N, K) leave-one-out
+    probabilities (``None`` without held-out patches or unlabelled windows), for the
+    thresholds' evidence. ``memory``: a search head fitted on ``train_set`` (its memory starts
+    with their vectors in ``MEMORY_ROTATIONS`` rotations) on ``view``.
+
+    The saved expert reads every prototype of the user (the partner is refitted on all
+    labelled patches), so the evidence reads them all too, the held-out ones included (a
+    class whose only prototype the split held out would otherwise have no entry, and the
+    expert would score each of its windows as background), and never compares a patch with
+    its own entries."""
+    n = len(train_set)
+    mask, expert, _ = _similarity_expert(memory, train_set)
+    vectors, owner = expert.vectors.float(), expert.owner
+    sample = torch.arange(len(memory.vectors))[mask] % n  # the patch of each entry: train_set's
+    held = (
+        []
+        if val_set is None
+        else [i for i, s in enumerate(val_set.samples) if s.source == "prototype"]
+    )
+    if val_set is not None and held:  # ... or n + val_set's
+        xs = view.vectors(val_set.subset(held), MEMORY_ROTATIONS).float()
+        vectors = torch.cat([vectors, xs.reshape(-1, xs.shape[-1])])
+        labels = torch.as_tensor(val_set.labels[held], dtype=owner.dtype)
+        owner = torch.cat([owner, labels.repeat(MEMORY_ROTATIONS)])
+        sample = torch.cat([sample, n + torch.as_tensor(held).repeat(MEMORY_ROTATIONS)])
+    every = dataclasses.replace(expert, vectors=vectors, owner=owner)
+
+    def without_own(queries: torch.Tensor, first: int) -> NDArray[np.float32]:
+        own = sample[None, :] == (first + torch.arange(len(queries)))[:, None]
+        logits = every.logits(*every.similarities(queries, exclude=own))
+        out: NDArray[np.float32] = torch.softmax(logits, dim=1).numpy().astype(np.float32)
+        return out
+
+    loo = without_own(memory.vectors[:n], 0)
+    val = None if val_set is None else without_own(view.vectors(val_set, 1)[0], n)
+    unl = None if unlabelled is None or not len(unlabelled) else every.probabilities(unlabelled)
+    return val, unl, loo
+
+
 def _leave_one_out_probs(memory: MemoryHead, n: int) -> NDArray[np.float32]:
     """(n, K) probabilities of the ``n`` labelled patches a search head was fitted on
     (:func:`_fit_search_head`: its memory starts with their vectors in ``MEMORY_ROTATIONS``
@@ -1166,19 +1213,15 @@ def train_patch_model(
         share = config.similarity_expert
         expert = None
         if share > 0 and partner.memory is not None and partner.view is not None:
-            _, expert_head, expert_loo = _similarity_expert(
-                partner.memory, train_set, exclude_own=True
+            expert_val, expert_unl, expert_loo = _similarity_expert_evidence(
+                partner.memory, partner.view, train_set, val_set, unlabelled=partner.unlabelled
             )
             expert = _Candidate(
                 "similarity",
                 torch.zeros(0),
                 torch.zeros(0),
-                None
-                if val_set is None
-                else expert_head.probabilities(partner.view.vectors(val_set, 1)[0]),
-                unlabelled_probs=None
-                if partner.unlabelled is None or not len(partner.unlabelled)
-                else expert_head.probabilities(partner.unlabelled),
+                expert_val,
+                unlabelled_probs=expert_unl,
                 loo_probs=expert_loo,
             )
         shares = None if expert is None else [1.0, 1.0, share]
