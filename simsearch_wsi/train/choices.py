@@ -39,7 +39,8 @@ DEFAULT_SIMILARITY_EXPERT = 0.0
 CHOSEN_SIMILARITY_EXPERT = 0.25
 #: what the CLI's ``--similarity-expert`` and the server's ``similarity_expert`` say
 SIMILARITY_EXPERT_HELP = (
-    "ensemble only: the weight of a third expert, the search's own similarity to the "
+    "ensemble only (refused with search, trunk, tuned-search; unused where auto trains "
+    "another head): the weight of a third expert, the search's own similarity to the "
     "prototypes, against 1 per search head; 0 = off. 0.25 ranked better on the training "
     "study's held-out cases but wrote worse regions at the thresholds (docs/evaluation.md, "
     "'the search's similarity as a third expert')"
