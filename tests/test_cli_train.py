@@ -68,7 +68,7 @@ def test_similarity_expert_is_off_by_default_and_a_non_negative_weight(
     assert "--similarity-expert" in capsys.readouterr().err
     # a weight for a head input that has no ensemble would be silently ignored: refused
     for head_input in ("search", "trunk", "tuned-search"):
-        with pytest.raises(ConfigError, match="--head-input ensemble") as info:
+        with pytest.raises(ConfigError, match=r"--similarity-expert.*'ensemble'") as info:
             TrainConfig.preset_config("fast").replace(head_input=head_input, similarity_expert=0.5)
         assert "\n" not in str(info.value) and head_input in str(info.value)
         TrainConfig.preset_config("fast").replace(head_input=head_input)  # 0 (off) is fine

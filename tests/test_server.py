@@ -535,6 +535,7 @@ def test_train_job(client: TestClient, train_slide: SyntheticSlide, root: Path) 
         "strategy": DEFAULT_STRATEGY,
         "preset": "fast",
         "head_input": "trunk",
+        "similarity_expert": 0.0,
         "noisy_images": [],
         "seed": 3,
     }
@@ -599,7 +600,20 @@ def test_train_job_waits_for_the_engine_and_cancels(
     assert job["state"] == "cancelled" and job["error"] is None and job["result"] is None
     assert job["params"]["out"] == str(session.root / "model.zip")  # the default
     assert job["params"]["head_input"] == DEFAULT_HEAD_INPUT == "auto"  # the asked head, shown
+    assert job["params"]["similarity_expert"] == 0.0  # off by default, shown
     assert not (session.root / "model.zip").exists()
+
+
+def test_a_train_job_refuses_a_similarity_expert_without_an_ensemble(
+    client: TestClient, train_slide: SyntheticSlide, root: Path
+) -> None:
+    """``similarity_expert`` is a third expert of the ensemble: asked with a head input that
+    trains none it is refused at once (400, one line), not silently dropped in the job."""
+    session = _training_session(root / "train" / "exp expert", train_slide)
+    body = {"session": str(session.root), "head_input": "search", "similarity_expert": 0.5}
+    message = _error(client.post(f"{API}/jobs/train", json=body), 400, "ConfigError")
+    assert "similarity_expert" in message and "'search'" in message
+    assert client.get(f"{API}/jobs").json()["jobs"] == []  # no job was started
 
 
 def test_train_job_cancelled_while_training(

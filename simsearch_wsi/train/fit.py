@@ -232,9 +232,10 @@ class TrainConfig:
             # only the ensemble has the partner the expert is read from: refused rather than
             # silently dropped
             raise ConfigError(
-                f"the similarity expert (--similarity-expert {self.similarity_expert:g}) is a "
-                f"third expert of --head-input ensemble (or auto where it trains one), not of "
-                f"--head-input {self.head_input}; leave it at 0 or use --head-input ensemble"
+                f"the similarity expert (--similarity-expert, similarity_expert "
+                f"{self.similarity_expert:g}) is a third expert of the head input 'ensemble' "
+                f"(or 'auto' where it trains one), not of {self.head_input!r}; leave it at 0 or "
+                f"train the ensemble"
             )
         if self.unlabelled_windows < 0 or self.judge_windows < 0:
             raise ConfigError(

@@ -121,6 +121,7 @@ def router(ctx: ServerContext) -> APIRouter:
                 "strategy": body.strategy,
                 "preset": body.preset,
                 "head_input": body.head_input,
+                "similarity_expert": body.similarity_expert,
                 "noisy_images": [str(p) for p in noisy],
                 "seed": seed,
             },
