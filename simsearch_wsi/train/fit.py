@@ -873,15 +873,12 @@ def _fit_search_head(
     )
 
 
-def _similarity_expert(
-    memory: MemoryHead, patches: PatchSet, *, exclude_own: bool = False
-) -> tuple[torch.Tensor, MemoryHead, NDArray[np.float32] | None]:
+def _similarity_expert(memory: MemoryHead, patches: PatchSet) -> tuple[torch.Tensor, MemoryHead]:
     """The similarity expert of a search head fitted on ``patches`` (:func:`_fit_search_head`:
     its memory starts with their vectors in ``MEMORY_ROTATIONS`` rotations, rotation-major):
-    the (M,) bool mask of the memory entries of the user's prototypes, the expert as a
-    :class:`MemoryHead` on them (:func:`simsearch_wsi.train.ensemble.similarity_expert_head`)
-    and, with ``exclude_own``, its (N, K) leave-one-out probabilities of ``patches`` (as
-    :func:`_leave_one_out_probs`)."""
+    the (M,) bool mask of the memory entries of the user's prototypes and the expert as a
+    :class:`MemoryHead` on them (:func:`simsearch_wsi.train.ensemble.similarity_expert_head`;
+    its thresholds' evidence: :func:`_similarity_expert_evidence`)."""
     n = len(patches)
     entry = torch.arange(len(memory.vectors))
     is_prototype = torch.tensor([s.source == "prototype" for s in patches.samples])
@@ -900,13 +897,7 @@ def _similarity_expert(
         memory.background,
         weight[:, 1],
     )
-    loo = None
-    if exclude_own:
-        sample = entry[mask] % n
-        own = sample[None, :] == torch.arange(n)[:, None]
-        pos, neg = expert.similarities(memory.vectors[:n], exclude=own)
-        loo = torch.softmax(expert.logits(pos, neg), dim=1).numpy().astype(np.float32)
-    return mask, expert, loo
+    return mask, expert
 
 
 def _similarity_expert_evidence(
@@ -928,7 +919,7 @@ def _similarity_expert_evidence(
     expert would score each of its windows as background), and never compares a patch with
     its own entries."""
     n = len(train_set)
-    mask, expert, _ = _similarity_expert(memory, train_set)
+    mask, expert = _similarity_expert(memory, train_set)
     vectors, owner = expert.vectors.float(), expert.owner
     sample = torch.arange(len(memory.vectors))[mask] % n  # the patch of each entry: train_set's
     held = (
@@ -1365,7 +1356,7 @@ def train_patch_model(
     partner_bundle = None if partner is None else make_bundle(partner, None, {})
     if partner_bundle is not None and config.similarity_expert > 0:
         # the partner's memory (refitted on every clean patch) read as the similarity expert
-        mask, expert_head, _ = _similarity_expert(
+        mask, expert_head = _similarity_expert(
             MemoryHead(
                 partner_bundle.memory_vectors.float(),  # type: ignore[union-attr]
                 partner_bundle.memory_owner,  # type: ignore[arg-type]
