@@ -29,6 +29,20 @@ def _bundle(slide: Any, *, context_a: int) -> ModelBundle:
         return untrained_bundle([image], classes=CLASSES, context_a=context_a, seed=2)
 
 
+def _sampled_windows(
+    maps: Any, finite: Any, slide: Any, n: int = 24
+) -> tuple[Any, tuple[PatchSample, ...]]:
+    """``n`` seeded windows (i, j) of the maps where every class is finite, and a patch sample
+    centred on each (class index 0)."""
+    cells = np.argwhere(finite)
+    pick = cells[np.random.default_rng(0).choice(len(cells), n, replace=False)]
+    key = str(slide.path.resolve())
+    samples = tuple(
+        PatchSample(key, maps.window_box_l0(float(i), float(j)).center_l0, 0) for i, j in pick
+    )
+    return pick, samples
+
+
 def test_dense_maps_equal_the_classifier_on_cropped_windows(small_slides: Any) -> None:
     """With the trunk's full receptive field as context, cropping a window and classifying it
     gives what the dense map holds there (the head and the pooling commute)."""
@@ -42,12 +56,7 @@ def test_dense_maps_equal_the_classifier_on_cropped_windows(small_slides: Any) -
     finite = np.isfinite(p).all(axis=0)
     assert finite.mean() > 0.3
     np.testing.assert_allclose(p[:, finite].sum(axis=0), 1.0, atol=1e-5)
-    cells = np.argwhere(finite)
-    pick = cells[np.random.default_rng(0).choice(len(cells), 24, replace=False)]
-    key = str(slide.path.resolve())
-    samples = tuple(
-        PatchSample(key, maps.window_box_l0(float(i), float(j)).center_l0, 0) for i, j in pick
-    )
+    pick, samples = _sampled_windows(maps, finite, slide)
     per_window = predict_patches(
         bundle, PatchSet(samples, CLASSES), open_image=lambda q: open_image(q), autocast=False
     )
@@ -187,12 +196,7 @@ def test_an_ensembles_similarity_expert_predicts_alike_densely_per_patch_and_cac
     finite = np.isfinite(p).all(axis=0)
     assert finite.mean() > 0.3
     np.testing.assert_array_equal(np.isnan(p).any(axis=0), ~finite)
-    cells = np.argwhere(finite)
-    pick = cells[np.random.default_rng(0).choice(len(cells), 24, replace=False)]
-    key = str(slide.path.resolve())
-    samples = tuple(
-        PatchSample(key, maps.window_box_l0(float(i), float(j)).center_l0, 0) for i, j in pick
-    )
+    pick, samples = _sampled_windows(maps, finite, slide)
     per_patch = predict_patches(
         pair, PatchSet(samples, CLASSES), open_image=lambda q: open_image(q), autocast=False
     )
