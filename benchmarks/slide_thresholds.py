@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import expit, logit
 
 from simsearch_wsi.eval.ablation import score_class_maps
 from simsearch_wsi.infer.dense import ClassMaps
@@ -40,13 +41,12 @@ from simsearch_wsi.train.fit import ThresholdEvidence, detection_scores, tail_th
 QUANTILES = (0.9, 0.95, 0.98, 0.99)
 
 
+#: probabilities are clipped to [EPS, 1 - EPS] before their logit (a quantile of 0 or 1)
+EPS = 1e-4
+
+
 def _logit(p: float) -> float:
-    p = min(max(p, 1e-4), 1 - 1e-4)
-    return float(np.log(p / (1 - p)))
-
-
-def _sigmoid(z: float) -> float:
-    return float(1 / (1 + np.exp(-z)))
+    return float(logit(np.clip(p, EPS, 1 - EPS)))
 
 
 def slide_window_probs(maps: ClassMaps) -> Any:
@@ -85,7 +85,7 @@ def rules_for_slide(
                         float(np.quantile(reviewed[:, k], q))
                     )
                     z = _logit(t0[c]) + gain * shift
-                    picked[c] = float(np.clip(_sigmoid(z), 0.05, 0.95))
+                    picked[c] = float(np.clip(expit(z), 0.05, 0.95))
                 out[rule] = picked
     return out
 
