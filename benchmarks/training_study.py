@@ -66,7 +66,7 @@ from simsearch_wsi.io import open_image
 from simsearch_wsi.review.data import train_session
 from simsearch_wsi.review.session import Session
 from simsearch_wsi.search.engine import SearchSettings, SimSearch
-from simsearch_wsi.train.choices import parse_head_spec
+from simsearch_wsi.train.choices import DEFAULT_STRATEGY, parse_head_spec
 from simsearch_wsi.train.fit import (
     ThresholdEvidence,
     TrainConfig,
@@ -666,6 +666,7 @@ def run_case(
     seed: int,
     spacings: tuple[float, ...] = (1.0,),
     save_maps: bool = False,
+    strategy: str = DEFAULT_STRATEGY,
 ) -> dict[str, Any]:
     radius = paper_match_radius_l0(bench.patch_size_l0)
     if (out / name).exists():
@@ -753,7 +754,7 @@ def run_case(
         elif arm == "trunk-frozen":
             # the linear head on the untrained trunk's pooled features (no self-learning, no
             # supervised contrastive stage): does fine-tuning the trunk help or distort?
-            base = TrainConfig.preset_config(preset)
+            base = TrainConfig.preset_config(preset, strategy=strategy)
             variants += [
                 (
                     "trunk fp32, frozen (linear head only)",
@@ -785,7 +786,7 @@ def run_case(
             # the same trunk training (same seed), then the search head on its vectors
             ("tuned probe", {"head_input": "tuned-search", "autocast": False}),
         ):
-            config = TrainConfig.preset_config(preset).replace(**changes)
+            config = TrainConfig.preset_config(preset, strategy=strategy).replace(**changes)
             trained = train_session(
                 session,
                 search,
@@ -805,7 +806,7 @@ def run_case(
             if drop
             else session
         )
-        config = TrainConfig.preset_config(preset).replace(**changes)
+        config = TrainConfig.preset_config(preset, strategy=strategy).replace(**changes)
         t0 = time.perf_counter()
         trained = train_session(
             sess,
@@ -996,6 +997,11 @@ def main() -> None:
         "combinations of separately trained heads); ARM-fp32 = fp32 only",
     )
     parser.add_argument("--preset", default="quick")
+    parser.add_argument(
+        "--strategy",
+        default=DEFAULT_STRATEGY,
+        help="the training strategy of every arm (train --strategy; default %(default)s)",
+    )
     parser.add_argument("--weights", default="embedded")
     parser.add_argument("--size", default="2048x1536", help="slide size WxH")
     parser.add_argument(
@@ -1063,6 +1069,7 @@ def main() -> None:
                 out,
                 prototypes=p,
                 preset=args.preset,
+                strategy=args.strategy,
                 arms=args.arms.split(","),
                 seed=0,
                 spacings=tuple(float(v) for v in args.spacings.split(",")),
@@ -1072,7 +1079,7 @@ def main() -> None:
         (out / "rows.json").write_text(json.dumps(rows, indent=1))
     header = (
         f"Training study: `benchmarks/training_study.py --arms {args.arms} --preset "
-        f"{args.preset} --weights {args.weights} --size {args.size}`; {info.description}; "
+        f"{args.preset} --strategy {args.strategy} --weights {args.weights} --size {args.size}`; {info.description}; "
         f"torch threads {torch.get_num_threads()}; total {time.perf_counter() - t0:.0f} s. "
         "Mean PR-AUC over the 3 classes on the held-out test slide."
     )
