@@ -1079,7 +1079,8 @@ def main() -> None:
         (out / "rows.json").write_text(json.dumps(rows, indent=1))
     header = (
         f"Training study: `benchmarks/training_study.py --arms {args.arms} --preset "
-        f"{args.preset} --strategy {args.strategy} --weights {args.weights} --size {args.size}`; {info.description}; "
+        f"{args.preset} --strategy {args.strategy} --weights {args.weights} --size "
+        f"{args.size}`; {info.description}; "
         f"torch threads {torch.get_num_threads()}; total {time.perf_counter() - t0:.0f} s. "
         "Mean PR-AUC over the 3 classes on the held-out test slide."
     )

@@ -273,6 +273,9 @@ def test_ensemble_keeps_both_search_heads_and_combines_their_maps(
         other = dense_class_maps(image, PatchModel(partner, cache_dir=cache))
     expected = combine_experts([alone.probabilities, other.probabilities])
     np.testing.assert_allclose(pair.probabilities, expected, rtol=1e-6, equal_nan=True)
+    # search heads, and their ensemble, rank detections against the background
+    assert pair.rank_against_background and alone.rank_against_background
+    assert other.rank_against_background
     assert not np.allclose(alone.probabilities, other.probabilities, equal_nan=True)
     _assert_finds_and_agrees(bundle, model, held_out, pair)
     pred = tmp_path / "pred"

@@ -3,6 +3,7 @@ suggestion or detection, none reported twice."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -384,3 +385,50 @@ def test_dense_fine_scale_and_its_size_guard(extractor: FeatureExtractor, tmp_pa
     for s in result.suggestions:  # the object's size, not the pooled window's
         assert s.box.width_l0 == pytest.approx(size[0], abs=0.5)
         assert s.box.height_l0 == pytest.approx(size[1], abs=0.5)
+
+
+def test_search_head_detections_rank_by_their_class_against_the_background() -> None:
+    """A search head's object that also looks a little like another class is not ranked below
+    one that is half background: the score is ``log p_c - log p_background``. The linear head
+    (maps not marked ``rank_against_background``) keeps the log-odds against all others."""
+    base = _peaked_maps(np.array([[40.0, 40.0], [140.0, 140.0]]), size=200, sigma_l0=4.0)
+    bump = (base.probabilities[0] - 0.02) / 0.96  # (Hp, Wp) 1 at each centre
+    n = bump.shape[1]
+    left = np.arange(n)[None, :] < n // 2
+    # near (40, 40): 0.55 nucleus, 0.44 "other", 0.01 background at the peak
+    # near (140, 140): 0.7 nucleus, 0.3 background at the peak
+    nucleus = np.where(left, 0.55, 0.7) * bump
+    other = np.where(left, 0.44, 0.0) * bump
+    background = 1.0 - nucleus - other
+    maps = dataclasses.replace(
+        base,
+        probabilities=np.stack([nucleus, other, background]).astype(np.float32),
+        classes=(CLS, "other", "background"),
+        rank_against_background=True,
+    )
+    dets = sorted(
+        (d for d in detect(maps, {CLS: 0.5, "other": 0.5}) if d.class_name == CLS),
+        key=lambda d: -d.score,
+    )
+    assert len(dets) == 2
+    first, second = dets
+    assert first.box.center_l0[0] < 100 < second.box.center_l0[0]
+    assert first.score == pytest.approx(np.log(0.55 / 0.01), abs=0.05)
+    assert second.score == pytest.approx(np.log(0.7 / 0.3), abs=0.05)
+    # the same peaks (placed on the log-odds against all others either way), ranked the other
+    # way round for a linear head
+    linear = detect(
+        dataclasses.replace(maps, rank_against_background=False), {CLS: 0.5, "other": 0.5}
+    )
+    by_linear = sorted((d for d in linear if d.class_name == CLS), key=lambda d: -d.score)
+    assert [d.box for d in by_linear] == [second.box, first.box]
+    assert by_linear[1].score == pytest.approx(np.log(0.55 / 0.45), abs=0.05)
+    # without a background class the score is the log-odds against every other class
+    two = dataclasses.replace(
+        maps,
+        probabilities=np.stack([nucleus, other + background]).astype(np.float32),
+        classes=(CLS, "other"),
+    )
+    alone = detect(two, {CLS: 0.5, "other": 0.99})
+    peak = max((d for d in alone if d.class_name == CLS), key=lambda d: d.probability)
+    assert peak.score == pytest.approx(np.log(0.7 / 0.3), abs=0.05)

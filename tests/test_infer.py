@@ -72,6 +72,11 @@ def test_detections_and_segmentation_follow_the_maps(small_slides: Any) -> None:
     thresholds = {c: 0.3 for c in CLASSES}
     dets = detect(maps, thresholds)
     assert dets and all(d.class_name != "background" for d in dets)
+    # a linear head ranks by the log-odds against all other classes
+    assert not maps.rank_against_background
+    for d in dets[:20]:
+        p_c = d.probabilities[d.class_name]
+        assert d.score == pytest.approx(np.log(p_c / (1.0 - p_c)), abs=1e-3)
     for d in dets[:20]:
         assert d.probability >= 0.3
         assert d.probability == max(d.probabilities.values())

@@ -128,10 +128,19 @@ def test_every_output_file_validates(
     regions = [f for f in features if f.object_type == "annotation"]
     assert {f.class_name for f in detections} <= set(MOTIFS)
     assert len(detections) == sum(result.n_detections.values())
+    search_head = load_bundle(fast_model).head_input == "search"
     for f in detections:
         probs = [f.measurements[f"probability {c}"] for c in (*MOTIFS, "background")]
         assert sum(probs) == pytest.approx(1.0, abs=1e-3)
         assert f.measurements[f"probability {f.class_name}"] == max(probs)
+        # the ranking score: the class's log-odds against the background (a search head) or
+        # against all other classes (this model's linear head)
+        p_c = f.measurements[f"probability {f.class_name}"]
+        against = probs[-1] if search_head else 1.0 - p_c
+        if against > 1e-3:  # (5 decimals leave too little of a smaller probability)
+            assert f.measurements["score"] == pytest.approx(np.log(p_c / against), abs=0.02)
+        else:
+            assert f.measurements["score"] > np.log(p_c / 1e-3) - 0.02
     assert {f.class_name for f in regions} == set(MOTIFS)
     assert all(f.geometry.is_valid for f in regions)
     # each true motif is covered by a region of its class

@@ -281,8 +281,9 @@ def score_model(
 ) -> list[ClassScore]:
     """PR-AUC of the model's detections on the test images (every local maximum of a class's
     log-odds map where it is the most probable class, ``spacing_patches`` patch widths apart,
-    ranked by its log-odds), and segmentation IoU at the model's thresholds against test truth
-    with a mask (:func:`score_class_maps` on the model's maps of each test image)."""
+    ranked by its score, :func:`~simsearch_wsi.infer.dense.detection_scores`), and segmentation
+    IoU at the model's thresholds against test truth with a mask (:func:`score_class_maps` on
+    the model's maps of each test image)."""
     maps = []
     for t in benchmark.test:
         with open_image(t.path) as image:
@@ -324,7 +325,7 @@ def score_class_maps(
                         truth,
                         class_name=c,
                         max_distance_l0=radius_l0,
-                        score=lambda d: float(d.score),  # log-odds: ordered where p rounds to 1
+                        score=lambda d: float(d.score),  # the detection's score (detect)
                     )
                 )
         if truth.mask is not None:

@@ -236,6 +236,9 @@ class ClassMaps:
 
     ``probabilities`` (K, Hp, Wp) float32, NaN where a window's cells were not all embedded
     (outside the foreground tiles); ``classes`` in the bundle's order.
+    ``rank_against_background``: detections are ranked by their class's log-odds against the
+    background rather than against all other classes (:func:`detection_scores`); set for search
+    heads, whose class logits are each class's own evidence against the background.
     """
 
     probabilities: NDArray[np.float32]
@@ -245,6 +248,7 @@ class ClassMaps:
     image_size_l0: tuple[int, int]
     analysis_size: tuple[int, int]  # (width, height) of the image on the analysis grid
     foreground: TissueMask | None = None  # the mask that chose the tiles, when one did
+    rank_against_background: bool = False
 
     @property
     def scale(self) -> AnalysisScale:
@@ -454,6 +458,7 @@ def _search_class_maps(
         image_size_l0=image.dimensions,
         analysis_size=(width_a, height_a),
         foreground=detect_foreground(image) if tiles == "foreground" else None,
+        rank_against_background=True,
     )
     return maps, expert
 
@@ -462,9 +467,10 @@ def _search_class_maps(
 class Detection:
     """A local maximum of a class map: class, level-0 box, and every class's probability.
 
-    ``score`` is the class's log-odds against all other classes, ``log p_c - log sum_k!=c p_k``:
-    the same order as ``probability`` where that is not saturated, and still ordered where
-    float32 probabilities have all rounded to 1 (what rankings and PR curves should use)."""
+    ``score`` is what rankings and PR curves should use (:func:`detection_scores`): the class's
+    log-odds against the background, ``log p_c - log p_background``, for a search head (or an
+    ensemble of them), else against all other classes; still ordered where float32
+    probabilities have all rounded to 1."""
 
     class_name: str
     box: BoxL0
@@ -486,6 +492,29 @@ def class_log_odds(p: NDArray[np.float32], c: int) -> NDArray[np.float32]:
     return out
 
 
+def detection_scores(p: NDArray[np.float32], c: int, background: int) -> NDArray[np.float32]:
+    """(Hp, Wp) the score that ranks class ``c``'s detections, from probabilities (K, Hp, Wp):
+    ``log p_c - log p_background`` (``background`` >= 0), else :func:`class_log_odds`.
+
+    Against the background only, for search heads (:attr:`ClassMaps.rank_against_background`):
+    their logit of a class is that class's own evidence (similarity to its memory against the
+    background's logit 0), and a detection already goes to the most probable of the user's
+    classes, so a true object that also looks a little like another class keeps its rank; the
+    other classes' share, in :func:`class_log_odds`, ranked it below a window that is half
+    background. Not for the linear head, whose logits are fitted to tell the classes apart
+    (docs/evaluation.md, "detections of the search heads ranked against the background").
+    Peaks are placed on :func:`class_log_odds` either way: where the background's probability
+    is near 0 its logarithm is noise, and peaks placed on it were spurious."""
+    if background < 0:
+        return class_log_odds(p, c)
+    tiny = np.float32(1e-30)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        odds = np.log(np.maximum(p[c], tiny)) - np.log(np.maximum(p[background], tiny))
+    out: NDArray[np.float32] = np.asarray(odds, dtype=np.float32)
+    out[~np.isfinite(p[c])] = np.nan
+    return out
+
+
 def detect(
     maps: ClassMaps,
     thresholds: dict[str, float],
@@ -494,11 +523,12 @@ def detect(
     object_size_l0: tuple[float, float] | None = None,
     spacing_patches: float = 1.0,
 ) -> list[Detection]:
-    """Local maxima of each (non-background) class's log-odds map where the class reaches its
-    probability threshold and is the most probable class; at least ``spacing_patches`` patch
-    widths apart within a class (on the cell grid, at least one cell), placed with sub-cell
-    precision (a parabola through the neighbours, as the search places its suggestions). Boxes
-    are the model's patch, clipped to the image.
+    """Local maxima of each (non-background) class's log-odds map (:func:`class_log_odds`)
+    where the class reaches its probability threshold and is the most probable class; at
+    least ``spacing_patches`` patch widths apart within a class (on the cell grid, at least one
+    cell), placed with sub-cell precision (a parabola through the neighbours, as the search
+    places its suggestions). Boxes are the model's patch, clipped to the image. Each is scored
+    (ranked) by :func:`detection_scores` at its peak.
 
     ``object_size_l0`` (width, height in level-0 px; objects smaller than the patch, which may
     touch): detections are kept :data:`~simsearch_wsi.search.similarity.DENSE_SPACING_FRACTION`
@@ -527,11 +557,17 @@ def detect(
             )
         _, _, ow_a, oh_a = maps.scale.box_to_analysis(BoxL0(0, 0, ow_l0, oh_l0))
         object_a = (ow_a, oh_a)
+    background = (
+        maps.classes.index(BACKGROUND_CLASS)
+        if maps.rank_against_background and BACKGROUND_CLASS in maps.classes
+        else -1
+    )
     out: list[Detection] = []
     for c, name in enumerate(maps.classes):
         if name == BACKGROUND_CLASS:
             continue
         odds = class_log_odds(p, c)
+        scores = detection_scores(p, c, background)
         keep = (best == c) & (p[c] >= thresholds.get(name, 0.5))
         m = np.where(keep, odds, np.nan).astype(np.float32)
         if object_a is None:
@@ -556,7 +592,7 @@ def detect(
             probs = {n: float(p[k, i, j]) for k, n in enumerate(maps.classes)}
             # clipped to the image: QuPath objects stay inside it
             box = maps.window_box_l0(i + di, j + dj, size_a=object_a).clipped(*maps.image_size_l0)
-            out.append(Detection(name, box, probs[name], probs, float(odds[i, j])))
+            out.append(Detection(name, box, probs[name], probs, float(scores[i, j])))
     return out
 
 

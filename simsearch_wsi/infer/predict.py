@@ -4,8 +4,8 @@ Per image, with output stem ``<stem>`` (the file name without its image suffix; 
 field ``<plate>_<well>_f<field>``), each file written atomically in the output folder:
 
 * ``<stem>.geojson``: QuPath objects: the detections (class-map maxima, every class's
-  probability as measurements) and the segmentation as classified annotations (polygons with
-  holes, simplified, small pieces dropped);
+  probability and the detection's ranking ``score`` as measurements) and the segmentation as
+  classified annotations (polygons with holes, simplified, small pieces dropped);
 * ``<stem>.ome.zarr``: OME-Zarr NGFF 0.4 (Zarr v2, Blosc) with the class probabilities as the
   image and the label mask under ``labels/simsearch`` (``image-label`` colours);
 * ``<stem>_overlay.png``: a thumbnail with the classes coloured, for quality control;
@@ -233,7 +233,9 @@ def detection_features(
     detections: Sequence[Detection], colors: dict[str, tuple[int, int, int]]
 ) -> list[dict[str, Any]]:
     """QuPath detections (rectangles of the model's patch) with ``probability <class>``
-    measurements (5 decimals)."""
+    measurements (5 decimals) and ``score``, what the model ranks its detections by
+    (:attr:`~simsearch_wsi.infer.dense.Detection.score`: the class's log-odds against the
+    background; 4 decimals, left out where it is not finite)."""
     boxes = np.array(
         [(d.box.x_l0, d.box.y_l0, d.box.width_l0, d.box.height_l0) for d in detections],
         dtype=np.float64,
@@ -242,7 +244,10 @@ def detection_features(
         boxes,
         class_names=[d.class_name for d in detections],
         measurements=[
-            {f"probability {c}": round(v, 5) for c, v in d.probabilities.items()}
+            {
+                **{f"probability {c}": round(v, 5) for c, v in d.probabilities.items()},
+                **({"score": round(d.score, 4)} if math.isfinite(d.score) else {}),
+            }
             for d in detections
         ],
         colors=colors,
