@@ -8,7 +8,7 @@ scores are compared on the same maps and the same detections (the placement does
 * ``others``: ``log p_c - log sum_k!=c p_k`` (the linear head's, and before this study every
   model's);
 * ``background``: ``log p_c - log p_background`` (:func:`simsearch_wsi.infer.dense.
-  detection_scores`; search heads and their ensemble, ``ClassMaps.rank_against_background``).
+  ranking_scores`; search heads and their ensemble, ``ClassMaps.rank_against_background``).
 
 No training: it reads the ``maps-*.pkl`` files a ``training_study.py --save-maps`` run wrote
 (the test slides' class maps of each case and arm, with their truth) and the search's PR-AUC
@@ -29,32 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from simsearch_wsi.eval.metrics import class_pr, pool_class_pr
-from simsearch_wsi.infer.dense import ClassMaps, detect
+from training_study import ranking_ap
 
 RANKINGS = {"others": False, "background": True}
-
-
-def ranking_ap(
-    maps: list[ClassMaps], truths: list[Any], classes: tuple[str, ...], radius_l0: float
-) -> float:
-    """Mean over the classes of the PR-AUC of ``detect``'s detections (no thresholds) ranked by
-    their score, pooled over the test images (the paper's matching radius)."""
-    parts: dict[str, list[Any]] = {c: [] for c in classes}
-    for m, truth in zip(maps, truths, strict=True):
-        found = detect(m, dict.fromkeys(m.classes, 0.0))
-        for c in classes:
-            parts[c].append(
-                class_pr(
-                    found,
-                    truth,
-                    class_name=c,
-                    max_distance_l0=radius_l0,
-                    score=lambda d: float(d.score),
-                )
-            )
-    return float(np.nanmean([pool_class_pr(parts[c]).ap for c in classes]))
 
 
 def _search_means(directory: Path) -> dict[str, float]:
@@ -81,7 +58,8 @@ def score_directory(directory: Path) -> list[dict[str, Any]]:
         }
         for name, flag in RANKINGS.items():
             maps = [dataclasses.replace(m, rank_against_background=flag) for m in saved["maps"]]
-            row[name] = ranking_ap(maps, saved["truths"], classes, saved["radius_l0"])
+            ap = ranking_ap(maps, saved["truths"], classes, saved["radius_l0"], saved["spacing"])
+            row[name] = float(np.nanmean(list(ap.values())))
         rows.append(row)
     return rows
 

@@ -587,7 +587,7 @@ def combination_maps(
 def ranking_ap(
     maps: list[ClassMaps], truths: list[Any], classes: Any, radius: float, spacing: float
 ) -> dict[str, float]:
-    """PR-AUC per class of ``detect``'s detections ranked by log-odds (what
+    """PR-AUC per class of ``detect``'s detections ranked by their score (what
     ``score_class_maps`` reports as ``ap``, without the thresholds and segmentation)."""
     parts: dict[str, list[Any]] = {c: [] for c in classes}
     for m, truth in zip(maps, truths, strict=True):

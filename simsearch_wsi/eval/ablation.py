@@ -281,7 +281,7 @@ def score_model(
 ) -> list[ClassScore]:
     """PR-AUC of the model's detections on the test images (every local maximum of a class's
     log-odds map where it is the most probable class, ``spacing_patches`` patch widths apart,
-    ranked by its score, :func:`~simsearch_wsi.infer.dense.detection_scores`), and segmentation
+    ranked by its score, :func:`~simsearch_wsi.infer.dense.ranking_scores`), and segmentation
     IoU at the model's thresholds against test truth with a mask (:func:`score_class_maps` on
     the model's maps of each test image)."""
     maps = []

@@ -237,7 +237,7 @@ class ClassMaps:
     ``probabilities`` (K, Hp, Wp) float32, NaN where a window's cells were not all embedded
     (outside the foreground tiles); ``classes`` in the bundle's order.
     ``rank_against_background``: detections are ranked by their class's log-odds against the
-    background rather than against all other classes (:func:`detection_scores`); set for search
+    background rather than against all other classes (:func:`ranking_scores`); set for search
     heads, whose class logits are each class's own evidence against the background.
     """
 
@@ -467,7 +467,7 @@ def _search_class_maps(
 class Detection:
     """A local maximum of a class map: class, level-0 box, and every class's probability.
 
-    ``score`` is what rankings and PR curves should use (:func:`detection_scores`): the class's
+    ``score`` is what rankings and PR curves should use (:func:`ranking_scores`): the class's
     log-odds against the background, ``log p_c - log p_background``, for a search head (or an
     ensemble of them), else against all other classes; still ordered where float32
     probabilities have all rounded to 1."""
@@ -492,7 +492,7 @@ def class_log_odds(p: NDArray[np.float32], c: int) -> NDArray[np.float32]:
     return out
 
 
-def detection_scores(p: NDArray[np.float32], c: int, background: int) -> NDArray[np.float32]:
+def ranking_scores(p: NDArray[np.float32], c: int, background: int) -> NDArray[np.float32]:
     """(Hp, Wp) the score that ranks class ``c``'s detections, from probabilities (K, Hp, Wp):
     ``log p_c - log p_background`` (``background`` >= 0), else :func:`class_log_odds`.
 
@@ -528,7 +528,7 @@ def detect(
     least ``spacing_patches`` patch widths apart within a class (on the cell grid, at least one
     cell), placed with sub-cell precision (a parabola through the neighbours, as the search
     places its suggestions). Boxes are the model's patch, clipped to the image. Each is scored
-    (ranked) by :func:`detection_scores` at its peak.
+    (ranked) by :func:`ranking_scores` at its peak.
 
     ``object_size_l0`` (width, height in level-0 px; objects smaller than the patch, which may
     touch): detections are kept :data:`~simsearch_wsi.search.similarity.DENSE_SPACING_FRACTION`
@@ -567,7 +567,7 @@ def detect(
         if name == BACKGROUND_CLASS:
             continue
         odds = class_log_odds(p, c)
-        scores = detection_scores(p, c, background)
+        scores = ranking_scores(p, c, background)
         keep = (best == c) & (p[c] >= thresholds.get(name, 0.5))
         m = np.where(keep, odds, np.nan).astype(np.float32)
         if object_a is None:
