@@ -16,12 +16,14 @@ import zarr
 from PIL import Image
 
 from simsearch_wsi.core.errors import ConfigError
+from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.eval.thresholded import detection_scores, rasterize_objects, segmentation_iou
 from simsearch_wsi.features.backbones import build_trunk
 from simsearch_wsi.features.cache import FeatureCache
 from simsearch_wsi.features.extractor import FeatureExtractor
 from simsearch_wsi.features.tiling import read_overview
 from simsearch_wsi.infer.dense import (
+    Detection,
     PatchModel,
     dense_class_maps,
     detect,
@@ -31,6 +33,7 @@ from simsearch_wsi.infer.dense import (
 from simsearch_wsi.infer.predict import (
     PredictSettings,
     PredictTarget,
+    detection_features,
     expand_inputs,
     predict_images,
     sample_on_grid,
@@ -319,6 +322,27 @@ def test_a_plate_gives_one_row_per_well_field_and_class(
         settings=PredictSettings(write_overlay=False, write_back=True),
     )
     assert [r.reused for r in again] == [True] * n_fields
+
+
+def test_detection_features_carry_the_ranking_score_when_it_is_finite() -> None:
+    """Each GeoJSON detection has its probabilities and its ranking ``score`` (4 decimals); a
+    detection without a finite score (``Detection``'s default) has no ``score`` measurement
+    rather than a NaN that QuPath and JSON cannot read."""
+    probs = {"ring": 0.9, "background": 0.1}
+    dets = [
+        Detection("ring", BoxL0(10, 20, 30, 30), 0.9, probs, 2.197224577),
+        Detection("ring", BoxL0(50, 20, 30, 30), 0.9, probs),  # score NaN
+        Detection("ring", BoxL0(90, 20, 30, 30), 0.9, probs, float("inf")),
+    ]
+    features = detection_features(dets, {"ring": (255, 0, 0)})
+    assert len(features) == 3
+    measured = [f["properties"]["measurements"] for f in features]
+    assert all(
+        m["probability ring"] == 0.9 and m["probability background"] == 0.1 for m in measured
+    )
+    assert measured[0]["score"] == 2.1972
+    assert "score" not in measured[1] and "score" not in measured[2]
+    json.dumps(features, allow_nan=False)  # valid JSON: no NaN or Infinity anywhere
 
 
 def test_inputs_with_the_same_stem_are_refused(tmp_path: Path, small_slides: Any) -> None:

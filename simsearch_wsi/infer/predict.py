@@ -235,7 +235,8 @@ def detection_features(
     """QuPath detections (rectangles of the model's patch) with ``probability <class>``
     measurements (5 decimals) and ``score``, what the model ranks its detections by
     (:attr:`~simsearch_wsi.infer.dense.Detection.score`: the class's log-odds against the
-    background; 4 decimals, left out where it is not finite)."""
+    background for a search head or their ensemble, against all other classes for the linear
+    head; 4 decimals, left out where it is not finite)."""
     boxes = np.array(
         [(d.box.x_l0, d.box.y_l0, d.box.width_l0, d.box.height_l0) for d in detections],
         dtype=np.float64,
