@@ -17,7 +17,7 @@ from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.features.backbones import build_trunk
 from simsearch_wsi.features.cache import FeatureCache
 from simsearch_wsi.features.extractor import AnalysisScale, FeatureExtractor, FeatureSpec
-from simsearch_wsi.infer.dense import ClassMaps, detect
+from simsearch_wsi.infer.dense import ClassMaps, class_log_odds, detect, ranking_scores
 from simsearch_wsi.io import open_image
 from simsearch_wsi.search.engine import SearchSettings, SimSearch, object_size_l0
 from simsearch_wsi.search.similarity import PatchGeometry, Prototype
@@ -432,3 +432,28 @@ def test_search_head_detections_rank_by_their_class_against_the_background() -> 
     alone = detect(two, {CLS: 0.5, "other": 0.99})
     peak = max((d for d in alone if d.class_name == CLS), key=lambda d: d.probability)
     assert peak.score == pytest.approx(np.log(0.7 / 0.3), abs=0.05)
+
+
+def test_ranking_scores_against_the_background_and_their_fallback() -> None:
+    """``ranking_scores`` (K=3: class, other, background; (1, 4) windows): ``log p_c - log
+    p_bg`` with the background's index given by keyword, ordered where ``p_c`` rounds to 1 in
+    float32, NaN where the window has no value; without a background index the log-odds
+    against all other classes."""
+    p = np.array(
+        [
+            [[0.55, 0.7, 1.0 - 2e-9, np.nan]],  # the class
+            [[0.44, 0.0, 1e-9, np.nan]],  # another class
+            [[0.01, 0.3, 1e-9, np.nan]],  # background
+        ],
+        dtype=np.float32,
+    )
+    assert p[0, 0, 2] == 1.0  # rounded in float32: the probability cannot rank it
+    s = ranking_scores(p, 0, background=2)
+    assert s.shape == (1, 4) and s.dtype == np.float32
+    np.testing.assert_allclose(s[0, :3], np.log([0.55 / 0.01, 0.7 / 0.3, 1.0 / 1e-9]), rtol=1e-5)
+    assert np.isnan(s[0, 3])
+    np.testing.assert_array_equal(
+        ranking_scores(p, 0, background=-1), class_log_odds(p, 0), strict=True
+    )
+    with pytest.raises(TypeError):
+        ranking_scores(p, 0, 2)  # type: ignore[misc]  # keyword-only after two positionals

@@ -492,7 +492,7 @@ def class_log_odds(p: NDArray[np.float32], c: int) -> NDArray[np.float32]:
     return out
 
 
-def ranking_scores(p: NDArray[np.float32], c: int, background: int) -> NDArray[np.float32]:
+def ranking_scores(p: NDArray[np.float32], c: int, *, background: int) -> NDArray[np.float32]:
     """(Hp, Wp) the score that ranks class ``c``'s detections, from probabilities (K, Hp, Wp):
     ``log p_c - log p_background`` (``background`` >= 0), else :func:`class_log_odds`.
 
@@ -567,7 +567,7 @@ def detect(
         if name == BACKGROUND_CLASS:
             continue
         odds = class_log_odds(p, c)
-        scores = ranking_scores(p, c, background)
+        scores = ranking_scores(p, c, background=background)
         keep = (best == c) & (p[c] >= thresholds.get(name, 0.5))
         m = np.where(keep, odds, np.nan).astype(np.float32)
         if object_a is None:
