@@ -552,6 +552,11 @@ def test_predict_imports_the_objects(world: World, tmp_path: Path, tiny_bundle: 
     assert _detections(imported) and all(
         "probability cluster" in f["properties"]["measurements"] for f in _detections(imported)
     )
+    # the ranking score comes into QuPath with the detection (sortable in its measurement table)
+    scores = {f["id"]: f["properties"]["measurements"]["score"] for f in detections}
+    assert {
+        f["id"]: f["properties"]["measurements"].get("score") for f in _detections(imported)
+    } == scores
     (line,) = run.lines("simsearch predict on s 1.tiff: done in ")
     counts = Counter(_class(f) for f in detections)
     expect = ", ".join(f"{c} {counts.get(c, 0)}" for c in ("ring", "cluster", "stripes"))
