@@ -607,7 +607,7 @@ def ranking_ap(
 
 def _score_maps(bench: Benchmark, maps: list[ClassMaps], radius: float) -> dict[str, float]:
     """PR-AUC per class of ``detect``'s detections on each test image's maps, ranked by
-    log-odds (what ``score_model`` does, without segmentation)."""
+    their score (what ``score_model`` does, without segmentation)."""
     parts: dict[str, list[Any]] = {c: [] for c in bench.classes}
     for t, m in zip(bench.test, maps, strict=True):
         found = detect(m, dict.fromkeys(m.classes, 0.0))
