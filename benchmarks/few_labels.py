@@ -88,7 +88,7 @@ def run_head(
     truth_1 = truth_from_synthetic(slide)
     every = detect(maps, dict.fromkeys(bundle.classes, 0.0))
     pr_auc = {
-        c: class_pr(every, truth_1, class_name=c, max_distance_l0=radius_l0, score=_log_odds).ap
+        c: class_pr(every, truth_1, class_name=c, max_distance_l0=radius_l0, score=_score).ap
         for c in MOTIFS
     }
     with open_image(slide.path) as image:
@@ -131,7 +131,7 @@ def run_head(
     }
 
 
-def _log_odds(d: Any) -> float:
+def _score(d: Any) -> float:
     return float(d.score)
 
 
