@@ -605,25 +605,6 @@ def ranking_ap(
     return {c: pool_class_pr(parts[c]).ap for c in classes}
 
 
-def _score_maps(bench: Benchmark, maps: list[ClassMaps], radius: float) -> dict[str, float]:
-    """PR-AUC per class of ``detect``'s detections on each test image's maps, ranked by
-    their score (what ``score_model`` does, without segmentation)."""
-    parts: dict[str, list[Any]] = {c: [] for c in bench.classes}
-    for t, m in zip(bench.test, maps, strict=True):
-        found = detect(m, dict.fromkeys(m.classes, 0.0))
-        for c in bench.classes:
-            parts[c].append(
-                class_pr(
-                    found,
-                    t.truth,
-                    class_name=c,
-                    max_distance_l0=radius,
-                    score=lambda d: float(d.score),
-                )
-            )
-    return {c: pool_class_pr(parts[c]).ap for c in bench.classes}
-
-
 def _ensemble_rows(
     bench: Benchmark,
     models: dict[str, PatchModel],
@@ -648,7 +629,7 @@ def _ensemble_rows(
             ]
     rows = {}
     for label, maps in combos.items():
-        ap = _score_maps(bench, maps, radius)
+        ap = ranking_ap(maps, [t.truth for t in bench.test], bench.classes, radius, 1.0)
         rows[label] = {"ap": ap, "mean": float(np.nanmean(list(ap.values())))}
     return rows
 

@@ -567,7 +567,7 @@ def detect(
         if name == BACKGROUND_CLASS:
             continue
         odds = class_log_odds(p, c)
-        scores = ranking_scores(p, c, background=background)
+        scores = odds if background < 0 else ranking_scores(p, c, background=background)
         keep = (best == c) & (p[c] >= thresholds.get(name, 0.5))
         m = np.where(keep, odds, np.nan).astype(np.float32)
         if object_a is None:
