@@ -112,7 +112,7 @@ CASES = (
     ("seed97-P2", "held-out (fresh3)", 97, 2),
     ("seed101-P5", "held-out (fresh3)", 101, 5),
     # never looked at before stop 25's goal check of the default model with both presets
-    # (docs/evaluation.md, "training seeds, presets and four new cases")
+    # (docs/evaluation.md, "training seeds, the `fast` preset and four new cases")
     ("seed103-P3", "held-out (fresh4)", 103, 3),
     ("seed107-P2", "held-out (fresh4)", 107, 2),
     ("seed109-P5", "held-out (fresh4)", 109, 5),

@@ -17,7 +17,7 @@ from simsearch_wsi.core.geometry import BoxL0
 from simsearch_wsi.features.backbones import build_trunk
 from simsearch_wsi.features.cache import FeatureCache
 from simsearch_wsi.features.extractor import AnalysisScale, FeatureExtractor, FeatureSpec
-from simsearch_wsi.infer.dense import ClassMaps, class_log_odds, detect, ranking_scores
+from simsearch_wsi.infer.dense import ClassMaps, class_log_odds, detect, ranking_scores, segment
 from simsearch_wsi.io import open_image
 from simsearch_wsi.search.engine import SearchSettings, SimSearch, object_size_l0
 from simsearch_wsi.search.similarity import PatchGeometry, Prototype
@@ -457,3 +457,28 @@ def test_ranking_scores_against_the_background_and_their_fallback() -> None:
     )
     with pytest.raises(TypeError):
         ranking_scores(p, 0, 2)  # type: ignore[misc]  # keyword-only after two positionals
+
+
+def test_a_threshold_of_1_turns_a_class_off_where_probabilities_saturate() -> None:
+    """A float32 probability rounds to exactly 1 where one class's logit is far above the
+    others' (the few-label model does this on CPUs with native bf16/AMX): a threshold of 1
+    still detects and segments nothing of that class, and the other class keeps its peak."""
+    base = _peaked_maps(np.array([[40.0, 40.0], [140.0, 140.0]]), size=200, sigma_l0=4.0)
+    bump = (base.probabilities[0] - 0.02) / 0.96  # (Hp, Wp) 1 at each centre
+    n = bump.shape[1]
+    left = np.arange(n)[None, :] < n // 2
+    saturated = np.minimum(np.where(left, 1.0, 0.0) * bump, 1.0)  # exactly 1.0 at the left peak
+    other = np.minimum(np.where(left, 0.0, 0.9) * bump, 0.9)
+    background = 1.0 - saturated - other
+    maps = dataclasses.replace(
+        base,
+        probabilities=np.stack([saturated, other, background]).astype(np.float32),
+        classes=(CLS, "other", "background"),
+    )
+    assert float(np.nanmax(maps.probabilities[0])) == 1.0
+    found = detect(maps, {CLS: 1.0, "other": 0.5})
+    assert [d.class_name for d in found] == ["other"]
+    assert [d.class_name for d in detect(maps, {CLS: 0.99, "other": 0.5})].count(CLS) == 1
+    labels = segment(maps, {CLS: 1.0, "other": 0.5}).labels
+    assert not (labels == 1).any() and (labels == 2).any()
+    assert (segment(maps, {CLS: 0.5, "other": 0.5}).labels == 1).any()

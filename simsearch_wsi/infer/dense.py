@@ -492,6 +492,13 @@ def class_log_odds(p: NDArray[np.float32], c: int) -> NDArray[np.float32]:
     return out
 
 
+def reachable_threshold(threshold: float) -> float:
+    """A class's probability threshold as compared (``p >= t``): 1 or more is never reached (a
+    threshold of 1 turns the class off), although a float32 probability can round to exactly
+    1 where one class's logit is far above the others'."""
+    return math.inf if threshold >= 1.0 else float(threshold)
+
+
 def ranking_scores(p: NDArray[np.float32], c: int, *, background: int) -> NDArray[np.float32]:
     """(Hp, Wp) the score that ranks class ``c``'s detections, from probabilities (K, Hp, Wp):
     ``log p_c - log p_background`` (``background`` >= 0), else :func:`class_log_odds`.
@@ -524,7 +531,7 @@ def detect(
     spacing_patches: float = 1.0,
 ) -> list[Detection]:
     """Local maxima of each (non-background) class's log-odds map (:func:`class_log_odds`)
-    where the class reaches its probability threshold and is the most probable class; at
+    where the class reaches its probability threshold (1: never) and is the most probable class; at
     least ``spacing_patches`` patch widths apart within a class (on the cell grid, at least one
     cell), placed with sub-cell precision (a parabola through the neighbours, as the search
     places its suggestions). Boxes are the model's patch, clipped to the image. Each is scored
@@ -568,7 +575,7 @@ def detect(
             continue
         odds = class_log_odds(p, c)
         scores = odds if background < 0 else ranking_scores(p, c, background=background)
-        keep = (best == c) & (p[c] >= thresholds.get(name, 0.5))
+        keep = (best == c) & (p[c] >= reachable_threshold(thresholds.get(name, 0.5)))
         m = np.where(keep, odds, np.nan).astype(np.float32)
         if object_a is None:
             peaks = [
@@ -619,7 +626,8 @@ def segment(
 ) -> Segmentation:
     """Probability maps resized to a grid of ``stride / cell_subdivision`` analysis pixels, then
     each pixel gets the most probable class if it reaches that class's threshold (the paper's
-    rule); background and below-threshold pixels are 0.
+    rule; a threshold of 1 is never reached, :func:`reachable_threshold`); background and
+    below-threshold pixels are 0.
 
     The window map is aligned on the feature-cell grid (window (i, j) is centred at cell
     ``(i + kh/2, j + kw/2)``) and interpolated bilinearly, NaN (not embedded) kept as NaN.
@@ -643,7 +651,7 @@ def segment(
     filled = torch.nan_to_num(src, nan=0.0)
     keep = [c for c, name in enumerate(maps.classes) if name != BACKGROUND_CLASS]
     names = tuple(maps.classes[c] for c in keep)
-    thr = torch.tensor([thresholds.get(n, 0.5) for n in maps.classes])
+    thr = torch.tensor([reachable_threshold(thresholds.get(n, 0.5)) for n in maps.classes])
     label_of = torch.zeros(k, dtype=torch.int64)
     for rank, c in enumerate(keep, start=1):
         label_of[c] = rank
