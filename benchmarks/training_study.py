@@ -658,6 +658,8 @@ def run_case(
     train_seed: int | None = None,
 ) -> dict[str, Any]:
     radius = paper_match_radius_l0(bench.patch_size_l0)
+    # the review's seed, unless the training is drawn again (--train-seed)
+    train_seed = seed if train_seed is None else train_seed
     if (out / name).exists():
         shutil.rmtree(out / name)
     session = Session.create(out / name / "session")
@@ -782,7 +784,7 @@ def run_case(
                 config=config,
                 open_image=open_image,
                 noisy_images=bench.unlabelled,
-                seed=seed if train_seed is None else train_seed,
+                seed=train_seed,
             )
             models[label] = PatchModel(trained.bundle, cache_dir=search.cache.root)
         pairs = [("probe", "trunk fp32"), ("tuned probe", "trunk fp32"), ("tuned probe", "probe")]
@@ -803,7 +805,7 @@ def run_case(
             config=config,
             open_image=open_image,
             noisy_images=bench.unlabelled,
-            seed=seed if train_seed is None else train_seed,
+            seed=train_seed,
         )
         t1 = time.perf_counter()
         bundle = trained.bundle
