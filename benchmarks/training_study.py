@@ -656,6 +656,7 @@ def run_case(
     save_maps: bool = False,
     strategy: str = DEFAULT_STRATEGY,
     train_seed: int | None = None,
+    rotate_deg: float | None = None,
 ) -> dict[str, Any]:
     radius = paper_match_radius_l0(bench.patch_size_l0)
     # the review's seed, unless the training is drawn again (--train-seed)
@@ -798,6 +799,8 @@ def run_case(
             else session
         )
         config = TrainConfig.preset_config(preset, strategy=strategy).replace(**changes)
+        if rotate_deg is not None:
+            config = config.replace(search_head_rotate_deg=rotate_deg)
         t0 = time.perf_counter()
         trained = train_session(
             sess,
@@ -1010,6 +1013,14 @@ def main() -> None:
         "search, another draw of the training",
     )
     parser.add_argument(
+        "--rotate-deg",
+        type=float,
+        default=None,
+        help="the contrastive stages' rotation range in degrees where the fine-tuned trunk "
+        "feeds search heads (TrainConfig.search_head_rotate_deg; default 45; 180 = the range "
+        "before stop 26)",
+    )
+    parser.add_argument(
         "--save-maps",
         action="store_true",
         help="save each case's and arm's test class maps, truth and threshold evidence under "
@@ -1073,6 +1084,7 @@ def main() -> None:
                 spacings=tuple(float(v) for v in args.spacings.split(",")),
                 save_maps=args.save_maps,
                 train_seed=args.train_seed,
+                rotate_deg=args.rotate_deg,
             )
         )
         (out / "rows.json").write_text(json.dumps(rows, indent=1))

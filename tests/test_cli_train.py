@@ -257,6 +257,8 @@ def test_ensemble_keeps_both_search_heads_and_combines_their_maps(
     # the fine-tuned trunk's linear head would be thrown away: it is not trained
     stages = bundle.metrics["stages"]
     assert {"supcon", "search_head", "tuned_search_head"} <= set(stages) and "linear" not in stages
+    # the trunk that feeds search heads (their memory holds the 90-degree turns) is turned less
+    assert bundle.metrics["rotate_deg"] == {"selflearn": 45.0, "supcon": 45.0}
     base, _, _ = build_trunk("resnet18-l3", "random", seed=0)
     for k, v in base.state_dict().items():  # the partner reads the search's trunk, unchanged
         assert torch.equal(v, partner.trunk_state[k]), k

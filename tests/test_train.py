@@ -404,6 +404,31 @@ def test_each_strategy_beats_the_untrained_trunk_on_a_held_out_slide(
     assert result.bundle.classes == ("ring", "cluster", "stripes", "background")
 
 
+def test_a_trunk_that_feeds_search_heads_is_turned_at_most_45_degrees() -> None:
+    """Issue 27: search heads hold every labelled patch in 4 rotations 90 degrees apart, so the
+    contrastive stages that fine-tune their trunk turn patches by at most
+    ``search_head_rotate_deg`` (45); the linear head's trunk keeps the augmentations' 180."""
+    from simsearch_wsi.train.fit import SEARCH_HEAD_ROTATE_DEG
+
+    cfg = TrainConfig.preset_config("quick")
+    assert cfg.noisy_augment.rotate_deg == cfg.clean_augment.rotate_deg == 180.0
+    noisy, clean = cfg.stage_augments(search_heads=True)
+    assert noisy.rotate_deg == clean.rotate_deg == SEARCH_HEAD_ROTATE_DEG == 45.0
+    # nothing else changes
+    assert dataclasses.replace(noisy, rotate_deg=180.0) == cfg.noisy_augment
+    assert dataclasses.replace(clean, rotate_deg=180.0) == cfg.clean_augment
+    assert cfg.stage_augments(search_heads=False) == (cfg.noisy_augment, cfg.clean_augment)
+    off = cfg.replace(search_head_rotate_deg=None)
+    assert off.stage_augments(search_heads=True) == (cfg.noisy_augment, cfg.clean_augment)
+    # a smaller range asked of the augmentations themselves is kept
+    narrow = cfg.replace(clean_augment=dataclasses.replace(cfg.clean_augment, rotate_deg=10.0))
+    assert narrow.stage_augments(search_heads=True)[1].rotate_deg == 10.0
+    assert "search_head_rotate_deg" in cfg.to_dict()
+    for bad in (-1.0, 181, float("nan"), True, "45"):
+        with pytest.raises(ConfigError, match="search_head_rotate_deg"):
+            cfg.replace(search_head_rotate_deg=bad)
+
+
 @pytest.mark.parametrize(
     "precision",
     [

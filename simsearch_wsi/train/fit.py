@@ -120,6 +120,13 @@ TAIL_POSITIVE_WEIGHT = 0.67
 #: others together) nor below the lowest of the grid of :func:`pick_thresholds`
 TAIL_MAX = DEFAULT_CONFIDENCE
 TAIL_MIN = 0.05
+#: the contrastive stages turn their patches by at most this many degrees when the fine-tuned
+#: trunk feeds search heads (``tuned-search``, ``ensemble``). A search head's memory holds every
+#: labelled patch in :data:`MEMORY_ROTATIONS` rotations 90 degrees apart, so the trunk only needs
+#: to be robust to the turns between them; turned by up to 180 degrees, it learned that a
+#: pattern and the same pattern at right angles are one, and ranked the look-alike made of both
+#: (stripes crossed by stripes) with the class (docs/evaluation.md, "Training study", stop 26)
+SEARCH_HEAD_ROTATE_DEG = 45.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,11 @@ class TrainConfig:
     #: 0.326), so it is not the default (docs/evaluation.md, "Training study", "the search's
     #: similarity as a third expert")
     similarity_expert: float = DEFAULT_SIMILARITY_EXPERT
+    #: the contrastive stages' rotation range (degrees, in [0, 180]) where the fine-tuned trunk
+    #: feeds search heads: the smaller of this and the augmentations' own ``rotate_deg``
+    #: (:data:`SEARCH_HEAD_ROTATE_DEG`); ``None`` = the augmentations' own. The trunk's linear
+    #: head (``trunk``), which has no rotated memory, keeps the augmentations' range
+    search_head_rotate_deg: float | None = SEARCH_HEAD_ROTATE_DEG
     autocast: bool = True
     head_input: str = DEFAULT_HEAD_INPUT
     noisy_augment: AugmentConfig = field(default_factory=AugmentConfig.noisy)
@@ -236,6 +248,16 @@ class TrainConfig:
                 f"{self.similarity_expert:g}) is a third expert of the head input 'ensemble' "
                 f"(or 'auto' where it trains one), not of {self.head_input!r}; leave it at 0 or "
                 f"train the ensemble"
+            )
+        limit = self.search_head_rotate_deg
+        if limit is not None and (
+            isinstance(limit, bool)
+            or not isinstance(limit, int | float)
+            or not 0 <= limit <= 180  # also refuses NaN
+        ):
+            raise ConfigError(
+                f"search_head_rotate_deg must be None or a number of degrees in [0, 180], got "
+                f"{limit!r}"
             )
         if self.unlabelled_windows < 0 or self.judge_windows < 0:
             raise ConfigError(
@@ -288,6 +310,19 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    def stage_augments(self, *, search_heads: bool) -> tuple[AugmentConfig, AugmentConfig]:
+        """The (self-learning, supervised contrastive) stages' augmentations: where the trunk
+        feeds search heads (``search_heads``), turned by at most :attr:`search_head_rotate_deg`
+        degrees."""
+        limit = self.search_head_rotate_deg
+        if not search_heads or limit is None:
+            return self.noisy_augment, self.clean_augment
+        noisy, clean = self.noisy_augment, self.clean_augment
+        return (
+            dataclasses.replace(noisy, rotate_deg=min(noisy.rotate_deg, float(limit))),
+            dataclasses.replace(clean, rotate_deg=min(clean.rotate_deg, float(limit))),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -1553,6 +1588,12 @@ def _fine_tune(
             metrics["baseline_validation"] = classification_metrics(
                 _probs(w0, b0, val_feats_before), val_set.labels, classes=clean.classes
             )
+        # the trunk that feeds search heads is turned less (their memory holds the rotations)
+        noisy_augment, clean_augment = config.stage_augments(search_heads=not linear_head)
+        metrics["rotate_deg"] = {
+            "selflearn": noisy_augment.rotate_deg,
+            "supcon": clean_augment.rotate_deg,
+        }
         if config.uses_selflearn:
             if len(data.noisy) >= 2:
                 metrics["stages"]["selflearn"] = contrastive_stage(
@@ -1560,7 +1601,7 @@ def _fine_tune(
                     "selflearn",
                     patches=data.noisy,
                     stage=config.selflearn,
-                    augment=config.noisy_augment,
+                    augment=noisy_augment,
                 )
             else:
                 notes.append("no noisy patches were mined: the self-learning stage was skipped")
@@ -1569,7 +1610,7 @@ def _fine_tune(
             "supcon",
             patches=train_set,
             stage=config.supcon,
-            augment=config.clean_augment,
+            augment=clean_augment,
             negatives=negatives,
         )
         if not linear_head:
