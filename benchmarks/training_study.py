@@ -434,8 +434,12 @@ def _expert_maps(
         bundle.partner, expert_mask=None, expert_weight=None, expert_bias=None, expert_share=0.0
     )
     models = {
-        "tuned": PatchModel(dataclasses.replace(bundle, partner=None), cache_dir=cache),
-        "partner": PatchModel(partner, cache_dir=cache),
+        "tuned": PatchModel(
+            dataclasses.replace(bundle, partner=None),
+            cache_dir=cache,
+            autocast=search.extractor.autocast,
+        ),
+        "partner": PatchModel(partner, cache_dir=cache, autocast=search.extractor.autocast),
     }
     out: dict[str, Any] = {k: [] for k in (*models, "similarity")}
     # each search head's calibration: (K, 2) similarity weights and (K,) biases
@@ -724,11 +728,17 @@ def run_case(
                 variants += [
                     ("tuned-search bf16", {"head_input": "tuned-search", "autocast": True}, set())
                 ]
-        elif arm in ("pair", "pair-fp32"):
-            # the product's ensemble (``--head-input ensemble``): both search heads in one bundle
-            variants += [("ensemble fp32", {"head_input": "ensemble", "autocast": False}, set())]
-            if bf16_native and arm == "pair":
+        elif arm in ("pair", "pair-fp32", "pair-bf16"):
+            # the product's ensemble (``--head-input ensemble``): both search heads in one bundle;
+            # ``pair-bf16`` = bf16 autocast only, the path `train` takes on a CPU with native bf16
+            if arm != "pair-bf16":
+                variants += [
+                    ("ensemble fp32", {"head_input": "ensemble", "autocast": False}, set())
+                ]
+            if bf16_native and arm != "pair-fp32":
                 variants += [("ensemble bf16", {"head_input": "ensemble", "autocast": True}, set())]
+            elif arm == "pair-bf16":
+                raise SystemExit("--arms pair-bf16: this CPU has no native bf16 (AVX512-BF16/AMX)")
         elif arm == "pair3-fp32":
             # the ensemble (as pair-fp32), and each expert's maps (the two heads, the search's
             # similarity) scored alone and in the weighted products of COMBINATIONS
@@ -787,7 +797,9 @@ def run_case(
                 noisy_images=bench.unlabelled,
                 seed=train_seed,
             )
-            models[label] = PatchModel(trained.bundle, cache_dir=search.cache.root)
+            models[label] = PatchModel(
+                trained.bundle, cache_dir=search.cache.root, autocast=search.extractor.autocast
+            )
         pairs = [("probe", "trunk fp32"), ("tuned probe", "trunk fp32"), ("tuned probe", "probe")]
         for label, scored in _ensemble_rows(bench, models, radius, pairs).items():
             row["arms"][f"ensemble: {label}"] = scored
@@ -812,7 +824,7 @@ def run_case(
         )
         t1 = time.perf_counter()
         bundle = trained.bundle
-        model = PatchModel(bundle, cache_dir=search.cache.root)
+        model = PatchModel(bundle, cache_dir=search.cache.root, autocast=search.extractor.autocast)
         maps = []
         for t in bench.test:
             with open_image(t.path) as image:
@@ -860,7 +872,7 @@ def run_case(
                     expert_share=0.0,
                 ),
             )
-            two = PatchModel(plain, cache_dir=search.cache.root)
+            two = PatchModel(plain, cache_dir=search.cache.root, autocast=search.extractor.autocast)
             two_maps = []
             for t in bench.test:
                 with open_image(t.path) as image:
@@ -988,7 +1000,8 @@ def main() -> None:
         default="probe,trunk,auto",
         help="comma list of probe, probe-labels, trunk, tuned, pair (the product's "
         "--head-input ensemble), trunk-frozen, trunk-linear-negatives, auto, ensemble (ad hoc "
-        "combinations of separately trained heads); ARM-fp32 = fp32 only",
+        "combinations of separately trained heads); ARM-fp32 = fp32 only; pair-bf16 = bf16 "
+        "training only (a CPU with native bf16)",
     )
     parser.add_argument("--preset", default="quick")
     parser.add_argument(
@@ -1021,6 +1034,13 @@ def main() -> None:
         "before stop 26)",
     )
     parser.add_argument(
+        "--search-fp32",
+        action="store_true",
+        help="the search (its features, the simulated review, the heads' window vectors) in "
+        "fp32, as on a CPU without native bf16 (default: bf16 where the CPU has it natively); "
+        "with the -fp32 arms, the whole path of an AVX2 CPU",
+    )
+    parser.add_argument(
         "--save-maps",
         action="store_true",
         help="save each case's and arm's test class maps, truth and threshold evidence under "
@@ -1048,7 +1068,9 @@ def main() -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     trunk, spec, info = build_trunk("resnet18-l3", args.weights, seed=0)
-    extractor = FeatureExtractor(trunk, spec, info, device=torch.device("cpu"))
+    extractor = FeatureExtractor(
+        trunk, spec, info, device=torch.device("cpu"), autocast=not args.search_fp32
+    )
     # the patch rule, the search default when docs/evaluation.md's training-study tables were run
     # (the simulated review and the search arm use it); the object rule is the default since
     # issue 18
@@ -1091,7 +1113,7 @@ def main() -> None:
     header = (
         f"Training study: `benchmarks/training_study.py --arms {args.arms} --preset "
         f"{args.preset} --strategy {args.strategy} --weights {args.weights} --size "
-        f"{args.size}`; {info.description}; "
+        f"{args.size}{' --search-fp32' if args.search_fp32 else ''}`; {info.description}; "
         f"torch threads {torch.get_num_threads()}; total {time.perf_counter() - t0:.0f} s. "
         "Mean PR-AUC over the 3 classes on the held-out test slide."
     )

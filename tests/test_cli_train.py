@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from simsearch_wsi.cli.main import main
+from simsearch_wsi.features.precision import autocast_pays_off
 from simsearch_wsi.train.bundle import load_bundle
 
 
@@ -181,10 +182,12 @@ def test_tuned_search_head_reads_the_fine_tuned_trunk_and_never_the_search_cache
     cache = tmp_path / "cache"
     args = ["train", "--session", str(labelled_session.root), "--out", str(out), "--json"]
     args += ["--weights", "random", "--cache", str(cache), "--head-input", "tuned-search"]
-    assert main(args) == 0
+    assert main([*args, "--no-autocast"]) == 0
     capsys.readouterr()
     bundle = load_bundle(out)
     assert bundle.head_input == "search" and bundle.memory_vectors is not None
+    # --no-autocast: the search and the training both in float32, on any CPU
+    assert bundle.metrics["precision"] == "fp32"
     assert bundle.provenance["search_trunk"] == "fine-tuned"
     # the thresholds of the combined probability: the default rule, recorded
     record = bundle.metrics["thresholds"]
@@ -259,6 +262,9 @@ def test_ensemble_keeps_both_search_heads_and_combines_their_maps(
     assert {"supcon", "search_head", "tuned_search_head"} <= set(stages) and "linear" not in stages
     # the trunk that feeds search heads (their memory holds the 90-degree turns) is turned less
     assert bundle.metrics["rotate_deg"] == {"selflearn": 45.0, "supcon": 45.0}
+    # without --no-autocast the training takes the CPU's precision path (bf16 where native)
+    native = autocast_pays_off(torch.device("cpu"))
+    assert bundle.metrics["precision"] == ("bf16" if native else "fp32")
     base, _, _ = build_trunk("resnet18-l3", "random", seed=0)
     for k, v in base.state_dict().items():  # the partner reads the search's trunk, unchanged
         assert torch.equal(v, partner.trunk_state[k]), k

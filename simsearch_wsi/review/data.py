@@ -336,7 +336,10 @@ def train_session(
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Collect the session's training data and train (see :func:`train_patch_model`); the
-    search's trunk is the starting point."""
+    search's trunk is the starting point, and the training runs in the search's precision: where
+    the search's extractor runs in float32 (``--no-autocast``, or a CPU without native bf16),
+    so does the training, whatever ``config.autocast`` asks."""
+    config = config.replace(autocast=config.autocast and search.extractor.autocast)
     data = collect_training_data(
         session,
         search,

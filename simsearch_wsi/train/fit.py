@@ -1590,6 +1590,8 @@ def _fine_tune(
             )
         # the trunk that feeds search heads is turned less (their memory holds the rotations)
         noisy_augment, clean_augment = config.stage_augments(search_heads=not linear_head)
+        # the trunk's training precision (TrainRun.autocast: bf16 only where it pays off)
+        metrics["precision"] = "bf16" if config.autocast and autocast_pays_off(device) else "fp32"
         metrics["rotate_deg"] = {
             "selflearn": noisy_augment.rotate_deg,
             "supcon": clean_augment.rotate_deg,
