@@ -419,6 +419,12 @@ def _product_of_experts(maps: list[ClassMaps], *, equal_spread: bool = False) ->
     return dataclasses.replace(maps[0], probabilities=probs)
 
 
+def _patch_model(bundle: Any, search: SimSearch) -> PatchModel:
+    """The model of ``bundle`` reading ``search``'s feature cache, in the search's precision (as
+    `predict` runs it with the same engine options)."""
+    return PatchModel(bundle, cache_dir=search.cache.root, autocast=search.extractor.autocast)
+
+
 def _expert_maps(
     bench: Benchmark,
     bundle: Any,
@@ -429,17 +435,12 @@ def _expert_maps(
     fine-tuned trunk), ``partner`` (the search head on the search's trunk, without a similarity
     expert), and ``similarity`` the search's own (K_fg, Hp, Wp) cosine similarity to the
     prototypes (None where its grid differs)."""
-    cache = search.cache.root
     partner = dataclasses.replace(
         bundle.partner, expert_mask=None, expert_weight=None, expert_bias=None, expert_share=0.0
     )
     models = {
-        "tuned": PatchModel(
-            dataclasses.replace(bundle, partner=None),
-            cache_dir=cache,
-            autocast=search.extractor.autocast,
-        ),
-        "partner": PatchModel(partner, cache_dir=cache, autocast=search.extractor.autocast),
+        "tuned": _patch_model(dataclasses.replace(bundle, partner=None), search),
+        "partner": _patch_model(partner, search),
     }
     out: dict[str, Any] = {k: [] for k in (*models, "similarity")}
     # each search head's calibration: (K, 2) similarity weights and (K,) biases
@@ -735,10 +736,8 @@ def run_case(
                 variants += [
                     ("ensemble fp32", {"head_input": "ensemble", "autocast": False}, set())
                 ]
-            if bf16_native and arm != "pair-fp32":
+            if bf16_native and arm != "pair-fp32":  # main() refuses pair-bf16 without it
                 variants += [("ensemble bf16", {"head_input": "ensemble", "autocast": True}, set())]
-            elif arm == "pair-bf16":
-                raise SystemExit("--arms pair-bf16: this CPU has no native bf16 (AVX512-BF16/AMX)")
         elif arm == "pair3-fp32":
             # the ensemble (as pair-fp32), and each expert's maps (the two heads, the search's
             # similarity) scored alone and in the weighted products of COMBINATIONS
@@ -797,9 +796,7 @@ def run_case(
                 noisy_images=bench.unlabelled,
                 seed=train_seed,
             )
-            models[label] = PatchModel(
-                trained.bundle, cache_dir=search.cache.root, autocast=search.extractor.autocast
-            )
+            models[label] = _patch_model(trained.bundle, search)
         pairs = [("probe", "trunk fp32"), ("tuned probe", "trunk fp32"), ("tuned probe", "probe")]
         for label, scored in _ensemble_rows(bench, models, radius, pairs).items():
             row["arms"][f"ensemble: {label}"] = scored
@@ -824,7 +821,7 @@ def run_case(
         )
         t1 = time.perf_counter()
         bundle = trained.bundle
-        model = PatchModel(bundle, cache_dir=search.cache.root, autocast=search.extractor.autocast)
+        model = _patch_model(bundle, search)
         maps = []
         for t in bench.test:
             with open_image(t.path) as image:
@@ -872,7 +869,7 @@ def run_case(
                     expert_share=0.0,
                 ),
             )
-            two = PatchModel(plain, cache_dir=search.cache.root, autocast=search.extractor.autocast)
+            two = _patch_model(plain, search)
             two_maps = []
             for t in bench.test:
                 with open_image(t.path) as image:
@@ -1063,6 +1060,8 @@ def main() -> None:
             text += "\nExperts and their products (PR-AUC, class means):\n\n" + combos
         print(text)
         return
+    if "pair-bf16" in args.arms.split(",") and not autocast_pays_off(torch.device("cpu")):
+        parser.error("--arms pair-bf16: this CPU has no native bf16 (AVX512-BF16/AMX)")
     if args.threads:
         torch.set_num_threads(args.threads)
     out: Path = args.out

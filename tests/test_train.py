@@ -453,6 +453,7 @@ def test_both_precision_paths_train_a_model_that_beats_the_untrained_trunk(
     CPU takes it), so a machine of either kind runs both where it can."""
     config = tiny_config("pos+neg", autocast=precision == "bf16")
     result = train_session(labelled_session, _search(tmp_path), config=config, open_image=_open)
+    assert result.metrics["precision"] == precision  # the path asked for is the path taken
     for stage in result.metrics["stages"].values():
         assert all(np.isfinite(stage.get("loss", [0.0])))
     acc, ce = _heldout_scores(result.bundle, small_slides[1])

@@ -372,9 +372,13 @@ class TrainRun:
     progress: ProgressFn | None
     n_channels: int
 
+    @property
+    def bf16(self) -> bool:
+        """Whether the stages run in bf16 autocast (asked for, and paying off on the device)."""
+        return self.config.autocast and autocast_pays_off(self.device)
+
     def autocast(self) -> Any:
-        enabled = self.config.autocast and autocast_pays_off(self.device)
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
 def child_seed(rng: np.random.Generator) -> int:
@@ -1590,8 +1594,7 @@ def _fine_tune(
             )
         # the trunk that feeds search heads is turned less (their memory holds the rotations)
         noisy_augment, clean_augment = config.stage_augments(search_heads=not linear_head)
-        # the trunk's training precision (TrainRun.autocast: bf16 only where it pays off)
-        metrics["precision"] = "bf16" if config.autocast and autocast_pays_off(device) else "fp32"
+        metrics["precision"] = "bf16" if run.bf16 else "fp32"
         metrics["rotate_deg"] = {
             "selflearn": noisy_augment.rotate_deg,
             "supcon": clean_augment.rotate_deg,
